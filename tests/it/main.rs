@@ -1,1 +1,10 @@
+//! Cairn's integration tests: one binary, a module per concern. They use real files, real child
+//! processes killed with SIGKILL, and a fault-injecting file system for power loss.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
+mod kill9;
+mod log_basics;
+mod log_model;
+mod power_loss;
+mod recovery_fixtures;
+mod support;

@@ -235,11 +235,10 @@ pub struct BatchHeader {
 impl BatchHeader {
     /// Decodes the header fields from the first 61 bytes of `buf`, without checking them.
     pub fn parse(buf: &[u8]) -> Result<BatchHeader, BatchError> {
-        let header: &[u8; BATCH_HEADER_BYTES] =
-            buf.first_chunk().ok_or(BatchError::Truncated {
-                needed: BATCH_HEADER_BYTES,
-                available: buf.len(),
-            })?;
+        let header: &[u8; BATCH_HEADER_BYTES] = buf.first_chunk().ok_or(BatchError::Truncated {
+            needed: BATCH_HEADER_BYTES,
+            available: buf.len(),
+        })?;
         Ok(BatchHeader {
             base_offset: i64_at(header, field::BASE_OFFSET),
             batch_length: i32_at(header, field::BATCH_LENGTH),
@@ -568,8 +567,8 @@ impl RecordCursor<'_> {
     fn varint(&mut self, field: &'static str) -> Result<i32, RecordError> {
         let mut rest = self.remaining();
         let before = rest.len();
-        let value =
-            varint::get_varint(&mut rest).map_err(|source| RecordError::Varint { field, source })?;
+        let value = varint::get_varint(&mut rest)
+            .map_err(|source| RecordError::Varint { field, source })?;
         self.pos += before - rest.len();
         Ok(value)
     }

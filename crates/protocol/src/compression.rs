@@ -75,12 +75,17 @@ impl Compression {
 
     /// The codec with this config name.
     pub fn from_name(name: &str) -> Option<Compression> {
-        Compression::ALL.into_iter().find(|codec| codec.name() == name)
+        Compression::ALL
+            .into_iter()
+            .find(|codec| codec.name() == name)
     }
 
     /// Compresses `input`. `None` returns a copy.
     pub fn compress(self, input: &[u8]) -> Result<Vec<u8>, CompressionError> {
-        let io_error = |source| CompressionError::Io { codec: self, source };
+        let io_error = |source| CompressionError::Io {
+            codec: self,
+            source,
+        };
         match self {
             Compression::None => Ok(input.to_vec()),
             Compression::Gzip => {
@@ -115,7 +120,10 @@ impl Compression {
         input: &[u8],
         output_bytes_max: usize,
     ) -> Result<Vec<u8>, CompressionError> {
-        let io_error = |source| CompressionError::Io { codec: self, source };
+        let io_error = |source| CompressionError::Io {
+            codec: self,
+            source,
+        };
         let out = match self {
             Compression::None => {
                 if input.len() > output_bytes_max {
@@ -126,11 +134,9 @@ impl Compression {
                 }
                 input.to_vec()
             }
-            Compression::Gzip => read_capped(
-                self,
-                flate2::read::GzDecoder::new(input),
-                output_bytes_max,
-            )?,
+            Compression::Gzip => {
+                read_capped(self, flate2::read::GzDecoder::new(input), output_bytes_max)?
+            }
             Compression::Snappy => xerial_decompress(input, output_bytes_max)?,
             Compression::Lz4 => read_capped(
                 self,
@@ -281,7 +287,9 @@ mod tests {
 
     #[test]
     fn every_codec_round_trips() {
-        let input: Vec<u8> = (0..200_000u32).flat_map(|i| (i % 251).to_le_bytes()).collect();
+        let input: Vec<u8> = (0..200_000u32)
+            .flat_map(|i| (i % 251).to_le_bytes())
+            .collect();
         for codec in Compression::ALL {
             let compressed = codec.compress(&input).unwrap();
             let output = codec.decompress(&compressed, input.len()).unwrap();

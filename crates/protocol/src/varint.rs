@@ -116,13 +116,22 @@ mod tests {
     #[test]
     fn rejects_overlong_and_truncated() {
         let mut six: &[u8] = &[0xff, 0xff, 0xff, 0xff, 0xff, 0x01];
-        assert_eq!(get_varint(&mut six), Err(VarintError::TooLong { max_bytes: 5 }));
+        assert_eq!(
+            get_varint(&mut six),
+            Err(VarintError::TooLong { max_bytes: 5 })
+        );
         let mut too_big: &[u8] = &[0xff, 0xff, 0xff, 0xff, 0x1f];
-        assert_eq!(get_varint(&mut too_big), Err(VarintError::TooLong { max_bytes: 5 }));
+        assert_eq!(
+            get_varint(&mut too_big),
+            Err(VarintError::TooLong { max_bytes: 5 })
+        );
         let mut truncated: &[u8] = &[0x80, 0x80];
         assert_eq!(get_varint(&mut truncated), Err(VarintError::Truncated));
         let mut eleven: &[u8] = &[0xff; 11];
-        assert_eq!(get_varlong(&mut eleven), Err(VarintError::TooLong { max_bytes: 10 }));
+        assert_eq!(
+            get_varlong(&mut eleven),
+            Err(VarintError::TooLong { max_bytes: 10 })
+        );
     }
 
     proptest! {

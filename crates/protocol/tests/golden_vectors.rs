@@ -47,14 +47,30 @@ fn check_records(name: &str, records: &[Record], expect: &Value) {
     for (record, want) in records.iter().zip(expect) {
         let at = format!("{name} offset {}", record.offset);
         assert_eq!(record.offset, want["offset"].as_i64().unwrap(), "{at}");
-        assert_eq!(record.timestamp, want["timestamp"].as_i64().unwrap(), "{at}");
-        assert_eq!(record.key.as_deref().map(<[u8]>::to_vec), hex(&want["key"]), "{at}");
-        assert_eq!(record.value.as_deref().map(<[u8]>::to_vec), hex(&want["value"]), "{at}");
+        assert_eq!(
+            record.timestamp,
+            want["timestamp"].as_i64().unwrap(),
+            "{at}"
+        );
+        assert_eq!(
+            record.key.as_deref().map(<[u8]>::to_vec),
+            hex(&want["key"]),
+            "{at}"
+        );
+        assert_eq!(
+            record.value.as_deref().map(<[u8]>::to_vec),
+            hex(&want["value"]),
+            "{at}"
+        );
         let headers = want["headers"].as_array().unwrap();
         assert_eq!(record.headers.len(), headers.len(), "{at}");
         for (got, want) in record.headers.iter().zip(headers) {
             assert_eq!(got.key, want[0].as_str().unwrap(), "{at}");
-            assert_eq!(got.value.as_deref().map(<[u8]>::to_vec), hex(&want[1]), "{at}");
+            assert_eq!(
+                got.value.as_deref().map(<[u8]>::to_vec),
+                hex(&want[1]),
+                "{at}"
+            );
         }
     }
 }
@@ -67,9 +83,18 @@ fn kafka_python_batches_decode() {
         assert_eq!(header.total_bytes(), bytes.len(), "{name}");
         assert_eq!(header.compression().unwrap(), codec, "{name}");
         assert_eq!(header.producer_id, expect["producer_id"].as_i64().unwrap());
-        assert_eq!(i64::from(header.producer_epoch), expect["producer_epoch"].as_i64().unwrap());
-        assert_eq!(i64::from(header.base_sequence), expect["base_sequence"].as_i64().unwrap());
-        assert_eq!(header.is_transactional(), expect["transactional"].as_bool().unwrap());
+        assert_eq!(
+            i64::from(header.producer_epoch),
+            expect["producer_epoch"].as_i64().unwrap()
+        );
+        assert_eq!(
+            i64::from(header.base_sequence),
+            expect["base_sequence"].as_i64().unwrap()
+        );
+        assert_eq!(
+            header.is_transactional(),
+            expect["transactional"].as_bool().unwrap()
+        );
         let batch = Batch::parse(bytes, BATCH_BYTES_MAX).unwrap();
         let records = batch.records(DECOMPRESSED_BYTES_MAX).unwrap();
         check_records(name, &records, &expect);
@@ -83,7 +108,11 @@ fn uncompressed_batches_re_encode_byte_identically() {
         let batch = Batch::parse(bytes.clone(), BATCH_BYTES_MAX).unwrap();
         let header = *batch.header();
         let mut builder = BatchBuilder::new(codec)
-            .producer(header.producer_id, header.producer_epoch, header.base_sequence)
+            .producer(
+                header.producer_id,
+                header.producer_epoch,
+                header.base_sequence,
+            )
             .partition_leader_epoch(header.partition_leader_epoch)
             .transactional(header.is_transactional());
         for record in batch.records(DECOMPRESSED_BYTES_MAX).unwrap() {
@@ -103,6 +132,10 @@ fn compressed_batches_re_encode_to_the_same_records() {
             builder.push_record(&record);
         }
         let rebuilt = Batch::parse(builder.build().unwrap(), BATCH_BYTES_MAX).unwrap();
-        check_records(name, &rebuilt.records(DECOMPRESSED_BYTES_MAX).unwrap(), &expect);
+        check_records(
+            name,
+            &rebuilt.records(DECOMPRESSED_BYTES_MAX).unwrap(),
+            &expect,
+        );
     }
 }

@@ -1,0 +1,909 @@
+//! The partition log: an ordered set of segments with one append point.
+//!
+//! Concurrency: all methods take `&self`. One mutex guards the segment list and offsets; appends,
+//! rolls and truncation hold it while they write. Reads hold it only to find the segment and a
+//! reader, then walk and slice the published bytes without it. `flush` holds a second mutex while
+//! it syncs (never the state mutex), so appends continue during an fsync and every caller waiting
+//! on the flush mutex is covered by one sync when it gets its turn: group commit.
+//!
+//! Lock order: `flush_lock` before `state`.
+
+use std::any::Any;
+use std::collections::BTreeMap;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Instant;
+
+use bytes::Bytes;
+use cairn_protocol::Offset;
+use cairn_protocol::batch::{self, BatchHeader};
+use cairn_protocol::limits::DECOMPRESSED_BYTES_MAX;
+
+use crate::checkpoint;
+use crate::config::{FlushPolicy, LogConfig};
+use crate::epoch::{EpochEntry, LeaderEpochCache};
+use crate::error::{AppendError, Fatal, OpenError, ReadError};
+use crate::fs::{Fs, OpenMode, StdFs};
+use crate::segment::{self, Segment};
+
+pub(crate) const RECOVERY_POINT_FILE: &str = "recovery-point-offset-checkpoint";
+pub(crate) const LEADER_EPOCH_FILE: &str = "leader-epoch-checkpoint";
+pub(crate) const CLEAN_SHUTDOWN_FILE: &str = ".clean-shutdown";
+
+/// Where an append landed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AppendInfo {
+    /// Offset of the first record appended.
+    pub base_offset: Offset,
+    /// Offset of the last record appended.
+    pub last_offset: Offset,
+    /// Largest `maxTimestamp` of the appended batches.
+    pub max_timestamp: i64,
+}
+
+/// Whole batches read from the log.
+#[derive(Debug, Clone)]
+pub struct Fetched {
+    /// Batches, back to back; empty at the log end. Zero-copy in mmap mode.
+    pub bytes: Bytes,
+    /// First offset of the log when read.
+    pub log_start: Offset,
+    /// Log end offset when read.
+    pub log_end: Offset,
+}
+
+/// What retention removed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RetentionReport {
+    /// Segments deleted.
+    pub n_segments: usize,
+    /// Bytes deleted.
+    pub n_bytes: u64,
+}
+
+/// What opening the log found and did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RecoveryReport {
+    /// The log was closed cleanly, so nothing was scanned but the active segment's tail.
+    pub clean: bool,
+    /// Segments validated batch by batch.
+    pub n_segments_scanned: usize,
+    /// Bytes validated.
+    pub n_bytes_scanned: u64,
+    /// Bytes cut off as invalid (torn writes, corruption).
+    pub n_bytes_truncated: u64,
+    /// Segments deleted because they followed an invalid batch.
+    pub n_segments_deleted: usize,
+}
+
+pub(crate) struct State {
+    pub(crate) segments: BTreeMap<u64, Segment>,
+    pub(crate) log_start: u64,
+    pub(crate) log_end: u64,
+    /// Every offset below this is durable.
+    pub(crate) flushed: u64,
+    pub(crate) epochs: LeaderEpochCache,
+    pub(crate) poisoned: Option<String>,
+    pub(crate) last_flush: Instant,
+}
+
+/// A partition log in a directory of its own.
+pub struct Log {
+    pub(crate) dir: PathBuf,
+    pub(crate) config: LogConfig,
+    pub(crate) fs: Arc<dyn Fs>,
+    pub(crate) state: Mutex<State>,
+    flush_lock: Mutex<()>,
+    pub(crate) recovery: RecoveryReport,
+    _dir_lock: Box<dyn Any + Send + Sync>,
+}
+
+impl std::fmt::Debug for Log {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Log").field("dir", &self.dir).finish()
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic while holding the lock is a bug; the state is still the last consistent one because
+    // every mutation publishes last.
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl Log {
+    /// Opens (creating if needed) the log in `dir` on the real file system, recovering it if it
+    /// was not closed cleanly.
+    pub fn open(dir: impl AsRef<Path>, config: LogConfig) -> Result<Log, OpenError> {
+        Log::open_with(Arc::new(StdFs), dir.as_ref(), config)
+    }
+
+    /// Opens the log through `fs` (tests pass a fault-injecting one).
+    pub fn open_with(fs: Arc<dyn Fs>, dir: &Path, config: LogConfig) -> Result<Log, OpenError> {
+        config.validate()?;
+        let io_err = |op, path: &Path| {
+            let path = path.to_path_buf();
+            move |source| OpenError::Io { op, path, source }
+        };
+        fs.create_dir_all(dir)
+            .map_err(io_err("create directory", dir))?;
+        let dir_lock = match fs.lock_dir(dir) {
+            Ok(guard) => guard,
+            Err(err) if err.kind() == io::ErrorKind::WouldBlock => {
+                return Err(OpenError::Locked {
+                    dir: dir.to_path_buf(),
+                });
+            }
+            Err(source) => {
+                return Err(OpenError::Io {
+                    op: "lock directory",
+                    path: dir.to_path_buf(),
+                    source,
+                });
+            }
+        };
+        let (state, recovery) = crate::recovery::recover(&*fs, dir, &config)?;
+        tracing::info!(
+            dir = %dir.display(),
+            clean = recovery.clean,
+            log_start = state.log_start,
+            log_end = state.log_end,
+            n_segments = state.segments.len(),
+            n_segments_scanned = recovery.n_segments_scanned,
+            n_bytes_scanned = recovery.n_bytes_scanned,
+            n_bytes_truncated = recovery.n_bytes_truncated,
+            "log opened"
+        );
+        Ok(Log {
+            dir: dir.to_path_buf(),
+            config,
+            fs,
+            state: Mutex::new(state),
+            flush_lock: Mutex::new(()),
+            recovery,
+            _dir_lock: dir_lock,
+        })
+    }
+
+    /// The log's directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The log's configuration.
+    pub fn config(&self) -> &LogConfig {
+        &self.config
+    }
+
+    /// What opening the log found.
+    pub fn recovery_report(&self) -> &RecoveryReport {
+        &self.recovery
+    }
+
+    /// The first offset in the log.
+    pub fn log_start_offset(&self) -> Offset {
+        Offset(lock(&self.state).log_start)
+    }
+
+    /// The offset the next record will get.
+    pub fn log_end_offset(&self) -> Offset {
+        Offset(lock(&self.state).log_end)
+    }
+
+    /// Every offset below this is durable.
+    pub fn flushed_offset(&self) -> Offset {
+        Offset(lock(&self.state).flushed)
+    }
+
+    /// Bytes of all segments' data.
+    pub fn size_bytes(&self) -> u64 {
+        lock(&self.state)
+            .segments
+            .values()
+            .map(|s| u64::from(s.size))
+            .sum()
+    }
+
+    /// Number of segments.
+    pub fn n_segments(&self) -> usize {
+        lock(&self.state).segments.len()
+    }
+
+    /// The leader-epoch cache.
+    pub fn leader_epochs(&self) -> Vec<EpochEntry> {
+        lock(&self.state).epochs.entries().to_vec()
+    }
+
+    /// The epoch at or below `epoch` and its end offset (Kafka's OffsetsForLeaderEpoch).
+    pub fn end_offset_for_epoch(&self, epoch: u32) -> Option<(u32, Offset)> {
+        let state = lock(&self.state);
+        state
+            .epochs
+            .end_offset_for(epoch, state.log_end)
+            .map(|(e, o)| (e, Offset(o)))
+    }
+
+    fn check_poisoned(&self, state: &State) -> Result<(), Fatal> {
+        match &state.poisoned {
+            Some(cause) => Err(Fatal::PreviousIo {
+                dir: self.dir.clone(),
+                cause: cause.clone(),
+            }),
+            None => Ok(()),
+        }
+    }
+
+    /// Records the first I/O failure; from now on every call fails.
+    fn poison(
+        &self,
+        state: &mut State,
+        op: &'static str,
+        path: PathBuf,
+        source: io::Error,
+    ) -> Fatal {
+        let fatal = Fatal::Io { op, path, source };
+        if state.poisoned.is_none() {
+            tracing::error!(dir = %self.dir.display(), error = %fatal, "log poisoned: no further appends until it is reopened");
+            state.poisoned = Some(fatal.to_string());
+        }
+        fatal
+    }
+
+    /// Appends one or more producer batches (back to back in `batches`), assigning offsets from
+    /// the log end and stamping `leader_epoch`. All batches are validated before any is written:
+    /// either all are appended or none. With [`FlushPolicy::EveryAppend`] the batches are durable
+    /// when this returns.
+    pub fn append(&self, batches: &mut [u8], leader_epoch: u32) -> Result<AppendInfo, AppendError> {
+        let epoch = i32::try_from(leader_epoch).map_err(|_| AppendError::Overflow)?;
+        let headers = self.validate_batches(batches, true)?;
+        let info = {
+            let mut state = lock(&self.state);
+            self.check_poisoned(&state)?;
+            if let Some(latest) = state.epochs.latest()
+                && latest.epoch > leader_epoch
+            {
+                return Err(AppendError::StaleLeaderEpoch {
+                    epoch: leader_epoch,
+                    latest: latest.epoch,
+                });
+            }
+            let base_offset = state.log_end;
+            let mut next = base_offset;
+            for header in &headers {
+                let last = next
+                    .checked_add(header.last_offset_delta as u64)
+                    .filter(|&last| last < i64::MAX as u64)
+                    .ok_or(AppendError::Overflow)?;
+                next = last + 1;
+            }
+            let mut pos = 0;
+            let mut next = base_offset;
+            let mut max_timestamp = i64::MIN;
+            for header in &headers {
+                let end = pos + header.total_bytes();
+                let bytes = batches.get_mut(pos..end).ok_or(AppendError::Empty)?;
+                batch::stamp(bytes, next as i64, epoch)?;
+                let header = BatchHeader {
+                    base_offset: next as i64,
+                    partition_leader_epoch: epoch,
+                    ..*header
+                };
+                self.append_batch(&mut state, bytes, &header)?;
+                next = header.last_offset() as u64 + 1;
+                max_timestamp = max_timestamp.max(header.max_timestamp);
+                pos = end;
+            }
+            if state.epochs.latest().is_none_or(|e| e.epoch < leader_epoch) {
+                state.epochs.assign(leader_epoch, base_offset);
+                self.write_epochs(&mut state)?;
+            }
+            AppendInfo {
+                base_offset: Offset(base_offset),
+                last_offset: Offset(next - 1),
+                max_timestamp,
+            }
+        };
+        self.flush_after_append(info.last_offset)?;
+        Ok(info)
+    }
+
+    /// Appends batches that already carry their offsets and leader epochs (a follower copying its
+    /// leader). Offsets must start at or after the log end.
+    pub fn append_replicated(&self, batches: &[u8]) -> Result<AppendInfo, AppendError> {
+        let headers = self.validate_batches(batches, false)?;
+        let info = {
+            let mut state = lock(&self.state);
+            self.check_poisoned(&state)?;
+            let (Some(first), Some(last)) = (headers.first(), headers.last()) else {
+                return Err(AppendError::Empty);
+            };
+            let mut expected = state.log_end;
+            for header in &headers {
+                if header.base_offset < 0 || (header.base_offset as u64) < expected {
+                    return Err(AppendError::OffsetNotMonotonic {
+                        got: header.base_offset,
+                        log_end: Offset(state.log_end),
+                    });
+                }
+                expected = header.last_offset() as u64 + 1;
+            }
+            let mut pos = 0;
+            let mut max_timestamp = i64::MIN;
+            for header in &headers {
+                let end = pos + header.total_bytes();
+                let bytes = batches.get(pos..end).ok_or(AppendError::Empty)?;
+                if header.base_offset as u64 != state.log_end {
+                    // A gap (the leader compacted): the next batch may not fit this segment's
+                    // relative offsets, and the epoch cache must not claim the gap.
+                    let rel =
+                        (header.last_offset() as u64).saturating_sub(self.active_base(&state));
+                    if rel > u64::from(u32::MAX) {
+                        self.roll_locked(&mut state)?;
+                    }
+                }
+                self.append_batch(&mut state, bytes, header)?;
+                if let Ok(epoch) = u32::try_from(header.partition_leader_epoch)
+                    && state.epochs.latest().is_none_or(|e| e.epoch < epoch)
+                {
+                    state.epochs.assign(epoch, header.base_offset as u64);
+                    self.write_epochs(&mut state)?;
+                }
+                max_timestamp = max_timestamp.max(header.max_timestamp);
+                pos = end;
+            }
+            AppendInfo {
+                base_offset: Offset(first.base_offset as u64),
+                last_offset: Offset(last.last_offset() as u64),
+                max_timestamp,
+            }
+        };
+        self.flush_after_append(info.last_offset)?;
+        Ok(info)
+    }
+
+    fn active_base(&self, state: &State) -> u64 {
+        state
+            .segments
+            .last_key_value()
+            .map_or(state.log_end, |(base, _)| *base)
+    }
+
+    fn validate_batches(
+        &self,
+        batches: &[u8],
+        producer: bool,
+    ) -> Result<Vec<BatchHeader>, AppendError> {
+        let mut headers = Vec::new();
+        let mut rest = batches;
+        while !rest.is_empty() {
+            let header = batch::validate(rest, self.config.batch_bytes_max)?;
+            if producer
+                && (header.records_count < 1
+                    || i64::from(header.records_count) != i64::from(header.last_offset_delta) + 1)
+            {
+                return Err(AppendError::RecordCountMismatch {
+                    records_count: header.records_count,
+                    last_offset_delta: header.last_offset_delta,
+                });
+            }
+            rest = rest.get(header.total_bytes()..).unwrap_or_default();
+            headers.push(header);
+        }
+        if headers.is_empty() {
+            return Err(AppendError::Empty);
+        }
+        Ok(headers)
+    }
+
+    /// Writes one validated batch with its final offsets, rolling first if it does not belong in
+    /// the active segment.
+    fn append_batch(
+        &self,
+        state: &mut State,
+        bytes: &[u8],
+        header: &BatchHeader,
+    ) -> Result<(), Fatal> {
+        if self.should_roll(state, bytes.len(), header) {
+            self.roll_locked(state)?;
+        }
+        let dir = &self.dir;
+        let config = &self.config;
+        let result = match state.segments.values_mut().next_back() {
+            Some(active) => active
+                .append(bytes, header, config)
+                .map_err(|e| (active.log_path(dir), e)),
+            None => Err((dir.clone(), io::Error::other("log has no active segment"))),
+        };
+        match result {
+            Ok(()) => {
+                state.log_end = header.last_offset() as u64 + 1;
+                Ok(())
+            }
+            Err((path, source)) => Err(self.poison(state, "append", path, source)),
+        }
+    }
+
+    fn should_roll(&self, state: &State, n_bytes: usize, header: &BatchHeader) -> bool {
+        let Some(active) = state.segments.values().next_back() else {
+            return false;
+        };
+        if active.size == 0 {
+            return false;
+        }
+        let too_big =
+            u64::from(active.size) + n_bytes as u64 > u64::from(self.config.segment_bytes);
+        let too_old = match (self.config.segment_age, active.first_batch_timestamp) {
+            (Some(age), Some(first)) => {
+                let age_ms = i64::try_from(age.as_millis()).unwrap_or(i64::MAX);
+                header.max_timestamp.saturating_sub(first) > age_ms
+            }
+            _ => false,
+        };
+        let rel_last = (header.last_offset() as u64).saturating_sub(active.base_offset);
+        too_big || too_old || rel_last > u64::from(u32::MAX)
+    }
+
+    /// Seals the active segment and starts a new one at the log end (no-op if the active segment
+    /// is empty).
+    pub fn roll(&self) -> Result<(), Fatal> {
+        let mut state = lock(&self.state);
+        self.check_poisoned(&state)?;
+        self.roll_locked(&mut state)
+    }
+
+    fn roll_locked(&self, state: &mut State) -> Result<(), Fatal> {
+        let log_end = state.log_end;
+        let dir = &self.dir;
+        let fs = &*self.fs;
+        if let Some(active) = state.segments.values_mut().next_back() {
+            if active.size == 0 {
+                return Ok(());
+            }
+            if let Err(source) = active.seal(fs, dir) {
+                let path = active.log_path(dir);
+                return Err(self.poison(state, "seal segment", path, source));
+            }
+            // Sealing synced the segment's data.
+            state.flushed = state.flushed.max(log_end);
+        }
+        let segment = match Segment::create(fs, dir, log_end, &self.config) {
+            Ok(segment) => segment,
+            Err(source) => {
+                let path = dir.join(segment::file_name(log_end, segment::LOG_SUFFIX));
+                return Err(self.poison(state, "create segment", path, source));
+            }
+        };
+        // A record acknowledged in the new segment must not vanish because its file's directory
+        // entry never reached the disk: sync the directory before anything is written there.
+        if let Err(source) = fs.sync_dir(dir) {
+            return Err(self.poison(state, "sync directory", dir.clone(), source));
+        }
+        tracing::info!(dir = %dir.display(), base_offset = log_end, "segment rolled");
+        state.segments.insert(log_end, segment);
+        self.write_recovery_point(state)
+    }
+
+    fn write_recovery_point(&self, state: &mut State) -> Result<(), Fatal> {
+        let lines = [state.flushed.to_string()];
+        checkpoint::write(
+            &*self.fs,
+            &self.dir,
+            RECOVERY_POINT_FILE,
+            "recovery-point",
+            &lines,
+        )
+        .map_err(|fatal| self.poison_fatal(state, fatal))
+    }
+
+    fn write_epochs(&self, state: &mut State) -> Result<(), Fatal> {
+        let lines = crate::recovery::epoch_lines(&state.epochs);
+        checkpoint::write(
+            &*self.fs,
+            &self.dir,
+            LEADER_EPOCH_FILE,
+            "leader-epochs",
+            &lines,
+        )
+        .map_err(|fatal| self.poison_fatal(state, fatal))
+    }
+
+    fn poison_fatal(&self, state: &mut State, fatal: Fatal) -> Fatal {
+        match fatal {
+            Fatal::Io { op, path, source } => self.poison(state, op, path, source),
+            other => other,
+        }
+    }
+
+    fn flush_after_append(&self, last_offset: Offset) -> Result<(), Fatal> {
+        match self.config.flush {
+            FlushPolicy::EveryAppend => self.flush(Offset(last_offset.0 + 1)),
+            FlushPolicy::Interval(_) => self.flush_if_due(Instant::now()),
+            FlushPolicy::Os => Ok(()),
+        }
+    }
+
+    /// Makes every offset below `up_to` durable. Concurrent callers share syncs: a caller that
+    /// waited while another synced returns at once if that sync covered it.
+    pub fn flush(&self, up_to: Offset) -> Result<(), Fatal> {
+        if lock(&self.state).flushed >= up_to.0 {
+            return Ok(());
+        }
+        let _one_sync_at_a_time = lock(&self.flush_lock);
+        let (file, path, log_end) = {
+            let state = lock(&self.state);
+            self.check_poisoned(&state)?;
+            if state.flushed >= up_to.0 {
+                return Ok(());
+            }
+            let Some(active) = state.segments.values().next_back() else {
+                return Ok(());
+            };
+            // Everything before the active segment was synced when it was sealed.
+            (
+                Arc::clone(&active.file),
+                active.log_path(&self.dir),
+                state.log_end,
+            )
+        };
+        let started = Instant::now();
+        let result = file.sync_data();
+        let mut state = lock(&self.state);
+        match result {
+            Ok(()) => {
+                state.flushed = state.flushed.max(log_end);
+                state.last_flush = Instant::now();
+                tracing::trace!(
+                    flushed = log_end,
+                    elapsed_us = started.elapsed().as_micros() as u64,
+                    "log flushed"
+                );
+                Ok(())
+            }
+            Err(source) => Err(self.poison(&mut state, "fdatasync", path, source)),
+        }
+    }
+
+    /// Flushes everything appended so far.
+    pub fn flush_all(&self) -> Result<(), Fatal> {
+        let log_end = lock(&self.state).log_end;
+        self.flush(Offset(log_end))
+    }
+
+    /// Flushes if the policy is [`FlushPolicy::Interval`] and the interval has passed.
+    pub fn flush_if_due(&self, now: Instant) -> Result<(), Fatal> {
+        let FlushPolicy::Interval(interval) = self.config.flush else {
+            return Ok(());
+        };
+        let due = {
+            let state = lock(&self.state);
+            state.flushed < state.log_end
+                && now.saturating_duration_since(state.last_flush) >= interval
+        };
+        if due { self.flush_all() } else { Ok(()) }
+    }
+
+    /// Writes the recovery point (the flushed offset) so an unclean restart scans less.
+    pub fn checkpoint(&self) -> Result<(), Fatal> {
+        let mut state = lock(&self.state);
+        self.check_poisoned(&state)?;
+        self.write_recovery_point(&mut state)
+    }
+
+    /// Whole batches from the one containing `offset`, up to `max_bytes` (but always at least one
+    /// batch, so a consumer can make progress past a batch larger than its limit). Empty at the
+    /// log end.
+    pub fn read(&self, offset: Offset, max_bytes: u32) -> Result<Fetched, ReadError> {
+        self.read_until(offset, max_bytes, Offset(u64::MAX))
+    }
+
+    /// As [`Log::read`], but never returns a batch whose last offset is at or above `upper` (for
+    /// example the high watermark).
+    pub fn read_until(
+        &self,
+        offset: Offset,
+        max_bytes: u32,
+        upper: Offset,
+    ) -> Result<Fetched, ReadError> {
+        let mut from = offset.0;
+        loop {
+            let (reader, start_pos, end_pos, log_start, log_end, next_base) = {
+                let mut guard = lock(&self.state);
+                let state = &mut *guard;
+                self.check_poisoned(state)?;
+                let (log_start, log_end) = (state.log_start, state.log_end);
+                if offset.0 < log_start || offset.0 > log_end {
+                    return Err(ReadError::OffsetOutOfRange {
+                        offset,
+                        log_start: Offset(log_start),
+                        log_end: Offset(log_end),
+                    });
+                }
+                let empty = Fetched {
+                    bytes: Bytes::new(),
+                    log_start: Offset(log_start),
+                    log_end: Offset(log_end),
+                };
+                if from >= log_end {
+                    return Ok(empty);
+                }
+                let next_base = state
+                    .segments
+                    .range(from + 1..)
+                    .next()
+                    .map(|(base, _)| *base);
+                let Some((_, segment)) = state.segments.range_mut(..=from).next_back() else {
+                    return Ok(empty);
+                };
+                let path = segment.log_path(&self.dir);
+                let found = segment
+                    .position_for(&*self.fs, &self.dir, &self.config, from)
+                    .and_then(|pos| Ok((pos, segment.reader(self.config.read_mode)?)));
+                match found {
+                    Ok((pos, reader)) => (reader, pos, segment.size, log_start, log_end, next_base),
+                    Err(source) => {
+                        return Err(ReadError::Fatal(Fatal::Io {
+                            op: "read segment",
+                            path,
+                            source,
+                        }));
+                    }
+                }
+            };
+            let fetched = |bytes| Fetched {
+                bytes,
+                log_start: Offset(log_start),
+                log_end: Offset(log_end),
+            };
+            match walk(&*reader, start_pos, end_pos, from, max_bytes, upper.0) {
+                Ok(Some(bytes)) => return Ok(fetched(bytes)),
+                Ok(None) => match next_base {
+                    // The offset is past this segment's data (a gap): continue in the next one.
+                    Some(base) => from = base,
+                    None => return Ok(fetched(Bytes::new())),
+                },
+                Err(source) => {
+                    return Err(ReadError::Fatal(Fatal::Io {
+                        op: "read batches",
+                        path: self.dir.clone(),
+                        source,
+                    }));
+                }
+            }
+        }
+    }
+
+    /// The first offset whose record timestamp is at or after `timestamp`, with that record's
+    /// timestamp (Kafka's ListOffsets by time). `None` if every record is older.
+    pub fn offset_for_timestamp(&self, timestamp: i64) -> Result<Option<(Offset, i64)>, ReadError> {
+        let candidates: Vec<u64> = {
+            let mut guard = lock(&self.state);
+            let state = &mut *guard;
+            self.check_poisoned(state)?;
+            let mut bases = Vec::new();
+            for segment in state.segments.values_mut() {
+                let max = segment
+                    .max_timestamp(&*self.fs, &self.dir, &self.config)
+                    .map_err(|source| Fatal::Io {
+                        op: "read time index",
+                        path: segment.log_path(&self.dir),
+                        source,
+                    })?;
+                if max >= timestamp {
+                    bases.push(segment.base_offset);
+                }
+            }
+            bases
+        };
+        for base in candidates {
+            let start = {
+                let mut state = lock(&self.state);
+                let log_start = state.log_start;
+                let Some(segment) = state.segments.get_mut(&base) else {
+                    continue;
+                };
+                let after = segment
+                    .offset_before_timestamp(&*self.fs, &self.dir, &self.config, timestamp)
+                    .map_err(|source| Fatal::Io {
+                        op: "read time index",
+                        path: segment.log_path(&self.dir),
+                        source,
+                    })?;
+                after.map_or(base, |o| o + 1).max(log_start)
+            };
+            let mut from = start;
+            loop {
+                let fetched = match self.read(Offset(from), 1) {
+                    Ok(fetched) => fetched,
+                    // Retention removed it meanwhile: look in later segments.
+                    Err(ReadError::OffsetOutOfRange { .. }) => break,
+                    Err(err) => return Err(err),
+                };
+                let Some(Ok(found)) = batch::Batches::new(fetched.bytes, u32::MAX).next() else {
+                    break;
+                };
+                let header = *found.header();
+                if header.max_timestamp >= timestamp {
+                    let records =
+                        found
+                            .records(DECOMPRESSED_BYTES_MAX)
+                            .map_err(|err| Fatal::Io {
+                                op: "decode batch",
+                                path: self.dir.clone(),
+                                source: io::Error::new(io::ErrorKind::InvalidData, err),
+                            })?;
+                    if let Some(record) = records
+                        .iter()
+                        .find(|r| r.timestamp >= timestamp && r.offset as u64 >= from)
+                    {
+                        return Ok(Some((Offset(record.offset as u64), record.timestamp)));
+                    }
+                }
+                from = header.last_offset() as u64 + 1;
+                if from >= fetched.log_end.0 {
+                    break;
+                }
+            }
+        }
+        Ok(None)
+    }
+
+    /// Deletes the oldest sealed segments past the retention limits: while the log without the
+    /// segment would still hold at least `retention_bytes`, and while a segment's newest record is
+    /// older than `now_ms - retention_age`. The active segment is never deleted.
+    pub fn apply_retention(&self, now_ms: i64) -> Result<RetentionReport, Fatal> {
+        let mut guard = lock(&self.state);
+        let state = &mut *guard;
+        self.check_poisoned(state)?;
+        let mut total: u64 = state.segments.values().map(|s| u64::from(s.size)).sum();
+        let mut doomed = Vec::new();
+        let n_sealed = state.segments.len().saturating_sub(1);
+        for segment in state.segments.values_mut().take(n_sealed) {
+            let size = u64::from(segment.size);
+            let by_bytes = self
+                .config
+                .retention_bytes
+                .is_some_and(|limit| total - size >= limit);
+            let by_age = match self.config.retention_age {
+                Some(age) => {
+                    let age_ms = i64::try_from(age.as_millis()).unwrap_or(i64::MAX);
+                    let newest = segment
+                        .max_timestamp(&*self.fs, &self.dir, &self.config)
+                        .map_err(|source| Fatal::Io {
+                            op: "read time index",
+                            path: segment.log_path(&self.dir),
+                            source,
+                        })?;
+                    newest < now_ms.saturating_sub(age_ms)
+                }
+                None => false,
+            };
+            if !(by_bytes || by_age) {
+                break;
+            }
+            total -= size;
+            doomed.push(segment.base_offset);
+        }
+        if doomed.is_empty() {
+            return Ok(RetentionReport::default());
+        }
+        let mut report = RetentionReport::default();
+        for base in doomed {
+            if let Some(segment) = state.segments.remove(&base) {
+                report.n_segments += 1;
+                report.n_bytes += u64::from(segment.size);
+                if let Err(source) = segment.remove_files(&*self.fs, &self.dir) {
+                    return Err(self.poison(
+                        state,
+                        "delete segment",
+                        segment.log_path(&self.dir),
+                        source,
+                    ));
+                }
+            }
+        }
+        if let Some(first) = state.segments.keys().next() {
+            state.log_start = state.log_start.max(*first);
+        }
+        if let Err(source) = self.fs.sync_dir(&self.dir) {
+            return Err(self.poison(state, "sync directory", self.dir.clone(), source));
+        }
+        if state.epochs.truncate_from_start(state.log_start) {
+            self.write_epochs(state)?;
+        }
+        tracing::info!(
+            dir = %self.dir.display(),
+            n_segments = report.n_segments,
+            n_bytes = report.n_bytes,
+            log_start = state.log_start,
+            "retention deleted segments"
+        );
+        Ok(report)
+    }
+
+    /// Removes every batch with an offset at or above `offset` (a follower discarding what its
+    /// new leader never had). A batch containing `offset` is removed whole, so the new log end may
+    /// be below `offset`; it is returned. Readers holding earlier results keep valid bytes: the kept
+    /// prefix of the cut segment is copied to a new file that replaces the old name.
+    pub fn truncate_to(&self, offset: Offset) -> Result<Offset, Fatal> {
+        let _no_flush_in_flight = lock(&self.flush_lock);
+        let mut guard = lock(&self.state);
+        let state = &mut *guard;
+        self.check_poisoned(state)?;
+        if offset.0 >= state.log_end {
+            return Ok(Offset(state.log_end));
+        }
+        crate::truncate::truncate_locked(self, state, offset.0)
+            .map_err(|(op, path, source)| self.poison(state, op, path, source))?;
+        state.flushed = state.flushed.min(state.log_end);
+        if state.epochs.truncate_from_end(state.log_end) {
+            self.write_epochs(state)?;
+        }
+        self.write_recovery_point(state)?;
+        tracing::info!(dir = %self.dir.display(), log_end = state.log_end, "log truncated");
+        Ok(Offset(state.log_end))
+    }
+
+    /// Shuts the log down cleanly: syncs everything, trims the active segment, writes its indexes,
+    /// the recovery point and the clean-shutdown marker, so the next open scans nothing.
+    pub fn close(self) -> Result<(), Fatal> {
+        self.flush_all()?;
+        let mut guard = lock(&self.state);
+        let state = &mut *guard;
+        self.check_poisoned(state)?;
+        let fs = &*self.fs;
+        if let Some(active) = state.segments.values_mut().next_back()
+            && let Err(source) = active.trim_and_write_indexes(fs, &self.dir)
+        {
+            let path = active.log_path(&self.dir);
+            return Err(self.poison(state, "close segment", path, source));
+        }
+        state.flushed = state.log_end;
+        self.write_recovery_point(state)?;
+        let marker = self.dir.join(CLEAN_SHUTDOWN_FILE);
+        let result = fs
+            .open(&marker, OpenMode::Truncate)
+            .and_then(|file| file.sync_all())
+            // The marker promises that sizes and indexes are exact: it must be durable only after
+            // them, and it is only durable once the directory is synced.
+            .and_then(|()| fs.sync_dir(&self.dir));
+        if let Err(source) = result {
+            return Err(self.poison(state, "write clean-shutdown marker", marker, source));
+        }
+        tracing::info!(dir = %self.dir.display(), log_end = state.log_end, "log closed cleanly");
+        Ok(())
+    }
+}
+
+/// Walks batch headers from `pos` to `end` in one segment, skipping batches below `from`, and cuts
+/// whole batches up to `max_bytes` (at least one) whose last offset is below `upper`. `None` if no
+/// batch at or after `from` is in this segment.
+fn walk(
+    reader: &dyn crate::segment::SegmentReader,
+    mut pos: u32,
+    end: u32,
+    from: u64,
+    max_bytes: u32,
+    upper: u64,
+) -> io::Result<Option<Bytes>> {
+    let start = loop {
+        let Some(header) = segment::read_header(reader, pos, end)? else {
+            return Ok(None);
+        };
+        if header.last_offset() as u64 >= from {
+            break pos;
+        }
+        pos += header.total_bytes() as u32;
+    };
+    let mut cut = start;
+    while let Some(header) = segment::read_header(reader, cut, end)? {
+        let n_bytes = header.total_bytes() as u32;
+        if header.last_offset() as u64 >= upper {
+            break;
+        }
+        if cut > start && u64::from(cut - start) + u64::from(n_bytes) > u64::from(max_bytes) {
+            break;
+        }
+        cut += n_bytes;
+    }
+    Ok(Some(reader.read(start, cut - start)?))
+}

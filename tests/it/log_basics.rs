@@ -1,0 +1,320 @@
+//! The log's operations one at a time on real files: append and read back, roll, reopen after a
+//! clean close, lookups by time, retention, truncation, the directory lock, poisoning.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use cairn_protocol::Offset;
+use cairn_protocol::batch::{self, BatchBuilder, Compression};
+use cairn_storage::{
+    AppendError, Fatal, FlushPolicy, Log, LogConfig, OpenError, ReadError, ReadMode,
+};
+use cairn_testkit::{FaultFs, Faults, tagged_batch, tagged_value};
+
+use crate::support::read_values;
+
+fn small_config(read_mode: ReadMode) -> LogConfig {
+    LogConfig {
+        segment_bytes: 16 * 1024,
+        index_interval_bytes: 1024,
+        preallocate_bytes: 8 * 1024,
+        read_mode,
+        ..LogConfig::default()
+    }
+}
+
+fn fill(log: &Log, n_batches: u64, records_per_batch: usize, ts: i64) {
+    for idx in 0..n_batches {
+        let tag = log.log_end_offset().0;
+        let mut batch = tagged_batch(tag, records_per_batch, 100, ts + idx as i64);
+        log.append(&mut batch, 0).unwrap();
+    }
+}
+
+#[test]
+fn append_assigns_offsets_and_reads_back_in_both_modes() {
+    for mode in [ReadMode::Mmap, ReadMode::Pread] {
+        let dir = tempfile::tempdir().unwrap();
+        let log = Log::open(dir.path(), small_config(mode)).unwrap();
+        fill(&log, 200, 5, 1_000);
+        assert_eq!(log.log_end_offset(), Offset(1000));
+        assert!(log.n_segments() > 5, "small segments roll");
+        let values = read_values(&log, Offset(0));
+        assert_eq!(values.len(), 1000);
+        for (idx, (offset, value)) in values.iter().enumerate() {
+            assert_eq!(*offset, idx as u64);
+            assert_eq!(value.as_ref(), tagged_value(idx as u64, 100).as_slice());
+        }
+        // A read starting inside a batch returns that whole batch.
+        let fetched = log.read(Offset(502), 1).unwrap();
+        let header = batch::validate(&fetched.bytes, u32::MAX).unwrap();
+        assert_eq!(header.base_offset, 500);
+        assert_eq!(
+            fetched.bytes.len(),
+            header.total_bytes(),
+            "max_bytes 1 still returns one batch"
+        );
+        // Reads past the end are errors; at the end, empty.
+        assert!(log.read(Offset(1000), 1 << 20).unwrap().bytes.is_empty());
+        assert!(matches!(
+            log.read(Offset(1001), 1 << 20),
+            Err(ReadError::OffsetOutOfRange { .. })
+        ));
+        // Bounded reads stop before the bound.
+        let bounded = log.read_until(Offset(0), 1 << 20, Offset(7)).unwrap();
+        let headers: Vec<_> = batch::Batches::new(bounded.bytes, u32::MAX)
+            .map(|b| *b.unwrap().header())
+            .collect();
+        assert_eq!(headers.last().unwrap().last_offset(), 4);
+        log.close().unwrap();
+    }
+}
+
+#[test]
+fn clean_reopen_scans_nothing_and_continues() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = Log::open(dir.path(), small_config(ReadMode::Mmap)).unwrap();
+    fill(&log, 100, 3, 5_000);
+    let before = read_values(&log, Offset(0));
+    log.close().unwrap();
+    let log = Log::open(dir.path(), small_config(ReadMode::Mmap)).unwrap();
+    assert!(log.recovery_report().clean);
+    assert_eq!(log.recovery_report().n_segments_scanned, 0);
+    assert_eq!(log.log_end_offset(), Offset(300));
+    assert_eq!(read_values(&log, Offset(0)), before);
+    fill(&log, 10, 3, 6_000);
+    assert_eq!(read_values(&log, Offset(0)).len(), 330);
+    // Dropping without close is a crash: the next open scans.
+    drop(log);
+    let log = Log::open(dir.path(), small_config(ReadMode::Mmap)).unwrap();
+    assert!(!log.recovery_report().clean);
+    assert!(log.recovery_report().n_segments_scanned >= 1);
+    assert_eq!(log.recovery_report().n_bytes_truncated, 0);
+    assert_eq!(read_values(&log, Offset(0)).len(), 330);
+}
+
+#[test]
+fn zero_copy_reads_outlive_truncation_and_retention() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = small_config(ReadMode::Mmap);
+    config.retention_bytes = Some(0);
+    let log = Log::open(dir.path(), config).unwrap();
+    fill(&log, 100, 5, 1_000);
+    let held = log.read(Offset(480), 1 << 20).unwrap().bytes;
+    let copy = held.to_vec();
+    let new_end = log.truncate_to(Offset(452)).unwrap();
+    assert_eq!(new_end, Offset(450), "the batch containing 452 goes whole");
+    assert_eq!(
+        held.as_ref(),
+        copy.as_slice(),
+        "a held read is never rewritten"
+    );
+    fill(&log, 5, 5, 2_000);
+    assert_eq!(held.as_ref(), copy.as_slice());
+    let early = log.read(Offset(0), 1 << 20).unwrap().bytes;
+    let early_copy = early.to_vec();
+    let report = log.apply_retention(0).unwrap();
+    assert!(report.n_segments > 0);
+    assert!(log.log_start_offset() > Offset(0));
+    assert_eq!(
+        early.as_ref(),
+        early_copy.as_slice(),
+        "unlinked segments stay readable while held"
+    );
+    assert!(matches!(
+        log.read(Offset(0), 100),
+        Err(ReadError::OffsetOutOfRange { .. })
+    ));
+}
+
+#[test]
+fn truncation_survives_reopen_and_keeps_epochs_consistent() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = Log::open(dir.path(), small_config(ReadMode::Mmap)).unwrap();
+    fill(&log, 50, 4, 1_000);
+    let mut batch = tagged_batch(200, 4, 100, 2_000);
+    log.append(&mut batch, 3).unwrap();
+    fill_epoch(&log, 30, 3);
+    let mut batch = tagged_batch(log.log_end_offset().0, 4, 100, 2_000);
+    log.append(&mut batch, 5).unwrap();
+    assert_eq!(log.end_offset_for_epoch(0), Some((0, Offset(200))));
+    assert_eq!(log.end_offset_for_epoch(4), Some((3, Offset(324))));
+    let end = log.truncate_to(Offset(300)).unwrap();
+    assert_eq!(end, Offset(300));
+    assert_eq!(log.leader_epochs().last().unwrap().epoch, 3);
+    assert!(matches!(
+        log.append(&mut tagged_batch(0, 1, 10, 0), 2),
+        Err(AppendError::StaleLeaderEpoch { .. })
+    ));
+    drop(log);
+    let log = Log::open(dir.path(), small_config(ReadMode::Mmap)).unwrap();
+    assert_eq!(log.log_end_offset(), Offset(300));
+    assert_eq!(read_values(&log, Offset(0)).len(), 300);
+    assert_eq!(log.end_offset_for_epoch(3), Some((3, Offset(300))));
+    // Truncating below the log start starts afresh there.
+    let end = log.truncate_to(Offset(0)).unwrap();
+    assert_eq!(end, Offset(0));
+    assert!(read_values(&log, Offset(0)).is_empty());
+}
+
+fn fill_epoch(log: &Log, n_batches: u64, epoch: u32) {
+    for _ in 0..n_batches {
+        let tag = log.log_end_offset().0;
+        log.append(&mut tagged_batch(tag, 4, 100, 2_000), epoch)
+            .unwrap();
+    }
+}
+
+#[test]
+fn offset_for_timestamp_finds_the_first_record_at_or_after() {
+    for mode in [ReadMode::Mmap, ReadMode::Pread] {
+        let dir = tempfile::tempdir().unwrap();
+        let log = Log::open(dir.path(), small_config(mode)).unwrap();
+        // Batch i holds records with timestamps 10*i + j for j in 0..5.
+        for i in 0..300i64 {
+            let mut builder = BatchBuilder::new(if i % 2 == 0 {
+                Compression::Lz4
+            } else {
+                Compression::None
+            });
+            for j in 0..5 {
+                builder.push(10 * i + j, None, Some(&[0u8; 60]), &[]);
+            }
+            log.append(&mut builder.build().unwrap().to_vec(), 0)
+                .unwrap();
+        }
+        for (target, expect) in [
+            (0, Some(0)),
+            (3, Some(3)),
+            (7, Some(5)),
+            (1234, Some(619)),
+            (1235, Some(620)),
+            (2994, Some(1499)),
+            (2995, None),
+        ] {
+            let found = log.offset_for_timestamp(target).unwrap().map(|(o, _)| o.0);
+            assert_eq!(found, expect, "timestamp {target} ({mode:?})");
+        }
+        log.close().unwrap();
+        let log = Log::open(dir.path(), small_config(mode)).unwrap();
+        assert_eq!(
+            log.offset_for_timestamp(1235).unwrap(),
+            Some((Offset(620), 1240))
+        );
+    }
+}
+
+#[test]
+fn retention_by_age_and_size() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = small_config(ReadMode::Mmap);
+    config.retention_age = Some(Duration::from_millis(1_000));
+    let log = Log::open(dir.path(), config.clone()).unwrap();
+    fill(&log, 100, 5, 10_000); // timestamps 10_000..10_100
+    fill(&log, 100, 5, 50_000);
+    let n_before = log.n_segments();
+    // Nothing is old at time 10_500.
+    assert_eq!(log.apply_retention(10_500).unwrap().n_segments, 0);
+    // At 20_000 the first hundred batches' segments are older than a second; the 50_000 ones not.
+    let report = log.apply_retention(20_000).unwrap();
+    assert!(report.n_segments > 0 && report.n_segments < n_before);
+    let start = log.log_start_offset().0;
+    assert!(start <= 500, "never deletes records newer than the limit");
+    assert!(start > 0);
+    drop(log);
+    config.retention_age = None;
+    config.retention_bytes = Some(20_000);
+    let log = Log::open(dir.path(), config).unwrap();
+    assert_eq!(log.log_start_offset().0, start);
+    log.apply_retention(0).unwrap();
+    assert!(log.size_bytes() >= 20_000);
+    assert!(log.size_bytes() < 20_000 + 16 * 1024);
+}
+
+#[test]
+fn segments_roll_by_record_age() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = small_config(ReadMode::Mmap);
+    config.segment_bytes = 1 << 20;
+    config.segment_age = Some(Duration::from_millis(100));
+    let log = Log::open(dir.path(), config).unwrap();
+    fill(&log, 3, 1, 1_000);
+    assert_eq!(log.n_segments(), 1);
+    fill(&log, 1, 1, 1_200);
+    assert_eq!(log.n_segments(), 2);
+}
+
+#[test]
+fn a_second_open_of_the_same_directory_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = Log::open(dir.path(), LogConfig::default()).unwrap();
+    let err = Log::open(dir.path(), LogConfig::default()).unwrap_err();
+    assert!(matches!(err, OpenError::Locked { .. }));
+    assert!(err.to_string().contains("locked"), "{err}");
+    drop(log);
+    Log::open(dir.path(), LogConfig::default()).unwrap();
+}
+
+#[test]
+fn invalid_batches_are_refused_and_change_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = Log::open(dir.path(), small_config(ReadMode::Mmap)).unwrap();
+    fill(&log, 1, 2, 0);
+    let mut bad_crc = tagged_batch(0, 2, 10, 0);
+    let last = bad_crc.len() - 1;
+    bad_crc[last] ^= 1;
+    assert!(matches!(
+        log.append(&mut bad_crc, 0),
+        Err(AppendError::InvalidBatch(_))
+    ));
+    let mut huge = tagged_batch(0, 200, 100, 0);
+    let mut config = small_config(ReadMode::Mmap);
+    config.batch_bytes_max = 1000;
+    drop(log);
+    let log = Log::open(dir.path(), config).unwrap();
+    assert!(matches!(
+        log.append(&mut huge, 0),
+        Err(AppendError::InvalidBatch(_))
+    ));
+    assert!(matches!(log.append(&mut [], 0), Err(AppendError::Empty)));
+    // Valid first batch, garbage second: neither is written.
+    let mut two = tagged_batch(0, 2, 10, 0);
+    two.extend_from_slice(&[1, 2, 3]);
+    assert!(log.append(&mut two, 0).is_err());
+    assert_eq!(log.log_end_offset(), Offset(2));
+}
+
+#[test]
+fn a_failed_sync_poisons_the_log_until_reopened() {
+    let fs = FaultFs::new();
+    let dir = std::path::Path::new("/log");
+    let config = LogConfig {
+        flush: FlushPolicy::EveryAppend,
+        read_mode: ReadMode::Pread,
+        ..small_config(ReadMode::Pread)
+    };
+    let log = Log::open_with(Arc::new(fs.clone()), dir, config.clone()).unwrap();
+    fill(&log, 3, 2, 0);
+    fs.set_faults(Faults {
+        fail_sync: true,
+        ..Faults::default()
+    });
+    let err = log.append(&mut tagged_batch(6, 2, 10, 0), 0).unwrap_err();
+    assert!(matches!(err, AppendError::Fatal(Fatal::Io { .. })), "{err}");
+    fs.set_faults(Faults::default());
+    // Syncs work again, but the log stays offline: no retry-and-ack after a failed fsync.
+    let err = log.append(&mut tagged_batch(8, 2, 10, 0), 0).unwrap_err();
+    assert!(
+        matches!(err, AppendError::Fatal(Fatal::PreviousIo { .. })),
+        "{err}"
+    );
+    assert!(log.read(Offset(0), 100).is_err());
+    assert!(log.flush(Offset(100)).is_err());
+    drop(log);
+    let log = Log::open_with(Arc::new(fs.clone()), dir, config).unwrap();
+    assert!(
+        log.log_end_offset() >= Offset(6),
+        "acknowledged records survive"
+    );
+    fill(&log, 1, 2, 0);
+}
