@@ -59,6 +59,10 @@ pub struct LogConfig {
     pub preallocate_bytes: u32,
     /// How reads are served.
     pub read_mode: ReadMode,
+    /// The log may hold offset gaps (a compacted topic, or a replica of one). Otherwise every
+    /// batch must start exactly where the previous one ended, which lets recovery reject a batch
+    /// whose `baseOffset` (outside the CRC) was damaged.
+    pub compacted: bool,
 }
 
 impl Default for LogConfig {
@@ -73,6 +77,7 @@ impl Default for LogConfig {
             flush: FlushPolicy::Os,
             preallocate_bytes: 16 * 1024 * 1024,
             read_mode: ReadMode::Mmap,
+            compacted: false,
         }
     }
 }

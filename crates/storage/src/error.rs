@@ -93,7 +93,7 @@ pub enum AppendError {
         last_offset_delta: i32,
     },
     /// A replicated batch does not continue the log.
-    #[error("batch base offset {got} is below the log end offset {log_end}")]
+    #[error("batch base offset {got} does not continue the log end offset {log_end}")]
     OffsetNotMonotonic {
         /// The batch's base offset.
         got: i64,

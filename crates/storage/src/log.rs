@@ -308,7 +308,8 @@ impl Log {
     }
 
     /// Appends batches that already carry their offsets and leader epochs (a follower copying its
-    /// leader). Offsets must start at or after the log end.
+    /// leader). Offsets must continue from the log end, exactly unless the log is
+    /// [`LogConfig::compacted`].
     pub fn append_replicated(&self, batches: &[u8]) -> Result<AppendInfo, AppendError> {
         let headers = self.validate_batches(batches, false)?;
         let info = {
@@ -319,7 +320,11 @@ impl Log {
             };
             let mut expected = state.log_end;
             for header in &headers {
-                if header.base_offset < 0 || (header.base_offset as u64) < expected {
+                let gap = header.base_offset as u64 != expected;
+                if header.base_offset < 0
+                    || (header.base_offset as u64) < expected
+                    || (gap && !self.config.compacted)
+                {
                     return Err(AppendError::OffsetNotMonotonic {
                         got: header.base_offset,
                         log_end: Offset(state.log_end),
@@ -841,6 +846,31 @@ impl Log {
         self.write_recovery_point(state)?;
         tracing::info!(dir = %self.dir.display(), log_end = state.log_end, "log truncated");
         Ok(Offset(state.log_end))
+    }
+
+    /// The base offset of the active (last) segment.
+    pub fn active_segment_base(&self) -> Offset {
+        let state = lock(&self.state);
+        Offset(self.active_base(&state))
+    }
+
+    /// Checks every segment against a linear scan of its batches (see the storage docs' list of
+    /// invariants) and that the log end follows the last batch. O(data): for tests and offline
+    /// checks; returns the first violation found.
+    pub fn verify(&self) -> Result<(), String> {
+        let mut guard = lock(&self.state);
+        let state = &mut *guard;
+        let mut next = state.log_start;
+        for segment in state.segments.values_mut() {
+            next = segment.verify(&*self.fs, &self.dir, &self.config, next)?;
+        }
+        if next != state.log_end {
+            return Err(format!(
+                "log end is {} but the last batch ends at {next}",
+                state.log_end
+            ));
+        }
+        Ok(())
     }
 
     /// Shuts the log down cleanly: syncs everything, trims the active segment, writes its indexes,

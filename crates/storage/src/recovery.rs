@@ -228,7 +228,7 @@ fn scan_unclean(
             0,
             *base,
             IndexBuilder::default(),
-            config.index_interval_bytes,
+            config,
         )
         .map_err(io_err("scan segment", &path))?;
         report.n_segments_scanned += 1;

@@ -184,8 +184,9 @@ pub(crate) fn scan(
     from_pos: u32,
     next_offset: u64,
     indexes: IndexBuilder,
-    interval: u32,
+    config: &LogConfig,
 ) -> io::Result<Scan> {
+    let interval = config.index_interval_bytes;
     let file_len = file.len()?;
     let mut out = Scan {
         valid_end: from_pos,
@@ -233,7 +234,8 @@ pub(crate) fn scan(
                 break;
             }
         };
-        let Some((rel_base, rel_last)) = relative_offsets(&header, base_offset, out.next_offset)
+        let Some((rel_base, rel_last)) =
+            relative_offsets(&header, base_offset, out.next_offset, config.compacted)
         else {
             out.invalid = Some(format!(
                 "batch at position {pos} has offsets {}..={} after {}",
@@ -257,15 +259,19 @@ pub(crate) fn scan(
 }
 
 /// The batch's offsets relative to the segment base, if they continue the log from `next_offset`
-/// and fit the index's `u32`.
+/// (exactly, unless gaps are allowed) and fit the index's `u32`.
 fn relative_offsets(
     header: &BatchHeader,
     base_offset: u64,
     next_offset: u64,
+    gaps_allowed: bool,
 ) -> Option<(u32, u32)> {
     let first = u64::try_from(header.base_offset).ok()?;
     let last = u64::try_from(header.last_offset()).ok()?;
     if first < next_offset || first < base_offset || last < first {
+        return None;
+    }
+    if !gaps_allowed && first != next_offset {
         return None;
     }
     Some((
@@ -481,7 +487,7 @@ impl Segment {
             from_pos,
             next_offset,
             builder,
-            config.index_interval_bytes,
+            config,
         )
     }
 
@@ -532,7 +538,7 @@ impl Segment {
             0,
             self.base_offset,
             IndexBuilder::default(),
-            config.index_interval_bytes,
+            config,
         )?;
         self.adopt_scan(scan)?;
         // Stale index files would describe the old contents if we crashed before sealing again.
@@ -583,7 +589,7 @@ impl Segment {
             0,
             self.base_offset,
             IndexBuilder::default(),
-            config.index_interval_bytes,
+            config,
         )?;
         scan.indexes.finish();
         // Best effort: the rebuilt indexes serve from memory even if they cannot be saved.
@@ -806,5 +812,81 @@ mod tests {
             parse_file_name(&file_name(u64::MAX, INDEX_SUFFIX), INDEX_SUFFIX),
             Some(u64::MAX)
         );
+    }
+}
+
+impl Segment {
+    /// Checks the segment against a linear scan of its batches: every batch valid and in offset
+    /// order from `next_offset`, every offset-index entry at a batch start with that batch's
+    /// offset, every time-index entry bounding the timestamps before it. Returns the offset after
+    /// the last batch. O(data): for tests and offline checks.
+    pub(crate) fn verify(
+        &mut self,
+        fs: &dyn Fs,
+        dir: &Path,
+        config: &LogConfig,
+        next_offset: u64,
+    ) -> Result<u64, String> {
+        let name = self.log_path(dir).display().to_string();
+        let scan = scan(
+            &*self.file,
+            self.base_offset,
+            0,
+            next_offset.max(self.base_offset),
+            IndexBuilder::default(),
+            config,
+        )
+        .map_err(|e| format!("{name}: {e}"))?;
+        if scan.valid_end != self.size {
+            return Err(format!(
+                "{name}: published size {} but valid batches end at {} ({:?})",
+                self.size, scan.valid_end, scan.invalid
+            ));
+        }
+        let reader = self
+            .reader(ReadMode::Pread)
+            .map_err(|e| format!("{name}: {e}"))?;
+        let mut batches = Vec::new();
+        let mut pos = 0;
+        while let Some(header) = read_header(&*reader, pos, self.size).map_err(|e| e.to_string())? {
+            batches.push((pos, header));
+            pos += header.total_bytes() as u32;
+        }
+        let (base, size) = (self.base_offset, self.size);
+        let (offsets, times) = self
+            .indexes(fs, dir, config)
+            .map_err(|e| format!("{name}: {e}"))?;
+        if !index::offset_index_is_sane(offsets, size.max(1)) || !index::time_index_is_sane(times) {
+            return Err(format!("{name}: index not monotonic"));
+        }
+        for idx in 0.. {
+            let Some((rel, pos)) = index::offset_entry(offsets, idx) else {
+                break;
+            };
+            let hit = batches
+                .iter()
+                .any(|(p, h)| *p == pos && h.base_offset as u64 == base + u64::from(rel));
+            if !hit {
+                return Err(format!(
+                    "{name}: index entry ({rel}, {pos}) is not a batch start"
+                ));
+            }
+        }
+        for idx in 0.. {
+            let Some((ts, rel)) = index::time_entry(times, idx) else {
+                break;
+            };
+            let bound = base + u64::from(rel);
+            if let Some((_, h)) = batches
+                .iter()
+                .find(|(_, h)| h.last_offset() as u64 <= bound && h.max_timestamp > ts)
+            {
+                return Err(format!(
+                    "{name}: time entry ({ts}, {rel}) but batch at {} has timestamp {}",
+                    h.base_offset, h.max_timestamp
+                ));
+            }
+        }
+        Ok(scan.next_offset)
     }
 }
