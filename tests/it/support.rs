@@ -8,15 +8,22 @@ use cairn_storage::Log;
 
 /// Every batch from `from` to the log end, validated.
 pub fn read_all(log: &Log, from: Offset) -> Vec<Batch> {
+    try_read_all(log, from).unwrap()
+}
+
+/// Every batch from `from` to the log end, or what went wrong reading or validating them.
+pub fn try_read_all(log: &Log, from: Offset) -> Result<Vec<Batch>, String> {
     let mut out = Vec::new();
     let mut next = from;
     loop {
-        let fetched = log.read(next, 1 << 20).unwrap();
+        let fetched = log
+            .read(next, 1 << 20)
+            .map_err(|e| format!("read at {next}: {e}"))?;
         if fetched.bytes.is_empty() {
-            return out;
+            return Ok(out);
         }
         for batch in Batches::new(fetched.bytes, BATCH_BYTES_MAX) {
-            let batch = batch.expect("the log returned a corrupt batch");
+            let batch = batch.map_err(|e| format!("the log returned a corrupt batch: {e}"))?;
             next = Offset(batch.header().last_offset() as u64 + 1);
             out.push(batch);
         }

@@ -8,6 +8,9 @@
 //! directory `fsync` give on Linux file systems such as ext4 and xfs; it is harsher than most real
 //! crashes, which is the point.
 //!
+//! [`FaultFs::kill_process`] models the other kind of crash, where only the process dies and the
+//! page cache (unsynced writes included) lives on.
+//!
 //! Faults on demand: syncs that silently do nothing (the negative control of a power-loss test),
 //! and `EIO` from writes or syncs (to test poisoning).
 //!
@@ -160,6 +163,15 @@ impl FaultFs {
         }
         let linked: BTreeSet<u64> = state.live.values().copied().collect();
         state.inodes.retain(|inode, _| linked.contains(inode));
+        state.locks.clear();
+        state.generation += 1;
+    }
+
+    /// Simulates the process dying (`kill -9`) while the machine stays up: open handles and locks
+    /// die, but every write already made is still in the page cache, synced or not, and may still
+    /// be lost by a later [`FaultFs::crash`].
+    pub fn kill_process(&self) {
+        let mut state = self.lock();
         state.locks.clear();
         state.generation += 1;
     }
