@@ -25,7 +25,7 @@ use cairn_protocol::limits::DECOMPRESSED_BYTES_MAX;
 
 use crate::support::try_read_all;
 
-const N_SEEDS: u64 = 150;
+const N_SEEDS: u64 = 400;
 const CYCLES_PER_SEED: usize = 6;
 
 fn config(flush: FlushPolicy) -> LogConfig {

@@ -243,7 +243,7 @@ impl BatchHeader {
             base_offset: i64_at(header, field::BASE_OFFSET),
             batch_length: i32_at(header, field::BATCH_LENGTH),
             partition_leader_epoch: i32_at(header, field::PARTITION_LEADER_EPOCH),
-            magic: header[field::MAGIC] as i8,
+            magic: i8::from_be_bytes(read_at(header, field::MAGIC)),
             crc: i32_at(header, field::CRC) as u32,
             attributes: i16_at(header, field::ATTRIBUTES),
             last_offset_delta: i32_at(header, field::LAST_OFFSET_DELTA),
@@ -259,20 +259,51 @@ impl BatchHeader {
     /// Encodes the header into its 61 bytes.
     pub fn encode(&self) -> [u8; BATCH_HEADER_BYTES] {
         let mut out = [0u8; BATCH_HEADER_BYTES];
-        out[field::BASE_OFFSET..][..8].copy_from_slice(&self.base_offset.to_be_bytes());
-        out[field::BATCH_LENGTH..][..4].copy_from_slice(&self.batch_length.to_be_bytes());
-        out[field::PARTITION_LEADER_EPOCH..][..4]
-            .copy_from_slice(&self.partition_leader_epoch.to_be_bytes());
-        out[field::MAGIC] = self.magic as u8;
-        out[field::CRC..][..4].copy_from_slice(&self.crc.to_be_bytes());
-        out[field::ATTRIBUTES..][..2].copy_from_slice(&self.attributes.to_be_bytes());
-        out[field::LAST_OFFSET_DELTA..][..4].copy_from_slice(&self.last_offset_delta.to_be_bytes());
-        out[field::BASE_TIMESTAMP..][..8].copy_from_slice(&self.base_timestamp.to_be_bytes());
-        out[field::MAX_TIMESTAMP..][..8].copy_from_slice(&self.max_timestamp.to_be_bytes());
-        out[field::PRODUCER_ID..][..8].copy_from_slice(&self.producer_id.to_be_bytes());
-        out[field::PRODUCER_EPOCH..][..2].copy_from_slice(&self.producer_epoch.to_be_bytes());
-        out[field::BASE_SEQUENCE..][..4].copy_from_slice(&self.base_sequence.to_be_bytes());
-        out[field::RECORDS_COUNT..][..4].copy_from_slice(&self.records_count.to_be_bytes());
+        write_at(&mut out, field::BASE_OFFSET, self.base_offset.to_be_bytes());
+        write_at(
+            &mut out,
+            field::BATCH_LENGTH,
+            self.batch_length.to_be_bytes(),
+        );
+        write_at(
+            &mut out,
+            field::PARTITION_LEADER_EPOCH,
+            self.partition_leader_epoch.to_be_bytes(),
+        );
+        write_at(&mut out, field::MAGIC, self.magic.to_be_bytes());
+        write_at(&mut out, field::CRC, self.crc.to_be_bytes());
+        write_at(&mut out, field::ATTRIBUTES, self.attributes.to_be_bytes());
+        write_at(
+            &mut out,
+            field::LAST_OFFSET_DELTA,
+            self.last_offset_delta.to_be_bytes(),
+        );
+        write_at(
+            &mut out,
+            field::BASE_TIMESTAMP,
+            self.base_timestamp.to_be_bytes(),
+        );
+        write_at(
+            &mut out,
+            field::MAX_TIMESTAMP,
+            self.max_timestamp.to_be_bytes(),
+        );
+        write_at(&mut out, field::PRODUCER_ID, self.producer_id.to_be_bytes());
+        write_at(
+            &mut out,
+            field::PRODUCER_EPOCH,
+            self.producer_epoch.to_be_bytes(),
+        );
+        write_at(
+            &mut out,
+            field::BASE_SEQUENCE,
+            self.base_sequence.to_be_bytes(),
+        );
+        write_at(
+            &mut out,
+            field::RECORDS_COUNT,
+            self.records_count.to_be_bytes(),
+        );
         out
     }
 
@@ -312,23 +343,40 @@ impl BatchHeader {
     }
 }
 
+/// The `N` bytes at `pos`; zeros if `buf` is too short (never for the fixed header positions).
+fn read_at<const N: usize>(buf: &[u8], pos: usize) -> [u8; N] {
+    buf.get(pos..)
+        .and_then(<[u8]>::first_chunk::<N>)
+        .copied()
+        .unwrap_or([0; N])
+}
+
+/// Writes `bytes` at `pos`; returns whether they fit.
+fn write_at<const N: usize>(buf: &mut [u8], pos: usize, bytes: [u8; N]) -> bool {
+    match buf.get_mut(pos..).and_then(<[u8]>::first_chunk_mut::<N>) {
+        Some(dst) => {
+            *dst = bytes;
+            true
+        }
+        None => false,
+    }
+}
+
 fn i16_at(header: &[u8; BATCH_HEADER_BYTES], pos: usize) -> i16 {
-    let mut raw = [0u8; 2];
-    raw.copy_from_slice(&header[pos..pos + 2]);
-    i16::from_be_bytes(raw)
+    i16::from_be_bytes(read_at(header, pos))
 }
 
 fn i32_at(header: &[u8; BATCH_HEADER_BYTES], pos: usize) -> i32 {
-    let mut raw = [0u8; 4];
-    raw.copy_from_slice(&header[pos..pos + 4]);
-    i32::from_be_bytes(raw)
+    i32::from_be_bytes(read_at(header, pos))
 }
 
 fn i64_at(header: &[u8; BATCH_HEADER_BYTES], pos: usize) -> i64 {
-    let mut raw = [0u8; 8];
-    raw.copy_from_slice(&header[pos..pos + 8]);
-    i64::from_be_bytes(raw)
+    i64::from_be_bytes(read_at(header, pos))
 }
+
+// Every field lies inside the fixed header, so `read_at`/`write_at` at these positions always fit.
+const _: () = assert!(field::RECORDS_COUNT + 4 == BATCH_HEADER_BYTES);
+const _: () = assert!(field::ATTRIBUTES + 2 == field::LAST_OFFSET_DELTA);
 
 /// The `baseOffset` and `batchLength` at the front of `buf`, if 12 bytes are there. Used to walk a
 /// log or a fetch response batch by batch without checking anything else.
@@ -418,9 +466,12 @@ pub fn stamp(
         available,
     };
     let header: &mut [u8; BATCH_HEADER_BYTES] = batch.first_chunk_mut().ok_or(truncated)?;
-    header[field::BASE_OFFSET..][..8].copy_from_slice(&base_offset.to_be_bytes());
-    header[field::PARTITION_LEADER_EPOCH..][..4]
-        .copy_from_slice(&partition_leader_epoch.to_be_bytes());
+    write_at(header, field::BASE_OFFSET, base_offset.to_be_bytes());
+    write_at(
+        header,
+        field::PARTITION_LEADER_EPOCH,
+        partition_leader_epoch.to_be_bytes(),
+    );
     Ok(())
 }
 
@@ -823,7 +874,7 @@ impl BatchBuilder {
         out.extend_from_slice(&header.encode());
         out.extend_from_slice(&records);
         let crc = compute_crc(&out);
-        out[field::CRC..][..4].copy_from_slice(&crc.to_be_bytes());
+        write_at(&mut out, field::CRC, crc.to_be_bytes());
         Ok(Bytes::from(out))
     }
 }
@@ -955,10 +1006,8 @@ mod tests {
         #[test]
         fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..300)) {
             let bytes = Bytes::from(bytes);
-            for batch in Batches::new(bytes.clone(), BATCH_BYTES_MAX) {
-                if let Ok(batch) = batch {
-                    let _ = batch.records(1 << 20);
-                }
+            for batch in Batches::new(bytes.clone(), BATCH_BYTES_MAX).flatten() {
+                let _ = batch.records(1 << 20);
             }
         }
 

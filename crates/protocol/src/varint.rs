@@ -77,7 +77,7 @@ fn get_unsigned(buf: &mut &[u8], max_bytes: usize) -> Result<u64, VarintError> {
         }
         value |= bits << shift;
         if byte & 0x80 == 0 {
-            *buf = &buf[idx + 1..];
+            *buf = buf.get(idx + 1..).unwrap_or_default();
             return Ok(value);
         }
     }

@@ -63,7 +63,7 @@ pub(crate) fn read(
         return Ok(None);
     }
     let file = fs.open(&path, OpenMode::Existing)?;
-    let len = file.len()?;
+    let len = file.file_len()?;
     let invalid =
         |what: &str| io::Error::new(io::ErrorKind::InvalidData, format!("{name}: {what}"));
     if len > CHECKPOINT_BYTES_MAX {

@@ -32,7 +32,7 @@ pub trait FsFile: Send + Sync + fmt::Debug {
     /// Writes all of `buf` at byte `pos`.
     fn write_all_at(&self, buf: &[u8], pos: u64) -> io::Result<()>;
     /// The file's length.
-    fn len(&self) -> io::Result<u64>;
+    fn file_len(&self) -> io::Result<u64>;
     /// Truncates or extends (with zeros) the file to `len` bytes.
     fn set_len(&self, len: u64) -> io::Result<()>;
     /// Extends the file to at least `len` bytes with blocks reserved, so later writes below `len`
@@ -86,7 +86,7 @@ impl FsFile for StdFile {
         self.0.write_all_at(buf, pos)
     }
 
-    fn len(&self) -> io::Result<u64> {
+    fn file_len(&self) -> io::Result<u64> {
         Ok(self.0.metadata()?.len())
     }
 
@@ -95,7 +95,7 @@ impl FsFile for StdFile {
     }
 
     fn allocate(&self, len: u64) -> io::Result<()> {
-        if self.len()? >= len {
+        if self.file_len()? >= len {
             return Ok(());
         }
         match rustix::fs::fallocate(&self.0, rustix::fs::FallocateFlags::empty(), 0, len) {

@@ -90,7 +90,7 @@ pub(crate) fn last_time_entry(buf: &[u8]) -> Option<(i64, u32)> {
 /// entries, strictly increasing offsets and positions, positions inside the segment. O(entries),
 /// done once when a sealed index is first loaded.
 pub(crate) fn offset_index_is_sane(buf: &[u8], segment_bytes: u32) -> bool {
-    if buf.len() % OFFSET_ENTRY_BYTES != 0 {
+    if !buf.len().is_multiple_of(OFFSET_ENTRY_BYTES) {
         return false;
     }
     let mut previous: Option<(u32, u32)> = None;
@@ -108,7 +108,7 @@ pub(crate) fn offset_index_is_sane(buf: &[u8], segment_bytes: u32) -> bool {
 
 /// Whether a time index read from disk is plausible: whole entries, strictly increasing.
 pub(crate) fn time_index_is_sane(buf: &[u8]) -> bool {
-    if buf.len() % TIME_ENTRY_BYTES != 0 {
+    if !buf.len().is_multiple_of(TIME_ENTRY_BYTES) {
         return false;
     }
     let mut previous: Option<(i64, u32)> = None;
@@ -137,6 +137,11 @@ fn partition_point(n: usize, below: impl Fn(usize) -> bool) -> usize {
     }
     lo
 }
+
+/// File suffix of the offset index.
+pub(crate) const INDEX: &str = ".index";
+/// File suffix of the time index.
+pub(crate) const TIME_INDEX: &str = ".timeindex";
 
 #[cfg(test)]
 mod tests {
@@ -194,8 +199,3 @@ mod tests {
         assert_eq!(last_offset_entry(&buf), None);
     }
 }
-
-/// File suffix of the offset index.
-pub(crate) const INDEX: &str = ".index";
-/// File suffix of the time index.
-pub(crate) const TIME_INDEX: &str = ".timeindex";

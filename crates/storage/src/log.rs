@@ -595,8 +595,8 @@ impl Log {
     }
 
     /// Whole batches from the one containing `offset`, up to `max_bytes` (but always at least one
-    /// batch, so a consumer can make progress past a batch larger than its limit). Empty at the
-    /// log end.
+    /// batch, so a consumer can make progress past a batch larger than its limit), all from one
+    /// segment so they are one contiguous zero-copy slice. Empty at the log end.
     pub fn read(&self, offset: Offset, max_bytes: u32) -> Result<Fetched, ReadError> {
         self.read_until(offset, max_bytes, Offset(u64::MAX))
     }
@@ -846,6 +846,15 @@ impl Log {
         self.write_recovery_point(state)?;
         tracing::info!(dir = %self.dir.display(), log_end = state.log_end, "log truncated");
         Ok(Offset(state.log_end))
+    }
+
+    /// The base offsets of all segments, oldest first.
+    pub fn segment_bases(&self) -> Vec<Offset> {
+        lock(&self.state)
+            .segments
+            .keys()
+            .map(|b| Offset(*b))
+            .collect()
     }
 
     /// The base offset of the active (last) segment.

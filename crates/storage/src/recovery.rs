@@ -221,7 +221,10 @@ fn scan_unclean(
             delete_from(fs, dir, segments, *base, report)?;
             break;
         }
-        let file_len = segment.file.len().map_err(io_err("stat segment", &path))?;
+        let file_len = segment
+            .file
+            .file_len()
+            .map_err(io_err("stat segment", &path))?;
         let scan = segment::scan(
             &*segment.file,
             *base,

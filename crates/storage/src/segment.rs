@@ -187,7 +187,7 @@ pub(crate) fn scan(
     config: &LogConfig,
 ) -> io::Result<Scan> {
     let interval = config.index_interval_bytes;
-    let file_len = file.len()?;
+    let file_len = file.file_len()?;
     let mut out = Scan {
         valid_end: from_pos,
         next_offset,
@@ -378,7 +378,7 @@ impl Segment {
     pub(crate) fn open_sealed(fs: &dyn Fs, dir: &Path, base_offset: u64) -> io::Result<Segment> {
         let path = dir.join(file_name(base_offset, LOG_SUFFIX));
         let file = fs.open(&path, OpenMode::Existing)?;
-        let len = file.len()?;
+        let len = file.file_len()?;
         let size = u32::try_from(len).map_err(|_| {
             io::Error::new(
                 io::ErrorKind::InvalidData,
@@ -676,7 +676,7 @@ impl Segment {
 
     /// Replaces the file (after a copy-truncate); drops the reader so new reads use the new file.
     pub(crate) fn replace_file(&mut self, file: Arc<dyn FsFile>) -> io::Result<()> {
-        self.allocated = file.len()?;
+        self.allocated = file.file_len()?;
         self.file = file;
         self.reader = None;
         Ok(())
@@ -696,7 +696,7 @@ fn read_index_files(fs: &dyn Fs, dir: &Path, base_offset: u64) -> io::Result<(Ve
             return Ok(Vec::new());
         }
         let file = fs.open(&path, OpenMode::Existing)?;
-        let len = file.len()?;
+        let len = file.file_len()?;
         // An index holds at most one entry per indexed batch of a segment.
         if len > crate::config::SEGMENT_BYTES_MAX as u64 {
             return Ok(Vec::new());
@@ -711,7 +711,7 @@ fn read_index_files(fs: &dyn Fs, dir: &Path, base_offset: u64) -> io::Result<(Ve
 fn map_index_file(fs: &dyn Fs, dir: &Path, base_offset: u64, suffix: &str) -> io::Result<Bytes> {
     let path = dir.join(file_name(base_offset, suffix));
     let file = fs.open(&path, OpenMode::Existing)?;
-    let len = file.len()?;
+    let len = file.file_len()?;
     if len == 0 {
         return Ok(Bytes::new());
     }
@@ -788,33 +788,6 @@ pub(crate) fn read_header(
     Ok(Some(header))
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn file_names() {
-        assert_eq!(file_name(1234, LOG_SUFFIX), "00000000000000001234.log");
-        assert_eq!(
-            parse_file_name("00000000000000001234.log", LOG_SUFFIX),
-            Some(1234)
-        );
-        assert_eq!(parse_file_name("0000000000000001234.log", LOG_SUFFIX), None);
-        assert_eq!(
-            parse_file_name("0000000000000000123x.log", LOG_SUFFIX),
-            None
-        );
-        assert_eq!(
-            parse_file_name("00000000000000001234.index", LOG_SUFFIX),
-            None
-        );
-        assert_eq!(
-            parse_file_name(&file_name(u64::MAX, INDEX_SUFFIX), INDEX_SUFFIX),
-            Some(u64::MAX)
-        );
-    }
-}
-
 impl Segment {
     /// Checks the segment against a linear scan of its batches: every batch valid and in offset
     /// order from `next_offset`, every offset-index entry at a batch start with that batch's
@@ -888,5 +861,32 @@ impl Segment {
             }
         }
         Ok(scan.next_offset)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_names() {
+        assert_eq!(file_name(1234, LOG_SUFFIX), "00000000000000001234.log");
+        assert_eq!(
+            parse_file_name("00000000000000001234.log", LOG_SUFFIX),
+            Some(1234)
+        );
+        assert_eq!(parse_file_name("0000000000000001234.log", LOG_SUFFIX), None);
+        assert_eq!(
+            parse_file_name("0000000000000000123x.log", LOG_SUFFIX),
+            None
+        );
+        assert_eq!(
+            parse_file_name("00000000000000001234.index", LOG_SUFFIX),
+            None
+        );
+        assert_eq!(
+            parse_file_name(&file_name(u64::MAX, INDEX_SUFFIX), INDEX_SUFFIX),
+            Some(u64::MAX)
+        );
     }
 }

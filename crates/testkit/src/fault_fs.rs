@@ -255,7 +255,7 @@ impl FsFile for FaultFile {
         })
     }
 
-    fn len(&self) -> io::Result<u64> {
+    fn file_len(&self) -> io::Result<u64> {
         self.with(|inode, _| Ok(inode.live.len() as u64))
     }
 
@@ -271,7 +271,7 @@ impl FsFile for FaultFile {
     }
 
     fn allocate(&self, len: u64) -> io::Result<()> {
-        if self.len()? < len {
+        if self.file_len()? < len {
             self.set_len(len)?;
         }
         Ok(())
@@ -455,7 +455,7 @@ mod tests {
         let contents = fs.read_file(&dir.join("a")).unwrap();
         assert!(contents.starts_with(b"durable"));
         assert!(b"durable-maybe".starts_with(&contents));
-        assert!(file.len().is_err(), "handles die with the crash");
+        assert!(file.file_len().is_err(), "handles die with the crash");
     }
 
     #[test]
