@@ -385,8 +385,9 @@ fn corrupt(backend: Backend, fault: &FaultFs, path: &Path, pos: u64) {
 
 fn run(backend: Backend, ops: &[Op]) -> Result<(), TestCaseError> {
     let mut h = Harness::new(backend);
-    for op in ops {
-        h.step(op)?;
+    for (idx, op) in ops.iter().enumerate() {
+        h.step(op)
+            .map_err(|e| TestCaseError::fail(format!("step {idx} ({op:?}): {e}")))?;
     }
     Ok(())
 }

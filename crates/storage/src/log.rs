@@ -86,6 +86,8 @@ pub(crate) struct State {
     pub(crate) epochs: LeaderEpochCache,
     pub(crate) poisoned: Option<String>,
     pub(crate) last_flush: Instant,
+    /// A segment file was created since the directory was last synced.
+    pub(crate) dir_unsynced: bool,
 }
 
 /// A partition log in a directory of its own.
@@ -464,12 +466,11 @@ impl Log {
             if active.size == 0 {
                 return Ok(());
             }
+            // No fsync here: the next flush syncs the sealed files before it counts them durable.
             if let Err(source) = active.seal(fs, dir) {
                 let path = active.log_path(dir);
                 return Err(self.poison(state, "seal segment", path, source));
             }
-            // Sealing synced the segment's data.
-            state.flushed = state.flushed.max(log_end);
         }
         let segment = match Segment::create(fs, dir, log_end, &self.config) {
             Ok(segment) => segment,
@@ -478,18 +479,19 @@ impl Log {
                 return Err(self.poison(state, "create segment", path, source));
             }
         };
-        // A record acknowledged in the new segment must not vanish because its file's directory
-        // entry never reached the disk: sync the directory before anything is written there.
-        if let Err(source) = fs.sync_dir(dir) {
-            return Err(self.poison(state, "sync directory", dir.clone(), source));
-        }
+        // A record acknowledged in the new segment must not vanish because the file's directory
+        // entry never reached the disk: the next flush syncs the directory too.
+        state.dir_unsynced = true;
         tracing::info!(dir = %dir.display(), base_offset = log_end, "segment rolled");
         state.segments.insert(log_end, segment);
-        self.write_recovery_point(state)
+        Ok(())
     }
 
-    fn write_recovery_point(&self, state: &mut State) -> Result<(), Fatal> {
-        let lines = [state.flushed.to_string()];
+    /// Writes the flushed offset as the recovery point. Callers hold `flush_lock` (one writer of
+    /// the checkpoint at a time) but not the state lock (the write syncs three times).
+    fn checkpoint_flushed(&self) -> Result<(), Fatal> {
+        let flushed = lock(&self.state).flushed;
+        let lines = [flushed.to_string()];
         checkpoint::write(
             &*self.fs,
             &self.dir,
@@ -497,7 +499,10 @@ impl Log {
             "recovery-point",
             &lines,
         )
-        .map_err(|fatal| self.poison_fatal(state, fatal))
+        .map_err(|fatal| {
+            let mut state = lock(&self.state);
+            self.poison_fatal(&mut state, fatal)
+        })
     }
 
     fn write_epochs(&self, state: &mut State) -> Result<(), Fatal> {
@@ -528,43 +533,73 @@ impl Log {
     }
 
     /// Makes every offset below `up_to` durable. Concurrent callers share syncs: a caller that
-    /// waited while another synced returns at once if that sync covered it.
+    /// waited while another synced returns at once if that sync covered it. Syncs, in order: files
+    /// of segments sealed since the last flush (data, trimmed length, indexes), the active segment's
+    /// data, then the directory if segments were created. Once sealed segments were synced, the
+    /// recovery point is checkpointed, so an unclean restart rescans at most about one segment.
     pub fn flush(&self, up_to: Offset) -> Result<(), Fatal> {
         if lock(&self.state).flushed >= up_to.0 {
             return Ok(());
         }
         let _one_sync_at_a_time = lock(&self.flush_lock);
-        let (file, path, log_end) = {
-            let state = lock(&self.state);
-            self.check_poisoned(&state)?;
+        let (sealed, active, sync_dir, log_end) = {
+            let mut guard = lock(&self.state);
+            let state = &mut *guard;
+            self.check_poisoned(state)?;
             if state.flushed >= up_to.0 {
                 return Ok(());
             }
-            let Some(active) = state.segments.values().next_back() else {
-                return Ok(());
-            };
-            // Everything before the active segment was synced when it was sealed.
-            (
-                Arc::clone(&active.file),
-                active.log_path(&self.dir),
-                state.log_end,
-            )
+            let mut sealed = Vec::new();
+            for segment in state.segments.values_mut() {
+                if !segment.unsynced.is_empty() {
+                    sealed.push((
+                        segment.log_path(&self.dir),
+                        std::mem::take(&mut segment.unsynced),
+                    ));
+                }
+            }
+            let active = state
+                .segments
+                .values()
+                .next_back()
+                .map(|s| (Arc::clone(&s.file), s.log_path(&self.dir)));
+            let sync_dir = std::mem::take(&mut state.dir_unsynced);
+            (sealed, active, sync_dir, state.log_end)
         };
         let started = Instant::now();
-        let result = file.sync_data();
-        let mut state = lock(&self.state);
-        match result {
-            Ok(()) => {
-                state.flushed = state.flushed.max(log_end);
-                state.last_flush = Instant::now();
-                tracing::trace!(
-                    flushed = log_end,
-                    elapsed_us = started.elapsed().as_micros() as u64,
-                    "log flushed"
-                );
-                Ok(())
+        let fail = |op, path, source| {
+            let mut state = lock(&self.state);
+            self.poison(&mut state, op, path, source)
+        };
+        for (path, files) in &sealed {
+            for file in files {
+                file.sync_all()
+                    .map_err(|source| fail("fsync sealed segment", path.clone(), source))?;
             }
-            Err(source) => Err(self.poison(&mut state, "fdatasync", path, source)),
+        }
+        if let Some((file, path)) = active {
+            file.sync_data()
+                .map_err(|source| fail("fdatasync", path, source))?;
+        }
+        if sync_dir {
+            self.fs
+                .sync_dir(&self.dir)
+                .map_err(|source| fail("sync directory", self.dir.clone(), source))?;
+        }
+        {
+            let mut state = lock(&self.state);
+            state.flushed = state.flushed.max(log_end);
+            state.last_flush = Instant::now();
+        }
+        tracing::trace!(
+            flushed = log_end,
+            elapsed_us = started.elapsed().as_micros() as u64,
+            "log flushed"
+        );
+        if sealed.is_empty() {
+            Ok(())
+        } else {
+            self.checkpoint_flushed()
         }
     }
 
@@ -589,9 +624,9 @@ impl Log {
 
     /// Writes the recovery point (the flushed offset) so an unclean restart scans less.
     pub fn checkpoint(&self) -> Result<(), Fatal> {
-        let mut state = lock(&self.state);
-        self.check_poisoned(&state)?;
-        self.write_recovery_point(&mut state)
+        let _one_writer = lock(&self.flush_lock);
+        self.check_poisoned(&lock(&self.state))?;
+        self.checkpoint_flushed()
     }
 
     /// Whole batches from the one containing `offset`, up to `max_bytes` (but always at least one
@@ -843,9 +878,12 @@ impl Log {
         if state.epochs.truncate_from_end(state.log_end) {
             self.write_epochs(state)?;
         }
-        self.write_recovery_point(state)?;
-        tracing::info!(dir = %self.dir.display(), log_end = state.log_end, "log truncated");
-        Ok(Offset(state.log_end))
+        let log_end = state.log_end;
+        tracing::info!(dir = %self.dir.display(), log_end, "log truncated");
+        drop(guard);
+        // The old recovery point may lie past the new end.
+        self.checkpoint_flushed()?;
+        Ok(Offset(log_end))
     }
 
     /// The base offsets of all segments, oldest first.
@@ -890,14 +928,24 @@ impl Log {
         let state = &mut *guard;
         self.check_poisoned(state)?;
         let fs = &*self.fs;
-        if let Some(active) = state.segments.values_mut().next_back()
-            && let Err(source) = active.trim_and_write_indexes(fs, &self.dir)
-        {
+        if let Some(active) = state.segments.values_mut().next_back() {
             let path = active.log_path(&self.dir);
-            return Err(self.poison(state, "close segment", path, source));
+            if let Err(source) = active.trim_and_write_indexes(fs, &self.dir) {
+                return Err(self.poison(state, "close segment", path, source));
+            }
+        }
+        // The marker vouches for every segment's length and indexes, including segments sealed
+        // after the last flush (which returns early when no data is pending).
+        for segment in state.segments.values_mut() {
+            if let Err(source) = segment.sync_unsynced() {
+                let path = segment.log_path(&self.dir);
+                return Err(self.poison(state, "sync segment", path, source));
+            }
         }
         state.flushed = state.log_end;
-        self.write_recovery_point(state)?;
+        let log_end = state.log_end;
+        drop(guard);
+        self.checkpoint_flushed()?;
         let marker = self.dir.join(CLEAN_SHUTDOWN_FILE);
         let result = fs
             .open(&marker, OpenMode::Truncate)
@@ -906,9 +954,10 @@ impl Log {
             // them, and it is only durable once the directory is synced.
             .and_then(|()| fs.sync_dir(&self.dir));
         if let Err(source) = result {
-            return Err(self.poison(state, "write clean-shutdown marker", marker, source));
+            let mut state = lock(&self.state);
+            return Err(self.poison(&mut state, "write clean-shutdown marker", marker, source));
         }
-        tracing::info!(dir = %self.dir.display(), log_end = state.log_end, "log closed cleanly");
+        tracing::info!(dir = %self.dir.display(), log_end, "log closed cleanly");
         Ok(())
     }
 }

@@ -152,6 +152,7 @@ pub(crate) fn recover(
         epochs,
         poisoned: None,
         last_flush: Instant::now(),
+        dir_unsynced: false,
     };
     Ok((state, report))
 }
@@ -200,9 +201,14 @@ fn scan_unclean(
     let Some(&last_base) = segments.keys().next_back() else {
         return Ok(());
     };
-    // The active segment's length is never known after an unclean stop (it is preallocated), so
-    // it is always scanned, whatever the recovery point says.
-    let from = recovery_point.unwrap_or(0).min(last_base);
+    // Scan from the segment holding the last durable record (recovery point - 1): it may have
+    // been sealed after the checkpoint, with its trim and indexes not yet synced. Every segment
+    // before it was synced, indexes included, before the checkpoint passed it. The active
+    // segment's length is never known after an unclean stop (it is preallocated), so it is always
+    // scanned, whatever the recovery point says.
+    let from = recovery_point
+        .map_or(0, |r| r.saturating_sub(1))
+        .min(last_base);
     let start = segments
         .range(..=from)
         .next_back()
@@ -216,8 +222,13 @@ fn scan_unclean(
             continue;
         };
         let path = segment.log_path(dir);
-        if *base < expected_next {
-            // This segment overlaps offsets of the previous one: it cannot be trusted.
+        // A segment overlapping the previous one cannot be trusted. Nor can one that starts past
+        // the previous one's end in a log without gaps: the previous segment lost an unsynced
+        // tail, so nothing after it was ever flushed (a flush syncs sealed segments first), and
+        // the log must stay a prefix of what was appended.
+        let hole = *base > expected_next && !config.compacted;
+        if *base < expected_next || hole {
+            tracing::warn!(segment = %path.display(), expected_next, "segment does not continue the log; deleting it and later ones");
             delete_from(fs, dir, segments, *base, report)?;
             break;
         }
@@ -256,8 +267,11 @@ fn scan_unclean(
             break;
         }
         if !is_last {
+            // Recovery is about to checkpoint past this segment: its trim and indexes must be
+            // durable first.
             segment
                 .seal(fs, dir)
+                .and_then(|()| segment.sync_unsynced())
                 .map_err(io_err("seal segment", &path))?;
         }
     }

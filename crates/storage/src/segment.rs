@@ -348,6 +348,9 @@ pub(crate) struct Segment {
     pub(crate) first_batch_timestamp: Option<i64>,
     reader: Option<Arc<dyn SegmentReader>>,
     indexes: Indexes,
+    /// Files of this segment written since they were last synced (a sealed segment's trimmed log
+    /// and its index files): the next flush syncs them before the recovery point passes them.
+    pub(crate) unsynced: Vec<Arc<dyn FsFile>>,
 }
 
 impl Segment {
@@ -369,6 +372,7 @@ impl Segment {
             first_batch_timestamp: None,
             reader: None,
             indexes: Indexes::Active(IndexBuilder::default()),
+            unsynced: Vec::new(),
         };
         segment.reserve(0, config)?;
         Ok(segment)
@@ -394,6 +398,7 @@ impl Segment {
             first_batch_timestamp: None,
             reader: None,
             indexes: Indexes::Unloaded,
+            unsynced: Vec::new(),
         })
     }
 
@@ -491,10 +496,10 @@ impl Segment {
         )
     }
 
-    /// Seals the active segment: data synced, file trimmed to its data, index files written and
-    /// synced. Afterwards the segment never changes.
+    /// Seals the active segment: file trimmed to its data, index files written. Afterwards the
+    /// segment never changes. Nothing is synced here (a roll must not stall appends behind an
+    /// fsync of a whole segment): the files wait in `unsynced` for the next flush.
     pub(crate) fn seal(&mut self, fs: &dyn Fs, dir: &Path) -> io::Result<()> {
-        self.file.sync_data()?;
         self.trim_and_write_indexes(fs, dir)?;
         let Indexes::Active(builder) = std::mem::replace(&mut self.indexes, Indexes::Unloaded)
         else {
@@ -508,19 +513,30 @@ impl Segment {
     }
 
     /// Trims the preallocated tail and writes the index files, so that an open after this needs no
-    /// scan. Used by sealing and by clean shutdown.
+    /// scan; the touched files are queued in `unsynced`. Used by sealing and by clean shutdown.
     pub(crate) fn trim_and_write_indexes(&mut self, fs: &dyn Fs, dir: &Path) -> io::Result<()> {
         if self.allocated != u64::from(self.size) {
             // Only bytes past the published end go: no reader holds them (mmap contract rule 3).
             self.file.set_len(self.size.into())?;
             self.allocated = self.size.into();
-            // The new length is metadata: fdatasync may not persist a shrink, fsync does.
-            self.file.sync_all()?;
         }
+        // The new length is metadata: the flush syncs this file with fsync, not fdatasync.
+        self.unsynced.push(Arc::clone(&self.file));
         if let Indexes::Active(builder) = &mut self.indexes {
             builder.finish();
-            write_index_file(fs, dir, self.base_offset, index::INDEX, &builder.offsets)?;
-            write_index_file(fs, dir, self.base_offset, index::TIME_INDEX, &builder.times)?;
+            let offsets =
+                write_index_file(fs, dir, self.base_offset, index::INDEX, &builder.offsets)?;
+            let times =
+                write_index_file(fs, dir, self.base_offset, index::TIME_INDEX, &builder.times)?;
+            self.unsynced.extend([offsets, times]);
+        }
+        Ok(())
+    }
+
+    /// Syncs the files queued in `unsynced` (data and metadata).
+    pub(crate) fn sync_unsynced(&mut self) -> io::Result<()> {
+        for file in std::mem::take(&mut self.unsynced) {
+            file.sync_all()?;
         }
         Ok(())
     }
@@ -543,6 +559,7 @@ impl Segment {
         self.adopt_scan(scan)?;
         // Stale index files would describe the old contents if we crashed before sealing again.
         remove_index_files(fs, dir, self.base_offset)?;
+        self.unsynced.clear();
         self.reserve(0, config)
     }
 
@@ -593,22 +610,13 @@ impl Segment {
         )?;
         scan.indexes.finish();
         // Best effort: the rebuilt indexes serve from memory even if they cannot be saved.
-        if let Err(err) = write_index_file(
-            fs,
-            dir,
-            self.base_offset,
-            index::INDEX,
-            &scan.indexes.offsets,
-        )
-        .and_then(|()| {
-            write_index_file(
-                fs,
-                dir,
-                self.base_offset,
-                index::TIME_INDEX,
-                &scan.indexes.times,
-            )
-        }) {
+        let base = self.base_offset;
+        let rewrite = |suffix, bytes: &[u8]| {
+            write_index_file(fs, dir, base, suffix, bytes).and_then(|file| file.sync_all())
+        };
+        if let Err(err) = rewrite(index::INDEX, &scan.indexes.offsets)
+            .and_then(|()| rewrite(index::TIME_INDEX, &scan.indexes.times))
+        {
             tracing::warn!(error = %err, "could not rewrite rebuilt index files");
         }
         Ok(Indexes::Sealed {
@@ -740,13 +748,13 @@ fn write_index_file(
     base_offset: u64,
     suffix: &str,
     bytes: &[u8],
-) -> io::Result<()> {
+) -> io::Result<Arc<dyn FsFile>> {
     let file = fs.open(
         &dir.join(file_name(base_offset, suffix)),
         OpenMode::Truncate,
     )?;
     file.write_all_at(bytes, 0)?;
-    file.sync_all()
+    Ok(file)
 }
 
 fn remove_index_files(fs: &dyn Fs, dir: &Path, base_offset: u64) -> io::Result<()> {
