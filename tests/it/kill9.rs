@@ -15,7 +15,13 @@ use rand::{Rng, SeedableRng};
 
 use crate::support::read_values;
 
-const N_KILLS: u64 = 50;
+/// Kills per run; `CAIRN_SOAK_KILLS` raises it for on-demand soak runs (scripts/soak.sh).
+fn n_kills() -> u64 {
+    std::env::var("CAIRN_SOAK_KILLS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(50)
+}
 
 #[test]
 fn acknowledged_appends_survive_kill_9() {
@@ -28,7 +34,8 @@ fn acknowledged_appends_survive_kill_9() {
     let mut rng = SmallRng::seed_from_u64(seed);
     let mut acked_end = 0u64;
     let mut total_acks = 0usize;
-    for round in 0..N_KILLS {
+    let n_kills = n_kills();
+    for round in 0..n_kills {
         let mut child = Command::new(env!("CARGO_BIN_EXE_cairn-crash-child"))
             .arg(&log_dir)
             .arg((seed + round).to_string())
@@ -95,10 +102,10 @@ fn acknowledged_appends_survive_kill_9() {
         assert!(started.elapsed() < Duration::from_secs(20));
     }
     println!(
-        "kill -9: {N_KILLS} kills, {total_acks} acknowledged appends, final log end {acked_end}+"
+        "kill -9: {n_kills} kills, {total_acks} acknowledged appends, final log end {acked_end}+"
     );
     assert!(
-        total_acks > N_KILLS as usize,
+        total_acks > n_kills as usize,
         "the child must make progress between kills"
     );
 }

@@ -25,7 +25,13 @@ use cairn_protocol::limits::DECOMPRESSED_BYTES_MAX;
 
 use crate::support::try_read_all;
 
-const N_SEEDS: u64 = 400;
+/// Seeds per run; `CAIRN_SOAK_SEEDS` raises it for on-demand soak runs (scripts/soak.sh).
+fn n_seeds() -> u64 {
+    std::env::var("CAIRN_SOAK_SEEDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(400)
+}
 const CYCLES_PER_SEED: usize = 6;
 
 fn config(flush: FlushPolicy) -> LogConfig {
@@ -137,7 +143,7 @@ fn check_contents(log: &Log, durable: u64) -> Result<(), String> {
 
 #[test]
 fn acknowledged_records_survive_power_loss() {
-    for seed in 0..N_SEEDS {
+    for seed in 0..n_seeds() {
         if let Err(err) = run_seed(seed, Faults::default()) {
             panic!("{err}\nreplay: cargo nextest run -p cairn-tests power_loss (seed {seed})");
         }
@@ -146,7 +152,8 @@ fn acknowledged_records_survive_power_loss() {
 
 #[test]
 fn negative_control_without_fsync_loses_acknowledged_records() {
-    let lost: Vec<String> = (0..N_SEEDS)
+    let n_seeds = n_seeds();
+    let lost: Vec<String> = (0..n_seeds)
         .filter_map(|seed| {
             run_seed(
                 seed,
@@ -159,7 +166,7 @@ fn negative_control_without_fsync_loses_acknowledged_records() {
         })
         .collect();
     println!(
-        "negative control: with fsync disabled, {} of {N_SEEDS} seeds lost acknowledged records, as they must; first: {}",
+        "negative control: with fsync disabled, {} of {n_seeds} seeds lost acknowledged records, as they must; first: {}",
         lost.len(),
         lost.first().map_or("none", String::as_str)
     );
