@@ -10,6 +10,8 @@
 //!   scan), reported as bytes per second;
 //! - `open/clean_1000_segments`: opening a cleanly closed log of 1,000 segments.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
+
 use std::fs::File;
 use std::io::Write;
 use std::path::Path;

@@ -20,7 +20,7 @@ use cairn_storage::{Fs, Log, LogConfig, ReadMode, StdFs};
 use cairn_testkit::FaultFs;
 use proptest::prelude::*;
 
-use crate::support::{read_all, try_read_all};
+use crate::support::{flip_byte, read_all, try_read_all};
 
 #[derive(Debug, Clone)]
 enum Op {
@@ -369,17 +369,7 @@ impl Harness {
 fn corrupt(backend: Backend, fault: &FaultFs, path: &Path, pos: u64) {
     match backend {
         Backend::Fault => fault.corrupt(path, pos, 0x5a),
-        Backend::Real => {
-            use std::os::unix::fs::FileExt;
-            let file = std::fs::OpenOptions::new()
-                .read(true)
-                .write(true)
-                .open(path)
-                .unwrap();
-            let mut b = [0u8; 1];
-            file.read_exact_at(&mut b, pos).unwrap();
-            file.write_all_at(&[b[0] ^ 0x5a], pos).unwrap();
-        }
+        Backend::Real => flip_byte(path, pos, 0x5a),
     }
 }
 

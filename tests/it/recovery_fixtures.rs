@@ -16,7 +16,7 @@ use cairn_protocol::batch::field;
 use cairn_storage::{Log, LogConfig, ReadMode};
 use cairn_testkit::tagged_batch;
 
-use crate::support::read_all;
+use crate::support::{flip_byte, read_all};
 
 fn config() -> LogConfig {
     LogConfig {
@@ -182,18 +182,7 @@ fn flip_every_header_byte_of_the_last_two_batches() {
             }
             check_exact(
                 &t,
-                |path| {
-                    use std::os::unix::fs::FileExt;
-                    let file = std::fs::OpenOptions::new()
-                        .read(true)
-                        .write(true)
-                        .open(path)
-                        .unwrap();
-                    let mut b = [0u8; 1];
-                    file.read_exact_at(&mut b, (pos + byte).into()).unwrap();
-                    file.write_all_at(&[b[0] ^ 0xff], (pos + byte).into())
-                        .unwrap();
-                },
+                |path| flip_byte(path, (pos + byte).into(), 0xff),
                 want,
                 &format!("batch {damaged_idx} header byte {byte}"),
             );

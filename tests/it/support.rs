@@ -38,3 +38,16 @@ pub fn read_values(log: &Log, from: Offset) -> Vec<(u64, Bytes)> {
         .map(|r| (r.offset as u64, r.value.unwrap_or_default()))
         .collect()
 }
+
+/// XORs the byte at `pos` of a real file with `xor`.
+pub fn flip_byte(path: &std::path::Path, pos: u64, xor: u8) {
+    use std::os::unix::fs::FileExt;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .unwrap();
+    let mut byte = [0u8; 1];
+    file.read_exact_at(&mut byte, pos).unwrap();
+    file.write_all_at(&[byte[0] ^ xor], pos).unwrap();
+}

@@ -225,6 +225,12 @@ impl Log {
             .map(|(e, o)| (e, Offset(o)))
     }
 
+    /// Maps an I/O error reading `segment` (not a write: nothing is poisoned) to `Fatal::Io`.
+    fn io_fatal(&self, op: &'static str, segment: &Segment) -> impl FnOnce(io::Error) -> Fatal {
+        let path = segment.log_path(&self.dir);
+        move |source| Fatal::Io { op, path, source }
+    }
+
     fn check_poisoned(&self, state: &State) -> Result<(), Fatal> {
         match &state.poisoned {
             Some(cause) => Err(Fatal::PreviousIo {
@@ -723,11 +729,7 @@ impl Log {
             for segment in state.segments.values_mut() {
                 let max = segment
                     .max_timestamp(&*self.fs, &self.dir, &self.config)
-                    .map_err(|source| Fatal::Io {
-                        op: "read time index",
-                        path: segment.log_path(&self.dir),
-                        source,
-                    })?;
+                    .map_err(self.io_fatal("read time index", segment))?;
                 if max >= timestamp {
                     bases.push(segment.base_offset);
                 }
@@ -743,11 +745,7 @@ impl Log {
                 };
                 let after = segment
                     .offset_before_timestamp(&*self.fs, &self.dir, &self.config, timestamp)
-                    .map_err(|source| Fatal::Io {
-                        op: "read time index",
-                        path: segment.log_path(&self.dir),
-                        source,
-                    })?;
+                    .map_err(self.io_fatal("read time index", segment))?;
                 after.map_or(base, |o| o + 1).max(log_start)
             };
             let mut from = start;
@@ -808,11 +806,7 @@ impl Log {
                     let age_ms = i64::try_from(age.as_millis()).unwrap_or(i64::MAX);
                     let newest = segment
                         .max_timestamp(&*self.fs, &self.dir, &self.config)
-                        .map_err(|source| Fatal::Io {
-                            op: "read time index",
-                            path: segment.log_path(&self.dir),
-                            source,
-                        })?;
+                        .map_err(self.io_fatal("read time index", segment))?;
                     newest < now_ms.saturating_sub(age_ms)
                 }
                 None => false,

@@ -22,7 +22,7 @@ use crate::fs::Fs;
 use crate::log::{
     CLEAN_SHUTDOWN_FILE, LEADER_EPOCH_FILE, RECOVERY_POINT_FILE, RecoveryReport, State,
 };
-use crate::segment::{self, IndexBuilder, Segment};
+use crate::segment::{self, Segment};
 
 fn io_err(op: &'static str, path: &Path) -> impl FnOnce(io::Error) -> OpenError {
     let path = path.to_path_buf();
@@ -236,15 +236,9 @@ fn scan_unclean(
             .file
             .file_len()
             .map_err(io_err("stat segment", &path))?;
-        let scan = segment::scan(
-            &*segment.file,
-            *base,
-            0,
-            *base,
-            IndexBuilder::default(),
-            config,
-        )
-        .map_err(io_err("scan segment", &path))?;
+        let scan = segment
+            .scan_all(config)
+            .map_err(io_err("scan segment", &path))?;
         report.n_segments_scanned += 1;
         report.n_bytes_scanned += u64::from(scan.valid_end);
         let invalid = scan.invalid.clone();

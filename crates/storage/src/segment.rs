@@ -541,6 +541,18 @@ impl Segment {
         Ok(())
     }
 
+    /// Validates the whole segment from its first byte, rebuilding its indexes.
+    pub(crate) fn scan_all(&self, config: &LogConfig) -> io::Result<Scan> {
+        scan(
+            &*self.file,
+            self.base_offset,
+            0,
+            self.base_offset,
+            IndexBuilder::default(),
+            config,
+        )
+    }
+
     /// Makes this (formerly sealed) segment the active one again, e.g. after truncation.
     pub(crate) fn reactivate(
         &mut self,
@@ -548,14 +560,7 @@ impl Segment {
         dir: &Path,
         config: &LogConfig,
     ) -> io::Result<()> {
-        let scan = scan(
-            &*self.file,
-            self.base_offset,
-            0,
-            self.base_offset,
-            IndexBuilder::default(),
-            config,
-        )?;
+        let scan = self.scan_all(config)?;
         self.adopt_scan(scan)?;
         // Stale index files would describe the old contents if we crashed before sealing again.
         remove_index_files(fs, dir, self.base_offset)?;
@@ -600,14 +605,7 @@ impl Segment {
             segment = %self.log_path(dir).display(),
             "index files missing or implausible; rebuilding them from the log"
         );
-        let mut scan = scan(
-            &*self.file,
-            self.base_offset,
-            0,
-            self.base_offset,
-            IndexBuilder::default(),
-            config,
-        )?;
+        let mut scan = self.scan_all(config)?;
         scan.indexes.finish();
         // Best effort: the rebuilt indexes serve from memory even if they cannot be saved.
         let base = self.base_offset;
