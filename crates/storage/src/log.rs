@@ -226,9 +226,20 @@ impl Log {
     }
 
     /// Maps an I/O error reading `segment` (not a write: nothing is poisoned) to `Fatal::Io`.
-    fn io_fatal(&self, op: &'static str, segment: &Segment) -> impl FnOnce(io::Error) -> Fatal {
-        let path = segment.log_path(&self.dir);
-        move |source| Fatal::Io { op, path, source }
+    /// The path is only built if there is an error: this sits on the read path.
+    fn io_fatal(
+        &self,
+        op: &'static str,
+        segment: &Segment,
+    ) -> impl FnOnce(io::Error) -> Fatal + '_ {
+        let base_offset = segment.base_offset;
+        move |source| Fatal::Io {
+            op,
+            path: self
+                .dir
+                .join(segment::file_name(base_offset, segment::LOG_SUFFIX)),
+            source,
+        }
     }
 
     fn check_poisoned(&self, state: &State) -> Result<(), Fatal> {
@@ -568,7 +579,7 @@ impl Log {
                 .segments
                 .values()
                 .next_back()
-                .map(|s| (Arc::clone(&s.file), s.log_path(&self.dir)));
+                .map(|s| (Arc::clone(&s.file), s.base_offset));
             let sync_dir = std::mem::take(&mut state.dir_unsynced);
             (sealed, active, sync_dir, state.log_end)
         };
@@ -583,9 +594,13 @@ impl Log {
                     .map_err(|source| fail("fsync sealed segment", path.clone(), source))?;
             }
         }
-        if let Some((file, path)) = active {
-            file.sync_data()
-                .map_err(|source| fail("fdatasync", path, source))?;
+        if let Some((file, base_offset)) = active {
+            file.sync_data().map_err(|source| {
+                let path = self
+                    .dir
+                    .join(segment::file_name(base_offset, segment::LOG_SUFFIX));
+                fail("fdatasync", path, source)
+            })?;
         }
         if sync_dir {
             self.fs
@@ -680,19 +695,13 @@ impl Log {
                 let Some((_, segment)) = state.segments.range_mut(..=from).next_back() else {
                     return Ok(empty);
                 };
-                let path = segment.log_path(&self.dir);
+                let on_error = self.io_fatal("read segment", segment);
                 let found = segment
                     .position_for(&*self.fs, &self.dir, &self.config, from)
                     .and_then(|pos| Ok((pos, segment.reader(self.config.read_mode)?)));
                 match found {
                     Ok((pos, reader)) => (reader, pos, segment.size, log_start, log_end, next_base),
-                    Err(source) => {
-                        return Err(ReadError::Fatal(Fatal::Io {
-                            op: "read segment",
-                            path,
-                            source,
-                        }));
-                    }
+                    Err(source) => return Err(ReadError::Fatal(on_error(source))),
                 }
             };
             let fetched = |bytes| Fetched {
