@@ -12,6 +12,7 @@ use std::any::Any;
 use std::collections::BTreeMap;
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Instant;
 
@@ -97,6 +98,8 @@ pub struct Log {
     pub(crate) fs: Arc<dyn Fs>,
     pub(crate) state: Mutex<State>,
     flush_lock: Mutex<()>,
+    /// Data syncs (`fdatasync` of the active segment) done by `flush`.
+    n_syncs: AtomicU64,
     pub(crate) recovery: RecoveryReport,
     _dir_lock: Box<dyn Any + Send + Sync>,
 }
@@ -162,6 +165,7 @@ impl Log {
             fs,
             state: Mutex::new(state),
             flush_lock: Mutex::new(()),
+            n_syncs: AtomicU64::new(0),
             recovery,
             _dir_lock: dir_lock,
         })
@@ -190,6 +194,12 @@ impl Log {
     /// The offset the next record will get.
     pub fn log_end_offset(&self) -> Offset {
         Offset(lock(&self.state).log_end)
+    }
+
+    /// How many data syncs flushes have done since the log opened. With group commit this grows
+    /// slower than the number of durable appends when producers are concurrent.
+    pub fn n_syncs(&self) -> u64 {
+        self.n_syncs.load(Ordering::Relaxed)
     }
 
     /// Every offset below this is durable.
@@ -595,6 +605,7 @@ impl Log {
             }
         }
         if let Some((file, base_offset)) = active {
+            self.n_syncs.fetch_add(1, Ordering::Relaxed);
             file.sync_data().map_err(|source| {
                 let path = self
                     .dir
