@@ -21,11 +21,11 @@ cargo fmt --all --check
 step "cargo clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 
-step "tests"
-cargo nextest run --workspace --locked --no-fail-fast
+step "benchmarks: one quick pass of each, small data (smoke test, no timing)"
+CAIRN_BENCH_QUICK=1 cargo bench --workspace --locked -- --test
 
 step "doc tests"
 cargo test --workspace --doc --locked
 
-step "benchmarks compile and run once (no timing)"
-cargo bench --workspace --locked --no-run
+step "tests"
+cargo nextest run --workspace --locked --no-fail-fast
