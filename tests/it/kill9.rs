@@ -1,14 +1,15 @@
 //! A real process appending with fsync on every append is killed with SIGKILL at random moments,
 //! 50 times, and the log is reopened after each kill. Every append the child acknowledged (printed
 //! after `append` returned) must be there exactly once, in order, with its bytes; the log may also
-//! hold appends that completed but were not yet printed, and nothing else.
+//! hold appends that completed but were not yet printed, and nothing else. While the child runs,
+//! opening its log from this process fails with `OpenError::Locked`.
 
 use std::io::Read;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use cairn_protocol::Offset;
-use cairn_storage::{Log, LogConfig};
+use cairn_storage::{Log, LogConfig, OpenError};
 use cairn_testkit::tagged_value;
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
@@ -50,6 +51,15 @@ fn acknowledged_appends_survive_kill_9() {
         let mut first = [0u8; 6];
         stdout.read_exact(&mut first).unwrap();
         assert_eq!(&first, b"ready ", "round {round}");
+        if round == 0 {
+            // The child owns the directory now: another process is refused with a clear error.
+            let err = Log::open(&log_dir, LogConfig::default()).unwrap_err();
+            assert!(matches!(err, OpenError::Locked { .. }), "{err}");
+            assert!(
+                err.to_string().contains("locked by another process"),
+                "{err}"
+            );
+        }
         std::thread::sleep(Duration::from_millis(rng.random_range(1..40)));
         child.kill().unwrap(); // SIGKILL
         let status = child.wait().unwrap();

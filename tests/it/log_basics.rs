@@ -354,3 +354,37 @@ fn concurrent_durable_appends_share_syncs() {
         "{n_syncs} syncs for {total} appends: no sharing"
     );
 }
+
+#[test]
+fn limits_are_checked_at_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let cases = [
+        LogConfig {
+            segment_bytes: 1024,
+            ..LogConfig::default()
+        },
+        LogConfig {
+            segment_bytes: 2 << 30,
+            ..LogConfig::default()
+        },
+        LogConfig {
+            batch_bytes_max: 64 << 20,
+            ..LogConfig::default()
+        },
+        LogConfig {
+            index_interval_bytes: 0,
+            ..LogConfig::default()
+        },
+        LogConfig {
+            preallocate_bytes: 1 << 30,
+            ..LogConfig::default()
+        },
+    ];
+    for config in cases {
+        let err = Log::open(dir.path(), config.clone()).unwrap_err();
+        let OpenError::Config(limit) = &err else {
+            panic!("{config:?}: {err}")
+        };
+        assert!(limit.to_string().contains("is outside"), "{limit}");
+    }
+}
