@@ -23,6 +23,7 @@
 pub mod batch;
 pub mod compression;
 pub mod limits;
+pub mod native;
 mod offset;
 pub mod varint;
 

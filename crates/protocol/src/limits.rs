@@ -20,8 +20,27 @@ pub const ZSTD_WINDOW_LOG_MAX: u32 = 24;
 /// value length, header count: one byte each). Bounds `recordsCount` against the bytes present.
 pub const RECORD_BYTES_MIN: usize = 7;
 
+/// Largest native-protocol frame (after the 4-byte length prefix) any peer may send: a produce
+/// request of one maximal batch plus headers fits. Brokers apply a lower configurable limit
+/// (`frame_bytes_max`); tokio's codec defaults to 8 MiB, Apache Iggy to 64 MiB.
+pub const FRAME_BYTES_MAX: u32 = 64 * 1024 * 1024;
+
+/// Bytes of the frame length prefix.
+pub const FRAME_HEADER_BYTES: usize = 4;
+
+/// Longest client id accepted in a request header.
+pub const CLIENT_ID_BYTES_MAX: usize = 256;
+
+/// Longest topic name (Kafka's limit: it must fit in a file name with a partition suffix).
+pub const TOPIC_NAME_BYTES_MAX: usize = 249;
+
+/// Most bytes one fetch response may carry.
+pub const FETCH_BYTES_MAX: u32 = 52 * 1024 * 1024;
+
 /// Most headers accepted on one record; each costs an allocation when decoded.
 pub const HEADERS_PER_RECORD_MAX: usize = 64 * 1024;
 
 const _: () = assert!(BATCH_BYTES_MAX as u64 <= i32::MAX as u64); // batchLength is an i32
 const _: () = assert!(BATCH_BYTES_MAX as usize <= DECOMPRESSED_BYTES_MAX);
+const _: () = assert!(BATCH_BYTES_MAX as u64 + 64 * 1024 <= FRAME_BYTES_MAX as u64);
+const _: () = assert!(FETCH_BYTES_MAX + 64 * 1024 <= FRAME_BYTES_MAX);

@@ -1,0 +1,74 @@
+//! Error codes of the native protocol: Kafka's numbers, so one table serves both listeners.
+
+use std::fmt;
+
+/// A protocol error code (`int16`). `0` is success.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ErrorCode(pub i16);
+
+macro_rules! codes {
+    ($($name:ident = $value:expr, $retriable:expr, $text:expr;)*) => {
+        impl ErrorCode {
+            $(
+                #[doc = $text]
+                pub const $name: ErrorCode = ErrorCode($value);
+            )*
+
+            /// Whether a client should retry the request as is (after a backoff).
+            pub fn is_retriable(self) -> bool {
+                match self {
+                    $(ErrorCode::$name => $retriable,)*
+                    _ => false,
+                }
+            }
+
+            /// The code's name, as in Kafka.
+            pub fn name(self) -> &'static str {
+                match self {
+                    $(ErrorCode::$name => stringify!($name),)*
+                    _ => "UNKNOWN_ERROR_CODE",
+                }
+            }
+
+            /// What the code means.
+            pub fn description(self) -> &'static str {
+                match self {
+                    $(ErrorCode::$name => $text,)*
+                    _ => "an error code this client does not know",
+                }
+            }
+
+            /// Every code, for documentation and tests.
+            pub const ALL: &'static [ErrorCode] = &[$(ErrorCode::$name,)*];
+        }
+    };
+}
+
+codes! {
+    UNKNOWN_SERVER_ERROR = -1, false, "the broker failed in a way it could not classify";
+    NONE = 0, false, "success";
+    OFFSET_OUT_OF_RANGE = 1, false, "the offset is outside the partition's log start..=log end";
+    CORRUPT_MESSAGE = 2, false, "a record batch failed validation (length, magic, CRC, record count)";
+    UNKNOWN_TOPIC_OR_PARTITION = 3, true, "the topic or partition does not exist (yet)";
+    REQUEST_TIMED_OUT = 7, true, "the request did not complete within its timeout";
+    MESSAGE_TOO_LARGE = 10, false, "a batch is larger than the topic's max.message.bytes";
+    NETWORK_EXCEPTION = 13, true, "the connection failed before a response";
+    INVALID_TOPIC_EXCEPTION = 17, false, "the topic name is not valid";
+    RECORD_LIST_TOO_LARGE = 18, false, "the request's records exceed the frame limit";
+    NOT_ENOUGH_REPLICAS = 19, true, "too few in-sync replicas to accept the write";
+    INVALID_REQUIRED_ACKS = 21, false, "acks must be 0, 1 or -1 (all)";
+    UNSUPPORTED_VERSION = 35, false, "the broker does not support this API version";
+    TOPIC_ALREADY_EXISTS = 36, false, "a topic with this name exists";
+    INVALID_PARTITIONS = 37, false, "the partition count is not valid";
+    INVALID_CONFIG = 40, false, "a topic config key or value is not valid";
+    INVALID_REQUEST = 42, false, "the request is malformed or breaks a protocol rule";
+    POLICY_VIOLATION = 44, false, "the request breaks a broker limit (for example partitions_max)";
+    KAFKA_STORAGE_ERROR = 56, true, "the partition's log is offline after an I/O error";
+
+}
+
+impl fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} ({}): {}", self.name(), self.0, self.description())
+    }
+}

@@ -1,0 +1,620 @@
+//! Every message of the native protocol, version 0. The layout of each is its fields in order;
+//! `protocol/SPEC.md` is the normative description.
+
+use bytes::Bytes;
+
+use super::error::ErrorCode;
+use super::wire::{DecodeError, Wire, wire_struct};
+
+/// The APIs, by key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(u16)]
+pub enum ApiKey {
+    /// Version negotiation.
+    ApiVersions = 0,
+    /// Brokers, topics and partitions.
+    Metadata = 1,
+    /// Create topics.
+    CreateTopics = 2,
+    /// Delete topics.
+    DeleteTopics = 3,
+    /// Topic configs and partition offsets.
+    DescribeTopics = 4,
+    /// Append record batches.
+    Produce = 5,
+    /// Read record batches.
+    Fetch = 6,
+    /// Offsets by time (earliest, latest, first at or after a timestamp).
+    ListOffsets = 7,
+}
+
+impl ApiKey {
+    /// All APIs.
+    pub const ALL: [ApiKey; 8] = [
+        ApiKey::ApiVersions,
+        ApiKey::Metadata,
+        ApiKey::CreateTopics,
+        ApiKey::DeleteTopics,
+        ApiKey::DescribeTopics,
+        ApiKey::Produce,
+        ApiKey::Fetch,
+        ApiKey::ListOffsets,
+    ];
+
+    /// The API with this key.
+    pub fn from_u16(key: u16) -> Option<ApiKey> {
+        ApiKey::ALL.into_iter().find(|api| *api as u16 == key)
+    }
+
+    /// The API's name, for logs and metrics.
+    pub fn name(self) -> &'static str {
+        match self {
+            ApiKey::ApiVersions => "api_versions",
+            ApiKey::Metadata => "metadata",
+            ApiKey::CreateTopics => "create_topics",
+            ApiKey::DeleteTopics => "delete_topics",
+            ApiKey::DescribeTopics => "describe_topics",
+            ApiKey::Produce => "produce",
+            ApiKey::Fetch => "fetch",
+            ApiKey::ListOffsets => "list_offsets",
+        }
+    }
+
+    /// The versions of this API this implementation speaks.
+    pub fn versions(self) -> (u16, u16) {
+        (0, 0)
+    }
+}
+
+wire_struct! {
+    /// Precedes every request body.
+    pub struct RequestHeader {
+        /// `ApiKey` as a number.
+        pub api_key: u16,
+        /// The API version the body is encoded in.
+        pub api_version: u16,
+        /// Echoed in the response; lets a client match pipelined responses.
+        pub correlation_id: u32,
+        /// Free-form client name for logs (at most `CLIENT_ID_BYTES_MAX` bytes).
+        pub client_id: String,
+    }
+}
+
+wire_struct! {
+    /// Precedes every response body. A non-zero `error_code` replaces the body (the request as a
+    /// whole failed: unsupported API or version, malformed request).
+    pub struct ResponseHeader {
+        /// The request's correlation id.
+        pub correlation_id: u32,
+        /// Top-level error; `NONE` means the body follows.
+        pub error_code: i16,
+        /// Human text for a top-level error; empty otherwise.
+        pub error_message: String,
+    }
+}
+
+wire_struct! {
+    /// ApiVersions request: no fields.
+    pub struct ApiVersionsRequest {}
+}
+
+wire_struct! {
+    /// One supported API.
+    pub struct ApiVersion {
+        /// `ApiKey` as a number.
+        pub api_key: u16,
+        /// Oldest version.
+        pub min_version: u16,
+        /// Newest version.
+        pub max_version: u16,
+    }
+}
+
+wire_struct! {
+    /// ApiVersions response.
+    pub struct ApiVersionsResponse {
+        /// Every API the broker serves.
+        pub apis: Vec<ApiVersion>,
+        /// The broker's software version, for humans.
+        pub broker_version: String,
+    }
+}
+
+wire_struct! {
+    /// Metadata request.
+    pub struct MetadataRequest {
+        /// Topics wanted; empty means all.
+        pub topics: Vec<String>,
+    }
+}
+
+wire_struct! {
+    /// A broker.
+    pub struct BrokerMetadata {
+        /// Its id.
+        pub node_id: u32,
+        /// Its advertised host.
+        pub host: String,
+        /// Its advertised native-protocol port.
+        pub port: u16,
+    }
+}
+
+wire_struct! {
+    /// A partition in a Metadata response.
+    pub struct PartitionMetadata {
+        /// Partition index.
+        pub partition: u32,
+        /// Per-partition error.
+        pub error_code: i16,
+        /// Node id of the leader.
+        pub leader: u32,
+        /// Current leader epoch.
+        pub leader_epoch: u32,
+        /// Node ids of the replicas.
+        pub replicas: Vec<u32>,
+    }
+}
+
+wire_struct! {
+    /// A topic in a Metadata response.
+    pub struct TopicMetadata {
+        /// Per-topic error (`UNKNOWN_TOPIC_OR_PARTITION` for a missing requested topic).
+        pub error_code: i16,
+        /// Topic name.
+        pub name: String,
+        /// Its partitions.
+        pub partitions: Vec<PartitionMetadata>,
+    }
+}
+
+wire_struct! {
+    /// Metadata response.
+    pub struct MetadataResponse {
+        /// Live brokers.
+        pub brokers: Vec<BrokerMetadata>,
+        /// The controller's node id.
+        pub controller_id: u32,
+        /// Requested (or all) topics.
+        pub topics: Vec<TopicMetadata>,
+    }
+}
+
+wire_struct! {
+    /// A topic config entry.
+    pub struct ConfigEntry {
+        /// Key, as in Kafka (`retention.ms`, ...).
+        pub key: String,
+        /// Value, as text.
+        pub value: String,
+    }
+}
+
+wire_struct! {
+    /// A topic to create.
+    pub struct CreatableTopic {
+        /// Name.
+        pub name: String,
+        /// Partition count; 0 means the broker default.
+        pub partitions: u32,
+        /// Config overrides.
+        pub configs: Vec<ConfigEntry>,
+    }
+}
+
+wire_struct! {
+    /// CreateTopics request.
+    pub struct CreateTopicsRequest {
+        /// Topics to create.
+        pub topics: Vec<CreatableTopic>,
+        /// Only validate, create nothing.
+        pub validate_only: bool,
+    }
+}
+
+wire_struct! {
+    /// The outcome for one topic.
+    pub struct TopicResult {
+        /// Topic name.
+        pub name: String,
+        /// Error for this topic.
+        pub error_code: i16,
+        /// Human text for the error; empty on success.
+        pub error_message: String,
+    }
+}
+
+wire_struct! {
+    /// CreateTopics response.
+    pub struct CreateTopicsResponse {
+        /// One result per requested topic.
+        pub topics: Vec<TopicResult>,
+    }
+}
+
+wire_struct! {
+    /// DeleteTopics request.
+    pub struct DeleteTopicsRequest {
+        /// Names to delete.
+        pub names: Vec<String>,
+    }
+}
+
+wire_struct! {
+    /// DeleteTopics response.
+    pub struct DeleteTopicsResponse {
+        /// One result per requested name.
+        pub topics: Vec<TopicResult>,
+    }
+}
+
+wire_struct! {
+    /// DescribeTopics request.
+    pub struct DescribeTopicsRequest {
+        /// Names; empty means all.
+        pub names: Vec<String>,
+    }
+}
+
+wire_struct! {
+    /// A config entry with whether it is the default.
+    pub struct DescribedConfig {
+        /// Key.
+        pub key: String,
+        /// Value.
+        pub value: String,
+        /// Whether the value is the broker default rather than a topic override.
+        pub is_default: bool,
+    }
+}
+
+wire_struct! {
+    /// A partition's state.
+    pub struct DescribedPartition {
+        /// Partition index.
+        pub partition: u32,
+        /// Per-partition error.
+        pub error_code: i16,
+        /// Leader node id.
+        pub leader: u32,
+        /// Leader epoch.
+        pub leader_epoch: u32,
+        /// First offset.
+        pub log_start_offset: u64,
+        /// Next offset to be written.
+        pub log_end_offset: u64,
+        /// Offset below which consumers may read.
+        pub high_watermark: u64,
+        /// Bytes on disk.
+        pub size_bytes: u64,
+        /// Segment files.
+        pub n_segments: u32,
+    }
+}
+
+wire_struct! {
+    /// A described topic.
+    pub struct DescribedTopic {
+        /// Name.
+        pub name: String,
+        /// Per-topic error.
+        pub error_code: i16,
+        /// Human text for the error.
+        pub error_message: String,
+        /// Effective configs.
+        pub configs: Vec<DescribedConfig>,
+        /// Partitions.
+        pub partitions: Vec<DescribedPartition>,
+    }
+}
+
+wire_struct! {
+    /// DescribeTopics response.
+    pub struct DescribeTopicsResponse {
+        /// Topics.
+        pub topics: Vec<DescribedTopic>,
+    }
+}
+
+wire_struct! {
+    /// Records for one partition.
+    pub struct ProducePartition {
+        /// Partition index.
+        pub partition: u32,
+        /// One or more RecordBatch v2 batches, back to back.
+        pub records: Bytes,
+    }
+}
+
+wire_struct! {
+    /// Records for one topic.
+    pub struct ProduceTopic {
+        /// Topic name.
+        pub name: String,
+        /// Its partitions.
+        pub partitions: Vec<ProducePartition>,
+    }
+}
+
+wire_struct! {
+    /// Produce request.
+    pub struct ProduceRequest {
+        /// 0: no response; 1: after the leader appended; -1: after the append is durable.
+        pub acks: i8,
+        /// How long to wait for durability before `REQUEST_TIMED_OUT`.
+        pub timeout_ms: u32,
+        /// Records by topic and partition.
+        pub topics: Vec<ProduceTopic>,
+    }
+}
+
+wire_struct! {
+    /// The outcome for one partition.
+    pub struct ProducePartitionResponse {
+        /// Partition index.
+        pub partition: u32,
+        /// Error.
+        pub error_code: i16,
+        /// Human text for the error.
+        pub error_message: String,
+        /// Offset of the first appended record.
+        pub base_offset: u64,
+        /// Broker time of the append (Unix ms).
+        pub log_append_time: i64,
+        /// The partition's log start offset.
+        pub log_start_offset: u64,
+    }
+}
+
+wire_struct! {
+    /// Outcomes for one topic.
+    pub struct ProduceTopicResponse {
+        /// Topic name.
+        pub name: String,
+        /// Its partitions.
+        pub partitions: Vec<ProducePartitionResponse>,
+    }
+}
+
+wire_struct! {
+    /// Produce response (not sent for acks=0).
+    pub struct ProduceResponse {
+        /// By topic.
+        pub topics: Vec<ProduceTopicResponse>,
+    }
+}
+
+wire_struct! {
+    /// One partition to fetch.
+    pub struct FetchPartition {
+        /// Partition index.
+        pub partition: u32,
+        /// Offset to read from.
+        pub fetch_offset: u64,
+        /// Most bytes for this partition (at least one batch is returned regardless).
+        pub partition_max_bytes: u32,
+    }
+}
+
+wire_struct! {
+    /// Partitions of one topic to fetch.
+    pub struct FetchTopic {
+        /// Topic name.
+        pub name: String,
+        /// Its partitions.
+        pub partitions: Vec<FetchPartition>,
+    }
+}
+
+wire_struct! {
+    /// Fetch request.
+    pub struct FetchRequest {
+        /// Longest wait for `min_bytes` to accumulate.
+        pub max_wait_ms: u32,
+        /// Answer as soon as this many bytes are available.
+        pub min_bytes: u32,
+        /// Most bytes in the whole response.
+        pub max_bytes: u32,
+        /// What to fetch.
+        pub topics: Vec<FetchTopic>,
+    }
+}
+
+wire_struct! {
+    /// Data for one partition.
+    pub struct FetchPartitionResponse {
+        /// Partition index.
+        pub partition: u32,
+        /// Error.
+        pub error_code: i16,
+        /// Consumers may read below this offset.
+        pub high_watermark: u64,
+        /// First offset of the log.
+        pub log_start_offset: u64,
+        /// Whole batches, back to back (empty if none).
+        pub records: Bytes,
+    }
+}
+
+wire_struct! {
+    /// Data for one topic.
+    pub struct FetchTopicResponse {
+        /// Topic name.
+        pub name: String,
+        /// Its partitions.
+        pub partitions: Vec<FetchPartitionResponse>,
+    }
+}
+
+wire_struct! {
+    /// Fetch response.
+    pub struct FetchResponse {
+        /// By topic.
+        pub topics: Vec<FetchTopicResponse>,
+    }
+}
+
+/// `ListOffsetsPartition::timestamp` asking for the log end offset.
+pub const LATEST_TIMESTAMP: i64 = -1;
+/// `ListOffsetsPartition::timestamp` asking for the log start offset.
+pub const EARLIEST_TIMESTAMP: i64 = -2;
+
+wire_struct! {
+    /// One partition to look up.
+    pub struct ListOffsetsPartition {
+        /// Partition index.
+        pub partition: u32,
+        /// `LATEST_TIMESTAMP`, `EARLIEST_TIMESTAMP`, or Unix ms.
+        pub timestamp: i64,
+    }
+}
+
+wire_struct! {
+    /// Partitions of one topic to look up.
+    pub struct ListOffsetsTopic {
+        /// Topic name.
+        pub name: String,
+        /// Its partitions.
+        pub partitions: Vec<ListOffsetsPartition>,
+    }
+}
+
+wire_struct! {
+    /// ListOffsets request.
+    pub struct ListOffsetsRequest {
+        /// What to look up.
+        pub topics: Vec<ListOffsetsTopic>,
+    }
+}
+
+wire_struct! {
+    /// The answer for one partition.
+    pub struct ListOffsetsPartitionResponse {
+        /// Partition index.
+        pub partition: u32,
+        /// Error.
+        pub error_code: i16,
+        /// Timestamp of the record found (-1 for earliest/latest or none found).
+        pub timestamp: i64,
+        /// The offset: first record at or after the time, or the log end if none.
+        pub offset: u64,
+    }
+}
+
+wire_struct! {
+    /// Answers for one topic.
+    pub struct ListOffsetsTopicResponse {
+        /// Topic name.
+        pub name: String,
+        /// Its partitions.
+        pub partitions: Vec<ListOffsetsPartitionResponse>,
+    }
+}
+
+wire_struct! {
+    /// ListOffsets response.
+    pub struct ListOffsetsResponse {
+        /// By topic.
+        pub topics: Vec<ListOffsetsTopicResponse>,
+    }
+}
+
+/// A decoded request body.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[allow(missing_docs)]
+pub enum Request {
+    ApiVersions(ApiVersionsRequest),
+    Metadata(MetadataRequest),
+    CreateTopics(CreateTopicsRequest),
+    DeleteTopics(DeleteTopicsRequest),
+    DescribeTopics(DescribeTopicsRequest),
+    Produce(ProduceRequest),
+    Fetch(FetchRequest),
+    ListOffsets(ListOffsetsRequest),
+}
+
+impl Request {
+    /// The request's API.
+    pub fn api_key(&self) -> ApiKey {
+        match self {
+            Request::ApiVersions(_) => ApiKey::ApiVersions,
+            Request::Metadata(_) => ApiKey::Metadata,
+            Request::CreateTopics(_) => ApiKey::CreateTopics,
+            Request::DeleteTopics(_) => ApiKey::DeleteTopics,
+            Request::DescribeTopics(_) => ApiKey::DescribeTopics,
+            Request::Produce(_) => ApiKey::Produce,
+            Request::Fetch(_) => ApiKey::Fetch,
+            Request::ListOffsets(_) => ApiKey::ListOffsets,
+        }
+    }
+
+    /// Encodes the body.
+    pub fn encode_body(&self, out: &mut Vec<u8>) {
+        match self {
+            Request::ApiVersions(r) => r.encode(out),
+            Request::Metadata(r) => r.encode(out),
+            Request::CreateTopics(r) => r.encode(out),
+            Request::DeleteTopics(r) => r.encode(out),
+            Request::DescribeTopics(r) => r.encode(out),
+            Request::Produce(r) => r.encode(out),
+            Request::Fetch(r) => r.encode(out),
+            Request::ListOffsets(r) => r.encode(out),
+        }
+    }
+
+    /// Decodes the body of `api` (version 0) from exactly `body`.
+    pub fn decode_body(api: ApiKey, body: Bytes) -> Result<Request, DecodeError> {
+        use super::wire::decode_exact as d;
+        Ok(match api {
+            ApiKey::ApiVersions => Request::ApiVersions(d(body)?),
+            ApiKey::Metadata => Request::Metadata(d(body)?),
+            ApiKey::CreateTopics => Request::CreateTopics(d(body)?),
+            ApiKey::DeleteTopics => Request::DeleteTopics(d(body)?),
+            ApiKey::DescribeTopics => Request::DescribeTopics(d(body)?),
+            ApiKey::Produce => Request::Produce(d(body)?),
+            ApiKey::Fetch => Request::Fetch(d(body)?),
+            ApiKey::ListOffsets => Request::ListOffsets(d(body)?),
+        })
+    }
+}
+
+/// Encodes a whole request frame payload (header then body; the length prefix is added by the
+/// framing codec).
+pub fn encode_request(correlation_id: u32, client_id: &str, request: &Request) -> Vec<u8> {
+    let api = request.api_key();
+    let header = RequestHeader {
+        api_key: api as u16,
+        api_version: api.versions().1,
+        correlation_id,
+        client_id: client_id.to_string(),
+    };
+    let mut out = Vec::new();
+    header.encode(&mut out);
+    request.encode_body(&mut out);
+    out
+}
+
+/// Encodes a successful response frame payload.
+pub fn encode_response<T: Wire>(correlation_id: u32, body: &T) -> Vec<u8> {
+    let mut out = Vec::new();
+    ResponseHeader {
+        correlation_id,
+        error_code: ErrorCode::NONE.0,
+        error_message: String::new(),
+    }
+    .encode(&mut out);
+    body.encode(&mut out);
+    out
+}
+
+/// Encodes a top-level error response frame payload.
+pub fn encode_error_response(correlation_id: u32, error: ErrorCode, message: &str) -> Vec<u8> {
+    let mut out = Vec::new();
+    ResponseHeader {
+        correlation_id,
+        error_code: error.0,
+        error_message: message.to_string(),
+    }
+    .encode(&mut out);
+    out
+}
