@@ -126,12 +126,13 @@ fn api_versions() {
 fn metadata() {
     let req = Request::Metadata(MetadataRequest {
         topics: vec!["orders".into()],
+        allow_auto_create: true,
     });
     let payload = encode_request(2, "golden", &req);
     check(
         "metadata_request",
         payload.clone(),
-        B::req(1, 2).count(1).string("orders"),
+        B::req(1, 2).count(1).string("orders").u8(1),
     );
     round_trip_request(&payload, &req);
     let resp = MetadataResponse {
@@ -477,7 +478,7 @@ fn error_response() {
 #[test]
 fn hostile_inputs_are_rejected_without_allocating() {
     // An array count of 2^32-1 with nothing behind it.
-    let body = B::default().count(u32::MAX).0;
+    let body = B::default().count(u32::MAX).u8(0).0;
     let err = Request::decode_body(ApiKey::Metadata, Bytes::from(body)).unwrap_err();
     assert!(matches!(err, DecodeError::CountTooLarge { .. }), "{err}");
     // A bytes length far past the frame.
@@ -497,7 +498,7 @@ fn hostile_inputs_are_rejected_without_allocating() {
     assert!(matches!(err, DecodeError::TrailingBytes { n_bytes: 1 }));
     let err = Request::decode_body(ApiKey::Fetch, Bytes::from_static(&[0, 0])).unwrap_err();
     assert!(matches!(err, DecodeError::Truncated { .. }));
-    let body = B::default().count(1).u16(2).raw(&[0xff, 0xfe]).0;
+    let body = B::default().count(1).u16(2).raw(&[0xff, 0xfe]).u8(0).0;
     assert!(matches!(
         Request::decode_body(ApiKey::Metadata, Bytes::from(body)),
         Err(DecodeError::Utf8 { .. })

@@ -125,6 +125,9 @@ wire_struct! {
     pub struct MetadataRequest {
         /// Topics wanted; empty means all.
         pub topics: Vec<String>,
+        /// Create requested topics that do not exist, if the broker allows auto-creation
+        /// (producers set it; consumers and admin tools do not).
+        pub allow_auto_create: bool,
     }
 }
 

@@ -1,0 +1,158 @@
+//! The broker's configuration: every limit named, with a default and a range, checked by
+//! [`BrokerConfig::validate`]. Binaries fill it from flags, `CAIRN_*` env and a TOML file; the
+//! library never reads the environment.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use cairn_protocol::limits::FRAME_BYTES_MAX;
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+use crate::topic::TopicDefaults;
+
+/// Everything a broker needs to start.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BrokerConfig {
+    /// Where partitions and metadata live.
+    pub data_dir: PathBuf,
+    /// Native-protocol listener.
+    pub listen: SocketAddr,
+    /// HTTP listener for `/metrics`, `/health`, `/ready`; `None` disables it.
+    pub http_listen: Option<SocketAddr>,
+    /// Host and port clients are told to connect to (Metadata); defaults to `listen`.
+    pub advertised: Option<String>,
+    /// This broker's node id.
+    pub node_id: u32,
+    /// Largest request frame accepted; a larger one closes the connection.
+    pub frame_bytes_max: u32,
+    /// Most open client connections; further ones are closed at once.
+    pub connections_max: u32,
+    /// Most requests one connection may have in flight before the broker stops reading from it.
+    pub inflight_requests_per_connection_max: u32,
+    /// Most request bytes held in memory across all connections before the broker stops
+    /// reading requests (backpressure instead of allocation).
+    pub inflight_bytes_max: u64,
+    /// Most partitions across all topics.
+    pub partitions_max: u32,
+    /// Create a topic when a client asks for its metadata or produces to it.
+    pub auto_create_topics: bool,
+    /// Defaults for topic configs.
+    pub topic_defaults: TopicDefaults,
+    /// How often retention runs, in milliseconds (Kafka `log.retention.check.interval.ms`).
+    pub retention_check_interval_ms: u64,
+    /// How often recovery points are checkpointed, in milliseconds.
+    pub checkpoint_interval_ms: u64,
+    /// How long shutdown waits for in-flight requests, in milliseconds.
+    pub shutdown_timeout_ms: u64,
+}
+
+impl Default for BrokerConfig {
+    fn default() -> Self {
+        BrokerConfig {
+            data_dir: PathBuf::from("cairn-data"),
+            listen: SocketAddr::from(([127, 0, 0, 1], 9192)),
+            http_listen: Some(SocketAddr::from(([127, 0, 0, 1], 9644))),
+            advertised: None,
+            node_id: 1,
+            frame_bytes_max: 16 * 1024 * 1024,
+            connections_max: 10_000,
+            inflight_requests_per_connection_max: 64,
+            inflight_bytes_max: 256 * 1024 * 1024,
+            partitions_max: 10_000,
+            auto_create_topics: true,
+            topic_defaults: TopicDefaults::default(),
+            retention_check_interval_ms: 300_000,
+            checkpoint_interval_ms: 60_000,
+            shutdown_timeout_ms: 10_000,
+        }
+    }
+}
+
+/// A configuration value outside its range.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+#[error("{field} = {value} is outside {min}..={max}")]
+pub struct ConfigError {
+    /// The field.
+    pub field: &'static str,
+    /// Its value.
+    pub value: u64,
+    /// Smallest allowed.
+    pub min: u64,
+    /// Largest allowed.
+    pub max: u64,
+}
+
+impl BrokerConfig {
+    /// Checks every limit, topic defaults included.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let check = |field, value: u64, min: u64, max: u64| {
+            if (min..=max).contains(&value) {
+                Ok(())
+            } else {
+                Err(ConfigError {
+                    field,
+                    value,
+                    min,
+                    max,
+                })
+            }
+        };
+        check(
+            "frame_bytes_max",
+            self.frame_bytes_max.into(),
+            1024,
+            FRAME_BYTES_MAX.into(),
+        )?;
+        check("connections_max", self.connections_max.into(), 1, 1_000_000)?;
+        check(
+            "inflight_requests_per_connection_max",
+            self.inflight_requests_per_connection_max.into(),
+            1,
+            10_000,
+        )?;
+        check(
+            "inflight_bytes_max",
+            self.inflight_bytes_max,
+            self.frame_bytes_max.into(),
+            1 << 40,
+        )?;
+        check("partitions_max", self.partitions_max.into(), 1, 1_000_000)?;
+        check(
+            "retention_check_interval_ms",
+            self.retention_check_interval_ms,
+            10,
+            86_400_000,
+        )?;
+        check(
+            "checkpoint_interval_ms",
+            self.checkpoint_interval_ms,
+            10,
+            86_400_000,
+        )?;
+        check(
+            "shutdown_timeout_ms",
+            self.shutdown_timeout_ms,
+            0,
+            3_600_000,
+        )?;
+        self.topic_defaults.validate()
+    }
+
+    /// `retention_check_interval_ms` as a duration.
+    pub fn retention_check_interval(&self) -> Duration {
+        Duration::from_millis(self.retention_check_interval_ms)
+    }
+
+    /// `checkpoint_interval_ms` as a duration.
+    pub fn checkpoint_interval(&self) -> Duration {
+        Duration::from_millis(self.checkpoint_interval_ms)
+    }
+
+    /// `shutdown_timeout_ms` as a duration.
+    pub fn shutdown_timeout(&self) -> Duration {
+        Duration::from_millis(self.shutdown_timeout_ms)
+    }
+}

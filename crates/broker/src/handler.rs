@@ -1,0 +1,713 @@
+//! Request handling: one decoded request in, one response payload out. Transport-agnostic, so the
+//! TCP listener and an in-process client share it.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::{Bytes, BytesMut};
+use cairn_protocol::Offset;
+use cairn_protocol::batch::{self, BatchError};
+use cairn_protocol::limits::{CLIENT_ID_BYTES_MAX, FETCH_BYTES_MAX};
+use cairn_protocol::native::*;
+use cairn_storage::{AppendError, FlushPolicy, ReadError};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::BrokerConfig;
+use crate::manager::{Partition, TopicManager, error_chain};
+use crate::metrics::Metrics;
+
+/// What to do after handling a frame.
+#[derive(Debug)]
+pub enum Outcome {
+    /// Send this response payload.
+    Respond(Vec<u8>),
+    /// Send nothing (acks=0 produce).
+    Silent,
+    /// The frame cannot be answered (its header does not decode): close the connection.
+    Close(String),
+}
+
+/// The broker's request handler.
+#[derive(Debug)]
+pub struct Handler {
+    pub(crate) config: BrokerConfig,
+    pub(crate) manager: Arc<TopicManager>,
+    pub(crate) metrics: Metrics,
+    pub(crate) shutdown: CancellationToken,
+    pub(crate) advertised_host: String,
+    pub(crate) advertised_port: u16,
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+impl Handler {
+    /// Handles one frame payload (header and body).
+    pub async fn handle(&self, mut frame: Bytes) -> Outcome {
+        let started = Instant::now();
+        let header = match RequestHeader::decode(&mut frame, "header") {
+            Ok(header) => header,
+            Err(err) => return Outcome::Close(format!("undecodable request header: {err}")),
+        };
+        let corr = header.correlation_id;
+        let Some(api) = ApiKey::from_u16(header.api_key) else {
+            self.metrics
+                .request_errors
+                .with_label_values(&["unknown", ErrorCode::UNSUPPORTED_VERSION.name()])
+                .inc();
+            let message = format!("unknown api key {}", header.api_key);
+            return Outcome::Respond(encode_error_response(
+                corr,
+                ErrorCode::UNSUPPORTED_VERSION,
+                &message,
+            ));
+        };
+        let error = |code: ErrorCode, message: String| {
+            self.metrics
+                .request_errors
+                .with_label_values(&[api.name(), code.name()])
+                .inc();
+            Outcome::Respond(encode_error_response(corr, code, &message))
+        };
+        let (min, max) = api.versions();
+        if !(min..=max).contains(&header.api_version) {
+            let message = format!(
+                "{} v{} is not supported (v{min}..=v{max})",
+                api.name(),
+                header.api_version
+            );
+            return error(ErrorCode::UNSUPPORTED_VERSION, message);
+        }
+        if header.client_id.len() > CLIENT_ID_BYTES_MAX {
+            return error(
+                ErrorCode::INVALID_REQUEST,
+                format!("client id longer than {CLIENT_ID_BYTES_MAX} bytes"),
+            );
+        }
+        let request = match Request::decode_body(api, frame) {
+            Ok(request) => request,
+            Err(err) => {
+                return error(
+                    ErrorCode::INVALID_REQUEST,
+                    format!("{} request: {err}", api.name()),
+                );
+            }
+        };
+        let outcome = match request {
+            Request::ApiVersions(_) => {
+                Outcome::Respond(encode_response(corr, &self.api_versions()))
+            }
+            Request::Metadata(r) => {
+                Outcome::Respond(encode_response(corr, &self.metadata(r).await))
+            }
+            Request::CreateTopics(r) => {
+                Outcome::Respond(encode_response(corr, &self.create_topics(r).await))
+            }
+            Request::DeleteTopics(r) => {
+                Outcome::Respond(encode_response(corr, &self.delete_topics(r).await))
+            }
+            Request::DescribeTopics(r) => {
+                Outcome::Respond(encode_response(corr, &self.describe_topics(r)))
+            }
+            Request::Produce(r) => {
+                let acks = r.acks;
+                let response = self.produce(r).await;
+                if acks == 0 {
+                    Outcome::Silent
+                } else {
+                    Outcome::Respond(encode_response(corr, &response))
+                }
+            }
+            Request::Fetch(r) => Outcome::Respond(encode_response(corr, &self.fetch(r).await)),
+            Request::ListOffsets(r) => {
+                Outcome::Respond(encode_response(corr, &self.list_offsets(r)))
+            }
+        };
+        self.metrics.requests.with_label_values(&[api.name()]).inc();
+        self.metrics
+            .request_seconds
+            .with_label_values(&[api.name()])
+            .observe(started.elapsed().as_secs_f64());
+        outcome
+    }
+
+    fn count_error(&self, api: ApiKey, code: ErrorCode) {
+        if code != ErrorCode::NONE {
+            self.metrics
+                .request_errors
+                .with_label_values(&[api.name(), code.name()])
+                .inc();
+        }
+    }
+
+    fn api_versions(&self) -> ApiVersionsResponse {
+        ApiVersionsResponse {
+            apis: ApiKey::ALL
+                .iter()
+                .map(|api| {
+                    let (min_version, max_version) = api.versions();
+                    ApiVersion {
+                        api_key: *api as u16,
+                        min_version,
+                        max_version,
+                    }
+                })
+                .collect(),
+            broker_version: env!("CARGO_PKG_VERSION").to_string(),
+        }
+    }
+
+    /// Runs blocking topic administration off the async threads.
+    async fn blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&TopicManager) -> T + Send + 'static,
+    ) -> Option<T> {
+        let manager = Arc::clone(&self.manager);
+        tokio::task::spawn_blocking(move || f(&manager)).await.ok()
+    }
+
+    async fn auto_create(&self, name: &str) -> bool {
+        if !self.config.auto_create_topics || self.manager.topic(name).is_some() {
+            return self.manager.topic(name).is_some();
+        }
+        let owned = name.to_string();
+        let result = self
+            .blocking(move |m| m.create_topic(&owned, 0, BTreeMap::new(), false))
+            .await;
+        match result {
+            Some(Ok(())) => true,
+            // Another request created it meanwhile.
+            Some(Err(err)) if err.code == ErrorCode::TOPIC_ALREADY_EXISTS => true,
+            Some(Err(err)) => {
+                tracing::debug!(topic = %name, error = %err.message, "auto-create refused");
+                false
+            }
+            None => false,
+        }
+    }
+
+    async fn metadata(&self, request: MetadataRequest) -> MetadataResponse {
+        let auto_create = request.allow_auto_create;
+        let names: Vec<String> = if request.topics.is_empty() {
+            self.manager
+                .topics()
+                .iter()
+                .map(|t| t.name.to_string())
+                .collect()
+        } else {
+            request.topics
+        };
+        let mut topics = Vec::with_capacity(names.len());
+        for name in names {
+            let exists = if auto_create {
+                self.auto_create(&name).await
+            } else {
+                self.manager.topic(&name).is_some()
+            };
+            if !exists {
+                self.count_error(ApiKey::Metadata, ErrorCode::UNKNOWN_TOPIC_OR_PARTITION);
+                let code = if crate::topic::validate_topic_name(&name).is_err() {
+                    ErrorCode::INVALID_TOPIC_EXCEPTION
+                } else {
+                    ErrorCode::UNKNOWN_TOPIC_OR_PARTITION
+                };
+                topics.push(TopicMetadata {
+                    error_code: code.0,
+                    name,
+                    partitions: vec![],
+                });
+                continue;
+            }
+            let Some(topic) = self.manager.topic(&name) else {
+                continue;
+            };
+            topics.push(TopicMetadata {
+                error_code: 0,
+                name,
+                partitions: topic
+                    .partitions
+                    .iter()
+                    .map(|p| PartitionMetadata {
+                        partition: p.index,
+                        error_code: 0,
+                        leader: self.config.node_id,
+                        leader_epoch: p.leader_epoch,
+                        replicas: vec![self.config.node_id],
+                    })
+                    .collect(),
+            });
+        }
+        MetadataResponse {
+            brokers: vec![BrokerMetadata {
+                node_id: self.config.node_id,
+                host: self.advertised_host.clone(),
+                port: self.advertised_port,
+            }],
+            controller_id: self.config.node_id,
+            topics,
+        }
+    }
+
+    async fn create_topics(&self, request: CreateTopicsRequest) -> CreateTopicsResponse {
+        let mut results = Vec::with_capacity(request.topics.len());
+        for topic in request.topics {
+            let overrides: BTreeMap<String, String> = topic
+                .configs
+                .into_iter()
+                .map(|c| (c.key, c.value))
+                .collect();
+            let name = topic.name.clone();
+            let validate_only = request.validate_only;
+            let result = self
+                .blocking(move |m| {
+                    m.create_topic(&name, topic.partitions, overrides, validate_only)
+                })
+                .await;
+            let (code, message) = match result {
+                Some(Ok(())) => (ErrorCode::NONE, String::new()),
+                Some(Err(err)) => (err.code, err.message),
+                None => (
+                    ErrorCode::UNKNOWN_SERVER_ERROR,
+                    "topic creation task failed".into(),
+                ),
+            };
+            self.count_error(ApiKey::CreateTopics, code);
+            results.push(TopicResult {
+                name: topic.name,
+                error_code: code.0,
+                error_message: message,
+            });
+        }
+        CreateTopicsResponse { topics: results }
+    }
+
+    async fn delete_topics(&self, request: DeleteTopicsRequest) -> DeleteTopicsResponse {
+        let mut results = Vec::with_capacity(request.names.len());
+        for name in request.names {
+            let owned = name.clone();
+            let (code, message) = match self.blocking(move |m| m.delete_topic(&owned)).await {
+                Some(Ok(())) => (ErrorCode::NONE, String::new()),
+                Some(Err(err)) => (err.code, err.message),
+                None => (
+                    ErrorCode::UNKNOWN_SERVER_ERROR,
+                    "topic deletion task failed".into(),
+                ),
+            };
+            self.count_error(ApiKey::DeleteTopics, code);
+            results.push(TopicResult {
+                name,
+                error_code: code.0,
+                error_message: message,
+            });
+        }
+        DeleteTopicsResponse { topics: results }
+    }
+
+    fn describe_topics(&self, request: DescribeTopicsRequest) -> DescribeTopicsResponse {
+        let names: Vec<String> = if request.names.is_empty() {
+            self.manager
+                .topics()
+                .iter()
+                .map(|t| t.name.to_string())
+                .collect()
+        } else {
+            request.names
+        };
+        let defaults = self.manager.defaults();
+        let topics = names
+            .into_iter()
+            .map(|name| match self.manager.topic(&name) {
+                None => DescribedTopic {
+                    error_code: ErrorCode::UNKNOWN_TOPIC_OR_PARTITION.0,
+                    error_message: format!("topic {name:?} does not exist"),
+                    name,
+                    ..DescribedTopic::default()
+                },
+                Some(topic) => DescribedTopic {
+                    name,
+                    error_code: 0,
+                    error_message: String::new(),
+                    configs: topic
+                        .config
+                        .describe(defaults)
+                        .into_iter()
+                        .map(|(key, value, is_default)| DescribedConfig {
+                            key,
+                            value,
+                            is_default,
+                        })
+                        .collect(),
+                    partitions: topic
+                        .partitions
+                        .iter()
+                        .map(|p| {
+                            let end = p.log.log_end_offset().0;
+                            DescribedPartition {
+                                partition: p.index,
+                                error_code: 0,
+                                leader: self.config.node_id,
+                                leader_epoch: p.leader_epoch,
+                                log_start_offset: p.log.log_start_offset().0,
+                                log_end_offset: end,
+                                high_watermark: end,
+                                size_bytes: p.log.size_bytes(),
+                                n_segments: p.log.n_segments() as u32,
+                            }
+                        })
+                        .collect(),
+                },
+            })
+            .collect();
+        DescribeTopicsResponse { topics }
+    }
+
+    async fn produce(&self, request: ProduceRequest) -> ProduceResponse {
+        let ProduceRequest {
+            acks,
+            timeout_ms,
+            topics,
+        } = request;
+        let acks_valid = (-1..=1).contains(&acks);
+        let mut durable_waits: Vec<(usize, usize, Arc<Partition>, Offset)> = Vec::new();
+        let mut response = ProduceResponse {
+            topics: Vec::with_capacity(topics.len()),
+        };
+        for topic in topics {
+            let exists = acks_valid && self.auto_create(&topic.name).await;
+            let mut partitions = Vec::with_capacity(topic.partitions.len());
+            for part in topic.partitions {
+                let mut result = ProducePartitionResponse {
+                    partition: part.partition,
+                    log_append_time: -1,
+                    ..Default::default()
+                };
+                let outcome = if !acks_valid {
+                    Err((
+                        ErrorCode::INVALID_REQUIRED_ACKS,
+                        format!("acks {acks} is not 0, 1 or -1"),
+                    ))
+                } else {
+                    match self
+                        .manager
+                        .partition(&topic.name, part.partition)
+                        .filter(|_| exists)
+                    {
+                        None => Err((
+                            ErrorCode::UNKNOWN_TOPIC_OR_PARTITION,
+                            format!("{}-{} does not exist", topic.name, part.partition),
+                        )),
+                        Some(partition) => self
+                            .append(&partition, part.records)
+                            .await
+                            .map(|base| (partition, base)),
+                    }
+                };
+                match outcome {
+                    Ok((partition, (base, last))) => {
+                        result.base_offset = base.0;
+                        result.log_start_offset = partition.log.log_start_offset().0;
+                        if acks == -1 {
+                            durable_waits.push((
+                                response.topics.len(),
+                                partitions.len(),
+                                partition,
+                                last,
+                            ));
+                        }
+                    }
+                    Err((code, message)) => {
+                        self.count_error(ApiKey::Produce, code);
+                        result.error_code = code.0;
+                        result.error_message = message;
+                    }
+                }
+                partitions.push(result);
+            }
+            response.topics.push(ProduceTopicResponse {
+                name: topic.name,
+                partitions,
+            });
+        }
+        // acks=all: every appended partition durable (group commit: concurrent producers share
+        // the fsync), within the request's timeout.
+        let deadline = Duration::from_millis(timeout_ms.into());
+        for (t, p, partition, last) in durable_waits {
+            let started = Instant::now();
+            let flush =
+                tokio::task::spawn_blocking(move || partition.log.flush(Offset(last.0 + 1)));
+            let failure = match tokio::time::timeout(deadline, flush).await {
+                Ok(Ok(Ok(()))) => {
+                    self.metrics
+                        .fsync_seconds
+                        .observe(started.elapsed().as_secs_f64());
+                    None
+                }
+                Ok(Ok(Err(err))) => Some((ErrorCode::KAFKA_STORAGE_ERROR, error_chain(&err))),
+                Ok(Err(_)) => Some((
+                    ErrorCode::UNKNOWN_SERVER_ERROR,
+                    "flush task failed".to_string(),
+                )),
+                Err(_) => Some((
+                    ErrorCode::REQUEST_TIMED_OUT,
+                    format!("not durable within {timeout_ms} ms"),
+                )),
+            };
+            if let (Some((code, message)), Some(result)) = (
+                failure,
+                response
+                    .topics
+                    .get_mut(t)
+                    .and_then(|topic| topic.partitions.get_mut(p)),
+            ) {
+                self.count_error(ApiKey::Produce, code);
+                result.error_code = code.0;
+                result.error_message = message;
+            }
+        }
+        response
+    }
+
+    /// Appends producer batches; returns the first and last offsets.
+    async fn append(
+        &self,
+        partition: &Arc<Partition>,
+        records: Bytes,
+    ) -> Result<(Offset, Offset), (ErrorCode, String)> {
+        let n_bytes = records.len() as u64;
+        // Stamp in place when this request holds the only reference to the bytes; else copy.
+        let mut buf = records
+            .try_into_mut()
+            .unwrap_or_else(|shared| BytesMut::from(&shared[..]));
+        let epoch = partition.leader_epoch;
+        let result = if partition.log.config().flush == FlushPolicy::EveryAppend {
+            // The append itself syncs: keep it off the async threads.
+            let owned = Arc::clone(partition);
+            match tokio::task::spawn_blocking(move || owned.log.append(&mut buf, epoch)).await {
+                Ok(result) => result,
+                Err(_) => {
+                    return Err((ErrorCode::UNKNOWN_SERVER_ERROR, "append task failed".into()));
+                }
+            }
+        } else {
+            // A positional write into the page cache: microseconds.
+            partition.log.append(&mut buf, epoch)
+        };
+        match result {
+            Ok(info) => {
+                partition.notify_appended();
+                self.metrics
+                    .bytes_in
+                    .with_label_values(&[&*partition.topic])
+                    .inc_by(n_bytes);
+                self.metrics
+                    .records_in
+                    .with_label_values(&[&*partition.topic])
+                    .inc_by(info.last_offset.0 - info.base_offset.0 + 1);
+                Ok((info.base_offset, info.last_offset))
+            }
+            Err(AppendError::InvalidBatch(BatchError::TooLarge { n_bytes, max })) => Err((
+                ErrorCode::MESSAGE_TOO_LARGE,
+                format!("batch of {n_bytes} bytes exceeds max.message.bytes = {max}"),
+            )),
+            Err(AppendError::Fatal(err)) => {
+                Err((ErrorCode::KAFKA_STORAGE_ERROR, error_chain(&err)))
+            }
+            Err(err @ AppendError::Empty) => Err((ErrorCode::INVALID_REQUEST, error_chain(&err))),
+            Err(err) => Err((ErrorCode::CORRUPT_MESSAGE, error_chain(&err))),
+        }
+    }
+
+    async fn fetch(&self, request: FetchRequest) -> FetchResponse {
+        let deadline = Instant::now() + Duration::from_millis(request.max_wait_ms.into());
+        let max_bytes = request.max_bytes.clamp(1, FETCH_BYTES_MAX);
+        loop {
+            // Subscribe before reading, so an append between the read and the wait is not missed.
+            let mut watches = Vec::new();
+            for topic in &request.topics {
+                for part in &topic.partitions {
+                    if let Some(partition) = self.manager.partition(&topic.name, part.partition) {
+                        watches.push(partition.subscribe());
+                    }
+                }
+            }
+            let (response, n_bytes, any_error) = self.fetch_once(&request, max_bytes);
+            let satisfied = n_bytes >= u64::from(request.min_bytes.max(1)) || any_error;
+            if satisfied
+                || Instant::now() >= deadline
+                || self.shutdown.is_cancelled()
+                || watches.is_empty()
+            {
+                self.account_fetch(&response);
+                return response;
+            }
+            let changed =
+                futures::future::select_all(watches.iter_mut().map(|w| Box::pin(w.changed())));
+            tokio::select! {
+                _ = changed => {}
+                () = tokio::time::sleep_until(deadline.into()) => {}
+                () = self.shutdown.cancelled() => {}
+            }
+        }
+    }
+
+    fn fetch_once(&self, request: &FetchRequest, max_bytes: u32) -> (FetchResponse, u64, bool) {
+        let mut remaining = max_bytes;
+        let mut total = 0u64;
+        let mut any_error = false;
+        let mut topics = Vec::with_capacity(request.topics.len());
+        for topic in &request.topics {
+            let mut partitions = Vec::with_capacity(topic.partitions.len());
+            for part in &topic.partitions {
+                let mut result = FetchPartitionResponse {
+                    partition: part.partition,
+                    ..Default::default()
+                };
+                match self.manager.partition(&topic.name, part.partition) {
+                    None => result.error_code = ErrorCode::UNKNOWN_TOPIC_OR_PARTITION.0,
+                    Some(partition) => {
+                        let log = &partition.log;
+                        // One node: everything appended is committed, so the high watermark is the
+                        // log end. Replication will bound reads by the real high watermark here.
+                        let high_watermark = log.log_end_offset();
+                        result.high_watermark = high_watermark.0;
+                        result.log_start_offset = log.log_start_offset().0;
+                        // At least one batch per response, even past max_bytes (KIP-74).
+                        let limit = if total == 0 {
+                            part.partition_max_bytes.max(1)
+                        } else {
+                            part.partition_max_bytes.min(remaining)
+                        };
+                        if limit > 0 {
+                            match log.read_until(Offset(part.fetch_offset), limit, high_watermark) {
+                                Ok(fetched) => {
+                                    total += fetched.bytes.len() as u64;
+                                    remaining =
+                                        remaining.saturating_sub(fetched.bytes.len() as u32);
+                                    result.high_watermark = fetched.log_end.0;
+                                    result.records = fetched.bytes;
+                                }
+                                Err(ReadError::OffsetOutOfRange { .. }) => {
+                                    result.error_code = ErrorCode::OFFSET_OUT_OF_RANGE.0
+                                }
+                                Err(_) => result.error_code = ErrorCode::KAFKA_STORAGE_ERROR.0,
+                            }
+                        }
+                    }
+                }
+                if result.error_code != 0 {
+                    any_error = true;
+                    self.count_error(ApiKey::Fetch, ErrorCode(result.error_code));
+                }
+                partitions.push(result);
+            }
+            topics.push(FetchTopicResponse {
+                name: topic.name.clone(),
+                partitions,
+            });
+        }
+        (FetchResponse { topics }, total, any_error)
+    }
+
+    fn account_fetch(&self, response: &FetchResponse) {
+        for topic in &response.topics {
+            let bytes: u64 = topic
+                .partitions
+                .iter()
+                .map(|p| p.records.len() as u64)
+                .sum();
+            if bytes == 0 {
+                continue;
+            }
+            let records: u64 = topic
+                .partitions
+                .iter()
+                .map(|p| count_records(&p.records))
+                .sum();
+            self.metrics
+                .bytes_out
+                .with_label_values(&[&topic.name])
+                .inc_by(bytes);
+            self.metrics
+                .records_out
+                .with_label_values(&[&topic.name])
+                .inc_by(records);
+        }
+    }
+
+    fn list_offsets(&self, request: ListOffsetsRequest) -> ListOffsetsResponse {
+        let topics = request
+            .topics
+            .into_iter()
+            .map(|topic| {
+                let partitions = topic
+                    .partitions
+                    .into_iter()
+                    .map(|part| {
+                        let mut result = ListOffsetsPartitionResponse {
+                            partition: part.partition,
+                            timestamp: -1,
+                            ..Default::default()
+                        };
+                        match self.manager.partition(&topic.name, part.partition) {
+                            None => result.error_code = ErrorCode::UNKNOWN_TOPIC_OR_PARTITION.0,
+                            Some(partition) => {
+                                let log = &partition.log;
+                                match part.timestamp {
+                                    LATEST_TIMESTAMP => result.offset = log.log_end_offset().0,
+                                    EARLIEST_TIMESTAMP => result.offset = log.log_start_offset().0,
+                                    ts if ts < 0 => {
+                                        result.error_code = ErrorCode::INVALID_REQUEST.0
+                                    }
+                                    ts => match log.offset_for_timestamp(ts) {
+                                        Ok(Some((offset, found))) => {
+                                            result.offset = offset.0;
+                                            result.timestamp = found;
+                                        }
+                                        Ok(None) => result.offset = log.log_end_offset().0,
+                                        Err(_) => {
+                                            result.error_code = ErrorCode::KAFKA_STORAGE_ERROR.0
+                                        }
+                                    },
+                                }
+                            }
+                        }
+                        self.count_error(ApiKey::ListOffsets, ErrorCode(result.error_code));
+                        result
+                    })
+                    .collect();
+                ListOffsetsTopicResponse {
+                    name: topic.name,
+                    partitions,
+                }
+            })
+            .collect();
+        ListOffsetsResponse { topics }
+    }
+
+    /// Runs retention on every partition (blocking).
+    pub(crate) fn apply_retention(&self) {
+        let now = now_ms();
+        for topic in self.manager.topics() {
+            for partition in &topic.partitions {
+                if let Err(err) = partition.log.apply_retention(now) {
+                    tracing::error!(topic = %topic.name, partition = partition.index, error = %err, "retention failed");
+                }
+            }
+        }
+    }
+}
+
+/// Records in a buffer of whole batches, from their headers.
+fn count_records(bytes: &[u8]) -> u64 {
+    let mut n = 0u64;
+    let mut rest = bytes;
+    while let Ok(header) = batch::BatchHeader::parse(rest) {
+        n += header.records_count.max(0) as u64;
+        rest = rest.get(header.total_bytes()..).unwrap_or_default();
+    }
+    n
+}

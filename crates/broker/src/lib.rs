@@ -1,0 +1,334 @@
+//! The Cairn broker as a library: topics over the storage engine, the native-protocol listener,
+//! Prometheus metrics, health endpoints and graceful shutdown. The `cairn broker` command is a thin
+//! wrapper; a service can embed the same broker:
+//!
+//! ```no_run
+//! # async fn run() -> Result<(), cairn_broker::StartError> {
+//! let broker = cairn_broker::Broker::builder()
+//!     .data_dir("./cairn-data")
+//!     .listen("127.0.0.1:0".parse().unwrap())
+//!     .start()
+//!     .await?;
+//! println!("serving on {}", broker.native_addr());
+//! broker.shutdown().await;
+//! # Ok(()) }
+//! ```
+#![cfg_attr(
+    test,
+    allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)
+)]
+
+mod config;
+mod handler;
+mod manager;
+mod metadata;
+mod metrics;
+mod server;
+mod topic;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+pub use config::{BrokerConfig, ConfigError};
+pub use handler::{Handler, Outcome};
+pub use manager::{ManagerError, Partition, Topic, TopicError, TopicManager};
+pub use metadata::{ClusterMetadata, FileMetadataStore, MetadataError, MetadataStore, TopicRecord};
+pub use metrics::Metrics;
+pub use topic::{TOPIC_CONFIG_KEYS, TopicConfig, TopicDefaults, validate_topic_name};
+
+use cairn_storage::{Fs, StdFs};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+/// Starting the broker failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StartError {
+    /// The configuration is outside its limits.
+    #[error("invalid configuration")]
+    Config(#[from] ConfigError),
+    /// Another broker uses the data directory.
+    #[error("data directory {} is in use by another broker (lock held on {}/.lock)", dir.display(), dir.display())]
+    Locked {
+        /// The directory.
+        dir: PathBuf,
+    },
+    /// The data directory or a listener could not be set up.
+    #[error("{what}")]
+    Io {
+        /// What failed.
+        what: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Topics could not be opened.
+    #[error("opening topics")]
+    Topics(#[from] ManagerError),
+    /// Metrics could not be registered.
+    #[error("registering metrics")]
+    Metrics(#[from] prometheus::Error),
+}
+
+/// Entry point for embedding: `Broker::builder()...start().await`.
+#[derive(Debug)]
+pub struct Broker;
+
+impl Broker {
+    /// A builder with the defaults of `cairn broker`.
+    pub fn builder() -> BrokerBuilder {
+        BrokerBuilder {
+            config: BrokerConfig::default(),
+        }
+    }
+}
+
+/// Configures a broker before it starts.
+#[derive(Debug, Clone)]
+pub struct BrokerBuilder {
+    config: BrokerConfig,
+}
+
+impl BrokerBuilder {
+    /// Replaces the whole configuration.
+    pub fn config(mut self, config: BrokerConfig) -> Self {
+        self.config = config;
+        self
+    }
+
+    /// Where data lives.
+    pub fn data_dir(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.config.data_dir = dir.into();
+        self
+    }
+
+    /// The native listener's address (port 0 picks a free port).
+    pub fn listen(mut self, addr: SocketAddr) -> Self {
+        self.config.listen = addr;
+        self
+    }
+
+    /// The HTTP listener's address; `None` disables it.
+    pub fn http_listen(mut self, addr: Option<SocketAddr>) -> Self {
+        self.config.http_listen = addr;
+        self
+    }
+
+    /// Opens the data directory (recovering its logs), binds the listeners and starts serving.
+    pub async fn start(self) -> Result<RunningBroker, StartError> {
+        let config = self.config;
+        config.validate()?;
+        let started = Instant::now();
+        let io = |what: String| move |source| StartError::Io { what, source };
+        std::fs::create_dir_all(&config.data_dir).map_err(io(format!(
+            "creating data directory {}",
+            config.data_dir.display()
+        )))?;
+        let dir_lock = match StdFs.lock_dir(&config.data_dir) {
+            Ok(lock) => lock,
+            Err(err) if err.kind() == std::io::ErrorKind::WouldBlock => {
+                return Err(StartError::Locked {
+                    dir: config.data_dir.clone(),
+                });
+            }
+            Err(source) => {
+                return Err(StartError::Io {
+                    what: format!("locking {}", config.data_dir.display()),
+                    source,
+                });
+            }
+        };
+        let listener = TcpListener::bind(config.listen)
+            .await
+            .map_err(io(format!("binding {}", config.listen)))?;
+        let native_addr = listener
+            .local_addr()
+            .map_err(io("reading the listener address".into()))?;
+        let http = match config.http_listen {
+            Some(addr) => {
+                let listener = TcpListener::bind(addr)
+                    .await
+                    .map_err(io(format!("binding HTTP {addr}")))?;
+                let addr = listener
+                    .local_addr()
+                    .map_err(io("reading the HTTP address".into()))?;
+                Some((listener, addr))
+            }
+            None => None,
+        };
+        let store = Box::new(FileMetadataStore::new(&config.data_dir));
+        let (data_dir, defaults, partitions_max) = (
+            config.data_dir.clone(),
+            config.topic_defaults.clone(),
+            config.partitions_max,
+        );
+        let manager = tokio::task::spawn_blocking(move || {
+            TopicManager::open(&data_dir, defaults, partitions_max, store)
+        })
+        .await
+        .map_err(|e| StartError::Io {
+            what: "opening topics".into(),
+            source: std::io::Error::other(e),
+        })??;
+        let (advertised_host, advertised_port) = advertised(&config, native_addr);
+        let shutdown = CancellationToken::new();
+        let handler = Arc::new(Handler {
+            config: config.clone(),
+            manager: Arc::new(manager),
+            metrics: Metrics::new()?,
+            shutdown: shutdown.clone(),
+            advertised_host,
+            advertised_port,
+        });
+        let tracker = TaskTracker::new();
+        let ready = Arc::new(AtomicBool::new(true));
+        tracker.spawn(server::serve_native(
+            listener,
+            Arc::clone(&handler),
+            tracker.clone(),
+            shutdown.clone(),
+        ));
+        let http_addr = http.map(|(listener, addr)| {
+            tracker.spawn(server::serve_http(
+                listener,
+                Arc::clone(&handler),
+                Arc::clone(&ready),
+                shutdown.clone(),
+            ));
+            addr
+        });
+        let background = tokio::spawn(background(Arc::clone(&handler), shutdown.clone()));
+        tracing::info!(
+            native = %native_addr,
+            http = ?http_addr,
+            data_dir = %config.data_dir.display(),
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            config = %serde_json::to_string(&config).unwrap_or_default(),
+            "broker started"
+        );
+        Ok(RunningBroker {
+            handler,
+            native_addr,
+            http_addr,
+            shutdown,
+            tracker,
+            ready,
+            background,
+            _dir_lock: dir_lock,
+        })
+    }
+}
+
+fn advertised(config: &BrokerConfig, native_addr: SocketAddr) -> (String, u16) {
+    if let Some(text) = &config.advertised
+        && let Some((host, port)) = text.rsplit_once(':')
+        && let Ok(port) = port.parse()
+    {
+        return (host.trim_matches(['[', ']']).to_string(), port);
+    }
+    (native_addr.ip().to_string(), native_addr.port())
+}
+
+/// Periodic work: retention, recovery-point checkpoints, interval flushes.
+async fn background(handler: Arc<Handler>, shutdown: CancellationToken) {
+    let mut retention = tokio::time::interval(handler.config.retention_check_interval());
+    let mut checkpoint = tokio::time::interval(handler.config.checkpoint_interval());
+    let mut flush = tokio::time::interval(std::time::Duration::from_millis(100));
+    for timer in [&mut retention, &mut checkpoint, &mut flush] {
+        timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    }
+    loop {
+        let job: fn(&Handler) = tokio::select! {
+            _ = retention.tick() => |h| h.apply_retention(),
+            _ = checkpoint.tick() => |h| for_each_log(h, "checkpoint", |log| log.checkpoint()),
+            _ = flush.tick() => |h| for_each_log(h, "flush", |log| log.flush_if_due(Instant::now())),
+            () = shutdown.cancelled() => return,
+        };
+        let handler = Arc::clone(&handler);
+        if tokio::task::spawn_blocking(move || job(&handler))
+            .await
+            .is_err()
+        {
+            tracing::error!("background task panicked");
+        }
+    }
+}
+
+fn for_each_log(
+    handler: &Handler,
+    what: &str,
+    f: impl Fn(&cairn_storage::Log) -> Result<(), cairn_storage::Fatal>,
+) {
+    for topic in handler.manager.topics() {
+        for partition in &topic.partitions {
+            if let Err(err) = f(&partition.log) {
+                tracing::error!(topic = %topic.name, partition = partition.index, error = %err, "{what} failed");
+            }
+        }
+    }
+}
+
+/// A running broker. Dropping it without [`RunningBroker::shutdown`] stops nothing cleanly: call
+/// `shutdown` (the `cairn` binary does on SIGTERM and SIGINT).
+#[derive(Debug)]
+pub struct RunningBroker {
+    handler: Arc<Handler>,
+    native_addr: SocketAddr,
+    http_addr: Option<SocketAddr>,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+    ready: Arc<AtomicBool>,
+    background: tokio::task::JoinHandle<()>,
+    _dir_lock: Box<dyn std::any::Any + Send + Sync>,
+}
+
+impl RunningBroker {
+    /// The native listener's bound address.
+    pub fn native_addr(&self) -> SocketAddr {
+        self.native_addr
+    }
+
+    /// The HTTP listener's bound address.
+    pub fn http_addr(&self) -> Option<SocketAddr> {
+        self.http_addr
+    }
+
+    /// The topics (for in-process use and tests).
+    pub fn topics(&self) -> &Arc<TopicManager> {
+        &self.handler.manager
+    }
+
+    /// The request handler, for in-process transports that skip TCP.
+    pub fn handler(&self) -> &Arc<Handler> {
+        &self.handler
+    }
+
+    /// Stops accepting, lets in-flight requests finish (up to `shutdown_timeout_ms`), flushes and
+    /// closes every log cleanly, so the next start scans nothing.
+    pub async fn shutdown(self) {
+        tracing::info!("shutting down");
+        self.ready.store(false, Ordering::Relaxed);
+        self.shutdown.cancel();
+        self.tracker.close();
+        if tokio::time::timeout(self.handler.config.shutdown_timeout(), self.tracker.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!("in-flight requests did not finish in time; closing anyway");
+        }
+        let _ = self.background.await;
+        let manager = Arc::clone(&self.handler.manager);
+        drop(self.handler);
+        if tokio::task::spawn_blocking(move || manager.close_all())
+            .await
+            .is_err()
+        {
+            tracing::error!("closing logs panicked");
+        }
+        tracing::info!("shut down");
+    }
+}

@@ -1,0 +1,185 @@
+//! Prometheus metrics, with the names operators know from Kafka exporters.
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+use crate::manager::TopicManager;
+
+/// Every metric of the broker.
+#[derive(Debug, Clone)]
+#[allow(missing_docs)]
+pub struct Metrics {
+    pub registry: Registry,
+    pub bytes_in: IntCounterVec,
+    pub records_in: IntCounterVec,
+    pub bytes_out: IntCounterVec,
+    pub records_out: IntCounterVec,
+    pub requests: IntCounterVec,
+    pub request_errors: IntCounterVec,
+    pub request_seconds: HistogramVec,
+    pub connections: IntGauge,
+    pub connections_rejected: IntCounter,
+    pub fsync_seconds: Histogram,
+    pub log_start_offset: IntGaugeVec,
+    pub log_end_offset: IntGaugeVec,
+    pub log_size_bytes: IntGaugeVec,
+    pub log_segments: IntGaugeVec,
+    pub under_replicated_partitions: IntGauge,
+}
+
+/// Latency buckets from 50 µs to 10 s.
+const LATENCY_BUCKETS: &[f64] = &[
+    0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+    1.0, 2.5, 5.0, 10.0,
+];
+
+impl Metrics {
+    /// Registers every metric in a fresh registry.
+    pub fn new() -> Result<Metrics, prometheus::Error> {
+        let registry = Registry::new();
+        let counter_vec =
+            |name: &str, help: &str, labels: &[&str]| -> Result<IntCounterVec, prometheus::Error> {
+                let metric = IntCounterVec::new(Opts::new(name, help), labels)?;
+                registry.register(Box::new(metric.clone()))?;
+                Ok(metric)
+            };
+        let gauge_vec =
+            |name: &str, help: &str, labels: &[&str]| -> Result<IntGaugeVec, prometheus::Error> {
+                let metric = IntGaugeVec::new(Opts::new(name, help), labels)?;
+                registry.register(Box::new(metric.clone()))?;
+                Ok(metric)
+            };
+        let bytes_in = counter_vec(
+            "cairn_topic_bytes_in_total",
+            "Record batch bytes appended, by topic.",
+            &["topic"],
+        )?;
+        let records_in = counter_vec(
+            "cairn_topic_messages_in_total",
+            "Records appended, by topic.",
+            &["topic"],
+        )?;
+        let bytes_out = counter_vec(
+            "cairn_topic_bytes_out_total",
+            "Record batch bytes fetched, by topic.",
+            &["topic"],
+        )?;
+        let records_out = counter_vec(
+            "cairn_topic_messages_out_total",
+            "Records fetched, by topic.",
+            &["topic"],
+        )?;
+        let requests = counter_vec(
+            "cairn_requests_total",
+            "Requests handled, by API.",
+            &["api"],
+        )?;
+        let request_errors = counter_vec(
+            "cairn_request_errors_total",
+            "Errors returned, by API and error.",
+            &["api", "error"],
+        )?;
+        let request_seconds = HistogramVec::new(
+            HistogramOpts::new(
+                "cairn_request_duration_seconds",
+                "Time from reading a request to its response, by API.",
+            )
+            .buckets(LATENCY_BUCKETS.to_vec()),
+            &["api"],
+        )?;
+        registry.register(Box::new(request_seconds.clone()))?;
+        let connections = IntGauge::new("cairn_connections_active", "Open client connections.")?;
+        registry.register(Box::new(connections.clone()))?;
+        let connections_rejected = IntCounter::new(
+            "cairn_connections_rejected_total",
+            "Connections closed at once because connections_max was reached.",
+        )?;
+        registry.register(Box::new(connections_rejected.clone()))?;
+        let fsync_seconds = Histogram::with_opts(
+            HistogramOpts::new(
+                "cairn_log_flush_duration_seconds",
+                "Time of flushes requested by acks=all produces.",
+            )
+            .buckets(LATENCY_BUCKETS.to_vec()),
+        )?;
+        registry.register(Box::new(fsync_seconds.clone()))?;
+        let labels = &["topic", "partition"];
+        let log_start_offset = gauge_vec(
+            "cairn_partition_log_start_offset",
+            "First offset of the partition.",
+            labels,
+        )?;
+        let log_end_offset = gauge_vec(
+            "cairn_partition_log_end_offset",
+            "Next offset of the partition.",
+            labels,
+        )?;
+        let log_size_bytes = gauge_vec(
+            "cairn_partition_size_bytes",
+            "Bytes of the partition's segments.",
+            labels,
+        )?;
+        let log_segments = gauge_vec(
+            "cairn_partition_segments",
+            "Segment files of the partition.",
+            labels,
+        )?;
+        let under_replicated_partitions = IntGauge::new(
+            "cairn_under_replicated_partitions",
+            "Partitions with fewer in-sync replicas than replicas.",
+        )?;
+        registry.register(Box::new(under_replicated_partitions.clone()))?;
+        Ok(Metrics {
+            registry,
+            bytes_in,
+            records_in,
+            bytes_out,
+            records_out,
+            requests,
+            request_errors,
+            request_seconds,
+            connections,
+            connections_rejected,
+            fsync_seconds,
+            log_start_offset,
+            log_end_offset,
+            log_size_bytes,
+            log_segments,
+            under_replicated_partitions,
+        })
+    }
+
+    /// The text exposition of every metric, partition gauges refreshed from `manager`.
+    pub fn render(&self, manager: &TopicManager) -> String {
+        self.log_start_offset.reset();
+        self.log_end_offset.reset();
+        self.log_size_bytes.reset();
+        self.log_segments.reset();
+        for topic in manager.topics() {
+            for partition in &topic.partitions {
+                let index = partition.index.to_string();
+                let labels = [&*topic.name, index.as_str()];
+                let log = &partition.log;
+                self.log_start_offset
+                    .with_label_values(&labels)
+                    .set(log.log_start_offset().0 as i64);
+                self.log_end_offset
+                    .with_label_values(&labels)
+                    .set(log.log_end_offset().0 as i64);
+                self.log_size_bytes
+                    .with_label_values(&labels)
+                    .set(log.size_bytes() as i64);
+                self.log_segments
+                    .with_label_values(&labels)
+                    .set(log.n_segments() as i64);
+            }
+        }
+        let mut out = Vec::new();
+        if let Err(err) = TextEncoder::new().encode(&self.registry.gather(), &mut out) {
+            tracing::warn!(error = %err, "encoding metrics");
+        }
+        String::from_utf8(out).unwrap_or_default()
+    }
+}

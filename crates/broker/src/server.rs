@@ -1,0 +1,245 @@
+//! The native-protocol TCP listener and the HTTP endpoint (`/metrics`, `/health`, `/ready`).
+//!
+//! Per connection, a reader task reads frames and spawns one handler task per request; a writer
+//! task awaits the handlers in arrival order and writes their responses, so clients may pipeline
+//! while responses stay in order. Limits: `connections_max` connections (more are closed at once),
+//! `inflight_requests_per_connection_max` requests per connection, and `inflight_bytes_max` request
+//! bytes across all connections, acquired after a frame's length is read and before its body is:
+//! past the budget the broker stops reading instead of allocating.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, BufWriter};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::handler::{Handler, Outcome};
+
+/// Serves the native protocol until `shutdown` fires; then stops accepting and lets each
+/// connection finish the requests it already read.
+pub(crate) async fn serve_native(
+    listener: TcpListener,
+    handler: Arc<Handler>,
+    tracker: TaskTracker,
+    shutdown: CancellationToken,
+) {
+    let connections = Arc::new(Semaphore::new(handler.config.connections_max as usize));
+    let budget = Arc::new(Semaphore::new(
+        handler
+            .config
+            .inflight_bytes_max
+            .min(Semaphore::MAX_PERMITS as u64) as usize,
+    ));
+    loop {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            () = shutdown.cancelled() => break,
+        };
+        let (stream, peer) = match accepted {
+            Ok(accepted) => accepted,
+            Err(err) => {
+                // Out of file descriptors and the like: back off instead of spinning.
+                tracing::warn!(error = %err, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let Ok(permit) = Arc::clone(&connections).try_acquire_owned() else {
+            handler.metrics.connections_rejected.inc();
+            tracing::warn!(%peer, max = handler.config.connections_max, "connection refused: connections_max reached");
+            drop(stream);
+            continue;
+        };
+        if let Err(err) = stream.set_nodelay(true) {
+            tracing::debug!(%peer, error = %err, "set_nodelay");
+        }
+        let handler = Arc::clone(&handler);
+        let budget = Arc::clone(&budget);
+        let shutdown = shutdown.clone();
+        let tasks = tracker.clone();
+        tracker.spawn(async move {
+            handler.metrics.connections.inc();
+            tracing::debug!(%peer, "connection opened");
+            if let Err(reason) =
+                connection(stream, Arc::clone(&handler), budget, tasks, shutdown).await
+            {
+                tracing::debug!(%peer, %reason, "connection closed");
+            }
+            handler.metrics.connections.dec();
+            drop(permit);
+        });
+    }
+}
+
+type Pending = tokio::task::JoinHandle<(Outcome, OwnedSemaphorePermit)>;
+
+async fn connection(
+    stream: TcpStream,
+    handler: Arc<Handler>,
+    budget: Arc<Semaphore>,
+    tasks: TaskTracker,
+    shutdown: CancellationToken,
+) -> Result<(), String> {
+    let (mut reader, writer) = stream.into_split();
+    let (queue, mut pending) =
+        mpsc::channel::<Pending>(handler.config.inflight_requests_per_connection_max as usize);
+    let closed = Arc::new(AtomicBool::new(false));
+    let writer_closed = Arc::clone(&closed);
+    let writer_task = tasks.spawn(async move {
+        let mut writer = BufWriter::new(writer);
+        while let Some(next) = pending.recv().await {
+            // A handler that panicked dropped its budget permit as it unwound.
+            let result = match next.await {
+                Ok((Outcome::Respond(payload), _permit)) => {
+                    write_frame(&mut writer, &payload, pending.is_empty()).await
+                }
+                Ok((Outcome::Silent, _permit)) => Ok(()),
+                Ok((Outcome::Close(reason), _permit)) => Err(reason),
+                Err(err) => Err(format!("request handler failed: {err}")),
+            };
+            if let Err(reason) = result {
+                writer_closed.store(true, Ordering::Relaxed);
+                let _ = writer.shutdown().await;
+                return Err(reason);
+            }
+        }
+        let _ = writer.flush().await;
+        let _ = writer.shutdown().await;
+        Ok(())
+    });
+    let frame_bytes_max = handler.config.frame_bytes_max;
+    let read_result: Result<(), String> = async {
+        loop {
+            if closed.load(Ordering::Relaxed) {
+                return Ok(());
+            }
+            let len = tokio::select! {
+                len = reader.read_u32() => match len {
+                    Ok(len) => len,
+                    Err(err) if err.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
+                    Err(err) => return Err(format!("read: {err}")),
+                },
+                () = shutdown.cancelled() => return Ok(()),
+            };
+            if len == 0 || len > frame_bytes_max {
+                return Err(format!("frame length {len} outside 1..={frame_bytes_max}"));
+            }
+            // Backpressure: wait for budget before allocating the body.
+            let permit = tokio::select! {
+                permit = Arc::clone(&budget).acquire_many_owned(len) => permit.map_err(|e| e.to_string())?,
+                () = shutdown.cancelled() => return Ok(()),
+            };
+            let mut body = BytesMut::zeroed(len as usize);
+            reader.read_exact(&mut body).await.map_err(|e| format!("read frame body: {e}"))?;
+            let frame: Bytes = body.freeze();
+            let handler = Arc::clone(&handler);
+            let task = tokio::spawn(async move { (handler.handle(frame).await, permit) });
+            if queue.send(task).await.is_err() {
+                return Ok(()); // The writer stopped.
+            }
+        }
+    }
+    .await;
+    drop(queue);
+    let written = writer_task.await.map_err(|e| e.to_string())?;
+    read_result.and(written)
+}
+
+async fn write_frame<W: AsyncWriteExt + Unpin>(
+    writer: &mut W,
+    payload: &[u8],
+    flush: bool,
+) -> Result<(), String> {
+    let len = u32::try_from(payload.len()).map_err(|_| "response larger than 4 GiB".to_string())?;
+    writer
+        .write_all(&len.to_be_bytes())
+        .await
+        .map_err(|e| format!("write: {e}"))?;
+    writer
+        .write_all(payload)
+        .await
+        .map_err(|e| format!("write: {e}"))?;
+    if flush {
+        writer.flush().await.map_err(|e| format!("write: {e}"))?;
+    }
+    Ok(())
+}
+
+/// Serves `/metrics`, `/health` and `/ready` until `shutdown`.
+pub(crate) async fn serve_http(
+    listener: TcpListener,
+    handler: Arc<Handler>,
+    ready: Arc<AtomicBool>,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let (mut stream, _) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(_) => { tokio::time::sleep(Duration::from_millis(50)).await; continue; }
+            },
+            () = shutdown.cancelled() => return,
+        };
+        let handler = Arc::clone(&handler);
+        let ready = Arc::clone(&ready);
+        tokio::spawn(async move {
+            // A request line and headers, bounded in size and time.
+            let mut buf = vec![0u8; 8192];
+            let mut used = 0;
+            let read = tokio::time::timeout(Duration::from_secs(5), async {
+                while used < buf.len() {
+                    let n = stream.read(buf.get_mut(used..).unwrap_or_default()).await?;
+                    if n == 0 {
+                        break;
+                    }
+                    used += n;
+                    if buf
+                        .get(..used)
+                        .is_some_and(|b| b.windows(4).any(|w| w == b"\r\n\r\n"))
+                    {
+                        break;
+                    }
+                }
+                Ok::<(), std::io::Error>(())
+            })
+            .await;
+            if !matches!(read, Ok(Ok(()))) {
+                return;
+            }
+            let head = String::from_utf8_lossy(buf.get(..used).unwrap_or_default()).into_owned();
+            let path = head.split_whitespace().nth(1).unwrap_or("/");
+            let (status, content_type, body) = match path {
+                "/metrics" => (
+                    "200 OK",
+                    "text/plain; version=0.0.4",
+                    handler.metrics.render(&handler.manager),
+                ),
+                "/health" => ("200 OK", "text/plain", "ok\n".to_string()),
+                "/ready" if ready.load(Ordering::Relaxed) => {
+                    ("200 OK", "text/plain", "ready\n".to_string())
+                }
+                "/ready" => (
+                    "503 Service Unavailable",
+                    "text/plain",
+                    "starting or stopping\n".to_string(),
+                ),
+                _ => (
+                    "404 Not Found",
+                    "text/plain",
+                    "try /metrics, /health or /ready\n".to_string(),
+                ),
+            };
+            let response = format!(
+                "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = stream.write_all(response.as_bytes()).await;
+            let _ = stream.shutdown().await;
+        });
+    }
+}

@@ -1,0 +1,84 @@
+//! `cairn broker`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use cairn_broker::{Broker, BrokerConfig};
+use clap::Args;
+
+#[derive(Debug, Args)]
+pub struct BrokerArgs {
+    /// Data directory [default: ./cairn-data].
+    #[arg(long, env = "CAIRN_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// Native-protocol listen address [default: 127.0.0.1:9192].
+    #[arg(long, env = "CAIRN_LISTEN")]
+    listen: Option<SocketAddr>,
+    /// HTTP listen address for /metrics, /health, /ready [default: 127.0.0.1:9644]; "off" disables it.
+    #[arg(long, env = "CAIRN_HTTP_LISTEN")]
+    http_listen: Option<String>,
+    /// host:port clients are told to connect to [default: the listen address].
+    #[arg(long, env = "CAIRN_ADVERTISED")]
+    advertised: Option<String>,
+    /// TOML config file; flags and CAIRN_* variables override it.
+    #[arg(long, env = "CAIRN_CONFIG")]
+    config: Option<PathBuf>,
+}
+
+pub async fn run(args: BrokerArgs) -> anyhow::Result<()> {
+    let mut config = match &args.config {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading {}", path.display()))?;
+            toml::from_str::<BrokerConfig>(&text)
+                .with_context(|| format!("parsing {}", path.display()))?
+        }
+        None => BrokerConfig::default(),
+    };
+    if let Some(dir) = args.data_dir {
+        config.data_dir = dir;
+    }
+    if let Some(listen) = args.listen {
+        config.listen = listen;
+    }
+    if let Some(http) = args.http_listen {
+        config.http_listen = match http.as_str() {
+            "off" | "none" | "" => None,
+            addr => Some(
+                addr.parse()
+                    .with_context(|| format!("--http-listen {addr:?} is not an address"))?,
+            ),
+        };
+    }
+    if let Some(advertised) = args.advertised {
+        config.advertised = Some(advertised);
+    }
+    let broker = Broker::builder()
+        .config(config)
+        .start()
+        .await
+        .context("starting the broker")?;
+    eprintln!(
+        "cairn broker listening on {} (native){}",
+        broker.native_addr(),
+        broker
+            .http_addr()
+            .map(|a| format!(", http://{a}/metrics"))
+            .unwrap_or_default()
+    );
+    wait_for_signal().await?;
+    broker.shutdown().await;
+    Ok(())
+}
+
+async fn wait_for_signal() -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM received"),
+        _ = int.recv() => tracing::info!("SIGINT received"),
+    }
+    Ok(())
+}

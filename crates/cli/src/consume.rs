@@ -1,0 +1,175 @@
+//! `cairn consume`.
+
+use std::collections::HashMap;
+use std::io::Write;
+
+use anyhow::{Context, bail};
+use cairn_client::{Consumer, ConsumerConfig, ConsumerRecord, Position};
+use clap::Args;
+use serde_json::json;
+
+use crate::Output;
+
+#[derive(Debug, Args)]
+pub struct ConsumeArgs {
+    /// Topic to read.
+    topic: String,
+    /// Where to start: earliest, latest, an OFFSET, or @UNIX_MS.
+    #[arg(long, default_value = "earliest")]
+    from: String,
+    /// Only this partition [default: all].
+    #[arg(long, short)]
+    partition: Option<u32>,
+    /// Stop after this many records.
+    #[arg(long, short = 'n')]
+    count: Option<u64>,
+    /// Stop at the end offsets seen when starting.
+    #[arg(long)]
+    until_end: bool,
+    /// Output per record: %t topic, %p partition, %o offset, %k key, %v value, %T timestamp,
+    /// %% a percent sign, \n newline, \t tab [default: %v]. A newline ends each record.
+    #[arg(long, short)]
+    format: Option<String>,
+}
+
+fn parse_from(from: &str) -> anyhow::Result<Position> {
+    Ok(match from {
+        "earliest" | "beginning" | "start" => Position::Earliest,
+        "latest" | "end" => Position::Latest,
+        ts if ts.starts_with('@') => {
+            let ms = ts.trim_start_matches('@');
+            Position::Timestamp(
+                ms.parse()
+                    .with_context(|| format!("--from {ts:?}: @ needs Unix ms"))?,
+            )
+        }
+        offset => Position::Offset(offset.parse().with_context(|| {
+            format!("--from {offset:?}: use earliest, latest, OFFSET or @UNIX_MS")
+        })?),
+    })
+}
+
+pub async fn run(bootstrap: &str, output: Output, args: ConsumeArgs) -> anyhow::Result<()> {
+    let from = parse_from(&args.from)?;
+    let mut consumer = Consumer::connect(
+        bootstrap,
+        ConsumerConfig {
+            client_id: "cairn-cli".into(),
+            ..ConsumerConfig::default()
+        },
+    )
+    .await
+    .with_context(|| format!("connecting to {bootstrap}"))?;
+    let partitions = consumer
+        .assign(&args.topic, args.partition.map(|p| vec![p]), from)
+        .await
+        .with_context(|| format!("assigning {}", args.topic))?;
+    let mut ends: HashMap<u32, u64> = HashMap::new();
+    if args.until_end {
+        for &p in &partitions {
+            ends.insert(p, consumer.end_offset(&args.topic, p).await?);
+        }
+    }
+    let format = args
+        .format
+        .as_deref()
+        .map(unescape)
+        .unwrap_or_else(|| "%v".to_string());
+    let stdout = std::io::stdout();
+    let mut out = std::io::BufWriter::new(stdout.lock());
+    let mut n = 0u64;
+    let done = |consumer: &Consumer, n: u64| {
+        args.count.is_some_and(|count| n >= count)
+            || (args.until_end
+                && partitions.iter().all(|p| {
+                    consumer.position(&args.topic, *p).unwrap_or(0)
+                        >= ends.get(p).copied().unwrap_or(0)
+                }))
+    };
+    while !done(&consumer, n) {
+        let records = consumer.poll().await?;
+        for record in records {
+            if args.count.is_some_and(|count| n >= count) {
+                break;
+            }
+            if args.until_end && record.offset >= ends.get(&record.partition).copied().unwrap_or(0)
+            {
+                continue;
+            }
+            match output {
+                Output::Json => writeln!(out, "{}", to_json(&record))?,
+                Output::Table => write_formatted(&mut out, &format, &record)?,
+            }
+            n += 1;
+        }
+        out.flush()?;
+    }
+    out.flush()?;
+    Ok(())
+}
+
+fn unescape(format: &str) -> String {
+    format.replace("\\n", "\n").replace("\\t", "\t")
+}
+
+fn text(bytes: &Option<bytes::Bytes>) -> std::borrow::Cow<'_, str> {
+    match bytes {
+        Some(bytes) => String::from_utf8_lossy(bytes),
+        None => std::borrow::Cow::Borrowed(""),
+    }
+}
+
+fn write_formatted(
+    out: &mut impl Write,
+    format: &str,
+    record: &ConsumerRecord,
+) -> anyhow::Result<()> {
+    let mut chars = format.chars().peekable();
+    let mut line = String::new();
+    while let Some(c) = chars.next() {
+        if c != '%' {
+            line.push(c);
+            continue;
+        }
+        match chars.next() {
+            Some('t') => line.push_str(&record.topic),
+            Some('p') => line.push_str(&record.partition.to_string()),
+            Some('o') => line.push_str(&record.offset.to_string()),
+            Some('k') => line.push_str(&text(&record.key)),
+            Some('v') => line.push_str(&text(&record.value)),
+            Some('T') => line.push_str(&record.timestamp.to_string()),
+            Some('%') => line.push('%'),
+            Some(other) => bail!("--format: unknown escape %{other}"),
+            None => line.push('%'),
+        }
+    }
+    if !line.ends_with('\n') {
+        line.push('\n');
+    }
+    out.write_all(line.as_bytes())?;
+    Ok(())
+}
+
+fn to_json(record: &ConsumerRecord) -> serde_json::Value {
+    let headers: serde_json::Map<String, serde_json::Value> = record
+        .headers
+        .iter()
+        .map(|(k, v)| {
+            (
+                k.clone(),
+                v.as_ref().map_or(serde_json::Value::Null, |v| {
+                    json!(String::from_utf8_lossy(v))
+                }),
+            )
+        })
+        .collect();
+    json!({
+        "topic": &*record.topic,
+        "partition": record.partition,
+        "offset": record.offset,
+        "timestamp": record.timestamp,
+        "key": record.key.as_ref().map(|k| String::from_utf8_lossy(k).into_owned()),
+        "value": record.value.as_ref().map(|v| String::from_utf8_lossy(v).into_owned()),
+        "headers": headers,
+    })
+}

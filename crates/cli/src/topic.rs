@@ -1,0 +1,159 @@
+//! `cairn topic ...`.
+
+use anyhow::{Context, bail};
+use cairn_client::Admin;
+use clap::Subcommand;
+use serde_json::json;
+
+use crate::Output;
+
+#[derive(Debug, Subcommand)]
+pub enum TopicCommand {
+    /// Create a topic.
+    Create {
+        /// Topic name.
+        name: String,
+        /// Partition count [default: the broker's].
+        #[arg(long, short)]
+        partitions: Option<u32>,
+        /// Topic config override, KEY=VALUE (Kafka keys: retention.ms, segment.bytes, ...).
+        #[arg(long = "config", short = 'c', value_name = "KEY=VALUE")]
+        configs: Vec<String>,
+    },
+    /// List topics.
+    List,
+    /// Show a topic's configs and partitions.
+    Describe {
+        /// Topic name.
+        name: String,
+    },
+    /// Delete a topic and its data.
+    Delete {
+        /// Topic name.
+        name: String,
+    },
+}
+
+pub async fn run(bootstrap: &str, output: Output, command: TopicCommand) -> anyhow::Result<()> {
+    let admin = Admin::connect(bootstrap)
+        .await
+        .with_context(|| format!("connecting to {bootstrap}"))?;
+    match command {
+        TopicCommand::Create {
+            name,
+            partitions,
+            configs,
+        } => {
+            let mut pairs = Vec::new();
+            for config in configs {
+                let Some((key, value)) = config.split_once('=') else {
+                    bail!("--config {config:?} is not KEY=VALUE");
+                };
+                pairs.push((key.to_string(), value.to_string()));
+            }
+            admin
+                .create_topic(&name, partitions.unwrap_or(0), &pairs)
+                .await?;
+            let described = admin.describe_topics(std::slice::from_ref(&name)).await?;
+            let n = described.first().map_or(0, |t| t.partitions.len());
+            match output {
+                Output::Table => println!("created topic {name} with {n} partitions"),
+                Output::Json => println!("{}", json!({"created": name, "partitions": n})),
+            }
+        }
+        TopicCommand::List => {
+            let topics = admin.describe_topics(&[]).await?;
+            match output {
+                Output::Table => {
+                    println!("{:<40} {:>10}", "NAME", "PARTITIONS");
+                    for topic in &topics {
+                        println!("{:<40} {:>10}", topic.name, topic.partitions.len());
+                    }
+                }
+                Output::Json => {
+                    let list: Vec<_> = topics
+                        .iter()
+                        .map(|t| json!({"name": t.name, "partitions": t.partitions.len()}))
+                        .collect();
+                    println!("{}", serde_json::Value::Array(list));
+                }
+            }
+        }
+        TopicCommand::Describe { name } => {
+            let topics = admin.describe_topics(std::slice::from_ref(&name)).await?;
+            let Some(topic) = topics.into_iter().next() else {
+                bail!("topic {name} not found")
+            };
+            match output {
+                Output::Table => {
+                    println!("topic {}", topic.name);
+                    println!("\n{:<24} {:<24} SOURCE", "CONFIG", "VALUE");
+                    for config in &topic.configs {
+                        println!(
+                            "{:<24} {:<24} {}",
+                            config.key,
+                            config.value,
+                            if config.is_default {
+                                "default"
+                            } else {
+                                "topic"
+                            }
+                        );
+                    }
+                    println!(
+                        "\n{:>9} {:>6} {:>12} {:>12} {:>12} {:>14} {:>8}",
+                        "PARTITION",
+                        "LEADER",
+                        "LOG-START",
+                        "LOG-END",
+                        "HIGH-WATER",
+                        "SIZE-BYTES",
+                        "SEGMENTS"
+                    );
+                    for p in &topic.partitions {
+                        println!(
+                            "{:>9} {:>6} {:>12} {:>12} {:>12} {:>14} {:>8}",
+                            p.partition,
+                            p.leader,
+                            p.log_start_offset,
+                            p.log_end_offset,
+                            p.high_watermark,
+                            p.size_bytes,
+                            p.n_segments
+                        );
+                    }
+                }
+                Output::Json => {
+                    let configs: serde_json::Map<String, serde_json::Value> = topic
+                        .configs
+                        .iter()
+                        .map(|c| (c.key.clone(), json!(c.value)))
+                        .collect();
+                    let partitions: Vec<_> = topic
+                        .partitions
+                        .iter()
+                        .map(|p| {
+                            json!({
+                                "partition": p.partition, "leader": p.leader, "leader_epoch": p.leader_epoch,
+                                "log_start_offset": p.log_start_offset, "log_end_offset": p.log_end_offset,
+                                "high_watermark": p.high_watermark, "size_bytes": p.size_bytes, "segments": p.n_segments,
+                            })
+                        })
+                        .collect();
+                    println!(
+                        "{}",
+                        json!({"name": topic.name, "configs": configs, "partitions": partitions})
+                    );
+                }
+            }
+        }
+        TopicCommand::Delete { name } => {
+            admin.delete_topic(&name).await?;
+            match output {
+                Output::Table => println!("deleted topic {name}"),
+                Output::Json => println!("{}", json!({"deleted": name})),
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,635 @@
+//! The producer: batches records per partition (up to `batch_bytes`, waiting at most `linger`),
+//! sends them with bounded requests in flight, retries retriable errors with exponential backoff
+//! and jitter, and resolves a future per record with its offset.
+//!
+//! Ordering: records of one partition are sent in order. With `max_in_flight > 1` a retried batch
+//! can land after a later one (as in Kafka without idempotence); set `max_in_flight = 1` for strict
+//! per-partition order under failures.
+
+use std::collections::{HashMap, VecDeque};
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use cairn_protocol::batch::{BatchBuilder, Compression};
+use cairn_protocol::native::*;
+use futures::StreamExt;
+use futures::stream::FuturesUnordered;
+use rand::Rng;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::connection::Connection;
+use crate::error::ClientError;
+use crate::partitioner::{Partitioner, PartitionerState, partition_for_key};
+
+/// When the broker acknowledges a produce.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Acks {
+    /// Fire and forget: no response; futures resolve when the request is sent (offset unknown).
+    None,
+    /// Once the leader appended the records.
+    Leader,
+    /// Once the records are durable (fsynced; replicated when replication exists).
+    #[default]
+    All,
+}
+
+impl Acks {
+    fn wire(self) -> i8 {
+        match self {
+            Acks::None => 0,
+            Acks::Leader => 1,
+            Acks::All => -1,
+        }
+    }
+}
+
+/// Producer settings.
+#[derive(Debug, Clone)]
+pub struct ProducerConfig {
+    /// Name in broker logs.
+    pub client_id: String,
+    /// Acknowledgement level.
+    pub acks: Acks,
+    /// How long a batch may wait for more records.
+    pub linger: Duration,
+    /// A partition's batch is sent once it reaches this size.
+    pub batch_bytes: usize,
+    /// Batch compression.
+    pub compression: Compression,
+    /// Produce requests in flight at once.
+    pub max_in_flight: usize,
+    /// Attempts after the first for a batch that failed with a retriable error.
+    pub retries: u32,
+    /// First retry delay; doubles per attempt up to `retry_backoff_max`, with jitter.
+    pub retry_backoff: Duration,
+    /// Longest retry delay.
+    pub retry_backoff_max: Duration,
+    /// How long the broker may take to make a batch durable.
+    pub request_timeout: Duration,
+    /// Partition choice for records without one.
+    pub partitioner: Partitioner,
+    /// Records buffered before `send` waits (backpressure).
+    pub buffer_records_max: usize,
+}
+
+impl Default for ProducerConfig {
+    fn default() -> Self {
+        ProducerConfig {
+            client_id: "cairn-producer".into(),
+            acks: Acks::All,
+            linger: Duration::from_millis(5),
+            batch_bytes: 64 * 1024,
+            compression: Compression::None,
+            max_in_flight: 5,
+            retries: 10,
+            retry_backoff: Duration::from_millis(100),
+            retry_backoff_max: Duration::from_secs(1),
+            request_timeout: Duration::from_secs(30),
+            partitioner: Partitioner::default(),
+            buffer_records_max: 65_536,
+        }
+    }
+}
+
+/// A record to send.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ProducerRecord {
+    /// Destination topic.
+    pub topic: String,
+    /// Destination partition; `None` lets the partitioner choose.
+    pub partition: Option<u32>,
+    /// Key (used by the partitioner).
+    pub key: Option<Bytes>,
+    /// Value.
+    pub value: Option<Bytes>,
+    /// Headers.
+    pub headers: Vec<(String, Option<Bytes>)>,
+    /// Timestamp (Unix ms); `None` is now.
+    pub timestamp: Option<i64>,
+}
+
+impl ProducerRecord {
+    /// A record with a value.
+    pub fn new(topic: impl Into<String>, value: impl Into<Bytes>) -> ProducerRecord {
+        ProducerRecord {
+            topic: topic.into(),
+            value: Some(value.into()),
+            ..ProducerRecord::default()
+        }
+    }
+
+    /// Sets the key.
+    pub fn key(mut self, key: impl Into<Bytes>) -> Self {
+        self.key = Some(key.into());
+        self
+    }
+
+    /// Sets the partition.
+    pub fn partition(mut self, partition: u32) -> Self {
+        self.partition = Some(partition);
+        self
+    }
+
+    /// Adds a header.
+    pub fn header(mut self, key: impl Into<String>, value: impl Into<Bytes>) -> Self {
+        self.headers.push((key.into(), Some(value.into())));
+        self
+    }
+
+    /// Sets the timestamp.
+    pub fn timestamp(mut self, timestamp_ms: i64) -> Self {
+        self.timestamp = Some(timestamp_ms);
+        self
+    }
+}
+
+/// Where a record landed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RecordMetadata {
+    /// Topic.
+    pub topic: String,
+    /// Partition.
+    pub partition: u32,
+    /// Offset (`None` with `Acks::None`).
+    pub offset: Option<u64>,
+}
+
+type Delivery = oneshot::Sender<Result<RecordMetadata, ClientError>>;
+
+/// Resolves when the record is acknowledged (or failed for good).
+#[derive(Debug)]
+pub struct DeliveryFuture(oneshot::Receiver<Result<RecordMetadata, ClientError>>);
+
+impl Future for DeliveryFuture {
+    type Output = Result<RecordMetadata, ClientError>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        Pin::new(&mut self.0)
+            .poll(cx)
+            .map(|r| r.unwrap_or(Err(ClientError::Closed)))
+    }
+}
+
+enum Command {
+    Send(ProducerRecord, Delivery),
+    Flush(oneshot::Sender<()>),
+}
+
+/// Sends records to Cairn.
+#[derive(Debug)]
+pub struct Producer {
+    commands: mpsc::Sender<Command>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl std::fmt::Debug for Command {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Command::Send(..) => "Send",
+            Command::Flush(_) => "Flush",
+        })
+    }
+}
+
+impl Producer {
+    /// Connects to a broker.
+    pub async fn connect(bootstrap: &str, config: ProducerConfig) -> Result<Producer, ClientError> {
+        if config.batch_bytes == 0 || config.max_in_flight == 0 || config.buffer_records_max == 0 {
+            return Err(ClientError::InvalidArgument(
+                "batch_bytes, max_in_flight and buffer_records_max must be positive".into(),
+            ));
+        }
+        let conn = Connection::connect(bootstrap, &config.client_id).await?;
+        let (commands, rx) = mpsc::channel(config.buffer_records_max);
+        let task = tokio::spawn(Sender::new(conn, config).run(rx));
+        Ok(Producer { commands, task })
+    }
+
+    /// Queues a record; the returned future resolves when it is acknowledged. Waits if
+    /// `buffer_records_max` records are already queued.
+    pub async fn send(&self, record: ProducerRecord) -> Result<DeliveryFuture, ClientError> {
+        let (tx, rx) = oneshot::channel();
+        self.commands
+            .send(Command::Send(record, tx))
+            .await
+            .map_err(|_| ClientError::Closed)?;
+        Ok(DeliveryFuture(rx))
+    }
+
+    /// Sends everything queued now, without waiting for `linger`, and waits until it is
+    /// acknowledged or failed.
+    pub async fn flush(&self) -> Result<(), ClientError> {
+        let (tx, rx) = oneshot::channel();
+        self.commands
+            .send(Command::Flush(tx))
+            .await
+            .map_err(|_| ClientError::Closed)?;
+        rx.await.map_err(|_| ClientError::Closed)
+    }
+
+    /// Flushes and stops.
+    pub async fn close(self) -> Result<(), ClientError> {
+        self.flush().await?;
+        drop(self.commands);
+        self.task.await.map_err(|_| ClientError::Closed)
+    }
+}
+
+struct Batch {
+    topic: String,
+    partition: u32,
+    builder: BatchBuilder,
+    deliveries: Vec<Delivery>,
+    created: Instant,
+}
+
+struct Ready {
+    topic: String,
+    partition: u32,
+    bytes: Bytes,
+    deliveries: Vec<Delivery>,
+    attempts: u32,
+    not_before: Instant,
+}
+
+type InFlight = Pin<
+    Box<dyn Future<Output = (Vec<Ready>, Result<Option<ProduceResponse>, ClientError>)> + Send>,
+>;
+
+struct Sender {
+    conn: Connection,
+    config: ProducerConfig,
+    partitions: HashMap<String, u32>,
+    sticky: HashMap<String, u32>,
+    round_robin: PartitionerState,
+    open: HashMap<(String, u32), Batch>,
+    ready: VecDeque<Ready>,
+    in_flight: FuturesUnordered<InFlight>,
+    flushes: Vec<oneshot::Sender<()>>,
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+impl Sender {
+    fn new(conn: Connection, config: ProducerConfig) -> Sender {
+        Sender {
+            conn,
+            config,
+            partitions: HashMap::new(),
+            sticky: HashMap::new(),
+            round_robin: PartitionerState::default(),
+            open: HashMap::new(),
+            ready: VecDeque::new(),
+            in_flight: FuturesUnordered::new(),
+            flushes: Vec::new(),
+        }
+    }
+
+    async fn run(mut self, mut commands: mpsc::Receiver<Command>) {
+        let mut closing = false;
+        loop {
+            self.dispatch();
+            if self.flushes.len() + usize::from(closing) > 0
+                && self.open.is_empty()
+                && self.ready.is_empty()
+                && self.in_flight.is_empty()
+            {
+                for flush in self.flushes.drain(..) {
+                    let _ = flush.send(());
+                }
+                if closing {
+                    return;
+                }
+            }
+            let wake = self.next_wake();
+            tokio::select! {
+                command = commands.recv(), if !closing => match command {
+                    Some(Command::Send(record, delivery)) => self.accept(record, delivery).await,
+                    Some(Command::Flush(done)) => {
+                        self.seal_all();
+                        self.flushes.push(done);
+                    }
+                    None => {
+                        closing = true;
+                        self.seal_all();
+                    }
+                },
+                Some((sent, result)) = self.in_flight.next(), if !self.in_flight.is_empty() => self.complete(sent, result),
+                () = tokio::time::sleep_until(wake.into()) => self.seal_lingering(),
+            }
+        }
+    }
+
+    fn next_wake(&self) -> Instant {
+        let far = Instant::now() + Duration::from_secs(3600);
+        let linger = self
+            .open
+            .values()
+            .map(|b| b.created + self.config.linger)
+            .min()
+            .unwrap_or(far);
+        let retry = self.ready.iter().map(|r| r.not_before).min().unwrap_or(far);
+        linger.min(retry)
+    }
+
+    async fn partition_count(&mut self, topic: &str) -> Result<u32, ClientError> {
+        if let Some(&n) = self.partitions.get(topic) {
+            return Ok(n);
+        }
+        let mut backoff = self.config.retry_backoff;
+        for attempt in 0..=self.config.retries {
+            let response: Result<MetadataResponse, _> = self
+                .conn
+                .call(&Request::Metadata(MetadataRequest {
+                    topics: vec![topic.to_string()],
+                    allow_auto_create: true,
+                }))
+                .await;
+            let error = match response {
+                Ok(metadata) => match metadata.topics.into_iter().find(|t| t.name == topic) {
+                    Some(t) if t.error_code == 0 && !t.partitions.is_empty() => {
+                        let n = t.partitions.len() as u32;
+                        self.partitions.insert(topic.to_string(), n);
+                        return Ok(n);
+                    }
+                    Some(t) => ClientError::broker(
+                        format!("metadata for {topic}"),
+                        t.error_code,
+                        String::new(),
+                    ),
+                    None => ClientError::broker(
+                        format!("metadata for {topic}"),
+                        ErrorCode::UNKNOWN_TOPIC_OR_PARTITION.0,
+                        String::new(),
+                    ),
+                },
+                Err(err) => err,
+            };
+            if !error.is_retriable() || attempt == self.config.retries {
+                return Err(error);
+            }
+            tokio::time::sleep(jitter(backoff)).await;
+            backoff = (backoff * 2).min(self.config.retry_backoff_max);
+        }
+        Err(ClientError::Timeout(format!("metadata for {topic}")))
+    }
+
+    async fn accept(&mut self, record: ProducerRecord, delivery: Delivery) {
+        let n_partitions = match self.partition_count(&record.topic).await {
+            Ok(n) => n,
+            Err(err) => {
+                let _ = delivery.send(Err(err));
+                return;
+            }
+        };
+        let partition = match (record.partition, &record.key, self.config.partitioner) {
+            (Some(p), _, _) if p < n_partitions => p,
+            (Some(p), _, _) => {
+                let _ = delivery.send(Err(ClientError::InvalidArgument(format!(
+                    "partition {p} of {} does not exist ({n_partitions} partitions)",
+                    record.topic
+                ))));
+                return;
+            }
+            (None, Some(key), Partitioner::Murmur2Sticky) => partition_for_key(key, n_partitions),
+            (None, None, Partitioner::Murmur2Sticky) => *self
+                .sticky
+                .entry(record.topic.clone())
+                .or_insert_with(|| rand::rng().random_range(0..n_partitions)),
+            (None, _, Partitioner::RoundRobin) => self.round_robin.round_robin(n_partitions),
+        };
+        let key = (record.topic.clone(), partition);
+        let compression = self.config.compression;
+        let batch = self.open.entry(key.clone()).or_insert_with(|| Batch {
+            topic: record.topic.clone(),
+            partition,
+            builder: BatchBuilder::new(compression),
+            deliveries: Vec::new(),
+            created: Instant::now(),
+        });
+        let headers: Vec<(&str, Option<&[u8]>)> = record
+            .headers
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_deref()))
+            .collect();
+        batch.builder.push(
+            record.timestamp.unwrap_or_else(now_ms),
+            record.key.as_deref(),
+            record.value.as_deref(),
+            &headers,
+        );
+        batch.deliveries.push(delivery);
+        if batch.builder.uncompressed_bytes() >= self.config.batch_bytes {
+            self.seal(&key);
+        }
+    }
+
+    fn seal(&mut self, key: &(String, u32)) {
+        let Some(batch) = self.open.remove(key) else {
+            return;
+        };
+        // A sealed unkeyed batch moves the sticky partition on (KIP-480).
+        if self.sticky.get(&batch.topic) == Some(&batch.partition)
+            && let Some(&n) = self.partitions.get(&batch.topic)
+            && n > 1
+        {
+            let next = (batch.partition + 1 + rand::rng().random_range(0..n - 1)) % n;
+            self.sticky.insert(batch.topic.clone(), next);
+        }
+        match batch.builder.build() {
+            Ok(bytes) => self.ready.push_back(Ready {
+                topic: batch.topic,
+                partition: batch.partition,
+                bytes,
+                deliveries: batch.deliveries,
+                attempts: 0,
+                not_before: Instant::now(),
+            }),
+            Err(err) => {
+                for delivery in batch.deliveries {
+                    let _ = delivery.send(Err(ClientError::InvalidArgument(format!(
+                        "building a batch: {err}"
+                    ))));
+                }
+            }
+        }
+    }
+
+    fn seal_all(&mut self) {
+        let keys: Vec<_> = self.open.keys().cloned().collect();
+        for key in keys {
+            self.seal(&key);
+        }
+    }
+
+    fn seal_lingering(&mut self) {
+        let now = Instant::now();
+        let keys: Vec<_> = self
+            .open
+            .iter()
+            .filter(|(_, b)| b.created + self.config.linger <= now)
+            .map(|(k, _)| k.clone())
+            .collect();
+        for key in keys {
+            self.seal(&key);
+        }
+    }
+
+    /// Sends ready batches while requests may be added: one request carries at most one batch per
+    /// partition, so a partition's batches are sent in order.
+    fn dispatch(&mut self) {
+        let now = Instant::now();
+        while self.in_flight.len() < self.config.max_in_flight {
+            let mut taken: Vec<Ready> = Vec::new();
+            let mut rest = VecDeque::new();
+            while let Some(ready) = self.ready.pop_front() {
+                let duplicate = taken
+                    .iter()
+                    .any(|t| t.topic == ready.topic && t.partition == ready.partition);
+                let blocked = rest
+                    .iter()
+                    .any(|r: &Ready| r.topic == ready.topic && r.partition == ready.partition);
+                if ready.not_before <= now && !duplicate && !blocked {
+                    taken.push(ready);
+                } else {
+                    rest.push_back(ready);
+                }
+            }
+            self.ready = rest;
+            if taken.is_empty() {
+                return;
+            }
+            let mut topics: Vec<ProduceTopic> = Vec::new();
+            for ready in &taken {
+                let part = ProducePartition {
+                    partition: ready.partition,
+                    records: ready.bytes.clone(),
+                };
+                match topics.iter_mut().find(|t| t.name == ready.topic) {
+                    Some(topic) => topic.partitions.push(part),
+                    None => topics.push(ProduceTopic {
+                        name: ready.topic.clone(),
+                        partitions: vec![part],
+                    }),
+                }
+            }
+            let acks = self.config.acks;
+            let request = Request::Produce(ProduceRequest {
+                acks: acks.wire(),
+                timeout_ms: self
+                    .config
+                    .request_timeout
+                    .as_millis()
+                    .min(u32::MAX as u128) as u32,
+                topics,
+            });
+            let conn = self.conn.clone();
+            let deadline = self.config.request_timeout + Duration::from_secs(5);
+            self.in_flight.push(Box::pin(async move {
+                let result = match acks {
+                    Acks::None => conn.send_only(&request).await.map(|()| None),
+                    _ => {
+                        match tokio::time::timeout(deadline, conn.call::<ProduceResponse>(&request))
+                            .await
+                        {
+                            Ok(result) => result.map(Some),
+                            Err(_) => Err(ClientError::Timeout("produce".into())),
+                        }
+                    }
+                };
+                (taken, result)
+            }));
+        }
+    }
+
+    fn complete(&mut self, sent: Vec<Ready>, result: Result<Option<ProduceResponse>, ClientError>) {
+        let response = match result {
+            Ok(response) => response,
+            Err(err) => {
+                for ready in sent {
+                    self.retry_or_fail(ready, err.clone());
+                }
+                return;
+            }
+        };
+        for ready in sent {
+            let Some(response) = &response else {
+                // acks=0: sent is all we know.
+                for delivery in ready.deliveries {
+                    let _ = delivery.send(Ok(RecordMetadata {
+                        topic: ready.topic.clone(),
+                        partition: ready.partition,
+                        offset: None,
+                    }));
+                }
+                continue;
+            };
+            let found = response
+                .topics
+                .iter()
+                .filter(|t| t.name == ready.topic)
+                .flat_map(|t| t.partitions.iter())
+                .find(|p| p.partition == ready.partition);
+            match found {
+                Some(p) if p.error_code == 0 => {
+                    for (idx, delivery) in ready.deliveries.into_iter().enumerate() {
+                        let _ = delivery.send(Ok(RecordMetadata {
+                            topic: ready.topic.clone(),
+                            partition: ready.partition,
+                            offset: Some(p.base_offset + idx as u64),
+                        }));
+                    }
+                }
+                Some(p) => {
+                    let err = ClientError::broker(
+                        format!("produce to {}-{}", ready.topic, ready.partition),
+                        p.error_code,
+                        p.error_message.clone(),
+                    );
+                    self.retry_or_fail(ready, err);
+                }
+                None => {
+                    let err = ClientError::InvalidArgument(format!(
+                        "{}-{} missing from the produce response",
+                        ready.topic, ready.partition
+                    ));
+                    self.retry_or_fail(ready, err);
+                }
+            }
+        }
+    }
+
+    fn retry_or_fail(&mut self, mut ready: Ready, err: ClientError) {
+        if err.is_retriable() && ready.attempts < self.config.retries {
+            let backoff = self
+                .config
+                .retry_backoff
+                .saturating_mul(1 << ready.attempts.min(16))
+                .min(self.config.retry_backoff_max);
+            ready.attempts += 1;
+            ready.not_before = Instant::now() + jitter(backoff);
+            tracing::debug!(topic = %ready.topic, partition = ready.partition, attempt = ready.attempts, error = %err, "retrying batch");
+            if err.code() == Some(ErrorCode::UNKNOWN_TOPIC_OR_PARTITION) {
+                self.partitions.remove(&ready.topic);
+            }
+            // Ahead of later batches of the same partition, to keep their order.
+            self.ready.push_front(ready);
+        } else {
+            for delivery in ready.deliveries {
+                let _ = delivery.send(Err(err.clone()));
+            }
+        }
+    }
+}
+
+/// `base` scaled by a random factor in [0.5, 1.5): retries from many producers spread out.
+fn jitter(base: Duration) -> Duration {
+    base.mul_f64(rand::rng().random_range(0.5..1.5))
+}
