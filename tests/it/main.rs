@@ -2,6 +2,8 @@
 //! processes killed with SIGKILL, and a fault-injecting file system for power loss.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
+mod broker;
+mod broker_process;
 mod kill9;
 mod log_basics;
 mod log_model;

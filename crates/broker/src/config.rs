@@ -35,6 +35,12 @@ pub struct BrokerConfig {
     /// Most request bytes held in memory across all connections before the broker stops
     /// reading requests (backpressure instead of allocation).
     pub inflight_bytes_max: u64,
+    /// A connection with no request for this long is closed, in milliseconds (Kafka
+    /// `connections.max.idle.ms`).
+    pub connection_idle_timeout_ms: u64,
+    /// A frame whose bytes started arriving must be complete within this, in milliseconds; a
+    /// stalled frame (slow-loris) closes the connection.
+    pub frame_read_timeout_ms: u64,
     /// Most partitions across all topics.
     pub partitions_max: u32,
     /// Create a topic when a client asks for its metadata or produces to it.
@@ -61,6 +67,8 @@ impl Default for BrokerConfig {
             connections_max: 10_000,
             inflight_requests_per_connection_max: 64,
             inflight_bytes_max: 256 * 1024 * 1024,
+            connection_idle_timeout_ms: 600_000,
+            frame_read_timeout_ms: 30_000,
             partitions_max: 10_000,
             auto_create_topics: true,
             topic_defaults: TopicDefaults::default(),
@@ -120,6 +128,18 @@ impl BrokerConfig {
             1 << 40,
         )?;
         check("partitions_max", self.partitions_max.into(), 1, 1_000_000)?;
+        check(
+            "connection_idle_timeout_ms",
+            self.connection_idle_timeout_ms,
+            100,
+            86_400_000,
+        )?;
+        check(
+            "frame_read_timeout_ms",
+            self.frame_read_timeout_ms,
+            100,
+            3_600_000,
+        )?;
         check(
             "retention_check_interval_ms",
             self.retention_check_interval_ms,

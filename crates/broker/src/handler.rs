@@ -2,6 +2,8 @@
 //! TCP listener and an in-process client share it.
 
 use std::collections::BTreeMap;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -28,6 +30,24 @@ pub enum Outcome {
     Close(String),
 }
 
+/// The part of a request that may run alongside later requests of its connection.
+pub type Deferred = Pin<Box<dyn Future<Output = Outcome> + Send>>;
+
+fn ready(outcome: Outcome) -> Deferred {
+    Box::pin(std::future::ready(outcome))
+}
+
+/// A partition to make durable before answering: (topic index, partition index, partition, last
+/// appended offset) in the response.
+type DurableWait = (usize, usize, Arc<Partition>, Offset);
+
+/// A produce request after its appends.
+struct Appended {
+    response: ProduceResponse,
+    durable_waits: Vec<DurableWait>,
+    timeout_ms: u32,
+}
+
 /// The broker's request handler.
 #[derive(Debug)]
 pub struct Handler {
@@ -46,12 +66,20 @@ fn now_ms() -> i64 {
 }
 
 impl Handler {
-    /// Handles one frame payload (header and body).
-    pub async fn handle(&self, mut frame: Bytes) -> Outcome {
+    /// Handles one frame payload (header and body) from start to response.
+    pub async fn handle(self: &Arc<Self>, frame: Bytes) -> Outcome {
+        self.begin(frame).await.await
+    }
+
+    /// The ordered part of handling a frame: decoding, appends, topic changes. A connection awaits
+    /// this before it starts the next request, so requests take effect in the order they were
+    /// sent (a pipelining producer's batches land in order). What follows (waiting for durability,
+    /// long-poll fetches) is returned as a future that may run alongside later requests.
+    pub async fn begin(self: &Arc<Self>, mut frame: Bytes) -> Deferred {
         let started = Instant::now();
         let header = match RequestHeader::decode(&mut frame, "header") {
             Ok(header) => header,
-            Err(err) => return Outcome::Close(format!("undecodable request header: {err}")),
+            Err(err) => return ready(Outcome::Close(format!("undecodable request header: {err}"))),
         };
         let corr = header.correlation_id;
         let Some(api) = ApiKey::from_u16(header.api_key) else {
@@ -60,18 +88,20 @@ impl Handler {
                 .with_label_values(&["unknown", ErrorCode::UNSUPPORTED_VERSION.name()])
                 .inc();
             let message = format!("unknown api key {}", header.api_key);
-            return Outcome::Respond(encode_error_response(
+            return ready(Outcome::Respond(encode_error_response(
                 corr,
                 ErrorCode::UNSUPPORTED_VERSION,
                 &message,
-            ));
+            )));
         };
         let error = |code: ErrorCode, message: String| {
             self.metrics
                 .request_errors
                 .with_label_values(&[api.name(), code.name()])
                 .inc();
-            Outcome::Respond(encode_error_response(corr, code, &message))
+            ready(Outcome::Respond(encode_error_response(
+                corr, code, &message,
+            )))
         };
         let (min, max) = api.versions();
         if !(min..=max).contains(&header.api_version) {
@@ -97,42 +127,65 @@ impl Handler {
                 );
             }
         };
-        let outcome = match request {
-            Request::ApiVersions(_) => {
-                Outcome::Respond(encode_response(corr, &self.api_versions()))
-            }
-            Request::Metadata(r) => {
-                Outcome::Respond(encode_response(corr, &self.metadata(r).await))
-            }
-            Request::CreateTopics(r) => {
-                Outcome::Respond(encode_response(corr, &self.create_topics(r).await))
-            }
-            Request::DeleteTopics(r) => {
-                Outcome::Respond(encode_response(corr, &self.delete_topics(r).await))
-            }
-            Request::DescribeTopics(r) => {
-                Outcome::Respond(encode_response(corr, &self.describe_topics(r)))
-            }
+        let this = Arc::clone(self);
+        let finish = move |outcome: Outcome| {
+            this.metrics.requests.with_label_values(&[api.name()]).inc();
+            this.metrics
+                .request_seconds
+                .with_label_values(&[api.name()])
+                .observe(started.elapsed().as_secs_f64());
+            outcome
+        };
+        match request {
             Request::Produce(r) => {
                 let acks = r.acks;
-                let response = self.produce(r).await;
-                if acks == 0 {
-                    Outcome::Silent
-                } else {
-                    Outcome::Respond(encode_response(corr, &response))
-                }
+                let appended = self.produce_append(r).await;
+                let this = Arc::clone(self);
+                Box::pin(async move {
+                    let response = this.produce_finish(appended).await;
+                    finish(if acks == 0 {
+                        Outcome::Silent
+                    } else {
+                        Outcome::Respond(encode_response(corr, &response))
+                    })
+                })
             }
-            Request::Fetch(r) => Outcome::Respond(encode_response(corr, &self.fetch(r).await)),
-            Request::ListOffsets(r) => {
-                Outcome::Respond(encode_response(corr, &self.list_offsets(r)))
+            Request::Fetch(r) => {
+                let this = Arc::clone(self);
+                Box::pin(async move {
+                    finish(Outcome::Respond(encode_response(
+                        corr,
+                        &this.fetch(r).await,
+                    )))
+                })
             }
-        };
-        self.metrics.requests.with_label_values(&[api.name()]).inc();
-        self.metrics
-            .request_seconds
-            .with_label_values(&[api.name()])
-            .observe(started.elapsed().as_secs_f64());
-        outcome
+            request => {
+                let outcome = match request {
+                    Request::ApiVersions(_) => {
+                        Outcome::Respond(encode_response(corr, &self.api_versions()))
+                    }
+                    Request::Metadata(r) => {
+                        Outcome::Respond(encode_response(corr, &self.metadata(r).await))
+                    }
+                    Request::CreateTopics(r) => {
+                        Outcome::Respond(encode_response(corr, &self.create_topics(r).await))
+                    }
+                    Request::DeleteTopics(r) => {
+                        Outcome::Respond(encode_response(corr, &self.delete_topics(r).await))
+                    }
+                    Request::DescribeTopics(r) => {
+                        Outcome::Respond(encode_response(corr, &self.describe_topics(r)))
+                    }
+                    Request::ListOffsets(r) => {
+                        Outcome::Respond(encode_response(corr, &self.list_offsets(r)))
+                    }
+                    Request::Produce(_) | Request::Fetch(_) => {
+                        Outcome::Close("unreachable dispatch".into())
+                    }
+                };
+                ready(finish(outcome))
+            }
+        }
     }
 
     fn count_error(&self, api: ApiKey, code: ErrorCode) {
@@ -365,14 +418,15 @@ impl Handler {
         DescribeTopicsResponse { topics }
     }
 
-    async fn produce(&self, request: ProduceRequest) -> ProduceResponse {
+    /// Appends every partition's batches, in request order.
+    async fn produce_append(&self, request: ProduceRequest) -> Appended {
         let ProduceRequest {
             acks,
             timeout_ms,
             topics,
         } = request;
         let acks_valid = (-1..=1).contains(&acks);
-        let mut durable_waits: Vec<(usize, usize, Arc<Partition>, Offset)> = Vec::new();
+        let mut durable_waits: Vec<DurableWait> = Vec::new();
         let mut response = ProduceResponse {
             topics: Vec::with_capacity(topics.len()),
         };
@@ -432,6 +486,20 @@ impl Handler {
                 partitions,
             });
         }
+        Appended {
+            response,
+            durable_waits,
+            timeout_ms,
+        }
+    }
+
+    /// For acks=all, waits until every appended partition is durable.
+    async fn produce_finish(&self, appended: Appended) -> ProduceResponse {
+        let Appended {
+            mut response,
+            durable_waits,
+            timeout_ms,
+        } = appended;
         // acks=all: every appended partition durable (group commit: concurrent producers share
         // the fsync), within the request's timeout.
         let deadline = Duration::from_millis(timeout_ms.into());
@@ -509,9 +577,14 @@ impl Handler {
                     .inc_by(info.last_offset.0 - info.base_offset.0 + 1);
                 Ok((info.base_offset, info.last_offset))
             }
-            Err(AppendError::InvalidBatch(BatchError::TooLarge { n_bytes, max })) => Err((
+            // Too large only if the batch really is: a length field claiming more than was sent is
+            // corruption.
+            Err(AppendError::InvalidBatch(BatchError::TooLarge {
+                n_bytes: claimed,
+                max,
+            })) if claimed <= n_bytes => Err((
                 ErrorCode::MESSAGE_TOO_LARGE,
-                format!("batch of {n_bytes} bytes exceeds max.message.bytes = {max}"),
+                format!("batch of {claimed} bytes exceeds max.message.bytes = {max}"),
             )),
             Err(AppendError::Fatal(err)) => {
                 Err((ErrorCode::KAFKA_STORAGE_ERROR, error_chain(&err)))

@@ -1,8 +1,9 @@
 //! The native-protocol TCP listener and the HTTP endpoint (`/metrics`, `/health`, `/ready`).
 //!
-//! Per connection, a reader task reads frames and spawns one handler task per request; a writer
-//! task awaits the handlers in arrival order and writes their responses, so clients may pipeline
-//! while responses stay in order. Limits: `connections_max` connections (more are closed at once),
+//! Per connection, a reader task reads frames and runs each request's ordered part (appends, topic
+//! changes) before reading the next, so requests take effect in the order sent; the rest of each
+//! request (durability waits, long polls) runs as its own task, and a writer task awaits those in
+//! arrival order and writes their responses. Clients may pipeline; responses stay in order. Limits: `connections_max` connections (more are closed at once),
 //! `inflight_requests_per_connection_max` requests per connection, and `inflight_bytes_max` request
 //! bytes across all connections, acquired after a frame's length is read and before its body is:
 //! past the budget the broker stops reading instead of allocating.
@@ -113,19 +114,33 @@ async fn connection(
         Ok(())
     });
     let frame_bytes_max = handler.config.frame_bytes_max;
+    let idle_timeout = Duration::from_millis(handler.config.connection_idle_timeout_ms);
+    let frame_timeout = Duration::from_millis(handler.config.frame_read_timeout_ms);
     let read_result: Result<(), String> = async {
         loop {
             if closed.load(Ordering::Relaxed) {
                 return Ok(());
             }
-            let len = tokio::select! {
-                len = reader.read_u32() => match len {
-                    Ok(len) => len,
-                    Err(err) if err.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
-                    Err(err) => return Err(format!("read: {err}")),
-                },
+            // Idle between requests: up to the idle timeout. Within a frame: the frame timeout.
+            let mut first = [0u8; 1];
+            let got = tokio::select! {
+                got = tokio::time::timeout(idle_timeout, reader.read(&mut first)) => got,
                 () = shutdown.cancelled() => return Ok(()),
             };
+            match got {
+                Err(_) => return Err("idle timeout".into()),
+                Ok(Ok(0)) => return Ok(()),
+                Ok(Ok(_)) => {}
+                Ok(Err(err)) => return Err(format!("read: {err}")),
+            }
+            let mut rest = [0u8; 3];
+            tokio::time::timeout(frame_timeout, reader.read_exact(&mut rest))
+                .await
+                .map_err(|_| "stalled frame header".to_string())?
+                .map_err(|e| format!("read: {e}"))?;
+            let [b1, b2, b3] = rest;
+            let [b0] = first;
+            let len = u32::from_be_bytes([b0, b1, b2, b3]);
             if len == 0 || len > frame_bytes_max {
                 return Err(format!("frame length {len} outside 1..={frame_bytes_max}"));
             }
@@ -135,10 +150,14 @@ async fn connection(
                 () = shutdown.cancelled() => return Ok(()),
             };
             let mut body = BytesMut::zeroed(len as usize);
-            reader.read_exact(&mut body).await.map_err(|e| format!("read frame body: {e}"))?;
+            tokio::time::timeout(frame_timeout, reader.read_exact(&mut body))
+                .await
+                .map_err(|_| "stalled frame body".to_string())?
+                .map_err(|e| format!("read frame body: {e}"))?;
             let frame: Bytes = body.freeze();
-            let handler = Arc::clone(&handler);
-            let task = tokio::spawn(async move { (handler.handle(frame).await, permit) });
+            // In order: this request's appends happen before the next request is read.
+            let deferred = handler.begin(frame).await;
+            let task = tokio::spawn(async move { (deferred.await, permit) });
             if queue.send(task).await.is_err() {
                 return Ok(()); // The writer stopped.
             }

@@ -1,0 +1,105 @@
+//! `cairn`: run a broker, manage topics, produce and consume from the shell. The binary is
+//! `src/main.rs`; everything else is here so integration tests can build the same command.
+
+mod broker;
+mod consume;
+mod produce;
+mod topic;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+/// Cairn: a partitioned event log broker.
+#[derive(Debug, Parser)]
+#[command(name = "cairn", version, about, propagate_version = true)]
+struct Cli {
+    /// Broker address of the native protocol.
+    #[arg(
+        long,
+        global = true,
+        env = "CAIRN_BOOTSTRAP",
+        default_value = "127.0.0.1:9192"
+    )]
+    bootstrap: String,
+    /// Output format.
+    #[arg(long, global = true, value_enum, default_value_t = Output::Table)]
+    output: Output,
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// How results are printed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Output {
+    /// Human-readable tables.
+    Table,
+    /// One JSON document (or one per line for streams).
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run a broker (flags > CAIRN_* env > TOML config file > defaults).
+    Broker(broker::BrokerArgs),
+    /// Create, list, describe and delete topics.
+    #[command(subcommand)]
+    Topic(topic::TopicCommand),
+    /// Produce one record per line of stdin.
+    Produce(produce::ProduceArgs),
+    /// Print records of a topic.
+    Consume(consume::ConsumeArgs),
+}
+
+/// Runs the `cairn` command with the process arguments; returns its exit code.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let default_level = if matches!(cli.command, Command::Broker(_)) {
+        "info"
+    } else {
+        "warn"
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level)),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("cairn: cannot start the async runtime: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async move {
+        match cli.command {
+            Command::Broker(args) => broker::run(args).await,
+            Command::Topic(command) => topic::run(&cli.bootstrap, cli.output, command).await,
+            Command::Produce(args) => produce::run(&cli.bootstrap, cli.output, args).await,
+            Command::Consume(args) => consume::run(&cli.bootstrap, cli.output, args).await,
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        // A closed pipe (`cairn consume t | head`) is a normal way to stop.
+        Err(err) if is_broken_pipe(&err) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("cairn: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn is_broken_pipe(err: &anyhow::Error) -> bool {
+    err.chain().any(|cause| {
+        cause
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe)
+    })
+}

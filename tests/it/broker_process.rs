@@ -1,0 +1,171 @@
+//! Real `cairn broker` processes on ephemeral loopback ports, and the `cairn` command.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// The `cairn` command under test.
+pub fn cairn_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_cairn-under-test")
+}
+
+/// A broker process, killed when dropped.
+pub struct BrokerProcess {
+    child: Option<Child>,
+    /// Native-protocol address.
+    pub addr: String,
+    /// HTTP address.
+    pub http: String,
+    /// The broker's log (stderr).
+    pub log: PathBuf,
+}
+
+impl BrokerProcess {
+    /// Starts a broker on `data_dir` and waits until it listens.
+    pub fn start(data_dir: &Path) -> BrokerProcess {
+        BrokerProcess::start_with_config(data_dir, "")
+    }
+
+    /// Starts a broker with a TOML config file (flags still set the data dir and listeners).
+    pub fn start_with_config(data_dir: &Path, toml: &str) -> BrokerProcess {
+        let config = data_dir.with_extension("toml");
+        std::fs::write(&config, toml).unwrap();
+        let log = data_dir.with_extension(format!(
+            "{}.log",
+            std::process::id() ^ rand::random::<u32>()
+        ));
+        let stderr = std::fs::File::create(&log).unwrap();
+        let child = Command::new(cairn_bin())
+            .args([
+                "broker",
+                "--listen",
+                "127.0.0.1:0",
+                "--http-listen",
+                "127.0.0.1:0",
+                "--data-dir",
+            ])
+            .arg(data_dir)
+            .arg("--config")
+            .arg(&config)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(stderr)
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            if let Some(line) = text
+                .lines()
+                .find(|l| l.contains("cairn broker listening on"))
+            {
+                let addr = line
+                    .split("listening on ")
+                    .nth(1)
+                    .unwrap()
+                    .split(' ')
+                    .next()
+                    .unwrap()
+                    .to_string();
+                let http = line
+                    .split("http://")
+                    .nth(1)
+                    .unwrap()
+                    .split('/')
+                    .next()
+                    .unwrap()
+                    .to_string();
+                return BrokerProcess {
+                    child: Some(child),
+                    addr,
+                    http,
+                    log,
+                };
+            }
+            assert!(Instant::now() < deadline, "broker did not start:\n{text}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// SIGKILL, no cleanup.
+    pub fn kill9(mut self) {
+        if let Some(mut child) = self.child.take() {
+            child.kill().unwrap();
+            child.wait().unwrap();
+        }
+    }
+
+    /// SIGTERM, then waits for the exit.
+    pub fn terminate(mut self) -> ExitStatus {
+        let mut child = self.child.take().unwrap();
+        let status = Command::new("kill")
+            .arg("-TERM")
+            .arg(child.id().to_string())
+            .status()
+            .unwrap();
+        assert!(status.success());
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "broker did not stop after SIGTERM"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// GET a path from the HTTP listener; (status line, body).
+    pub fn http_get(&self, path: &str) -> (String, String) {
+        let mut stream = TcpStream::connect(&self.http).unwrap();
+        write!(stream, "GET {path} HTTP/1.1\r\nHost: test\r\n\r\n").unwrap();
+        let mut text = String::new();
+        stream.read_to_string(&mut text).unwrap();
+        let (head, body) = text.split_once("\r\n\r\n").unwrap();
+        (head.lines().next().unwrap().to_string(), body.to_string())
+    }
+}
+
+impl Drop for BrokerProcess {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Runs `cairn ARGS` against `broker`, feeding `stdin`.
+pub fn cairn(broker: &str, args: &[&str], stdin: &str) -> Output {
+    let mut child = Command::new(cairn_bin())
+        .arg("--bootstrap")
+        .arg(broker)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut input = child.stdin.take().unwrap();
+    let stdin = stdin.to_string();
+    let writer = std::thread::spawn(move || input.write_all(stdin.as_bytes()));
+    let output = child.wait_with_output().unwrap();
+    writer.join().unwrap().unwrap();
+    output
+}
+
+/// Stdout of a successful `cairn` run.
+pub fn cairn_ok(broker: &str, args: &[&str], stdin: &str) -> String {
+    let output = cairn(broker, args, stdin);
+    assert!(
+        output.status.success(),
+        "cairn {args:?} failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout).unwrap()
+}
