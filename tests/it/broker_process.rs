@@ -29,6 +29,8 @@ impl BrokerProcess {
     }
 
     /// Starts a broker with a TOML config file (flags still set the data dir and listeners).
+    // The child is waited for by `kill9`, `terminate` or `Drop`.
+    #[allow(clippy::zombie_processes)]
     pub fn start_with_config(data_dir: &Path, toml: &str) -> BrokerProcess {
         let config = data_dir.with_extension("toml");
         std::fs::write(&config, toml).unwrap();
