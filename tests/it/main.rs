@@ -4,6 +4,7 @@
 
 mod broker;
 mod broker_process;
+mod embedded;
 mod kill9;
 mod log_basics;
 mod log_model;

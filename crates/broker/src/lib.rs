@@ -10,6 +10,9 @@
 //!     .start()
 //!     .await?;
 //! println!("serving on {}", broker.native_addr());
+//! // In the same process, without TCP:
+//! let admin = cairn_client::Admin::with_connection(broker.connection("my-service"));
+//! admin.create_topic("events", 3, &[]).await.unwrap();
 //! broker.shutdown().await;
 //! # Ok(()) }
 //! ```
@@ -19,6 +22,7 @@
 )]
 
 mod config;
+mod embedded;
 mod handler;
 mod manager;
 mod metadata;
@@ -300,6 +304,15 @@ impl RunningBroker {
     /// The topics (for in-process use and tests).
     pub fn topics(&self) -> &Arc<TopicManager> {
         &self.handler.manager
+    }
+
+    /// An in-process client connection that skips TCP: hand it to
+    /// `cairn_client::Producer::with_connection`, `Consumer::with_connection` or
+    /// `Admin::with_connection`.
+    pub fn connection(&self, client_id: &str) -> cairn_client::Connection {
+        let transport =
+            embedded::LocalTransport::new(Arc::clone(&self.handler), self.shutdown.clone());
+        cairn_client::Connection::from_transport(Arc::new(transport), client_id)
     }
 
     /// The request handler, for in-process transports that skip TCP.

@@ -24,8 +24,8 @@ impl Admin {
         })
     }
 
-    /// An admin client over an existing connection.
-    pub fn new(conn: Connection) -> Admin {
+    /// An admin client over an existing connection (for example an embedded broker's).
+    pub fn with_connection(conn: Connection) -> Admin {
         Admin { conn }
     }
 

@@ -1,6 +1,9 @@
-//! One TCP connection to a broker, pipelined: many requests in flight, responses matched in order.
+//! Connections to a broker, over TCP or in process. Requests are pipelined: many may be in
+//! flight, and each takes its place in the connection's order when `call` is invoked (not when
+//! its future is first polled), so a producer's batches reach the broker in the order it sent them.
 
 use std::collections::VecDeque;
+use std::future::Future;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -13,37 +16,118 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::error::ClientError;
 
-type Reply = oneshot::Sender<Result<Bytes, ClientError>>;
+/// The response to one submitted request frame.
+pub type Reply = oneshot::Receiver<Result<Bytes, ClientError>>;
 
-struct Call {
-    correlation_id: u32,
-    payload: Vec<u8>,
-    reply: Option<Reply>,
+/// Carries request frames to a broker and response frames back, in order.
+///
+/// To ensure correctness, implementations process frames in the order `submit` is called and
+/// answer each with its response payload (correlation id first), or with an error if the
+/// connection failed. `submit` must not block.
+pub trait Transport: Send + Sync + std::fmt::Debug {
+    /// Queues a request payload (header and body, no length prefix). With `expects_response`
+    /// false (acks=0 produce) no response comes and the reply resolves once the frame is queued.
+    fn submit(&self, payload: Vec<u8>, expects_response: bool) -> Reply;
+    /// Where the transport leads, for messages.
+    fn peer(&self) -> &str;
 }
 
-/// A connection to one broker. Cheap to clone; all clones share the socket.
+/// A connection to one broker. Cheap to clone; all clones share the transport.
 #[derive(Debug, Clone)]
 pub struct Connection {
-    calls: mpsc::Sender<Call>,
+    transport: Arc<dyn Transport>,
     next_correlation: Arc<AtomicU32>,
     client_id: Arc<str>,
-    addr: Arc<str>,
 }
 
-impl std::fmt::Debug for Call {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Call")
-            .field("correlation_id", &self.correlation_id)
-            .finish()
+impl Connection {
+    /// Connects to `addr` (`host:port`) over TCP.
+    pub async fn connect(addr: &str, client_id: &str) -> Result<Connection, ClientError> {
+        let transport = TcpTransport::connect(addr).await?;
+        Ok(Connection::from_transport(Arc::new(transport), client_id))
+    }
+
+    /// A connection over any transport (an embedded broker provides an in-process one).
+    pub fn from_transport(transport: Arc<dyn Transport>, client_id: &str) -> Connection {
+        Connection {
+            transport,
+            next_correlation: Arc::new(AtomicU32::new(1)),
+            client_id: Arc::from(client_id),
+        }
+    }
+
+    /// The broker address.
+    pub fn addr(&self) -> &str {
+        self.transport.peer()
+    }
+
+    /// Sends a request and decodes its response body. The request is queued before this returns
+    /// its future.
+    pub fn call<T: Wire + Send + 'static>(
+        &self,
+        request: &Request,
+    ) -> impl Future<Output = Result<T, ClientError>> + Send + 'static {
+        let correlation_id = self.next_correlation.fetch_add(1, Ordering::Relaxed);
+        let payload = native::encode_request(correlation_id, &self.client_id, request);
+        let reply = self.transport.submit(payload, true);
+        let api = request.api_key();
+        let peer = self.addr().to_string();
+        async move {
+            let mut body = reply.await.map_err(|_| closed(&peer))??;
+            let header = ResponseHeader::decode(&mut body, "response header")?;
+            if header.correlation_id != correlation_id {
+                return Err(ClientError::Decode(native::DecodeError::InvalidValue {
+                    field: "correlation_id",
+                    value: header.correlation_id.into(),
+                }));
+            }
+            if header.error_code != 0 {
+                return Err(ClientError::broker(
+                    api.name(),
+                    header.error_code,
+                    header.error_message,
+                ));
+            }
+            Ok(native::decode_exact(body)?)
+        }
+    }
+
+    /// Sends a request that gets no response (produce with acks=0).
+    pub fn send_only(
+        &self,
+        request: &Request,
+    ) -> impl Future<Output = Result<(), ClientError>> + Send + 'static {
+        let correlation_id = self.next_correlation.fetch_add(1, Ordering::Relaxed);
+        let payload = native::encode_request(correlation_id, &self.client_id, request);
+        let reply = self.transport.submit(payload, false);
+        let peer = self.addr().to_string();
+        async move { reply.await.map_err(|_| closed(&peer))?.map(|_| ()) }
     }
 }
 
-/// Requests a connection may have in flight before callers wait.
-const IN_FLIGHT_MAX: usize = 256;
+fn closed(peer: &str) -> ClientError {
+    ClientError::Connection {
+        addr: peer.to_string(),
+        message: "connection closed".into(),
+    }
+}
 
-impl Connection {
-    /// Connects to `addr` (`host:port`).
-    pub async fn connect(addr: &str, client_id: &str) -> Result<Connection, ClientError> {
+/// Where a response goes.
+type ReplyTo = oneshot::Sender<Result<Bytes, ClientError>>;
+/// A submitted frame: payload, reply, whether a response will come.
+type Submitted = (Vec<u8>, ReplyTo, bool);
+type Pending = Arc<Mutex<VecDeque<ReplyTo>>>;
+
+/// The TCP transport: a writer task sends frames in submission order; a reader task matches
+/// responses to requests in the same order.
+#[derive(Debug)]
+struct TcpTransport {
+    frames: mpsc::UnboundedSender<Submitted>,
+    addr: String,
+}
+
+impl TcpTransport {
+    async fn connect(addr: &str) -> Result<TcpTransport, ClientError> {
         let connection_error = |err: std::io::Error| ClientError::Connection {
             addr: addr.to_string(),
             message: err.to_string(),
@@ -52,17 +136,20 @@ impl Connection {
         // Nagle would hold small requests back for a peer's delayed ACK (44 ms p50 measured).
         stream.set_nodelay(true).map_err(connection_error)?;
         let (mut reader, writer) = stream.into_split();
-        let (calls, mut queue) = mpsc::channel::<Call>(IN_FLIGHT_MAX);
-        let pending: Arc<Mutex<VecDeque<(u32, Reply)>>> = Arc::default();
-        let addr_owned: Arc<str> = Arc::from(addr);
+        let (frames, mut queue) = mpsc::unbounded_channel::<(
+            Vec<u8>,
+            oneshot::Sender<Result<Bytes, ClientError>>,
+            bool,
+        )>();
+        let pending: Pending = Arc::default();
         let fail_all = {
             let pending = Arc::clone(&pending);
-            let addr = Arc::clone(&addr_owned);
+            let addr = addr.to_string();
             move |message: String| {
                 let mut pending = pending.lock().unwrap_or_else(|e| e.into_inner());
-                for (_, reply) in pending.drain(..) {
+                for reply in pending.drain(..) {
                     let _ = reply.send(Err(ClientError::Connection {
-                        addr: addr.to_string(),
+                        addr: addr.clone(),
                         message: message.clone(),
                     }));
                 }
@@ -72,17 +159,20 @@ impl Connection {
         let writer_fail = fail_all.clone();
         tokio::spawn(async move {
             let mut writer = BufWriter::new(writer);
-            while let Some(call) = queue.recv().await {
-                if let Some(reply) = call.reply {
+            while let Some((payload, reply, expects_response)) = queue.recv().await {
+                if expects_response {
                     writer_pending
                         .lock()
                         .unwrap_or_else(|e| e.into_inner())
-                        .push_back((call.correlation_id, reply));
+                        .push_back(reply);
+                } else {
+                    let _ = reply.send(Ok(Bytes::new()));
                 }
-                let len = (call.payload.len() as u32).to_be_bytes();
                 let written = async {
-                    writer.write_all(&len).await?;
-                    writer.write_all(&call.payload).await?;
+                    writer
+                        .write_all(&(payload.len() as u32).to_be_bytes())
+                        .await?;
+                    writer.write_all(&payload).await?;
                     if queue.is_empty() {
                         writer.flush().await?;
                     }
@@ -115,25 +205,14 @@ impl Connection {
                         .read_exact(&mut body)
                         .await
                         .map_err(|e| format!("read: {e}"))?;
-                    let body = body.freeze();
-                    let Some((expected, reply)) = pending
+                    let Some(reply) = pending
                         .lock()
                         .unwrap_or_else(|e| e.into_inner())
                         .pop_front()
                     else {
                         return Err("response without a request".into());
                     };
-                    let got = body.first_chunk::<4>().map(|b| u32::from_be_bytes(*b));
-                    if got != Some(expected) {
-                        let _ = reply.send(Err(ClientError::Decode(
-                            native::DecodeError::InvalidValue {
-                                field: "correlation_id",
-                                value: got.map_or(-1, i64::from),
-                            },
-                        )));
-                        return Err("responses out of order".into());
-                    }
-                    let _ = reply.send(Ok(body));
+                    let _ = reply.send(Ok(body.freeze()));
                 }
             }
             .await;
@@ -141,62 +220,25 @@ impl Connection {
                 fail_all(message);
             }
         });
-        Ok(Connection {
-            calls,
-            next_correlation: Arc::new(AtomicU32::new(1)),
-            client_id: Arc::from(client_id),
-            addr: addr_owned,
+        Ok(TcpTransport {
+            frames,
+            addr: addr.to_string(),
         })
     }
+}
 
-    /// The broker address.
-    pub fn addr(&self) -> &str {
+impl Transport for TcpTransport {
+    fn submit(&self, payload: Vec<u8>, expects_response: bool) -> Reply {
+        let (tx, rx) = oneshot::channel();
+        if let Err(mpsc::error::SendError((_, tx, _))) =
+            self.frames.send((payload, tx, expects_response))
+        {
+            let _ = tx.send(Err(closed(&self.addr)));
+        }
+        rx
+    }
+
+    fn peer(&self) -> &str {
         &self.addr
-    }
-
-    fn closed(&self) -> ClientError {
-        ClientError::Connection {
-            addr: self.addr.to_string(),
-            message: "connection closed".into(),
-        }
-    }
-
-    /// Sends a request and decodes its response body.
-    pub async fn call<T: Wire>(&self, request: &Request) -> Result<T, ClientError> {
-        let correlation_id = self.next_correlation.fetch_add(1, Ordering::Relaxed);
-        let payload = native::encode_request(correlation_id, &self.client_id, request);
-        let (reply, response) = oneshot::channel();
-        self.calls
-            .send(Call {
-                correlation_id,
-                payload,
-                reply: Some(reply),
-            })
-            .await
-            .map_err(|_| self.closed())?;
-        let mut body = response.await.map_err(|_| self.closed())??;
-        let header = ResponseHeader::decode(&mut body, "response header")?;
-        if header.error_code != 0 {
-            return Err(ClientError::broker(
-                request.api_key().name(),
-                header.error_code,
-                header.error_message,
-            ));
-        }
-        Ok(native::decode_exact(body)?)
-    }
-
-    /// Sends a request that gets no response (produce with acks=0).
-    pub async fn send_only(&self, request: &Request) -> Result<(), ClientError> {
-        let correlation_id = self.next_correlation.fetch_add(1, Ordering::Relaxed);
-        let payload = native::encode_request(correlation_id, &self.client_id, request);
-        self.calls
-            .send(Call {
-                correlation_id,
-                payload,
-                reply: None,
-            })
-            .await
-            .map_err(|_| self.closed())
     }
 }

@@ -100,6 +100,16 @@ impl Consumer {
         })
     }
 
+    /// A consumer over an existing connection (for example an embedded broker's).
+    pub fn with_connection(conn: Connection, config: ConsumerConfig) -> Consumer {
+        Consumer {
+            conn,
+            config,
+            assigned: Vec::new(),
+            prefetch: None,
+        }
+    }
+
     /// Assigns partitions of `topic` (all if `None`) starting at `from`.
     pub async fn assign(
         &mut self,
@@ -261,10 +271,7 @@ impl Consumer {
             max_bytes: self.config.fetch_max_bytes,
             topics,
         });
-        let conn = self.conn.clone();
-        self.prefetch = Some(tokio::spawn(async move {
-            conn.call::<FetchResponse>(&request).await
-        }));
+        self.prefetch = Some(tokio::spawn(self.conn.call::<FetchResponse>(&request)));
     }
 
     /// The next records (possibly none, after `fetch_max_wait`). A fetch for the following call

@@ -197,12 +197,20 @@ impl std::fmt::Debug for Command {
 impl Producer {
     /// Connects to a broker.
     pub async fn connect(bootstrap: &str, config: ProducerConfig) -> Result<Producer, ClientError> {
+        let conn = Connection::connect(bootstrap, &config.client_id).await?;
+        Producer::with_connection(conn, config)
+    }
+
+    /// A producer over an existing connection (for example an embedded broker's).
+    pub fn with_connection(
+        conn: Connection,
+        config: ProducerConfig,
+    ) -> Result<Producer, ClientError> {
         if config.batch_bytes == 0 || config.max_in_flight == 0 || config.buffer_records_max == 0 {
             return Err(ClientError::InvalidArgument(
                 "batch_bytes, max_in_flight and buffer_records_max must be positive".into(),
             ));
         }
-        let conn = Connection::connect(bootstrap, &config.client_id).await?;
         let (commands, rx) = mpsc::channel(config.buffer_records_max);
         let task = tokio::spawn(Sender::new(conn, config).run(rx));
         Ok(Producer { commands, task })
@@ -530,22 +538,25 @@ impl Sender {
                     .min(u32::MAX as u128) as u32,
                 topics,
             });
-            let conn = self.conn.clone();
             let deadline = self.config.request_timeout + Duration::from_secs(5);
-            self.in_flight.push(Box::pin(async move {
-                let result = match acks {
-                    Acks::None => conn.send_only(&request).await.map(|()| None),
-                    _ => {
-                        match tokio::time::timeout(deadline, conn.call::<ProduceResponse>(&request))
-                            .await
-                        {
+            // Submitted now, in dispatch order: the broker applies requests in that order.
+            let future: InFlight = match acks {
+                Acks::None => {
+                    let sent = self.conn.send_only(&request);
+                    Box::pin(async move { (taken, sent.await.map(|()| None)) })
+                }
+                _ => {
+                    let response = self.conn.call::<ProduceResponse>(&request);
+                    Box::pin(async move {
+                        let result = match tokio::time::timeout(deadline, response).await {
                             Ok(result) => result.map(Some),
                             Err(_) => Err(ClientError::Timeout("produce".into())),
-                        }
-                    }
-                };
-                (taken, result)
-            }));
+                        };
+                        (taken, result)
+                    })
+                }
+            };
+            self.in_flight.push(future);
         }
     }
 

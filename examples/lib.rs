@@ -1,0 +1,1 @@
+//! Examples of services built on an embedded Cairn broker; see `order_pipeline.rs`.
