@@ -37,6 +37,7 @@ impl LocalTransport {
                 tokio::spawn(async move {
                     let result = match deferred.await {
                         Outcome::Respond(payload) => Ok(Bytes::from(payload)),
+                        Outcome::RespondChunks(chunks) => Ok(Bytes::from(chunks.concat())),
                         Outcome::Silent => Ok(Bytes::new()),
                         Outcome::Close(reason) => Err(ClientError::Connection {
                             addr: PEER.into(),

@@ -24,6 +24,9 @@ use crate::metrics::Metrics;
 pub enum Outcome {
     /// Send this response payload.
     Respond(Vec<u8>),
+    /// Send this response payload, given as chunks written back to back (fetched records go
+    /// from the memory map to the socket without a copy).
+    RespondChunks(Vec<Bytes>),
     /// Send nothing (acks=0 produce).
     Silent,
     /// The frame cannot be answered (its header does not decode): close the connection.
@@ -153,7 +156,7 @@ impl Handler {
             Request::Fetch(r) => {
                 let this = Arc::clone(self);
                 Box::pin(async move {
-                    finish(Outcome::Respond(encode_response(
+                    finish(Outcome::RespondChunks(encode_response_chunks(
                         corr,
                         &this.fetch(r).await,
                     )))

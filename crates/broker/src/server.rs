@@ -97,7 +97,10 @@ async fn connection(
             // A handler that panicked dropped its budget permit as it unwound.
             let result = match next.await {
                 Ok((Outcome::Respond(payload), _permit)) => {
-                    write_frame(&mut writer, &payload, pending.is_empty()).await
+                    write_frame(&mut writer, &[Bytes::from(payload)], pending.is_empty()).await
+                }
+                Ok((Outcome::RespondChunks(chunks), _permit)) => {
+                    write_frame(&mut writer, &chunks, pending.is_empty()).await
                 }
                 Ok((Outcome::Silent, _permit)) => Ok(()),
                 Ok((Outcome::Close(reason), _permit)) => Err(reason),
@@ -149,8 +152,7 @@ async fn connection(
                 permit = Arc::clone(&budget).acquire_many_owned(len) => permit.map_err(|e| e.to_string())?,
                 () = shutdown.cancelled() => return Ok(()),
             };
-            let mut body = BytesMut::zeroed(len as usize);
-            tokio::time::timeout(frame_timeout, reader.read_exact(&mut body))
+            let body = tokio::time::timeout(frame_timeout, read_body(&mut reader, len as usize))
                 .await
                 .map_err(|_| "stalled frame body".to_string())?
                 .map_err(|e| format!("read frame body: {e}"))?;
@@ -171,18 +173,21 @@ async fn connection(
 
 async fn write_frame<W: AsyncWriteExt + Unpin>(
     writer: &mut W,
-    payload: &[u8],
+    chunks: &[Bytes],
     flush: bool,
 ) -> Result<(), String> {
-    let len = u32::try_from(payload.len()).map_err(|_| "response larger than 4 GiB".to_string())?;
+    let len: usize = chunks.iter().map(Bytes::len).sum();
+    let len = u32::try_from(len).map_err(|_| "response larger than 4 GiB".to_string())?;
     writer
         .write_all(&len.to_be_bytes())
         .await
         .map_err(|e| format!("write: {e}"))?;
-    writer
-        .write_all(payload)
-        .await
-        .map_err(|e| format!("write: {e}"))?;
+    for chunk in chunks {
+        writer
+            .write_all(chunk)
+            .await
+            .map_err(|e| format!("write: {e}"))?;
+    }
     if flush {
         writer.flush().await.map_err(|e| format!("write: {e}"))?;
     }
@@ -261,4 +266,19 @@ pub(crate) async fn serve_http(
             let _ = stream.shutdown().await;
         });
     }
+}
+
+/// Reads exactly `len` bytes into a fresh buffer, without zero-filling it first.
+pub(crate) async fn read_body<R: AsyncReadExt + Unpin>(
+    reader: &mut R,
+    len: usize,
+) -> std::io::Result<BytesMut> {
+    let mut body = BytesMut::with_capacity(len);
+    let mut limited = reader.take(len as u64);
+    while body.len() < len {
+        if limited.read_buf(&mut body).await? == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+    }
+    Ok(body)
 }

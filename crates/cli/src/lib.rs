@@ -1,6 +1,7 @@
 //! `cairn`: run a broker, manage topics, produce and consume from the shell. The binary is
 //! `src/main.rs`; everything else is here so integration tests can build the same command.
 
+mod bench;
 mod broker;
 mod consume;
 mod produce;
@@ -49,6 +50,8 @@ enum Command {
     Produce(produce::ProduceArgs),
     /// Print records of a topic.
     Consume(consume::ConsumeArgs),
+    /// Measure produce, consume or end-to-end performance beside this machine's baseline.
+    Bench(bench::BenchArgs),
 }
 
 /// Runs the `cairn` command with the process arguments; returns its exit code.
@@ -83,6 +86,7 @@ pub fn main() -> ExitCode {
             Command::Topic(command) => topic::run(&cli.bootstrap, cli.output, command).await,
             Command::Produce(args) => produce::run(&cli.bootstrap, cli.output, args).await,
             Command::Consume(args) => consume::run(&cli.bootstrap, cli.output, args).await,
+            Command::Bench(args) => bench::run(&cli.bootstrap, cli.output, args).await,
         }
     });
     match result {

@@ -200,11 +200,19 @@ impl TcpTransport {
                             "response frame of {len} bytes exceeds {FRAME_BYTES_MAX}"
                         ));
                     }
-                    let mut body = BytesMut::zeroed(len as usize);
-                    reader
-                        .read_exact(&mut body)
-                        .await
-                        .map_err(|e| format!("read: {e}"))?;
+                    // No zero-fill: read straight into spare capacity.
+                    let mut body = BytesMut::with_capacity(len as usize);
+                    let mut limited = (&mut reader).take(u64::from(len));
+                    while body.len() < len as usize {
+                        if limited
+                            .read_buf(&mut body)
+                            .await
+                            .map_err(|e| format!("read: {e}"))?
+                            == 0
+                        {
+                            return Err("closed by the broker".into());
+                        }
+                    }
                     let Some(reply) = pending
                         .lock()
                         .unwrap_or_else(|e| e.into_inner())

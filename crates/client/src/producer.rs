@@ -12,7 +12,7 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use cairn_protocol::batch::{BatchBuilder, Compression};
 use cairn_protocol::native::*;
 use futures::StreamExt;
@@ -73,6 +73,9 @@ pub struct ProducerConfig {
     pub partitioner: Partitioner,
     /// Records buffered before `send` waits (backpressure).
     pub buffer_records_max: usize,
+    /// Most record bytes one produce request carries for one partition (consecutive ready
+    /// batches are sent together up to this).
+    pub request_bytes_max: usize,
 }
 
 impl Default for ProducerConfig {
@@ -90,6 +93,7 @@ impl Default for ProducerConfig {
             request_timeout: Duration::from_secs(30),
             partitioner: Partitioner::default(),
             buffer_records_max: 65_536,
+            request_bytes_max: 1024 * 1024,
         }
     }
 }
@@ -263,9 +267,12 @@ struct Ready {
     not_before: Instant,
 }
 
-type InFlight = Pin<
-    Box<dyn Future<Output = (Vec<Ready>, Result<Option<ProduceResponse>, ClientError>)> + Send>,
->;
+/// Runs of batches per partition in one request, and the request's result.
+type Sent = (
+    Vec<Vec<Ready>>,
+    Result<Option<ProduceResponse>, ClientError>,
+);
+type InFlight = Pin<Box<dyn Future<Output = Sent> + Send>>;
 
 struct Sender {
     conn: Connection,
@@ -490,40 +497,56 @@ impl Sender {
         }
     }
 
-    /// Sends ready batches while requests may be added: one request carries at most one batch per
-    /// partition, so a partition's batches are sent in order.
+    /// Sends ready batches while requests may be added. A request carries, per partition, a run
+    /// of consecutive ready batches (up to `request_bytes_max`), so batches that became ready while
+    /// earlier requests waited (for example for an fsync) share the next append and sync.
     fn dispatch(&mut self) {
         let now = Instant::now();
         while self.in_flight.len() < self.config.max_in_flight {
-            let mut taken: Vec<Ready> = Vec::new();
-            let mut rest = VecDeque::new();
+            let mut runs: Vec<Vec<Ready>> = Vec::new();
+            let mut rest: VecDeque<Ready> = VecDeque::new();
             while let Some(ready) = self.ready.pop_front() {
-                let duplicate = taken
-                    .iter()
-                    .any(|t| t.topic == ready.topic && t.partition == ready.partition);
-                let blocked = rest
-                    .iter()
-                    .any(|r: &Ready| r.topic == ready.topic && r.partition == ready.partition);
-                if ready.not_before <= now && !duplicate && !blocked {
-                    taken.push(ready);
-                } else {
-                    rest.push_back(ready);
+                let same = |r: &Ready| r.topic == ready.topic && r.partition == ready.partition;
+                // A partition's batches go in order: nothing may jump an earlier one left behind.
+                let blocked = rest.iter().any(same);
+                let run = runs.iter_mut().find(|run| run.first().is_some_and(same));
+                let fits = |run: &Vec<Ready>| {
+                    run.iter().map(|r| r.bytes.len()).sum::<usize>() + ready.bytes.len()
+                        <= self.config.request_bytes_max
+                };
+                match run {
+                    _ if blocked || ready.not_before > now => rest.push_back(ready),
+                    Some(run) if fits(run) => run.push(ready),
+                    Some(_) => rest.push_back(ready),
+                    None => runs.push(vec![ready]),
                 }
             }
             self.ready = rest;
-            if taken.is_empty() {
+            if runs.is_empty() {
                 return;
             }
             let mut topics: Vec<ProduceTopic> = Vec::new();
-            for ready in &taken {
-                let part = ProducePartition {
-                    partition: ready.partition,
-                    records: ready.bytes.clone(),
+            for run in &runs {
+                let Some(first) = run.first() else { continue };
+                let records = match run.as_slice() {
+                    [only] => only.bytes.clone(),
+                    many => {
+                        let mut joined =
+                            BytesMut::with_capacity(many.iter().map(|r| r.bytes.len()).sum());
+                        for ready in many {
+                            joined.extend_from_slice(&ready.bytes);
+                        }
+                        joined.freeze()
+                    }
                 };
-                match topics.iter_mut().find(|t| t.name == ready.topic) {
+                let part = ProducePartition {
+                    partition: first.partition,
+                    records,
+                };
+                match topics.iter_mut().find(|t| t.name == first.topic) {
                     Some(topic) => topic.partitions.push(part),
                     None => topics.push(ProduceTopic {
-                        name: ready.topic.clone(),
+                        name: first.topic.clone(),
                         partitions: vec![part],
                     }),
                 }
@@ -543,7 +566,7 @@ impl Sender {
             let future: InFlight = match acks {
                 Acks::None => {
                     let sent = self.conn.send_only(&request);
-                    Box::pin(async move { (taken, sent.await.map(|()| None)) })
+                    Box::pin(async move { (runs, sent.await.map(|()| None)) })
                 }
                 _ => {
                     let response = self.conn.call::<ProduceResponse>(&request);
@@ -552,7 +575,7 @@ impl Sender {
                             Ok(result) => result.map(Some),
                             Err(_) => Err(ClientError::Timeout("produce".into())),
                         };
-                        (taken, result)
+                        (runs, result)
                     })
                 }
             };
@@ -560,60 +583,79 @@ impl Sender {
         }
     }
 
-    fn complete(&mut self, sent: Vec<Ready>, result: Result<Option<ProduceResponse>, ClientError>) {
+    fn complete(
+        &mut self,
+        sent: Vec<Vec<Ready>>,
+        result: Result<Option<ProduceResponse>, ClientError>,
+    ) {
         let response = match result {
             Ok(response) => response,
             Err(err) => {
-                for ready in sent {
-                    self.retry_or_fail(ready, err.clone());
+                for run in sent {
+                    self.retry_or_fail_run(run, &err);
                 }
                 return;
             }
         };
-        for ready in sent {
+        for run in sent {
+            let Some(first) = run.first() else { continue };
+            let (topic, partition) = (first.topic.clone(), first.partition);
             let Some(response) = &response else {
                 // acks=0: sent is all we know.
-                for delivery in ready.deliveries {
-                    let _ = delivery.send(Ok(RecordMetadata {
-                        topic: ready.topic.clone(),
-                        partition: ready.partition,
-                        offset: None,
-                    }));
+                for ready in run {
+                    for delivery in ready.deliveries {
+                        let _ = delivery.send(Ok(RecordMetadata {
+                            topic: topic.clone(),
+                            partition,
+                            offset: None,
+                        }));
+                    }
                 }
                 continue;
             };
             let found = response
                 .topics
                 .iter()
-                .filter(|t| t.name == ready.topic)
+                .filter(|t| t.name == topic)
                 .flat_map(|t| t.partitions.iter())
-                .find(|p| p.partition == ready.partition);
+                .find(|p| p.partition == partition);
             match found {
                 Some(p) if p.error_code == 0 => {
-                    for (idx, delivery) in ready.deliveries.into_iter().enumerate() {
-                        let _ = delivery.send(Ok(RecordMetadata {
-                            topic: ready.topic.clone(),
-                            partition: ready.partition,
-                            offset: Some(p.base_offset + idx as u64),
-                        }));
+                    // The run's batches were appended back to back: offsets follow one another.
+                    let mut offset = p.base_offset;
+                    for ready in run {
+                        for delivery in ready.deliveries {
+                            let _ = delivery.send(Ok(RecordMetadata {
+                                topic: topic.clone(),
+                                partition,
+                                offset: Some(offset),
+                            }));
+                            offset += 1;
+                        }
                     }
                 }
                 Some(p) => {
                     let err = ClientError::broker(
-                        format!("produce to {}-{}", ready.topic, ready.partition),
+                        format!("produce to {topic}-{partition}"),
                         p.error_code,
                         p.error_message.clone(),
                     );
-                    self.retry_or_fail(ready, err);
+                    self.retry_or_fail_run(run, &err);
                 }
                 None => {
                     let err = ClientError::InvalidArgument(format!(
-                        "{}-{} missing from the produce response",
-                        ready.topic, ready.partition
+                        "{topic}-{partition} missing from the produce response"
                     ));
-                    self.retry_or_fail(ready, err);
+                    self.retry_or_fail_run(run, &err);
                 }
             }
+        }
+    }
+
+    fn retry_or_fail_run(&mut self, run: Vec<Ready>, err: &ClientError) {
+        // Re-queued at the front in reverse, so the run keeps its order ahead of later batches.
+        for ready in run.into_iter().rev() {
+            self.retry_or_fail(ready, err.clone());
         }
     }
 

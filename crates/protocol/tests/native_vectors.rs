@@ -518,3 +518,35 @@ fn every_error_code_is_named() {
     assert!(ErrorCode::UNKNOWN_TOPIC_OR_PARTITION.is_retriable());
     assert!(!ErrorCode::CORRUPT_MESSAGE.is_retriable());
 }
+
+#[test]
+fn chunked_encoding_equals_plain_encoding() {
+    let big = Bytes::from(vec![9u8; 100_000]);
+    let resp = FetchResponse {
+        topics: vec![FetchTopicResponse {
+            name: "t".into(),
+            partitions: vec![
+                FetchPartitionResponse {
+                    partition: 0,
+                    error_code: 0,
+                    high_watermark: 1,
+                    log_start_offset: 0,
+                    records: big.clone(),
+                },
+                FetchPartitionResponse {
+                    partition: 1,
+                    error_code: 0,
+                    high_watermark: 1,
+                    log_start_offset: 0,
+                    records: Bytes::from_static(b"small"),
+                },
+            ],
+        }],
+    };
+    let chunks = encode_response_chunks(3, &resp);
+    assert!(
+        chunks.iter().any(|c| c.as_ptr() == big.as_ptr()),
+        "large records are passed by reference"
+    );
+    assert_eq!(chunks.concat(), encode_response(3, &resp));
+}

@@ -610,6 +610,19 @@ pub fn encode_response<T: Wire>(correlation_id: u32, body: &T) -> Vec<u8> {
     out
 }
 
+/// Encodes a successful response frame payload as chunks: large record fields by reference.
+pub fn encode_response_chunks<T: Wire>(correlation_id: u32, body: &T) -> Vec<Bytes> {
+    let mut out = super::wire::Chunks::default();
+    ResponseHeader {
+        correlation_id,
+        error_code: ErrorCode::NONE.0,
+        error_message: String::new(),
+    }
+    .encode(out.buf());
+    body.encode_chunks(&mut out);
+    out.finish()
+}
+
 /// Encodes a top-level error response frame payload.
 pub fn encode_error_response(correlation_id: u32, error: ErrorCode, message: &str) -> Vec<u8> {
     let mut out = Vec::new();

@@ -7,4 +7,4 @@ pub mod wire;
 
 pub use error::ErrorCode;
 pub use messages::*;
-pub use wire::{DecodeError, Wire, decode_exact, encode_to_vec};
+pub use wire::{Chunks, DecodeError, Wire, decode_exact, encode_to_vec};

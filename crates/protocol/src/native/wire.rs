@@ -54,12 +54,56 @@ pub enum DecodeError {
     },
 }
 
+/// Bytes fields at least this large are passed by reference in chunked encoding, not copied.
+pub const CHUNK_BYTES_MIN: usize = 16 * 1024;
+
+/// An encoding as a list of chunks: small fields are copied into a buffer, large `Bytes` fields
+/// (fetched records, sliced from a memory map) are kept as they are, so a response is written to
+/// the socket without copying its records.
+#[derive(Debug, Default)]
+pub struct Chunks {
+    done: Vec<Bytes>,
+    current: Vec<u8>,
+}
+
+impl Chunks {
+    /// The buffer small fields are written to.
+    pub fn buf(&mut self) -> &mut Vec<u8> {
+        &mut self.current
+    }
+
+    /// Appends `bytes`, by reference if large.
+    pub fn push_bytes(&mut self, bytes: &Bytes) {
+        if bytes.len() < CHUNK_BYTES_MIN {
+            self.current.extend_from_slice(bytes);
+        } else {
+            if !self.current.is_empty() {
+                self.done
+                    .push(Bytes::from(std::mem::take(&mut self.current)));
+            }
+            self.done.push(bytes.clone());
+        }
+    }
+
+    /// The chunks, in order.
+    pub fn finish(mut self) -> Vec<Bytes> {
+        if !self.current.is_empty() {
+            self.done.push(Bytes::from(self.current));
+        }
+        self.done
+    }
+}
+
 /// A value with a wire encoding.
 pub trait Wire: Sized {
     /// The fewest bytes any value of this type takes; bounds array counts before allocation.
     const MIN_BYTES: usize;
     /// Appends the encoding to `out`.
     fn encode(&self, out: &mut Vec<u8>);
+    /// Appends the encoding to `out` as chunks (large byte fields by reference).
+    fn encode_chunks(&self, out: &mut Chunks) {
+        self.encode(out.buf());
+    }
     /// Decodes one value from the front of `buf`, advancing it.
     fn decode(buf: &mut Bytes, field: &'static str) -> Result<Self, DecodeError>;
 }
@@ -144,6 +188,10 @@ impl Wire for Bytes {
         out.put_u32(self.len() as u32);
         out.extend_from_slice(self);
     }
+    fn encode_chunks(&self, out: &mut Chunks) {
+        out.buf().put_u32(self.len() as u32);
+        out.push_bytes(self);
+    }
     fn decode(buf: &mut Bytes, field: &'static str) -> Result<Self, DecodeError> {
         let len = u32::decode(buf, field)? as usize;
         need(buf, len, field)?;
@@ -158,6 +206,12 @@ impl<T: Wire> Wire for Vec<T> {
         out.put_u32(self.len() as u32);
         for item in self {
             item.encode(out);
+        }
+    }
+    fn encode_chunks(&self, out: &mut Chunks) {
+        out.buf().put_u32(self.len() as u32);
+        for item in self {
+            item.encode_chunks(out);
         }
     }
     fn decode(buf: &mut Bytes, field: &'static str) -> Result<Self, DecodeError> {
@@ -190,6 +244,10 @@ macro_rules! wire_struct {
             #[allow(unused_variables)]
             fn encode(&self, out: &mut Vec<u8>) {
                 $(<$ty as $crate::native::wire::Wire>::encode(&self.$field, out);)*
+            }
+            #[allow(unused_variables)]
+            fn encode_chunks(&self, out: &mut $crate::native::wire::Chunks) {
+                $(<$ty as $crate::native::wire::Wire>::encode_chunks(&self.$field, out);)*
             }
             #[allow(unused_variables)]
             fn decode(

@@ -1,0 +1,536 @@
+//! `cairn bench`: produce, consume and end-to-end workloads against a broker, each reported beside
+//! the physical baseline of this machine measured in the same run, without a broker:
+//! - produce: one task sends the same bytes over loopback TCP, another receives and writes them to
+//!   a file;
+//! - consume: one task reads a page-cached file and sends it over loopback TCP to a receiver.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, bail};
+use bytes::Bytes;
+use cairn_client::{
+    Acks, Admin, Compression, Consumer, ConsumerConfig, Position, Producer, ProducerConfig,
+    ProducerRecord,
+};
+use clap::{Args, ValueEnum};
+use hdrhistogram::Histogram;
+use serde_json::json;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::mpsc;
+
+use crate::Output;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Workload {
+    /// Producer throughput and acknowledgement latency.
+    Produce,
+    /// Consumer throughput over records produced first.
+    Consume,
+    /// Latency from send to receipt by a consumer, at a fixed rate.
+    E2e,
+}
+
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// What to measure.
+    #[arg(value_enum)]
+    workload: Workload,
+    /// Records to send.
+    #[arg(long, default_value_t = 1_000_000)]
+    records: u64,
+    /// Bytes of each record's value.
+    #[arg(long, default_value_t = 1024)]
+    record_bytes: usize,
+    /// Partitions of the benchmark topic.
+    #[arg(long, default_value_t = 1)]
+    partitions: u32,
+    /// Concurrent producers.
+    #[arg(long, default_value_t = 1)]
+    producers: u32,
+    /// Acknowledgement: 0, 1 or all.
+    #[arg(long, default_value = "1")]
+    acks: String,
+    /// Producer batch size.
+    #[arg(long, default_value_t = 65_536)]
+    batch_bytes: usize,
+    /// Producer linger, milliseconds.
+    #[arg(long, default_value_t = 1)]
+    linger_ms: u64,
+    /// Target rate, MB/s (e2e defaults to 50; others unlimited).
+    #[arg(long)]
+    rate: Option<f64>,
+    /// Batch compression.
+    #[arg(long, default_value = "none")]
+    compression: String,
+    /// Topic to use [default: a fresh cairn-bench-<time> topic].
+    #[arg(long)]
+    topic: Option<String>,
+    /// Skip the baseline measurement.
+    #[arg(long)]
+    no_baseline: bool,
+}
+
+pub async fn run(bootstrap: &str, output: Output, args: BenchArgs) -> anyhow::Result<()> {
+    let acks = match args.acks.as_str() {
+        "0" => Acks::None,
+        "1" => Acks::Leader,
+        "all" | "-1" => Acks::All,
+        other => bail!("--acks {other:?}: use 0, 1 or all"),
+    };
+    let Some(compression) = Compression::from_name(&args.compression) else {
+        bail!(
+            "--compression {:?}: use none, gzip, snappy, lz4 or zstd",
+            args.compression
+        );
+    };
+    if args.records == 0 || args.record_bytes < 8 || args.producers == 0 || args.partitions == 0 {
+        bail!(
+            "--records, --producers and --partitions must be positive and --record-bytes at least 8"
+        );
+    }
+    let topic = args
+        .topic
+        .clone()
+        .unwrap_or_else(|| format!("cairn-bench-{}", now_ms()));
+    let admin = Admin::connect(bootstrap)
+        .await
+        .with_context(|| format!("connecting to {bootstrap}"))?;
+    if args.topic.is_none() {
+        admin.create_topic(&topic, args.partitions, &[]).await?;
+    }
+    let total_bytes = args.records * args.record_bytes as u64;
+    let progress = progress_bar(output, args.records);
+    let report = match args.workload {
+        Workload::Produce => {
+            let result = produce(
+                bootstrap,
+                &topic,
+                &args,
+                acks,
+                compression,
+                args.rate,
+                &progress,
+            )
+            .await?;
+            let baseline = if args.no_baseline {
+                None
+            } else {
+                Some(produce_baseline(total_bytes).await?)
+            };
+            Report {
+                result,
+                baseline,
+                baseline_name: "loopback TCP + file write",
+            }
+        }
+        Workload::Consume => {
+            progress.set_message("producing the records to consume");
+            produce(bootstrap, &topic, &args, acks, compression, None, &progress).await?;
+            progress.reset();
+            progress.set_message("consuming");
+            let result = consume(bootstrap, &topic, &args, &progress).await?;
+            let baseline = if args.no_baseline {
+                None
+            } else {
+                Some(consume_baseline(total_bytes).await?)
+            };
+            Report {
+                result,
+                baseline,
+                baseline_name: "page-cached file over loopback TCP",
+            }
+        }
+        Workload::E2e => {
+            let rate = args.rate.unwrap_or(50.0);
+            Report {
+                result: e2e(bootstrap, &topic, &args, acks, compression, rate, &progress).await?,
+                baseline: None,
+                baseline_name: "",
+            }
+        }
+    };
+    progress.finish_and_clear();
+    if args.topic.is_none() {
+        admin.delete_topic(&topic).await?;
+    }
+    report.print(output, &args, args.workload);
+    Ok(())
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+fn progress_bar(output: Output, total: u64) -> indicatif::ProgressBar {
+    if output == Output::Json || !std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+        return indicatif::ProgressBar::hidden();
+    }
+    let bar = indicatif::ProgressBar::new(total);
+    if let Ok(style) = indicatif::ProgressStyle::with_template(
+        "{msg} {bar:40} {pos}/{len} records ({per_sec}, eta {eta})",
+    ) {
+        bar.set_style(style);
+    }
+    bar
+}
+
+struct Measured {
+    records: u64,
+    bytes: u64,
+    elapsed: Duration,
+    latency_us: Histogram<u64>,
+}
+
+struct Report {
+    result: Measured,
+    baseline: Option<f64>,
+    baseline_name: &'static str,
+}
+
+impl Report {
+    fn print(&self, output: Output, args: &BenchArgs, workload: Workload) {
+        let secs = self.result.elapsed.as_secs_f64().max(1e-9);
+        let records_per_sec = self.result.records as f64 / secs;
+        let mb_per_sec = self.result.bytes as f64 / secs / 1e6;
+        let h = &self.result.latency_us;
+        let q = |q: f64| {
+            if h.is_empty() {
+                0
+            } else {
+                h.value_at_quantile(q)
+            }
+        };
+        let ratio = self.baseline.map(|b| mb_per_sec / b);
+        match output {
+            Output::Json => println!(
+                "{}",
+                json!({
+                    "workload": format!("{workload:?}").to_lowercase(),
+                    "records": self.result.records, "record_bytes": args.record_bytes, "partitions": args.partitions,
+                    "producers": args.producers, "acks": args.acks, "batch_bytes": args.batch_bytes, "compression": args.compression,
+                    "seconds": secs, "records_per_sec": records_per_sec, "mb_per_sec": mb_per_sec,
+                    "latency_us": {"p50": q(0.5), "p95": q(0.95), "p99": q(0.99), "p99_9": q(0.999), "max": if h.is_empty() { 0 } else { h.max() }},
+                    "baseline": self.baseline.map(|b| json!({"name": self.baseline_name, "mb_per_sec": b})),
+                    "ratio_to_baseline": ratio,
+                })
+            ),
+            Output::Table => {
+                println!(
+                    "bench {}: {} records x {} B, {} partition(s), {} producer(s), acks={}, batch {} B, compression {}",
+                    format!("{workload:?}").to_lowercase(),
+                    self.result.records,
+                    args.record_bytes,
+                    args.partitions,
+                    args.producers,
+                    args.acks,
+                    args.batch_bytes,
+                    args.compression
+                );
+                println!(
+                    "  throughput  {records_per_sec:>12.0} records/s  {mb_per_sec:>9.1} MB/s  ({secs:.2} s)"
+                );
+                if !h.is_empty() {
+                    println!(
+                        "  latency us  p50 {}  p95 {}  p99 {}  p99.9 {}  max {}",
+                        q(0.5),
+                        q(0.95),
+                        q(0.99),
+                        q(0.999),
+                        h.max()
+                    );
+                }
+                if let (Some(baseline), Some(ratio)) = (self.baseline, ratio) {
+                    println!(
+                        "  baseline    {:>9.1} MB/s ({}), ratio {ratio:.2}",
+                        baseline, self.baseline_name
+                    );
+                }
+            }
+        }
+    }
+}
+
+fn histogram() -> anyhow::Result<Histogram<u64>> {
+    Histogram::new_with_bounds(1, 60_000_000, 3).context("creating a histogram")
+}
+
+/// Sends `args.records` records; latency is from `send` to acknowledgement.
+async fn produce(
+    bootstrap: &str,
+    topic: &str,
+    args: &BenchArgs,
+    acks: Acks,
+    compression: Compression,
+    rate_mb: Option<f64>,
+    progress: &indicatif::ProgressBar,
+) -> anyhow::Result<Measured> {
+    let value = Bytes::from(
+        (0..args.record_bytes)
+            .map(|i| (i * 31 % 251) as u8)
+            .collect::<Vec<u8>>(),
+    );
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for k in 0..u64::from(args.producers) {
+        let n = args.records / u64::from(args.producers)
+            + u64::from(k < args.records % u64::from(args.producers));
+        let config = ProducerConfig {
+            acks,
+            compression,
+            batch_bytes: args.batch_bytes,
+            linger: Duration::from_millis(args.linger_ms),
+            client_id: format!("cairn-bench-{k}"),
+            ..ProducerConfig::default()
+        };
+        let producer = Producer::connect(bootstrap, config).await?;
+        let (topic, value, progress) = (topic.to_string(), value.clone(), progress.clone());
+        let per_record = rate_mb.map(|mb| {
+            Duration::from_secs_f64(
+                args.record_bytes as f64 * f64::from(args.producers) / (mb * 1e6),
+            )
+        });
+        tasks.push(tokio::spawn(async move {
+            let (tx, mut rx) = mpsc::channel(50_000);
+            let acker = tokio::spawn(async move {
+                let mut latency = histogram()?;
+                while let Some((sent, delivery)) = rx.recv().await {
+                    let delivery: cairn_client::DeliveryFuture = delivery;
+                    delivery.await?;
+                    let _ = latency.record((Instant::elapsed(&sent).as_micros() as u64).max(1));
+                    progress.inc(1);
+                }
+                anyhow::Ok(latency)
+            });
+            let begin = Instant::now();
+            for i in 0..n {
+                if let Some(per_record) = per_record {
+                    let due = begin + per_record.mul_f64(i as f64);
+                    tokio::time::sleep_until(due.into()).await;
+                }
+                let delivery = producer
+                    .send(ProducerRecord {
+                        topic: topic.clone(),
+                        value: Some(value.clone()),
+                        ..Default::default()
+                    })
+                    .await?;
+                tx.send((Instant::now(), delivery))
+                    .await
+                    .map_err(|_| anyhow::anyhow!("acknowledgement task stopped"))?;
+            }
+            drop(tx);
+            producer.flush().await?;
+            let latency = acker.await??;
+            producer.close().await?;
+            anyhow::Ok(latency)
+        }));
+    }
+    let mut latency_us = histogram()?;
+    for task in tasks {
+        latency_us.add(task.await??).context("merging histograms")?;
+    }
+    Ok(Measured {
+        records: args.records,
+        bytes: args.records * args.record_bytes as u64,
+        elapsed: started.elapsed(),
+        latency_us,
+    })
+}
+
+async fn consume(
+    bootstrap: &str,
+    topic: &str,
+    args: &BenchArgs,
+    progress: &indicatif::ProgressBar,
+) -> anyhow::Result<Measured> {
+    let mut consumer = Consumer::connect(
+        bootstrap,
+        ConsumerConfig {
+            client_id: "cairn-bench".into(),
+            ..ConsumerConfig::default()
+        },
+    )
+    .await?;
+    consumer.assign(topic, None, Position::Earliest).await?;
+    let started = Instant::now();
+    let (mut records, mut bytes) = (0u64, 0u64);
+    while records < args.records {
+        for record in consumer.poll().await? {
+            records += 1;
+            bytes += record.value.map_or(0, |v| v.len() as u64);
+        }
+        progress.set_position(records);
+    }
+    Ok(Measured {
+        records,
+        bytes,
+        elapsed: started.elapsed(),
+        latency_us: histogram()?,
+    })
+}
+
+/// A producer at `rate_mb` and a consumer; latency from send to receipt (the send time travels in
+/// the first 8 bytes of each value, on this process's monotonic clock).
+async fn e2e(
+    bootstrap: &str,
+    topic: &str,
+    args: &BenchArgs,
+    acks: Acks,
+    compression: Compression,
+    rate_mb: f64,
+    progress: &indicatif::ProgressBar,
+) -> anyhow::Result<Measured> {
+    let origin = Instant::now();
+    let mut consumer = Consumer::connect(
+        bootstrap,
+        ConsumerConfig {
+            client_id: "cairn-bench-e2e".into(),
+            fetch_max_wait: Duration::from_millis(100),
+            ..ConsumerConfig::default()
+        },
+    )
+    .await?;
+    consumer.assign(topic, None, Position::Latest).await?;
+    let n = args.records;
+    let reader = tokio::spawn(async move {
+        let mut latency = histogram()?;
+        let mut seen = 0u64;
+        while seen < n {
+            for record in consumer.poll().await? {
+                let value = record.value.unwrap_or_default();
+                let sent_us = value
+                    .first_chunk::<8>()
+                    .map_or(0, |b| u64::from_be_bytes(*b));
+                let now_us = origin.elapsed().as_micros() as u64;
+                let _ = latency.record(now_us.saturating_sub(sent_us).max(1));
+                seen += 1;
+            }
+        }
+        anyhow::Ok(latency)
+    });
+    let config = ProducerConfig {
+        acks,
+        compression,
+        batch_bytes: args.batch_bytes,
+        linger: Duration::from_millis(args.linger_ms),
+        client_id: "cairn-bench-e2e".into(),
+        ..ProducerConfig::default()
+    };
+    let producer = Producer::connect(bootstrap, config).await?;
+    let per_record = Duration::from_secs_f64(args.record_bytes as f64 / (rate_mb * 1e6));
+    let started = Instant::now();
+    let sent = Arc::new(AtomicU64::new(0));
+    let mut filler = vec![7u8; args.record_bytes];
+    for i in 0..n {
+        tokio::time::sleep_until((started + per_record.mul_f64(i as f64)).into()).await;
+        if let Some(stamp) = filler.first_chunk_mut::<8>() {
+            *stamp = (origin.elapsed().as_micros() as u64).to_be_bytes();
+        }
+        producer
+            .send(ProducerRecord {
+                topic: topic.to_string(),
+                value: Some(Bytes::copy_from_slice(&filler)),
+                ..Default::default()
+            })
+            .await?;
+        sent.fetch_add(1, Ordering::Relaxed);
+        progress.inc(1);
+    }
+    producer.close().await?;
+    let latency_us = tokio::time::timeout(Duration::from_secs(60), reader)
+        .await
+        .context("the consumer fell behind")???;
+    Ok(Measured {
+        records: n,
+        bytes: n * args.record_bytes as u64,
+        elapsed: started.elapsed(),
+        latency_us,
+    })
+}
+
+/// MB/s of sending `total` bytes over loopback TCP to a receiver that writes them to a file.
+async fn produce_baseline(total: u64) -> anyhow::Result<f64> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("baseline");
+    let receiver = tokio::spawn(async move {
+        let (mut socket, _) = listener.accept().await?;
+        let mut file = tokio::fs::File::create(&path).await?;
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            let n = socket.read(&mut buf).await?;
+            if n == 0 {
+                break;
+            }
+            file.write_all(buf.get(..n).unwrap_or_default()).await?;
+        }
+        file.flush().await?;
+        anyhow::Ok(())
+    });
+    let started = Instant::now();
+    let mut socket = tokio::net::TcpStream::connect(addr).await?;
+    socket.set_nodelay(true)?;
+    let chunk = vec![7u8; 64 * 1024];
+    let mut sent = 0u64;
+    while sent < total {
+        let n = (total - sent).min(chunk.len() as u64) as usize;
+        socket.write_all(chunk.get(..n).unwrap_or_default()).await?;
+        sent += n as u64;
+    }
+    socket.shutdown().await?;
+    receiver.await??;
+    Ok(total as f64 / started.elapsed().as_secs_f64() / 1e6)
+}
+
+/// MB/s of reading a page-cached file of `total` bytes and sending it over loopback TCP.
+async fn consume_baseline(total: u64) -> anyhow::Result<f64> {
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("baseline");
+    {
+        let mut file = tokio::fs::File::create(&path).await?;
+        let chunk = vec![7u8; 1 << 20];
+        let mut written = 0u64;
+        while written < total {
+            let n = (total - written).min(chunk.len() as u64) as usize;
+            file.write_all(chunk.get(..n).unwrap_or_default()).await?;
+            written += n as u64;
+        }
+        file.flush().await?;
+    }
+    // Warm the page cache, as a broker's recently written segments are.
+    let _ = tokio::fs::read(&path).await?;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let receiver = tokio::spawn(async move {
+        let mut socket = tokio::net::TcpStream::connect(addr).await?;
+        let mut buf = vec![0u8; 1 << 20];
+        let mut received = 0u64;
+        loop {
+            let n = socket.read(&mut buf).await?;
+            if n == 0 {
+                break;
+            }
+            received += n as u64;
+        }
+        anyhow::Ok(received)
+    });
+    let started = Instant::now();
+    let (mut socket, _) = listener.accept().await?;
+    let mut file = tokio::fs::File::open(&path).await?;
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = file.read(&mut buf).await?;
+        if n == 0 {
+            break;
+        }
+        socket.write_all(buf.get(..n).unwrap_or_default()).await?;
+    }
+    socket.shutdown().await?;
+    let received = receiver.await??;
+    Ok(received as f64 / started.elapsed().as_secs_f64() / 1e6)
+}
