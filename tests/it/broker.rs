@@ -545,3 +545,48 @@ fn idle_and_stalled_connections_are_closed() {
         }
     });
 }
+
+#[test]
+fn bench_runs_every_workload_and_reports_json() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = BrokerProcess::start(&dir.path().join("data"));
+    for (workload, extra) in [
+        ("produce", &["--acks", "all"][..]),
+        ("consume", &[][..]),
+        ("e2e", &["--rate", "5"][..]),
+    ] {
+        let mut args = vec![
+            "--output",
+            "json",
+            "bench",
+            workload,
+            "--records",
+            "3000",
+            "--record-bytes",
+            "200",
+        ];
+        args.extend_from_slice(extra);
+        let out = cairn_ok(&broker.addr, &args, "");
+        let report: Value = serde_json::from_str(out.trim()).unwrap();
+        assert_eq!(report["workload"], workload);
+        assert_eq!(report["records"], 3000);
+        assert!(report["mb_per_sec"].as_f64().unwrap() > 0.0, "{report}");
+        if workload != "e2e" {
+            assert!(
+                report["baseline"]["mb_per_sec"].as_f64().unwrap() > 0.0,
+                "{report}"
+            );
+        }
+        if workload != "consume" {
+            assert!(
+                report["latency_us"]["p99"].as_u64().unwrap() > 0,
+                "{report}"
+            );
+        }
+    }
+    // The benchmark cleans up its topics.
+    assert_eq!(
+        cairn_ok(&broker.addr, &["topic", "list", "--output", "json"], "").trim(),
+        "[]"
+    );
+}
