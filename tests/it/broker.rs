@@ -590,3 +590,55 @@ fn bench_runs_every_workload_and_reports_json() {
         "[]"
     );
 }
+
+#[test]
+fn fetch_long_polls_until_an_append_and_acks_0_is_silent() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = BrokerProcess::start(&dir.path().join("data"));
+    runtime().block_on(async {
+        use futures::StreamExt;
+        Admin::connect(&broker.addr)
+            .await
+            .unwrap()
+            .create_topic("poll", 1, &[])
+            .await
+            .unwrap();
+        let config = ConsumerConfig {
+            fetch_max_wait: Duration::from_secs(20),
+            ..ConsumerConfig::default()
+        };
+        let mut consumer = Consumer::connect(&broker.addr, config).await.unwrap();
+        consumer
+            .assign("poll", None, Position::Latest)
+            .await
+            .unwrap();
+        let mut stream = Box::pin(consumer.into_stream());
+        let addr = broker.addr.clone();
+        let producer = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            let config = ProducerConfig {
+                acks: Acks::None,
+                ..ProducerConfig::default()
+            };
+            let producer = Producer::connect(&addr, config).await.unwrap();
+            let sent = producer
+                .send(ProducerRecord::new("poll", "wake up"))
+                .await
+                .unwrap()
+                .await
+                .unwrap();
+            assert_eq!(sent.offset, None, "acks=0 has no offset to report");
+            producer.close().await.unwrap();
+        });
+        let started = std::time::Instant::now();
+        let record = stream.next().await.unwrap().unwrap();
+        // The fetch waits up to 20 s; an append wakes it at once.
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "{:?}",
+            started.elapsed()
+        );
+        assert_eq!(record.value.as_deref(), Some(&b"wake up"[..]));
+        producer.await.unwrap();
+    });
+}

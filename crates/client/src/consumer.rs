@@ -356,3 +356,28 @@ impl Consumer {
         Ok(records)
     }
 }
+
+impl Consumer {
+    /// The records as a stream: each item is the next record, or the error that stopped it.
+    pub fn into_stream(
+        self,
+    ) -> impl futures::Stream<Item = Result<ConsumerRecord, ClientError>> + Send {
+        futures::stream::unfold(
+            (self, std::collections::VecDeque::new(), false),
+            |(mut consumer, mut buffered, failed)| async move {
+                if failed {
+                    return None;
+                }
+                loop {
+                    if let Some(record) = buffered.pop_front() {
+                        return Some((Ok(record), (consumer, buffered, false)));
+                    }
+                    match consumer.poll().await {
+                        Ok(records) => buffered.extend(records),
+                        Err(err) => return Some((Err(err), (consumer, buffered, true))),
+                    }
+                }
+            },
+        )
+    }
+}
