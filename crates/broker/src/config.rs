@@ -8,7 +8,6 @@ use std::time::Duration;
 
 use cairn_protocol::limits::FRAME_BYTES_MAX;
 use serde::{Deserialize, Serialize};
-use thiserror::Error;
 
 use crate::topic::TopicDefaults;
 
@@ -80,34 +79,12 @@ impl Default for BrokerConfig {
 }
 
 /// A configuration value outside its range.
-#[derive(Debug, Clone, PartialEq, Eq, Error)]
-#[error("{field} = {value} is outside {min}..={max}")]
-pub struct ConfigError {
-    /// The field.
-    pub field: &'static str,
-    /// Its value.
-    pub value: u64,
-    /// Smallest allowed.
-    pub min: u64,
-    /// Largest allowed.
-    pub max: u64,
-}
+pub use cairn_protocol::limits::LimitError as ConfigError;
 
 impl BrokerConfig {
     /// Checks every limit, topic defaults included.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        let check = |field, value: u64, min: u64, max: u64| {
-            if (min..=max).contains(&value) {
-                Ok(())
-            } else {
-                Err(ConfigError {
-                    field,
-                    value,
-                    min,
-                    max,
-                })
-            }
-        };
+        let check = cairn_protocol::limits::check_limit;
         check(
             "frame_bytes_max",
             self.frame_bytes_max.into(),

@@ -323,14 +323,7 @@ impl Handler {
                     m.create_topic(&name, topic.partitions, overrides, validate_only)
                 })
                 .await;
-            let (code, message) = match result {
-                Some(Ok(())) => (ErrorCode::NONE, String::new()),
-                Some(Err(err)) => (err.code, err.message),
-                None => (
-                    ErrorCode::UNKNOWN_SERVER_ERROR,
-                    "topic creation task failed".into(),
-                ),
-            };
+            let (code, message) = topic_outcome(result);
             self.count_error(ApiKey::CreateTopics, code);
             results.push(TopicResult {
                 name: topic.name,
@@ -345,14 +338,8 @@ impl Handler {
         let mut results = Vec::with_capacity(request.names.len());
         for name in request.names {
             let owned = name.clone();
-            let (code, message) = match self.blocking(move |m| m.delete_topic(&owned)).await {
-                Some(Ok(())) => (ErrorCode::NONE, String::new()),
-                Some(Err(err)) => (err.code, err.message),
-                None => (
-                    ErrorCode::UNKNOWN_SERVER_ERROR,
-                    "topic deletion task failed".into(),
-                ),
-            };
+            let (code, message) =
+                topic_outcome(self.blocking(move |m| m.delete_topic(&owned)).await);
             self.count_error(ApiKey::DeleteTopics, code);
             results.push(TopicResult {
                 name,
@@ -774,6 +761,18 @@ impl Handler {
                 }
             }
         }
+    }
+}
+
+/// The error code and message of a topic operation run on the blocking pool.
+fn topic_outcome(result: Option<Result<(), crate::manager::TopicError>>) -> (ErrorCode, String) {
+    match result {
+        Some(Ok(())) => (ErrorCode::NONE, String::new()),
+        Some(Err(err)) => (err.code, err.message),
+        None => (
+            ErrorCode::UNKNOWN_SERVER_ERROR,
+            "the topic operation panicked".into(),
+        ),
     }
 }
 

@@ -54,6 +54,8 @@ pub struct Topic {
     pub config: TopicConfig,
     /// Its partitions, by index.
     pub partitions: Vec<Arc<Partition>>,
+    /// Creation time, Unix ms.
+    pub created_ms: i64,
 }
 
 /// Why a topic operation was refused.
@@ -241,15 +243,9 @@ impl TopicManager {
         // directories no metadata names, which are ignored.
         let topic = open_topic(&self.data_dir, name, &record, &log_config)
             .map_err(|err| TopicError::new(ErrorCode::KAFKA_STORAGE_ERROR, error_chain(&err)))?;
-        let mut metadata = self.metadata_snapshot();
-        metadata.topics.insert(name.to_string(), record);
-        self.store
-            .save(&metadata)
-            .map_err(|err| TopicError::new(ErrorCode::KAFKA_STORAGE_ERROR, error_chain(&err)))?;
-        self.topics
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(name.to_string(), Arc::new(topic));
+        self.commit(|topics| {
+            topics.insert(name.to_string(), Arc::new(topic));
+        })?;
         tracing::info!(topic = %name, partitions, "topic created");
         Ok(())
     }
@@ -263,15 +259,9 @@ impl TopicManager {
                 format!("topic {name:?} does not exist"),
             ));
         };
-        let mut metadata = self.metadata_snapshot();
-        metadata.topics.remove(name);
-        self.store
-            .save(&metadata)
-            .map_err(|err| TopicError::new(ErrorCode::KAFKA_STORAGE_ERROR, error_chain(&err)))?;
-        self.topics
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(name);
+        self.commit(|topics| {
+            topics.remove(name);
+        })?;
         // Readers may still hold the logs: rename the directories out of the way (a recreated
         // topic gets fresh ones) and remove them; open maps keep their unlinked files alive.
         for partition in &topic.partitions {
@@ -294,9 +284,19 @@ impl TopicManager {
         Ok(())
     }
 
-    fn metadata_snapshot(&self) -> ClusterMetadata {
-        let topics = self.topics.read().unwrap_or_else(|e| e.into_inner());
-        ClusterMetadata {
+    /// Applies `change` to a copy of the topics, saves the resulting metadata durably, and only
+    /// then makes the change visible. Callers hold `admin`.
+    fn commit(
+        &self,
+        change: impl FnOnce(&mut BTreeMap<String, Arc<Topic>>),
+    ) -> Result<(), TopicError> {
+        let mut topics = self
+            .topics
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        change(&mut topics);
+        let metadata = ClusterMetadata {
             topics: topics
                 .iter()
                 .map(|(name, topic)| {
@@ -304,12 +304,17 @@ impl TopicManager {
                         partitions: topic.partitions.len() as u32,
                         config: topic.config.clone(),
                         leader_epoch: topic.partitions.first().map_or(0, |p| p.leader_epoch),
-                        created_ms: 0,
+                        created_ms: topic.created_ms,
                     };
                     (name.clone(), record)
                 })
                 .collect(),
-        }
+        };
+        self.store
+            .save(&metadata)
+            .map_err(|err| TopicError::new(ErrorCode::KAFKA_STORAGE_ERROR, error_chain(&err)))?;
+        *self.topics.write().unwrap_or_else(|e| e.into_inner()) = topics;
+        Ok(())
     }
 
     /// Closes every log cleanly (the next start scans nothing). Logs still shared with in-flight
@@ -370,6 +375,7 @@ fn open_topic(
         name: topic_name,
         config: record.config.clone(),
         partitions,
+        created_ms: record.created_ms,
     })
 }
 

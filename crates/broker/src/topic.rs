@@ -49,18 +49,7 @@ pub const PARTITIONS_PER_TOPIC_MAX: u32 = 10_000;
 impl TopicDefaults {
     /// Checks the defaults by resolving an override-free topic config.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        let range = |field, value: u64, min: u64, max: u64| {
-            if (min..=max).contains(&value) {
-                Ok(())
-            } else {
-                Err(ConfigError {
-                    field,
-                    value,
-                    min,
-                    max,
-                })
-            }
-        };
+        let range = cairn_protocol::limits::check_limit;
         range(
             "topic_defaults.partitions",
             self.partitions.into(),

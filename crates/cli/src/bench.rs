@@ -73,18 +73,8 @@ pub struct BenchArgs {
 }
 
 pub async fn run(bootstrap: &str, output: Output, args: BenchArgs) -> anyhow::Result<()> {
-    let acks = match args.acks.as_str() {
-        "0" => Acks::None,
-        "1" => Acks::Leader,
-        "all" | "-1" => Acks::All,
-        other => bail!("--acks {other:?}: use 0, 1 or all"),
-    };
-    let Some(compression) = Compression::from_name(&args.compression) else {
-        bail!(
-            "--compression {:?}: use none, gzip, snappy, lz4 or zstd",
-            args.compression
-        );
-    };
+    let acks = crate::parse_acks(&args.acks)?;
+    let compression = crate::parse_compression(&args.compression)?;
     if args.records == 0 || args.record_bytes < 8 || args.producers == 0 || args.partitions == 0 {
         bail!(
             "--records, --producers and --partitions must be positive and --record-bytes at least 8"

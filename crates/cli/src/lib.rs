@@ -100,6 +100,23 @@ pub fn main() -> ExitCode {
     }
 }
 
+/// `--acks`: 0, 1 or all.
+pub(crate) fn parse_acks(text: &str) -> anyhow::Result<cairn_client::Acks> {
+    match text {
+        "0" => Ok(cairn_client::Acks::None),
+        "1" => Ok(cairn_client::Acks::Leader),
+        "all" | "-1" => Ok(cairn_client::Acks::All),
+        other => anyhow::bail!("--acks {other:?}: use 0, 1 or all"),
+    }
+}
+
+/// `--compression`: none, gzip, snappy, lz4 or zstd.
+pub(crate) fn parse_compression(text: &str) -> anyhow::Result<cairn_client::Compression> {
+    cairn_client::Compression::from_name(text).ok_or_else(|| {
+        anyhow::anyhow!("--compression {text:?}: use none, gzip, snappy, lz4 or zstd")
+    })
+}
+
 fn is_broken_pipe(err: &anyhow::Error) -> bool {
     err.chain().any(|cause| {
         cause

@@ -3,9 +3,9 @@
 use std::collections::VecDeque;
 use std::io::Write;
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 use bytes::Bytes;
-use cairn_client::{Acks, Compression, DeliveryFuture, Producer, ProducerConfig, ProducerRecord};
+use cairn_client::{DeliveryFuture, Producer, ProducerConfig, ProducerRecord};
 use clap::Args;
 use serde_json::json;
 use tokio::io::{AsyncBufReadExt, BufReader};
@@ -34,18 +34,8 @@ pub struct ProduceArgs {
 const PENDING_MAX: usize = 100_000;
 
 pub async fn run(bootstrap: &str, output: Output, args: ProduceArgs) -> anyhow::Result<()> {
-    let acks = match args.acks.as_str() {
-        "0" => Acks::None,
-        "1" => Acks::Leader,
-        "all" | "-1" => Acks::All,
-        other => bail!("--acks {other:?}: use 0, 1 or all"),
-    };
-    let Some(compression) = Compression::from_name(&args.compression) else {
-        bail!(
-            "--compression {:?}: use none, gzip, snappy, lz4 or zstd",
-            args.compression
-        );
-    };
+    let acks = crate::parse_acks(&args.acks)?;
+    let compression = crate::parse_compression(&args.compression)?;
     let config = ProducerConfig {
         acks,
         compression,

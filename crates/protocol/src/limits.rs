@@ -40,6 +40,34 @@ pub const FETCH_BYTES_MAX: u32 = 52 * 1024 * 1024;
 /// Most headers accepted on one record; each costs an allocation when decoded.
 pub const HEADERS_PER_RECORD_MAX: usize = 64 * 1024;
 
+/// A configured value outside its allowed range; every config layer reports limits with it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field} = {value} is outside {min}..={max}")]
+pub struct LimitError {
+    /// The setting.
+    pub field: &'static str,
+    /// Its value.
+    pub value: u64,
+    /// Smallest allowed.
+    pub min: u64,
+    /// Largest allowed.
+    pub max: u64,
+}
+
+/// Checks that `value` lies in `min..=max`.
+pub fn check_limit(field: &'static str, value: u64, min: u64, max: u64) -> Result<(), LimitError> {
+    if (min..=max).contains(&value) {
+        Ok(())
+    } else {
+        Err(LimitError {
+            field,
+            value,
+            min,
+            max,
+        })
+    }
+}
+
 const _: () = assert!(BATCH_BYTES_MAX as u64 <= i32::MAX as u64); // batchLength is an i32
 const _: () = assert!(BATCH_BYTES_MAX as usize <= DECOMPRESSED_BYTES_MAX);
 const _: () = assert!(BATCH_BYTES_MAX as u64 + 64 * 1024 <= FRAME_BYTES_MAX as u64);

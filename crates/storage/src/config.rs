@@ -3,7 +3,6 @@
 use std::time::Duration;
 
 use cairn_protocol::limits::BATCH_BYTES_MAX;
-use thiserror::Error;
 
 /// When appended data is made durable with `fdatasync`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -83,34 +82,12 @@ impl Default for LogConfig {
 }
 
 /// A configuration value outside its limits.
-#[derive(Debug, Clone, PartialEq, Eq, Error)]
-#[error("{field} = {value} is outside {min}..={max}")]
-pub struct ConfigError {
-    /// The offending field.
-    pub field: &'static str,
-    /// Its value.
-    pub value: u64,
-    /// Smallest allowed.
-    pub min: u64,
-    /// Largest allowed.
-    pub max: u64,
-}
+pub use cairn_protocol::limits::LimitError as ConfigError;
 
 impl LogConfig {
     /// Checks every limit.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        let check = |field, value: u64, min: u64, max: u64| {
-            if (min..=max).contains(&value) {
-                Ok(())
-            } else {
-                Err(ConfigError {
-                    field,
-                    value,
-                    min,
-                    max,
-                })
-            }
-        };
+        let check = cairn_protocol::limits::check_limit;
         check(
             "segment_bytes",
             self.segment_bytes.into(),
