@@ -638,9 +638,11 @@ impl Handler {
                         let high_watermark = log.log_end_offset();
                         result.high_watermark = high_watermark.0;
                         result.log_start_offset = log.log_start_offset().0;
-                        // At least one batch per response, even past max_bytes (KIP-74).
+                        // Never more than the response has left; a read still returns at least one
+                        // whole batch, so the first partition progresses past an oversized batch
+                        // (KIP-74) without the client choosing the size of a buffer.
                         let limit = if total == 0 {
-                            part.partition_max_bytes.max(1)
+                            part.partition_max_bytes.min(remaining).max(1)
                         } else {
                             part.partition_max_bytes.min(remaining)
                         };
