@@ -1,0 +1,150 @@
+//! Decoders never allocate more than their input justifies. A counting global allocator records
+//! the largest single allocation while every native request decoder and the RecordBatch codec run
+//! over random and adversarial inputs (array counts of 2^32-1, lengths past the input, bombs); the
+//! test asserts it stays within a small multiple of the input size (plus the explicit decompression
+//! cap). This is the check that catches `Vec::with_capacity(count_from_the_wire)`.
+//!
+//! One test function runs every case in sequence, so the allocator's record belongs to it alone.
+#![allow(unsafe_code)] // the counting allocator; see its SAFETY comments
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+use bytes::Bytes;
+use cairn_protocol::batch::{self, Batch, BatchBuilder, Compression};
+use cairn_protocol::native::{ApiKey, Request};
+
+struct Counting;
+
+static TRACKING: AtomicBool = AtomicBool::new(false);
+static LARGEST: AtomicUsize = AtomicUsize::new(0);
+
+// SAFETY: every method forwards to `System` with the caller's arguments unchanged, so `System`'s
+// guarantees hold; the only extra work is two relaxed atomic operations, which neither allocate
+// nor unwind.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        if TRACKING.load(Ordering::Relaxed) {
+            LARGEST.fetch_max(layout.size(), Ordering::Relaxed);
+        }
+        // SAFETY: forwarded unchanged; the caller upholds `alloc`'s contract.
+        unsafe { System.alloc(layout) }
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        // SAFETY: `ptr` came from `System` through `alloc`/`realloc` above with this layout.
+        unsafe { System.dealloc(ptr, layout) }
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        if TRACKING.load(Ordering::Relaxed) {
+            LARGEST.fetch_max(new_size, Ordering::Relaxed);
+        }
+        // SAFETY: forwarded unchanged; `ptr` came from `System` with `layout`.
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+}
+
+#[global_allocator]
+static ALLOCATOR: Counting = Counting;
+
+/// The largest single allocation `f` makes.
+fn largest_allocation(f: impl FnOnce()) -> usize {
+    LARGEST.store(0, Ordering::Relaxed);
+    TRACKING.store(true, Ordering::Relaxed);
+    f();
+    TRACKING.store(false, Ordering::Relaxed);
+    LARGEST.load(Ordering::Relaxed)
+}
+
+/// xorshift: deterministic inputs without a dependency on the allocator under test.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+
+    fn bytes(&mut self, n: usize) -> Vec<u8> {
+        (0..n).map(|_| self.next() as u8).collect()
+    }
+}
+
+/// Random bytes with 0xff runs planted, so counts and lengths near 2^32-1 are common.
+fn hostile(rng: &mut Rng) -> Vec<u8> {
+    let len = (rng.next() % 512) as usize;
+    let mut bytes = rng.bytes(len);
+    for _ in 0..(rng.next() % 4) {
+        if bytes.len() >= 4 {
+            let at = (rng.next() as usize) % (bytes.len() - 3);
+            bytes[at..at + 4].copy_from_slice(&[0xff, 0xff, 0xff, 0xff]);
+        }
+    }
+    bytes
+}
+
+const SLACK_BYTES: usize = 64 * 1024;
+const DECOMPRESSED_CAP: usize = 1 << 20;
+
+#[test]
+fn decoders_allocate_in_proportion_to_their_input() {
+    let mut rng = Rng(0x5eed_cafe);
+    // Native requests: every API, random and hostile bodies.
+    for round in 0..4000 {
+        let body = hostile(&mut rng);
+        for api in ApiKey::ALL {
+            let input = Bytes::from(body.clone());
+            let largest = largest_allocation(|| {
+                let _ = Request::decode_body(api, input);
+            });
+            assert!(
+                largest <= SLACK_BYTES + 64 * body.len(),
+                "round {round}: {api:?} allocated {largest} bytes for {} input bytes",
+                body.len()
+            );
+        }
+    }
+    // Record batches: structurally valid headers with a fixed-up CRC around hostile records, for
+    // every codec, so record decoding (and decompression) is reached.
+    for round in 0..4000 {
+        let codec = Compression::ALL[(rng.next() % 5) as usize];
+        let mut builder = BatchBuilder::new(codec);
+        for _ in 0..(1 + rng.next() % 4) {
+            let n = (rng.next() % 64) as usize;
+            builder.push(0, None, Some(&rng.bytes(n)), &[]);
+        }
+        let mut bytes = builder.build().unwrap().to_vec();
+        let records_len = bytes.len() - batch::BATCH_HEADER_BYTES;
+        let garbage = hostile(&mut rng);
+        for (i, b) in garbage.iter().take(records_len).enumerate() {
+            if rng.next() % 3 == 0 {
+                bytes[batch::BATCH_HEADER_BYTES + i] = *b;
+            }
+        }
+        if rng.next() % 2 == 0 {
+            // A record count claiming far more than is there.
+            bytes[batch::field::RECORDS_COUNT..][..4].copy_from_slice(&i32::MAX.to_be_bytes());
+            bytes[batch::field::LAST_OFFSET_DELTA..][..4]
+                .copy_from_slice(&(i32::MAX - 1).to_be_bytes());
+        }
+        let crc = batch::compute_crc(&bytes);
+        bytes[batch::field::CRC..][..4].copy_from_slice(&crc.to_be_bytes());
+        let input_len = bytes.len();
+        let input = Bytes::from(bytes);
+        let largest = largest_allocation(|| {
+            if let Ok(batch) = Batch::parse(input, u32::MAX) {
+                let _ = batch.records(DECOMPRESSED_CAP);
+            }
+        });
+        // Decompression may fill up to its cap (and a Vec doubling past it); decoding records
+        // costs at most one `Record` per 7 input bytes.
+        assert!(
+            largest <= SLACK_BYTES + 2 * DECOMPRESSED_CAP + 32 * input_len,
+            "round {round}: {codec:?} batch allocated {largest} bytes for {input_len} input bytes"
+        );
+    }
+}
