@@ -121,11 +121,11 @@ fn decoders_allocate_in_proportion_to_their_input() {
         let records_len = bytes.len() - batch::BATCH_HEADER_BYTES;
         let garbage = hostile(&mut rng);
         for (i, b) in garbage.iter().take(records_len).enumerate() {
-            if rng.next() % 3 == 0 {
+            if rng.next().is_multiple_of(3) {
                 bytes[batch::BATCH_HEADER_BYTES + i] = *b;
             }
         }
-        if rng.next() % 2 == 0 {
+        if rng.next().is_multiple_of(2) {
             // A record count claiming far more than is there.
             bytes[batch::field::RECORDS_COUNT..][..4].copy_from_slice(&i32::MAX.to_be_bytes());
             bytes[batch::field::LAST_OFFSET_DELTA..][..4]
