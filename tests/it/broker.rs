@@ -642,3 +642,53 @@ fn fetch_long_polls_until_an_append_and_acks_0_is_silent() {
         producer.await.unwrap();
     });
 }
+
+#[test]
+fn the_inflight_byte_budget_bounds_memory_under_a_flood_of_large_frames() {
+    const N_CLIENTS: usize = 40;
+    const FRAME: usize = 4 * 1024 * 1024;
+    let dir = tempfile::tempdir().unwrap();
+    let config = format!("frame_bytes_max = {FRAME}\ninflight_bytes_max = {FRAME}\n");
+    let broker = BrokerProcess::start_with_config(&dir.path().join("data"), &config);
+    let before = broker.peak_rss_kib();
+    // Every client sends a full-size produce frame at once; each frame is answered (its records
+    // are garbage, so with CORRUPT_MESSAGE), but the broker may hold only one frame body at a time.
+    let mut payload = produce_payload(Bytes::from(vec![7u8; FRAME - 200]), 1);
+    payload.resize(FRAME.min(payload.len()), 0);
+    let frame_bytes = frame(&payload);
+    let barrier = std::sync::Arc::new(std::sync::Barrier::new(N_CLIENTS));
+    let clients: Vec<_> = (0..N_CLIENTS)
+        .map(|_| {
+            let (addr, frame_bytes, barrier) =
+                (broker.addr.clone(), frame_bytes.clone(), barrier.clone());
+            std::thread::spawn(move || {
+                let mut stream = TcpStream::connect(&addr).unwrap();
+                stream
+                    .set_read_timeout(Some(Duration::from_secs(60)))
+                    .unwrap();
+                barrier.wait();
+                for chunk in frame_bytes.chunks(64 * 1024) {
+                    stream.write_all(chunk).unwrap();
+                }
+                let mut len = [0u8; 4];
+                stream.read_exact(&mut len).unwrap();
+                let mut body = vec![0u8; u32::from_be_bytes(len) as usize];
+                stream.read_exact(&mut body).unwrap();
+                let mut reply = len.to_vec();
+                reply.extend_from_slice(&body);
+                produce_error(&reply)
+            })
+        })
+        .collect();
+    for client in clients {
+        assert_eq!(client.join().unwrap(), ErrorCode::CORRUPT_MESSAGE.0);
+    }
+    let growth_mib = broker.peak_rss_kib().saturating_sub(before) / 1024;
+    println!(
+        "peak RSS grew {growth_mib} MiB while {N_CLIENTS} clients sent {} MiB at once",
+        N_CLIENTS * FRAME >> 20
+    );
+    // Unbounded, the broker would hold all 160 MiB; the budget allows one frame (plus the copy made
+    // to stamp it and allocator slack).
+    assert!(growth_mib < 48, "peak RSS grew {growth_mib} MiB");
+}

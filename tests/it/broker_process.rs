@@ -122,6 +122,14 @@ impl BrokerProcess {
         }
     }
 
+    /// The broker's peak resident memory so far, in KiB (`VmHWM`).
+    pub fn peak_rss_kib(&self) -> u64 {
+        let pid = self.child.as_ref().unwrap().id();
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        let line = status.lines().find(|l| l.starts_with("VmHWM:")).unwrap();
+        line.split_whitespace().nth(1).unwrap().parse().unwrap()
+    }
+
     /// GET a path from the HTTP listener; (status line, body).
     pub fn http_get(&self, path: &str) -> (String, String) {
         let mut stream = TcpStream::connect(&self.http).unwrap();
