@@ -686,7 +686,7 @@ fn the_inflight_byte_budget_bounds_memory_under_a_flood_of_large_frames() {
     let growth_mib = broker.peak_rss_kib().saturating_sub(before) / 1024;
     println!(
         "peak RSS grew {growth_mib} MiB while {N_CLIENTS} clients sent {} MiB at once",
-        N_CLIENTS * FRAME >> 20
+        (N_CLIENTS * FRAME) >> 20
     );
     // Unbounded, the broker would hold all 160 MiB; the budget allows one frame (plus the copy made
     // to stamp it and allocator slack).
