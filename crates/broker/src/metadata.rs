@@ -3,9 +3,10 @@
 //! log, and a single node becomes a cluster of one on the same code path.
 
 use std::collections::BTreeMap;
-use std::fs::{self, File, OpenOptions};
-use std::io::{self, Write};
+use std::io;
 use std::path::{Path, PathBuf};
+
+use cairn_storage::{Fatal, StdFs, checkpoint};
 
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
@@ -65,7 +66,8 @@ pub trait MetadataStore: Send + Sync + std::fmt::Debug {
     fn save(&self, metadata: &ClusterMetadata) -> Result<(), MetadataError>;
 }
 
-/// Metadata in `<data_dir>/cluster-metadata.json`: JSON, then a `crc32` line.
+/// Metadata in `<data_dir>/cluster-metadata.json`: a storage checkpoint file (header line, the
+/// JSON, a `crc32` line).
 #[derive(Debug)]
 pub struct FileMetadataStore {
     dir: PathBuf,
@@ -86,74 +88,44 @@ impl FileMetadataStore {
     }
 }
 
+const KIND: &str = "cluster-metadata";
+
 impl MetadataStore for FileMetadataStore {
     fn load(&self) -> Result<ClusterMetadata, MetadataError> {
-        let path = self.path();
-        let text = match fs::read_to_string(&path) {
-            Ok(text) => text,
-            Err(err) if err.kind() == io::ErrorKind::NotFound => {
-                return Ok(ClusterMetadata::default());
-            }
-            Err(source) => {
-                return Err(MetadataError::Io {
-                    op: "reading",
-                    path,
-                    source,
-                });
-            }
+        let corrupt = |reason: String| MetadataError::Corrupt {
+            path: self.path(),
+            reason,
         };
-        let corrupt = |reason: &str| MetadataError::Corrupt {
-            path: path.clone(),
-            reason: reason.into(),
-        };
-        let body_end = text
-            .trim_end()
-            .rfind('\n')
-            .map(|i| i + 1)
-            .ok_or_else(|| corrupt("no crc line"))?;
-        let (body, crc_line) = text.split_at(body_end);
-        let stored = crc_line
-            .trim()
-            .strip_prefix("crc32 ")
-            .and_then(|hex| u32::from_str_radix(hex, 16).ok())
-            .ok_or_else(|| corrupt("bad crc line"))?;
-        if stored != crc32fast::hash(body.as_bytes()) {
-            return Err(corrupt("crc mismatch"));
+        match checkpoint::read(&StdFs, &self.dir, FILE_NAME, KIND) {
+            Ok(None) => Ok(ClusterMetadata::default()),
+            Ok(Some(lines)) => {
+                serde_json::from_str(&lines.join("\n")).map_err(|err| corrupt(err.to_string()))
+            }
+            Err(err) if err.kind() == io::ErrorKind::InvalidData => Err(corrupt(err.to_string())),
+            Err(source) => Err(MetadataError::Io {
+                op: "reading",
+                path: self.path(),
+                source,
+            }),
         }
-        serde_json::from_str(body).map_err(|err| corrupt(&err.to_string()))
     }
 
     fn save(&self, metadata: &ClusterMetadata) -> Result<(), MetadataError> {
-        let path = self.path();
-        let tmp = self.dir.join(format!("{FILE_NAME}.tmp"));
-        let io = |op, path: &Path| {
-            let path = path.to_path_buf();
-            move |source| MetadataError::Io { op, path, source }
-        };
-        let mut body =
+        let json =
             serde_json::to_string_pretty(metadata).map_err(|err| MetadataError::Corrupt {
-                path: path.clone(),
+                path: self.path(),
                 reason: err.to_string(),
             })?;
-        body.push('\n');
-        let crc = crc32fast::hash(body.as_bytes());
-        let mut file = OpenOptions::new()
-            .create(true)
-            .write(true)
-            .truncate(true)
-            .open(&tmp)
-            .map_err(io("creating", &tmp))?;
-        file.write_all(body.as_bytes())
-            .map_err(io("writing", &tmp))?;
-        file.write_all(format!("crc32 {crc:08x}\n").as_bytes())
-            .map_err(io("writing", &tmp))?;
-        // The rename must not publish contents that are not on disk yet.
-        file.sync_all().map_err(io("syncing", &tmp))?;
-        fs::rename(&tmp, &path).map_err(io("renaming", &path))?;
-        // And the rename itself is durable only once the directory is synced.
-        File::open(&self.dir)
-            .and_then(|dir| dir.sync_all())
-            .map_err(io("syncing", &self.dir))
+        let lines: Vec<String> = json.lines().map(str::to_string).collect();
+        // The same atomic, CRC-checked file as the logs' checkpoints: tmp, fsync, rename, fsync dir.
+        checkpoint::write(&StdFs, &self.dir, FILE_NAME, KIND, &lines).map_err(|fatal| match fatal {
+            Fatal::Io { op, path, source } => MetadataError::Io { op, path, source },
+            other => MetadataError::Io {
+                op: "writing",
+                path: self.path(),
+                source: io::Error::other(other.to_string()),
+            },
+        })
     }
 }
 
@@ -182,10 +154,10 @@ mod tests {
         store.save(&metadata).unwrap();
         assert_eq!(store.load().unwrap(), metadata);
         let path = dir.path().join(FILE_NAME);
-        let text = fs::read_to_string(&path)
+        let text = std::fs::read_to_string(&path)
             .unwrap()
             .replace("orders", "orderz");
-        fs::write(&path, text).unwrap();
+        std::fs::write(&path, text).unwrap();
         assert!(matches!(store.load(), Err(MetadataError::Corrupt { .. })));
     }
 }

@@ -15,7 +15,7 @@ use crate::error::Fatal;
 use crate::fs::{Fs, OpenMode};
 
 /// Writes `lines` to `dir/name`: tmp file, fsync, rename over the old file, fsync the directory.
-pub(crate) fn write(
+pub fn write(
     fs: &dyn Fs,
     dir: &Path,
     name: &str,
@@ -50,12 +50,7 @@ pub(crate) fn write(
 
 /// Reads `dir/name`: `Ok(None)` if absent, an `InvalidData` error if it is not an intact checkpoint
 /// of `kind`.
-pub(crate) fn read(
-    fs: &dyn Fs,
-    dir: &Path,
-    name: &str,
-    kind: &str,
-) -> io::Result<Option<Vec<String>>> {
+pub fn read(fs: &dyn Fs, dir: &Path, name: &str, kind: &str) -> io::Result<Option<Vec<String>>> {
     /// Checkpoints are tiny; a larger file is not one of ours.
     const CHECKPOINT_BYTES_MAX: u64 = 16 * 1024 * 1024;
     let path = dir.join(name);

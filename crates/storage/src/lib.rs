@@ -26,7 +26,7 @@
     allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)
 )]
 
-mod checkpoint;
+pub mod checkpoint;
 mod config;
 mod epoch;
 mod error;
