@@ -16,7 +16,7 @@ use cairn_storage::{AppendError, FlushPolicy, ReadError};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::BrokerConfig;
-use crate::manager::{Partition, TopicManager, error_chain};
+use crate::manager::{Partition, Topic, TopicManager, error_chain};
 use crate::metrics::Metrics;
 
 /// What to do after handling a frame.
@@ -226,59 +226,61 @@ impl Handler {
         tokio::task::spawn_blocking(move || f(&manager)).await.ok()
     }
 
-    async fn auto_create(&self, name: &str) -> bool {
-        if !self.config.auto_create_topics || self.manager.topic(name).is_some() {
-            return self.manager.topic(name).is_some();
+    /// The topic named `name`; if it does not exist and `create` is set and the broker
+    /// auto-creates topics, it is created first.
+    async fn topic_or_create(&self, name: &str, create: bool) -> Option<Arc<Topic>> {
+        if let Some(topic) = self.manager.topic(name) {
+            return Some(topic);
+        }
+        if !create || !self.config.auto_create_topics {
+            return None;
         }
         let owned = name.to_string();
         let result = self
             .blocking(move |m| m.create_topic(&owned, 0, BTreeMap::new(), false))
             .await;
         match result {
-            Some(Ok(())) => true,
-            // Another request created it meanwhile.
-            Some(Err(err)) if err.code == ErrorCode::TOPIC_ALREADY_EXISTS => true,
+            // Ok, or another request created it meanwhile.
+            Some(Ok(())) => {}
+            Some(Err(err)) if err.code == ErrorCode::TOPIC_ALREADY_EXISTS => {}
             Some(Err(err)) => {
                 tracing::debug!(topic = %name, error = %err.message, "auto-create refused");
-                false
+                return None;
             }
-            None => false,
+            None => return None,
         }
+        self.manager.topic(name)
+    }
+
+    /// The requested names, or every topic's when none were named.
+    fn requested_or_all(&self, names: Vec<String>) -> Vec<String> {
+        if !names.is_empty() {
+            return names;
+        }
+        self.manager
+            .topics()
+            .iter()
+            .map(|t| t.name.to_string())
+            .collect()
     }
 
     async fn metadata(&self, request: MetadataRequest) -> MetadataResponse {
         let auto_create = request.allow_auto_create;
-        let names: Vec<String> = if request.topics.is_empty() {
-            self.manager
-                .topics()
-                .iter()
-                .map(|t| t.name.to_string())
-                .collect()
-        } else {
-            request.topics
-        };
+        let names = self.requested_or_all(request.topics);
         let mut topics = Vec::with_capacity(names.len());
         for name in names {
-            let exists = if auto_create {
-                self.auto_create(&name).await
-            } else {
-                self.manager.topic(&name).is_some()
-            };
-            if !exists {
-                self.count_error(ApiKey::Metadata, ErrorCode::UNKNOWN_TOPIC_OR_PARTITION);
+            let Some(topic) = self.topic_or_create(&name, auto_create).await else {
                 let code = if crate::topic::validate_topic_name(&name).is_err() {
                     ErrorCode::INVALID_TOPIC_EXCEPTION
                 } else {
                     ErrorCode::UNKNOWN_TOPIC_OR_PARTITION
                 };
+                self.count_error(ApiKey::Metadata, code);
                 topics.push(TopicMetadata {
                     error_code: code.0,
                     name,
                     partitions: vec![],
                 });
-                continue;
-            }
-            let Some(topic) = self.manager.topic(&name) else {
                 continue;
             };
             topics.push(TopicMetadata {
@@ -351,15 +353,7 @@ impl Handler {
     }
 
     fn describe_topics(&self, request: DescribeTopicsRequest) -> DescribeTopicsResponse {
-        let names: Vec<String> = if request.names.is_empty() {
-            self.manager
-                .topics()
-                .iter()
-                .map(|t| t.name.to_string())
-                .collect()
-        } else {
-            request.names
-        };
+        let names = self.requested_or_all(request.names);
         let defaults = self.manager.defaults();
         let topics = names
             .into_iter()
@@ -421,7 +415,11 @@ impl Handler {
             topics: Vec::with_capacity(topics.len()),
         };
         for topic in topics {
-            let exists = acks_valid && self.auto_create(&topic.name).await;
+            let found = if acks_valid {
+                self.topic_or_create(&topic.name, true).await
+            } else {
+                None
+            };
             let mut partitions = Vec::with_capacity(topic.partitions.len());
             for part in topic.partitions {
                 let mut result = ProducePartitionResponse {
@@ -435,19 +433,18 @@ impl Handler {
                         format!("acks {acks} is not 0, 1 or -1"),
                     ))
                 } else {
-                    match self
-                        .manager
-                        .partition(&topic.name, part.partition)
-                        .filter(|_| exists)
+                    match found
+                        .as_ref()
+                        .and_then(|t| t.partitions.get(part.partition as usize))
                     {
                         None => Err((
                             ErrorCode::UNKNOWN_TOPIC_OR_PARTITION,
                             format!("{}-{} does not exist", topic.name, part.partition),
                         )),
                         Some(partition) => self
-                            .append(&partition, part.records)
+                            .append(partition, part.records)
                             .await
-                            .map(|base| (partition, base)),
+                            .map(|base| (Arc::clone(partition), base)),
                     }
                 };
                 match outcome {
@@ -492,12 +489,13 @@ impl Handler {
         } = appended;
         // acks=all: every appended partition durable (group commit: concurrent producers share
         // the fsync), within the request's timeout.
-        let deadline = Duration::from_millis(timeout_ms.into());
+        // One deadline for the whole request, however many partitions it touched.
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(timeout_ms.into());
         for (t, p, partition, last) in durable_waits {
             let started = Instant::now();
             let flush =
                 tokio::task::spawn_blocking(move || partition.log.flush(Offset(last.0 + 1)));
-            let failure = match tokio::time::timeout(deadline, flush).await {
+            let failure = match tokio::time::timeout_at(deadline, flush).await {
                 Ok(Ok(Ok(()))) => {
                     self.metrics
                         .fsync_seconds
@@ -587,25 +585,47 @@ impl Handler {
     async fn fetch(&self, request: FetchRequest) -> FetchResponse {
         let deadline = Instant::now() + Duration::from_millis(request.max_wait_ms.into());
         let max_bytes = request.max_bytes.clamp(1, FETCH_BYTES_MAX);
+        // Each requested partition, looked up once for the whole (possibly long-polled) fetch.
+        let partitions: Vec<Vec<Option<Arc<Partition>>>> = request
+            .topics
+            .iter()
+            .map(|topic| {
+                let found = self.manager.topic(&topic.name);
+                topic
+                    .partitions
+                    .iter()
+                    .map(|part| {
+                        found
+                            .as_ref()
+                            .and_then(|t| t.partitions.get(part.partition as usize))
+                            .cloned()
+                    })
+                    .collect()
+            })
+            .collect();
+        let min_bytes = u64::from(request.min_bytes.max(1));
+        let mut watches = Vec::new();
         loop {
-            // Subscribe before reading, so an append between the read and the wait is not missed.
-            let mut watches = Vec::new();
-            for topic in &request.topics {
-                for part in &topic.partitions {
-                    if let Some(partition) = self.manager.partition(&topic.name, part.partition) {
-                        watches.push(partition.subscribe());
-                    }
-                }
-            }
-            let (response, n_bytes, any_error) = self.fetch_once(&request, max_bytes);
-            let satisfied = n_bytes >= u64::from(request.min_bytes.max(1)) || any_error;
-            if satisfied
-                || Instant::now() >= deadline
-                || self.shutdown.is_cancelled()
-                || watches.is_empty()
-            {
+            let (response, n_bytes, any_error) = self.fetch_once(&request, &partitions, max_bytes);
+            let satisfied = n_bytes >= min_bytes || any_error;
+            if satisfied || Instant::now() >= deadline || self.shutdown.is_cancelled() {
                 self.account_fetch(&response);
                 return response;
+            }
+            if watches.is_empty() {
+                // About to wait: subscribe, then read once more, so an append between the read
+                // above and the subscription is not missed.
+                watches = partitions
+                    .iter()
+                    .flatten()
+                    .flatten()
+                    .map(|p| p.subscribe())
+                    .collect();
+                if watches.is_empty() {
+                    self.account_fetch(&response);
+                    return response;
+                }
+                continue;
             }
             let changed =
                 futures::future::select_all(watches.iter_mut().map(|w| Box::pin(w.changed())));
@@ -617,19 +637,24 @@ impl Handler {
         }
     }
 
-    fn fetch_once(&self, request: &FetchRequest, max_bytes: u32) -> (FetchResponse, u64, bool) {
+    fn fetch_once(
+        &self,
+        request: &FetchRequest,
+        partitions: &[Vec<Option<Arc<Partition>>>],
+        max_bytes: u32,
+    ) -> (FetchResponse, u64, bool) {
         let mut remaining = max_bytes;
         let mut total = 0u64;
         let mut any_error = false;
         let mut topics = Vec::with_capacity(request.topics.len());
-        for topic in &request.topics {
-            let mut partitions = Vec::with_capacity(topic.partitions.len());
-            for part in &topic.partitions {
+        for (topic, found) in request.topics.iter().zip(partitions) {
+            let mut results = Vec::with_capacity(topic.partitions.len());
+            for (part, partition) in topic.partitions.iter().zip(found) {
                 let mut result = FetchPartitionResponse {
                     partition: part.partition,
                     ..Default::default()
                 };
-                match self.manager.partition(&topic.name, part.partition) {
+                match partition {
                     None => result.error_code = ErrorCode::UNKNOWN_TOPIC_OR_PARTITION.0,
                     Some(partition) => {
                         let log = &partition.log;
@@ -667,11 +692,11 @@ impl Handler {
                     any_error = true;
                     self.count_error(ApiKey::Fetch, ErrorCode(result.error_code));
                 }
-                partitions.push(result);
+                results.push(result);
             }
             topics.push(FetchTopicResponse {
                 name: topic.name.clone(),
-                partitions,
+                partitions: results,
             });
         }
         (FetchResponse { topics }, total, any_error)
