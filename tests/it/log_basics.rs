@@ -388,3 +388,43 @@ fn limits_are_checked_at_open() {
         assert!(limit.to_string().contains("is outside"), "{limit}");
     }
 }
+
+/// A replica of a compacted log receives batches with offset gaps, possibly wider than a segment's
+/// u32 relative offsets: the log starts a segment at such a batch (replacing an empty one) rather
+/// than truncating its relative offset, and keeps the data across a reopen.
+#[test]
+fn replicated_batches_after_a_wide_gap_start_their_own_segment() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = LogConfig {
+        compacted: true,
+        ..small_config(ReadMode::Mmap)
+    };
+    let far = 5_000_000_000u64;
+    let stamped = |base: u64| {
+        let mut batch = tagged_batch(base, 3, 20, 0);
+        batch::stamp(&mut batch, base as i64, 1).unwrap();
+        batch
+    };
+    let log = Log::open(dir.path(), config.clone()).unwrap();
+    // Into the empty first segment: it is replaced by one at the batch.
+    log.append_replicated(&stamped(far)).unwrap();
+    assert_eq!(log.segment_bases(), vec![Offset(far)]);
+    assert_eq!(log.log_start_offset(), Offset(far));
+    // A second gap wider than u32 from a non-empty segment.
+    log.append_replicated(&stamped(2 * far)).unwrap();
+    assert_eq!(log.segment_bases(), vec![Offset(far), Offset(2 * far)]);
+    log.verify().unwrap();
+    let offsets: Vec<u64> = read_values(&log, log.log_start_offset())
+        .iter()
+        .map(|(o, _)| *o)
+        .collect();
+    assert_eq!(
+        offsets,
+        [far, far + 1, far + 2, 2 * far, 2 * far + 1, 2 * far + 2]
+    );
+    drop(log);
+    let log = Log::open(dir.path(), config).unwrap();
+    log.verify().unwrap();
+    assert_eq!(read_values(&log, log.log_start_offset()).len(), 6);
+    assert_eq!(log.log_end_offset(), Offset(2 * far + 3));
+}

@@ -297,14 +297,14 @@ impl Log {
                 });
             }
             let base_offset = state.log_end;
-            let mut next = base_offset;
-            for header in &headers {
-                let last = next
-                    .checked_add(header.last_offset_delta as u64)
-                    .filter(|&last| last < i64::MAX as u64)
-                    .ok_or(AppendError::Overflow)?;
-                next = last + 1;
-            }
+            // All offsets must fit an i64 before anything is written.
+            headers
+                .iter()
+                .try_fold(base_offset, |next, h| {
+                    next.checked_add(h.last_offset_delta as u64 + 1)
+                })
+                .filter(|&end| end <= i64::MAX as u64)
+                .ok_or(AppendError::Overflow)?;
             let mut pos = 0;
             let mut next = base_offset;
             let mut max_timestamp = i64::MIN;
@@ -366,15 +366,6 @@ impl Log {
             for header in &headers {
                 let end = pos + header.total_bytes();
                 let bytes = batches.get(pos..end).ok_or(AppendError::Empty)?;
-                if header.base_offset as u64 != state.log_end {
-                    // A gap (the leader compacted): the next batch may not fit this segment's
-                    // relative offsets, and the epoch cache must not claim the gap.
-                    let rel =
-                        (header.last_offset() as u64).saturating_sub(self.active_base(&state));
-                    if rel > u64::from(u32::MAX) {
-                        self.roll_locked(&mut state)?;
-                    }
-                }
                 self.append_batch(&mut state, bytes, header)?;
                 if let Ok(epoch) = u32::try_from(header.partition_leader_epoch)
                     && state.epochs.latest().is_none_or(|e| e.epoch < epoch)
@@ -438,7 +429,8 @@ impl Log {
         header: &BatchHeader,
     ) -> Result<(), Fatal> {
         if self.should_roll(state, bytes.len(), header) {
-            self.roll_locked(state)?;
+            // The new segment starts at the batch (past a gap, for a replica of a compacted log).
+            self.roll_locked(state, header.base_offset as u64)?;
         }
         let dir = &self.dir;
         let config = &self.config;
@@ -461,6 +453,12 @@ impl Log {
         let Some(active) = state.segments.values().next_back() else {
             return false;
         };
+        // Offsets relative to the segment base must fit the index's u32, even in an empty
+        // segment (a replica's batch may start far past it).
+        let rel_last = (header.last_offset() as u64).saturating_sub(active.base_offset);
+        if rel_last > u64::from(u32::MAX) {
+            return true;
+        }
         if active.size == 0 {
             return false;
         }
@@ -473,8 +471,7 @@ impl Log {
             }
             _ => false,
         };
-        let rel_last = (header.last_offset() as u64).saturating_sub(active.base_offset);
-        too_big || too_old || rel_last > u64::from(u32::MAX)
+        too_big || too_old
     }
 
     /// Seals the active segment and starts a new one at the log end (no-op if the active segment
@@ -482,35 +479,56 @@ impl Log {
     pub fn roll(&self) -> Result<(), Fatal> {
         let mut state = lock(&self.state);
         self.check_poisoned(&state)?;
-        self.roll_locked(&mut state)
+        let log_end = state.log_end;
+        self.roll_locked(&mut state, log_end)
     }
 
-    fn roll_locked(&self, state: &mut State) -> Result<(), Fatal> {
-        let log_end = state.log_end;
+    /// Seals the active segment and starts one at `base` (the log end, or past it for a batch
+    /// after a gap). An empty active segment is sealed only if it is at the wrong base, in which
+    /// case it is replaced.
+    fn roll_locked(&self, state: &mut State, base: u64) -> Result<(), Fatal> {
         let dir = &self.dir;
         let fs = &*self.fs;
         if let Some(active) = state.segments.values_mut().next_back() {
-            if active.size == 0 {
+            if active.size == 0 && active.base_offset == base {
                 return Ok(());
             }
-            // No fsync here: the next flush syncs the sealed files before it counts them durable.
-            if let Err(source) = active.seal(fs, dir) {
+            if active.size == 0 {
+                let empty = active.base_offset;
+                if let Some(segment) = state.segments.remove(&empty)
+                    && let Err(source) = segment.remove_files(fs, dir)
+                {
+                    return Err(self.poison(
+                        state,
+                        "remove empty segment",
+                        segment.log_path(dir),
+                        source,
+                    ));
+                }
+            } else if let Err(source) = active.seal(fs, dir) {
+                // No fsync here: the next flush syncs the sealed files before it counts them
+                // durable.
                 let path = active.log_path(dir);
                 return Err(self.poison(state, "seal segment", path, source));
             }
         }
-        let segment = match Segment::create(fs, dir, log_end, &self.config) {
+        let segment = match Segment::create(fs, dir, base, &self.config) {
             Ok(segment) => segment,
             Err(source) => {
-                let path = dir.join(segment::file_name(log_end, segment::LOG_SUFFIX));
+                let path = dir.join(segment::file_name(base, segment::LOG_SUFFIX));
                 return Err(self.poison(state, "create segment", path, source));
             }
         };
         // A record acknowledged in the new segment must not vanish because the file's directory
         // entry never reached the disk: the next flush syncs the directory too.
         state.dir_unsynced = true;
-        tracing::info!(dir = %dir.display(), base_offset = log_end, "segment rolled");
-        state.segments.insert(log_end, segment);
+        tracing::info!(dir = %dir.display(), base_offset = base, "segment rolled");
+        state.segments.insert(base, segment);
+        if state.segments.len() == 1 {
+            // The replaced empty segment was the whole log: it now starts here, as a reopen
+            // would find.
+            state.log_start = base;
+        }
         Ok(())
     }
 
