@@ -71,9 +71,10 @@ impl Connection {
         let payload = native::encode_request(correlation_id, &self.client_id, request);
         let reply = self.transport.submit(payload, true);
         let api = request.api_key();
-        let peer = self.addr().to_string();
+        // The transport names the peer only if the reply is lost: no allocation per request.
+        let transport = Arc::clone(&self.transport);
         async move {
-            let mut body = reply.await.map_err(|_| closed(&peer))??;
+            let mut body = reply.await.map_err(|_| closed(transport.peer()))??;
             let header = ResponseHeader::decode(&mut body, "response header")?;
             if header.correlation_id != correlation_id {
                 return Err(ClientError::Decode(native::DecodeError::InvalidValue {
@@ -100,8 +101,13 @@ impl Connection {
         let correlation_id = self.next_correlation.fetch_add(1, Ordering::Relaxed);
         let payload = native::encode_request(correlation_id, &self.client_id, request);
         let reply = self.transport.submit(payload, false);
-        let peer = self.addr().to_string();
-        async move { reply.await.map_err(|_| closed(&peer))?.map(|_| ()) }
+        let transport = Arc::clone(&self.transport);
+        async move {
+            reply
+                .await
+                .map_err(|_| closed(transport.peer()))?
+                .map(|_| ())
+        }
     }
 }
 

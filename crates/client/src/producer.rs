@@ -280,7 +280,8 @@ struct Sender {
     partitions: HashMap<String, u32>,
     sticky: HashMap<String, u32>,
     round_robin: PartitionerState,
-    open: HashMap<(String, u32), Batch>,
+    /// Open batches by topic, then partition: a record's lookup borrows its topic name.
+    open: HashMap<String, HashMap<u32, Batch>>,
     ready: VecDeque<Ready>,
     in_flight: FuturesUnordered<InFlight>,
     flushes: Vec<oneshot::Sender<()>>,
@@ -312,7 +313,7 @@ impl Sender {
         loop {
             self.dispatch();
             if self.flushes.len() + usize::from(closing) > 0
-                && self.open.is_empty()
+                && self.open_batches().next().is_none()
                 && self.ready.is_empty()
                 && self.in_flight.is_empty()
             {
@@ -345,8 +346,7 @@ impl Sender {
     fn next_wake(&self) -> Instant {
         let far = Instant::now() + Duration::from_secs(3600);
         let linger = self
-            .open
-            .values()
+            .open_batches()
             .map(|b| b.created + self.config.linger)
             .min()
             .unwrap_or(far);
@@ -414,15 +414,27 @@ impl Sender {
                 return;
             }
             (None, Some(key), Partitioner::Murmur2Sticky) => partition_for_key(key, n_partitions),
-            (None, None, Partitioner::Murmur2Sticky) => *self
-                .sticky
-                .entry(record.topic.clone())
-                .or_insert_with(|| rand::rng().random_range(0..n_partitions)),
+            (None, None, Partitioner::Murmur2Sticky) => {
+                match self.sticky.get(record.topic.as_str()) {
+                    Some(&p) => p,
+                    None => {
+                        let p = rand::rng().random_range(0..n_partitions);
+                        self.sticky.insert(record.topic.clone(), p);
+                        p
+                    }
+                }
+            }
             (None, _, Partitioner::RoundRobin) => self.round_robin.round_robin(n_partitions),
         };
-        let key = (record.topic.clone(), partition);
+        // No allocation when the partition already has an open batch (the common case).
+        if !self.open.contains_key(record.topic.as_str()) {
+            self.open.insert(record.topic.clone(), HashMap::new());
+        }
         let compression = self.config.compression;
-        let batch = self.open.entry(key.clone()).or_insert_with(|| Batch {
+        let Some(batches) = self.open.get_mut(record.topic.as_str()) else {
+            return;
+        };
+        let batch = batches.entry(partition).or_insert_with(|| Batch {
             topic: record.topic.clone(),
             partition,
             builder: BatchBuilder::new(compression),
@@ -442,12 +454,21 @@ impl Sender {
         );
         batch.deliveries.push(delivery);
         if batch.builder.uncompressed_bytes() >= self.config.batch_bytes {
-            self.seal(&key);
+            self.seal(&record.topic, partition);
         }
     }
 
-    fn seal(&mut self, key: &(String, u32)) {
-        let Some(batch) = self.open.remove(key) else {
+    /// The open batches, every topic and partition.
+    fn open_batches(&self) -> impl Iterator<Item = &Batch> {
+        self.open.values().flat_map(HashMap::values)
+    }
+
+    fn seal(&mut self, topic: &str, partition: u32) {
+        let Some(batch) = self
+            .open
+            .get_mut(topic)
+            .and_then(|batches| batches.remove(&partition))
+        else {
             return;
         };
         // A sealed unkeyed batch moves the sticky partition on (KIP-480).
@@ -478,22 +499,22 @@ impl Sender {
     }
 
     fn seal_all(&mut self) {
-        let keys: Vec<_> = self.open.keys().cloned().collect();
-        for key in keys {
-            self.seal(&key);
-        }
+        self.seal_where(|_| true);
     }
 
     fn seal_lingering(&mut self) {
-        let now = Instant::now();
-        let keys: Vec<_> = self
-            .open
-            .iter()
-            .filter(|(_, b)| b.created + self.config.linger <= now)
-            .map(|(k, _)| k.clone())
+        let (now, linger) = (Instant::now(), self.config.linger);
+        self.seal_where(|batch| batch.created + linger <= now);
+    }
+
+    fn seal_where(&mut self, due: impl Fn(&Batch) -> bool) {
+        let keys: Vec<(String, u32)> = self
+            .open_batches()
+            .filter(|b| due(b))
+            .map(|b| (b.topic.clone(), b.partition))
             .collect();
-        for key in keys {
-            self.seal(&key);
+        for (topic, partition) in keys {
+            self.seal(&topic, partition);
         }
     }
 
