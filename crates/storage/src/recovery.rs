@@ -123,7 +123,7 @@ pub(crate) fn recover(
         None => 0,
     };
 
-    let mut epochs = load_epochs(fs, dir, &mut segments);
+    let mut epochs = load_epochs(fs, dir, &segments);
     let trimmed_end = epochs.truncate_from_end(log_end);
     let trimmed_start = epochs.truncate_from_start(log_start);
     if trimmed_end || trimmed_start {
@@ -317,7 +317,7 @@ fn parse_epochs(lines: &[String]) -> Option<LeaderEpochCache> {
 
 /// The leader-epoch cache from its checkpoint, or rebuilt from the batches' `partitionLeaderEpoch`
 /// fields if the checkpoint is missing or damaged (it is derived data too).
-fn load_epochs(fs: &dyn Fs, dir: &Path, segments: &mut BTreeMap<u64, Segment>) -> LeaderEpochCache {
+fn load_epochs(fs: &dyn Fs, dir: &Path, segments: &BTreeMap<u64, Segment>) -> LeaderEpochCache {
     match checkpoint::read(fs, dir, LEADER_EPOCH_FILE, "leader-epochs") {
         Ok(Some(lines)) => {
             if let Some(cache) = parse_epochs(&lines) {
@@ -331,10 +331,8 @@ fn load_epochs(fs: &dyn Fs, dir: &Path, segments: &mut BTreeMap<u64, Segment>) -
         }
     }
     let mut cache = LeaderEpochCache::default();
-    for segment in segments.values_mut() {
-        let Ok(reader) = segment.reader(crate::config::ReadMode::Pread) else {
-            continue;
-        };
+    for segment in segments.values() {
+        let reader = segment.pread_reader();
         let mut pos = 0u32;
         while let Ok(Some(header)) = segment::read_header(&*reader, pos, segment.size) {
             if let (Ok(epoch), Ok(start)) = (

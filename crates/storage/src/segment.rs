@@ -665,6 +665,14 @@ impl Segment {
     }
 
     /// A reader of the published bytes.
+    /// A positional-read reader that is not cached: for internal walks (epoch rebuild, truncation,
+    /// verification), which must not replace the reader that serves fetches.
+    pub(crate) fn pread_reader(&self) -> Arc<dyn SegmentReader> {
+        Arc::new(PreadReader(Arc::clone(&self.file)))
+    }
+
+    /// The reader that serves fetches, created on first use and cached until the file grows or
+    /// is replaced.
     pub(crate) fn reader(&mut self, mode: ReadMode) -> io::Result<Arc<dyn SegmentReader>> {
         if let Some(reader) = &self.reader {
             return Ok(Arc::clone(reader));
@@ -822,9 +830,7 @@ impl Segment {
                 self.size, scan.valid_end, scan.invalid
             ));
         }
-        let reader = self
-            .reader(ReadMode::Pread)
-            .map_err(|e| format!("{name}: {e}"))?;
+        let reader = self.pread_reader();
         let mut batches = Vec::new();
         let mut pos = 0;
         while let Some(header) = read_header(&*reader, pos, self.size).map_err(|e| e.to_string())? {

@@ -81,8 +81,8 @@ pub(crate) fn truncate_locked(log: &Log, state: &mut State, offset: u64) -> Resu
 }
 
 /// The position of the first batch whose last offset is at or above `offset`, or the segment size.
-fn find_cut(segment: &mut Segment, offset: u64) -> io::Result<u32> {
-    let reader = segment.reader(crate::config::ReadMode::Pread)?;
+fn find_cut(segment: &Segment, offset: u64) -> io::Result<u32> {
+    let reader = segment.pread_reader();
     let mut pos = 0u32;
     while let Some(header) = segment::read_header(&*reader, pos, segment.size)? {
         if header.last_offset() as u64 >= offset {
