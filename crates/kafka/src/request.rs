@@ -1,0 +1,628 @@
+//! Kafka requests: the header, the APIs Cairn serves and their versions, and a bounded decoder
+//! for each request body at every version advertised (layouts from Apache Kafka's
+//! `clients/src/main/resources/common/message/*Request.json`, cross-checked in the tests against
+//! the `kafka-protocol` crate's encoders).
+
+use bytes::Bytes;
+
+use crate::read::{DecodeError, Reader, error};
+
+/// An API Cairn serves on the Kafka listener, with the versions it advertises.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Api {
+    /// The Kafka API key.
+    pub key: i16,
+    /// Its name in Kafka's message definitions.
+    pub name: &'static str,
+    /// Lowest version advertised.
+    pub min: i16,
+    /// Highest version advertised.
+    pub max: i16,
+    /// Lowest version actually served: below it the request is refused (Produce is advertised
+    /// from v0 because librdkafka derives its feature set from the advertised minimum, but
+    /// message formats before v2, that is Produce before v3, are not served).
+    pub served_from: i16,
+    /// First version using the flexible encoding (compact lengths, tagged fields).
+    pub flexible_from: i16,
+}
+
+macro_rules! apis {
+    ($($const:ident = $key:literal, $name:literal, $min:literal..=$max:literal, served from $served:literal, flexible from $flex:literal;)*) => {
+        impl Api {
+            $(
+                #[doc = concat!("`", $name, "` (key ", $key, ").")]
+                pub const $const: Api = Api {
+                    key: $key, name: $name, min: $min, max: $max,
+                    served_from: $served, flexible_from: $flex,
+                };
+            )*
+            /// Every API served, by key.
+            pub const ALL: &'static [Api] = &[$(Api::$const,)*];
+        }
+    };
+}
+
+apis! {
+    PRODUCE = 0, "Produce", 0..=9, served from 3, flexible from 9;
+    FETCH = 1, "Fetch", 4..=12, served from 4, flexible from 12;
+    LIST_OFFSETS = 2, "ListOffsets", 1..=7, served from 1, flexible from 6;
+    METADATA = 3, "Metadata", 0..=9, served from 0, flexible from 9;
+    API_VERSIONS = 18, "ApiVersions", 0..=3, served from 0, flexible from 3;
+    CREATE_TOPICS = 19, "CreateTopics", 2..=6, served from 2, flexible from 5;
+    DELETE_TOPICS = 20, "DeleteTopics", 1..=5, served from 1, flexible from 4;
+    INIT_PRODUCER_ID = 22, "InitProducerId", 0..=4, served from 0, flexible from 2;
+    DESCRIBE_CONFIGS = 32, "DescribeConfigs", 1..=4, served from 1, flexible from 4;
+}
+
+impl Api {
+    /// The API with this key, if served.
+    pub fn from_key(key: i16) -> Option<Api> {
+        Api::ALL.iter().copied().find(|api| api.key == key)
+    }
+
+    /// Whether `version` uses the flexible encoding.
+    pub fn is_flexible(self, version: i16) -> bool {
+        version >= self.flexible_from
+    }
+
+    /// Whether `version` is served (advertised and not refused).
+    pub fn serves(self, version: i16) -> bool {
+        (self.served_from.max(self.min)..=self.max).contains(&version)
+    }
+}
+
+/// A request header (v1, or v2 with tagged fields for flexible versions; v0 without a client
+/// id is not used by any client Cairn serves).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RequestHeader {
+    /// API key.
+    pub api_key: i16,
+    /// API version.
+    pub api_version: i16,
+    /// Echoed in the response.
+    pub correlation_id: i32,
+    /// The client's id (`client.id`), possibly null.
+    pub client_id: Option<String>,
+}
+
+/// The fixed prefix of every request header: enough to answer an unknown API or version.
+pub fn peek_header(frame: &[u8]) -> Option<(i16, i16, i32)> {
+    let b = frame.get(..8)?;
+    let (key, rest) = b.split_at(2);
+    let (version, corr) = rest.split_at(2);
+    Some((
+        i16::from_be_bytes(key.try_into().ok()?),
+        i16::from_be_bytes(version.try_into().ok()?),
+        i32::from_be_bytes(corr.try_into().ok()?),
+    ))
+}
+
+/// A decoded request, its header included.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Decoded {
+    /// The header.
+    pub header: RequestHeader,
+    /// The body.
+    pub request: Request,
+}
+
+/// The request bodies Cairn serves.
+#[derive(Debug, Clone, PartialEq)]
+#[allow(missing_docs)]
+pub enum Request {
+    ApiVersions(ApiVersionsRequest),
+    Metadata(MetadataRequest),
+    Produce(ProduceRequest),
+    Fetch(FetchRequest),
+    ListOffsets(ListOffsetsRequest),
+    CreateTopics(CreateTopicsRequest),
+    DeleteTopics(DeleteTopicsRequest),
+    DescribeConfigs(DescribeConfigsRequest),
+    InitProducerId(InitProducerIdRequest),
+}
+
+/// ApiVersions.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ApiVersionsRequest {
+    /// v3+: the client library's name.
+    pub client_software_name: String,
+    /// v3+: its version.
+    pub client_software_version: String,
+}
+
+/// Metadata.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct MetadataRequest {
+    /// Topic names; `None` is every topic (v1+; in v0 an empty list means every topic).
+    pub topics: Option<Vec<String>>,
+    /// v4+: create missing topics (earlier versions always may).
+    pub allow_auto_topic_creation: bool,
+}
+
+/// Produce.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ProduceRequest {
+    /// Transactions are not served; a non-null id is refused.
+    pub transactional_id: Option<String>,
+    /// 0, 1 or -1.
+    pub acks: i16,
+    /// Time to wait for acks=all.
+    pub timeout_ms: i32,
+    /// Per topic.
+    pub topics: Vec<ProduceTopic>,
+}
+
+/// One topic of a produce request.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ProduceTopic {
+    /// Topic name.
+    pub name: String,
+    /// (partition, record batches).
+    pub partitions: Vec<(i32, Option<Bytes>)>,
+}
+
+/// Fetch.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct FetchRequest {
+    /// -1 for consumers.
+    pub replica_id: i32,
+    /// Long-poll bound.
+    pub max_wait_ms: i32,
+    /// Bytes to wait for.
+    pub min_bytes: i32,
+    /// Response size bound.
+    pub max_bytes: i32,
+    /// 0 read uncommitted, 1 read committed (the same without transactions).
+    pub isolation_level: i8,
+    /// v7+ fetch session (KIP-227); Cairn answers without sessions.
+    pub session_id: i32,
+    /// v7+.
+    pub session_epoch: i32,
+    /// Per topic.
+    pub topics: Vec<FetchTopic>,
+    /// v11+.
+    pub rack_id: String,
+}
+
+/// One topic of a fetch.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct FetchTopic {
+    /// Topic name.
+    pub name: String,
+    /// Per partition.
+    pub partitions: Vec<FetchPartition>,
+}
+
+/// One partition of a fetch.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct FetchPartition {
+    /// Partition index.
+    pub partition: i32,
+    /// v9+: the client's idea of the leader epoch (-1 unknown).
+    pub current_leader_epoch: i32,
+    /// First offset wanted.
+    pub fetch_offset: i64,
+    /// Bound for this partition.
+    pub partition_max_bytes: i32,
+}
+
+/// ListOffsets.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ListOffsetsRequest {
+    /// -1 for consumers.
+    pub replica_id: i32,
+    /// v2+.
+    pub isolation_level: i8,
+    /// Per topic: (name, partitions).
+    pub topics: Vec<(String, Vec<ListOffsetsPartition>)>,
+}
+
+/// (partition, current leader epoch, timestamp: -1 latest, -2 earliest, -3 max timestamp).
+pub type ListOffsetsPartition = (i32, i32, i64);
+
+/// CreateTopics.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct CreateTopicsRequest {
+    /// Topics to create.
+    pub topics: Vec<CreatableTopic>,
+    /// Time to wait.
+    pub timeout_ms: i32,
+    /// Check only.
+    pub validate_only: bool,
+}
+
+/// One topic to create.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct CreatableTopic {
+    /// Name.
+    pub name: String,
+    /// -1: the broker default.
+    pub num_partitions: i32,
+    /// -1: the broker default.
+    pub replication_factor: i16,
+    /// Manual assignments (partition, broker ids); refused when non-empty.
+    pub assignments: Vec<(i32, Vec<i32>)>,
+    /// Config overrides (a null value means the default).
+    pub configs: Vec<(String, Option<String>)>,
+}
+
+/// DeleteTopics.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct DeleteTopicsRequest {
+    /// Names.
+    pub names: Vec<String>,
+    /// Time to wait.
+    pub timeout_ms: i32,
+}
+
+/// DescribeConfigs.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct DescribeConfigsRequest {
+    /// (resource type, name, keys or all).
+    pub resources: Vec<(i8, String, Option<Vec<String>>)>,
+    /// v1+.
+    pub include_synonyms: bool,
+    /// v3+.
+    pub include_documentation: bool,
+}
+
+/// InitProducerId.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct InitProducerIdRequest {
+    /// Transactions are not served; a non-null id is refused.
+    pub transactional_id: Option<String>,
+    /// Transaction timeout.
+    pub transaction_timeout_ms: i32,
+    /// v3+: the producer's current id, or -1.
+    pub producer_id: i64,
+    /// v3+: its current epoch, or -1.
+    pub producer_epoch: i16,
+}
+
+/// Why a frame could not be decoded, with what is known of its header for the reply.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RequestError {
+    /// Shorter than a header's fixed part.
+    #[error("frame of {0} bytes is too short for a request header")]
+    Truncated(usize),
+    /// The API key is not served.
+    #[error("API key {api_key} is not served")]
+    UnknownApi {
+        /// Key.
+        api_key: i16,
+        /// Version.
+        api_version: i16,
+        /// For the reply.
+        correlation_id: i32,
+    },
+    /// The version is not served.
+    #[error("{} v{api_version} is not served (v{}..=v{})", api.name, api.served_from.max(api.min), api.max)]
+    UnsupportedVersion {
+        /// The API.
+        api: Api,
+        /// Version asked for.
+        api_version: i16,
+        /// For the reply.
+        correlation_id: i32,
+    },
+    /// The header or body is malformed.
+    #[error("{api} v{api_version}: {source}")]
+    Malformed {
+        /// API name.
+        api: &'static str,
+        /// Version.
+        api_version: i16,
+        /// For the reply.
+        correlation_id: i32,
+        /// The field at fault.
+        source: DecodeError,
+    },
+}
+
+/// Decodes a whole request frame (without its length prefix).
+pub fn decode(frame: Bytes) -> Result<Decoded, RequestError> {
+    let (api_key, api_version, correlation_id) =
+        peek_header(&frame).ok_or(RequestError::Truncated(frame.len()))?;
+    let api = Api::from_key(api_key).ok_or(RequestError::UnknownApi {
+        api_key,
+        api_version,
+        correlation_id,
+    })?;
+    if !api.serves(api_version) {
+        return Err(RequestError::UnsupportedVersion {
+            api,
+            api_version,
+            correlation_id,
+        });
+    }
+    let malformed = |source| RequestError::Malformed {
+        api: api.name,
+        api_version,
+        correlation_id,
+        source,
+    };
+    let flexible = api.is_flexible(api_version);
+    let mut r = Reader::new(frame.slice(8..), flexible);
+    let client_id = r.classic_nullable_string("client_id").map_err(malformed)?;
+    r.tagged_fields("header tagged fields").map_err(malformed)?;
+    let request = decode_body(api, api_version, &mut r).map_err(malformed)?;
+    r.tagged_fields("tagged fields").map_err(malformed)?;
+    r.finish("request").map_err(malformed)?;
+    Ok(Decoded {
+        header: RequestHeader {
+            api_key,
+            api_version,
+            correlation_id,
+            client_id,
+        },
+        request,
+    })
+}
+
+fn decode_body(api: Api, v: i16, r: &mut Reader) -> Result<Request, DecodeError> {
+    Ok(match api.key {
+        0 => Request::Produce(produce(r)?),
+        1 => Request::Fetch(fetch(v, r)?),
+        2 => Request::ListOffsets(list_offsets(v, r)?),
+        3 => Request::Metadata(metadata(v, r)?),
+        18 => Request::ApiVersions(api_versions(v, r)?),
+        19 => Request::CreateTopics(create_topics(r)?),
+        20 => {
+            let min = string_min(r);
+            Request::DeleteTopics(DeleteTopicsRequest {
+                names: r.array("topic_names", min, |r| r.string("topic_names"))?,
+                timeout_ms: r.i32("timeout_ms")?,
+            })
+        }
+        22 => Request::InitProducerId(init_producer_id(v, r)?),
+        32 => Request::DescribeConfigs(describe_configs(v, r)?),
+        other => return Err(error("api_key", format!("{other} has no decoder"))),
+    })
+}
+
+/// The smallest encoding of a string (length prefix only).
+fn string_min(r: &Reader) -> usize {
+    if r.flexible() { 1 } else { 2 }
+}
+
+/// The smallest encoding of an array or bytes field (length prefix only).
+fn array_min(r: &Reader) -> usize {
+    if r.flexible() { 1 } else { 4 }
+}
+
+/// The smallest encoding of a struct's tagged-field section.
+fn tags_min(r: &Reader) -> usize {
+    usize::from(r.flexible())
+}
+
+fn api_versions(v: i16, r: &mut Reader) -> Result<ApiVersionsRequest, DecodeError> {
+    let mut request = ApiVersionsRequest::default();
+    if v >= 3 {
+        request.client_software_name = r.string("client_software_name")?;
+        request.client_software_version = r.string("client_software_version")?;
+    }
+    Ok(request)
+}
+
+fn metadata(v: i16, r: &mut Reader) -> Result<MetadataRequest, DecodeError> {
+    let min = string_min(r) + tags_min(r);
+    let topics = r.nullable_array("topics", min, |r| {
+        let name = r.string("topics.name")?;
+        r.tagged_fields("topics")?;
+        Ok(name)
+    })?;
+    let topics = match (v, topics) {
+        (0, Some(names)) if names.is_empty() => None,
+        (0, None) => return Err(error("topics", "null in v0")),
+        (_, topics) => topics,
+    };
+    let allow_auto_topic_creation = if v >= 4 {
+        r.bool("allow_auto_topic_creation")?
+    } else {
+        true
+    };
+    if (8..=10).contains(&v) {
+        r.bool("include_cluster_authorized_operations")?;
+    }
+    if v >= 8 {
+        r.bool("include_topic_authorized_operations")?;
+    }
+    Ok(MetadataRequest {
+        topics,
+        allow_auto_topic_creation,
+    })
+}
+
+fn produce(r: &mut Reader) -> Result<ProduceRequest, DecodeError> {
+    let transactional_id = r.nullable_string("transactional_id")?;
+    let acks = r.i16("acks")?;
+    let timeout_ms = r.i32("timeout_ms")?;
+    let partition_min = 4 + array_min(r) + tags_min(r);
+    let topic_min = string_min(r) + array_min(r) + tags_min(r);
+    let topics = r.array("topic_data", topic_min, |r| {
+        let name = r.string("topic_data.name")?;
+        let partitions = r.array("partition_data", partition_min, |r| {
+            let index = r.i32("partition_data.index")?;
+            let records = r.nullable_bytes("partition_data.records")?;
+            r.tagged_fields("partition_data")?;
+            Ok((index, records))
+        })?;
+        r.tagged_fields("topic_data")?;
+        Ok(ProduceTopic { name, partitions })
+    })?;
+    Ok(ProduceRequest {
+        transactional_id,
+        acks,
+        timeout_ms,
+        topics,
+    })
+}
+
+fn fetch(v: i16, r: &mut Reader) -> Result<FetchRequest, DecodeError> {
+    let mut request = FetchRequest {
+        replica_id: r.i32("replica_id")?,
+        max_wait_ms: r.i32("max_wait_ms")?,
+        min_bytes: r.i32("min_bytes")?,
+        max_bytes: r.i32("max_bytes")?,
+        isolation_level: r.i8("isolation_level")?,
+        session_epoch: -1,
+        ..FetchRequest::default()
+    };
+    if v >= 7 {
+        request.session_id = r.i32("session_id")?;
+        request.session_epoch = r.i32("session_epoch")?;
+    }
+    let partition_min = 4
+        + if v >= 9 { 4 } else { 0 }
+        + 8
+        + if v >= 12 { 4 } else { 0 }
+        + if v >= 5 { 8 } else { 0 }
+        + 4
+        + tags_min(r);
+    let topic_min = string_min(r) + array_min(r) + tags_min(r);
+    request.topics = r.array("topics", topic_min, |r| {
+        let name = r.string("topics.topic")?;
+        let partitions = r.array("partitions", partition_min, |r| {
+            let partition = r.i32("partition")?;
+            let current_leader_epoch = if v >= 9 {
+                r.i32("current_leader_epoch")?
+            } else {
+                -1
+            };
+            let fetch_offset = r.i64("fetch_offset")?;
+            if v >= 12 {
+                r.i32("last_fetched_epoch")?;
+            }
+            if v >= 5 {
+                r.i64("log_start_offset")?;
+            }
+            let partition_max_bytes = r.i32("partition_max_bytes")?;
+            r.tagged_fields("partitions")?;
+            Ok(FetchPartition {
+                partition,
+                current_leader_epoch,
+                fetch_offset,
+                partition_max_bytes,
+            })
+        })?;
+        r.tagged_fields("topics")?;
+        Ok(FetchTopic { name, partitions })
+    })?;
+    if v >= 7 {
+        // Fetch sessions are not kept, so forgotten topics have nothing to forget; read and
+        // check them all the same.
+        let min = string_min(r) + array_min(r) + tags_min(r);
+        r.array("forgotten_topics_data", min, |r| {
+            r.string("forgotten_topics_data.topic")?;
+            r.array("forgotten_topics_data.partitions", 4, |r| {
+                r.i32("partition")
+            })?;
+            r.tagged_fields("forgotten_topics_data")
+        })?;
+    }
+    if v >= 11 {
+        request.rack_id = r.string("rack_id")?;
+    }
+    Ok(request)
+}
+
+fn list_offsets(v: i16, r: &mut Reader) -> Result<ListOffsetsRequest, DecodeError> {
+    let replica_id = r.i32("replica_id")?;
+    let isolation_level = if v >= 2 { r.i8("isolation_level")? } else { 0 };
+    let partition_min = 4 + if v >= 4 { 4 } else { 0 } + 8 + tags_min(r);
+    let topic_min = string_min(r) + array_min(r) + tags_min(r);
+    let topics = r.array("topics", topic_min, |r| {
+        let name = r.string("topics.name")?;
+        let partitions = r.array("partitions", partition_min, |r| {
+            let partition = r.i32("partition_index")?;
+            let epoch = if v >= 4 {
+                r.i32("current_leader_epoch")?
+            } else {
+                -1
+            };
+            let timestamp = r.i64("timestamp")?;
+            r.tagged_fields("partitions")?;
+            Ok((partition, epoch, timestamp))
+        })?;
+        r.tagged_fields("topics")?;
+        Ok((name, partitions))
+    })?;
+    Ok(ListOffsetsRequest {
+        replica_id,
+        isolation_level,
+        topics,
+    })
+}
+
+fn create_topics(r: &mut Reader) -> Result<CreateTopicsRequest, DecodeError> {
+    let assignment_min = 4 + array_min(r) + tags_min(r);
+    let config_min = 2 * string_min(r) + tags_min(r);
+    let topic_min = string_min(r) + 6 + 2 * array_min(r) + tags_min(r);
+    let topics = r.array("topics", topic_min, |r| {
+        let name = r.string("topics.name")?;
+        let num_partitions = r.i32("num_partitions")?;
+        let replication_factor = r.i16("replication_factor")?;
+        let assignments = r.array("assignments", assignment_min, |r| {
+            let partition = r.i32("assignments.partition_index")?;
+            let brokers = r.array("assignments.broker_ids", 4, |r| r.i32("broker_id"))?;
+            r.tagged_fields("assignments")?;
+            Ok((partition, brokers))
+        })?;
+        let configs = r.array("configs", config_min, |r| {
+            let name = r.string("configs.name")?;
+            let value = r.nullable_string("configs.value")?;
+            r.tagged_fields("configs")?;
+            Ok((name, value))
+        })?;
+        r.tagged_fields("topics")?;
+        Ok(CreatableTopic {
+            name,
+            num_partitions,
+            replication_factor,
+            assignments,
+            configs,
+        })
+    })?;
+    Ok(CreateTopicsRequest {
+        topics,
+        timeout_ms: r.i32("timeout_ms")?,
+        validate_only: r.bool("validate_only")?,
+    })
+}
+
+fn describe_configs(v: i16, r: &mut Reader) -> Result<DescribeConfigsRequest, DecodeError> {
+    let min = 1 + string_min(r) + array_min(r) + tags_min(r);
+    let resources = r.array("resources", min, |r| {
+        let resource_type = r.i8("resource_type")?;
+        let name = r.string("resource_name")?;
+        let key_min = string_min(r);
+        let keys = r.nullable_array("configuration_keys", key_min, |r| {
+            r.string("configuration_keys")
+        })?;
+        r.tagged_fields("resources")?;
+        Ok((resource_type, name, keys))
+    })?;
+    Ok(DescribeConfigsRequest {
+        resources,
+        include_synonyms: r.bool("include_synonyms")?,
+        include_documentation: if v >= 3 {
+            r.bool("include_documentation")?
+        } else {
+            false
+        },
+    })
+}
+
+fn init_producer_id(v: i16, r: &mut Reader) -> Result<InitProducerIdRequest, DecodeError> {
+    let mut request = InitProducerIdRequest {
+        transactional_id: r.nullable_string("transactional_id")?,
+        transaction_timeout_ms: r.i32("transaction_timeout_ms")?,
+        producer_id: -1,
+        producer_epoch: -1,
+    };
+    if v >= 3 {
+        request.producer_id = r.i64("producer_id")?;
+        request.producer_epoch = r.i16("producer_epoch")?;
+    }
+    Ok(request)
+}

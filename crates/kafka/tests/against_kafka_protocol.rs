@@ -1,0 +1,431 @@
+//! Our bounded request decoders against the `kafka-protocol` crate's encoders, at every served
+//! version; our zero-copy Fetch encoder against its Fetch encoder. An independent implementation
+//! of the same message definitions is the oracle for field order and version conditions.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
+
+use bytes::{Bytes, BytesMut};
+use cairn_kafka::request::{CreatableTopic, FetchTopic, ProduceTopic, RequestError, decode};
+use cairn_kafka::{Api, Request, response};
+use kafka_protocol::messages::*;
+use kafka_protocol::protocol::{Encodable, HeaderVersion, StrBytes};
+
+fn s(text: &str) -> StrBytes {
+    StrBytes::from_string(text.to_string())
+}
+
+fn topic(text: &str) -> TopicName {
+    TopicName(s(text))
+}
+
+/// A whole request frame as `kafka-protocol` encodes it.
+fn frame<M: Encodable + HeaderVersion>(api: Api, version: i16, body: &M) -> Bytes {
+    let header = kafka_protocol::messages::RequestHeader::default()
+        .with_request_api_key(api.key)
+        .with_request_api_version(version)
+        .with_correlation_id(0x0102_0304)
+        .with_client_id(Some(s("client-1")));
+    let mut buf = BytesMut::new();
+    header.encode(&mut buf, M::header_version(version)).unwrap();
+    body.encode(&mut buf, version).unwrap();
+    buf.freeze()
+}
+
+fn decoded(api: Api, version: i16, bytes: Bytes) -> Request {
+    let d = decode(bytes).unwrap_or_else(|e| panic!("{} v{version}: {e}", api.name));
+    assert_eq!(d.header.api_key, api.key);
+    assert_eq!(d.header.api_version, version);
+    assert_eq!(d.header.correlation_id, 0x0102_0304);
+    assert_eq!(d.header.client_id.as_deref(), Some("client-1"));
+    d.request
+}
+
+fn served(api: Api) -> impl Iterator<Item = i16> {
+    api.served_from.max(api.min)..=api.max
+}
+
+#[test]
+fn produce_at_every_served_version() {
+    for v in served(Api::PRODUCE) {
+        let records = Bytes::from_static(b"not parsed by the decoder");
+        let body = ProduceRequest::default()
+            .with_acks(-1)
+            .with_timeout_ms(1500)
+            .with_topic_data(vec![
+                produce_request::TopicProduceData::default()
+                    .with_name(topic("orders"))
+                    .with_partition_data(vec![
+                        produce_request::PartitionProduceData::default()
+                            .with_index(3)
+                            .with_records(Some(records.clone())),
+                        produce_request::PartitionProduceData::default()
+                            .with_index(4)
+                            .with_records(None),
+                    ]),
+            ]);
+        let Request::Produce(got) = decoded(Api::PRODUCE, v, frame(Api::PRODUCE, v, &body)) else {
+            panic!()
+        };
+        assert_eq!(
+            got,
+            cairn_kafka::request::ProduceRequest {
+                transactional_id: None,
+                acks: -1,
+                timeout_ms: 1500,
+                topics: vec![ProduceTopic {
+                    name: "orders".into(),
+                    partitions: vec![(3, Some(records)), (4, None)],
+                }],
+            },
+            "v{v}"
+        );
+    }
+}
+
+#[test]
+fn fetch_at_every_served_version() {
+    for v in served(Api::FETCH) {
+        let mut body = FetchRequest::default()
+            .with_replica_id(BrokerId(-1))
+            .with_max_wait_ms(500)
+            .with_min_bytes(1)
+            .with_max_bytes(52_428_800)
+            .with_isolation_level(1)
+            .with_topics(vec![
+                fetch_request::FetchTopic::default()
+                    .with_topic(topic("orders"))
+                    .with_partitions(vec![
+                        fetch_request::FetchPartition::default()
+                            .with_partition(2)
+                            .with_fetch_offset(1234)
+                            .with_partition_max_bytes(1_048_576)
+                            .with_current_leader_epoch(if v >= 9 { 7 } else { -1 })
+                            .with_log_start_offset(if v >= 5 { 5 } else { -1 }),
+                    ]),
+            ]);
+        if v >= 7 {
+            body = body
+                .with_session_id(0)
+                .with_session_epoch(-1)
+                .with_forgotten_topics_data(vec![
+                    fetch_request::ForgottenTopic::default()
+                        .with_topic(topic("old"))
+                        .with_partitions(vec![1, 2]),
+                ]);
+        }
+        if v >= 11 {
+            body = body.with_rack_id(s("rack-a"));
+        }
+        let Request::Fetch(got) = decoded(Api::FETCH, v, frame(Api::FETCH, v, &body)) else {
+            panic!()
+        };
+        assert_eq!(got.max_wait_ms, 500);
+        assert_eq!(got.min_bytes, 1);
+        assert_eq!(got.max_bytes, 52_428_800);
+        assert_eq!(got.isolation_level, 1);
+        assert_eq!(got.rack_id, if v >= 11 { "rack-a" } else { "" });
+        assert_eq!(
+            got.topics,
+            vec![FetchTopic {
+                name: "orders".into(),
+                partitions: vec![cairn_kafka::request::FetchPartition {
+                    partition: 2,
+                    current_leader_epoch: if v >= 9 { 7 } else { -1 },
+                    fetch_offset: 1234,
+                    partition_max_bytes: 1_048_576,
+                }],
+            }],
+            "v{v}"
+        );
+    }
+}
+
+#[test]
+fn list_offsets_at_every_served_version() {
+    for v in served(Api::LIST_OFFSETS) {
+        let body = ListOffsetsRequest::default()
+            .with_replica_id(BrokerId(-1))
+            .with_topics(vec![
+                list_offsets_request::ListOffsetsTopic::default()
+                    .with_name(topic("orders"))
+                    .with_partitions(vec![
+                        list_offsets_request::ListOffsetsPartition::default()
+                            .with_partition_index(1)
+                            .with_timestamp(-2)
+                            .with_current_leader_epoch(if v >= 4 { 3 } else { -1 }),
+                        list_offsets_request::ListOffsetsPartition::default()
+                            .with_partition_index(2)
+                            .with_timestamp(1_700_000_000_000),
+                    ]),
+            ]);
+        let Request::ListOffsets(got) =
+            decoded(Api::LIST_OFFSETS, v, frame(Api::LIST_OFFSETS, v, &body))
+        else {
+            panic!()
+        };
+        assert_eq!(
+            got.topics,
+            vec![(
+                "orders".to_string(),
+                vec![
+                    (1, if v >= 4 { 3 } else { -1 }, -2),
+                    (2, -1, 1_700_000_000_000)
+                ]
+            )],
+            "v{v}"
+        );
+    }
+}
+
+#[test]
+fn metadata_at_every_served_version() {
+    for v in served(Api::METADATA) {
+        let named = MetadataRequest::default()
+            .with_topics(Some(vec![
+                metadata_request::MetadataRequestTopic::default().with_name(Some(topic("a"))),
+                metadata_request::MetadataRequestTopic::default().with_name(Some(topic("b"))),
+            ]))
+            .with_allow_auto_topic_creation(v < 4);
+        let Request::Metadata(got) = decoded(Api::METADATA, v, frame(Api::METADATA, v, &named))
+        else {
+            panic!()
+        };
+        assert_eq!(got.topics, Some(vec!["a".to_string(), "b".to_string()]));
+        assert_eq!(got.allow_auto_topic_creation, v < 4, "v{v}");
+        // Every topic: an empty list in v0, null from v1.
+        let all = MetadataRequest::default().with_topics(if v == 0 { Some(vec![]) } else { None });
+        let Request::Metadata(got) = decoded(Api::METADATA, v, frame(Api::METADATA, v, &all))
+        else {
+            panic!()
+        };
+        assert_eq!(got.topics, None, "v{v}");
+        if v >= 1 {
+            let none = MetadataRequest::default().with_topics(Some(vec![]));
+            let Request::Metadata(got) = decoded(Api::METADATA, v, frame(Api::METADATA, v, &none))
+            else {
+                panic!()
+            };
+            assert_eq!(got.topics, Some(vec![]), "v{v}");
+        }
+    }
+}
+
+#[test]
+fn api_versions_at_every_served_version() {
+    for v in served(Api::API_VERSIONS) {
+        let body = ApiVersionsRequest::default()
+            .with_client_software_name(s("librdkafka"))
+            .with_client_software_version(s("2.0.2"));
+        let body = if v >= 3 {
+            body
+        } else {
+            ApiVersionsRequest::default()
+        };
+        let Request::ApiVersions(got) =
+            decoded(Api::API_VERSIONS, v, frame(Api::API_VERSIONS, v, &body))
+        else {
+            panic!()
+        };
+        if v >= 3 {
+            assert_eq!(got.client_software_name, "librdkafka");
+            assert_eq!(got.client_software_version, "2.0.2");
+        }
+    }
+}
+
+#[test]
+fn create_delete_topics_at_every_served_version() {
+    for v in served(Api::CREATE_TOPICS) {
+        let body = CreateTopicsRequest::default()
+            .with_timeout_ms(5000)
+            .with_validate_only(true)
+            .with_topics(vec![
+                create_topics_request::CreatableTopic::default()
+                    .with_name(topic("t1"))
+                    .with_num_partitions(6)
+                    .with_replication_factor(1)
+                    .with_configs(vec![
+                        create_topics_request::CreatableTopicConfig::default()
+                            .with_name(s("retention.ms"))
+                            .with_value(Some(s("1000"))),
+                        create_topics_request::CreatableTopicConfig::default()
+                            .with_name(s("cleanup.policy"))
+                            .with_value(None),
+                    ]),
+            ]);
+        let Request::CreateTopics(got) =
+            decoded(Api::CREATE_TOPICS, v, frame(Api::CREATE_TOPICS, v, &body))
+        else {
+            panic!()
+        };
+        assert_eq!(
+            got,
+            cairn_kafka::request::CreateTopicsRequest {
+                topics: vec![CreatableTopic {
+                    name: "t1".into(),
+                    num_partitions: 6,
+                    replication_factor: 1,
+                    assignments: vec![],
+                    configs: vec![
+                        ("retention.ms".into(), Some("1000".into())),
+                        ("cleanup.policy".into(), None)
+                    ],
+                }],
+                timeout_ms: 5000,
+                validate_only: true,
+            },
+            "v{v}"
+        );
+    }
+    for v in served(Api::DELETE_TOPICS) {
+        let body = DeleteTopicsRequest::default()
+            .with_topic_names(vec![topic("t1"), topic("t2")])
+            .with_timeout_ms(3000);
+        let Request::DeleteTopics(got) =
+            decoded(Api::DELETE_TOPICS, v, frame(Api::DELETE_TOPICS, v, &body))
+        else {
+            panic!()
+        };
+        assert_eq!(got.names, vec!["t1".to_string(), "t2".to_string()], "v{v}");
+        assert_eq!(got.timeout_ms, 3000);
+    }
+}
+
+#[test]
+fn describe_configs_and_init_producer_id_at_every_served_version() {
+    for v in served(Api::DESCRIBE_CONFIGS) {
+        let body = DescribeConfigsRequest::default()
+            .with_include_synonyms(true)
+            .with_resources(vec![
+                describe_configs_request::DescribeConfigsResource::default()
+                    .with_resource_type(2)
+                    .with_resource_name(s("orders"))
+                    .with_configuration_keys(Some(vec![s("retention.ms")])),
+                describe_configs_request::DescribeConfigsResource::default()
+                    .with_resource_type(2)
+                    .with_resource_name(s("all"))
+                    .with_configuration_keys(None),
+            ]);
+        let Request::DescribeConfigs(got) = decoded(
+            Api::DESCRIBE_CONFIGS,
+            v,
+            frame(Api::DESCRIBE_CONFIGS, v, &body),
+        ) else {
+            panic!()
+        };
+        assert!(got.include_synonyms);
+        assert_eq!(
+            got.resources,
+            vec![
+                (2, "orders".into(), Some(vec!["retention.ms".into()])),
+                (2, "all".into(), None)
+            ],
+            "v{v}"
+        );
+    }
+    for v in served(Api::INIT_PRODUCER_ID) {
+        let mut body = InitProducerIdRequest::default()
+            .with_transactional_id(None)
+            .with_transaction_timeout_ms(60_000);
+        if v >= 3 {
+            body = body.with_producer_id(ProducerId(77)).with_producer_epoch(4);
+        }
+        let Request::InitProducerId(got) = decoded(
+            Api::INIT_PRODUCER_ID,
+            v,
+            frame(Api::INIT_PRODUCER_ID, v, &body),
+        ) else {
+            panic!()
+        };
+        assert_eq!(got.transactional_id, None);
+        assert_eq!(got.transaction_timeout_ms, 60_000);
+        let want = if v >= 3 { (77, 4) } else { (-1, -1) };
+        assert_eq!((got.producer_id, got.producer_epoch), want, "v{v}");
+    }
+}
+
+#[test]
+fn unserved_apis_and_versions_are_reported_with_their_correlation_id() {
+    let body = MetadataRequest::default();
+    let mut bytes = BytesMut::from(&frame(Api::METADATA, 9, &body)[..]);
+    bytes[3] = 10; // Metadata v10 is not served (topic ids)
+    match decode(bytes.freeze()) {
+        Err(RequestError::UnsupportedVersion {
+            correlation_id: 0x0102_0304,
+            api_version: 10,
+            ..
+        }) => {}
+        other => panic!("{other:?}"),
+    }
+    let mut bytes = BytesMut::from(&frame(Api::METADATA, 1, &body)[..]);
+    bytes[1] = 11; // JoinGroup: not served yet
+    assert!(matches!(
+        decode(bytes.freeze()),
+        Err(RequestError::UnknownApi { api_key: 11, .. })
+    ));
+    // Produce v2 is advertised (for librdkafka's feature detection) but not served.
+    assert!(!Api::PRODUCE.serves(2) && Api::PRODUCE.serves(3));
+    assert!(matches!(
+        decode(Bytes::from_static(&[0, 3, 0])),
+        Err(RequestError::Truncated(3))
+    ));
+}
+
+#[test]
+fn trailing_bytes_and_truncation_are_malformed() {
+    let body = MetadataRequest::default().with_topics(None);
+    let good = frame(Api::METADATA, 9, &body);
+    let mut long = BytesMut::from(&good[..]);
+    long.extend_from_slice(&[0]);
+    assert!(matches!(
+        decode(long.freeze()),
+        Err(RequestError::Malformed { .. })
+    ));
+    for cut in 8..good.len() {
+        assert!(
+            matches!(
+                decode(good.slice(..cut)),
+                Err(RequestError::Malformed { .. })
+            ),
+            "cut at {cut}"
+        );
+    }
+}
+
+#[test]
+fn zero_copy_fetch_encoder_matches_kafka_protocol_at_every_served_version() {
+    for v in served(Api::FETCH) {
+        let partition = |index: i32, records: Option<Bytes>| {
+            fetch_response::PartitionData::default()
+                .with_partition_index(index)
+                .with_error_code(if records.is_some() { 0 } else { 1 })
+                .with_high_watermark(100)
+                .with_last_stable_offset(100)
+                .with_log_start_offset(if v >= 5 { 3 } else { -1 })
+                .with_aborted_transactions(Some(vec![]))
+                .with_preferred_read_replica(BrokerId(-1))
+                .with_records(records)
+        };
+        let response = FetchResponse::default()
+            .with_session_id(0)
+            .with_responses(vec![
+                fetch_response::FetchableTopicResponse::default()
+                    .with_topic(topic("orders"))
+                    .with_partitions(vec![
+                        partition(0, Some(Bytes::from(vec![7u8; 300]))),
+                        partition(1, Some(Bytes::new())),
+                        partition(2, None),
+                    ]),
+            ]);
+        let ours: Vec<u8> = response::encode_fetch(42, v, &response).unwrap().concat();
+        let theirs = response::encode("FetchResponse", 42, v, &response).unwrap();
+        assert_eq!(ours, theirs, "Fetch v{v}");
+    }
+}
+
+#[test]
+fn api_versions_response_header_is_never_flexible() {
+    let encoded =
+        response::encode("ApiVersionsResponse", 9, 3, &response::api_versions(0)).unwrap();
+    // correlation id, then directly the error code (no tagged-field byte in the header).
+    assert_eq!(&encoded[..6], &[0, 0, 0, 9, 0, 0]);
+}
