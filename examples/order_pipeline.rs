@@ -36,6 +36,7 @@ async fn main() -> anyhow::Result<()> {
         .data_dir(&data_dir)
         .listen("127.0.0.1:0".parse()?)
         .http_listen(None)
+        .kafka_listen(None)
         .start()
         .await
         .context("starting the embedded broker")?;

@@ -18,6 +18,8 @@ pub struct BrokerProcess {
     pub addr: String,
     /// HTTP address.
     pub http: String,
+    /// Kafka-protocol address.
+    pub kafka: String,
     /// The broker's log (stderr).
     pub log: PathBuf,
 }
@@ -45,6 +47,8 @@ impl BrokerProcess {
                 "--listen",
                 "127.0.0.1:0",
                 "--http-listen",
+                "127.0.0.1:0",
+                "--kafka-listen",
                 "127.0.0.1:0",
                 "--data-dir",
             ])
@@ -80,10 +84,16 @@ impl BrokerProcess {
                     .next()
                     .unwrap()
                     .to_string();
+                let kafka = line
+                    .split(", ")
+                    .find_map(|part| part.strip_suffix(" (kafka)"))
+                    .unwrap()
+                    .to_string();
                 return BrokerProcess {
                     child: Some(child),
                     addr,
                     http,
+                    kafka,
                     log,
                 };
             }

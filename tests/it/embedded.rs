@@ -21,6 +21,7 @@ fn embedded_broker_with_in_process_clients() {
             .data_dir(dir.path())
             .listen("127.0.0.1:0".parse().unwrap())
             .http_listen(None)
+            .kafka_listen(None)
             .start()
             .await
             .unwrap();
@@ -69,6 +70,7 @@ fn embedded_broker_with_in_process_clients() {
             .data_dir(dir.path())
             .listen("127.0.0.1:0".parse().unwrap())
             .http_listen(None)
+            .kafka_listen(None)
             .start()
             .await
             .unwrap();

@@ -23,6 +23,11 @@ pub struct BrokerConfig {
     pub http_listen: Option<SocketAddr>,
     /// Host and port clients are told to connect to (Metadata); defaults to `listen`.
     pub advertised: Option<String>,
+    /// Kafka-protocol listener; `None` disables it.
+    pub kafka_listen: Option<SocketAddr>,
+    /// Host and port Kafka clients are told to connect to (Kafka's `advertised.listeners`);
+    /// defaults to `kafka_listen`.
+    pub kafka_advertised: Option<String>,
     /// This broker's node id.
     pub node_id: u32,
     /// Largest request frame accepted; a larger one closes the connection.
@@ -61,6 +66,8 @@ impl Default for BrokerConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 9192)),
             http_listen: Some(SocketAddr::from(([127, 0, 0, 1], 9644))),
             advertised: None,
+            kafka_listen: Some(SocketAddr::from(([127, 0, 0, 1], 9092))),
+            kafka_advertised: None,
             node_id: 1,
             frame_bytes_max: 16 * 1024 * 1024,
             connections_max: 10_000,

@@ -18,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::BrokerConfig;
 use crate::manager::{Partition, Topic, TopicManager, error_chain};
 use crate::metrics::Metrics;
+use crate::producers::SequenceCheck;
 
 /// What to do after handling a frame.
 #[derive(Debug)]
@@ -45,7 +46,7 @@ fn ready(outcome: Outcome) -> Deferred {
 type DurableWait = (usize, usize, Arc<Partition>, Offset);
 
 /// A produce request after its appends.
-struct Appended {
+pub(crate) struct Appended {
     response: ProduceResponse,
     durable_waits: Vec<DurableWait>,
     timeout_ms: u32,
@@ -60,6 +61,9 @@ pub struct Handler {
     pub(crate) shutdown: CancellationToken,
     pub(crate) advertised_host: String,
     pub(crate) advertised_port: u16,
+    pub(crate) kafka_advertised_host: String,
+    pub(crate) kafka_advertised_port: u16,
+    pub(crate) producer_ids: Arc<crate::producers::ProducerIds>,
 }
 
 fn now_ms() -> i64 {
@@ -264,7 +268,7 @@ impl Handler {
             .collect()
     }
 
-    async fn metadata(&self, request: MetadataRequest) -> MetadataResponse {
+    pub(crate) async fn metadata(&self, request: MetadataRequest) -> MetadataResponse {
         let auto_create = request.allow_auto_create;
         let names = self.requested_or_all(request.topics);
         let mut topics = Vec::with_capacity(names.len());
@@ -310,7 +314,7 @@ impl Handler {
         }
     }
 
-    async fn create_topics(&self, request: CreateTopicsRequest) -> CreateTopicsResponse {
+    pub(crate) async fn create_topics(&self, request: CreateTopicsRequest) -> CreateTopicsResponse {
         let mut results = Vec::with_capacity(request.topics.len());
         for topic in request.topics {
             let overrides: BTreeMap<String, String> = topic
@@ -336,7 +340,7 @@ impl Handler {
         CreateTopicsResponse { topics: results }
     }
 
-    async fn delete_topics(&self, request: DeleteTopicsRequest) -> DeleteTopicsResponse {
+    pub(crate) async fn delete_topics(&self, request: DeleteTopicsRequest) -> DeleteTopicsResponse {
         let mut results = Vec::with_capacity(request.names.len());
         for name in request.names {
             let owned = name.clone();
@@ -403,7 +407,7 @@ impl Handler {
     }
 
     /// Appends every partition's batches, in request order.
-    async fn produce_append(&self, request: ProduceRequest) -> Appended {
+    pub(crate) async fn produce_append(&self, request: ProduceRequest) -> Appended {
         let ProduceRequest {
             acks,
             timeout_ms,
@@ -481,7 +485,7 @@ impl Handler {
     }
 
     /// For acks=all, waits until every appended partition is durable.
-    async fn produce_finish(&self, appended: Appended) -> ProduceResponse {
+    pub(crate) async fn produce_finish(&self, appended: Appended) -> ProduceResponse {
         let Appended {
             mut response,
             durable_waits,
@@ -527,7 +531,8 @@ impl Handler {
         response
     }
 
-    /// Appends producer batches; returns the first and last offsets.
+    /// Appends producer batches; returns the first and last offsets (an idempotent producer's
+    /// retried batch returns its original offsets and is not written again).
     async fn append(
         &self,
         partition: &Arc<Partition>,
@@ -538,11 +543,10 @@ impl Handler {
         let mut buf = records
             .try_into_mut()
             .unwrap_or_else(|shared| BytesMut::from(&shared[..]));
-        let epoch = partition.leader_epoch;
         let result = if partition.log.config().flush == FlushPolicy::EveryAppend {
             // The append itself syncs: keep it off the async threads.
             let owned = Arc::clone(partition);
-            match tokio::task::spawn_blocking(move || owned.log.append(&mut buf, epoch)).await {
+            match tokio::task::spawn_blocking(move || append_checked(&owned, &mut buf)).await {
                 Ok(result) => result,
                 Err(_) => {
                     return Err((ErrorCode::UNKNOWN_SERVER_ERROR, "append task failed".into()));
@@ -550,39 +554,24 @@ impl Handler {
             }
         } else {
             // A positional write into the page cache: microseconds.
-            partition.log.append(&mut buf, epoch)
+            append_checked(partition, &mut buf)
         };
-        match result {
-            Ok(info) => {
-                partition.notify_appended();
-                self.metrics
-                    .bytes_in
-                    .with_label_values(&[&*partition.topic])
-                    .inc_by(n_bytes);
-                self.metrics
-                    .records_in
-                    .with_label_values(&[&*partition.topic])
-                    .inc_by(info.last_offset.0 - info.base_offset.0 + 1);
-                Ok((info.base_offset, info.last_offset))
-            }
-            // Too large only if the batch really is: a length field claiming more than was sent is
-            // corruption.
-            Err(AppendError::InvalidBatch(BatchError::TooLarge {
-                n_bytes: claimed,
-                max,
-            })) if claimed <= n_bytes => Err((
-                ErrorCode::MESSAGE_TOO_LARGE,
-                format!("batch of {claimed} bytes exceeds max.message.bytes = {max}"),
-            )),
-            Err(AppendError::Fatal(err)) => {
-                Err((ErrorCode::KAFKA_STORAGE_ERROR, error_chain(&err)))
-            }
-            Err(err @ AppendError::Empty) => Err((ErrorCode::INVALID_REQUEST, error_chain(&err))),
-            Err(err) => Err((ErrorCode::CORRUPT_MESSAGE, error_chain(&err))),
+        let (base, last, appended) = result?;
+        if appended {
+            partition.notify_appended();
+            self.metrics
+                .bytes_in
+                .with_label_values(&[&*partition.topic])
+                .inc_by(n_bytes);
+            self.metrics
+                .records_in
+                .with_label_values(&[&*partition.topic])
+                .inc_by(last.0 - base.0 + 1);
         }
+        Ok((base, last))
     }
 
-    async fn fetch(&self, request: FetchRequest) -> FetchResponse {
+    pub(crate) async fn fetch(&self, request: FetchRequest) -> FetchResponse {
         let deadline = Instant::now() + Duration::from_millis(request.max_wait_ms.into());
         let max_bytes = request.max_bytes.clamp(1, FETCH_BYTES_MAX);
         // Each requested partition, looked up once for the whole (possibly long-polled) fetch.
@@ -728,7 +717,7 @@ impl Handler {
         }
     }
 
-    fn list_offsets(&self, request: ListOffsetsRequest) -> ListOffsetsResponse {
+    pub(crate) fn list_offsets(&self, request: ListOffsetsRequest) -> ListOffsetsResponse {
         let topics = request
             .topics
             .into_iter()
@@ -788,6 +777,86 @@ impl Handler {
                 }
             }
         }
+    }
+}
+
+/// Appends `buf` to the partition after the checks every producer batch gets: no transactional
+/// or control batches (transactions are not served), and for an idempotent producer's batch
+/// (exactly one per partition, as Kafka requires) its sequence, under the partition's producer
+/// lock so that the check and the append are one step. Returns (first, last, whether appended).
+fn append_checked(
+    partition: &Partition,
+    buf: &mut [u8],
+) -> Result<(Offset, Offset, bool), (ErrorCode, String)> {
+    let n_bytes = buf.len() as u64;
+    let mut headers = Vec::with_capacity(1);
+    let mut rest: &[u8] = buf;
+    while let Ok(header) = batch::BatchHeader::parse(rest) {
+        rest = rest.get(header.total_bytes()..).unwrap_or_default();
+        headers.push(header);
+    }
+    if headers
+        .iter()
+        .any(|h| h.is_transactional() || h.is_control())
+    {
+        return Err((
+            ErrorCode::INVALID_RECORD,
+            "transactional and control batches are not accepted (transactions are not supported)"
+                .into(),
+        ));
+    }
+    let epoch = partition.leader_epoch;
+    let map = |result: Result<cairn_storage::AppendInfo, AppendError>| {
+        result
+            .map(|info| (info.base_offset, info.last_offset, true))
+            .map_err(|err| append_error(err, n_bytes))
+    };
+    let idempotent = headers.first().filter(|h| h.producer_id >= 0);
+    let Some(header) = idempotent else {
+        return map(partition.log.append(buf, epoch));
+    };
+    if headers.len() != 1 {
+        return Err((
+            ErrorCode::INVALID_RECORD,
+            format!(
+                "an idempotent produce carries one batch per partition, this one {}",
+                headers.len()
+            ),
+        ));
+    }
+    let mut producers = partition
+        .producers
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    match producers.check(header) {
+        SequenceCheck::Duplicate {
+            base_offset,
+            last_offset,
+        } => Ok((Offset(base_offset), Offset(last_offset), false)),
+        SequenceCheck::Reject(code, message) => Err((code, message)),
+        SequenceCheck::Append => {
+            let appended = map(partition.log.append(buf, epoch))?;
+            producers.record(header, appended.0.0, appended.1.0, now_ms());
+            Ok(appended)
+        }
+    }
+}
+
+/// The Kafka error for a failed append.
+fn append_error(err: AppendError, n_bytes: u64) -> (ErrorCode, String) {
+    match err {
+        // Too large only if the batch really is: a length field claiming more than was sent is
+        // corruption.
+        AppendError::InvalidBatch(BatchError::TooLarge {
+            n_bytes: claimed,
+            max,
+        }) if claimed <= n_bytes => (
+            ErrorCode::MESSAGE_TOO_LARGE,
+            format!("batch of {claimed} bytes exceeds max.message.bytes = {max}"),
+        ),
+        AppendError::Fatal(err) => (ErrorCode::KAFKA_STORAGE_ERROR, error_chain(&err)),
+        err @ AppendError::Empty => (ErrorCode::INVALID_REQUEST, error_chain(&err)),
+        err => (ErrorCode::CORRUPT_MESSAGE, error_chain(&err)),
     }
 }
 

@@ -24,9 +24,12 @@
 mod config;
 mod embedded;
 mod handler;
+mod kafka;
 mod manager;
 mod metadata;
 mod metrics;
+pub mod producers;
+use producers::ProducerIds;
 mod server;
 mod topic;
 
@@ -122,6 +125,12 @@ impl BrokerBuilder {
         self
     }
 
+    /// The Kafka listener's address; `None` disables it.
+    pub fn kafka_listen(mut self, addr: Option<SocketAddr>) -> Self {
+        self.config.kafka_listen = addr;
+        self
+    }
+
     /// Opens the data directory (recovering its logs), binds the listeners and starts serving.
     pub async fn start(self) -> Result<RunningBroker, StartError> {
         let config = self.config;
@@ -152,6 +161,18 @@ impl BrokerBuilder {
         let native_addr = listener
             .local_addr()
             .map_err(io("reading the listener address".into()))?;
+        let kafka = match config.kafka_listen {
+            Some(addr) => {
+                let listener = TcpListener::bind(addr)
+                    .await
+                    .map_err(io(format!("binding Kafka {addr}")))?;
+                let addr = listener
+                    .local_addr()
+                    .map_err(io("reading the Kafka listener address".into()))?;
+                Some((listener, addr))
+            }
+            None => None,
+        };
         let http = match config.http_listen {
             Some(addr) => {
                 let listener = TcpListener::bind(addr)
@@ -178,7 +199,17 @@ impl BrokerBuilder {
             what: "opening topics".into(),
             source: std::io::Error::other(e),
         })??;
-        let (advertised_host, advertised_port) = advertised(&config, native_addr);
+        let (advertised_host, advertised_port) =
+            advertised(config.advertised.as_deref(), native_addr);
+        let kafka_addr = kafka.as_ref().map(|(_, addr)| *addr);
+        let (kafka_advertised_host, kafka_advertised_port) = advertised(
+            config.kafka_advertised.as_deref(),
+            kafka_addr.unwrap_or(native_addr),
+        );
+        let producer_ids = ProducerIds::open(&config.data_dir).map_err(io(format!(
+            "reading {}/producer-ids",
+            config.data_dir.display()
+        )))?;
         let shutdown = CancellationToken::new();
         let handler = Arc::new(Handler {
             config: config.clone(),
@@ -187,15 +218,31 @@ impl BrokerBuilder {
             shutdown: shutdown.clone(),
             advertised_host,
             advertised_port,
+            kafka_advertised_host,
+            kafka_advertised_port,
+            producer_ids: Arc::new(producer_ids),
         });
         let tracker = TaskTracker::new();
         let ready = Arc::new(AtomicBool::new(true));
-        tracker.spawn(server::serve_native(
+        let limits = server::SharedLimits::new(&config);
+        tracker.spawn(server::serve(
             listener,
+            server::Protocol::Native,
             Arc::clone(&handler),
+            Arc::clone(&limits),
             tracker.clone(),
             shutdown.clone(),
         ));
+        if let Some((listener, _)) = kafka {
+            tracker.spawn(server::serve(
+                listener,
+                server::Protocol::Kafka,
+                Arc::clone(&handler),
+                limits,
+                tracker.clone(),
+                shutdown.clone(),
+            ));
+        }
         let http_addr = http.map(|(listener, addr)| {
             tracker.spawn(server::serve_http(
                 listener,
@@ -208,6 +255,7 @@ impl BrokerBuilder {
         let background = tokio::spawn(background(Arc::clone(&handler), shutdown.clone()));
         tracing::info!(
             native = %native_addr,
+            kafka = ?kafka_addr,
             http = ?http_addr,
             data_dir = %config.data_dir.display(),
             elapsed_ms = started.elapsed().as_millis() as u64,
@@ -217,6 +265,7 @@ impl BrokerBuilder {
         Ok(RunningBroker {
             handler,
             native_addr,
+            kafka_addr,
             http_addr,
             shutdown,
             tracker,
@@ -227,14 +276,14 @@ impl BrokerBuilder {
     }
 }
 
-fn advertised(config: &BrokerConfig, native_addr: SocketAddr) -> (String, u16) {
-    if let Some(text) = &config.advertised
+fn advertised(configured: Option<&str>, bound: SocketAddr) -> (String, u16) {
+    if let Some(text) = configured
         && let Some((host, port)) = text.rsplit_once(':')
         && let Ok(port) = port.parse()
     {
         return (host.trim_matches(['[', ']']).to_string(), port);
     }
-    (native_addr.ip().to_string(), native_addr.port())
+    (bound.ip().to_string(), bound.port())
 }
 
 /// Periodic work: retention, recovery-point checkpoints, interval flushes.
@@ -282,6 +331,7 @@ fn for_each_log(
 pub struct RunningBroker {
     handler: Arc<Handler>,
     native_addr: SocketAddr,
+    kafka_addr: Option<SocketAddr>,
     http_addr: Option<SocketAddr>,
     shutdown: CancellationToken,
     tracker: TaskTracker,
@@ -299,6 +349,11 @@ impl RunningBroker {
     /// The HTTP listener's bound address.
     pub fn http_addr(&self) -> Option<SocketAddr> {
         self.http_addr
+    }
+
+    /// The Kafka listener's bound address.
+    pub fn kafka_addr(&self) -> Option<SocketAddr> {
+        self.kafka_addr
     }
 
     /// The topics (for in-process use and tests).

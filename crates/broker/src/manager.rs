@@ -11,6 +11,7 @@ use cairn_storage::{Log, LogConfig, OpenError};
 use tokio::sync::watch;
 
 use crate::metadata::{ClusterMetadata, MetadataError, MetadataStore, TopicRecord};
+use crate::producers::ProducerStates;
 use crate::topic::{PARTITIONS_PER_TOPIC_MAX, TopicConfig, TopicDefaults, validate_topic_name};
 
 /// One partition: its log and a channel that announces its log end offset to long-polling
@@ -25,6 +26,8 @@ pub struct Partition {
     pub log: Log,
     /// Current leader epoch.
     pub leader_epoch: u32,
+    /// Idempotent producers' recent batches; held across the check and the append.
+    pub producers: Mutex<ProducerStates>,
     log_end: watch::Sender<u64>,
 }
 
@@ -363,11 +366,13 @@ fn open_topic(
             },
         )?;
         let (log_end, _) = watch::channel(log.log_end_offset().0);
+        let producers = Mutex::new(rebuild_producers(&log));
         partitions.push(Arc::new(Partition {
             topic: Arc::clone(&topic_name),
             index,
             log,
             leader_epoch: record.leader_epoch,
+            producers,
             log_end,
         }));
     }
@@ -377,6 +382,38 @@ fn open_topic(
         partitions,
         created_ms: record.created_ms,
     })
+}
+
+/// Idempotent producers' state from the batch headers of the active segment (a retry arrives
+/// within the producer's delivery timeout, long before its batch leaves the active segment).
+fn rebuild_producers(log: &Log) -> ProducerStates {
+    let mut states = ProducerStates::default();
+    let mut offset = log.active_segment_base();
+    let end = log.log_end_offset();
+    while offset < end {
+        let Ok(fetched) = log.read(offset, 8 * 1024 * 1024) else {
+            break;
+        };
+        if fetched.bytes.is_empty() {
+            break;
+        }
+        states.rebuild(&fetched.bytes, now_ms());
+        match last_offset_of(&fetched.bytes) {
+            Some(last) if last >= offset.0 => offset = cairn_protocol::Offset(last + 1),
+            _ => break,
+        }
+    }
+    states
+}
+
+/// The last offset of the last whole batch in `bytes`.
+fn last_offset_of(mut bytes: &[u8]) -> Option<u64> {
+    let mut last = None;
+    while let Ok(header) = cairn_protocol::batch::BatchHeader::parse(bytes) {
+        last = Some(header.last_offset().max(0) as u64);
+        bytes = bytes.get(header.total_bytes()..).unwrap_or_default();
+    }
+    last
 }
 
 fn remove_deleted_dirs(data_dir: &Path) {

@@ -1,4 +1,4 @@
-//! The native-protocol TCP listener and the HTTP endpoint (`/metrics`, `/health`, `/ready`).
+//! The TCP listeners (native and Kafka protocols) and the HTTP endpoint (`/metrics`, `/health`, `/ready`).
 //!
 //! Per connection, a reader task reads frames and runs each request's ordered part (appends, topic
 //! changes) before reading the next, so requests take effect in the order sent; the rest of each
@@ -21,21 +21,43 @@ use tokio_util::task::TaskTracker;
 
 use crate::handler::{Handler, Outcome};
 
-/// Serves the native protocol until `shutdown` fires; then stops accepting and lets each
-/// connection finish the requests it already read.
-pub(crate) async fn serve_native(
+/// Which protocol a listener speaks. Both frame requests the same way (a big-endian `u32`
+/// length, then the payload) and share one set of limits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Protocol {
+    Native,
+    Kafka,
+}
+
+/// Limits shared by every listener: `connections_max` connections and `inflight_bytes_max`
+/// request bytes in total, whichever protocol they arrive over.
+#[derive(Debug)]
+pub(crate) struct SharedLimits {
+    connections: Arc<Semaphore>,
+    budget: Arc<Semaphore>,
+}
+
+impl SharedLimits {
+    pub(crate) fn new(config: &crate::config::BrokerConfig) -> Arc<SharedLimits> {
+        Arc::new(SharedLimits {
+            connections: Arc::new(Semaphore::new(config.connections_max as usize)),
+            budget: Arc::new(Semaphore::new(
+                config.inflight_bytes_max.min(Semaphore::MAX_PERMITS as u64) as usize,
+            )),
+        })
+    }
+}
+
+/// Serves `protocol` until `shutdown` fires; then stops accepting and lets each connection
+/// finish the requests it already read.
+pub(crate) async fn serve(
     listener: TcpListener,
+    protocol: Protocol,
     handler: Arc<Handler>,
+    limits: Arc<SharedLimits>,
     tracker: TaskTracker,
     shutdown: CancellationToken,
 ) {
-    let connections = Arc::new(Semaphore::new(handler.config.connections_max as usize));
-    let budget = Arc::new(Semaphore::new(
-        handler
-            .config
-            .inflight_bytes_max
-            .min(Semaphore::MAX_PERMITS as u64) as usize,
-    ));
     loop {
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
@@ -50,7 +72,7 @@ pub(crate) async fn serve_native(
                 continue;
             }
         };
-        let Ok(permit) = Arc::clone(&connections).try_acquire_owned() else {
+        let Ok(permit) = Arc::clone(&limits.connections).try_acquire_owned() else {
             handler.metrics.connections_rejected.inc();
             tracing::warn!(%peer, max = handler.config.connections_max, "connection refused: connections_max reached");
             drop(stream);
@@ -60,14 +82,21 @@ pub(crate) async fn serve_native(
             tracing::debug!(%peer, error = %err, "set_nodelay");
         }
         let handler = Arc::clone(&handler);
-        let budget = Arc::clone(&budget);
+        let budget = Arc::clone(&limits.budget);
         let shutdown = shutdown.clone();
         let tasks = tracker.clone();
         tracker.spawn(async move {
             handler.metrics.connections.inc();
-            tracing::debug!(%peer, "connection opened");
-            if let Err(reason) =
-                connection(stream, Arc::clone(&handler), budget, tasks, shutdown).await
+            tracing::debug!(%peer, ?protocol, "connection opened");
+            if let Err(reason) = connection(
+                stream,
+                protocol,
+                Arc::clone(&handler),
+                budget,
+                tasks,
+                shutdown,
+            )
+            .await
             {
                 tracing::debug!(%peer, %reason, "connection closed");
             }
@@ -81,6 +110,7 @@ type Pending = tokio::task::JoinHandle<(Outcome, OwnedSemaphorePermit)>;
 
 async fn connection(
     stream: TcpStream,
+    protocol: Protocol,
     handler: Arc<Handler>,
     budget: Arc<Semaphore>,
     tasks: TaskTracker,
@@ -158,7 +188,10 @@ async fn connection(
                 .map_err(|e| format!("read frame body: {e}"))?;
             let frame: Bytes = body.freeze();
             // In order: this request's appends happen before the next request is read.
-            let deferred = handler.begin(frame).await;
+            let deferred = match protocol {
+                Protocol::Native => handler.begin(frame).await,
+                Protocol::Kafka => handler.begin_kafka(frame).await,
+            };
             let task = tokio::spawn(async move { (deferred.await, permit) });
             if queue.send(task).await.is_err() {
                 return Ok(()); // The writer stopped.

@@ -21,6 +21,12 @@ pub struct BrokerArgs {
     /// host:port clients are told to connect to [default: the listen address].
     #[arg(long, env = "CAIRN_ADVERTISED")]
     advertised: Option<String>,
+    /// Kafka-protocol listen address [default: 127.0.0.1:9092]; "off" disables it.
+    #[arg(long, env = "CAIRN_KAFKA_LISTEN")]
+    kafka_listen: Option<String>,
+    /// host:port Kafka clients are told to connect to [default: the Kafka listen address].
+    #[arg(long, env = "CAIRN_KAFKA_ADVERTISED")]
+    kafka_advertised: Option<String>,
     /// TOML config file; flags and CAIRN_* variables override it.
     #[arg(long, env = "CAIRN_CONFIG")]
     config: Option<PathBuf>,
@@ -43,16 +49,16 @@ pub async fn run(args: BrokerArgs) -> anyhow::Result<()> {
         config.listen = listen;
     }
     if let Some(http) = args.http_listen {
-        config.http_listen = match http.as_str() {
-            "off" | "none" | "" => None,
-            addr => Some(
-                addr.parse()
-                    .with_context(|| format!("--http-listen {addr:?} is not an address"))?,
-            ),
-        };
+        config.http_listen = optional_addr("--http-listen", &http)?;
+    }
+    if let Some(kafka) = args.kafka_listen {
+        config.kafka_listen = optional_addr("--kafka-listen", &kafka)?;
     }
     if let Some(advertised) = args.advertised {
         config.advertised = Some(advertised);
+    }
+    if let Some(advertised) = args.kafka_advertised {
+        config.kafka_advertised = Some(advertised);
     }
     let broker = Broker::builder()
         .config(config)
@@ -60,8 +66,12 @@ pub async fn run(args: BrokerArgs) -> anyhow::Result<()> {
         .await
         .context("starting the broker")?;
     eprintln!(
-        "cairn broker listening on {} (native){}",
+        "cairn broker listening on {} (native){}{}",
         broker.native_addr(),
+        broker
+            .kafka_addr()
+            .map(|a| format!(", {a} (kafka)"))
+            .unwrap_or_default(),
         broker
             .http_addr()
             .map(|a| format!(", http://{a}/metrics"))
@@ -70,6 +80,18 @@ pub async fn run(args: BrokerArgs) -> anyhow::Result<()> {
     wait_for_signal().await?;
     broker.shutdown().await;
     Ok(())
+}
+
+/// An address flag that "off" (or "none", or empty) disables.
+fn optional_addr(flag: &str, value: &str) -> anyhow::Result<Option<SocketAddr>> {
+    match value {
+        "off" | "none" | "" => Ok(None),
+        addr => {
+            Ok(Some(addr.parse().with_context(|| {
+                format!("{flag} {addr:?} is not an address")
+            })?))
+        }
+    }
 }
 
 async fn wait_for_signal() -> anyhow::Result<()> {

@@ -45,7 +45,7 @@ macro_rules! apis {
 apis! {
     PRODUCE = 0, "Produce", 0..=9, served from 3, flexible from 9;
     FETCH = 1, "Fetch", 4..=12, served from 4, flexible from 12;
-    LIST_OFFSETS = 2, "ListOffsets", 1..=7, served from 1, flexible from 6;
+    LIST_OFFSETS = 2, "ListOffsets", 1..=6, served from 1, flexible from 6;
     METADATA = 3, "Metadata", 0..=9, served from 0, flexible from 9;
     API_VERSIONS = 18, "ApiVersions", 0..=3, served from 0, flexible from 3;
     CREATE_TOPICS = 19, "CreateTopics", 2..=6, served from 2, flexible from 5;
@@ -347,7 +347,10 @@ pub fn decode(frame: Bytes) -> Result<Decoded, RequestError> {
     r.tagged_fields("header tagged fields").map_err(malformed)?;
     let request = decode_body(api, api_version, &mut r).map_err(malformed)?;
     r.tagged_fields("tagged fields").map_err(malformed)?;
-    r.finish("request").map_err(malformed)?;
+    // Bytes after the last field are ignored, as Kafka's own parser does: librdkafka 2.x sends
+    // a Metadata v9+ request for all topics with a 4-byte placeholder where a one-byte compact
+    // null belongs, which Kafka reads as a null, three booleans and a tagged field, with one byte
+    // left over. Refusing it would refuse every librdkafka client.
     Ok(Decoded {
         header: RequestHeader {
             api_key,

@@ -5,7 +5,7 @@
 
 use bytes::{Bytes, BytesMut};
 use cairn_kafka::request::{CreatableTopic, FetchTopic, ProduceTopic, RequestError, decode};
-use cairn_kafka::{Api, Request, response};
+use cairn_kafka::{Api, Decoded, Request, response};
 use kafka_protocol::messages::*;
 use kafka_protocol::protocol::{Encodable, HeaderVersion, StrBytes};
 
@@ -371,15 +371,26 @@ fn unserved_apis_and_versions_are_reported_with_their_correlation_id() {
 }
 
 #[test]
-fn trailing_bytes_and_truncation_are_malformed() {
+fn truncation_is_malformed_and_trailing_bytes_are_ignored_as_kafka_does() {
     let body = MetadataRequest::default().with_topics(None);
     let good = frame(Api::METADATA, 9, &body);
     let mut long = BytesMut::from(&good[..]);
     long.extend_from_slice(&[0]);
-    assert!(matches!(
-        decode(long.freeze()),
-        Err(RequestError::Malformed { .. })
-    ));
+    assert!(decode(long.freeze()).is_ok());
+    // What librdkafka 2.x sends for "all topics" at Metadata v9: a 4-byte placeholder where the
+    // compact null belongs.
+    let librdkafka = Bytes::from_static(&[
+        0, 3, 0, 9, 0, 0, 0, 3, 0, 7, b'r', b'd', b'k', b'a', b'f', b'k', b'a', 0, 0, 0, 0, 0, 1,
+        0, 0, 0,
+    ]);
+    let Ok(Decoded {
+        request: Request::Metadata(metadata),
+        ..
+    }) = decode(librdkafka)
+    else {
+        panic!()
+    };
+    assert_eq!(metadata.topics, None);
     for cut in 8..good.len() {
         assert!(
             matches!(

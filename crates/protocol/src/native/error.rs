@@ -60,10 +60,15 @@ codes! {
     UNSUPPORTED_VERSION = 35, false, "the broker does not support this API version";
     TOPIC_ALREADY_EXISTS = 36, false, "a topic with this name exists";
     INVALID_PARTITIONS = 37, false, "the partition count is not valid";
+    INVALID_REPLICATION_FACTOR = 38, false, "the replication factor is not valid (one node: 1 or -1)";
     INVALID_CONFIG = 40, false, "a topic config key or value is not valid";
     INVALID_REQUEST = 42, false, "the request is malformed or breaks a protocol rule";
     POLICY_VIOLATION = 44, false, "the request breaks a broker limit (for example partitions_max)";
+    OUT_OF_ORDER_SEQUENCE_NUMBER = 45, false, "an idempotent producer's batch is not the next in its sequence";
+    INVALID_PRODUCER_EPOCH = 47, false, "an idempotent producer's epoch is older than the current one";
+    TRANSACTIONAL_ID_AUTHORIZATION_FAILED = 53, false, "transactions are not supported";
     KAFKA_STORAGE_ERROR = 56, true, "the partition's log is offline after an I/O error";
+    INVALID_RECORD = 87, false, "a batch breaks a broker rule (transactional or control batch, several idempotent batches)";
 
 }
 

@@ -1,0 +1,666 @@
+//! The Kafka listener's request handling: each Kafka request is decoded by `cairn-kafka`'s
+//! bounded decoders, translated to the broker's own operations (the same ones the native protocol
+//! uses: one topic manager, one append path, one fetch path) and answered in the Kafka response
+//! format of the request's version. Record batches pass through as bytes both ways.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use cairn_kafka::kp::messages as kp;
+use cairn_kafka::kp::protocol::StrBytes;
+use cairn_kafka::request::{self as kreq, Api, RequestError};
+use cairn_kafka::{Request, response};
+use cairn_protocol::native::{self as native, ErrorCode};
+
+use crate::handler::{Deferred, Handler, Outcome};
+
+/// Kafka's ConfigResource types.
+const RESOURCE_TOPIC: i8 = 2;
+const RESOURCE_BROKER: i8 = 4;
+/// Kafka's ConfigSource values.
+const SOURCE_TOPIC: i8 = 1;
+const SOURCE_STATIC_BROKER: i8 = 4;
+const SOURCE_DEFAULT: i8 = 5;
+
+fn ready(outcome: Outcome) -> Deferred {
+    Box::pin(std::future::ready(outcome))
+}
+
+fn s(text: impl Into<String>) -> StrBytes {
+    StrBytes::from_string(text.into())
+}
+
+fn topic_name(text: impl Into<String>) -> kp::TopicName {
+    kp::TopicName(s(text))
+}
+
+/// Kafka partition indexes are i32; a negative one names no partition.
+fn partition_index(p: i32) -> u32 {
+    u32::try_from(p).unwrap_or(u32::MAX)
+}
+
+fn clamp_u32(v: i32) -> u32 {
+    u32::try_from(v).unwrap_or(0)
+}
+
+impl Handler {
+    /// As [`Handler::begin`], for a frame from the Kafka listener.
+    pub async fn begin_kafka(self: &Arc<Self>, frame: Bytes) -> Deferred {
+        let started = Instant::now();
+        let decoded = match kreq::decode(frame) {
+            Ok(decoded) => decoded,
+            Err(err) => return ready(self.kafka_refusal(err)),
+        };
+        let corr = decoded.header.correlation_id;
+        let version = decoded.header.api_version;
+        let api = Api::from_key(decoded.header.api_key).unwrap_or(Api::API_VERSIONS);
+        let this = Arc::clone(self);
+        let finish = move |result: Result<Outcome, response::EncodeError>| {
+            let label = format!("kafka:{}", api.name);
+            this.metrics.requests.with_label_values(&[&label]).inc();
+            this.metrics
+                .request_seconds
+                .with_label_values(&[&label])
+                .observe(started.elapsed().as_secs_f64());
+            result.unwrap_or_else(|err| {
+                tracing::error!(error = %err, "cannot encode a Kafka response");
+                Outcome::Close(err.to_string())
+            })
+        };
+        let respond = move |what, message: &dyn KafkaResponse| {
+            message
+                .encode_with(what, corr, version)
+                .map(Outcome::Respond)
+        };
+        match decoded.request {
+            Request::Produce(r) => {
+                let acks = r.acks;
+                if let Some(id) = &r.transactional_id {
+                    let response = self.refuse_transactional_produce(&r, id);
+                    return ready(finish(if acks == 0 {
+                        Ok(Outcome::Silent)
+                    } else {
+                        respond("ProduceResponse", &response)
+                    }));
+                }
+                let request = native_produce(r);
+                let appended = self.produce_append(request).await;
+                let this = Arc::clone(self);
+                Box::pin(async move {
+                    let response = kafka_produce(this.produce_finish(appended).await);
+                    finish(if acks == 0 {
+                        Ok(Outcome::Silent)
+                    } else {
+                        respond("ProduceResponse", &response)
+                    })
+                })
+            }
+            Request::Fetch(r) => {
+                let this = Arc::clone(self);
+                Box::pin(async move {
+                    let response = kafka_fetch(this.fetch(native_fetch(&r)).await);
+                    finish(
+                        response::encode_fetch(corr, version, &response)
+                            .map(Outcome::RespondChunks),
+                    )
+                })
+            }
+            Request::ApiVersions(_) => ready(finish(respond(
+                "ApiVersionsResponse",
+                &response::api_versions(0),
+            ))),
+            Request::Metadata(r) => {
+                let response = self.kafka_metadata(r).await;
+                ready(finish(respond("MetadataResponse", &response)))
+            }
+            Request::ListOffsets(r) => {
+                let response = self.kafka_list_offsets(r);
+                ready(finish(respond("ListOffsetsResponse", &response)))
+            }
+            Request::CreateTopics(r) => {
+                let response = self.kafka_create_topics(r).await;
+                ready(finish(respond("CreateTopicsResponse", &response)))
+            }
+            Request::DeleteTopics(r) => {
+                let request = native::DeleteTopicsRequest { names: r.names };
+                let response = kp::DeleteTopicsResponse::default().with_responses(
+                    self.delete_topics(request)
+                        .await
+                        .topics
+                        .into_iter()
+                        .map(|t| {
+                            kp::delete_topics_response::DeletableTopicResult::default()
+                                .with_name(Some(topic_name(t.name)))
+                                .with_error_code(t.error_code)
+                                .with_error_message(
+                                    (!t.error_message.is_empty() && version >= 5)
+                                        .then(|| s(t.error_message)),
+                                )
+                        })
+                        .collect(),
+                );
+                ready(finish(respond("DeleteTopicsResponse", &response)))
+            }
+            Request::DescribeConfigs(r) => {
+                let response = self.kafka_describe_configs(r, version);
+                ready(finish(respond("DescribeConfigsResponse", &response)))
+            }
+            Request::InitProducerId(r) => {
+                let response = self.kafka_init_producer_id(r).await;
+                ready(finish(respond("InitProducerIdResponse", &response)))
+            }
+        }
+    }
+
+    /// The answer to a frame that did not decode: ApiVersions of an unknown version gets the v0
+    /// response with UNSUPPORTED_VERSION and the versions served (so the client retries with
+    /// one); anything else cannot be answered in a format the client expects, so the connection
+    /// closes, as Kafka's does.
+    fn kafka_refusal(&self, err: RequestError) -> Outcome {
+        let label = match &err {
+            RequestError::UnknownApi { .. } | RequestError::Truncated(_) => "kafka:unknown",
+            RequestError::UnsupportedVersion { api, .. } if *api == Api::API_VERSIONS => {
+                "kafka:ApiVersions"
+            }
+            RequestError::UnsupportedVersion { .. } => "kafka:unsupported",
+            RequestError::Malformed { .. } => "kafka:malformed",
+        };
+        let code = match &err {
+            RequestError::UnsupportedVersion { .. } | RequestError::UnknownApi { .. } => {
+                ErrorCode::UNSUPPORTED_VERSION
+            }
+            _ => ErrorCode::INVALID_REQUEST,
+        };
+        self.metrics
+            .request_errors
+            .with_label_values(&[label, code.name()])
+            .inc();
+        if let RequestError::UnsupportedVersion {
+            api,
+            correlation_id,
+            ..
+        } = &err
+            && *api == Api::API_VERSIONS
+        {
+            let response = response::api_versions(ErrorCode::UNSUPPORTED_VERSION.0);
+            return match response::encode("ApiVersionsResponse", *correlation_id, 0, &response) {
+                Ok(bytes) => Outcome::Respond(bytes),
+                Err(err) => Outcome::Close(err.to_string()),
+            };
+        }
+        tracing::debug!(error = %err, "Kafka request refused");
+        Outcome::Close(err.to_string())
+    }
+
+    fn refuse_transactional_produce(
+        &self,
+        r: &kreq::ProduceRequest,
+        id: &str,
+    ) -> kp::ProduceResponse {
+        let code = ErrorCode::TRANSACTIONAL_ID_AUTHORIZATION_FAILED;
+        self.metrics
+            .request_errors
+            .with_label_values(&["kafka:Produce", code.name()])
+            .inc();
+        tracing::debug!(transactional_id = %id, "transactional produce refused");
+        kp::ProduceResponse::default().with_responses(
+            r.topics
+                .iter()
+                .map(|t| {
+                    kp::produce_response::TopicProduceResponse::default()
+                        .with_name(topic_name(t.name.clone()))
+                        .with_partition_responses(
+                            t.partitions
+                                .iter()
+                                .map(|(p, _)| {
+                                    kp::produce_response::PartitionProduceResponse::default()
+                                        .with_index(*p)
+                                        .with_error_code(code.0)
+                                        .with_base_offset(-1)
+                                })
+                                .collect(),
+                        )
+                })
+                .collect(),
+        )
+    }
+
+    async fn kafka_metadata(&self, r: kreq::MetadataRequest) -> kp::MetadataResponse {
+        let topics = match r.topics {
+            // v1+: an empty list asks for no topics (only brokers).
+            Some(names) if names.is_empty() => Vec::new(),
+            topics => {
+                let request = native::MetadataRequest {
+                    topics: topics.unwrap_or_default(),
+                    allow_auto_create: r.allow_auto_topic_creation,
+                };
+                self.metadata(request).await.topics
+            }
+        };
+        let node = self.config.node_id as i32;
+        kp::MetadataResponse::default()
+            .with_brokers(vec![
+                kp::metadata_response::MetadataResponseBroker::default()
+                    .with_node_id(kp::BrokerId(node))
+                    .with_host(s(self.kafka_advertised_host.clone()))
+                    .with_port(i32::from(self.kafka_advertised_port)),
+            ])
+            .with_cluster_id(Some(s("cairn")))
+            .with_controller_id(kp::BrokerId(node))
+            .with_topics(
+                topics
+                    .into_iter()
+                    .map(|t| {
+                        kp::metadata_response::MetadataResponseTopic::default()
+                            .with_error_code(t.error_code)
+                            .with_name(Some(topic_name(t.name)))
+                            .with_partitions(
+                                t.partitions
+                                    .into_iter()
+                                    .map(|p| {
+                                        let replicas: Vec<kp::BrokerId> = p
+                                            .replicas
+                                            .iter()
+                                            .map(|r| kp::BrokerId(*r as i32))
+                                            .collect();
+                                        kp::metadata_response::MetadataResponsePartition::default()
+                                            .with_error_code(p.error_code)
+                                            .with_partition_index(p.partition as i32)
+                                            .with_leader_id(kp::BrokerId(p.leader as i32))
+                                            .with_leader_epoch(p.leader_epoch as i32)
+                                            .with_isr_nodes(replicas.clone())
+                                            .with_replica_nodes(replicas)
+                                    })
+                                    .collect(),
+                            )
+                    })
+                    .collect(),
+            )
+    }
+
+    fn kafka_list_offsets(&self, r: kreq::ListOffsetsRequest) -> kp::ListOffsetsResponse {
+        let request = native::ListOffsetsRequest {
+            topics: r
+                .topics
+                .into_iter()
+                .map(|(name, partitions)| native::ListOffsetsTopic {
+                    name,
+                    partitions: partitions
+                        .into_iter()
+                        .map(
+                            |(partition, _epoch, timestamp)| native::ListOffsetsPartition {
+                                partition: partition_index(partition),
+                                timestamp,
+                            },
+                        )
+                        .collect(),
+                })
+                .collect(),
+        };
+        kp::ListOffsetsResponse::default().with_topics(
+            self.list_offsets(request)
+                .topics
+                .into_iter()
+                .map(|t| {
+                    kp::list_offsets_response::ListOffsetsTopicResponse::default()
+                        .with_name(topic_name(t.name))
+                        .with_partitions(
+                            t.partitions
+                                .into_iter()
+                                .map(|p| {
+                                    let ok = p.error_code == 0;
+                                    kp::list_offsets_response::ListOffsetsPartitionResponse::default()
+                                        .with_partition_index(p.partition as i32)
+                                        .with_error_code(p.error_code)
+                                        .with_timestamp(p.timestamp)
+                                        .with_offset(if ok { p.offset as i64 } else { -1 })
+                                })
+                                .collect(),
+                        )
+                })
+                .collect(),
+        )
+    }
+
+    async fn kafka_create_topics(&self, r: kreq::CreateTopicsRequest) -> kp::CreateTopicsResponse {
+        let mut results = Vec::with_capacity(r.topics.len());
+        for topic in r.topics {
+            let refusal = if !topic.assignments.is_empty() {
+                Some((
+                    ErrorCode::INVALID_REQUEST,
+                    "manual replica assignment is not supported".to_string(),
+                ))
+            } else if !matches!(topic.replication_factor, -1 | 1) {
+                Some((
+                    ErrorCode::INVALID_REPLICATION_FACTOR,
+                    format!(
+                        "replication factor {} on a single node (use 1 or -1)",
+                        topic.replication_factor
+                    ),
+                ))
+            } else if topic.num_partitions == 0 || topic.num_partitions < -1 {
+                Some((
+                    ErrorCode::INVALID_PARTITIONS,
+                    format!("{} partitions", topic.num_partitions),
+                ))
+            } else {
+                None
+            };
+            let (code, message) = match refusal {
+                Some(refusal) => {
+                    self.metrics
+                        .request_errors
+                        .with_label_values(&["kafka:CreateTopics", refusal.0.name()])
+                        .inc();
+                    refusal
+                }
+                None => {
+                    let request = native::CreateTopicsRequest {
+                        topics: vec![native::CreatableTopic {
+                            name: topic.name.clone(),
+                            // 0: the broker's default.
+                            partitions: clamp_u32(topic.num_partitions),
+                            configs: topic
+                                .configs
+                                .into_iter()
+                                .filter_map(|(key, value)| {
+                                    value.map(|value| native::ConfigEntry { key, value })
+                                })
+                                .collect(),
+                        }],
+                        validate_only: r.validate_only,
+                    };
+                    match self.create_topics(request).await.topics.into_iter().next() {
+                        Some(t) => (ErrorCode(t.error_code), t.error_message),
+                        None => (ErrorCode::UNKNOWN_SERVER_ERROR, String::new()),
+                    }
+                }
+            };
+            let partitions = self
+                .manager
+                .topic(&topic.name)
+                .map_or(-1, |t| t.partitions.len() as i32);
+            let created = code == ErrorCode::NONE;
+            results.push(
+                kp::create_topics_response::CreatableTopicResult::default()
+                    .with_name(topic_name(topic.name))
+                    .with_error_code(code.0)
+                    .with_error_message((!message.is_empty()).then(|| s(message)))
+                    .with_num_partitions(if created {
+                        partitions.max(topic.num_partitions)
+                    } else {
+                        -1
+                    })
+                    .with_replication_factor(if created { 1 } else { -1 })
+                    .with_configs(None),
+            );
+        }
+        kp::CreateTopicsResponse::default().with_topics(results)
+    }
+
+    fn kafka_describe_configs(
+        &self,
+        r: kreq::DescribeConfigsRequest,
+        version: i16,
+    ) -> kp::DescribeConfigsResponse {
+        use kp::describe_configs_response::{DescribeConfigsResourceResult, DescribeConfigsResult};
+        let entry = |key: String, value: String, source: i8, read_only: bool| {
+            DescribeConfigsResourceResult::default()
+                .with_name(s(key))
+                .with_value(Some(s(value)))
+                .with_read_only(read_only)
+                .with_config_source(if version >= 1 { source } else { -1 })
+                .with_is_sensitive(false)
+        };
+        let results = r
+            .resources
+            .into_iter()
+            .map(|(resource_type, name, keys)| {
+                let wanted = |key: &str| keys.as_ref().is_none_or(|k| k.iter().any(|w| w == key));
+                let result = DescribeConfigsResult::default()
+                    .with_resource_type(resource_type)
+                    .with_resource_name(s(name.clone()));
+                match resource_type {
+                    RESOURCE_TOPIC => match self.manager.topic(&name) {
+                        None => result
+                            .with_error_code(ErrorCode::UNKNOWN_TOPIC_OR_PARTITION.0)
+                            .with_error_message(Some(s(format!("topic {name:?} does not exist")))),
+                        Some(topic) => result.with_configs(
+                            topic
+                                .config
+                                .describe(self.manager.defaults())
+                                .into_iter()
+                                .filter(|(key, _, _)| wanted(key))
+                                .map(|(key, value, is_default)| {
+                                    let source = if is_default {
+                                        SOURCE_DEFAULT
+                                    } else {
+                                        SOURCE_TOPIC
+                                    };
+                                    entry(key, value, source, false)
+                                })
+                                .collect(),
+                        ),
+                    },
+                    RESOURCE_BROKER => result.with_configs(
+                        self.broker_configs()
+                            .into_iter()
+                            .filter(|(key, _)| wanted(key))
+                            .map(|(key, value)| entry(key, value, SOURCE_STATIC_BROKER, true))
+                            .collect(),
+                    ),
+                    other => result
+                        .with_error_code(ErrorCode::INVALID_REQUEST.0)
+                        .with_error_message(Some(s(format!(
+                            "resource type {other} is not described (topics: 2, brokers: 4)"
+                        )))),
+                }
+            })
+            .collect();
+        kp::DescribeConfigsResponse::default().with_results(results)
+    }
+
+    /// The broker settings a Kafka admin client may ask about, under Kafka's names.
+    fn broker_configs(&self) -> Vec<(String, String)> {
+        let c = &self.config;
+        let d = &c.topic_defaults;
+        vec![
+            (
+                "auto.create.topics.enable".into(),
+                c.auto_create_topics.to_string(),
+            ),
+            ("broker.id".into(), c.node_id.to_string()),
+            ("log.dirs".into(), c.data_dir.display().to_string()),
+            ("log.retention.bytes".into(), d.retention_bytes.to_string()),
+            ("log.retention.ms".into(), d.retention_ms.to_string()),
+            ("log.segment.bytes".into(), d.segment_bytes.to_string()),
+            ("message.max.bytes".into(), d.max_message_bytes.to_string()),
+            ("num.partitions".into(), d.partitions.to_string()),
+            (
+                "socket.request.max.bytes".into(),
+                c.frame_bytes_max.to_string(),
+            ),
+        ]
+    }
+
+    async fn kafka_init_producer_id(
+        &self,
+        r: kreq::InitProducerIdRequest,
+    ) -> kp::InitProducerIdResponse {
+        let response = kp::InitProducerIdResponse::default();
+        if r.transactional_id.is_some() {
+            let code = ErrorCode::TRANSACTIONAL_ID_AUTHORIZATION_FAILED;
+            self.metrics
+                .request_errors
+                .with_label_values(&["kafka:InitProducerId", code.name()])
+                .inc();
+            return response
+                .with_error_code(code.0)
+                .with_producer_id(kp::ProducerId(-1))
+                .with_producer_epoch(-1);
+        }
+        // KIP-360: a producer that knows its id asks for the next epoch.
+        if r.producer_id >= 0 && r.producer_epoch >= 0 && r.producer_epoch < i16::MAX - 1 {
+            return response
+                .with_producer_id(kp::ProducerId(r.producer_id))
+                .with_producer_epoch(r.producer_epoch + 1);
+        }
+        let ids = Arc::clone(&self.producer_ids);
+        match tokio::task::spawn_blocking(move || ids.allocate()).await {
+            Ok(Ok(id)) => response
+                .with_producer_id(kp::ProducerId(id))
+                .with_producer_epoch(0),
+            Ok(Err(err)) => {
+                tracing::error!(error = %err, "cannot reserve producer ids");
+                response
+                    .with_error_code(ErrorCode::KAFKA_STORAGE_ERROR.0)
+                    .with_producer_id(kp::ProducerId(-1))
+                    .with_producer_epoch(-1)
+            }
+            Err(_) => response
+                .with_error_code(ErrorCode::UNKNOWN_SERVER_ERROR.0)
+                .with_producer_id(kp::ProducerId(-1))
+                .with_producer_epoch(-1),
+        }
+    }
+}
+
+fn native_produce(r: kreq::ProduceRequest) -> native::ProduceRequest {
+    native::ProduceRequest {
+        // Outside -1..=1 stays invalid: the append path answers INVALID_REQUIRED_ACKS.
+        acks: i8::try_from(r.acks).unwrap_or(i8::MAX),
+        timeout_ms: clamp_u32(r.timeout_ms),
+        topics: r
+            .topics
+            .into_iter()
+            .map(|t| native::ProduceTopic {
+                name: t.name,
+                partitions: t
+                    .partitions
+                    .into_iter()
+                    .map(|(p, records)| native::ProducePartition {
+                        partition: partition_index(p),
+                        // Null records: an empty append, refused as INVALID_REQUEST.
+                        records: records.unwrap_or_default(),
+                    })
+                    .collect(),
+            })
+            .collect(),
+    }
+}
+
+fn kafka_produce(r: native::ProduceResponse) -> kp::ProduceResponse {
+    kp::ProduceResponse::default().with_responses(
+        r.topics
+            .into_iter()
+            .map(|t| {
+                kp::produce_response::TopicProduceResponse::default()
+                    .with_name(topic_name(t.name))
+                    .with_partition_responses(
+                        t.partitions
+                            .into_iter()
+                            .map(|p| {
+                                let ok = p.error_code == 0;
+                                kp::produce_response::PartitionProduceResponse::default()
+                                    .with_index(p.partition as i32)
+                                    .with_error_code(p.error_code)
+                                    .with_base_offset(if ok { p.base_offset as i64 } else { -1 })
+                                    .with_log_append_time_ms(p.log_append_time)
+                                    .with_log_start_offset(if ok {
+                                        p.log_start_offset as i64
+                                    } else {
+                                        -1
+                                    })
+                                    .with_error_message(
+                                        (!p.error_message.is_empty()).then(|| s(p.error_message)),
+                                    )
+                            })
+                            .collect(),
+                    )
+            })
+            .collect(),
+    )
+}
+
+fn native_fetch(r: &kreq::FetchRequest) -> native::FetchRequest {
+    native::FetchRequest {
+        max_wait_ms: clamp_u32(r.max_wait_ms),
+        min_bytes: clamp_u32(r.min_bytes),
+        max_bytes: clamp_u32(r.max_bytes),
+        topics: r
+            .topics
+            .iter()
+            .map(|t| native::FetchTopic {
+                name: t.name.clone(),
+                partitions: t
+                    .partitions
+                    .iter()
+                    .map(|p| native::FetchPartition {
+                        partition: partition_index(p.partition),
+                        // A negative offset is out of range, as it should be.
+                        fetch_offset: p.fetch_offset as u64,
+                        partition_max_bytes: clamp_u32(p.partition_max_bytes),
+                    })
+                    .collect(),
+            })
+            .collect(),
+    }
+}
+
+fn kafka_fetch(r: native::FetchResponse) -> kp::FetchResponse {
+    kp::FetchResponse::default().with_responses(
+        r.topics
+            .into_iter()
+            .map(|t| {
+                kp::fetch_response::FetchableTopicResponse::default()
+                    .with_topic(topic_name(t.name))
+                    .with_partitions(
+                        t.partitions
+                            .into_iter()
+                            .map(|p| {
+                                let ok = p.error_code == 0;
+                                let hw = if ok { p.high_watermark as i64 } else { -1 };
+                                kp::fetch_response::PartitionData::default()
+                                    .with_partition_index(p.partition as i32)
+                                    .with_error_code(p.error_code)
+                                    .with_high_watermark(hw)
+                                    .with_last_stable_offset(hw)
+                                    .with_log_start_offset(if ok {
+                                        p.log_start_offset as i64
+                                    } else {
+                                        -1
+                                    })
+                                    .with_aborted_transactions(Some(Vec::new()))
+                                    .with_preferred_read_replica(kp::BrokerId(-1))
+                                    .with_records(Some(p.records))
+                            })
+                            .collect(),
+                    )
+            })
+            .collect(),
+    )
+}
+
+/// A `kafka-protocol` response, encodable behind a `dyn`.
+trait KafkaResponse {
+    fn encode_with(
+        &self,
+        what: &'static str,
+        correlation_id: i32,
+        version: i16,
+    ) -> Result<Vec<u8>, response::EncodeError>;
+}
+
+impl<M: cairn_kafka::kp::protocol::Encodable + cairn_kafka::kp::protocol::HeaderVersion>
+    KafkaResponse for M
+{
+    fn encode_with(
+        &self,
+        what: &'static str,
+        correlation_id: i32,
+        version: i16,
+    ) -> Result<Vec<u8>, response::EncodeError> {
+        response::encode(what, correlation_id, version, self)
+    }
+}

@@ -1,0 +1,320 @@
+//! Idempotent produce: producer ids, and per partition the last batches of each producer, so a
+//! retried batch is answered with its original offsets instead of being written twice, and a
+//! batch out of sequence is refused (Kafka's rules, `ProducerStateManager`/`ProducerAppendInfo`).
+//!
+//! The state lives in memory next to each partition's log and is rebuilt at open from the batch
+//! headers of the active segment (see [`ProducerStates::rebuild`]); batches older than that are
+//! not needed to detect a retry, which arrives within the producer's delivery timeout.
+
+use std::collections::{HashMap, VecDeque};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use cairn_protocol::batch::BatchHeader;
+use cairn_protocol::native::ErrorCode;
+use cairn_storage::StdFs;
+
+/// How many batches per producer and partition are remembered (Kafka: 5, the most in-flight
+/// requests an idempotent producer may have).
+pub const BATCHES_REMEMBERED: usize = 5;
+
+/// One remembered batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct BatchMeta {
+    first_seq: i32,
+    last_seq: i32,
+    base_offset: u64,
+    last_offset: u64,
+}
+
+#[derive(Debug)]
+struct ProducerEntry {
+    epoch: i16,
+    batches: VecDeque<BatchMeta>,
+    last_write_ms: i64,
+}
+
+/// What to do with an idempotent batch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SequenceCheck {
+    /// Append it.
+    Append,
+    /// Already appended at these offsets: answer with them, append nothing.
+    Duplicate {
+        /// Its first offset.
+        base_offset: u64,
+        /// Its last offset.
+        last_offset: u64,
+    },
+    /// Refuse it with this error.
+    Reject(ErrorCode, String),
+}
+
+/// The producers of one partition.
+#[derive(Debug, Default)]
+pub struct ProducerStates {
+    producers: HashMap<i64, ProducerEntry>,
+}
+
+fn last_seq(header: &BatchHeader) -> i32 {
+    // Sequences wrap at i32::MAX to 0.
+    ((i64::from(header.base_sequence) + i64::from(header.last_offset_delta))
+        % (i64::from(i32::MAX) + 1)) as i32
+}
+
+fn next_seq(seq: i32) -> i32 {
+    if seq == i32::MAX { 0 } else { seq + 1 }
+}
+
+impl ProducerStates {
+    /// Checks an idempotent batch (producer id >= 0) against the producer's state.
+    pub fn check(&self, header: &BatchHeader) -> SequenceCheck {
+        let Some(entry) = self.producers.get(&header.producer_id) else {
+            // Unknown producer (new, or its state expired): any sequence is accepted, as Kafka
+            // does when it has no entry.
+            return SequenceCheck::Append;
+        };
+        let epoch = header.producer_epoch;
+        if epoch < entry.epoch {
+            return SequenceCheck::Reject(
+                ErrorCode::INVALID_PRODUCER_EPOCH,
+                format!(
+                    "producer {} epoch {epoch} is older than the current epoch {}",
+                    header.producer_id, entry.epoch
+                ),
+            );
+        }
+        let first = header.base_sequence;
+        let last = last_seq(header);
+        if epoch == entry.epoch
+            && let Some(dup) = entry
+                .batches
+                .iter()
+                .find(|b| b.first_seq == first && b.last_seq == last)
+        {
+            return SequenceCheck::Duplicate {
+                base_offset: dup.base_offset,
+                last_offset: dup.last_offset,
+            };
+        }
+        if epoch > entry.epoch {
+            if first != 0 {
+                return SequenceCheck::Reject(
+                    ErrorCode::OUT_OF_ORDER_SEQUENCE_NUMBER,
+                    format!(
+                        "producer {} new epoch {epoch} must start at sequence 0, got {first}",
+                        header.producer_id
+                    ),
+                );
+            }
+            return SequenceCheck::Append;
+        }
+        let expected = entry.batches.back().map_or(0, |b| next_seq(b.last_seq));
+        if first != expected {
+            return SequenceCheck::Reject(
+                ErrorCode::OUT_OF_ORDER_SEQUENCE_NUMBER,
+                format!(
+                    "producer {} epoch {epoch}: expected sequence {expected}, got {first}",
+                    header.producer_id
+                ),
+            );
+        }
+        SequenceCheck::Append
+    }
+
+    /// Records an appended idempotent batch.
+    pub fn record(
+        &mut self,
+        header: &BatchHeader,
+        base_offset: u64,
+        last_offset: u64,
+        now_ms: i64,
+    ) {
+        let entry = self
+            .producers
+            .entry(header.producer_id)
+            .or_insert_with(|| ProducerEntry {
+                epoch: header.producer_epoch,
+                batches: VecDeque::with_capacity(BATCHES_REMEMBERED),
+                last_write_ms: now_ms,
+            });
+        if header.producer_epoch != entry.epoch {
+            entry.epoch = header.producer_epoch;
+            entry.batches.clear();
+        }
+        if entry.batches.len() == BATCHES_REMEMBERED {
+            entry.batches.pop_front();
+        }
+        entry.batches.push_back(BatchMeta {
+            first_seq: header.base_sequence,
+            last_seq: last_seq(header),
+            base_offset,
+            last_offset,
+        });
+        entry.last_write_ms = now_ms;
+    }
+
+    /// Forgets producers idle for longer than `max_idle_ms` (Kafka
+    /// `producer.id.expiration.ms`); returns how many remain.
+    pub fn expire(&mut self, now_ms: i64, max_idle_ms: i64) -> usize {
+        self.producers
+            .retain(|_, e| now_ms.saturating_sub(e.last_write_ms) <= max_idle_ms);
+        self.producers.len()
+    }
+
+    /// Rebuilds the state from a run of whole batches (the active segment's), oldest first.
+    pub fn rebuild(&mut self, mut batches: &[u8], now_ms: i64) {
+        while let Ok(header) = BatchHeader::parse(batches) {
+            if header.producer_id >= 0 && !header.is_control() {
+                let base = header.base_offset.max(0) as u64;
+                let last = base + header.last_offset_delta.max(0) as u64;
+                self.record(&header, base, last, now_ms);
+            }
+            batches = batches.get(header.total_bytes()..).unwrap_or_default();
+        }
+    }
+}
+
+/// Hands out producer ids, unique across restarts: ids are reserved in blocks whose end is
+/// checkpointed before any id of the block is used.
+#[derive(Debug)]
+pub struct ProducerIds {
+    dir: PathBuf,
+    state: Mutex<(i64, i64)>, // (next id, end of the reserved block)
+}
+
+const CHECKPOINT: &str = "producer-ids";
+const BLOCK: i64 = 1000;
+
+impl ProducerIds {
+    /// Opens the allocator of a data directory.
+    pub fn open(dir: &Path) -> std::io::Result<ProducerIds> {
+        let next = match cairn_storage::checkpoint::read(&StdFs, dir, CHECKPOINT, "producer-ids")? {
+            Some(lines) => lines
+                .first()
+                .and_then(|l| l.parse::<i64>().ok())
+                .filter(|n| *n >= 0)
+                .ok_or_else(|| {
+                    std::io::Error::new(
+                        std::io::ErrorKind::InvalidData,
+                        "producer-ids: not a non-negative integer",
+                    )
+                })?,
+            None => 0,
+        };
+        Ok(ProducerIds {
+            dir: dir.to_path_buf(),
+            state: Mutex::new((next, next)),
+        })
+    }
+
+    /// The next producer id (blocking: may checkpoint a new block).
+    pub fn allocate(&self) -> Result<i64, cairn_storage::Fatal> {
+        let mut state = self
+            .state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let (next, end) = *state;
+        if next >= end {
+            let new_end = next + BLOCK;
+            cairn_storage::checkpoint::write(
+                &StdFs,
+                &self.dir,
+                CHECKPOINT,
+                "producer-ids",
+                &[new_end.to_string()],
+            )?;
+            state.1 = new_end;
+        }
+        state.0 = next + 1;
+        Ok(next)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn header(pid: i64, epoch: i16, seq: i32, n: i32) -> BatchHeader {
+        BatchHeader {
+            base_offset: 0,
+            batch_length: 0,
+            partition_leader_epoch: 0,
+            magic: 2,
+            crc: 0,
+            attributes: 0,
+            last_offset_delta: n - 1,
+            base_timestamp: 0,
+            max_timestamp: 0,
+            producer_id: pid,
+            producer_epoch: epoch,
+            base_sequence: seq,
+            records_count: n,
+        }
+    }
+
+    #[test]
+    fn duplicates_return_original_offsets_and_gaps_are_refused() {
+        let mut s = ProducerStates::default();
+        assert_eq!(s.check(&header(7, 0, 0, 10)), SequenceCheck::Append);
+        s.record(&header(7, 0, 0, 10), 100, 109, 0);
+        s.record(&header(7, 0, 10, 5), 110, 114, 0);
+        assert_eq!(
+            s.check(&header(7, 0, 0, 10)),
+            SequenceCheck::Duplicate {
+                base_offset: 100,
+                last_offset: 109
+            }
+        );
+        assert_eq!(s.check(&header(7, 0, 15, 1)), SequenceCheck::Append);
+        assert!(matches!(
+            s.check(&header(7, 0, 16, 1)),
+            SequenceCheck::Reject(ErrorCode::OUT_OF_ORDER_SEQUENCE_NUMBER, _)
+        ));
+        // Older epoch: fenced. Newer epoch: must restart at 0.
+        s.record(&header(7, 1, 0, 1), 115, 115, 0);
+        assert!(matches!(
+            s.check(&header(7, 0, 15, 1)),
+            SequenceCheck::Reject(ErrorCode::INVALID_PRODUCER_EPOCH, _)
+        ));
+        assert!(matches!(
+            s.check(&header(7, 2, 3, 1)),
+            SequenceCheck::Reject(ErrorCode::OUT_OF_ORDER_SEQUENCE_NUMBER, _)
+        ));
+        assert_eq!(s.check(&header(7, 2, 0, 1)), SequenceCheck::Append);
+    }
+
+    #[test]
+    fn only_the_last_five_batches_are_remembered_and_sequences_wrap() {
+        let mut s = ProducerStates::default();
+        for i in 0..7 {
+            s.record(&header(1, 0, i, 1), i as u64, i as u64, 0);
+        }
+        assert!(matches!(
+            s.check(&header(1, 0, 2, 1)),
+            SequenceCheck::Duplicate { .. }
+        ));
+        assert!(matches!(
+            s.check(&header(1, 0, 1, 1)),
+            SequenceCheck::Reject(..)
+        ));
+        let mut s = ProducerStates::default();
+        s.record(&header(1, 0, i32::MAX - 1, 2), 0, 1, 0);
+        assert_eq!(s.check(&header(1, 0, 0, 1)), SequenceCheck::Append);
+        assert_eq!(s.expire(10, 5), 0);
+    }
+
+    #[test]
+    fn producer_ids_are_unique_across_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let ids = ProducerIds::open(dir.path()).unwrap();
+        let a = ids.allocate().unwrap();
+        let b = ids.allocate().unwrap();
+        assert_ne!(a, b);
+        drop(ids);
+        let ids = ProducerIds::open(dir.path()).unwrap();
+        let c = ids.allocate().unwrap();
+        assert!(c > b, "{c} after {b}");
+    }
+}
