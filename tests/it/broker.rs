@@ -17,7 +17,7 @@ use serde_json::Value;
 
 use crate::broker_process::{BrokerProcess, cairn, cairn_ok};
 
-fn runtime() -> tokio::runtime::Runtime {
+pub(crate) fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -314,7 +314,7 @@ fn acks_all_records_survive_kill_9() {
 
 /// Sends raw bytes on a fresh connection and returns the first response frame (length prefix
 /// included), or nothing if the broker closes the connection instead. Fails after 5 s.
-fn raw_exchange(addr: &str, bytes: &[u8]) -> Vec<u8> {
+pub(crate) fn raw_exchange(addr: &str, bytes: &[u8]) -> Vec<u8> {
     let mut stream = TcpStream::connect(addr).unwrap();
     stream
         .set_read_timeout(Some(Duration::from_secs(5)))
@@ -334,7 +334,7 @@ fn raw_exchange(addr: &str, bytes: &[u8]) -> Vec<u8> {
     out
 }
 
-fn frame(payload: &[u8]) -> Vec<u8> {
+pub(crate) fn frame(payload: &[u8]) -> Vec<u8> {
     let mut out = (payload.len() as u32).to_be_bytes().to_vec();
     out.extend_from_slice(payload);
     out

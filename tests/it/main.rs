@@ -5,6 +5,7 @@
 mod broker;
 mod broker_process;
 mod embedded;
+mod kafka;
 mod kill9;
 mod log_basics;
 mod log_model;

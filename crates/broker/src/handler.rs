@@ -557,6 +557,9 @@ impl Handler {
             append_checked(partition, &mut buf)
         };
         let (base, last, appended) = result?;
+        if !appended {
+            self.metrics.duplicate_batches.inc();
+        }
         if appended {
             partition.notify_appended();
             self.metrics

@@ -21,6 +21,7 @@ pub struct Metrics {
     pub request_seconds: HistogramVec,
     pub connections: IntGauge,
     pub connections_rejected: IntCounter,
+    pub duplicate_batches: IntCounter,
     pub fsync_seconds: Histogram,
     pub log_start_offset: IntGaugeVec,
     pub log_end_offset: IntGaugeVec,
@@ -97,6 +98,11 @@ impl Metrics {
             "Connections closed at once because connections_max was reached.",
         )?;
         registry.register(Box::new(connections_rejected.clone()))?;
+        let duplicate_batches = IntCounter::new(
+            "cairn_producer_duplicate_batches_total",
+            "Idempotent producers' retried batches answered with their original offsets, not written again.",
+        )?;
+        registry.register(Box::new(duplicate_batches.clone()))?;
         let fsync_seconds = Histogram::with_opts(
             HistogramOpts::new(
                 "cairn_log_flush_duration_seconds",
@@ -142,6 +148,7 @@ impl Metrics {
             request_seconds,
             connections,
             connections_rejected,
+            duplicate_batches,
             fsync_seconds,
             log_start_offset,
             log_end_offset,

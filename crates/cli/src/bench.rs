@@ -11,8 +11,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::{Context, bail};
 use bytes::Bytes;
 use cairn_client::{
-    Acks, Admin, Compression, Consumer, ConsumerConfig, Position, Producer, ProducerConfig,
-    ProducerRecord,
+    Acks, Admin, Compression, Connection, Consumer, ConsumerConfig, Position, Producer,
+    ProducerConfig, ProducerRecord,
 };
 use clap::{Args, ValueEnum};
 use hdrhistogram::Histogram;
@@ -70,6 +70,42 @@ pub struct BenchArgs {
     /// Skip the baseline measurement.
     #[arg(long)]
     no_baseline: bool,
+    /// Protocol to drive the broker with; `both` runs native, then Kafka, and reports their ratio.
+    #[arg(long, value_enum, default_value_t = ProtocolChoice::Native)]
+    protocol: ProtocolChoice,
+    /// The broker's Kafka-protocol address, for `--protocol kafka` or `both` (any
+    /// Kafka-compatible broker works with `--protocol kafka`).
+    #[arg(long, env = "CAIRN_KAFKA_BOOTSTRAP", default_value = "127.0.0.1:9092")]
+    kafka_bootstrap: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ProtocolChoice {
+    /// Cairn's native protocol.
+    Native,
+    /// The Apache Kafka protocol.
+    Kafka,
+    /// Native, then Kafka, in one run.
+    Both,
+}
+
+/// Where and how the workload connects.
+#[derive(Debug, Clone)]
+struct Target {
+    name: &'static str,
+    addr: String,
+    kafka: bool,
+}
+
+impl Target {
+    async fn connect(&self, client_id: &str) -> anyhow::Result<Connection> {
+        let conn = if self.kafka {
+            cairn_kafka::client::connect(&self.addr, client_id).await
+        } else {
+            Connection::connect(&self.addr, client_id).await
+        };
+        conn.with_context(|| format!("connecting to {} ({})", self.addr, self.name))
+    }
 }
 
 pub async fn run(bootstrap: &str, output: Output, args: BenchArgs) -> anyhow::Result<()> {
@@ -80,73 +116,107 @@ pub async fn run(bootstrap: &str, output: Output, args: BenchArgs) -> anyhow::Re
             "--records, --producers and --partitions must be positive and --record-bytes at least 8"
         );
     }
+    let native = Target {
+        name: "native",
+        addr: bootstrap.to_string(),
+        kafka: false,
+    };
+    let kafka = Target {
+        name: "kafka",
+        addr: args.kafka_bootstrap.clone(),
+        kafka: true,
+    };
+    let targets = match args.protocol {
+        ProtocolChoice::Native => vec![native],
+        ProtocolChoice::Kafka => vec![kafka],
+        ProtocolChoice::Both => vec![native, kafka],
+    };
+    let mut results = Vec::with_capacity(targets.len());
+    for target in &targets {
+        let result = run_workload(target, output, &args, acks, compression).await?;
+        results.push((target.name, result));
+    }
+    let total_bytes = args.records * args.record_bytes as u64;
+    let (baseline, baseline_name) = match args.workload {
+        _ if args.no_baseline => (None, ""),
+        Workload::Produce => (
+            Some(produce_baseline(total_bytes).await?),
+            "loopback TCP + file write",
+        ),
+        Workload::Consume => (
+            Some(consume_baseline(total_bytes).await?),
+            "page-cached file over loopback TCP",
+        ),
+        Workload::E2e => (None, ""),
+    };
+    for (protocol, result) in &results {
+        Report {
+            result,
+            protocol,
+            baseline,
+            baseline_name,
+        }
+        .print(output, &args, args.workload);
+    }
+    if let [(_, native), (_, kafka)] = results.as_slice() {
+        let rate = |m: &Measured| m.bytes as f64 / m.elapsed.as_secs_f64().max(1e-9);
+        let ratio = rate(kafka) / rate(native);
+        match output {
+            Output::Json => println!("{}", json!({ "kafka_to_native": ratio })),
+            Output::Table => println!("kafka / native throughput: {ratio:.2}"),
+        }
+    }
+    Ok(())
+}
+
+/// Runs the workload over one protocol, on a fresh topic unless one was named.
+async fn run_workload(
+    target: &Target,
+    output: Output,
+    args: &BenchArgs,
+    acks: Acks,
+    compression: Compression,
+) -> anyhow::Result<Measured> {
     let topic = args
         .topic
         .clone()
-        .unwrap_or_else(|| format!("cairn-bench-{}", now_ms()));
-    let admin = Admin::connect(bootstrap)
-        .await
-        .with_context(|| format!("connecting to {bootstrap}"))?;
+        .unwrap_or_else(|| format!("cairn-bench-{}-{}", now_ms(), target.name));
+    let admin = Admin::with_connection(target.connect("cairn-bench-admin").await?);
     if args.topic.is_none() {
         admin.create_topic(&topic, args.partitions, &[]).await?;
     }
-    let total_bytes = args.records * args.record_bytes as u64;
     let progress = progress_bar(output, args.records);
-    let report = match args.workload {
+    progress.set_message(target.name);
+    let result = match args.workload {
         Workload::Produce => {
-            let result = produce(
-                bootstrap,
+            produce(
+                target,
                 &topic,
-                &args,
+                args,
                 acks,
                 compression,
                 args.rate,
                 &progress,
             )
-            .await?;
-            let baseline = if args.no_baseline {
-                None
-            } else {
-                Some(produce_baseline(total_bytes).await?)
-            };
-            Report {
-                result,
-                baseline,
-                baseline_name: "loopback TCP + file write",
-            }
+            .await?
         }
         Workload::Consume => {
             progress.set_message("producing the records to consume");
-            produce(bootstrap, &topic, &args, acks, compression, None, &progress).await?;
+            produce(target, &topic, args, acks, compression, None, &progress).await?;
             progress.reset();
             progress.set_message("consuming");
-            let result = consume(bootstrap, &topic, &args, &progress).await?;
-            let baseline = if args.no_baseline {
-                None
-            } else {
-                Some(consume_baseline(total_bytes).await?)
-            };
-            Report {
-                result,
-                baseline,
-                baseline_name: "page-cached file over loopback TCP",
-            }
+            consume(target, &topic, args, &progress).await?
         }
         Workload::E2e => {
             let rate = args.rate.unwrap_or(50.0);
-            Report {
-                result: e2e(bootstrap, &topic, &args, acks, compression, rate, &progress).await?,
-                baseline: None,
-                baseline_name: "",
-            }
+            e2e(target, &topic, args, acks, compression, rate, &progress).await?
         }
     };
     progress.finish_and_clear();
     if args.topic.is_none() {
         admin.delete_topic(&topic).await?;
     }
-    report.print(output, &args, args.workload);
-    Ok(())
+    Ok(result)
 }
 
 fn now_ms() -> i64 {
@@ -175,13 +245,14 @@ struct Measured {
     latency_us: Histogram<u64>,
 }
 
-struct Report {
-    result: Measured,
+struct Report<'a> {
+    result: &'a Measured,
+    protocol: &'a str,
     baseline: Option<f64>,
     baseline_name: &'static str,
 }
 
-impl Report {
+impl Report<'_> {
     fn print(&self, output: Output, args: &BenchArgs, workload: Workload) {
         let secs = self.result.elapsed.as_secs_f64().max(1e-9);
         let records_per_sec = self.result.records as f64 / secs;
@@ -200,6 +271,7 @@ impl Report {
                 "{}",
                 json!({
                     "workload": format!("{workload:?}").to_lowercase(),
+                    "protocol": self.protocol,
                     "records": self.result.records, "record_bytes": args.record_bytes, "partitions": args.partitions,
                     "producers": args.producers, "acks": args.acks, "batch_bytes": args.batch_bytes, "compression": args.compression,
                     "seconds": secs, "records_per_sec": records_per_sec, "mb_per_sec": mb_per_sec,
@@ -210,8 +282,9 @@ impl Report {
             ),
             Output::Table => {
                 println!(
-                    "bench {}: {} records x {} B, {} partition(s), {} producer(s), acks={}, batch {} B, compression {}",
+                    "bench {} ({}): {} records x {} B, {} partition(s), {} producer(s), acks={}, batch {} B, compression {}",
                     format!("{workload:?}").to_lowercase(),
+                    self.protocol,
                     self.result.records,
                     args.record_bytes,
                     args.partitions,
@@ -250,7 +323,7 @@ fn histogram() -> anyhow::Result<Histogram<u64>> {
 
 /// Sends `args.records` records; latency is from `send` to acknowledgement.
 async fn produce(
-    bootstrap: &str,
+    target: &Target,
     topic: &str,
     args: &BenchArgs,
     acks: Acks,
@@ -276,7 +349,7 @@ async fn produce(
             client_id: format!("cairn-bench-{k}"),
             ..ProducerConfig::default()
         };
-        let producer = Producer::connect(bootstrap, config).await?;
+        let producer = Producer::with_connection(target.connect(&config.client_id).await?, config)?;
         let (topic, value, progress) = (topic.to_string(), value.clone(), progress.clone());
         let per_record = rate_mb.map(|mb| {
             Duration::from_secs_f64(
@@ -332,19 +405,18 @@ async fn produce(
 }
 
 async fn consume(
-    bootstrap: &str,
+    target: &Target,
     topic: &str,
     args: &BenchArgs,
     progress: &indicatif::ProgressBar,
 ) -> anyhow::Result<Measured> {
-    let mut consumer = Consumer::connect(
-        bootstrap,
+    let mut consumer = Consumer::with_connection(
+        target.connect("cairn-bench").await?,
         ConsumerConfig {
             client_id: "cairn-bench".into(),
             ..ConsumerConfig::default()
         },
-    )
-    .await?;
+    );
     consumer.assign(topic, None, Position::Earliest).await?;
     let started = Instant::now();
     let (mut records, mut bytes) = (0u64, 0u64);
@@ -366,7 +438,7 @@ async fn consume(
 /// A producer at `rate_mb` and a consumer; latency from send to receipt (the send time travels in
 /// the first 8 bytes of each value, on this process's monotonic clock).
 async fn e2e(
-    bootstrap: &str,
+    target: &Target,
     topic: &str,
     args: &BenchArgs,
     acks: Acks,
@@ -375,15 +447,14 @@ async fn e2e(
     progress: &indicatif::ProgressBar,
 ) -> anyhow::Result<Measured> {
     let origin = Instant::now();
-    let mut consumer = Consumer::connect(
-        bootstrap,
+    let mut consumer = Consumer::with_connection(
+        target.connect("cairn-bench-e2e").await?,
         ConsumerConfig {
             client_id: "cairn-bench-e2e".into(),
             fetch_max_wait: Duration::from_millis(100),
             ..ConsumerConfig::default()
         },
-    )
-    .await?;
+    );
     consumer.assign(topic, None, Position::Latest).await?;
     let n = args.records;
     let reader = tokio::spawn(async move {
@@ -410,7 +481,7 @@ async fn e2e(
         client_id: "cairn-bench-e2e".into(),
         ..ProducerConfig::default()
     };
-    let producer = Producer::connect(bootstrap, config).await?;
+    let producer = Producer::with_connection(target.connect(&config.client_id).await?, config)?;
     let per_record = Duration::from_secs_f64(args.record_bytes as f64 / (rate_mb * 1e6));
     let started = Instant::now();
     let sent = Arc::new(AtomicU64::new(0));

@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 
 use bytes::{Bytes, BytesMut};
 use cairn_protocol::limits::FRAME_BYTES_MAX;
-use cairn_protocol::native::{self, Request, ResponseHeader, Wire};
+use cairn_protocol::native::{self, ApiKey, Request, ResponseHeader, Wire};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, BufWriter};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
@@ -32,12 +32,36 @@ pub trait Transport: Send + Sync + std::fmt::Debug {
     fn peer(&self) -> &str;
 }
 
+/// A wire format other than the native protocol over the same framing (a big-endian `u32`
+/// length, then the payload): it encodes native requests in its own format and decodes its
+/// responses straight into the native response types, so producers, consumers and admin clients
+/// work unchanged over it (the Kafka protocol, in `cairn-kafka`).
+pub trait Dialect: Send + Sync + std::fmt::Debug {
+    /// Encodes a request as a frame payload.
+    fn encode_request(
+        &self,
+        correlation_id: u32,
+        client_id: &str,
+        request: &Request,
+    ) -> Result<Vec<u8>, ClientError>;
+
+    /// Decodes the response payload to a request of `api` into the native response type of that
+    /// API, boxed (`call` unboxes it as the type it asked for).
+    fn decode_response(
+        &self,
+        api: ApiKey,
+        correlation_id: u32,
+        payload: Bytes,
+    ) -> Result<Box<dyn std::any::Any + Send>, ClientError>;
+}
+
 /// A connection to one broker. Cheap to clone; all clones share the transport.
 #[derive(Debug, Clone)]
 pub struct Connection {
     transport: Arc<dyn Transport>,
     next_correlation: Arc<AtomicU32>,
     client_id: Arc<str>,
+    dialect: Option<Arc<dyn Dialect>>,
 }
 
 impl Connection {
@@ -53,6 +77,29 @@ impl Connection {
             transport,
             next_correlation: Arc::new(AtomicU32::new(1)),
             client_id: Arc::from(client_id),
+            dialect: None,
+        }
+    }
+
+    /// Connects to `addr` over TCP, speaking `dialect` instead of the native protocol.
+    pub async fn connect_with_dialect(
+        addr: &str,
+        client_id: &str,
+        dialect: Arc<dyn Dialect>,
+    ) -> Result<Connection, ClientError> {
+        let mut conn = Connection::connect(addr, client_id).await?;
+        conn.dialect = Some(dialect);
+        Ok(conn)
+    }
+
+    fn encode(&self, correlation_id: u32, request: &Request) -> Result<Vec<u8>, ClientError> {
+        match &self.dialect {
+            None => Ok(native::encode_request(
+                correlation_id,
+                &self.client_id,
+                request,
+            )),
+            Some(dialect) => dialect.encode_request(correlation_id, &self.client_id, request),
         }
     }
 
@@ -68,13 +115,32 @@ impl Connection {
         request: &Request,
     ) -> impl Future<Output = Result<T, ClientError>> + Send + 'static {
         let correlation_id = self.next_correlation.fetch_add(1, Ordering::Relaxed);
-        let payload = native::encode_request(correlation_id, &self.client_id, request);
-        let reply = self.transport.submit(payload, true);
+        let (reply, encode_error) = match self.encode(correlation_id, request) {
+            Ok(payload) => (self.transport.submit(payload, true), None),
+            Err(err) => (oneshot::channel().1, Some(err)),
+        };
         let api = request.api_key();
+        let dialect = self.dialect.clone();
         // The transport names the peer only if the reply is lost: no allocation per request.
         let transport = Arc::clone(&self.transport);
         async move {
-            let mut body = reply.await.map_err(|_| closed(transport.peer()))??;
+            if let Some(err) = encode_error {
+                return Err(err);
+            }
+            let body = reply.await.map_err(|_| closed(transport.peer()))??;
+            if let Some(dialect) = dialect {
+                return dialect
+                    .decode_response(api, correlation_id, body)?
+                    .downcast::<T>()
+                    .map(|boxed| *boxed)
+                    .map_err(|_| {
+                        ClientError::InvalidArgument(format!(
+                            "the dialect decoded a {} response as another type",
+                            api.name()
+                        ))
+                    });
+            }
+            let mut body = body;
             let header = ResponseHeader::decode(&mut body, "response header")?;
             if header.correlation_id != correlation_id {
                 return Err(ClientError::Decode(native::DecodeError::InvalidValue {
@@ -99,10 +165,15 @@ impl Connection {
         request: &Request,
     ) -> impl Future<Output = Result<(), ClientError>> + Send + 'static {
         let correlation_id = self.next_correlation.fetch_add(1, Ordering::Relaxed);
-        let payload = native::encode_request(correlation_id, &self.client_id, request);
-        let reply = self.transport.submit(payload, false);
+        let (reply, encode_error) = match self.encode(correlation_id, request) {
+            Ok(payload) => (self.transport.submit(payload, false), None),
+            Err(err) => (oneshot::channel().1, Some(err)),
+        };
         let transport = Arc::clone(&self.transport);
         async move {
+            if let Some(err) = encode_error {
+                return Err(err);
+            }
             reply
                 .await
                 .map_err(|_| closed(transport.peer()))?

@@ -63,7 +63,8 @@ impl ClientError {
         }
     }
 
-    pub(crate) fn broker(context: impl Into<String>, code: i16, message: String) -> ClientError {
+    /// A broker error: what was being done, the code, the broker's message.
+    pub fn broker(context: impl Into<String>, code: i16, message: String) -> ClientError {
         ClientError::Broker {
             context: context.into(),
             code: ErrorCode(code),

@@ -37,7 +37,7 @@ mod producer;
 pub use admin::{Admin, PartitionInfo, TopicInfo};
 pub use cairn_protocol::batch::Compression;
 pub use cairn_protocol::native::ErrorCode;
-pub use connection::{Connection, Reply, Transport};
+pub use connection::{Connection, Dialect, Reply, Transport};
 pub use consumer::{Consumer, ConsumerConfig, ConsumerRecord, Position};
 pub use error::ClientError;
 pub use partitioner::{Partitioner, murmur2, partition_for_key};

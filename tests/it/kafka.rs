@@ -1,0 +1,449 @@
+//! The Kafka listener, proven with clients we did not write: confluent-kafka, kafka-python and
+//! kcat (tests/kafka/clients.py) against a real `cairn broker`; interop between Cairn's client and
+//! confluent-kafka; hostile Kafka frames while a control client keeps producing;
+//! docs/kafka-compatibility.md against what ApiVersions advertises.
+//!
+//! The Python clients live in a virtualenv that `scripts/test.sh` creates
+//! (`$CAIRN_PYTHON`, default `~/.cache/cairn-venv/bin/python`); kcat comes from Debian
+//! (installed by `scripts/test.sh` when it runs as root).
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use cairn_client::{
+    Admin, Consumer, ConsumerConfig, Position, Producer, ProducerConfig, ProducerRecord,
+};
+use cairn_kafka::kp::messages as kp;
+use cairn_kafka::kp::protocol::{Decodable, Encodable, HeaderVersion, StrBytes};
+
+use crate::broker::{frame, raw_exchange, runtime};
+use crate::broker_process::BrokerProcess;
+
+/// The virtualenv's Python with the Kafka clients installed.
+fn python() -> PathBuf {
+    let path = std::env::var_os("CAIRN_PYTHON").map_or_else(
+        || {
+            PathBuf::from(std::env::var_os("HOME").unwrap_or_default())
+                .join(".cache/cairn-venv/bin/python")
+        },
+        PathBuf::from,
+    );
+    let ok = Command::new(&path)
+        .args(["-c", "import confluent_kafka, kafka"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    assert!(
+        ok,
+        "{} cannot import confluent_kafka and kafka: run scripts/test.sh (the README's test \
+         command), which installs them into a virtualenv, or set CAIRN_PYTHON",
+        path.display()
+    );
+    path
+}
+
+fn script(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("kafka")
+        .join(name)
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Runs tests/kafka/clients.py for one client against a fresh broker that advertises the
+/// script's proxy.
+fn run_client(client: &str) {
+    let python = python();
+    let dir = tempfile::tempdir().unwrap();
+    let proxy_port = free_port();
+    let broker = BrokerProcess::start_with_config(
+        &dir.path().join("data"),
+        &format!("kafka_advertised = \"127.0.0.1:{proxy_port}\"\n"),
+    );
+    let out = Command::new(python)
+        .arg(script("clients.py"))
+        .args([client, "--broker", &broker.kafka, "--proxy-port"])
+        .arg(proxy_port.to_string())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    println!("{stdout}");
+    let (_, metrics) = broker.http_get("/metrics");
+    for line in metrics.lines().filter(|l| l.contains("duplicate")) {
+        println!("{line}");
+    }
+    assert!(
+        out.status.success(),
+        "{client} failed:\n{stdout}\n{}\nbroker log: {}",
+        String::from_utf8_lossy(&out.stderr)
+            .lines()
+            .filter(|l| !l.starts_with('%'))
+            .collect::<Vec<_>>()
+            .join("\n"),
+        std::fs::read_to_string(&broker.log)
+            .unwrap_or_default()
+            .lines()
+            .rev()
+            .take(20)
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+}
+
+#[test]
+fn confluent_kafka_produces_consumes_and_administers() {
+    run_client("confluent");
+}
+
+#[test]
+fn kafka_python_produces_consumes_and_administers() {
+    run_client("kafka-python");
+}
+
+#[test]
+fn kcat_produces_and_consumes() {
+    let found = Command::new("kcat")
+        .arg("-V")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !found {
+        // Debian's kcat is installed by scripts/test.sh only where it runs as root.
+        println!("skipped: kcat is not installed (scripts/test.sh installs it with apt as root)");
+        return;
+    }
+    run_client("kcat");
+}
+
+/// Record `i` of the interop run, as tests/kafka/interop.py generates it.
+fn interop_record(i: u64) -> (Bytes, Bytes, Vec<(String, Option<Bytes>)>, i64) {
+    let key = Bytes::from(format!("interop-{i}"));
+    let value: Vec<u8> = (0..(i * 13) % 500)
+        .map(|j| ((i * 7 + j * 13) % 256) as u8)
+        .collect();
+    let headers = vec![("i".to_string(), Some(Bytes::from(i.to_string())))];
+    (
+        key,
+        Bytes::from(value),
+        headers,
+        1_700_000_000_000 + i as i64,
+    )
+}
+
+#[test]
+fn cairn_client_and_confluent_kafka_read_each_others_records_byte_for_byte() {
+    const N: u64 = 2000;
+    let python = python();
+    let dir = tempfile::tempdir().unwrap();
+    let broker = BrokerProcess::start(&dir.path().join("data"));
+    let rt = runtime();
+    let addr = broker.addr.clone();
+    // Cairn's client over the native protocol writes; confluent-kafka reads over Kafka.
+    rt.block_on(async {
+        let admin = Admin::connect(&addr).await.unwrap();
+        admin.create_topic("from-cairn", 1, &[]).await.unwrap();
+        admin.create_topic("from-kafka", 1, &[]).await.unwrap();
+        let producer = Producer::connect(&addr, ProducerConfig::default())
+            .await
+            .unwrap();
+        let mut deliveries = Vec::new();
+        for i in 0..N {
+            let (key, value, headers, ts) = interop_record(i);
+            deliveries.push(
+                producer
+                    .send(ProducerRecord {
+                        topic: "from-cairn".into(),
+                        partition: Some(0),
+                        key: Some(key),
+                        value: Some(value),
+                        headers,
+                        timestamp: Some(ts),
+                    })
+                    .await
+                    .unwrap(),
+            );
+        }
+        for d in deliveries {
+            d.await.unwrap();
+        }
+        producer.close().await.unwrap();
+    });
+    let run = |mode: &str, topic: &str| {
+        let out = Command::new(&python)
+            .arg(script("interop.py"))
+            .args([mode, &broker.kafka, topic, &N.to_string()])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "interop.py {mode}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    run("verify", "from-cairn");
+    // confluent-kafka writes (zstd); Cairn's consumer reads over the native protocol.
+    run("produce", "from-kafka");
+    rt.block_on(async {
+        let mut consumer = Consumer::connect(&addr, ConsumerConfig::default())
+            .await
+            .unwrap();
+        consumer
+            .assign("from-kafka", Some(vec![0]), Position::Earliest)
+            .await
+            .unwrap();
+        let mut i = 0u64;
+        while i < N {
+            for record in consumer.poll().await.unwrap() {
+                let (key, value, headers, ts) = interop_record(i);
+                assert_eq!(record.offset, i);
+                assert_eq!(record.key, Some(key), "record {i}");
+                assert_eq!(record.value, Some(value), "record {i}");
+                assert_eq!(record.headers, headers, "record {i}");
+                assert_eq!(record.timestamp, ts, "record {i}");
+                i += 1;
+            }
+        }
+    });
+}
+
+/// A request frame as the `kafka-protocol` crate encodes it.
+fn kafka_frame<M: Encodable + HeaderVersion>(api_key: i16, version: i16, body: &M) -> Vec<u8> {
+    let header = kp::RequestHeader::default()
+        .with_request_api_key(api_key)
+        .with_request_api_version(version)
+        .with_correlation_id(7)
+        .with_client_id(Some(StrBytes::from_static_str("test")));
+    let mut buf = BytesMut::new();
+    header.encode(&mut buf, M::header_version(version)).unwrap();
+    body.encode(&mut buf, version).unwrap();
+    frame(&buf)
+}
+
+/// Decodes a response frame (length prefix included) of a flexible or classic version.
+fn kafka_response<M: Decodable + HeaderVersion>(reply: &[u8], version: i16) -> M {
+    assert!(!reply.is_empty(), "the broker closed the connection");
+    let mut buf = Bytes::copy_from_slice(&reply[4..]);
+    kp::ResponseHeader::decode(&mut buf, M::header_version(version)).unwrap();
+    M::decode(&mut buf, version).unwrap()
+}
+
+fn produce_v9(topic: &str, records: Bytes) -> Vec<u8> {
+    let body = kp::ProduceRequest::default()
+        .with_transactional_id(None)
+        .with_acks(1)
+        .with_timeout_ms(5000)
+        .with_topic_data(vec![
+            kp::produce_request::TopicProduceData::default()
+                .with_name(kp::TopicName(StrBytes::from_string(topic.into())))
+                .with_partition_data(vec![
+                    kp::produce_request::PartitionProduceData::default()
+                        .with_index(0)
+                        .with_records(Some(records)),
+                ]),
+        ]);
+    kafka_frame(0, 9, &body)
+}
+
+fn produce_error_code(reply: &[u8]) -> i16 {
+    let response: kp::ProduceResponse = kafka_response(reply, 9);
+    response.responses[0].partition_responses[0].error_code
+}
+
+#[test]
+fn hostile_kafka_frames_get_an_error_or_a_close_and_the_broker_keeps_serving() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = BrokerProcess::start(&dir.path().join("data"));
+    let rt = runtime();
+    let kafka_addr = broker.kafka.clone();
+    // A control producer speaks the Kafka protocol, acks=all, through everything below.
+    let control = rt.spawn(async move {
+        let admin = Admin::with_connection(
+            cairn_kafka::client::connect(&kafka_addr, "control")
+                .await
+                .unwrap(),
+        );
+        admin.create_topic("control", 1, &[]).await.unwrap();
+        let producer = Producer::with_connection(
+            cairn_kafka::client::connect(&kafka_addr, "control")
+                .await
+                .unwrap(),
+            ProducerConfig {
+                linger: Duration::ZERO,
+                acks: cairn_client::Acks::All,
+                ..ProducerConfig::default()
+            },
+        )
+        .unwrap();
+        let mut n = 0u64;
+        let deadline = std::time::Instant::now() + Duration::from_secs(8);
+        while std::time::Instant::now() < deadline {
+            producer
+                .send(ProducerRecord::new("control", format!("c{n}")).partition(0))
+                .await
+                .unwrap()
+                .await
+                .unwrap();
+            n += 1;
+        }
+        n
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    let before = broker.peak_rss_kib();
+    let b = broker.kafka.as_str();
+
+    // Framing: zero and huge lengths, a truncated header: closed.
+    assert!(raw_exchange(b, &0u32.to_be_bytes()).is_empty());
+    assert!(raw_exchange(b, &0x7fff_ffffu32.to_be_bytes()).is_empty());
+    assert!(raw_exchange(b, &u32::MAX.to_be_bytes()).is_empty());
+    assert!(raw_exchange(b, &frame(&[0, 3, 0])).is_empty());
+    // Unknown API and unserved versions: closed, as Kafka does; ApiVersions of an unknown version:
+    // the v0 response with UNSUPPORTED_VERSION and the versions served.
+    assert!(raw_exchange(b, &frame(&[3, 231, 0, 0, 0, 0, 0, 1, 0, 0])).is_empty());
+    assert!(raw_exchange(b, &frame(&[0, 3, 0, 13, 0, 0, 0, 1, 0, 0, 0])).is_empty());
+    assert!(raw_exchange(b, &frame(&[0, 0, 0, 2, 0, 0, 0, 1, 0, 0])).is_empty());
+    let reply = raw_exchange(b, &frame(&[0, 18, 0, 99, 0, 0, 0, 5, 0, 0]));
+    let versions: kp::ApiVersionsResponse = kafka_response(&reply, 0);
+    assert_eq!(versions.error_code, 35);
+    assert!(
+        versions
+            .api_keys
+            .iter()
+            .any(|k| k.api_key == 18 && k.max_version == 3)
+    );
+
+    // Array counts of 2^31-1 (classic) and 2^32-2 (compact), a string longer than the frame, a
+    // tagged-field bomb: closed, nothing allocated for them (memory is checked below).
+    let mut metadata_v1 = vec![0u8, 3, 0, 1, 0, 0, 0, 1, 0, 0];
+    metadata_v1.extend_from_slice(&0x7fff_ffffu32.to_be_bytes());
+    assert!(raw_exchange(b, &frame(&metadata_v1)).is_empty());
+    let metadata_v9 = [
+        0u8, 3, 0, 9, 0, 0, 0, 1, 0, 0, 0, 0xfe, 0xff, 0xff, 0xff, 0x0f,
+    ];
+    assert!(raw_exchange(b, &frame(&metadata_v9)).is_empty());
+    let mut long_string = vec![0u8, 3, 0, 1, 0, 0, 0, 1, 0, 0, 0, 0, 0, 1];
+    long_string.extend_from_slice(&0x7fffu16.to_be_bytes());
+    assert!(raw_exchange(b, &frame(&long_string)).is_empty());
+    let tag_bomb = [
+        0u8, 3, 0, 9, 0, 0, 0, 1, 0, 0, 0xff, 0xff, 0xff, 0xff, 0x0f, 0,
+    ];
+    assert!(raw_exchange(b, &frame(&tag_bomb)).is_empty());
+    let tag_size_bomb = [
+        0u8, 3, 0, 9, 0, 0, 0, 1, 0, 0, 1, 0, 0xff, 0xff, 0xff, 0xff, 0x0f,
+    ];
+    assert!(raw_exchange(b, &frame(&tag_size_bomb)).is_empty());
+
+    // Record batches: a bad CRC and garbage are CORRUPT_MESSAGE; a transactional batch is
+    // refused.
+    let mut builder =
+        cairn_protocol::batch::BatchBuilder::new(cairn_protocol::batch::Compression::None);
+    builder.push(0, None, Some(b"x"), &[]);
+    let mut bad_crc = builder.build().unwrap().to_vec();
+    let last = bad_crc.len() - 1;
+    bad_crc[last] ^= 1;
+    let reply = raw_exchange(b, &produce_v9("control", Bytes::from(bad_crc)));
+    assert_eq!(produce_error_code(&reply), 2, "CORRUPT_MESSAGE");
+    let reply = raw_exchange(b, &produce_v9("control", Bytes::from_static(&[7; 100])));
+    assert_eq!(produce_error_code(&reply), 2, "CORRUPT_MESSAGE");
+    let mut transactional = builder_batch(b"t");
+    // attributes bit 4: transactional; the CRC covers it, so recompute.
+    transactional[22] |= 0x10;
+    cairn_protocol::batch::BatchHeader::parse(&transactional).unwrap();
+    let crc = crc32c::crc32c(&transactional[21..]);
+    transactional[17..21].copy_from_slice(&crc.to_be_bytes());
+    let reply = raw_exchange(b, &produce_v9("control", Bytes::from(transactional)));
+    assert_eq!(produce_error_code(&reply), 87, "INVALID_RECORD");
+    // A compression bomb: 64 MiB of zeros in a 64 KiB gzip batch. The broker stores batches as
+    // sent (it never decompresses them); consumers decompress under a cap.
+    let mut builder =
+        cairn_protocol::batch::BatchBuilder::new(cairn_protocol::batch::Compression::Gzip);
+    builder.push(0, None, Some(&vec![0u8; 64 << 20]), &[]);
+    let bomb = builder.build().unwrap();
+    assert!(bomb.len() < 1 << 20, "{} bytes", bomb.len());
+    let reply = raw_exchange(b, &produce_v9("control", bomb));
+    assert_eq!(produce_error_code(&reply), 0, "stored as sent");
+
+    let n = rt.block_on(control).unwrap();
+    assert!(
+        n > 20,
+        "the control producer kept going ({n} acks=all records)"
+    );
+    let growth_mib = broker.peak_rss_kib().saturating_sub(before) / 1024;
+    println!("peak RSS grew {growth_mib} MiB through the hostile frames");
+    assert!(growth_mib < 48, "peak RSS grew {growth_mib} MiB");
+    let (_, metrics) = broker.http_get("/metrics");
+    assert!(metrics.contains("api=\"kafka:malformed\""), "{metrics}");
+}
+
+fn builder_batch(value: &[u8]) -> Vec<u8> {
+    let mut builder =
+        cairn_protocol::batch::BatchBuilder::new(cairn_protocol::batch::Compression::None);
+    builder.push(0, None, Some(value), &[]);
+    builder.build().unwrap().to_vec()
+}
+
+#[test]
+fn kafka_compatibility_doc_matches_what_api_versions_advertises() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = BrokerProcess::start(&dir.path().join("data"));
+    let request = kp::ApiVersionsRequest::default()
+        .with_client_software_name(StrBytes::from_static_str("cairn-test"))
+        .with_client_software_version(StrBytes::from_static_str("1"));
+    let reply = raw_exchange(&broker.kafka, &kafka_frame(18, 3, &request));
+    let response: kp::ApiVersionsResponse = kafka_response(&reply, 3);
+    assert_eq!(response.error_code, 0);
+    let mut advertised: Vec<(i16, i16, i16)> = response
+        .api_keys
+        .iter()
+        .map(|k| (k.api_key, k.min_version, k.max_version))
+        .collect();
+    advertised.sort_unstable();
+
+    // Table rows: | key | name | versions | notes |, versions "a–b" (or "a-b") or "—" (not served).
+    let doc = std::fs::read_to_string(
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../docs/kafka-compatibility.md"),
+    )
+    .unwrap();
+    let mut documented = Vec::new();
+    let mut unserved = Vec::new();
+    for line in doc.lines() {
+        let cells: Vec<&str> = line.split('|').map(str::trim).collect();
+        let [_, key, _name, versions, ..] = cells.as_slice() else {
+            continue;
+        };
+        let Ok(key) = key.parse::<i16>() else {
+            continue;
+        };
+        let versions = versions.replace('–', "-");
+        match versions.split_once('-') {
+            Some((min, max)) if !min.is_empty() => documented.push((
+                key,
+                min.trim().parse::<i16>().unwrap(),
+                max.trim().parse::<i16>().unwrap(),
+            )),
+            _ => unserved.push(key),
+        }
+    }
+    documented.sort_unstable();
+    assert_eq!(
+        documented, advertised,
+        "docs/kafka-compatibility.md (left) and ApiVersions (right) disagree"
+    );
+    assert!(
+        !unserved.is_empty(),
+        "the table lists what is not served too"
+    );
+    for key in unserved {
+        assert!(
+            advertised.iter().all(|(k, _, _)| *k != key),
+            "API {key} is documented as not served but advertised"
+        );
+    }
+    println!("ApiVersions v3 advertises {advertised:?}");
+}
