@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Runs Cairn's whole test suite from a fresh clone: formatting, lints, every test.
-# It installs what it needs (cargo-nextest if missing). Usage: scripts/test.sh
+# It installs what it needs: cargo-nextest if missing, the Kafka clients the Kafka-protocol tests
+# run (confluent-kafka, kafka-python and its codecs) into a virtualenv, and kcat from Debian when
+# run as root. Usage: scripts/test.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -13,6 +15,25 @@ step() { printf '\n==> %s\n' "$*"; }
 if ! cargo nextest --version >/dev/null 2>&1; then
   step "installing cargo-nextest"
   cargo install --locked cargo-nextest
+fi
+
+# Third-party Kafka clients, pinned, in a virtualenv outside the clone (reused across runs).
+export CAIRN_VENV="${CAIRN_VENV:-$HOME/.cache/cairn-venv}"
+export CAIRN_PYTHON="$CAIRN_VENV/bin/python"
+if ! "$CAIRN_PYTHON" -c 'import confluent_kafka, kafka, lz4, snappy, zstandard, cramjam' >/dev/null 2>&1; then
+  step "installing Kafka clients into $CAIRN_VENV"
+  python3 -m venv "$CAIRN_VENV"
+  "$CAIRN_VENV/bin/pip" install --quiet --disable-pip-version-check -r tests/kafka/requirements.txt
+fi
+if ! command -v kcat >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    step "installing kcat (Debian)"
+    apt-get install -y -qq kcat >/dev/null 2>&1 \
+      || { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq kcat >/dev/null 2>&1; } \
+      || echo "kcat could not be installed: its test will print that it skipped"
+  else
+    echo "kcat is not installed and this is not root: its test will print that it skipped"
+  fi
 fi
 
 step "cargo fmt --check"

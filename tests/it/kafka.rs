@@ -351,12 +351,12 @@ fn hostile_kafka_frames_get_an_error_or_a_close_and_the_broker_keeps_serving() {
     assert_eq!(produce_error_code(&reply), 2, "CORRUPT_MESSAGE");
     let reply = raw_exchange(b, &produce_v9("control", Bytes::from_static(&[7; 100])));
     assert_eq!(produce_error_code(&reply), 2, "CORRUPT_MESSAGE");
-    let mut transactional = builder_batch(b"t");
-    // attributes bit 4: transactional; the CRC covers it, so recompute.
-    transactional[22] |= 0x10;
-    cairn_protocol::batch::BatchHeader::parse(&transactional).unwrap();
-    let crc = crc32c::crc32c(&transactional[21..]);
-    transactional[17..21].copy_from_slice(&crc.to_be_bytes());
+    let mut transactional =
+        cairn_protocol::batch::BatchBuilder::new(cairn_protocol::batch::Compression::None)
+            .producer(5, 0, 0)
+            .transactional(true);
+    transactional.push(0, None, Some(b"t"), &[]);
+    let transactional = transactional.build().unwrap().to_vec();
     let reply = raw_exchange(b, &produce_v9("control", Bytes::from(transactional)));
     assert_eq!(produce_error_code(&reply), 87, "INVALID_RECORD");
     // A compression bomb: 64 MiB of zeros in a 64 KiB gzip batch. The broker stores batches as
@@ -381,11 +381,125 @@ fn hostile_kafka_frames_get_an_error_or_a_close_and_the_broker_keeps_serving() {
     assert!(metrics.contains("api=\"kafka:malformed\""), "{metrics}");
 }
 
-fn builder_batch(value: &[u8]) -> Vec<u8> {
+/// One batch of `n` records from producer `pid` at `epoch`, starting at sequence `seq`.
+fn idempotent_batch(pid: i64, epoch: i16, seq: i32, n: usize) -> Bytes {
     let mut builder =
-        cairn_protocol::batch::BatchBuilder::new(cairn_protocol::batch::Compression::None);
-    builder.push(0, None, Some(value), &[]);
-    builder.build().unwrap().to_vec()
+        cairn_protocol::batch::BatchBuilder::new(cairn_protocol::batch::Compression::None)
+            .producer(pid, epoch, seq);
+    for i in 0..n {
+        builder.push(0, None, Some(format!("{seq}-{i}").as_bytes()), &[]);
+    }
+    builder.build().unwrap()
+}
+
+/// (error code, base offset) of a Produce v9 of `batch` to `idem`-0.
+fn produce_idempotent(addr: &str, batch: Bytes) -> (i16, i64) {
+    let response: kp::ProduceResponse =
+        kafka_response(&raw_exchange(addr, &produce_v9("idem", batch)), 9);
+    let p = &response.responses[0].partition_responses[0];
+    (p.error_code, p.base_offset)
+}
+
+#[test]
+fn idempotent_retries_get_their_first_offsets_even_after_a_crash_and_gaps_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let broker = BrokerProcess::start(&data);
+    let k = broker.kafka.clone();
+    let create = kp::CreateTopicsRequest::default().with_topics(vec![
+        kp::create_topics_request::CreatableTopic::default()
+            .with_name(kp::TopicName(StrBytes::from_static_str("idem")))
+            .with_num_partitions(1)
+            .with_replication_factor(1),
+    ]);
+    let created: kp::CreateTopicsResponse =
+        kafka_response(&raw_exchange(&k, &kafka_frame(19, 5, &create)), 5);
+    assert_eq!(created.topics[0].error_code, 0);
+    let pid = 4242;
+    assert_eq!(
+        produce_idempotent(&k, idempotent_batch(pid, 0, 0, 3)),
+        (0, 0)
+    );
+    // The same batch again (a retry after a lost response): its first offsets, nothing written.
+    assert_eq!(
+        produce_idempotent(&k, idempotent_batch(pid, 0, 0, 3)),
+        (0, 0)
+    );
+    // A gap in the sequence: OUT_OF_ORDER_SEQUENCE_NUMBER.
+    assert_eq!(
+        produce_idempotent(&k, idempotent_batch(pid, 0, 10, 1)).0,
+        45
+    );
+    assert_eq!(
+        produce_idempotent(&k, idempotent_batch(pid, 0, 3, 2)),
+        (0, 3)
+    );
+    // kill -9: the producer state is rebuilt from the log's batch headers at restart.
+    broker.kill9();
+    let broker = BrokerProcess::start(&data);
+    let k = broker.kafka.clone();
+    assert_eq!(
+        produce_idempotent(&k, idempotent_batch(pid, 0, 3, 2)),
+        (0, 3)
+    );
+    assert_eq!(
+        produce_idempotent(&k, idempotent_batch(pid, 0, 0, 3)),
+        (0, 0)
+    );
+    // A new epoch must start at sequence 0; afterwards the old epoch is fenced.
+    assert_eq!(produce_idempotent(&k, idempotent_batch(pid, 1, 5, 1)).0, 45);
+    assert_eq!(
+        produce_idempotent(&k, idempotent_batch(pid, 1, 0, 1)),
+        (0, 5)
+    );
+    assert_eq!(produce_idempotent(&k, idempotent_batch(pid, 0, 5, 1)).0, 47);
+    // Every offset once: 0..=5.
+    let fetch = kp::FetchRequest::default()
+        .with_replica_id(kp::BrokerId(-1))
+        .with_max_bytes(1 << 20)
+        .with_topics(vec![
+            kp::fetch_request::FetchTopic::default()
+                .with_topic(kp::TopicName(StrBytes::from_static_str("idem")))
+                .with_partitions(vec![
+                    kp::fetch_request::FetchPartition::default()
+                        .with_partition(0)
+                        .with_fetch_offset(0)
+                        .with_partition_max_bytes(1 << 20),
+                ]),
+        ]);
+    let fetched: kp::FetchResponse =
+        kafka_response(&raw_exchange(&k, &kafka_frame(1, 12, &fetch)), 12);
+    let p = &fetched.responses[0].partitions[0];
+    assert_eq!(p.high_watermark, 6);
+    let records = p.records.clone().unwrap();
+    let offsets: Vec<i64> = cairn_protocol::batch::Batches::new(records, u32::MAX)
+        .flat_map(|b| b.unwrap().records(1 << 20).unwrap())
+        .map(|r| r.offset)
+        .collect();
+    assert_eq!(offsets, vec![0, 1, 2, 3, 4, 5]);
+    // InitProducerId hands out distinct ids, also across a restart.
+    let init = kp::InitProducerIdRequest::default()
+        .with_transactional_id(None)
+        .with_transaction_timeout_ms(60_000);
+    let first: kp::InitProducerIdResponse =
+        kafka_response(&raw_exchange(&k, &kafka_frame(22, 4, &init)), 4);
+    broker.terminate();
+    let broker = BrokerProcess::start(&data);
+    let second: kp::InitProducerIdResponse =
+        kafka_response(&raw_exchange(&broker.kafka, &kafka_frame(22, 4, &init)), 4);
+    assert_eq!((first.error_code, second.error_code), (0, 0));
+    assert!(
+        second.producer_id.0 > first.producer_id.0,
+        "{first:?} then {second:?}"
+    );
+    // A transactional id is refused.
+    let transactional =
+        init.with_transactional_id(Some(kp::TransactionalId(StrBytes::from_static_str("tx"))));
+    let refused: kp::InitProducerIdResponse = kafka_response(
+        &raw_exchange(&broker.kafka, &kafka_frame(22, 4, &transactional)),
+        4,
+    );
+    assert_eq!(refused.error_code, 53);
 }
 
 #[test]

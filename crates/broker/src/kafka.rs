@@ -57,11 +57,10 @@ impl Handler {
         let api = Api::from_key(decoded.header.api_key).unwrap_or(Api::API_VERSIONS);
         let this = Arc::clone(self);
         let finish = move |result: Result<Outcome, response::EncodeError>| {
-            let label = format!("kafka:{}", api.name);
-            this.metrics.requests.with_label_values(&[&label]).inc();
+            this.metrics.requests.with_label_values(&[api.label]).inc();
             this.metrics
                 .request_seconds
-                .with_label_values(&[&label])
+                .with_label_values(&[api.label])
                 .observe(started.elapsed().as_secs_f64());
             result.unwrap_or_else(|err| {
                 tracing::error!(error = %err, "cannot encode a Kafka response");

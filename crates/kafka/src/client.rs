@@ -10,7 +10,7 @@
 
 use std::any::Any;
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::{BufMut, Bytes};
 use cairn_client::{ClientError, Dialect};
 use cairn_protocol::native::{self as native, ApiKey, Request};
 use kafka_protocol::messages as kp;
@@ -59,7 +59,8 @@ fn encode<M: Encodable + HeaderVersion>(
 ) -> Result<Vec<u8>, ClientError> {
     let fail = |e: &dyn std::fmt::Display| ClientError::InvalidArgument(e.to_string());
     let size = body.compute_size(version).map_err(|e| fail(&e))?;
-    let mut buf = BytesMut::with_capacity(size + 16 + client_id.len());
+    // Straight into the Vec the transport sends: the records are copied once.
+    let mut buf: Vec<u8> = Vec::with_capacity(size + 16 + client_id.len());
     buf.put_i16(api_key);
     buf.put_i16(version);
     buf.put_i32(correlation_id as i32);
@@ -70,7 +71,7 @@ fn encode<M: Encodable + HeaderVersion>(
         buf.put_u8(0); // no tagged fields
     }
     body.encode(&mut buf, version).map_err(|e| fail(&e))?;
-    Ok(buf.to_vec())
+    Ok(buf)
 }
 
 fn u(v: i64) -> u64 {

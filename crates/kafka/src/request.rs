@@ -14,6 +14,8 @@ pub struct Api {
     pub key: i16,
     /// Its name in Kafka's message definitions.
     pub name: &'static str,
+    /// Its metrics label, `kafka:<name>`.
+    pub label: &'static str,
     /// Lowest version advertised.
     pub min: i16,
     /// Highest version advertised.
@@ -32,7 +34,7 @@ macro_rules! apis {
             $(
                 #[doc = concat!("`", $name, "` (key ", $key, ").")]
                 pub const $const: Api = Api {
-                    key: $key, name: $name, min: $min, max: $max,
+                    key: $key, name: $name, label: concat!("kafka:", $name), min: $min, max: $max,
                     served_from: $served, flexible_from: $flex,
                 };
             )*

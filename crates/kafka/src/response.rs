@@ -40,13 +40,13 @@ pub fn encode<M: Encodable + HeaderVersion>(
         message: err.to_string(),
     };
     let size = message.compute_size(version).map_err(|e| fail(&e))?;
-    let mut buf = BytesMut::with_capacity(size + 5);
+    let mut buf: Vec<u8> = Vec::with_capacity(size + 5);
     buf.put_i32(correlation_id);
     if M::header_version(version) >= 1 {
         buf.put_u8(0); // no tagged fields in the header
     }
     message.encode(&mut buf, version).map_err(|e| fail(&e))?;
-    Ok(buf.to_vec())
+    Ok(buf)
 }
 
 /// The ApiVersions response listing every served API, at `version` (also used at v0 with error
