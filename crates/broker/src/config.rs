@@ -47,6 +47,9 @@ pub struct BrokerConfig {
     pub frame_read_timeout_ms: u64,
     /// Most partitions across all topics.
     pub partitions_max: u32,
+    /// An idempotent producer that wrote nothing to a partition for this long is forgotten there,
+    /// in milliseconds (Kafka `producer.id.expiration.ms`); it bounds the producer state kept.
+    pub producer_id_expiration_ms: u64,
     /// Create a topic when a client asks for its metadata or produces to it.
     pub auto_create_topics: bool,
     /// Defaults for topic configs.
@@ -76,6 +79,7 @@ impl Default for BrokerConfig {
             connection_idle_timeout_ms: 600_000,
             frame_read_timeout_ms: 30_000,
             partitions_max: 10_000,
+            producer_id_expiration_ms: 86_400_000,
             auto_create_topics: true,
             topic_defaults: TopicDefaults::default(),
             retention_check_interval_ms: 300_000,
@@ -112,6 +116,12 @@ impl BrokerConfig {
             1 << 40,
         )?;
         check("partitions_max", self.partitions_max.into(), 1, 1_000_000)?;
+        check(
+            "producer_id_expiration_ms",
+            self.producer_id_expiration_ms,
+            1_000,
+            30 * 86_400_000,
+        )?;
         check(
             "connection_idle_timeout_ms",
             self.connection_idle_timeout_ms,

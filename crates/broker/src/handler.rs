@@ -770,11 +770,17 @@ impl Handler {
         ListOffsetsResponse { topics }
     }
 
-    /// Runs retention on every partition (blocking).
+    /// Runs retention on every partition, and forgets idle idempotent producers (blocking).
     pub(crate) fn apply_retention(&self) {
         let now = now_ms();
+        let idle_max = i64::try_from(self.config.producer_id_expiration_ms).unwrap_or(i64::MAX);
         for topic in self.manager.topics() {
             for partition in &topic.partitions {
+                partition
+                    .producers
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .expire(now, idle_max);
                 if let Err(err) = partition.log.apply_retention(now) {
                     tracing::error!(topic = %topic.name, partition = partition.index, error = %err, "retention failed");
                 }

@@ -70,7 +70,8 @@ pub struct BenchArgs {
     /// Skip the baseline measurement.
     #[arg(long)]
     no_baseline: bool,
-    /// Protocol to drive the broker with; `both` runs native, then Kafka, and reports their ratio.
+    /// Protocol to drive the broker with; `both` runs native, Kafka, Kafka, native and reports
+    /// the Kafka/native throughput ratio.
     #[arg(long, value_enum, default_value_t = ProtocolChoice::Native)]
     protocol: ProtocolChoice,
     /// The broker's Kafka-protocol address, for `--protocol kafka` or `both` (any
@@ -85,7 +86,7 @@ pub enum ProtocolChoice {
     Native,
     /// The Apache Kafka protocol.
     Kafka,
-    /// Native, then Kafka, in one run.
+    /// Native and Kafka, twice each in mirrored order, in one run.
     Both,
 }
 
