@@ -477,6 +477,22 @@ fn idempotent_retries_get_their_first_offsets_even_after_a_crash_and_gaps_are_re
         .map(|r| r.offset)
         .collect();
     assert_eq!(offsets, vec![0, 1, 2, 3, 4, 5]);
+    // A fetch from inside a batch (offset 4 of the batch 3..=4) returns that whole batch.
+    let inside = fetch.clone().with_topics(vec![
+        kp::fetch_request::FetchTopic::default()
+            .with_topic(kp::TopicName(StrBytes::from_static_str("idem")))
+            .with_partitions(vec![
+                kp::fetch_request::FetchPartition::default()
+                    .with_partition(0)
+                    .with_fetch_offset(4)
+                    .with_partition_max_bytes(1 << 20),
+            ]),
+    ]);
+    let fetched: kp::FetchResponse =
+        kafka_response(&raw_exchange(&k, &kafka_frame(1, 12, &inside)), 12);
+    let records = fetched.responses[0].partitions[0].records.clone().unwrap();
+    let first = cairn_protocol::batch::BatchHeader::parse(&records).unwrap();
+    assert_eq!((first.base_offset, first.last_offset()), (3, 4));
     // InitProducerId hands out distinct ids, also across a restart.
     let init = kp::InitProducerIdRequest::default()
         .with_transactional_id(None)

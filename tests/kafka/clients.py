@@ -241,7 +241,8 @@ class Confluent:
         out = []
         deadline = time.time() + 120
         while len(out) < expected and time.time() < deadline:
-            for m in c.consume(10000, 1.0):
+            # Batches of 1,000: larger ones make confluent-kafka 2.16 stall (benches/kafka_clients.py).
+            for m in c.consume(min(1000, expected - len(out)), 0.2):
                 check(m.error() is None, f"consume error: {m.error()}")
                 out.append((m.partition(), m.offset(), m.key(), m.value(), m.headers() or [], m.timestamp()[1]))
         c.close()
