@@ -798,21 +798,21 @@ fn append_checked(
     buf: &mut [u8],
 ) -> Result<(Offset, Offset, bool), (ErrorCode, String)> {
     let n_bytes = buf.len() as u64;
-    let mut headers = Vec::with_capacity(1);
+    // One pass over the batch headers (the log validates the batches themselves).
+    let (mut first, mut n_batches) = (None, 0usize);
     let mut rest: &[u8] = buf;
     while let Ok(header) = batch::BatchHeader::parse(rest) {
+        if header.is_transactional() || header.is_control() {
+            return Err((
+                ErrorCode::INVALID_RECORD,
+                "transactional and control batches are not accepted (transactions are not \
+                 supported)"
+                    .into(),
+            ));
+        }
         rest = rest.get(header.total_bytes()..).unwrap_or_default();
-        headers.push(header);
-    }
-    if headers
-        .iter()
-        .any(|h| h.is_transactional() || h.is_control())
-    {
-        return Err((
-            ErrorCode::INVALID_RECORD,
-            "transactional and control batches are not accepted (transactions are not supported)"
-                .into(),
-        ));
+        n_batches += 1;
+        first.get_or_insert(header);
     }
     let epoch = partition.leader_epoch;
     let map = |result: Result<cairn_storage::AppendInfo, AppendError>| {
@@ -820,24 +820,20 @@ fn append_checked(
             .map(|info| (info.base_offset, info.last_offset, true))
             .map_err(|err| append_error(err, n_bytes))
     };
-    let idempotent = headers.first().filter(|h| h.producer_id >= 0);
-    let Some(header) = idempotent else {
+    let Some(header) = first.filter(|h| h.producer_id >= 0) else {
         return map(partition.log.append(buf, epoch));
     };
-    if headers.len() != 1 {
+    if n_batches != 1 {
         return Err((
             ErrorCode::INVALID_RECORD,
-            format!(
-                "an idempotent produce carries one batch per partition, this one {}",
-                headers.len()
-            ),
+            format!("an idempotent produce carries one batch per partition, this one {n_batches}"),
         ));
     }
     let mut producers = partition
         .producers
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
-    match producers.check(header) {
+    match producers.check(&header) {
         SequenceCheck::Duplicate {
             base_offset,
             last_offset,
@@ -845,7 +841,7 @@ fn append_checked(
         SequenceCheck::Reject(code, message) => Err((code, message)),
         SequenceCheck::Append => {
             let appended = map(partition.log.append(buf, epoch))?;
-            producers.record(header, appended.0.0, appended.1.0, now_ms());
+            producers.record(&header, appended.0.0, appended.1.0, now_ms());
             Ok(appended)
         }
     }
