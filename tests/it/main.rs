@@ -4,6 +4,7 @@
 
 mod broker;
 mod broker_process;
+mod compaction;
 mod embedded;
 mod kafka;
 mod kill9;

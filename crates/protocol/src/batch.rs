@@ -723,6 +723,10 @@ pub struct BatchBuilder {
     transactional: bool,
     records: Vec<u8>,
     n_records: i32,
+    /// The offset delta the next `push` gets (records pushed at explicit deltas move it on).
+    next_delta: i32,
+    /// The batch's last offset delta when it must cover more than its records.
+    cover_delta: i32,
     first_timestamp: Option<i64>,
     max_timestamp: i64,
 }
@@ -739,6 +743,8 @@ impl BatchBuilder {
             transactional: false,
             records: Vec::new(),
             n_records: 0,
+            next_delta: 0,
+            cover_delta: -1,
             first_timestamp: None,
             max_timestamp: -1,
         }
@@ -774,6 +780,14 @@ impl BatchBuilder {
         BATCH_HEADER_BYTES + self.records.len()
     }
 
+    /// Makes the batch cover offsets up to `last_offset_delta` even if its records end earlier:
+    /// a compacted batch keeps its original offset range (as Kafka's cleaner does), so the log's
+    /// end and the producer's sequence range do not move.
+    pub fn cover_offset_delta(mut self, last_offset_delta: i32) -> Self {
+        self.cover_delta = last_offset_delta;
+        self
+    }
+
     /// Appends a record with the given timestamp (Unix ms), key, value and headers.
     pub fn push(
         &mut self,
@@ -782,10 +796,23 @@ impl BatchBuilder {
         value: Option<&[u8]>,
         headers: &[(&str, Option<&[u8]>)],
     ) {
+        self.push_at(self.next_delta, timestamp, key, value, headers);
+    }
+
+    /// Appends a record at an explicit offset delta (compaction keeps each record's offset).
+    /// Deltas must increase from record to record.
+    pub fn push_at(
+        &mut self,
+        offset_delta: i32,
+        timestamp: i64,
+        key: Option<&[u8]>,
+        value: Option<&[u8]>,
+        headers: &[(&str, Option<&[u8]>)],
+    ) {
         let first_timestamp = *self.first_timestamp.get_or_insert(timestamp);
         self.max_timestamp = self.max_timestamp.max(timestamp);
         let timestamp_delta = timestamp.wrapping_sub(first_timestamp);
-        let offset_delta = self.n_records;
+        self.next_delta = offset_delta.saturating_add(1);
         let len_of = |bytes: Option<&[u8]>| bytes.map_or(-1, |b| b.len() as i32);
         let field_bytes = |bytes: Option<&[u8]>| {
             let len = len_of(bytes);
@@ -862,7 +889,7 @@ impl BatchBuilder {
             magic: MAGIC_V2,
             crc: 0,
             attributes,
-            last_offset_delta: self.n_records - 1,
+            last_offset_delta: (self.next_delta - 1).max(self.cover_delta),
             base_timestamp: first_timestamp,
             max_timestamp: self.max_timestamp,
             producer_id: self.producer_id,

@@ -62,6 +62,10 @@ pub struct LogConfig {
     /// batch must start exactly where the previous one ended, which lets recovery reject a batch
     /// whose `baseOffset` (outside the CRC) was damaged.
     pub compacted: bool,
+    /// How long a compacted log keeps a tombstone (a record with a null value) after it was
+    /// written, judged by its timestamp (Kafka `delete.retention.ms`); consumers that were
+    /// behind by less than this still see the delete.
+    pub tombstone_retention: Duration,
 }
 
 impl Default for LogConfig {
@@ -77,6 +81,7 @@ impl Default for LogConfig {
             preallocate_bytes: 16 * 1024 * 1024,
             read_mode: ReadMode::Mmap,
             compacted: false,
+            tombstone_retention: Duration::from_secs(24 * 3600),
         }
     }
 }

@@ -27,6 +27,7 @@
 )]
 
 pub mod checkpoint;
+mod compact;
 mod config;
 mod epoch;
 mod error;
@@ -38,6 +39,7 @@ mod recovery;
 mod segment;
 mod truncate;
 
+pub use compact::CompactionReport;
 pub use config::{
     ConfigError, FlushPolicy, LogConfig, PREALLOCATE_BYTES_MAX, ReadMode, SEGMENT_BYTES_MAX,
     SEGMENT_BYTES_MIN,

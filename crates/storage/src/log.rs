@@ -98,6 +98,8 @@ pub struct Log {
     pub(crate) fs: Arc<dyn Fs>,
     pub(crate) state: Mutex<State>,
     flush_lock: Mutex<()>,
+    /// Compaction passes run one at a time.
+    pub(crate) compaction_lock: Mutex<()>,
     /// Data syncs (`fdatasync` of the active segment) done by `flush`.
     n_syncs: AtomicU64,
     pub(crate) recovery: RecoveryReport,
@@ -110,7 +112,7 @@ impl std::fmt::Debug for Log {
     }
 }
 
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+pub(crate) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     // A panic while holding the lock is a bug; the state is still the last consistent one because
     // every mutation publishes last.
     mutex.lock().unwrap_or_else(PoisonError::into_inner)
@@ -165,6 +167,7 @@ impl Log {
             fs,
             state: Mutex::new(state),
             flush_lock: Mutex::new(()),
+            compaction_lock: Mutex::new(()),
             n_syncs: AtomicU64::new(0),
             recovery,
             _dir_lock: dir_lock,
@@ -252,7 +255,7 @@ impl Log {
         }
     }
 
-    fn check_poisoned(&self, state: &State) -> Result<(), Fatal> {
+    pub(crate) fn check_poisoned(&self, state: &State) -> Result<(), Fatal> {
         match &state.poisoned {
             Some(cause) => Err(Fatal::PreviousIo {
                 dir: self.dir.clone(),
@@ -263,7 +266,7 @@ impl Log {
     }
 
     /// Records the first I/O failure; from now on every call fails.
-    fn poison(
+    pub(crate) fn poison(
         &self,
         state: &mut State,
         op: &'static str,

@@ -34,14 +34,20 @@ pub(crate) fn recover(
     dir: &Path,
     config: &LogConfig,
 ) -> Result<(State, RecoveryReport), OpenError> {
-    let names = fs.list_dir(dir).map_err(io_err("list directory", dir))?;
+    let mut names = fs.list_dir(dir).map_err(io_err("list directory", dir))?;
+    if finish_compactions(fs, dir, &names)? {
+        names = fs.list_dir(dir).map_err(io_err("list directory", dir))?;
+    }
     let mut bases = Vec::new();
     let mut index_files = Vec::new();
     let mut dir_changed = false;
     for name in &names {
         // Leftovers of an interrupted checkpoint write or copy-truncate: the rename never
         // happened, so the old file is intact and the temporary one is garbage.
-        if name.ends_with(".tmp") || name.ends_with(".swap") {
+        if name.ends_with(".tmp")
+            || name.ends_with(".swap")
+            || name.ends_with(crate::compact::CLEANED_SUFFIX)
+        {
             let path = dir.join(name);
             fs.remove_file(&path)
                 .map_err(io_err("remove leftover", &path))?;
@@ -102,6 +108,10 @@ pub(crate) fn recover(
         resume_clean(fs, dir, config, &mut segments, &mut report)?;
     } else {
         scan_unclean(fs, dir, config, &mut segments, recovery_point, &mut report)?;
+        // After a process crash, names the dead process created (a rolled segment, say) may
+        // still be only in the page cache; appends acknowledged after this open must not sit in
+        // a file whose directory entry a power loss can take away.
+        fs.sync_dir(dir).map_err(io_err("sync directory", dir))?;
     }
 
     // Sealed segments end where the next begins.
@@ -155,6 +165,49 @@ pub(crate) fn recover(
         dir_unsynced: false,
     };
     Ok((state, report))
+}
+
+/// Completes compactions that committed (a `<base>.log.swap-<end>` file) but did not finish:
+/// every segment file with a base in `[base, end)` goes, and the swap file becomes `<base>.log`.
+/// Returns whether anything changed.
+fn finish_compactions(fs: &dyn Fs, dir: &Path, names: &[String]) -> Result<bool, OpenError> {
+    let log_suffix = segment::LOG_SUFFIX;
+    let mut changed = false;
+    for name in names {
+        let Some((log_name, end)) = name.split_once(crate::compact::SWAP_INFIX) else {
+            continue;
+        };
+        let (Some(base), Ok(end)) = (
+            segment::parse_file_name(log_name, log_suffix),
+            end.parse::<u64>(),
+        ) else {
+            continue;
+        };
+        for other in names {
+            let covered = [
+                segment::LOG_SUFFIX,
+                segment::INDEX_SUFFIX,
+                segment::TIME_INDEX_SUFFIX,
+            ]
+            .iter()
+            .find_map(|suffix| segment::parse_file_name(other, suffix))
+            .is_some_and(|b| (base..end).contains(&b));
+            if covered {
+                let path = dir.join(other);
+                fs.remove_file(&path)
+                    .map_err(io_err("remove compacted segment", &path))?;
+            }
+        }
+        let (from, to) = (dir.join(name), dir.join(log_name));
+        fs.rename(&from, &to)
+            .map_err(io_err("finish compacted segment", &to))?;
+        tracing::warn!(segment = %to.display(), end, "finished an interrupted compaction");
+        changed = true;
+    }
+    if changed {
+        fs.sync_dir(dir).map_err(io_err("sync directory", dir))?;
+    }
+    Ok(changed)
 }
 
 fn read_recovery_point(fs: &dyn Fs, dir: &Path) -> Option<u64> {

@@ -96,6 +96,22 @@ struct State {
     /// Bumped by every crash: handles from before it are dead.
     generation: u64,
     faults: Faults,
+    /// Mutating operations left before the process "dies" (every later one fails with EIO).
+    ops_left: Option<u64>,
+}
+
+impl State {
+    /// Counts one mutating operation against `ops_left`.
+    fn tick(&mut self, what: &str) -> io::Result<()> {
+        match &mut self.ops_left {
+            Some(0) => Err(io::Error::other(format!("the process died before {what}"))),
+            Some(n) => {
+                *n -= 1;
+                Ok(())
+            }
+            None => Ok(()),
+        }
+    }
 }
 
 /// The fault-injecting file system. Clones share one state.
@@ -121,6 +137,13 @@ impl FaultFs {
     /// Sets the faults to inject from now on.
     pub fn set_faults(&self, faults: Faults) {
         self.lock().faults = faults;
+    }
+
+    /// Lets `n` more mutating operations (writes, length changes, syncs, creations, renames,
+    /// removals) succeed, then fails every later one, as if the process died right there; follow
+    /// with [`FaultFs::crash`] or [`FaultFs::kill_process`], which clear it. `None` clears it.
+    pub fn die_after(&self, n: Option<u64>) {
+        self.lock().ops_left = n;
     }
 
     /// Simulates a power loss: see the module docs. Open handles and locks die with it.
@@ -165,6 +188,7 @@ impl FaultFs {
         state.inodes.retain(|inode, _| linked.contains(inode));
         state.locks.clear();
         state.generation += 1;
+        state.ops_left = None;
     }
 
     /// Simulates the process dying (`kill -9`) while the machine stays up: open handles and locks
@@ -174,6 +198,7 @@ impl FaultFs {
         let mut state = self.lock();
         state.locks.clear();
         state.generation += 1;
+        state.ops_left = None;
     }
 
     /// Flips bits of a byte of a file, durably: media corruption.
@@ -211,9 +236,21 @@ struct FaultFile {
 
 impl FaultFile {
     fn with<T>(&self, f: impl FnOnce(&mut Inode, Faults) -> io::Result<T>) -> io::Result<T> {
+        self.with_op(None, f)
+    }
+
+    /// As `with`, counting a mutating operation named `op` (see [`FaultFs::die_after`]).
+    fn with_op<T>(
+        &self,
+        op: Option<&str>,
+        f: impl FnOnce(&mut Inode, Faults) -> io::Result<T>,
+    ) -> io::Result<T> {
         let mut state = self.fs.lock();
         if state.generation != self.generation {
             return Err(io::Error::other("file handle from before a crash"));
+        }
+        if let Some(op) = op {
+            state.tick(op)?;
         }
         let faults = state.faults;
         let inode = state
@@ -238,7 +275,7 @@ impl FsFile for FaultFile {
     }
 
     fn write_all_at(&self, buf: &[u8], pos: u64) -> io::Result<()> {
-        self.with(|inode, faults| {
+        self.with_op(Some("write"), |inode, faults| {
             if faults.fail_write {
                 return Err(eio("write"));
             }
@@ -260,7 +297,7 @@ impl FsFile for FaultFile {
     }
 
     fn set_len(&self, len: u64) -> io::Result<()> {
-        self.with(|inode, faults| {
+        self.with_op(Some("set_len"), |inode, faults| {
             if faults.fail_write {
                 return Err(eio("set_len"));
             }
@@ -278,7 +315,7 @@ impl FsFile for FaultFile {
     }
 
     fn sync_data(&self) -> io::Result<()> {
-        self.with(|inode, faults| {
+        self.with_op(Some("fsync"), |inode, faults| {
             if faults.fail_sync {
                 return Err(eio("fsync"));
             }
@@ -343,6 +380,9 @@ impl Fs for FaultFs {
         if !path.parent().is_some_and(|p| state.dirs.contains(p)) {
             return Err(io::ErrorKind::NotFound.into());
         }
+        if mode == OpenMode::Truncate || !state.live.contains_key(path) {
+            state.tick("create")?;
+        }
         let inode = match (state.live.get(path).copied(), mode) {
             (Some(inode), OpenMode::Existing | OpenMode::Create) => inode,
             (Some(inode), OpenMode::Truncate) => {
@@ -386,6 +426,7 @@ impl Fs for FaultFs {
 
     fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
         let mut state = self.lock();
+        state.tick("rename")?;
         let inode = state.live.remove(from).ok_or(io::ErrorKind::NotFound)?;
         state.live.insert(to.to_path_buf(), inode);
         state.pending_dir_ops.push(DirOp::Rename {
@@ -397,6 +438,7 @@ impl Fs for FaultFs {
 
     fn remove_file(&self, path: &Path) -> io::Result<()> {
         let mut state = self.lock();
+        state.tick("remove")?;
         state.live.remove(path).ok_or(io::ErrorKind::NotFound)?;
         state.pending_dir_ops.push(DirOp::Unlink {
             path: path.to_path_buf(),
@@ -407,6 +449,7 @@ impl Fs for FaultFs {
     fn sync_dir(&self, path: &Path) -> io::Result<()> {
         let mut guard = self.lock();
         let state = &mut *guard;
+        state.tick("directory fsync")?;
         if state.faults.fail_sync {
             return Err(eio("directory fsync"));
         }
