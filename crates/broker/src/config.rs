@@ -56,6 +56,9 @@ pub struct BrokerConfig {
     pub topic_defaults: TopicDefaults,
     /// How often retention runs, in milliseconds (Kafka `log.retention.check.interval.ms`).
     pub retention_check_interval_ms: u64,
+    /// How often compacted topics are compacted, in milliseconds (Kafka
+    /// `log.cleaner.backoff.ms`); a pass reads every sealed segment of a compacted partition.
+    pub compaction_interval_ms: u64,
     /// How often recovery points are checkpointed, in milliseconds.
     pub checkpoint_interval_ms: u64,
     /// How long shutdown waits for in-flight requests, in milliseconds.
@@ -83,6 +86,7 @@ impl Default for BrokerConfig {
             auto_create_topics: true,
             topic_defaults: TopicDefaults::default(),
             retention_check_interval_ms: 300_000,
+            compaction_interval_ms: 15_000,
             checkpoint_interval_ms: 60_000,
             shutdown_timeout_ms: 10_000,
         }
@@ -137,6 +141,12 @@ impl BrokerConfig {
         check(
             "retention_check_interval_ms",
             self.retention_check_interval_ms,
+            10,
+            86_400_000,
+        )?;
+        check(
+            "compaction_interval_ms",
+            self.compaction_interval_ms,
             10,
             86_400_000,
         )?;

@@ -770,6 +770,28 @@ impl Handler {
         ListOffsetsResponse { topics }
     }
 
+    /// Runs one compaction pass on every compacted partition (blocking).
+    pub(crate) fn apply_compaction(&self) {
+        let now = now_ms();
+        for topic in self.manager.topics() {
+            for partition in topic.partitions.iter().filter(|p| p.log.config().compacted) {
+                match partition.log.compact(now) {
+                    Ok(report) => {
+                        self.metrics
+                            .compaction_bytes_removed
+                            .inc_by(report.n_bytes_before.saturating_sub(report.n_bytes_after));
+                        self.metrics
+                            .compaction_records_removed
+                            .inc_by(report.n_records_superseded + report.n_tombstones_dropped);
+                    }
+                    Err(err) => {
+                        tracing::error!(topic = %topic.name, partition = partition.index, error = %err, "compaction failed");
+                    }
+                }
+            }
+        }
+    }
+
     /// Runs retention on every partition, and forgets idle idempotent producers (blocking).
     pub(crate) fn apply_retention(&self) {
         let now = now_ms();
@@ -814,6 +836,9 @@ fn append_checked(
         n_batches += 1;
         first.get_or_insert(header);
     }
+    if partition.log.config().compacted {
+        require_keys(buf)?;
+    }
     let epoch = partition.leader_epoch;
     let map = |result: Result<cairn_storage::AppendInfo, AppendError>| {
         result
@@ -845,6 +870,30 @@ fn append_checked(
             Ok(appended)
         }
     }
+}
+
+/// A compacted topic keeps the latest record per key, so every record needs one (Kafka refuses
+/// keyless records there the same way). Decodes (and decompresses) the batches: only compacted
+/// topics pay for it.
+fn require_keys(buf: &[u8]) -> Result<(), (ErrorCode, String)> {
+    let batches = batch::Batches::new(Bytes::copy_from_slice(buf), u32::MAX);
+    for batch in batches {
+        // Invalid batches are refused by the log's own validation with the right error.
+        let Ok(batch) = batch else { return Ok(()) };
+        let Ok(records) = batch.records(cairn_protocol::limits::DECOMPRESSED_BYTES_MAX) else {
+            return Ok(());
+        };
+        if let Some(record) = records.iter().find(|r| r.key.is_none()) {
+            return Err((
+                ErrorCode::INVALID_RECORD,
+                format!(
+                    "record at offset delta {} has no key: a compacted topic needs one per record",
+                    record.offset - batch.header().base_offset
+                ),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// The Kafka error for a failed append.

@@ -253,6 +253,7 @@ impl BrokerBuilder {
             addr
         });
         let background = tokio::spawn(background(Arc::clone(&handler), shutdown.clone()));
+        let compaction = tokio::spawn(compaction(Arc::clone(&handler), shutdown.clone()));
         tracing::info!(
             native = %native_addr,
             kafka = ?kafka_addr,
@@ -271,6 +272,7 @@ impl BrokerBuilder {
             tracker,
             ready,
             background,
+            compaction,
             _dir_lock: dir_lock,
         })
     }
@@ -311,6 +313,27 @@ async fn background(handler: Arc<Handler>, shutdown: CancellationToken) {
     }
 }
 
+/// Compaction passes, on their own timer so that a long pass never delays interval flushes.
+async fn compaction(handler: Arc<Handler>, shutdown: CancellationToken) {
+    let mut timer = tokio::time::interval(std::time::Duration::from_millis(
+        handler.config.compaction_interval_ms,
+    ));
+    timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = timer.tick() => {}
+            () = shutdown.cancelled() => return,
+        }
+        let handler = Arc::clone(&handler);
+        if tokio::task::spawn_blocking(move || handler.apply_compaction())
+            .await
+            .is_err()
+        {
+            tracing::error!("compaction task panicked");
+        }
+    }
+}
+
 fn for_each_log(
     handler: &Handler,
     what: &str,
@@ -337,6 +360,7 @@ pub struct RunningBroker {
     tracker: TaskTracker,
     ready: Arc<AtomicBool>,
     background: tokio::task::JoinHandle<()>,
+    compaction: tokio::task::JoinHandle<()>,
     _dir_lock: Box<dyn std::any::Any + Send + Sync>,
 }
 
@@ -389,6 +413,8 @@ impl RunningBroker {
             tracing::warn!("in-flight requests did not finish in time; closing anyway");
         }
         let _ = self.background.await;
+        // A compaction pass under way finishes first (it holds partitions the close needs).
+        let _ = self.compaction.await;
         let manager = Arc::clone(&self.handler.manager);
         drop(self.handler);
         if tokio::task::spawn_blocking(move || manager.close_all())

@@ -22,6 +22,8 @@ pub struct Metrics {
     pub connections: IntGauge,
     pub connections_rejected: IntCounter,
     pub duplicate_batches: IntCounter,
+    pub compaction_bytes_removed: IntCounter,
+    pub compaction_records_removed: IntCounter,
     pub fsync_seconds: Histogram,
     pub log_start_offset: IntGaugeVec,
     pub log_end_offset: IntGaugeVec,
@@ -103,6 +105,16 @@ impl Metrics {
             "Idempotent producers' retried batches answered with their original offsets, not written again.",
         )?;
         registry.register(Box::new(duplicate_batches.clone()))?;
+        let compaction_bytes_removed = IntCounter::new(
+            "cairn_log_cleaner_bytes_removed_total",
+            "Bytes compaction removed from compacted topics.",
+        )?;
+        registry.register(Box::new(compaction_bytes_removed.clone()))?;
+        let compaction_records_removed = IntCounter::new(
+            "cairn_log_cleaner_records_removed_total",
+            "Superseded records and expired tombstones compaction removed.",
+        )?;
+        registry.register(Box::new(compaction_records_removed.clone()))?;
         let fsync_seconds = Histogram::with_opts(
             HistogramOpts::new(
                 "cairn_log_flush_duration_seconds",
@@ -149,6 +161,8 @@ impl Metrics {
             connections,
             connections_rejected,
             duplicate_batches,
+            compaction_bytes_removed,
+            compaction_records_removed,
             fsync_seconds,
             log_start_offset,
             log_end_offset,

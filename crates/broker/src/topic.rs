@@ -43,6 +43,9 @@ impl Default for TopicDefaults {
     }
 }
 
+/// `delete.retention.ms` by default: one day, as Kafka.
+pub const TOMBSTONE_RETENTION_MS_DEFAULT: i64 = 24 * 3600 * 1000;
+
 /// Most partitions one topic may have.
 pub const PARTITIONS_PER_TOPIC_MAX: u32 = 10_000;
 
@@ -80,6 +83,7 @@ impl TopicDefaults {
 /// The config keys a topic accepts, as Kafka spells them.
 pub const TOPIC_CONFIG_KEYS: &[&str] = &[
     "cleanup.policy",
+    "delete.retention.ms",
     "flush.messages",
     "flush.ms",
     "max.message.bytes",
@@ -131,6 +135,7 @@ impl TopicConfig {
         let default_of = |key: &str| -> String {
             match key {
                 "cleanup.policy" => "delete".into(),
+                "delete.retention.ms" => TOMBSTONE_RETENTION_MS_DEFAULT.to_string(),
                 "flush.messages" => i64::MAX.to_string(),
                 "flush.ms" => defaults.flush_ms.to_string(),
                 "max.message.bytes" => defaults.max_message_bytes.to_string(),
@@ -173,15 +178,36 @@ impl TopicConfig {
             }
             Ok(value)
         };
-        if let Some(policy) = self.overrides.get("cleanup.policy")
-            && policy != "delete"
+        let (compact, delete) = match self
+            .overrides
+            .get("cleanup.policy")
+            .map(|p| p.replace(' ', ""))
+            .as_deref()
         {
-            return Err(format!(
-                "cleanup.policy {policy:?} is not supported yet (only \"delete\")"
-            ));
-        }
-        let retention_ms = int("retention.ms", defaults.retention_ms, -1, i64::MAX)?;
-        let retention_bytes = int("retention.bytes", defaults.retention_bytes, -1, i64::MAX)?;
+            None | Some("delete") => (false, true),
+            Some("compact") => (true, false),
+            Some("compact,delete" | "delete,compact") => (true, true),
+            Some(other) => {
+                return Err(format!(
+                    "cleanup.policy {other:?} is not one of delete, compact, compact,delete"
+                ));
+            }
+        };
+        let tombstone_ms = int(
+            "delete.retention.ms",
+            TOMBSTONE_RETENTION_MS_DEFAULT,
+            0,
+            i64::MAX,
+        )?;
+        // Retention deletes segments only under the delete policy.
+        let (retention_ms, retention_bytes) = if delete {
+            (
+                int("retention.ms", defaults.retention_ms, -1, i64::MAX)?,
+                int("retention.bytes", defaults.retention_bytes, -1, i64::MAX)?,
+            )
+        } else {
+            (-1, -1)
+        };
         let segment_bytes = int(
             "segment.bytes",
             defaults.segment_bytes.into(),
@@ -214,6 +240,8 @@ impl TopicConfig {
             retention_bytes: u64::try_from(retention_bytes).ok(),
             retention_age: u64::try_from(retention_ms).ok().map(Duration::from_millis),
             flush,
+            compacted: compact,
+            tombstone_retention: Duration::from_millis(tombstone_ms as u64),
             ..LogConfig::default()
         })
     }
@@ -244,11 +272,28 @@ mod tests {
         let described = config.describe(&defaults);
         assert!(described.contains(&("retention.ms".into(), "60000".into(), false)));
         assert!(described.contains(&("cleanup.policy".into(), "delete".into(), true)));
+        for (policy, compacted, retained) in [
+            ("compact", true, false),
+            ("compact,delete", true, true),
+            ("delete", false, true),
+        ] {
+            let overrides = BTreeMap::from([
+                ("cleanup.policy".to_string(), policy.to_string()),
+                ("retention.ms".to_string(), "1000".to_string()),
+            ]);
+            let log = TopicConfig::new(overrides, &defaults)
+                .unwrap()
+                .resolve(&defaults)
+                .unwrap();
+            assert_eq!(log.compacted, compacted, "{policy}");
+            assert_eq!(log.retention_age.is_some(), retained, "{policy}");
+        }
         for (key, value) in [
             ("nope", "1"),
             ("segment.bytes", "10"),
             ("retention.ms", "soon"),
-            ("cleanup.policy", "compact"),
+            ("cleanup.policy", "compacted"),
+            ("delete.retention.ms", "-5"),
         ] {
             let overrides = BTreeMap::from([(key.to_string(), value.to_string())]);
             assert!(
