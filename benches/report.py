@@ -32,6 +32,7 @@ rows = [
     ("append, fdatasync per batch", "append_fsync", "log", "write_all_fdatasync", 0.80),
     ("sequential read, mmap", "read", "mmap", "memcpy", 0.50),
     ("sequential read, pread", "read", "pread", "memcpy", None),
+    ("compaction pass (input bytes)", "compaction", "compact", "copy_fsync", None),
 ]
 print(f"{'benchmark':32} {'cairn MB/s':>11} {'baseline MB/s':>14} {'ratio':>6} {'target':>7}")
 for name, group, ours, base, target in rows:

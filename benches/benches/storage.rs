@@ -8,7 +8,10 @@
 //!   bytes from memory;
 //! - `recovery/scan_1gib`: opening a 1 GiB log after an unclean stop with no recovery point (a full
 //!   scan), reported as bytes per second;
-//! - `open/clean_1000_segments`: opening a cleanly closed log of 1,000 segments.
+//! - `open/clean_1000_segments`: opening a cleanly closed log of 1,000 segments;
+//! - `compaction/compact` vs `compaction/copy_fsync`: one compaction pass over a log of keyed
+//!   1 KiB records (1,000 keys, so most records are superseded), against reading the same
+//!   segment files and writing them to a new file with one fsync.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
@@ -232,5 +235,101 @@ fn open_clean(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, append, append_fsync, read, recovery, open_clean);
+/// A closed, compacted-topic log of `n_bytes` of batches of 64 keyed 1 KiB records.
+fn keyed_log(dir: &Path, n_bytes: u64, config: &LogConfig) -> u64 {
+    let log = Log::open(dir, config.clone()).unwrap();
+    let value = vec![7u8; 1024];
+    let (mut written, mut i) = (0u64, 0u64);
+    while written < n_bytes {
+        let mut builder =
+            cairn_protocol::batch::BatchBuilder::new(cairn_protocol::batch::Compression::None);
+        for _ in 0..64 {
+            builder.push(
+                1,
+                Some(format!("key-{}", i % 1000).as_bytes()),
+                Some(&value),
+                &[],
+            );
+            i += 1;
+        }
+        let mut batch = builder.build().unwrap().to_vec();
+        log.append(&mut batch, 0).unwrap();
+        written += batch.len() as u64;
+    }
+    log.close().unwrap();
+    written
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), to.join(entry.file_name())).unwrap();
+    }
+}
+
+fn compaction(c: &mut Criterion) {
+    let n_bytes: u64 = if quick() { 16 << 20 } else { 128 << 20 };
+    let pristine = tempfile::tempdir().unwrap();
+    let config = LogConfig {
+        segment_bytes: 16 << 20,
+        compacted: true,
+        ..LogConfig::default()
+    };
+    let written = keyed_log(pristine.path(), n_bytes, &config);
+    let mut group = c.benchmark_group("compaction");
+    group.throughput(Throughput::Bytes(written));
+    group
+        .sample_size(10)
+        .measurement_time(Duration::from_secs(10));
+    group.bench_function("copy_fsync", |b| {
+        b.iter_custom(|iters| {
+            let mut total = Duration::ZERO;
+            for _ in 0..iters {
+                let out = tempfile::tempdir().unwrap();
+                let started = Instant::now();
+                let mut file = File::create(out.path().join("copy")).unwrap();
+                let mut paths: Vec<_> = std::fs::read_dir(pristine.path())
+                    .unwrap()
+                    .map(|e| e.unwrap().path())
+                    .filter(|p| p.extension().is_some_and(|e| e == "log"))
+                    .collect();
+                paths.sort();
+                for path in paths {
+                    file.write_all(&std::fs::read(path).unwrap()).unwrap();
+                }
+                file.sync_all().unwrap();
+                total += started.elapsed();
+            }
+            total
+        })
+    });
+    group.bench_function("compact", |b| {
+        b.iter_custom(|iters| {
+            let mut total = Duration::ZERO;
+            for _ in 0..iters {
+                let work = tempfile::tempdir().unwrap();
+                copy_dir(pristine.path(), work.path());
+                let log = Log::open(work.path(), config.clone()).unwrap();
+                let started = Instant::now();
+                let report = log.compact(2).unwrap();
+                total += started.elapsed();
+                assert!(report.n_segments_replaced > 0, "{report:?}");
+                drop(log);
+            }
+            total
+        })
+    });
+    group.finish();
+}
+
+criterion_group!(
+    benches,
+    append,
+    append_fsync,
+    read,
+    recovery,
+    open_clean,
+    compaction
+);
 criterion_main!(benches);
