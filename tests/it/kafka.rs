@@ -577,3 +577,62 @@ fn kafka_compatibility_doc_matches_what_api_versions_advertises() {
     }
     println!("ApiVersions v3 advertises {advertised:?}");
 }
+
+#[test]
+fn committed_offsets_survive_kill_9_and_restart_for_kafka_clients() {
+    let python = python();
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let broker = BrokerProcess::start(&data);
+    let rt = runtime();
+    let addr = broker.addr.clone();
+    rt.block_on(async {
+        let admin = Admin::connect(&addr).await.unwrap();
+        admin.create_topic("tracked", 3, &[]).await.unwrap();
+    });
+    let run = |mode: &str, client: &str, kafka: &str| {
+        let group = format!("group-{client}");
+        let out = Command::new(&python)
+            .arg(script("offsets.py"))
+            .args([mode, client, kafka, &group, "tracked"])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "offsets.py {mode} {client}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+                .lines()
+                .filter(|l| !l.starts_with('%'))
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+    };
+    for client in ["confluent", "kafka-python"] {
+        run("commit", client, &broker.kafka);
+    }
+    // kill -9: the commits were durable before they were acknowledged.
+    broker.kill9();
+    let broker = BrokerProcess::start(&data);
+    for client in ["confluent", "kafka-python"] {
+        run("verify", client, &broker.kafka);
+    }
+    // A clean restart, and the internal topic is listed as internal.
+    broker.terminate();
+    let broker = BrokerProcess::start(&data);
+    for client in ["confluent", "kafka-python"] {
+        run("verify", client, &broker.kafka);
+    }
+    let metadata = kp::MetadataRequest::default().with_topics(None);
+    let response: kp::MetadataResponse = kafka_response(
+        &raw_exchange(&broker.kafka, &kafka_frame(3, 9, &metadata)),
+        9,
+    );
+    let internal: Vec<_> = response
+        .topics
+        .iter()
+        .filter(|t| t.is_internal)
+        .map(|t| t.name.as_ref().map(|n| n.0.to_string()))
+        .collect();
+    assert_eq!(internal, vec![Some("__consumer_offsets".to_string())]);
+}

@@ -47,6 +47,9 @@ pub struct BrokerConfig {
     pub frame_read_timeout_ms: u64,
     /// Most partitions across all topics.
     pub partitions_max: u32,
+    /// Partitions of the internal `__consumer_offsets` topic, fixed when it is first created
+    /// (Kafka `offsets.topic.num.partitions`).
+    pub offsets_topic_partitions: u32,
     /// An idempotent producer that wrote nothing to a partition for this long is forgotten there,
     /// in milliseconds (Kafka `producer.id.expiration.ms`); it bounds the producer state kept.
     pub producer_id_expiration_ms: u64,
@@ -82,6 +85,7 @@ impl Default for BrokerConfig {
             connection_idle_timeout_ms: 600_000,
             frame_read_timeout_ms: 30_000,
             partitions_max: 10_000,
+            offsets_topic_partitions: 8,
             producer_id_expiration_ms: 86_400_000,
             auto_create_topics: true,
             topic_defaults: TopicDefaults::default(),
@@ -120,6 +124,12 @@ impl BrokerConfig {
             1 << 40,
         )?;
         check("partitions_max", self.partitions_max.into(), 1, 1_000_000)?;
+        check(
+            "offsets_topic_partitions",
+            self.offsets_topic_partitions.into(),
+            1,
+            1_000,
+        )?;
         check(
             "producer_id_expiration_ms",
             self.producer_id_expiration_ms,

@@ -64,9 +64,10 @@ pub struct Handler {
     pub(crate) kafka_advertised_host: String,
     pub(crate) kafka_advertised_port: u16,
     pub(crate) producer_ids: Arc<crate::producers::ProducerIds>,
+    pub(crate) offsets: Arc<crate::offsets::OffsetStore>,
 }
 
-fn now_ms() -> i64 {
+pub(crate) fn now_ms() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as i64)

@@ -145,6 +145,21 @@ impl Handler {
                 let response = self.kafka_describe_configs(r, version);
                 ready(finish(respond("DescribeConfigsResponse", &response)))
             }
+            Request::FindCoordinator(r) => {
+                let response = self.kafka_find_coordinator(r);
+                ready(finish(respond("FindCoordinatorResponse", &response)))
+            }
+            Request::OffsetCommit(r) => {
+                let this = Arc::clone(self);
+                Box::pin(async move {
+                    let response = this.kafka_offset_commit(r).await;
+                    finish(respond("OffsetCommitResponse", &response))
+                })
+            }
+            Request::OffsetFetch(r) => {
+                let response = self.kafka_offset_fetch(r);
+                ready(finish(respond("OffsetFetchResponse", &response)))
+            }
             Request::InitProducerId(r) => {
                 let response = self.kafka_init_producer_id(r).await;
                 ready(finish(respond("InitProducerIdResponse", &response)))
@@ -252,6 +267,7 @@ impl Handler {
                     .into_iter()
                     .map(|t| {
                         kp::metadata_response::MetadataResponseTopic::default()
+                            .with_is_internal(t.name == crate::offsets::OFFSETS_TOPIC)
                             .with_error_code(t.error_code)
                             .with_name(Some(topic_name(t.name)))
                             .with_partitions(
@@ -481,6 +497,215 @@ impl Handler {
                 c.frame_bytes_max.to_string(),
             ),
         ]
+    }
+
+    fn kafka_find_coordinator(
+        &self,
+        r: kreq::FindCoordinatorRequest,
+    ) -> kp::FindCoordinatorResponse {
+        let node = kp::BrokerId(self.config.node_id as i32);
+        let host = s(self.kafka_advertised_host.clone());
+        let port = i32::from(self.kafka_advertised_port);
+        // This node coordinates every group; transactions are not served.
+        let outcome = |key: &str| -> (ErrorCode, Option<String>) {
+            if r.key_type != 0 {
+                (
+                    ErrorCode::TRANSACTIONAL_ID_AUTHORIZATION_FAILED,
+                    Some("transactions are not supported".into()),
+                )
+            } else if key.is_empty() {
+                (ErrorCode::INVALID_GROUP_ID, Some("empty group id".into()))
+            } else {
+                (ErrorCode::NONE, None)
+            }
+        };
+        let mut response = kp::FindCoordinatorResponse::default();
+        if r.batched {
+            response.coordinators = r
+                .keys
+                .iter()
+                .map(|key| {
+                    let (code, message) = outcome(key);
+                    self.count_kafka_error("kafka:FindCoordinator", code);
+                    kp::find_coordinator_response::Coordinator::default()
+                        .with_key(s(key.clone()))
+                        .with_node_id(node)
+                        .with_host(host.clone())
+                        .with_port(port)
+                        .with_error_code(code.0)
+                        .with_error_message(message.map(s))
+                })
+                .collect();
+            return response;
+        }
+        let (code, message) = outcome(r.keys.first().map_or("", String::as_str));
+        self.count_kafka_error("kafka:FindCoordinator", code);
+        response
+            .with_error_code(code.0)
+            .with_error_message(message.map(s))
+            .with_node_id(if code == ErrorCode::NONE {
+                node
+            } else {
+                kp::BrokerId(-1)
+            })
+            .with_host(if code == ErrorCode::NONE { host } else { s("") })
+            .with_port(if code == ErrorCode::NONE { port } else { -1 })
+    }
+
+    fn count_kafka_error(&self, label: &str, code: ErrorCode) {
+        if code != ErrorCode::NONE {
+            self.metrics
+                .request_errors
+                .with_label_values(&[label, code.name()])
+                .inc();
+        }
+    }
+
+    /// Commits offsets outside group membership (generation -1, no member id: "simple" consumers
+    /// that assign partitions themselves). Commits from group members wait for the group
+    /// coordinator (JoinGroup is not served yet), so they get UNKNOWN_MEMBER_ID.
+    async fn kafka_offset_commit(&self, r: kreq::OffsetCommitRequest) -> kp::OffsetCommitResponse {
+        let refusal = if r.group_id.is_empty() {
+            Some(ErrorCode::INVALID_GROUP_ID)
+        } else if r.generation_id >= 0 || !r.member_id.is_empty() {
+            Some(ErrorCode::UNKNOWN_MEMBER_ID)
+        } else {
+            None
+        };
+        // Per partition: the error, or None if it is to be committed.
+        let mut codes: Vec<(String, Vec<(i32, Option<ErrorCode>)>)> = Vec::new();
+        let mut entries = Vec::new();
+        for (name, partitions) in &r.topics {
+            let topic = self.manager.topic(name);
+            let mut results = Vec::new();
+            for (p, offset, epoch, metadata) in partitions {
+                let exists = topic
+                    .as_ref()
+                    .is_some_and(|t| usize::try_from(*p).is_ok_and(|i| i < t.partitions.len()));
+                let code = match refusal {
+                    Some(code) => Some(code),
+                    None if !exists => Some(ErrorCode::UNKNOWN_TOPIC_OR_PARTITION),
+                    None => {
+                        entries.push((
+                            (name.clone(), *p as u32),
+                            *offset,
+                            *epoch,
+                            metadata.clone().unwrap_or_default(),
+                        ));
+                        None
+                    }
+                };
+                results.push((*p, code));
+            }
+            codes.push((name.clone(), results));
+        }
+        let stored = if entries.is_empty() {
+            Ok(())
+        } else {
+            let (offsets, manager, group) = (
+                Arc::clone(&self.offsets),
+                Arc::clone(&self.manager),
+                r.group_id.clone(),
+            );
+            let now = crate::handler::now_ms();
+            match tokio::task::spawn_blocking(move || {
+                offsets.commit(&manager, &group, entries, now)
+            })
+            .await
+            {
+                Ok(result) => result,
+                Err(_) => Err((ErrorCode::UNKNOWN_SERVER_ERROR, "commit task failed".into())),
+            }
+        };
+        if let Err((code, message)) = &stored {
+            tracing::warn!(group = %r.group_id, error = %message, "offset commit failed");
+            self.count_kafka_error("kafka:OffsetCommit", *code);
+        }
+        kp::OffsetCommitResponse::default().with_topics(
+            codes
+                .into_iter()
+                .map(|(name, partitions)| {
+                    kp::offset_commit_response::OffsetCommitResponseTopic::default()
+                        .with_name(topic_name(name))
+                        .with_partitions(
+                            partitions
+                                .into_iter()
+                                .map(|(p, code)| {
+                                    let code = code.unwrap_or(match &stored {
+                                        Ok(()) => ErrorCode::NONE,
+                                        Err((code, _)) => *code,
+                                    });
+                                    self.count_kafka_error("kafka:OffsetCommit", code);
+                                    kp::offset_commit_response::OffsetCommitResponsePartition::default()
+                                        .with_partition_index(p)
+                                        .with_error_code(code.0)
+                                })
+                                .collect(),
+                        )
+                })
+                .collect(),
+        )
+    }
+
+    fn kafka_offset_fetch(&self, r: kreq::OffsetFetchRequest) -> kp::OffsetFetchResponse {
+        use kp::offset_fetch_response::{OffsetFetchResponsePartition, OffsetFetchResponseTopic};
+        let response = kp::OffsetFetchResponse::default();
+        if r.group_id.is_empty() {
+            return response.with_error_code(ErrorCode::INVALID_GROUP_ID.0);
+        }
+        let partition = |p: i32, committed: Option<crate::offsets::Committed>| match committed {
+            Some(c) => OffsetFetchResponsePartition::default()
+                .with_partition_index(p)
+                .with_committed_offset(c.offset)
+                .with_committed_leader_epoch(c.leader_epoch)
+                .with_metadata(Some(s(c.metadata))),
+            None => OffsetFetchResponsePartition::default()
+                .with_partition_index(p)
+                .with_committed_offset(-1)
+                .with_committed_leader_epoch(-1)
+                .with_metadata(Some(s(""))),
+        };
+        let topics: Vec<OffsetFetchResponseTopic> = match r.topics {
+            Some(topics) => topics
+                .into_iter()
+                .map(|(name, partitions)| {
+                    OffsetFetchResponseTopic::default()
+                        .with_partitions(
+                            partitions
+                                .into_iter()
+                                .map(|p| {
+                                    let found = u32::try_from(p)
+                                        .ok()
+                                        .and_then(|i| self.offsets.fetch(&r.group_id, &name, i));
+                                    partition(p, found)
+                                })
+                                .collect(),
+                        )
+                        .with_name(topic_name(name))
+                })
+                .collect(),
+            None => {
+                let mut by_topic: std::collections::BTreeMap<
+                    String,
+                    Vec<OffsetFetchResponsePartition>,
+                > = std::collections::BTreeMap::new();
+                for ((name, p), c) in self.offsets.fetch_all(&r.group_id) {
+                    by_topic
+                        .entry(name)
+                        .or_default()
+                        .push(partition(p as i32, Some(c)));
+                }
+                by_topic
+                    .into_iter()
+                    .map(|(name, partitions)| {
+                        OffsetFetchResponseTopic::default()
+                            .with_name(topic_name(name))
+                            .with_partitions(partitions)
+                    })
+                    .collect()
+            }
+        };
+        response.with_topics(topics)
     }
 
     async fn kafka_init_producer_id(

@@ -28,6 +28,7 @@ mod kafka;
 mod manager;
 mod metadata;
 mod metrics;
+pub mod offsets;
 pub mod producers;
 use producers::ProducerIds;
 mod server;
@@ -199,6 +200,16 @@ impl BrokerBuilder {
             what: "opening topics".into(),
             source: std::io::Error::other(e),
         })??;
+        let manager = Arc::new(manager);
+        let offsets = {
+            let (manager, n) = (Arc::clone(&manager), config.offsets_topic_partitions);
+            tokio::task::spawn_blocking(move || offsets::OffsetStore::open(&manager, n))
+                .await
+                .map_err(|e| StartError::Io {
+                    what: "loading committed offsets".into(),
+                    source: std::io::Error::other(e),
+                })?
+        };
         let (advertised_host, advertised_port) =
             advertised(config.advertised.as_deref(), native_addr);
         let kafka_addr = kafka.as_ref().map(|(_, addr)| *addr);
@@ -213,7 +224,7 @@ impl BrokerBuilder {
         let shutdown = CancellationToken::new();
         let handler = Arc::new(Handler {
             config: config.clone(),
-            manager: Arc::new(manager),
+            manager,
             metrics: Metrics::new()?,
             shutdown: shutdown.clone(),
             advertised_host,
@@ -221,6 +232,7 @@ impl BrokerBuilder {
             kafka_advertised_host,
             kafka_advertised_port,
             producer_ids: Arc::new(producer_ids),
+            offsets: Arc::new(offsets),
         });
         let tracker = TaskTracker::new();
         let ready = Arc::new(AtomicBool::new(true));

@@ -49,6 +49,9 @@ apis! {
     FETCH = 1, "Fetch", 4..=12, served from 4, flexible from 12;
     LIST_OFFSETS = 2, "ListOffsets", 1..=6, served from 1, flexible from 6;
     METADATA = 3, "Metadata", 0..=9, served from 0, flexible from 9;
+    OFFSET_COMMIT = 8, "OffsetCommit", 2..=8, served from 2, flexible from 8;
+    OFFSET_FETCH = 9, "OffsetFetch", 1..=7, served from 1, flexible from 6;
+    FIND_COORDINATOR = 10, "FindCoordinator", 0..=4, served from 0, flexible from 3;
     API_VERSIONS = 18, "ApiVersions", 0..=3, served from 0, flexible from 3;
     CREATE_TOPICS = 19, "CreateTopics", 2..=6, served from 2, flexible from 5;
     DELETE_TOPICS = 20, "DeleteTopics", 1..=5, served from 1, flexible from 4;
@@ -117,6 +120,9 @@ pub enum Request {
     Produce(ProduceRequest),
     Fetch(FetchRequest),
     ListOffsets(ListOffsetsRequest),
+    FindCoordinator(FindCoordinatorRequest),
+    OffsetCommit(OffsetCommitRequest),
+    OffsetFetch(OffsetFetchRequest),
     CreateTopics(CreateTopicsRequest),
     DeleteTopics(DeleteTopicsRequest),
     DescribeConfigs(DescribeConfigsRequest),
@@ -221,6 +227,44 @@ pub struct ListOffsetsRequest {
 
 /// (partition, current leader epoch, timestamp: -1 latest, -2 earliest, -3 max timestamp).
 pub type ListOffsetsPartition = (i32, i32, i64);
+
+/// FindCoordinator.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct FindCoordinatorRequest {
+    /// 0: a consumer group, 1: a transactional id.
+    pub key_type: i8,
+    /// The groups (or transactional ids) asked about: one before v4, any number from v4.
+    pub keys: Vec<String>,
+    /// Whether the response is the batched (v4+) form.
+    pub batched: bool,
+}
+
+/// OffsetCommit.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct OffsetCommitRequest {
+    /// The group.
+    pub group_id: String,
+    /// The member's generation; -1 for a commit outside group membership.
+    pub generation_id: i32,
+    /// The member id; empty outside group membership.
+    pub member_id: String,
+    /// v7+: static membership id.
+    pub group_instance_id: Option<String>,
+    /// Per topic: (name, [(partition, offset, leader epoch, metadata)]).
+    pub topics: Vec<(String, Vec<CommittedPartition>)>,
+}
+
+/// One committed partition: (partition, offset, leader epoch or -1, metadata).
+pub type CommittedPartition = (i32, i64, i32, Option<String>);
+
+/// OffsetFetch.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct OffsetFetchRequest {
+    /// The group.
+    pub group_id: String,
+    /// Per topic, the partitions asked for; `None`: every partition the group committed.
+    pub topics: Option<Vec<(String, Vec<i32>)>>,
+}
 
 /// CreateTopics.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -370,6 +414,9 @@ fn decode_body(api: Api, v: i16, r: &mut Reader) -> Result<Request, DecodeError>
         1 => Request::Fetch(fetch(v, r)?),
         2 => Request::ListOffsets(list_offsets(v, r)?),
         3 => Request::Metadata(metadata(v, r)?),
+        8 => Request::OffsetCommit(offset_commit(v, r)?),
+        9 => Request::OffsetFetch(offset_fetch(v, r)?),
+        10 => Request::FindCoordinator(find_coordinator(v, r)?),
         18 => Request::ApiVersions(api_versions(v, r)?),
         19 => Request::CreateTopics(create_topics(r)?),
         20 => {
@@ -557,6 +604,86 @@ fn list_offsets(v: i16, r: &mut Reader) -> Result<ListOffsetsRequest, DecodeErro
         isolation_level,
         topics,
     })
+}
+
+fn find_coordinator(v: i16, r: &mut Reader) -> Result<FindCoordinatorRequest, DecodeError> {
+    if v >= 4 {
+        let key_type = r.i8("key_type")?;
+        let min = string_min(r);
+        let keys = r.array("coordinator_keys", min, |r| r.string("coordinator_keys"))?;
+        return Ok(FindCoordinatorRequest {
+            key_type,
+            keys,
+            batched: true,
+        });
+    }
+    let key = r.string("key")?;
+    let key_type = if v >= 1 { r.i8("key_type")? } else { 0 };
+    Ok(FindCoordinatorRequest {
+        key_type,
+        keys: vec![key],
+        batched: false,
+    })
+}
+
+fn offset_commit(v: i16, r: &mut Reader) -> Result<OffsetCommitRequest, DecodeError> {
+    let group_id = r.string("group_id")?;
+    let generation_id = r.i32("generation_id")?;
+    let member_id = r.string("member_id")?;
+    let group_instance_id = if v >= 7 {
+        r.nullable_string("group_instance_id")?
+    } else {
+        None
+    };
+    if v <= 4 {
+        r.i64("retention_time_ms")?;
+    }
+    let partition_min = 4 + 8 + if v >= 6 { 4 } else { 0 } + string_min(r) + tags_min(r);
+    let topic_min = string_min(r) + array_min(r) + tags_min(r);
+    let topics = r.array("topics", topic_min, |r| {
+        let name = r.string("topics.name")?;
+        let partitions = r.array("partitions", partition_min, |r| {
+            let partition = r.i32("partition_index")?;
+            let offset = r.i64("committed_offset")?;
+            let epoch = if v >= 6 {
+                r.i32("committed_leader_epoch")?
+            } else {
+                -1
+            };
+            let metadata = r.nullable_string("committed_metadata")?;
+            r.tagged_fields("partitions")?;
+            Ok((partition, offset, epoch, metadata))
+        })?;
+        r.tagged_fields("topics")?;
+        Ok((name, partitions))
+    })?;
+    Ok(OffsetCommitRequest {
+        group_id,
+        generation_id,
+        member_id,
+        group_instance_id,
+        topics,
+    })
+}
+
+fn offset_fetch(v: i16, r: &mut Reader) -> Result<OffsetFetchRequest, DecodeError> {
+    let group_id = r.string("group_id")?;
+    let topic_min = string_min(r) + array_min(r) + tags_min(r);
+    let topics = r.nullable_array("topics", topic_min, |r| {
+        let name = r.string("topics.name")?;
+        let partitions = r.array("partition_indexes", 4, |r| r.i32("partition_index"))?;
+        r.tagged_fields("topics")?;
+        Ok((name, partitions))
+    })?;
+    if v >= 7 {
+        r.bool("require_stable")?;
+    }
+    // Before v2 the topic list cannot be null.
+    let topics = match (v, topics) {
+        (1, None) => return Err(error("topics", "null before v2")),
+        (_, topics) => topics,
+    };
+    Ok(OffsetFetchRequest { group_id, topics })
 }
 
 fn create_topics(r: &mut Reader) -> Result<CreateTopicsRequest, DecodeError> {

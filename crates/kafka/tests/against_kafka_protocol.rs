@@ -440,3 +440,105 @@ fn api_versions_response_header_is_never_flexible() {
     // correlation id, then directly the error code (no tagged-field byte in the header).
     assert_eq!(&encoded[..6], &[0, 0, 0, 9, 0, 0]);
 }
+
+#[test]
+fn group_offset_apis_at_every_served_version() {
+    use cairn_kafka::request::OffsetFetchRequest as Fetch;
+    for v in served(Api::FIND_COORDINATOR) {
+        let body = if v >= 4 {
+            FindCoordinatorRequest::default()
+                .with_key_type(0)
+                .with_coordinator_keys(vec![s("g1"), s("g2")])
+        } else {
+            FindCoordinatorRequest::default()
+                .with_key(s("g1"))
+                .with_key_type(0)
+        };
+        let Request::FindCoordinator(got) = decoded(
+            Api::FIND_COORDINATOR,
+            v,
+            frame(Api::FIND_COORDINATOR, v, &body),
+        ) else {
+            panic!()
+        };
+        let want: Vec<String> = if v >= 4 {
+            vec!["g1".into(), "g2".into()]
+        } else {
+            vec!["g1".into()]
+        };
+        assert_eq!((got.keys, got.batched), (want, v >= 4), "v{v}");
+    }
+    for v in served(Api::OFFSET_COMMIT) {
+        let mut body = OffsetCommitRequest::default()
+            .with_group_id(GroupId(s("group-a")))
+            .with_generation_id_or_member_epoch(-1)
+            .with_member_id(s(""))
+            .with_topics(vec![
+                offset_commit_request::OffsetCommitRequestTopic::default()
+                    .with_name(topic("orders"))
+                    .with_partitions(vec![
+                        offset_commit_request::OffsetCommitRequestPartition::default()
+                            .with_partition_index(3)
+                            .with_committed_offset(1234)
+                            .with_committed_leader_epoch(if v >= 6 { 2 } else { -1 })
+                            .with_committed_metadata(Some(s("meta"))),
+                    ]),
+            ]);
+        if v >= 7 {
+            body = body.with_group_instance_id(None);
+        }
+        let Request::OffsetCommit(got) =
+            decoded(Api::OFFSET_COMMIT, v, frame(Api::OFFSET_COMMIT, v, &body))
+        else {
+            panic!()
+        };
+        assert_eq!(got.group_id, "group-a");
+        assert_eq!(got.generation_id, -1);
+        assert_eq!(
+            got.topics,
+            vec![(
+                "orders".to_string(),
+                vec![(
+                    3,
+                    1234,
+                    if v >= 6 { 2 } else { -1 },
+                    Some("meta".to_string())
+                )]
+            )],
+            "v{v}"
+        );
+    }
+    for v in served(Api::OFFSET_FETCH) {
+        let body = OffsetFetchRequest::default()
+            .with_group_id(GroupId(s("group-a")))
+            .with_topics(Some(vec![
+                offset_fetch_request::OffsetFetchRequestTopic::default()
+                    .with_name(topic("orders"))
+                    .with_partition_indexes(vec![0, 3]),
+            ]));
+        let Request::OffsetFetch(got) =
+            decoded(Api::OFFSET_FETCH, v, frame(Api::OFFSET_FETCH, v, &body))
+        else {
+            panic!()
+        };
+        assert_eq!(
+            got,
+            Fetch {
+                group_id: "group-a".into(),
+                topics: Some(vec![("orders".into(), vec![0, 3])]),
+            },
+            "v{v}"
+        );
+        if v >= 2 {
+            let all = OffsetFetchRequest::default()
+                .with_group_id(GroupId(s("group-a")))
+                .with_topics(None);
+            let Request::OffsetFetch(got) =
+                decoded(Api::OFFSET_FETCH, v, frame(Api::OFFSET_FETCH, v, &all))
+            else {
+                panic!()
+            };
+            assert_eq!(got.topics, None, "v{v}");
+        }
+    }
+}

@@ -53,10 +53,13 @@ codes! {
     REQUEST_TIMED_OUT = 7, true, "the request did not complete within its timeout";
     MESSAGE_TOO_LARGE = 10, false, "a batch is larger than the topic's max.message.bytes";
     NETWORK_EXCEPTION = 13, true, "the connection failed before a response";
+    COORDINATOR_NOT_AVAILABLE = 15, true, "the group coordinator is not available (yet)";
     INVALID_TOPIC_EXCEPTION = 17, false, "the topic name is not valid";
     RECORD_LIST_TOO_LARGE = 18, false, "the request's records exceed the frame limit";
     NOT_ENOUGH_REPLICAS = 19, true, "too few in-sync replicas to accept the write";
     INVALID_REQUIRED_ACKS = 21, false, "acks must be 0, 1 or -1 (all)";
+    INVALID_GROUP_ID = 24, false, "the group id is empty or not valid";
+    UNKNOWN_MEMBER_ID = 25, false, "the member is not in the group's current generation";
     UNSUPPORTED_VERSION = 35, false, "the broker does not support this API version";
     TOPIC_ALREADY_EXISTS = 36, false, "a topic with this name exists";
     INVALID_PARTITIONS = 37, false, "the partition count is not valid";

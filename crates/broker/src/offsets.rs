@@ -1,0 +1,320 @@
+//! Committed consumer-group offsets, kept durably in the internal compacted topic
+//! `__consumer_offsets` (created on the first commit) and cached in memory.
+//!
+//! Record format (Cairn's own, versioned; one record per group, topic and partition):
+//! - key: `u16 version (1) | u16 len, group | u16 len, topic | u32 partition`
+//! - value: `u16 version (1) | i64 offset | i32 leader epoch | i64 commit time ms | u16 len,
+//!   metadata`; a null value (tombstone) forgets the entry.
+//!
+//! The group's partition of the topic is `murmur2(group) % partitions`, so one group's commits are
+//! ordered in one log. A commit is answered only after its batch is durable (as with acks=all);
+//! the cache keeps, per entry, the log offset it came from and never goes back to an older one, so
+//! concurrent commits settle on the one appended last.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex, RwLock};
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use cairn_protocol::Offset;
+use cairn_protocol::batch::{BatchBuilder, Batches, Compression};
+use cairn_protocol::native::ErrorCode;
+
+use crate::manager::{Topic, TopicManager, error_chain};
+
+/// The internal topic's name, as Kafka's.
+pub const OFFSETS_TOPIC: &str = "__consumer_offsets";
+const KEY_VERSION: u16 = 1;
+const VALUE_VERSION: u16 = 1;
+
+/// (group, topic, partition).
+pub type OffsetKey = (String, String, u32);
+
+/// A committed offset.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Committed {
+    /// The next offset to consume.
+    pub offset: i64,
+    /// The leader epoch of the record before it, or -1.
+    pub leader_epoch: i32,
+    /// The client's metadata string.
+    pub metadata: String,
+    /// When it was committed, Unix ms.
+    pub commit_ms: i64,
+    /// The `__consumer_offsets` offset it was read from or written at.
+    log_offset: u64,
+}
+
+/// The offset store.
+#[derive(Debug)]
+pub struct OffsetStore {
+    partitions: u32,
+    cache: RwLock<HashMap<OffsetKey, Committed>>,
+    /// Serialises creating the topic.
+    create: Mutex<()>,
+}
+
+fn put_str(out: &mut BytesMut, text: &str) {
+    let bytes = text.as_bytes();
+    let len = bytes.len().min(u16::MAX as usize);
+    out.put_u16(len as u16);
+    out.put_slice(bytes.get(..len).unwrap_or_default());
+}
+
+fn get_str(buf: &mut Bytes) -> Option<String> {
+    if buf.remaining() < 2 {
+        return None;
+    }
+    let len = buf.get_u16() as usize;
+    if buf.remaining() < len {
+        return None;
+    }
+    String::from_utf8(buf.split_to(len).to_vec()).ok()
+}
+
+fn encode_key(key: &OffsetKey) -> Bytes {
+    let mut out = BytesMut::new();
+    out.put_u16(KEY_VERSION);
+    put_str(&mut out, &key.0);
+    put_str(&mut out, &key.1);
+    out.put_u32(key.2);
+    out.freeze()
+}
+
+fn decode_key(mut buf: Bytes) -> Option<OffsetKey> {
+    if buf.remaining() < 2 || buf.get_u16() != KEY_VERSION {
+        return None;
+    }
+    let group = get_str(&mut buf)?;
+    let topic = get_str(&mut buf)?;
+    if buf.remaining() < 4 {
+        return None;
+    }
+    Some((group, topic, buf.get_u32()))
+}
+
+fn encode_value(c: &Committed) -> Bytes {
+    let mut out = BytesMut::new();
+    out.put_u16(VALUE_VERSION);
+    out.put_i64(c.offset);
+    out.put_i32(c.leader_epoch);
+    out.put_i64(c.commit_ms);
+    put_str(&mut out, &c.metadata);
+    out.freeze()
+}
+
+fn decode_value(mut buf: Bytes, log_offset: u64) -> Option<Committed> {
+    if buf.remaining() < 2 + 8 + 4 + 8 || buf.get_u16() != VALUE_VERSION {
+        return None;
+    }
+    let offset = buf.get_i64();
+    let leader_epoch = buf.get_i32();
+    let commit_ms = buf.get_i64();
+    let metadata = get_str(&mut buf)?;
+    Some(Committed {
+        offset,
+        leader_epoch,
+        metadata,
+        commit_ms,
+        log_offset,
+    })
+}
+
+impl OffsetStore {
+    /// Loads what `__consumer_offsets` holds, if it exists (blocking).
+    pub fn open(manager: &TopicManager, partitions: u32) -> OffsetStore {
+        let store = OffsetStore {
+            partitions,
+            cache: RwLock::new(HashMap::new()),
+            create: Mutex::new(()),
+        };
+        if let Some(topic) = manager.topic(OFFSETS_TOPIC) {
+            let mut cache = store.write();
+            let mut n = 0usize;
+            for partition in &topic.partitions {
+                let log = &partition.log;
+                let mut at = log.log_start_offset();
+                let end = log.log_end_offset();
+                while at < end {
+                    let Ok(fetched) = log.read(at, 8 << 20) else {
+                        break;
+                    };
+                    if fetched.bytes.is_empty() {
+                        break;
+                    }
+                    for batch in Batches::new(fetched.bytes, u32::MAX) {
+                        let Ok(batch) = batch else { break };
+                        at = Offset(batch.header().last_offset().max(0) as u64 + 1);
+                        let Ok(records) =
+                            batch.records(cairn_protocol::limits::DECOMPRESSED_BYTES_MAX)
+                        else {
+                            continue;
+                        };
+                        for record in records {
+                            let Some(key) = record.key.and_then(decode_key) else {
+                                continue;
+                            };
+                            let log_offset = record.offset.max(0) as u64;
+                            match record.value.and_then(|v| decode_value(v, log_offset)) {
+                                Some(committed) => {
+                                    cache.insert(key, committed);
+                                }
+                                None => {
+                                    cache.remove(&key);
+                                }
+                            }
+                            n += 1;
+                        }
+                    }
+                }
+            }
+            tracing::info!(
+                records = n,
+                entries = cache.len(),
+                "committed offsets loaded"
+            );
+        }
+        store
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<OffsetKey, Committed>> {
+        self.cache
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, HashMap<OffsetKey, Committed>> {
+        self.cache
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The offsets topic, created on first use (blocking).
+    fn topic(&self, manager: &TopicManager) -> Result<Arc<Topic>, (ErrorCode, String)> {
+        if let Some(topic) = manager.topic(OFFSETS_TOPIC) {
+            return Ok(topic);
+        }
+        let _one = self
+            .create
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(topic) = manager.topic(OFFSETS_TOPIC) {
+            return Ok(topic);
+        }
+        let configs = BTreeMap::from([
+            ("cleanup.policy".to_string(), "compact".to_string()),
+            ("segment.bytes".to_string(), (16 << 20).to_string()),
+        ]);
+        manager
+            .create_topic(OFFSETS_TOPIC, self.partitions, configs, false)
+            .map_err(|e| (ErrorCode::COORDINATOR_NOT_AVAILABLE, e.message))?;
+        manager.topic(OFFSETS_TOPIC).ok_or((
+            ErrorCode::COORDINATOR_NOT_AVAILABLE,
+            "the offsets topic vanished".to_string(),
+        ))
+    }
+
+    /// Commits offsets for `group` durably (blocking): one batch in the group's partition of
+    /// the offsets topic, synced before this returns.
+    pub fn commit(
+        &self,
+        manager: &TopicManager,
+        group: &str,
+        entries: Vec<((String, u32), i64, i32, String)>,
+        now_ms: i64,
+    ) -> Result<(), (ErrorCode, String)> {
+        if entries.is_empty() {
+            return Ok(());
+        }
+        let topic = self.topic(manager)?;
+        let index =
+            cairn_client::partition_for_key(group.as_bytes(), topic.partitions.len() as u32);
+        let partition = topic.partitions.get(index as usize).ok_or((
+            ErrorCode::COORDINATOR_NOT_AVAILABLE,
+            "no such partition".into(),
+        ))?;
+        let mut builder = BatchBuilder::new(Compression::None);
+        let mut pending = Vec::with_capacity(entries.len());
+        for ((topic_name, p), offset, leader_epoch, metadata) in entries {
+            let key = (group.to_string(), topic_name, p);
+            let committed = Committed {
+                offset,
+                leader_epoch,
+                metadata,
+                commit_ms: now_ms,
+                log_offset: 0,
+            };
+            builder.push(
+                now_ms,
+                Some(&encode_key(&key)),
+                Some(&encode_value(&committed)),
+                &[],
+            );
+            pending.push((key, committed));
+        }
+        let mut batch = builder
+            .build()
+            .map_err(|e| (ErrorCode::UNKNOWN_SERVER_ERROR, e.to_string()))?
+            .to_vec();
+        let info = partition
+            .log
+            .append(&mut batch, partition.leader_epoch)
+            .map_err(|e| (ErrorCode::KAFKA_STORAGE_ERROR, error_chain(&e)))?;
+        partition.notify_appended();
+        partition
+            .log
+            .flush(Offset(info.last_offset.0 + 1))
+            .map_err(|e| (ErrorCode::KAFKA_STORAGE_ERROR, error_chain(&e)))?;
+        let mut cache = self.write();
+        for (i, (key, mut committed)) in pending.into_iter().enumerate() {
+            committed.log_offset = info.base_offset.0 + i as u64;
+            let newer = cache
+                .get(&key)
+                .is_none_or(|old| old.log_offset < committed.log_offset);
+            if newer {
+                cache.insert(key, committed);
+            }
+        }
+        Ok(())
+    }
+
+    /// The committed offset of one partition.
+    pub fn fetch(&self, group: &str, topic: &str, partition: u32) -> Option<Committed> {
+        self.read()
+            .get(&(group.to_string(), topic.to_string(), partition))
+            .cloned()
+    }
+
+    /// Every (topic, partition) the group committed, with its offset.
+    pub fn fetch_all(&self, group: &str) -> Vec<((String, u32), Committed)> {
+        let mut all: Vec<_> = self
+            .read()
+            .iter()
+            .filter(|(k, _)| k.0 == group)
+            .map(|(k, c)| ((k.1.clone(), k.2), c.clone()))
+            .collect();
+        all.sort_by(|a, b| a.0.cmp(&b.0));
+        all
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn records_round_trip_and_garbage_is_ignored() {
+        let key = ("g".to_string(), "orders".to_string(), 7);
+        assert_eq!(decode_key(encode_key(&key)), Some(key));
+        let committed = Committed {
+            offset: 42,
+            leader_epoch: 3,
+            metadata: "m".into(),
+            commit_ms: 99,
+            log_offset: 5,
+        };
+        assert_eq!(decode_value(encode_value(&committed), 5), Some(committed));
+        assert_eq!(decode_key(Bytes::from_static(&[0, 1, 0, 200, 1])), None);
+        assert_eq!(decode_value(Bytes::from_static(&[0, 1, 0]), 0), None);
+    }
+}
