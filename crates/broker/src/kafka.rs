@@ -573,7 +573,8 @@ impl Handler {
             None
         };
         // Per partition: the error, or None if it is to be committed.
-        let mut codes: Vec<(String, Vec<(i32, Option<ErrorCode>)>)> = Vec::new();
+        type PartitionOutcomes = Vec<(i32, Option<ErrorCode>)>;
+        let mut codes: Vec<(String, PartitionOutcomes)> = Vec::new();
         let mut entries = Vec::new();
         for (name, partitions) in &r.topics {
             let topic = self.manager.topic(name);
