@@ -636,3 +636,30 @@ fn committed_offsets_survive_kill_9_and_restart_for_kafka_clients() {
         .collect();
     assert_eq!(internal, vec![Some("__consumer_offsets".to_string())]);
 }
+
+#[test]
+fn a_confluent_kafka_consumer_group_shares_partitions_and_survives_a_member_kill_9() {
+    let python = python();
+    let dir = tempfile::tempdir().unwrap();
+    // A short initial delay: the three members start together.
+    let broker = BrokerProcess::start_with_config(
+        &dir.path().join("data"),
+        "group_initial_rebalance_delay_ms = 1000\n",
+    );
+    let out = Command::new(python)
+        .arg(script("groups.py"))
+        .args(["run", &broker.kafka, "grouped", "group-1"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    println!("{stdout}");
+    assert!(
+        out.status.success(),
+        "groups.py failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+            .lines()
+            .filter(|l| !l.starts_with('%'))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+}

@@ -50,6 +50,9 @@ pub struct BrokerConfig {
     /// Partitions of the internal `__consumer_offsets` topic, fixed when it is first created
     /// (Kafka `offsets.topic.num.partitions`).
     pub offsets_topic_partitions: u32,
+    /// A new group waits this long for more members before its first generation, in
+    /// milliseconds (Kafka `group.initial.rebalance.delay.ms`).
+    pub group_initial_rebalance_delay_ms: u64,
     /// An idempotent producer that wrote nothing to a partition for this long is forgotten there,
     /// in milliseconds (Kafka `producer.id.expiration.ms`); it bounds the producer state kept.
     pub producer_id_expiration_ms: u64,
@@ -86,6 +89,7 @@ impl Default for BrokerConfig {
             frame_read_timeout_ms: 30_000,
             partitions_max: 10_000,
             offsets_topic_partitions: 8,
+            group_initial_rebalance_delay_ms: 3_000,
             producer_id_expiration_ms: 86_400_000,
             auto_create_topics: true,
             topic_defaults: TopicDefaults::default(),
@@ -124,6 +128,12 @@ impl BrokerConfig {
             1 << 40,
         )?;
         check("partitions_max", self.partitions_max.into(), 1, 1_000_000)?;
+        check(
+            "group_initial_rebalance_delay_ms",
+            self.group_initial_rebalance_delay_ms,
+            0,
+            300_000,
+        )?;
         check(
             "offsets_topic_partitions",
             self.offsets_topic_partitions.into(),

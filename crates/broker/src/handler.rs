@@ -65,6 +65,7 @@ pub struct Handler {
     pub(crate) kafka_advertised_port: u16,
     pub(crate) producer_ids: Arc<crate::producers::ProducerIds>,
     pub(crate) offsets: Arc<crate::offsets::OffsetStore>,
+    pub(crate) groups: Arc<crate::groups::Coordinator>,
 }
 
 pub(crate) fn now_ms() -> i64 {

@@ -149,6 +149,102 @@ impl Handler {
                 let response = self.kafka_find_coordinator(r);
                 ready(finish(respond("FindCoordinatorResponse", &response)))
             }
+            Request::JoinGroup(r) => {
+                let client_id = decoded.header.client_id.clone().unwrap_or_default();
+                let joined = self.groups.join(
+                    &r.group_id,
+                    &r.member_id,
+                    r.group_instance_id.clone(),
+                    &client_id,
+                    &r.protocol_type,
+                    r.protocols,
+                    r.session_timeout_ms,
+                    r.rebalance_timeout_ms,
+                    version >= 4,
+                );
+                let this = Arc::clone(self);
+                Box::pin(async move {
+                    let result = joined
+                        .get(|| crate::groups::JoinResult {
+                            error: ErrorCode::UNKNOWN_MEMBER_ID,
+                            generation: -1,
+                            ..Default::default()
+                        })
+                        .await;
+                    this.count_kafka_error(Api::JOIN_GROUP.label, result.error);
+                    let response = kp::JoinGroupResponse::default()
+                        .with_error_code(result.error.0)
+                        .with_generation_id(result.generation)
+                        .with_protocol_type(result.protocol_type.map(s))
+                        .with_protocol_name(Some(s(result.protocol_name.unwrap_or_default())))
+                        .with_leader(s(result.leader))
+                        .with_member_id(s(result.member_id))
+                        .with_members(
+                            result
+                                .members
+                                .into_iter()
+                                .map(|(id, instance, metadata)| {
+                                    kp::join_group_response::JoinGroupResponseMember::default()
+                                        .with_member_id(s(id))
+                                        .with_group_instance_id(instance.map(s))
+                                        .with_metadata(metadata)
+                                })
+                                .collect(),
+                        );
+                    finish(respond("JoinGroupResponse", &response))
+                })
+            }
+            Request::SyncGroup(r) => {
+                let synced =
+                    self.groups
+                        .sync(&r.group_id, r.generation_id, &r.member_id, r.assignments);
+                let this = Arc::clone(self);
+                Box::pin(async move {
+                    let result = synced
+                        .get(|| crate::groups::SyncResult {
+                            error: ErrorCode::REBALANCE_IN_PROGRESS,
+                            ..Default::default()
+                        })
+                        .await;
+                    this.count_kafka_error(Api::SYNC_GROUP.label, result.error);
+                    let response = kp::SyncGroupResponse::default()
+                        .with_error_code(result.error.0)
+                        .with_protocol_type(result.protocol_type.map(s))
+                        .with_protocol_name(result.protocol_name.map(s))
+                        .with_assignment(result.assignment);
+                    finish(respond("SyncGroupResponse", &response))
+                })
+            }
+            Request::Heartbeat(r) => {
+                let code = self
+                    .groups
+                    .heartbeat(&r.group_id, r.generation_id, &r.member_id);
+                self.count_kafka_error(Api::HEARTBEAT.label, code);
+                let response = kp::HeartbeatResponse::default().with_error_code(code.0);
+                ready(finish(respond("HeartbeatResponse", &response)))
+            }
+            Request::LeaveGroup(r) => {
+                let codes = self.groups.leave(&r.group_id, &r.member_ids);
+                let mut response = kp::LeaveGroupResponse::default();
+                if r.batched {
+                    response.members = r
+                        .member_ids
+                        .iter()
+                        .zip(&codes)
+                        .map(|(id, code)| {
+                            kp::leave_group_response::MemberResponse::default()
+                                .with_member_id(s(id.clone()))
+                                .with_error_code(code.0)
+                        })
+                        .collect();
+                } else {
+                    response.error_code = codes.first().map_or(0, |c| c.0);
+                }
+                for code in codes {
+                    self.count_kafka_error(Api::LEAVE_GROUP.label, code);
+                }
+                ready(finish(respond("LeaveGroupResponse", &response)))
+            }
             Request::OffsetCommit(r) => {
                 let this = Arc::clone(self);
                 Box::pin(async move {
@@ -561,13 +657,21 @@ impl Handler {
         }
     }
 
-    /// Commits offsets outside group membership (generation -1, no member id: "simple" consumers
-    /// that assign partitions themselves). Commits from group members wait for the group
-    /// coordinator (JoinGroup is not served yet), so they get UNKNOWN_MEMBER_ID.
+    /// Commits offsets: from a member of the group's current stable generation, or from outside
+    /// group membership (generation -1, no member id: consumers that assign partitions
+    /// themselves) while the group has no members.
     async fn kafka_offset_commit(&self, r: kreq::OffsetCommitRequest) -> kp::OffsetCommitResponse {
         let refusal = if r.group_id.is_empty() {
             Some(ErrorCode::INVALID_GROUP_ID)
         } else if r.generation_id >= 0 || !r.member_id.is_empty() {
+            // A member's commit: it must be in the group's current, stable generation.
+            Some(
+                self.groups
+                    .check_commit(&r.group_id, r.generation_id, &r.member_id),
+            )
+            .filter(|code| *code != ErrorCode::NONE)
+        } else if self.groups.has_members(&r.group_id) {
+            // A commit from outside an active group would race its members.
             Some(ErrorCode::UNKNOWN_MEMBER_ID)
         } else {
             None

@@ -23,6 +23,7 @@
 
 mod config;
 mod embedded;
+mod groups;
 mod handler;
 mod kafka;
 mod manager;
@@ -233,6 +234,9 @@ impl BrokerBuilder {
             kafka_advertised_port,
             producer_ids: Arc::new(producer_ids),
             offsets: Arc::new(offsets),
+            groups: Arc::new(groups::Coordinator::new(std::time::Duration::from_millis(
+                config.group_initial_rebalance_delay_ms,
+            ))),
         });
         let tracker = TaskTracker::new();
         let ready = Arc::new(AtomicBool::new(true));
@@ -266,6 +270,7 @@ impl BrokerBuilder {
         });
         let background = tokio::spawn(background(Arc::clone(&handler), shutdown.clone()));
         let compaction = tokio::spawn(compaction(Arc::clone(&handler), shutdown.clone()));
+        tokio::spawn(group_timer(Arc::clone(&handler), shutdown.clone()));
         tracing::info!(
             native = %native_addr,
             kafka = ?kafka_addr,
@@ -321,6 +326,17 @@ async fn background(handler: Arc<Handler>, shutdown: CancellationToken) {
             .is_err()
         {
             tracing::error!("background task panicked");
+        }
+    }
+}
+
+/// Group sessions and rebalance deadlines, checked every 100 ms.
+async fn group_timer(handler: Arc<Handler>, shutdown: CancellationToken) {
+    let mut timer = tokio::time::interval(std::time::Duration::from_millis(100));
+    loop {
+        tokio::select! {
+            _ = timer.tick() => handler.groups.tick(),
+            () = shutdown.cancelled() => return,
         }
     }
 }

@@ -52,6 +52,10 @@ apis! {
     OFFSET_COMMIT = 8, "OffsetCommit", 2..=8, served from 2, flexible from 8;
     OFFSET_FETCH = 9, "OffsetFetch", 1..=7, served from 1, flexible from 6;
     FIND_COORDINATOR = 10, "FindCoordinator", 0..=4, served from 0, flexible from 3;
+    JOIN_GROUP = 11, "JoinGroup", 0..=7, served from 0, flexible from 6;
+    HEARTBEAT = 12, "Heartbeat", 0..=4, served from 0, flexible from 4;
+    LEAVE_GROUP = 13, "LeaveGroup", 0..=4, served from 0, flexible from 4;
+    SYNC_GROUP = 14, "SyncGroup", 0..=5, served from 0, flexible from 4;
     API_VERSIONS = 18, "ApiVersions", 0..=3, served from 0, flexible from 3;
     CREATE_TOPICS = 19, "CreateTopics", 2..=6, served from 2, flexible from 5;
     DELETE_TOPICS = 20, "DeleteTopics", 1..=5, served from 1, flexible from 4;
@@ -121,6 +125,10 @@ pub enum Request {
     Fetch(FetchRequest),
     ListOffsets(ListOffsetsRequest),
     FindCoordinator(FindCoordinatorRequest),
+    JoinGroup(JoinGroupRequest),
+    Heartbeat(HeartbeatRequest),
+    LeaveGroup(LeaveGroupRequest),
+    SyncGroup(SyncGroupRequest),
     OffsetCommit(OffsetCommitRequest),
     OffsetFetch(OffsetFetchRequest),
     CreateTopics(CreateTopicsRequest),
@@ -237,6 +245,60 @@ pub struct FindCoordinatorRequest {
     pub keys: Vec<String>,
     /// Whether the response is the batched (v4+) form.
     pub batched: bool,
+}
+
+/// JoinGroup.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct JoinGroupRequest {
+    /// The group.
+    pub group_id: String,
+    /// A member not heard from for this long is removed.
+    pub session_timeout_ms: i32,
+    /// v1+: how long a rebalance waits for members to rejoin (v0: the session timeout).
+    pub rebalance_timeout_ms: i32,
+    /// Empty for a new member.
+    pub member_id: String,
+    /// v5+: static membership id.
+    pub group_instance_id: Option<String>,
+    /// "consumer" for consumers.
+    pub protocol_type: String,
+    /// (assignor name, its metadata), in the member's order of preference.
+    pub protocols: Vec<(String, Bytes)>,
+}
+
+/// Heartbeat.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct HeartbeatRequest {
+    /// The group.
+    pub group_id: String,
+    /// The member's generation.
+    pub generation_id: i32,
+    /// The member.
+    pub member_id: String,
+}
+
+/// LeaveGroup.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct LeaveGroupRequest {
+    /// The group.
+    pub group_id: String,
+    /// The members leaving (one before v3).
+    pub member_ids: Vec<String>,
+    /// Whether the response lists members (v3+).
+    pub batched: bool,
+}
+
+/// SyncGroup.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct SyncGroupRequest {
+    /// The group.
+    pub group_id: String,
+    /// The member's generation.
+    pub generation_id: i32,
+    /// The member.
+    pub member_id: String,
+    /// The leader's assignment: (member id, assignment); empty from followers.
+    pub assignments: Vec<(String, Bytes)>,
 }
 
 /// OffsetCommit.
@@ -417,6 +479,10 @@ fn decode_body(api: Api, v: i16, r: &mut Reader) -> Result<Request, DecodeError>
         8 => Request::OffsetCommit(offset_commit(v, r)?),
         9 => Request::OffsetFetch(offset_fetch(v, r)?),
         10 => Request::FindCoordinator(find_coordinator(v, r)?),
+        11 => Request::JoinGroup(join_group(v, r)?),
+        12 => Request::Heartbeat(heartbeat(v, r)?),
+        13 => Request::LeaveGroup(leave_group(v, r)?),
+        14 => Request::SyncGroup(sync_group(v, r)?),
         18 => Request::ApiVersions(api_versions(v, r)?),
         19 => Request::CreateTopics(create_topics(r)?),
         20 => {
@@ -623,6 +689,103 @@ fn find_coordinator(v: i16, r: &mut Reader) -> Result<FindCoordinatorRequest, De
         key_type,
         keys: vec![key],
         batched: false,
+    })
+}
+
+fn join_group(v: i16, r: &mut Reader) -> Result<JoinGroupRequest, DecodeError> {
+    let group_id = r.string("group_id")?;
+    let session_timeout_ms = r.i32("session_timeout_ms")?;
+    let rebalance_timeout_ms = if v >= 1 {
+        r.i32("rebalance_timeout_ms")?
+    } else {
+        session_timeout_ms
+    };
+    let member_id = r.string("member_id")?;
+    let group_instance_id = if v >= 5 {
+        r.nullable_string("group_instance_id")?
+    } else {
+        None
+    };
+    let protocol_type = r.string("protocol_type")?;
+    let min = string_min(r) + array_min(r) + tags_min(r);
+    let protocols = r.array("protocols", min, |r| {
+        let name = r.string("protocols.name")?;
+        let metadata = r.nullable_bytes("protocols.metadata")?.unwrap_or_default();
+        r.tagged_fields("protocols")?;
+        Ok((name, metadata))
+    })?;
+    Ok(JoinGroupRequest {
+        group_id,
+        session_timeout_ms,
+        rebalance_timeout_ms,
+        member_id,
+        group_instance_id,
+        protocol_type,
+        protocols,
+    })
+}
+
+fn heartbeat(v: i16, r: &mut Reader) -> Result<HeartbeatRequest, DecodeError> {
+    let request = HeartbeatRequest {
+        group_id: r.string("group_id")?,
+        generation_id: r.i32("generation_id")?,
+        member_id: r.string("member_id")?,
+    };
+    if v >= 3 {
+        r.nullable_string("group_instance_id")?;
+    }
+    Ok(request)
+}
+
+fn leave_group(v: i16, r: &mut Reader) -> Result<LeaveGroupRequest, DecodeError> {
+    let group_id = r.string("group_id")?;
+    if v < 3 {
+        let member_id = r.string("member_id")?;
+        return Ok(LeaveGroupRequest {
+            group_id,
+            member_ids: vec![member_id],
+            batched: false,
+        });
+    }
+    let min = 2 * string_min(r) + tags_min(r);
+    let member_ids = r.array("members", min, |r| {
+        let id = r.string("members.member_id")?;
+        r.nullable_string("members.group_instance_id")?;
+        r.tagged_fields("members")?;
+        Ok(id)
+    })?;
+    Ok(LeaveGroupRequest {
+        group_id,
+        member_ids,
+        batched: true,
+    })
+}
+
+fn sync_group(v: i16, r: &mut Reader) -> Result<SyncGroupRequest, DecodeError> {
+    let group_id = r.string("group_id")?;
+    let generation_id = r.i32("generation_id")?;
+    let member_id = r.string("member_id")?;
+    if v >= 3 {
+        r.nullable_string("group_instance_id")?;
+    }
+    if v >= 5 {
+        r.nullable_string("protocol_type")?;
+        r.nullable_string("protocol_name")?;
+    }
+    let min = string_min(r) + array_min(r) + tags_min(r);
+    let assignments = r.array("assignments", min, |r| {
+        let id = r.string("assignments.member_id")?;
+        let assignment = r
+            .nullable_bytes("assignments.assignment")?
+            .unwrap_or_default();
+        r.tagged_fields("assignments")?;
+        Ok((id, assignment))
+    })?;
+    Ok(SyncGroupRequest {
+        group_id,
+        generation_id,
+        member_id,
+        assignments,
     })
 }
 

@@ -357,10 +357,10 @@ fn unserved_apis_and_versions_are_reported_with_their_correlation_id() {
         other => panic!("{other:?}"),
     }
     let mut bytes = BytesMut::from(&frame(Api::METADATA, 1, &body)[..]);
-    bytes[1] = 11; // JoinGroup: not served yet
+    bytes[1] = 15; // DescribeGroups: not served yet
     assert!(matches!(
         decode(bytes.freeze()),
-        Err(RequestError::UnknownApi { api_key: 11, .. })
+        Err(RequestError::UnknownApi { api_key: 15, .. })
     ));
     // Produce v2 is advertised (for librdkafka's feature detection) but not served.
     assert!(!Api::PRODUCE.serves(2) && Api::PRODUCE.serves(3));
@@ -540,5 +540,104 @@ fn group_offset_apis_at_every_served_version() {
             };
             assert_eq!(got.topics, None, "v{v}");
         }
+    }
+}
+
+#[test]
+fn group_membership_apis_at_every_served_version() {
+    for v in served(Api::JOIN_GROUP) {
+        let body = JoinGroupRequest::default()
+            .with_group_id(GroupId(s("g")))
+            .with_session_timeout_ms(6000)
+            .with_rebalance_timeout_ms(if v >= 1 { 30_000 } else { -1 })
+            .with_member_id(s("m-1"))
+            .with_protocol_type(s("consumer"))
+            .with_protocols(vec![
+                join_group_request::JoinGroupRequestProtocol::default()
+                    .with_name(s("range"))
+                    .with_metadata(Bytes::from_static(b"subscription")),
+            ]);
+        let Request::JoinGroup(got) = decoded(Api::JOIN_GROUP, v, frame(Api::JOIN_GROUP, v, &body))
+        else {
+            panic!()
+        };
+        assert_eq!(
+            (
+                got.group_id.as_str(),
+                got.session_timeout_ms,
+                got.member_id.as_str()
+            ),
+            ("g", 6000, "m-1")
+        );
+        assert_eq!(
+            got.rebalance_timeout_ms,
+            if v >= 1 { 30_000 } else { 6000 },
+            "v{v}"
+        );
+        assert_eq!(
+            got.protocols,
+            vec![("range".to_string(), Bytes::from_static(b"subscription"))]
+        );
+    }
+    for v in served(Api::SYNC_GROUP) {
+        let body = SyncGroupRequest::default()
+            .with_group_id(GroupId(s("g")))
+            .with_generation_id(3)
+            .with_member_id(s("m-1"))
+            .with_assignments(vec![
+                sync_group_request::SyncGroupRequestAssignment::default()
+                    .with_member_id(s("m-2"))
+                    .with_assignment(Bytes::from_static(b"parts")),
+            ]);
+        let Request::SyncGroup(got) = decoded(Api::SYNC_GROUP, v, frame(Api::SYNC_GROUP, v, &body))
+        else {
+            panic!()
+        };
+        assert_eq!((got.generation_id, got.member_id.as_str()), (3, "m-1"));
+        assert_eq!(
+            got.assignments,
+            vec![("m-2".to_string(), Bytes::from_static(b"parts"))],
+            "v{v}"
+        );
+    }
+    for v in served(Api::HEARTBEAT) {
+        let body = HeartbeatRequest::default()
+            .with_group_id(GroupId(s("g")))
+            .with_generation_id(4)
+            .with_member_id(s("m-1"));
+        let Request::Heartbeat(got) = decoded(Api::HEARTBEAT, v, frame(Api::HEARTBEAT, v, &body))
+        else {
+            panic!()
+        };
+        assert_eq!(
+            (got.generation_id, got.member_id.as_str()),
+            (4, "m-1"),
+            "v{v}"
+        );
+    }
+    for v in served(Api::LEAVE_GROUP) {
+        let body = if v >= 3 {
+            LeaveGroupRequest::default()
+                .with_group_id(GroupId(s("g")))
+                .with_members(vec![
+                    leave_group_request::MemberIdentity::default().with_member_id(s("m-1")),
+                    leave_group_request::MemberIdentity::default().with_member_id(s("m-2")),
+                ])
+        } else {
+            LeaveGroupRequest::default()
+                .with_group_id(GroupId(s("g")))
+                .with_member_id(s("m-1"))
+        };
+        let Request::LeaveGroup(got) =
+            decoded(Api::LEAVE_GROUP, v, frame(Api::LEAVE_GROUP, v, &body))
+        else {
+            panic!()
+        };
+        let want: Vec<String> = if v >= 3 {
+            vec!["m-1".into(), "m-2".into()]
+        } else {
+            vec!["m-1".into()]
+        };
+        assert_eq!(got.member_ids, want, "v{v}");
     }
 }

@@ -3,7 +3,7 @@
 use std::fmt;
 
 /// A protocol error code (`int16`). `0` is success.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub struct ErrorCode(pub i16);
 
 macro_rules! codes {
@@ -58,8 +58,12 @@ codes! {
     RECORD_LIST_TOO_LARGE = 18, false, "the request's records exceed the frame limit";
     NOT_ENOUGH_REPLICAS = 19, true, "too few in-sync replicas to accept the write";
     INVALID_REQUIRED_ACKS = 21, false, "acks must be 0, 1 or -1 (all)";
+    ILLEGAL_GENERATION = 22, false, "the member's generation is not the group's current one: rejoin";
+    INCONSISTENT_GROUP_PROTOCOL = 23, false, "the member's protocol type or assignors do not match the group's";
     INVALID_GROUP_ID = 24, false, "the group id is empty or not valid";
     UNKNOWN_MEMBER_ID = 25, false, "the member is not in the group's current generation";
+    INVALID_SESSION_TIMEOUT = 26, false, "the session timeout is outside 1 s ..= 30 min";
+    REBALANCE_IN_PROGRESS = 27, false, "the group is rebalancing: rejoin";
     UNSUPPORTED_VERSION = 35, false, "the broker does not support this API version";
     TOPIC_ALREADY_EXISTS = 36, false, "a topic with this name exists";
     INVALID_PARTITIONS = 37, false, "the partition count is not valid";
@@ -71,6 +75,7 @@ codes! {
     INVALID_PRODUCER_EPOCH = 47, false, "an idempotent producer's epoch is older than the current one";
     TRANSACTIONAL_ID_AUTHORIZATION_FAILED = 53, false, "transactions are not supported";
     KAFKA_STORAGE_ERROR = 56, true, "the partition's log is offline after an I/O error";
+    MEMBER_ID_REQUIRED = 79, false, "a new member must rejoin with the member id it was given (KIP-394)";
     INVALID_RECORD = 87, false, "a batch breaks a broker rule (transactional or control batch, several idempotent batches)";
 
 }

@@ -1,0 +1,627 @@
+//! The group coordinator: Kafka's classic group protocol (JoinGroup, SyncGroup, Heartbeat,
+//! LeaveGroup), for every group (one node coordinates all of them).
+//!
+//! A group moves Empty -> PreparingRebalance (members join; existing members learn of it from
+//! their heartbeat and rejoin) -> CompletingRebalance (every member got its JoinGroup answer,
+//! the leader with everyone's subscriptions; all wait in SyncGroup) -> Stable (the leader's
+//! SyncGroup carried the assignments, handed to every member). A member not heard from within its
+//! session timeout, or not rejoining within the rebalance timeout, is removed and the others
+//! rebalance. JoinGroup and SyncGroup answers wait on channels, so the connection's other requests
+//! go on meanwhile; a timer (`tick`) drives timeouts and delayed joins.
+//!
+//! Membership lives in memory: after a broker restart members are unknown, get
+//! UNKNOWN_MEMBER_ID, and rejoin (committed offsets are durable, in `offsets.rs`).
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use cairn_protocol::native::ErrorCode;
+use tokio::sync::oneshot;
+
+/// An answer now, or one that comes when the group gets there.
+#[derive(Debug)]
+pub enum Answer<T> {
+    /// Answered at once.
+    Ready(T),
+    /// Answered when the rebalance (or the leader's assignment) completes.
+    Later(oneshot::Receiver<T>),
+}
+
+impl<T> Answer<T> {
+    /// Waits for the answer; `lost` stands in if the group dropped the request.
+    pub async fn get(self, lost: impl FnOnce() -> T) -> T {
+        match self {
+            Answer::Ready(answer) => answer,
+            Answer::Later(rx) => rx.await.unwrap_or_else(|_| lost()),
+        }
+    }
+}
+
+/// What a JoinGroup is answered with.
+#[derive(Debug, Clone, Default)]
+pub struct JoinResult {
+    /// Error, or NONE.
+    pub error: ErrorCode,
+    /// The new generation.
+    pub generation: i32,
+    /// The group's protocol type ("consumer").
+    pub protocol_type: Option<String>,
+    /// The chosen assignor.
+    pub protocol_name: Option<String>,
+    /// The leader's member id.
+    pub leader: String,
+    /// This member's id.
+    pub member_id: String,
+    /// For the leader: every member (id, instance id, metadata for the chosen assignor).
+    pub members: Vec<(String, Option<String>, Bytes)>,
+}
+
+/// What a SyncGroup is answered with.
+#[derive(Debug, Clone, Default)]
+pub struct SyncResult {
+    /// Error, or NONE.
+    pub error: ErrorCode,
+    /// The group's protocol type.
+    pub protocol_type: Option<String>,
+    /// The chosen assignor.
+    pub protocol_name: Option<String>,
+    /// This member's assignment.
+    pub assignment: Bytes,
+}
+
+/// A group's state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GroupState {
+    /// No members.
+    Empty,
+    /// Waiting for members to (re)join.
+    PreparingRebalance,
+    /// Waiting for the leader's assignment.
+    CompletingRebalance,
+    /// Everyone has an assignment.
+    Stable,
+}
+
+#[derive(Debug)]
+struct Member {
+    instance_id: Option<String>,
+    session: Duration,
+    rebalance: Duration,
+    protocols: Vec<(String, Bytes)>,
+    last_seen: Instant,
+    join: Option<oneshot::Sender<JoinResult>>,
+    sync: Option<oneshot::Sender<SyncResult>>,
+    assignment: Bytes,
+}
+
+#[derive(Debug)]
+struct Group {
+    state: GroupState,
+    generation: i32,
+    protocol_type: Option<String>,
+    protocol: Option<String>,
+    leader: Option<String>,
+    members: BTreeMap<String, Member>,
+    /// Member ids handed out with MEMBER_ID_REQUIRED, not joined yet.
+    pending: BTreeMap<String, Instant>,
+    /// When a rebalance gives up on members that did not rejoin.
+    deadline: Instant,
+    /// A new group waits this long for more members before its first generation.
+    not_before: Instant,
+}
+
+/// The coordinator of every group on this node.
+#[derive(Debug)]
+pub struct Coordinator {
+    groups: Mutex<HashMap<String, Group>>,
+    initial_delay: Duration,
+    next_id: std::sync::atomic::AtomicU64,
+}
+
+/// Session timeouts accepted (Kafka `group.min/max.session.timeout.ms`, with a lower minimum).
+const SESSION_MS: std::ops::RangeInclusive<i32> = 1_000..=1_800_000;
+
+fn fail_join(error: ErrorCode, member_id: String) -> JoinResult {
+    JoinResult {
+        error,
+        generation: -1,
+        member_id,
+        ..JoinResult::default()
+    }
+}
+
+fn fail_sync(error: ErrorCode) -> SyncResult {
+    SyncResult {
+        error,
+        ..SyncResult::default()
+    }
+}
+
+impl Group {
+    fn new(now: Instant) -> Group {
+        Group {
+            state: GroupState::Empty,
+            generation: 0,
+            protocol_type: None,
+            protocol: None,
+            leader: None,
+            members: BTreeMap::new(),
+            pending: BTreeMap::new(),
+            deadline: now,
+            not_before: now,
+        }
+    }
+
+    /// Starts a rebalance (members learn of it from JoinGroup or their next heartbeat).
+    fn prepare(&mut self, now: Instant, initial_delay: Duration) {
+        if self.state == GroupState::PreparingRebalance {
+            return;
+        }
+        // Members waiting in SyncGroup must rejoin.
+        for member in self.members.values_mut() {
+            if let Some(sync) = member.sync.take() {
+                let _ = sync.send(fail_sync(ErrorCode::REBALANCE_IN_PROGRESS));
+            }
+        }
+        let rebalance = self
+            .members
+            .values()
+            .map(|m| m.rebalance)
+            .max()
+            .unwrap_or(Duration::from_secs(60));
+        if self.state == GroupState::Empty {
+            self.not_before = now + initial_delay.min(rebalance);
+        }
+        self.deadline = now + rebalance;
+        self.state = GroupState::PreparingRebalance;
+    }
+
+    /// Completes the join phase if every member rejoined (and a new group waited its initial
+    /// delay), or if the rebalance timed out (dropping members that did not rejoin).
+    fn maybe_complete_join(&mut self, now: Instant) {
+        if self.state != GroupState::PreparingRebalance {
+            return;
+        }
+        let all_joined = self.members.values().all(|m| m.join.is_some());
+        let timed_out = now >= self.deadline;
+        if !(timed_out || (all_joined && now >= self.not_before)) {
+            return;
+        }
+        if timed_out {
+            self.members.retain(|_, m| m.join.is_some());
+        }
+        self.generation += 1;
+        if self.members.is_empty() {
+            self.state = GroupState::Empty;
+            self.protocol = None;
+            self.leader = None;
+            return;
+        }
+        // The first assignor of the leader's list that every member supports.
+        let leader = self
+            .leader
+            .clone()
+            .filter(|l| self.members.contains_key(l))
+            .or_else(|| self.members.keys().next().cloned())
+            .unwrap_or_default();
+        let candidates: Vec<String> = self
+            .members
+            .get(&leader)
+            .map(|m| m.protocols.iter().map(|(n, _)| n.clone()).collect())
+            .unwrap_or_default();
+        let chosen = candidates.into_iter().find(|name| {
+            self.members
+                .values()
+                .all(|m| m.protocols.iter().any(|(n, _)| n == name))
+        });
+        let Some(chosen) = chosen else {
+            for (id, member) in std::mem::take(&mut self.members) {
+                if let Some(join) = member.join {
+                    let _ = join.send(fail_join(ErrorCode::INCONSISTENT_GROUP_PROTOCOL, id));
+                }
+            }
+            self.state = GroupState::Empty;
+            return;
+        };
+        self.protocol = Some(chosen.clone());
+        self.leader = Some(leader.clone());
+        self.state = GroupState::CompletingRebalance;
+        let roster: Vec<(String, Option<String>, Bytes)> = self
+            .members
+            .iter()
+            .map(|(id, m)| {
+                let metadata = m
+                    .protocols
+                    .iter()
+                    .find(|(n, _)| *n == chosen)
+                    .map(|(_, b)| b.clone())
+                    .unwrap_or_default();
+                (id.clone(), m.instance_id.clone(), metadata)
+            })
+            .collect();
+        for (id, member) in &mut self.members {
+            member.last_seen = now;
+            member.assignment = Bytes::new();
+            if let Some(join) = member.join.take() {
+                let _ = join.send(JoinResult {
+                    error: ErrorCode::NONE,
+                    generation: self.generation,
+                    protocol_type: self.protocol_type.clone(),
+                    protocol_name: Some(chosen.clone()),
+                    leader: leader.clone(),
+                    member_id: id.clone(),
+                    members: if *id == leader {
+                        roster.clone()
+                    } else {
+                        Vec::new()
+                    },
+                });
+            }
+        }
+    }
+
+    fn remove(&mut self, id: &str, now: Instant, initial_delay: Duration) {
+        if let Some(member) = self.members.remove(id) {
+            if let Some(join) = member.join {
+                let _ = join.send(fail_join(ErrorCode::UNKNOWN_MEMBER_ID, id.to_string()));
+            }
+            if let Some(sync) = member.sync {
+                let _ = sync.send(fail_sync(ErrorCode::UNKNOWN_MEMBER_ID));
+            }
+            if self.members.is_empty() {
+                self.state = GroupState::Empty;
+                self.generation += 1;
+                self.protocol = None;
+                self.leader = None;
+            } else {
+                self.prepare(now, initial_delay);
+                self.maybe_complete_join(now);
+            }
+        }
+    }
+}
+
+impl Coordinator {
+    /// A coordinator; a new group waits `initial_delay` for more members before its first
+    /// generation (Kafka `group.initial.rebalance.delay.ms`).
+    pub fn new(initial_delay: Duration) -> Coordinator {
+        Coordinator {
+            groups: Mutex::new(HashMap::new()),
+            initial_delay,
+            next_id: std::sync::atomic::AtomicU64::new(1),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Group>> {
+        self.groups
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// A JoinGroup: an immediate answer (an error, or MEMBER_ID_REQUIRED with a new id), or a
+    /// channel answered when the rebalance completes.
+    #[allow(clippy::too_many_arguments)]
+    pub fn join(
+        &self,
+        group_id: &str,
+        member_id: &str,
+        instance_id: Option<String>,
+        client_id: &str,
+        protocol_type: &str,
+        protocols: Vec<(String, Bytes)>,
+        session_ms: i32,
+        rebalance_ms: i32,
+        require_known_member_id: bool,
+    ) -> Answer<JoinResult> {
+        if group_id.is_empty() {
+            return Answer::Ready(fail_join(ErrorCode::INVALID_GROUP_ID, member_id.into()));
+        }
+        if !SESSION_MS.contains(&session_ms) {
+            return Answer::Ready(fail_join(
+                ErrorCode::INVALID_SESSION_TIMEOUT,
+                member_id.into(),
+            ));
+        }
+        let now = Instant::now();
+        let mut groups = self.lock();
+        let group = groups
+            .entry(group_id.to_string())
+            .or_insert_with(|| Group::new(now));
+        if protocols.is_empty()
+            || group
+                .protocol_type
+                .as_deref()
+                .is_some_and(|t| t != protocol_type && !group.members.is_empty())
+        {
+            return Answer::Ready(fail_join(
+                ErrorCode::INCONSISTENT_GROUP_PROTOCOL,
+                member_id.into(),
+            ));
+        }
+        let member_id = if member_id.is_empty() {
+            let n = self
+                .next_id
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let id = format!("{client_id}-{n:016x}-{:08x}", rand_u32(n));
+            if require_known_member_id {
+                // KIP-394: the client rejoins with this id.
+                group.pending.insert(id.clone(), now);
+                return Answer::Ready(fail_join(ErrorCode::MEMBER_ID_REQUIRED, id));
+            }
+            id
+        } else if group.members.contains_key(member_id) || group.pending.remove(member_id).is_some()
+        {
+            member_id.to_string()
+        } else {
+            return Answer::Ready(fail_join(ErrorCode::UNKNOWN_MEMBER_ID, member_id.into()));
+        };
+        let (tx, rx) = oneshot::channel();
+        let session = Duration::from_millis(session_ms as u64);
+        let rebalance = Duration::from_millis(rebalance_ms.max(session_ms) as u64);
+        let member = group.members.entry(member_id).or_insert_with(|| Member {
+            instance_id: None,
+            session,
+            rebalance,
+            protocols: Vec::new(),
+            last_seen: now,
+            join: None,
+            sync: None,
+            assignment: Bytes::new(),
+        });
+        member.instance_id = instance_id;
+        member.protocols = protocols;
+        member.session = session;
+        member.rebalance = rebalance;
+        member.last_seen = now;
+        if let Some(old) = member.join.replace(tx) {
+            let _ = old.send(fail_join(ErrorCode::REBALANCE_IN_PROGRESS, String::new()));
+        }
+        group.protocol_type = Some(protocol_type.to_string());
+        group.prepare(now, self.initial_delay);
+        group.maybe_complete_join(now);
+        Answer::Later(rx)
+    }
+
+    /// A SyncGroup: an immediate answer, or a channel answered when the leader's assignment
+    /// arrives.
+    pub fn sync(
+        &self,
+        group_id: &str,
+        generation: i32,
+        member_id: &str,
+        assignments: Vec<(String, Bytes)>,
+    ) -> Answer<SyncResult> {
+        let mut groups = self.lock();
+        let Some(group) = groups.get_mut(group_id) else {
+            return Answer::Ready(fail_sync(ErrorCode::UNKNOWN_MEMBER_ID));
+        };
+        if !group.members.contains_key(member_id) {
+            return Answer::Ready(fail_sync(ErrorCode::UNKNOWN_MEMBER_ID));
+        }
+        if generation != group.generation {
+            return Answer::Ready(fail_sync(ErrorCode::ILLEGAL_GENERATION));
+        }
+        let (protocol_type, protocol_name) = (group.protocol_type.clone(), group.protocol.clone());
+        let answer = |assignment: Bytes| SyncResult {
+            error: ErrorCode::NONE,
+            protocol_type: protocol_type.clone(),
+            protocol_name: protocol_name.clone(),
+            assignment,
+        };
+        match group.state {
+            GroupState::Empty | GroupState::PreparingRebalance => {
+                Answer::Ready(fail_sync(ErrorCode::REBALANCE_IN_PROGRESS))
+            }
+            GroupState::Stable => Answer::Ready(answer(
+                group
+                    .members
+                    .get(member_id)
+                    .map(|m| m.assignment.clone())
+                    .unwrap_or_default(),
+            )),
+            GroupState::CompletingRebalance => {
+                let (tx, rx) = oneshot::channel();
+                if let Some(member) = group.members.get_mut(member_id) {
+                    member.sync = Some(tx);
+                    member.last_seen = Instant::now();
+                }
+                if group.leader.as_deref() == Some(member_id) {
+                    for (id, assignment) in assignments {
+                        if let Some(member) = group.members.get_mut(&id) {
+                            member.assignment = assignment;
+                        }
+                    }
+                    group.state = GroupState::Stable;
+                    for member in group.members.values_mut() {
+                        if let Some(sync) = member.sync.take() {
+                            let _ = sync.send(answer(member.assignment.clone()));
+                        }
+                    }
+                }
+                Answer::Later(rx)
+            }
+        }
+    }
+
+    /// A Heartbeat.
+    pub fn heartbeat(&self, group_id: &str, generation: i32, member_id: &str) -> ErrorCode {
+        let mut groups = self.lock();
+        let Some(member_group) = groups.get_mut(group_id) else {
+            return ErrorCode::UNKNOWN_MEMBER_ID;
+        };
+        let state = member_group.state;
+        let current = member_group.generation;
+        let Some(member) = member_group.members.get_mut(member_id) else {
+            return ErrorCode::UNKNOWN_MEMBER_ID;
+        };
+        member.last_seen = Instant::now();
+        if state == GroupState::PreparingRebalance {
+            return ErrorCode::REBALANCE_IN_PROGRESS;
+        }
+        if generation != current {
+            return ErrorCode::ILLEGAL_GENERATION;
+        }
+        ErrorCode::NONE
+    }
+
+    /// A LeaveGroup: per member, NONE or UNKNOWN_MEMBER_ID.
+    pub fn leave(&self, group_id: &str, member_ids: &[String]) -> Vec<ErrorCode> {
+        let now = Instant::now();
+        let mut groups = self.lock();
+        let Some(group) = groups.get_mut(group_id) else {
+            return vec![ErrorCode::UNKNOWN_MEMBER_ID; member_ids.len()];
+        };
+        member_ids
+            .iter()
+            .map(|id| {
+                if group.members.contains_key(id) {
+                    group.remove(id, now, self.initial_delay);
+                    ErrorCode::NONE
+                } else {
+                    ErrorCode::UNKNOWN_MEMBER_ID
+                }
+            })
+            .collect()
+    }
+
+    /// Whether a member may commit offsets for `group_id` at `generation`.
+    pub fn check_commit(&self, group_id: &str, generation: i32, member_id: &str) -> ErrorCode {
+        let groups = self.lock();
+        let Some(group) = groups.get(group_id) else {
+            return ErrorCode::UNKNOWN_MEMBER_ID;
+        };
+        if !group.members.contains_key(member_id) {
+            return ErrorCode::UNKNOWN_MEMBER_ID;
+        }
+        if generation != group.generation {
+            return ErrorCode::ILLEGAL_GENERATION;
+        }
+        if group.state != GroupState::Stable {
+            return ErrorCode::REBALANCE_IN_PROGRESS;
+        }
+        ErrorCode::NONE
+    }
+
+    /// Whether the group has members (commits outside membership are refused then).
+    pub fn has_members(&self, group_id: &str) -> bool {
+        self.lock()
+            .get(group_id)
+            .is_some_and(|g| !g.members.is_empty())
+    }
+
+    /// Expires members past their session timeout and completes due rebalances.
+    pub fn tick(&self) {
+        let now = Instant::now();
+        let mut groups = self.lock();
+        for (name, group) in groups.iter_mut() {
+            let expired: Vec<String> = group
+                .members
+                .iter()
+                .filter(|(_, m)| m.join.is_none() && now.duration_since(m.last_seen) > m.session)
+                .map(|(id, _)| id.clone())
+                .collect();
+            for id in expired {
+                tracing::info!(group = %name, member = %id, "member session expired");
+                group.remove(&id, now, self.initial_delay);
+            }
+            group
+                .pending
+                .retain(|_, at| now.duration_since(*at) < Duration::from_secs(300));
+            group.maybe_complete_join(now);
+        }
+        groups.retain(|_, g| g.state != GroupState::Empty || !g.pending.is_empty());
+    }
+}
+
+/// A little entropy for member ids (unique by the counter already; this only makes them hard to
+/// guess across restarts).
+fn rand_u32(n: u64) -> u32 {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    crc32fast::hash(&[n.to_le_bytes(), u64::from(nanos).to_le_bytes()].concat())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn join(c: &Coordinator, id: &str) -> Answer<JoinResult> {
+        c.join(
+            "g",
+            id,
+            None,
+            "client",
+            "consumer",
+            vec![("range".into(), Bytes::from_static(b"meta"))],
+            10_000,
+            10_000,
+            true,
+        )
+    }
+
+    #[tokio::test]
+    async fn two_members_join_sync_and_rebalance_when_one_leaves() {
+        // The initial delay lets both members into the first generation; a ticker drives it, as
+        // the broker's timer does.
+        let c = std::sync::Arc::new(Coordinator::new(Duration::from_millis(100)));
+        let ticker = {
+            let c = std::sync::Arc::clone(&c);
+            tokio::spawn(async move {
+                loop {
+                    c.tick();
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            })
+        };
+        let lost = || fail_join(ErrorCode::UNKNOWN_MEMBER_ID, String::new());
+        let a = join(&c, "").get(lost).await;
+        assert_eq!(a.error, ErrorCode::MEMBER_ID_REQUIRED);
+        let b = join(&c, "").get(lost).await;
+        let ja = join(&c, &a.member_id);
+        let jb = join(&c, &b.member_id);
+        let (ja, jb) = (ja.get(lost).await, jb.get(lost).await);
+        assert_eq!((ja.error, jb.error), (ErrorCode::NONE, ErrorCode::NONE));
+        assert_eq!(ja.generation, jb.generation);
+        let leader = if ja.members.is_empty() { &jb } else { &ja };
+        assert_eq!(leader.members.len(), 2);
+        let follower = if ja.members.is_empty() { &ja } else { &jb };
+        let lost_sync = || fail_sync(ErrorCode::UNKNOWN_MEMBER_ID);
+        let fs = c.sync("g", follower.generation, &follower.member_id, vec![]);
+        let ls = c.sync(
+            "g",
+            leader.generation,
+            &leader.member_id,
+            vec![
+                (leader.member_id.clone(), Bytes::from_static(b"L")),
+                (follower.member_id.clone(), Bytes::from_static(b"F")),
+            ],
+        );
+        assert_eq!(&ls.get(lost_sync).await.assignment[..], b"L");
+        assert_eq!(&fs.get(lost_sync).await.assignment[..], b"F");
+        assert_eq!(
+            c.heartbeat("g", leader.generation, &leader.member_id),
+            ErrorCode::NONE
+        );
+        // The follower leaves: the leader hears of a rebalance and rejoins alone.
+        assert_eq!(
+            c.leave("g", std::slice::from_ref(&follower.member_id)),
+            vec![ErrorCode::NONE]
+        );
+        assert_eq!(
+            c.heartbeat("g", leader.generation, &leader.member_id),
+            ErrorCode::REBALANCE_IN_PROGRESS
+        );
+        let again = join(&c, &leader.member_id).get(lost).await;
+        assert_eq!(again.generation, leader.generation + 1);
+        assert_eq!(again.members.len(), 1);
+        assert_eq!(
+            c.heartbeat("g", leader.generation, &leader.member_id),
+            ErrorCode::ILLEGAL_GENERATION
+        );
+        ticker.abort();
+    }
+}

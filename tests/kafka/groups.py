@@ -1,0 +1,197 @@
+#!/usr/bin/env python3
+"""A consumer group of confluent-kafka consumers against a real Cairn broker (tests/it/kafka.rs).
+
+    groups.py run BOOTSTRAP TOPIC GROUP     # the scenario below; exits non-zero on a failed check
+    groups.py member BOOTSTRAP TOPIC GROUP NAME   # one member process (started by `run`)
+
+Scenario: 6,000 keyed records in a 6-partition topic; three member processes subscribe (range
+assignor, session timeout 6 s); each prints, as JSON lines with a timestamp, every assignment and
+revocation and every record it processed, committing after processing. Checks: no partition is
+owned by two members at overlapping times; after `kill -9` of one member its partitions move to
+the others within the session timeout plus a margin; every record is processed at least once
+(commits after processing: none skipped). Then a fourth member joins and the time until every
+member has its new assignment is printed.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+N_RECORDS = 6000
+PARTITIONS = 6
+
+
+def member(bootstrap, topic, group, name):
+    from confluent_kafka import Consumer
+
+    def say(**kv):
+        print(json.dumps({"name": name, "t": time.time(), **kv}), flush=True)
+
+    c = Consumer({
+        "bootstrap.servers": bootstrap,
+        "group.id": group,
+        "enable.auto.commit": False,
+        "auto.offset.reset": "earliest",
+        "session.timeout.ms": 6000,
+        "heartbeat.interval.ms": 500,
+        "partition.assignment.strategy": "range",
+    })
+
+    def on_assign(consumer, partitions):
+        say(assigned=sorted(p.partition for p in partitions))
+
+    def on_revoke(consumer, partitions):
+        try:
+            consumer.commit(asynchronous=False)
+        except Exception:
+            pass
+        say(revoked=sorted(p.partition for p in partitions))
+
+    c.subscribe([topic], on_assign=on_assign, on_revoke=on_revoke)
+    processed = 0
+    while True:
+        for m in c.consume(100, 0.2):
+            if m.error():
+                continue
+            say(p=m.partition(), o=m.offset())
+            processed += 1
+        if processed:
+            try:
+                c.commit(asynchronous=False)
+            except Exception:
+                pass
+            processed = 0
+
+
+def run(bootstrap, topic, group):
+    from confluent_kafka import Producer
+    from confluent_kafka.admin import AdminClient, NewTopic
+
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    for f in admin.create_topics([NewTopic(topic, num_partitions=PARTITIONS, replication_factor=1)]).values():
+        f.result()
+    p = Producer({"bootstrap.servers": bootstrap, "partitioner": "murmur2_random"})
+    for i in range(N_RECORDS):
+        p.produce(topic, key=f"k{i}", value=f"v{i}")
+        if i % 1000 == 0:
+            p.poll(0)
+    assert p.flush(30) == 0
+
+    lock = threading.Lock()
+    owned = {}  # partition -> (member, since)
+    intervals = []  # (partition, member, start, end)
+    seen = set()
+    assigned_at = {}  # member -> time of its latest assignment
+    errors = []
+
+    def watch(proc, name):
+        for line in proc.stdout:
+            try:
+                ev = json.loads(line)
+            except ValueError:
+                continue
+            with lock:
+                if "assigned" in ev:
+                    assigned_at[name] = ev["t"]
+                    for part in ev["assigned"]:
+                        holder = owned.get(part)
+                        if holder and holder[0] != name:
+                            errors.append(f"partition {part} assigned to {name} while {holder[0]} owns it")
+                        owned[part] = (name, ev["t"])
+                elif "revoked" in ev:
+                    for part in ev["revoked"]:
+                        holder = owned.get(part)
+                        if holder and holder[0] == name:
+                            intervals.append((part, name, holder[1], ev["t"]))
+                            del owned[part]
+                elif "p" in ev:
+                    seen.add((ev["p"], ev["o"]))
+
+    procs = {}
+
+    def start(name):
+        proc = subprocess.Popen(
+            [sys.executable, __file__, "member", bootstrap, topic, group, name],
+            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        procs[name] = proc
+        threading.Thread(target=watch, args=(proc, name), daemon=True).start()
+
+    def wait_for(cond, timeout, what):
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            with lock:
+                if cond():
+                    return
+            time.sleep(0.05)
+        with lock:
+            raise SystemExit(f"FAIL: {what} (owned {owned}, seen {len(seen)})")
+
+    try:
+        for name in ("m1", "m2", "m3"):
+            start(name)
+        wait_for(lambda: len(owned) == PARTITIONS and len({m for m, _ in owned.values()}) == 3,
+                 60, "three members sharing six partitions")
+        print(f"ok: three members own {dict((k, v[0]) for k, v in sorted(owned.items()))}", flush=True)
+        wait_for(lambda: len(seen) >= N_RECORDS // 3, 60, "records flowing")
+        # kill -9 one member: its partitions move once its session expires.
+        victim = "m2"
+        with lock:
+            victim_parts = [p for p, (m, _) in owned.items() if m == victim]
+        killed = time.time()
+        procs[victim].send_signal(signal.SIGKILL)
+        procs[victim].wait()
+        # Its ownership ends at the kill (it cannot print a revocation).
+        with lock:
+            for part in victim_parts:
+                if owned.get(part, ("",))[0] == victim:
+                    intervals.append((part, victim, owned[part][1], killed))
+                    del owned[part]
+        wait_for(lambda: all(part in owned and owned[part][0] != victim for part in victim_parts),
+                 20, f"{victim}'s partitions {victim_parts} moving to the others")
+        moved = max(owned[p][1] for p in victim_parts) - killed
+        print(f"ok: after kill -9 of {victim}, its partitions moved in {moved:.2f} s (session timeout 6 s)", flush=True)
+        assert moved < 15, moved
+        def complete():
+            by_partition = {}
+            for p, o in seen:
+                by_partition.setdefault(p, set()).add(o)
+            return len(seen) >= N_RECORDS and all(
+                offsets == set(range(len(offsets))) for offsets in by_partition.values())
+
+        wait_for(complete, 60, "every record processed")
+        print(f"ok: all {N_RECORDS} records processed at least once", flush=True)
+        # A fourth member joins: time until every live member has its new assignment.
+        joined = time.time()
+        start("m4")
+        wait_for(lambda: all(assigned_at.get(m, 0) >= joined for m in ("m1", "m3", "m4")), 30,
+                 "a fourth member joining")
+        with lock:
+            done = max(assigned_at[m] for m in ("m1", "m3", "m4"))
+        print(f"ok: a member joining a group of two took {done - joined:.2f} s until every member had its assignment", flush=True)
+        with lock:
+            for part, (name, since) in owned.items():
+                intervals.append((part, name, since, time.time()))
+            if errors:
+                raise SystemExit(f"FAIL: {errors[:3]}")
+            for part in range(PARTITIONS):
+                spans = sorted((s, e, n) for p, n, s, e in intervals if p == part)
+                for (s1, e1, n1), (s2, e2, n2) in zip(spans, spans[1:]):
+                    if s2 < e1 and n1 != n2:
+                        raise SystemExit(f"FAIL: partition {part} owned by {n1} and {n2} at once")
+        print("ok: no partition was owned by two members at once", flush=True)
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGKILL)
+                proc.wait()
+
+
+if __name__ == "__main__":
+    if sys.argv[1] == "member":
+        member(*sys.argv[2:6])
+    else:
+        run(*sys.argv[2:5])
