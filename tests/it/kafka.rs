@@ -637,8 +637,8 @@ fn committed_offsets_survive_kill_9_and_restart_for_kafka_clients() {
     assert_eq!(internal, vec![Some("__consumer_offsets".to_string())]);
 }
 
-#[test]
-fn a_confluent_kafka_consumer_group_shares_partitions_and_survives_a_member_kill_9() {
+/// Runs tests/kafka/groups.py with members m1..m4 of the given clients.
+fn run_group(clients: &str) {
     let python = python();
     let dir = tempfile::tempdir().unwrap();
     // A short initial delay: the three members start together.
@@ -648,7 +648,7 @@ fn a_confluent_kafka_consumer_group_shares_partitions_and_survives_a_member_kill
     );
     let out = Command::new(python)
         .arg(script("groups.py"))
-        .args(["run", &broker.kafka, "grouped", "group-1"])
+        .args(["run", &broker.kafka, "grouped", "group-1", clients])
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -662,4 +662,14 @@ fn a_confluent_kafka_consumer_group_shares_partitions_and_survives_a_member_kill
             .collect::<Vec<_>>()
             .join("\n")
     );
+}
+
+#[test]
+fn a_confluent_kafka_consumer_group_shares_partitions_and_survives_a_member_kill_9() {
+    run_group("confluent,confluent,confluent,confluent");
+}
+
+#[test]
+fn a_mixed_confluent_and_kafka_python_group_works_the_same() {
+    run_group("confluent,kafka-python,confluent,kafka-python");
 }

@@ -1,8 +1,11 @@
 #!/usr/bin/env python3
-"""A consumer group of confluent-kafka consumers against a real Cairn broker (tests/it/kafka.rs).
+"""A consumer group of Kafka consumers we did not write against a real Cairn broker (tests/it/kafka.rs).
 
-    groups.py run BOOTSTRAP TOPIC GROUP     # the scenario below; exits non-zero on a failed check
-    groups.py member BOOTSTRAP TOPIC GROUP NAME   # one member process (started by `run`)
+    groups.py run BOOTSTRAP TOPIC GROUP CLIENTS   # the scenario below; non-zero on a failed check
+    groups.py member BOOTSTRAP TOPIC GROUP NAME CLIENT   # one member process (started by `run`)
+
+CLIENTS names the client of members m1..m4, comma-separated: confluent or kafka-python (a mixed
+group is fine: both speak the classic protocol with the standard consumer-protocol encoding).
 
 Scenario: 6,000 keyed records in a 6-partition topic; three member processes subscribe (range
 assignor, session timeout 6 s); each prints, as JSON lines with a timestamp, every assignment and
@@ -25,11 +28,13 @@ N_RECORDS = 6000
 PARTITIONS = 6
 
 
-def member(bootstrap, topic, group, name):
-    from confluent_kafka import Consumer
-
+def member(bootstrap, topic, group, name, client):
     def say(**kv):
         print(json.dumps({"name": name, "t": time.time(), **kv}), flush=True)
+
+    if client == "kafka-python":
+        return kafka_python_member(bootstrap, topic, group, say)
+    from confluent_kafka import Consumer
 
     c = Consumer({
         "bootstrap.servers": bootstrap,
@@ -67,7 +72,47 @@ def member(bootstrap, topic, group, name):
             processed = 0
 
 
-def run(bootstrap, topic, group):
+def kafka_python_member(bootstrap, topic, group, say):
+    from kafka import ConsumerRebalanceListener, KafkaConsumer
+    from kafka.coordinator.assignors.range import RangePartitionAssignor
+
+    c = KafkaConsumer(
+        bootstrap_servers=bootstrap,
+        group_id=group,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        session_timeout_ms=6000,
+        heartbeat_interval_ms=500,
+        partition_assignment_strategy=[RangePartitionAssignor],
+    )
+
+    class Listener(ConsumerRebalanceListener):
+        def on_partitions_revoked(self, revoked):
+            try:
+                c.commit()
+            except Exception:
+                pass
+            say(revoked=sorted(tp.partition for tp in revoked))
+
+        def on_partitions_assigned(self, assigned):
+            say(assigned=sorted(tp.partition for tp in assigned))
+
+    c.subscribe([topic], listener=Listener())
+    while True:
+        batch = c.poll(timeout_ms=200, max_records=100)
+        processed = 0
+        for records in batch.values():
+            for m in records:
+                say(p=m.partition, o=m.offset)
+                processed += 1
+        if processed:
+            try:
+                c.commit()
+            except Exception:
+                pass
+
+
+def run(bootstrap, topic, group, clients):
     from confluent_kafka import Producer
     from confluent_kafka.admin import AdminClient, NewTopic
 
@@ -113,9 +158,11 @@ def run(bootstrap, topic, group):
 
     procs = {}
 
+    kinds = dict(zip(("m1", "m2", "m3", "m4"), clients.split(",")))
+
     def start(name):
         proc = subprocess.Popen(
-            [sys.executable, __file__, "member", bootstrap, topic, group, name],
+            [sys.executable, __file__, "member", bootstrap, topic, group, name, kinds[name]],
             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
         procs[name] = proc
         threading.Thread(target=watch, args=(proc, name), daemon=True).start()
@@ -192,6 +239,6 @@ def run(bootstrap, topic, group):
 
 if __name__ == "__main__":
     if sys.argv[1] == "member":
-        member(*sys.argv[2:6])
+        member(*sys.argv[2:7])
     else:
-        run(*sys.argv[2:5])
+        run(*sys.argv[2:6])
