@@ -486,7 +486,8 @@ impl Coordinator {
             .collect()
     }
 
-    /// Whether a member may commit offsets for `group_id` at `generation`.
+    /// Whether a member may commit offsets for `group_id` at `generation`: it must belong to
+    /// the current generation.
     pub fn check_commit(&self, group_id: &str, generation: i32, member_id: &str) -> ErrorCode {
         let groups = self.lock();
         let Some(group) = groups.get(group_id) else {
@@ -498,7 +499,10 @@ impl Coordinator {
         if generation != group.generation {
             return ErrorCode::ILLEGAL_GENERATION;
         }
-        if group.state != GroupState::Stable {
+        // As Kafka: members of the current generation may commit while the group prepares a
+        // rebalance (consumers commit as their partitions are revoked), not while it waits for
+        // the leader's new assignment.
+        if group.state == GroupState::CompletingRebalance {
             return ErrorCode::REBALANCE_IN_PROGRESS;
         }
         ErrorCode::NONE

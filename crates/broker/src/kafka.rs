@@ -664,7 +664,7 @@ impl Handler {
         let refusal = if r.group_id.is_empty() {
             Some(ErrorCode::INVALID_GROUP_ID)
         } else if r.generation_id >= 0 || !r.member_id.is_empty() {
-            // A member's commit: it must be in the group's current, stable generation.
+            // A member's commit: it must be in the group's current generation.
             Some(
                 self.groups
                     .check_commit(&r.group_id, r.generation_id, &r.member_id),
