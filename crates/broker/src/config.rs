@@ -53,6 +53,12 @@ pub struct BrokerConfig {
     /// A new group waits this long for more members before its first generation, in
     /// milliseconds (Kafka `group.initial.rebalance.delay.ms`).
     pub group_initial_rebalance_delay_ms: u64,
+    /// Most consumer groups with members (or member ids handed out) at once; a JoinGroup for
+    /// another group gets POLICY_VIOLATION.
+    pub groups_max: u32,
+    /// Most members (and member ids handed out) per group (Kafka `group.max.size`); a further
+    /// JoinGroup gets GROUP_MAX_SIZE_REACHED.
+    pub group_members_max: u32,
     /// An idempotent producer that wrote nothing to a partition for this long is forgotten there,
     /// in milliseconds (Kafka `producer.id.expiration.ms`); it bounds the producer state kept.
     pub producer_id_expiration_ms: u64,
@@ -90,6 +96,8 @@ impl Default for BrokerConfig {
             partitions_max: 10_000,
             offsets_topic_partitions: 8,
             group_initial_rebalance_delay_ms: 3_000,
+            groups_max: 10_000,
+            group_members_max: 1_000,
             producer_id_expiration_ms: 86_400_000,
             auto_create_topics: true,
             topic_defaults: TopicDefaults::default(),
@@ -133,6 +141,13 @@ impl BrokerConfig {
             self.group_initial_rebalance_delay_ms,
             0,
             300_000,
+        )?;
+        check("groups_max", self.groups_max.into(), 1, 1_000_000)?;
+        check(
+            "group_members_max",
+            self.group_members_max.into(),
+            1,
+            100_000,
         )?;
         check(
             "offsets_topic_partitions",

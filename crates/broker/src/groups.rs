@@ -117,6 +117,8 @@ struct Group {
 pub struct Coordinator {
     groups: Mutex<HashMap<String, Group>>,
     initial_delay: Duration,
+    groups_max: usize,
+    members_max: usize,
     next_id: std::sync::atomic::AtomicU64,
 }
 
@@ -285,11 +287,14 @@ impl Group {
 
 impl Coordinator {
     /// A coordinator; a new group waits `initial_delay` for more members before its first
-    /// generation (Kafka `group.initial.rebalance.delay.ms`).
-    pub fn new(initial_delay: Duration) -> Coordinator {
+    /// generation (Kafka `group.initial.rebalance.delay.ms`); at most `groups_max` groups and
+    /// `members_max` members per group.
+    pub fn new(initial_delay: Duration, groups_max: u32, members_max: u32) -> Coordinator {
         Coordinator {
             groups: Mutex::new(HashMap::new()),
             initial_delay,
+            groups_max: groups_max as usize,
+            members_max: members_max as usize,
             next_id: std::sync::atomic::AtomicU64::new(1),
         }
     }
@@ -326,9 +331,19 @@ impl Coordinator {
         }
         let now = Instant::now();
         let mut groups = self.lock();
+        if !groups.contains_key(group_id) && groups.len() >= self.groups_max {
+            return Answer::Ready(fail_join(ErrorCode::POLICY_VIOLATION, member_id.into()));
+        }
         let group = groups
             .entry(group_id.to_string())
             .or_insert_with(|| Group::new(now));
+        let known = group.members.contains_key(member_id) || group.pending.contains_key(member_id);
+        if !known && group.members.len() + group.pending.len() >= self.members_max {
+            return Answer::Ready(fail_join(
+                ErrorCode::GROUP_MAX_SIZE_REACHED,
+                member_id.into(),
+            ));
+        }
         if protocols.is_empty()
             || group
                 .protocol_type
@@ -568,10 +583,49 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn groups_and_members_are_bounded() {
+        let c = Coordinator::new(Duration::ZERO, 2, 2);
+        let lost = || fail_join(ErrorCode::UNKNOWN_MEMBER_ID, String::new());
+        let join_group = |g: &str| {
+            c.join(
+                g,
+                "",
+                None,
+                "client",
+                "consumer",
+                vec![("range".into(), Bytes::new())],
+                10_000,
+                10_000,
+                true,
+            )
+        };
+        assert_eq!(
+            join_group("a").get(lost).await.error,
+            ErrorCode::MEMBER_ID_REQUIRED
+        );
+        assert_eq!(
+            join_group("a").get(lost).await.error,
+            ErrorCode::MEMBER_ID_REQUIRED
+        );
+        assert_eq!(
+            join_group("a").get(lost).await.error,
+            ErrorCode::GROUP_MAX_SIZE_REACHED
+        );
+        assert_eq!(
+            join_group("b").get(lost).await.error,
+            ErrorCode::MEMBER_ID_REQUIRED
+        );
+        assert_eq!(
+            join_group("c").get(lost).await.error,
+            ErrorCode::POLICY_VIOLATION
+        );
+    }
+
+    #[tokio::test]
     async fn two_members_join_sync_and_rebalance_when_one_leaves() {
         // The initial delay lets both members into the first generation; a ticker drives it, as
         // the broker's timer does.
-        let c = std::sync::Arc::new(Coordinator::new(Duration::from_millis(100)));
+        let c = std::sync::Arc::new(Coordinator::new(Duration::from_millis(100), 10, 10));
         let ticker = {
             let c = std::sync::Arc::clone(&c);
             tokio::spawn(async move {

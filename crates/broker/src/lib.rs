@@ -234,9 +234,11 @@ impl BrokerBuilder {
             kafka_advertised_port,
             producer_ids: Arc::new(producer_ids),
             offsets: Arc::new(offsets),
-            groups: Arc::new(groups::Coordinator::new(std::time::Duration::from_millis(
-                config.group_initial_rebalance_delay_ms,
-            ))),
+            groups: Arc::new(groups::Coordinator::new(
+                std::time::Duration::from_millis(config.group_initial_rebalance_delay_ms),
+                config.groups_max,
+                config.group_members_max,
+            )),
         });
         let tracker = TaskTracker::new();
         let ready = Arc::new(AtomicBool::new(true));
