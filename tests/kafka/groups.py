@@ -219,6 +219,16 @@ def run(bootstrap, topic, group, clients):
         with lock:
             done = max(assigned_at[m] for m in ("m1", "m3", "m4"))
         print(f"ok: a member joining a group of two took {done - joined:.2f} s until every member had its assignment", flush=True)
+        # The group as an admin sees it (ListGroups, DescribeGroups).
+        from confluent_kafka import ConsumerGroupState
+        listed = admin.list_consumer_groups().result()
+        assert group in [g.group_id for g in listed.valid], listed.valid
+        described = admin.describe_consumer_groups([group])[group].result()
+        assert described.state == ConsumerGroupState.STABLE, described.state
+        assert len(described.members) == 3, described.members
+        parts = sorted(tp.partition for m in described.members for tp in m.assignment.topic_partitions)
+        assert parts == list(range(PARTITIONS)), parts
+        print(f"ok: DescribeGroups: {described.state}, 3 members, assignor {described.partition_assignor}, partitions {parts}", flush=True)
         with lock:
             for part, (name, since) in owned.items():
                 intervals.append((part, name, since, time.time()))

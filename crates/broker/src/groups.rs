@@ -84,9 +84,35 @@ pub enum GroupState {
     Stable,
 }
 
+/// A group as DescribeGroups reports it.
+#[derive(Debug, Clone)]
+pub struct GroupInfo {
+    /// Kafka's name of the state.
+    pub state: &'static str,
+    /// "consumer" for consumer groups.
+    pub protocol_type: String,
+    /// The chosen assignor.
+    pub protocol: String,
+    /// (member id, instance id, client id, subscription metadata, assignment).
+    pub members: Vec<(String, Option<String>, String, Bytes, Bytes)>,
+}
+
+impl GroupState {
+    /// Kafka's name of the state.
+    pub fn name(self) -> &'static str {
+        match self {
+            GroupState::Empty => "Empty",
+            GroupState::PreparingRebalance => "PreparingRebalance",
+            GroupState::CompletingRebalance => "CompletingRebalance",
+            GroupState::Stable => "Stable",
+        }
+    }
+}
+
 #[derive(Debug)]
 struct Member {
     instance_id: Option<String>,
+    client_id: String,
     session: Duration,
     rebalance: Duration,
     protocols: Vec<(String, Bytes)>,
@@ -377,6 +403,7 @@ impl Coordinator {
         let rebalance = Duration::from_millis(rebalance_ms.max(session_ms) as u64);
         let member = group.members.entry(member_id).or_insert_with(|| Member {
             instance_id: None,
+            client_id: client_id.to_string(),
             session,
             rebalance,
             protocols: Vec::new(),
@@ -551,6 +578,56 @@ impl Coordinator {
             group.maybe_complete_join(now);
         }
         groups.retain(|_, g| g.state != GroupState::Empty || !g.pending.is_empty());
+    }
+}
+
+impl Coordinator {
+    /// Every group with members: (name, protocol type, state).
+    pub fn list(&self) -> Vec<(String, String, &'static str)> {
+        let mut all: Vec<_> = self
+            .lock()
+            .iter()
+            .map(|(name, g)| {
+                (
+                    name.clone(),
+                    g.protocol_type.clone().unwrap_or_default(),
+                    g.state.name(),
+                )
+            })
+            .collect();
+        all.sort();
+        all
+    }
+
+    /// One group's state and members, if it has any state here.
+    pub fn describe(&self, group_id: &str) -> Option<GroupInfo> {
+        let groups = self.lock();
+        let g = groups.get(group_id)?;
+        let protocol = g.protocol.clone().unwrap_or_default();
+        Some(GroupInfo {
+            state: g.state.name(),
+            protocol_type: g.protocol_type.clone().unwrap_or_default(),
+            protocol: protocol.clone(),
+            members: g
+                .members
+                .iter()
+                .map(|(id, m)| {
+                    let metadata = m
+                        .protocols
+                        .iter()
+                        .find(|(n, _)| *n == protocol)
+                        .map(|(_, b)| b.clone())
+                        .unwrap_or_default();
+                    (
+                        id.clone(),
+                        m.instance_id.clone(),
+                        m.client_id.clone(),
+                        metadata,
+                        m.assignment.clone(),
+                    )
+                })
+                .collect(),
+        })
     }
 }
 

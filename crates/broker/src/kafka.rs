@@ -3,6 +3,7 @@
 //! uses: one topic manager, one append path, one fetch path) and answered in the Kafka response
 //! format of the request's version. Record batches pass through as bytes both ways.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -214,6 +215,75 @@ impl Handler {
                         .with_assignment(result.assignment);
                     finish(respond("SyncGroupResponse", &response))
                 })
+            }
+            Request::ListGroups(r) => {
+                let mut groups: BTreeMap<String, (String, &'static str)> = self
+                    .groups
+                    .list()
+                    .into_iter()
+                    .map(|(name, kind, state)| (name, (kind, state)))
+                    .collect();
+                // Groups known only by their committed offsets are Empty consumer groups.
+                for name in self.offsets.groups() {
+                    groups
+                        .entry(name)
+                        .or_insert_with(|| ("consumer".to_string(), "Empty"));
+                }
+                let response = kp::ListGroupsResponse::default().with_groups(
+                    groups
+                        .into_iter()
+                        .filter(|(_, (_, state))| {
+                            r.states_filter.is_empty()
+                                || r.states_filter
+                                    .iter()
+                                    .any(|f| f.eq_ignore_ascii_case(state))
+                        })
+                        .map(|(name, (kind, state))| {
+                            kp::list_groups_response::ListedGroup::default()
+                                .with_group_id(kp::GroupId(s(name)))
+                                .with_protocol_type(s(kind))
+                                .with_group_state(s(state))
+                        })
+                        .collect(),
+                );
+                ready(finish(respond("ListGroupsResponse", &response)))
+            }
+            Request::DescribeGroups(r) => {
+                let described = r
+                    .groups
+                    .into_iter()
+                    .map(|name| {
+                        let group = kp::describe_groups_response::DescribedGroup::default()
+                            .with_group_id(kp::GroupId(s(name.clone())));
+                        match self.groups.describe(&name) {
+                            Some(info) => group
+                                .with_group_state(s(info.state))
+                                .with_protocol_type(s(info.protocol_type))
+                                .with_protocol_data(s(info.protocol))
+                                .with_members(
+                                    info.members
+                                        .into_iter()
+                                        .map(|(id, instance, client, metadata, assignment)| {
+                                            kp::describe_groups_response::DescribedGroupMember::default()
+                                                .with_member_id(s(id))
+                                                .with_group_instance_id(instance.map(s))
+                                                .with_client_id(s(client))
+                                                .with_client_host(s(""))
+                                                .with_member_metadata(metadata)
+                                                .with_member_assignment(assignment)
+                                        })
+                                        .collect(),
+                                ),
+                            // Offsets only: Empty; unknown: Dead (as Kafka).
+                            None if self.offsets.groups().contains(&name) => group
+                                .with_group_state(s("Empty"))
+                                .with_protocol_type(s("consumer")),
+                            None => group.with_group_state(s("Dead")),
+                        }
+                    })
+                    .collect();
+                let response = kp::DescribeGroupsResponse::default().with_groups(described);
+                ready(finish(respond("DescribeGroupsResponse", &response)))
             }
             Request::Heartbeat(r) => {
                 let code = self

@@ -284,6 +284,14 @@ impl OffsetStore {
             .cloned()
     }
 
+    /// Every group with committed offsets.
+    pub fn groups(&self) -> Vec<String> {
+        let mut names: Vec<String> = self.read().keys().map(|k| k.0.clone()).collect();
+        names.sort();
+        names.dedup();
+        names
+    }
+
     /// Every (topic, partition) the group committed, with its offset.
     pub fn fetch_all(&self, group: &str) -> Vec<((String, u32), Committed)> {
         let mut all: Vec<_> = self

@@ -56,6 +56,8 @@ apis! {
     HEARTBEAT = 12, "Heartbeat", 0..=4, served from 0, flexible from 4;
     LEAVE_GROUP = 13, "LeaveGroup", 0..=4, served from 0, flexible from 4;
     SYNC_GROUP = 14, "SyncGroup", 0..=5, served from 0, flexible from 4;
+    DESCRIBE_GROUPS = 15, "DescribeGroups", 0..=5, served from 0, flexible from 5;
+    LIST_GROUPS = 16, "ListGroups", 0..=4, served from 0, flexible from 3;
     API_VERSIONS = 18, "ApiVersions", 0..=3, served from 0, flexible from 3;
     CREATE_TOPICS = 19, "CreateTopics", 2..=6, served from 2, flexible from 5;
     DELETE_TOPICS = 20, "DeleteTopics", 1..=5, served from 1, flexible from 4;
@@ -129,6 +131,8 @@ pub enum Request {
     Heartbeat(HeartbeatRequest),
     LeaveGroup(LeaveGroupRequest),
     SyncGroup(SyncGroupRequest),
+    DescribeGroups(DescribeGroupsRequest),
+    ListGroups(ListGroupsRequest),
     OffsetCommit(OffsetCommitRequest),
     OffsetFetch(OffsetFetchRequest),
     CreateTopics(CreateTopicsRequest),
@@ -299,6 +303,20 @@ pub struct SyncGroupRequest {
     pub member_id: String,
     /// The leader's assignment: (member id, assignment); empty from followers.
     pub assignments: Vec<(String, Bytes)>,
+}
+
+/// DescribeGroups.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct DescribeGroupsRequest {
+    /// The groups.
+    pub groups: Vec<String>,
+}
+
+/// ListGroups.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ListGroupsRequest {
+    /// v4+: only groups in these states (empty: all).
+    pub states_filter: Vec<String>,
 }
 
 /// OffsetCommit.
@@ -483,6 +501,23 @@ fn decode_body(api: Api, v: i16, r: &mut Reader) -> Result<Request, DecodeError>
         12 => Request::Heartbeat(heartbeat(v, r)?),
         13 => Request::LeaveGroup(leave_group(v, r)?),
         14 => Request::SyncGroup(sync_group(v, r)?),
+        15 => {
+            let min = string_min(r);
+            let groups = r.array("groups", min, |r| r.string("groups"))?;
+            if v >= 3 {
+                r.bool("include_authorized_operations")?;
+            }
+            Request::DescribeGroups(DescribeGroupsRequest { groups })
+        }
+        16 => {
+            let min = string_min(r);
+            let states_filter = if v >= 4 {
+                r.array("states_filter", min, |r| r.string("states_filter"))?
+            } else {
+                Vec::new()
+            };
+            Request::ListGroups(ListGroupsRequest { states_filter })
+        }
         18 => Request::ApiVersions(api_versions(v, r)?),
         19 => Request::CreateTopics(create_topics(r)?),
         20 => {
