@@ -635,6 +635,26 @@ fn committed_offsets_survive_kill_9_and_restart_for_kafka_clients() {
         .map(|t| t.name.as_ref().map(|n| n.0.to_string()))
         .collect();
     assert_eq!(internal, vec![Some("__consumer_offsets".to_string())]);
+    // DeleteGroups forgets a group's offsets, also across a restart.
+    run("delete", "confluent", &broker.kafka);
+    broker.terminate();
+    let broker = BrokerProcess::start(&data);
+    run("verify", "kafka-python", &broker.kafka);
+    let out = Command::new(&python)
+        .arg(script("offsets.py"))
+        .args([
+            "verify",
+            "confluent",
+            &broker.kafka,
+            "group-confluent",
+            "tracked",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        !out.status.success(),
+        "the deleted group's offsets came back"
+    );
 }
 
 /// Runs tests/kafka/groups.py with members m1..m4 of the given clients.

@@ -3,6 +3,7 @@
 
     offsets.py commit CLIENT BOOTSTRAP GROUP TOPIC   # commit 10+p (metadata "m-p") on partitions 0..2
     offsets.py verify CLIENT BOOTSTRAP GROUP TOPIC   # a new consumer reads them back
+    offsets.py delete confluent BOOTSTRAP GROUP TOPIC   # DeleteGroups forgets them
 
 CLIENT is confluent or kafka-python. Consumers assign partitions themselves (no group membership).
 """
@@ -15,7 +16,22 @@ def expected(p):
 
 
 def confluent(mode, bootstrap, group, topic):
-    from confluent_kafka import Consumer, TopicPartition
+    from confluent_kafka import Consumer, KafkaException, TopicPartition
+    from confluent_kafka.admin import AdminClient
+
+    if mode == "delete":
+        admin = AdminClient({"bootstrap.servers": bootstrap})
+        admin.delete_consumer_groups([group])[group].result()
+        c = Consumer({"bootstrap.servers": bootstrap, "group.id": group})
+        for tp in c.committed([TopicPartition(topic, p) for p in range(3)], timeout=10):
+            assert tp.offset < 0, tp  # no committed offset any more
+        c.close()
+        try:
+            admin.delete_consumer_groups([group])[group].result()
+            raise AssertionError("deleting a deleted group succeeded")
+        except KafkaException as err:
+            assert "GROUP_ID_NOT_FOUND" in str(err), err
+        return
 
     c = Consumer({"bootstrap.servers": bootstrap, "group.id": group, "enable.auto.commit": False})
     tps = [TopicPartition(topic, p) for p in range(3)]

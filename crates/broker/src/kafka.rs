@@ -285,6 +285,41 @@ impl Handler {
                 let response = kp::DescribeGroupsResponse::default().with_groups(described);
                 ready(finish(respond("DescribeGroupsResponse", &response)))
             }
+            Request::DeleteGroups(r) => {
+                let this = Arc::clone(self);
+                Box::pin(async move {
+                    let mut results = Vec::with_capacity(r.groups.len());
+                    for name in r.groups {
+                        let code = if this.groups.has_members(&name) {
+                            ErrorCode::NON_EMPTY_GROUP
+                        } else {
+                            let (offsets, manager, group) = (
+                                Arc::clone(&this.offsets),
+                                Arc::clone(&this.manager),
+                                name.clone(),
+                            );
+                            match tokio::task::spawn_blocking(move || {
+                                offsets.delete_group(&manager, &group)
+                            })
+                            .await
+                            {
+                                Ok(Ok(true)) => ErrorCode::NONE,
+                                Ok(Ok(false)) => ErrorCode::GROUP_ID_NOT_FOUND,
+                                Ok(Err((code, _))) => code,
+                                Err(_) => ErrorCode::UNKNOWN_SERVER_ERROR,
+                            }
+                        };
+                        this.count_kafka_error(Api::DELETE_GROUPS.label, code);
+                        results.push(
+                            kp::delete_groups_response::DeletableGroupResult::default()
+                                .with_group_id(kp::GroupId(s(name)))
+                                .with_error_code(code.0),
+                        );
+                    }
+                    let response = kp::DeleteGroupsResponse::default().with_results(results);
+                    finish(respond("DeleteGroupsResponse", &response))
+                })
+            }
             Request::Heartbeat(r) => {
                 let code = self
                     .groups

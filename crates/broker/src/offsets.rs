@@ -277,6 +277,60 @@ impl OffsetStore {
         Ok(())
     }
 
+    /// Forgets every offset of `group` (blocking): tombstones in its partition of the offsets
+    /// topic, synced, then the cache. Returns whether the group had any.
+    pub fn delete_group(
+        &self,
+        manager: &TopicManager,
+        group: &str,
+    ) -> Result<bool, (ErrorCode, String)> {
+        let keys: Vec<OffsetKey> = self
+            .read()
+            .keys()
+            .filter(|k| k.0 == group)
+            .cloned()
+            .collect();
+        if keys.is_empty() {
+            return Ok(false);
+        }
+        let topic = self.topic(manager)?;
+        let index =
+            cairn_client::partition_for_key(group.as_bytes(), topic.partitions.len() as u32);
+        let partition = topic.partitions.get(index as usize).ok_or((
+            ErrorCode::COORDINATOR_NOT_AVAILABLE,
+            "no such partition".into(),
+        ))?;
+        let now = crate::handler::now_ms();
+        let mut builder = BatchBuilder::new(Compression::None);
+        for key in &keys {
+            builder.push(now, Some(&encode_key(key)), None, &[]);
+        }
+        let mut batch = builder
+            .build()
+            .map_err(|e| (ErrorCode::UNKNOWN_SERVER_ERROR, e.to_string()))?
+            .to_vec();
+        let info = partition
+            .log
+            .append(&mut batch, partition.leader_epoch)
+            .map_err(|e| (ErrorCode::KAFKA_STORAGE_ERROR, error_chain(&e)))?;
+        partition.notify_appended();
+        partition
+            .log
+            .flush(Offset(info.last_offset.0 + 1))
+            .map_err(|e| (ErrorCode::KAFKA_STORAGE_ERROR, error_chain(&e)))?;
+        let mut cache = self.write();
+        for key in keys {
+            // A commit appended after the tombstones stays.
+            if cache
+                .get(&key)
+                .is_some_and(|c| c.log_offset < info.base_offset.0)
+            {
+                cache.remove(&key);
+            }
+        }
+        Ok(true)
+    }
+
     /// The committed offset of one partition.
     pub fn fetch(&self, group: &str, topic: &str, partition: u32) -> Option<Committed> {
         self.read()

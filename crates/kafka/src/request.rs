@@ -63,6 +63,7 @@ apis! {
     DELETE_TOPICS = 20, "DeleteTopics", 1..=5, served from 1, flexible from 4;
     INIT_PRODUCER_ID = 22, "InitProducerId", 0..=4, served from 0, flexible from 2;
     DESCRIBE_CONFIGS = 32, "DescribeConfigs", 1..=4, served from 1, flexible from 4;
+    DELETE_GROUPS = 42, "DeleteGroups", 0..=2, served from 0, flexible from 2;
 }
 
 impl Api {
@@ -133,6 +134,7 @@ pub enum Request {
     SyncGroup(SyncGroupRequest),
     DescribeGroups(DescribeGroupsRequest),
     ListGroups(ListGroupsRequest),
+    DeleteGroups(DeleteGroupsRequest),
     OffsetCommit(OffsetCommitRequest),
     OffsetFetch(OffsetFetchRequest),
     CreateTopics(CreateTopicsRequest),
@@ -308,6 +310,13 @@ pub struct SyncGroupRequest {
 /// DescribeGroups.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct DescribeGroupsRequest {
+    /// The groups.
+    pub groups: Vec<String>,
+}
+
+/// DeleteGroups.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct DeleteGroupsRequest {
     /// The groups.
     pub groups: Vec<String>,
 }
@@ -508,6 +517,12 @@ fn decode_body(api: Api, v: i16, r: &mut Reader) -> Result<Request, DecodeError>
                 r.bool("include_authorized_operations")?;
             }
             Request::DescribeGroups(DescribeGroupsRequest { groups })
+        }
+        42 => {
+            let min = string_min(r);
+            Request::DeleteGroups(DeleteGroupsRequest {
+                groups: r.array("groups_names", min, |r| r.string("groups_names"))?,
+            })
         }
         16 => {
             let min = string_min(r);

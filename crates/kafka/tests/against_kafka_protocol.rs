@@ -357,10 +357,10 @@ fn unserved_apis_and_versions_are_reported_with_their_correlation_id() {
         other => panic!("{other:?}"),
     }
     let mut bytes = BytesMut::from(&frame(Api::METADATA, 1, &body)[..]);
-    bytes[1] = 42; // DeleteGroups: not served yet
+    bytes[1] = 37; // CreatePartitions: not served
     assert!(matches!(
         decode(bytes.freeze()),
-        Err(RequestError::UnknownApi { api_key: 42, .. })
+        Err(RequestError::UnknownApi { api_key: 37, .. })
     ));
     // Produce v2 is advertised (for librdkafka's feature detection) but not served.
     assert!(!Api::PRODUCE.serves(2) && Api::PRODUCE.serves(3));

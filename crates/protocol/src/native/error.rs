@@ -75,6 +75,8 @@ codes! {
     INVALID_PRODUCER_EPOCH = 47, false, "an idempotent producer's epoch is older than the current one";
     TRANSACTIONAL_ID_AUTHORIZATION_FAILED = 53, false, "transactions are not supported";
     KAFKA_STORAGE_ERROR = 56, true, "the partition's log is offline after an I/O error";
+    NON_EMPTY_GROUP = 68, false, "the group has members: it cannot be deleted";
+    GROUP_ID_NOT_FOUND = 69, false, "no such group";
     MEMBER_ID_REQUIRED = 79, false, "a new member must rejoin with the member id it was given (KIP-394)";
     GROUP_MAX_SIZE_REACHED = 81, false, "the group already has group_members_max members";
     INVALID_RECORD = 87, false, "a batch breaks a broker rule (transactional or control batch, several idempotent batches)";
