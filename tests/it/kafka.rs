@@ -611,6 +611,13 @@ fn committed_offsets_survive_kill_9_and_restart_for_kafka_clients() {
     for client in ["confluent", "kafka-python"] {
         run("commit", client, &broker.kafka);
     }
+    let (_, metrics) = broker.http_get("/metrics");
+    assert!(
+        metrics.contains(
+            "cairn_consumergroup_lag{group=\"group-confluent\",partition=\"1\",topic=\"tracked\"} 0"
+        ),
+        "{metrics}"
+    );
     // kill -9: the commits were durable before they were acknowledged.
     broker.kill9();
     let broker = BrokerProcess::start(&data);
@@ -671,8 +678,20 @@ fn run_group(clients: &str) {
         .args(["run", &broker.kafka, "grouped", "group-1", clients])
         .output()
         .unwrap();
+    let (_, metrics) = broker.http_get("/metrics");
+    let members: Vec<&str> = metrics
+        .lines()
+        .filter(|l| l.starts_with("cairn_consumergroup_"))
+        .collect();
+    println!("{}", members.join("\n"));
     let stdout = String::from_utf8_lossy(&out.stdout);
     println!("{stdout}");
+    assert!(
+        members
+            .iter()
+            .any(|l| l.starts_with("cairn_consumergroup_generation{group=\"group-1\"}")),
+        "{members:?}"
+    );
     assert!(
         out.status.success(),
         "groups.py failed:\n{stdout}\n{}",

@@ -93,6 +93,8 @@ pub struct GroupInfo {
     pub protocol_type: String,
     /// The chosen assignor.
     pub protocol: String,
+    /// The generation (one more per completed rebalance).
+    pub generation: i32,
     /// (member id, instance id, client id, subscription metadata, assignment).
     pub members: Vec<(String, Option<String>, String, Bytes, Bytes)>,
 }
@@ -608,6 +610,7 @@ impl Coordinator {
             state: g.state.name(),
             protocol_type: g.protocol_type.clone().unwrap_or_default(),
             protocol: protocol.clone(),
+            generation: g.generation,
             members: g
                 .members
                 .iter()

@@ -30,6 +30,9 @@ pub struct Metrics {
     pub log_size_bytes: IntGaugeVec,
     pub log_segments: IntGaugeVec,
     pub under_replicated_partitions: IntGauge,
+    pub group_lag: IntGaugeVec,
+    pub group_members: IntGaugeVec,
+    pub group_generation: IntGaugeVec,
 }
 
 /// Latency buckets from 50 µs to 10 s.
@@ -149,6 +152,21 @@ impl Metrics {
             "Partitions with fewer in-sync replicas than replicas.",
         )?;
         registry.register(Box::new(under_replicated_partitions.clone()))?;
+        let group_lag = gauge_vec(
+            "cairn_consumergroup_lag",
+            "Log end offset minus the group's committed offset (Kafka exporters' kafka_consumergroup_lag).",
+            &["group", "topic", "partition"],
+        )?;
+        let group_members = gauge_vec(
+            "cairn_consumergroup_members",
+            "Members of the group.",
+            &["group"],
+        )?;
+        let group_generation = gauge_vec(
+            "cairn_consumergroup_generation",
+            "The group's generation: it grows by one per completed rebalance.",
+            &["group"],
+        )?;
         Ok(Metrics {
             registry,
             bytes_in,
@@ -169,11 +187,44 @@ impl Metrics {
             log_size_bytes,
             log_segments,
             under_replicated_partitions,
+            group_lag,
+            group_members,
+            group_generation,
         })
     }
 
     /// The text exposition of every metric, partition gauges refreshed from `manager`.
-    pub fn render(&self, manager: &TopicManager) -> String {
+    pub fn render(
+        &self,
+        manager: &TopicManager,
+        offsets: &crate::offsets::OffsetStore,
+        groups: &crate::groups::Coordinator,
+    ) -> String {
+        self.group_lag.reset();
+        self.group_members.reset();
+        self.group_generation.reset();
+        for group in offsets.groups() {
+            for ((topic, partition), committed) in offsets.fetch_all(&group) {
+                let Some(p) = manager.partition(&topic, partition) else {
+                    continue;
+                };
+                let end = p.log.log_end_offset().0 as i64;
+                let index = partition.to_string();
+                self.group_lag
+                    .with_label_values(&[group.as_str(), topic.as_str(), index.as_str()])
+                    .set((end - committed.offset).max(0));
+            }
+        }
+        for (group, _, _) in groups.list() {
+            if let Some(info) = groups.describe(&group) {
+                self.group_members
+                    .with_label_values(&[group.as_str()])
+                    .set(info.members.len() as i64);
+                self.group_generation
+                    .with_label_values(&[group.as_str()])
+                    .set(i64::from(info.generation));
+            }
+        }
         self.log_start_offset.reset();
         self.log_end_offset.reset();
         self.log_size_bytes.reset();
