@@ -559,6 +559,24 @@ impl Coordinator {
             .is_some_and(|g| !g.members.is_empty())
     }
 
+    /// Answers every JoinGroup and SyncGroup still waiting (at shutdown) with
+    /// COORDINATOR_NOT_AVAILABLE, so that clients look for the coordinator again instead of
+    /// holding the shutdown up until its timeout.
+    pub fn close(&self) {
+        let mut groups = self.lock();
+        for group in groups.values_mut() {
+            for (id, member) in &mut group.members {
+                if let Some(join) = member.join.take() {
+                    let _ = join.send(fail_join(ErrorCode::COORDINATOR_NOT_AVAILABLE, id.clone()));
+                }
+                if let Some(sync) = member.sync.take() {
+                    let _ = sync.send(fail_sync(ErrorCode::COORDINATOR_NOT_AVAILABLE));
+                }
+            }
+        }
+        groups.clear();
+    }
+
     /// Expires members past their session timeout and completes due rebalances.
     pub fn tick(&self) {
         let now = Instant::now();
@@ -660,6 +678,29 @@ mod tests {
             10_000,
             true,
         )
+    }
+
+    #[tokio::test]
+    async fn close_answers_waiting_joins() {
+        // A long initial delay keeps the first join waiting.
+        let c = Coordinator::new(Duration::from_secs(60), 10, 10);
+        let lost = || fail_join(ErrorCode::UNKNOWN_MEMBER_ID, String::new());
+        let waiting = c.join(
+            "g",
+            "m",
+            None,
+            "client",
+            "consumer",
+            vec![("range".into(), Bytes::new())],
+            10_000,
+            10_000,
+            false,
+        );
+        c.close();
+        assert_eq!(
+            waiting.get(lost).await.error,
+            ErrorCode::COORDINATOR_NOT_AVAILABLE
+        );
     }
 
     #[tokio::test]

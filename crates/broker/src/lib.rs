@@ -435,6 +435,8 @@ impl RunningBroker {
         tracing::info!("shutting down");
         self.ready.store(false, Ordering::Relaxed);
         self.shutdown.cancel();
+        // Group requests waiting for a rebalance are answered now, not at the timeout.
+        self.handler.groups.close();
         self.tracker.close();
         if tokio::time::timeout(self.handler.config.shutdown_timeout(), self.tracker.wait())
             .await
