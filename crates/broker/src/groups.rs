@@ -687,7 +687,7 @@ mod tests {
         let lost = || fail_join(ErrorCode::UNKNOWN_MEMBER_ID, String::new());
         let waiting = c.join(
             "g",
-            "m",
+            "",
             None,
             "client",
             "consumer",
