@@ -664,8 +664,9 @@ fn committed_offsets_survive_kill_9_and_restart_for_kafka_clients() {
     );
 }
 
-/// Runs tests/kafka/groups.py with members m1..m4 of the given clients.
-fn run_group(clients: &str) {
+/// Runs tests/kafka/groups.py with members m1..m4 of the given clients, confluent-kafka members
+/// using `assignor`.
+fn run_group(clients: &str, assignor: &str) {
     let python = python();
     let dir = tempfile::tempdir().unwrap();
     // A short initial delay: the three members start together.
@@ -676,6 +677,7 @@ fn run_group(clients: &str) {
     let out = Command::new(python)
         .arg(script("groups.py"))
         .args(["run", &broker.kafka, "grouped", "group-1", clients])
+        .env("CAIRN_GROUP_ASSIGNOR", assignor)
         .output()
         .unwrap();
     let (_, metrics) = broker.http_get("/metrics");
@@ -705,10 +707,18 @@ fn run_group(clients: &str) {
 
 #[test]
 fn a_confluent_kafka_consumer_group_shares_partitions_and_survives_a_member_kill_9() {
-    run_group("confluent,confluent,confluent,confluent");
+    run_group("confluent,confluent,confluent,confluent", "range");
+}
+
+#[test]
+fn a_cooperative_sticky_group_rebalances_incrementally() {
+    run_group(
+        "confluent,confluent,confluent,confluent",
+        "cooperative-sticky",
+    );
 }
 
 #[test]
 fn a_mixed_confluent_and_kafka_python_group_works_the_same() {
-    run_group("confluent,kafka-python,confluent,kafka-python");
+    run_group("confluent,kafka-python,confluent,kafka-python", "range");
 }
