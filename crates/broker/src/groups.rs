@@ -348,7 +348,7 @@ impl Coordinator {
         rebalance_ms: i32,
         require_known_member_id: bool,
     ) -> Answer<JoinResult> {
-        if group_id.is_empty() {
+        if group_id.is_empty() || group_id.len() > cairn_protocol::limits::GROUP_ID_BYTES_MAX {
             return Answer::Ready(fail_join(ErrorCode::INVALID_GROUP_ID, member_id.into()));
         }
         if !SESSION_MS.contains(&session_ms) {

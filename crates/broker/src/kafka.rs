@@ -766,7 +766,9 @@ impl Handler {
     /// group membership (generation -1, no member id: consumers that assign partitions
     /// themselves) while the group has no members.
     async fn kafka_offset_commit(&self, r: kreq::OffsetCommitRequest) -> kp::OffsetCommitResponse {
-        let refusal = if r.group_id.is_empty() {
+        let refusal = if r.group_id.is_empty()
+            || r.group_id.len() > cairn_protocol::limits::GROUP_ID_BYTES_MAX
+        {
             Some(ErrorCode::INVALID_GROUP_ID)
         } else if r.generation_id >= 0 || !r.member_id.is_empty() {
             // A member's commit: it must be in the group's current generation.
@@ -792,9 +794,13 @@ impl Handler {
                 let exists = topic
                     .as_ref()
                     .is_some_and(|t| usize::try_from(*p).is_ok_and(|i| i < t.partitions.len()));
+                let too_long = metadata
+                    .as_ref()
+                    .is_some_and(|m| m.len() > cairn_protocol::limits::OFFSET_METADATA_BYTES_MAX);
                 let code = match refusal {
                     Some(code) => Some(code),
                     None if !exists => Some(ErrorCode::UNKNOWN_TOPIC_OR_PARTITION),
+                    None if too_long => Some(ErrorCode::OFFSET_METADATA_TOO_LARGE),
                     None => {
                         entries.push((
                             (name.clone(), *p as u32),

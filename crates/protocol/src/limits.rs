@@ -34,6 +34,14 @@ pub const CLIENT_ID_BYTES_MAX: usize = 256;
 /// Longest topic name (Kafka's limit: it must fit in a file name with a partition suffix).
 pub const TOPIC_NAME_BYTES_MAX: usize = 249;
 
+/// Longest consumer group id (the classic Kafka string's own maximum); longer ones get
+/// INVALID_GROUP_ID.
+pub const GROUP_ID_BYTES_MAX: usize = 32_767;
+
+/// Longest metadata string of a committed offset (Kafka `offset.metadata.max.bytes`); longer ones
+/// get OFFSET_METADATA_TOO_LARGE.
+pub const OFFSET_METADATA_BYTES_MAX: usize = 4_096;
+
 /// Most bytes one fetch response may carry.
 pub const FETCH_BYTES_MAX: u32 = 52 * 1024 * 1024;
 

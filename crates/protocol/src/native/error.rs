@@ -52,6 +52,7 @@ codes! {
     UNKNOWN_TOPIC_OR_PARTITION = 3, true, "the topic or partition does not exist (yet)";
     REQUEST_TIMED_OUT = 7, true, "the request did not complete within its timeout";
     MESSAGE_TOO_LARGE = 10, false, "a batch is larger than the topic's max.message.bytes";
+    OFFSET_METADATA_TOO_LARGE = 12, false, "a committed offset's metadata exceeds 4096 bytes";
     NETWORK_EXCEPTION = 13, true, "the connection failed before a response";
     COORDINATOR_NOT_AVAILABLE = 15, true, "the group coordinator is not available (yet)";
     INVALID_TOPIC_EXCEPTION = 17, false, "the topic name is not valid";
