@@ -618,6 +618,17 @@ fn committed_offsets_survive_kill_9_and_restart_for_kafka_clients() {
         ),
         "{metrics}"
     );
+    // The internal topic cannot be created or deleted by clients.
+    rt.block_on(async {
+        let admin = Admin::connect(&addr).await.unwrap();
+        assert!(
+            admin
+                .create_topic("__consumer_offsets", 1, &[])
+                .await
+                .is_err()
+        );
+        assert!(admin.delete_topic("__consumer_offsets").await.is_err());
+    });
     // kill -9: the commits were durable before they were acknowledged.
     broker.kill9();
     let broker = BrokerProcess::start(&data);

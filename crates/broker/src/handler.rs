@@ -238,7 +238,8 @@ impl Handler {
         if let Some(topic) = self.manager.topic(name) {
             return Some(topic);
         }
-        if !create || !self.config.auto_create_topics {
+        // The internal offsets topic is created by the offset store, with its own config.
+        if !create || !self.config.auto_create_topics || name == crate::offsets::OFFSETS_TOPIC {
             return None;
         }
         let owned = name.to_string();
@@ -326,12 +327,19 @@ impl Handler {
                 .collect();
             let name = topic.name.clone();
             let validate_only = request.validate_only;
-            let result = self
-                .blocking(move |m| {
-                    m.create_topic(&name, topic.partitions, overrides, validate_only)
-                })
-                .await;
-            let (code, message) = topic_outcome(result);
+            let (code, message) = if name == crate::offsets::OFFSETS_TOPIC {
+                (
+                    ErrorCode::INVALID_REQUEST,
+                    format!("{name} is internal: the broker creates it on the first commit"),
+                )
+            } else {
+                let result = self
+                    .blocking(move |m| {
+                        m.create_topic(&name, topic.partitions, overrides, validate_only)
+                    })
+                    .await;
+                topic_outcome(result)
+            };
             self.count_error(ApiKey::CreateTopics, code);
             results.push(TopicResult {
                 name: topic.name,
@@ -346,8 +354,14 @@ impl Handler {
         let mut results = Vec::with_capacity(request.names.len());
         for name in request.names {
             let owned = name.clone();
-            let (code, message) =
-                topic_outcome(self.blocking(move |m| m.delete_topic(&owned)).await);
+            let (code, message) = if name == crate::offsets::OFFSETS_TOPIC {
+                (
+                    ErrorCode::INVALID_REQUEST,
+                    format!("{name} is internal: delete groups instead"),
+                )
+            } else {
+                topic_outcome(self.blocking(move |m| m.delete_topic(&owned)).await)
+            };
             self.count_error(ApiKey::DeleteTopics, code);
             results.push(TopicResult {
                 name,
