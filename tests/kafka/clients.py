@@ -525,6 +525,16 @@ def main():
     admin_topic = f"{args.client}-admin"
     client.create(admin_topic, 3)
     check(client.topics().get(admin_topic) == 3, f"{admin_topic} not listed with 3 partitions: {client.topics()}")
+    if isinstance(client, Confluent):
+        from confluent_kafka.admin import ConfigResource
+
+        configs = {
+            name: entry.value
+            for f in client.admin.describe_configs([ConfigResource("topic", admin_topic)]).values()
+            for name, entry in f.result().items()
+        }
+        check(configs.get("cleanup.policy") == "delete" and "retention.ms" in configs, f"DescribeConfigs: {configs}")
+        passed(f"{client.name}: DescribeConfigs lists {len(configs)} topic configs")
     client.delete(admin_topic)
     deadline = time.time() + 10
     while admin_topic in client.topics() and time.time() < deadline:
