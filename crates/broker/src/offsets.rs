@@ -213,6 +213,37 @@ impl OffsetStore {
         ))
     }
 
+    /// Appends `builder`'s records to `group`'s partition of the offsets topic (created on first
+    /// use) and syncs them (blocking); returns where they went.
+    fn append_durably(
+        &self,
+        manager: &TopicManager,
+        group: &str,
+        builder: BatchBuilder,
+    ) -> Result<cairn_storage::AppendInfo, (ErrorCode, String)> {
+        let topic = self.topic(manager)?;
+        let index =
+            cairn_client::partition_for_key(group.as_bytes(), topic.partitions.len() as u32);
+        let partition = topic.partitions.get(index as usize).ok_or((
+            ErrorCode::COORDINATOR_NOT_AVAILABLE,
+            "no such partition".into(),
+        ))?;
+        let mut batch = builder
+            .build()
+            .map_err(|e| (ErrorCode::UNKNOWN_SERVER_ERROR, e.to_string()))?
+            .to_vec();
+        let info = partition
+            .log
+            .append(&mut batch, partition.leader_epoch)
+            .map_err(|e| (ErrorCode::KAFKA_STORAGE_ERROR, error_chain(&e)))?;
+        partition.notify_appended();
+        partition
+            .log
+            .flush(Offset(info.last_offset.0 + 1))
+            .map_err(|e| (ErrorCode::KAFKA_STORAGE_ERROR, error_chain(&e)))?;
+        Ok(info)
+    }
+
     /// Commits offsets for `group` durably (blocking): one batch in the group's partition of
     /// the offsets topic, synced before this returns.
     pub fn commit(
@@ -225,13 +256,6 @@ impl OffsetStore {
         if entries.is_empty() {
             return Ok(());
         }
-        let topic = self.topic(manager)?;
-        let index =
-            cairn_client::partition_for_key(group.as_bytes(), topic.partitions.len() as u32);
-        let partition = topic.partitions.get(index as usize).ok_or((
-            ErrorCode::COORDINATOR_NOT_AVAILABLE,
-            "no such partition".into(),
-        ))?;
         let mut builder = BatchBuilder::new(Compression::None);
         let mut pending = Vec::with_capacity(entries.len());
         for ((topic_name, p), offset, leader_epoch, metadata) in entries {
@@ -251,19 +275,7 @@ impl OffsetStore {
             );
             pending.push((key, committed));
         }
-        let mut batch = builder
-            .build()
-            .map_err(|e| (ErrorCode::UNKNOWN_SERVER_ERROR, e.to_string()))?
-            .to_vec();
-        let info = partition
-            .log
-            .append(&mut batch, partition.leader_epoch)
-            .map_err(|e| (ErrorCode::KAFKA_STORAGE_ERROR, error_chain(&e)))?;
-        partition.notify_appended();
-        partition
-            .log
-            .flush(Offset(info.last_offset.0 + 1))
-            .map_err(|e| (ErrorCode::KAFKA_STORAGE_ERROR, error_chain(&e)))?;
+        let info = self.append_durably(manager, group, builder)?;
         let mut cache = self.write();
         for (i, (key, mut committed)) in pending.into_iter().enumerate() {
             committed.log_offset = info.base_offset.0 + i as u64;
@@ -293,31 +305,12 @@ impl OffsetStore {
         if keys.is_empty() {
             return Ok(false);
         }
-        let topic = self.topic(manager)?;
-        let index =
-            cairn_client::partition_for_key(group.as_bytes(), topic.partitions.len() as u32);
-        let partition = topic.partitions.get(index as usize).ok_or((
-            ErrorCode::COORDINATOR_NOT_AVAILABLE,
-            "no such partition".into(),
-        ))?;
         let now = crate::handler::now_ms();
         let mut builder = BatchBuilder::new(Compression::None);
         for key in &keys {
             builder.push(now, Some(&encode_key(key)), None, &[]);
         }
-        let mut batch = builder
-            .build()
-            .map_err(|e| (ErrorCode::UNKNOWN_SERVER_ERROR, e.to_string()))?
-            .to_vec();
-        let info = partition
-            .log
-            .append(&mut batch, partition.leader_epoch)
-            .map_err(|e| (ErrorCode::KAFKA_STORAGE_ERROR, error_chain(&e)))?;
-        partition.notify_appended();
-        partition
-            .log
-            .flush(Offset(info.last_offset.0 + 1))
-            .map_err(|e| (ErrorCode::KAFKA_STORAGE_ERROR, error_chain(&e)))?;
+        let info = self.append_durably(manager, group, builder)?;
         let mut cache = self.write();
         for key in keys {
             // A commit appended after the tombstones stays.

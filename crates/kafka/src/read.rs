@@ -113,6 +113,21 @@ impl Reader {
         }
     }
 
+    /// A bytes length or array count: `int32` (-1 null) or compact varint (`n + 1`, 0 null).
+    fn length32(&mut self, what: &'static str, kind: &str) -> Result<Option<usize>, DecodeError> {
+        if self.flexible {
+            return Ok(match self.uvarint(what)? {
+                0 => None,
+                n => Some(n as usize - 1),
+            });
+        }
+        match self.i32(what)? {
+            -1 => Ok(None),
+            n if n < 0 => Err(error(what, format!("negative {kind} {n}"))),
+            n => Ok(Some(n as usize)),
+        }
+    }
+
     fn take(&mut self, what: &'static str, n: usize) -> Result<Bytes, DecodeError> {
         self.need(what, n)?;
         Ok(self.buf.split_to(n))
@@ -152,19 +167,10 @@ impl Reader {
         &mut self,
         what: &'static str,
     ) -> Result<Option<Bytes>, DecodeError> {
-        let len = if self.flexible {
-            match self.uvarint(what)? {
-                0 => return Ok(None),
-                n => n as usize - 1,
-            }
-        } else {
-            match self.i32(what)? {
-                -1 => return Ok(None),
-                n if n < 0 => return Err(error(what, format!("negative length {n}"))),
-                n => n as usize,
-            }
-        };
-        self.take(what, len).map(Some)
+        match self.length32(what, "length")? {
+            None => Ok(None),
+            Some(len) => self.take(what, len).map(Some),
+        }
     }
 
     /// An array whose elements each take at least `min_element_bytes` on the wire; `None` is
@@ -175,17 +181,8 @@ impl Reader {
         min_element_bytes: usize,
         mut element: impl FnMut(&mut Reader) -> Result<T, DecodeError>,
     ) -> Result<Option<Vec<T>>, DecodeError> {
-        let count = if self.flexible {
-            match self.uvarint(what)? {
-                0 => return Ok(None),
-                n => n as usize - 1,
-            }
-        } else {
-            match self.i32(what)? {
-                -1 => return Ok(None),
-                n if n < 0 => return Err(error(what, format!("negative count {n}"))),
-                n => n as usize,
-            }
+        let Some(count) = self.length32(what, "count")? else {
+            return Ok(None);
         };
         let min = min_element_bytes.max(1);
         if count > self.remaining() / min {
