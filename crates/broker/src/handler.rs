@@ -93,9 +93,7 @@ impl Handler {
         let corr = header.correlation_id;
         let Some(api) = ApiKey::from_u16(header.api_key) else {
             self.metrics
-                .request_errors
-                .with_label_values(&["unknown", ErrorCode::UNSUPPORTED_VERSION.name()])
-                .inc();
+                .count_error("unknown", ErrorCode::UNSUPPORTED_VERSION);
             let message = format!("unknown api key {}", header.api_key);
             return ready(Outcome::Respond(encode_error_response(
                 corr,
@@ -104,10 +102,7 @@ impl Handler {
             )));
         };
         let error = |code: ErrorCode, message: String| {
-            self.metrics
-                .request_errors
-                .with_label_values(&[api.name(), code.name()])
-                .inc();
+            self.metrics.count_error(api.name(), code);
             ready(Outcome::Respond(encode_error_response(
                 corr, code, &message,
             )))
@@ -198,12 +193,7 @@ impl Handler {
     }
 
     fn count_error(&self, api: ApiKey, code: ErrorCode) {
-        if code != ErrorCode::NONE {
-            self.metrics
-                .request_errors
-                .with_label_values(&[api.name(), code.name()])
-                .inc();
-        }
+        self.metrics.count_error(api.name(), code);
     }
 
     fn api_versions(&self) -> ApiVersionsResponse {

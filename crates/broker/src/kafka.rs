@@ -172,7 +172,8 @@ impl Handler {
                             ..Default::default()
                         })
                         .await;
-                    this.count_kafka_error(Api::JOIN_GROUP.label, result.error);
+                    this.metrics
+                        .count_error(Api::JOIN_GROUP.label, result.error);
                     let response = kp::JoinGroupResponse::default()
                         .with_error_code(result.error.0)
                         .with_generation_id(result.generation)
@@ -207,7 +208,8 @@ impl Handler {
                             ..Default::default()
                         })
                         .await;
-                    this.count_kafka_error(Api::SYNC_GROUP.label, result.error);
+                    this.metrics
+                        .count_error(Api::SYNC_GROUP.label, result.error);
                     let response = kp::SyncGroupResponse::default()
                         .with_error_code(result.error.0)
                         .with_protocol_type(result.protocol_type.map(s))
@@ -275,7 +277,7 @@ impl Handler {
                                         .collect(),
                                 ),
                             // Offsets only: Empty; unknown: Dead (as Kafka).
-                            None if self.offsets.groups().contains(&name) => group
+                            None if self.offsets.has_group(&name) => group
                                 .with_group_state(s("Empty"))
                                 .with_protocol_type(s("consumer")),
                             None => group.with_group_state(s("Dead")),
@@ -309,7 +311,7 @@ impl Handler {
                                 Err(_) => ErrorCode::UNKNOWN_SERVER_ERROR,
                             }
                         };
-                        this.count_kafka_error(Api::DELETE_GROUPS.label, code);
+                        this.metrics.count_error(Api::DELETE_GROUPS.label, code);
                         results.push(
                             kp::delete_groups_response::DeletableGroupResult::default()
                                 .with_group_id(kp::GroupId(s(name)))
@@ -324,7 +326,7 @@ impl Handler {
                 let code = self
                     .groups
                     .heartbeat(&r.group_id, r.generation_id, &r.member_id);
-                self.count_kafka_error(Api::HEARTBEAT.label, code);
+                self.metrics.count_error(Api::HEARTBEAT.label, code);
                 let response = kp::HeartbeatResponse::default().with_error_code(code.0);
                 ready(finish(respond("HeartbeatResponse", &response)))
             }
@@ -346,7 +348,7 @@ impl Handler {
                     response.error_code = codes.first().map_or(0, |c| c.0);
                 }
                 for code in codes {
-                    self.count_kafka_error(Api::LEAVE_GROUP.label, code);
+                    self.metrics.count_error(Api::LEAVE_GROUP.label, code);
                 }
                 ready(finish(respond("LeaveGroupResponse", &response)))
             }
@@ -387,10 +389,7 @@ impl Handler {
             }
             _ => ErrorCode::INVALID_REQUEST,
         };
-        self.metrics
-            .request_errors
-            .with_label_values(&[label, code.name()])
-            .inc();
+        self.metrics.count_error(label, code);
         if let RequestError::UnsupportedVersion {
             api,
             correlation_id,
@@ -414,10 +413,7 @@ impl Handler {
         id: &str,
     ) -> kp::ProduceResponse {
         let code = ErrorCode::TRANSACTIONAL_ID_AUTHORIZATION_FAILED;
-        self.metrics
-            .request_errors
-            .with_label_values(&["kafka:Produce", code.name()])
-            .inc();
+        self.metrics.count_error("kafka:Produce", code);
         tracing::debug!(transactional_id = %id, "transactional produce refused");
         kp::ProduceResponse::default().with_responses(
             r.topics
@@ -565,10 +561,7 @@ impl Handler {
             };
             let (code, message) = match refusal {
                 Some(refusal) => {
-                    self.metrics
-                        .request_errors
-                        .with_label_values(&["kafka:CreateTopics", refusal.0.name()])
-                        .inc();
+                    self.metrics.count_error("kafka:CreateTopics", refusal.0);
                     refusal
                 }
                 None => {
@@ -727,7 +720,7 @@ impl Handler {
                 .iter()
                 .map(|key| {
                     let (code, message) = outcome(key);
-                    self.count_kafka_error("kafka:FindCoordinator", code);
+                    self.metrics.count_error("kafka:FindCoordinator", code);
                     kp::find_coordinator_response::Coordinator::default()
                         .with_key(s(key.clone()))
                         .with_node_id(node)
@@ -740,7 +733,7 @@ impl Handler {
             return response;
         }
         let (code, message) = outcome(r.keys.first().map_or("", String::as_str));
-        self.count_kafka_error("kafka:FindCoordinator", code);
+        self.metrics.count_error("kafka:FindCoordinator", code);
         response
             .with_error_code(code.0)
             .with_error_message(message.map(s))
@@ -751,15 +744,6 @@ impl Handler {
             })
             .with_host(if code == ErrorCode::NONE { host } else { s("") })
             .with_port(if code == ErrorCode::NONE { port } else { -1 })
-    }
-
-    fn count_kafka_error(&self, label: &str, code: ErrorCode) {
-        if code != ErrorCode::NONE {
-            self.metrics
-                .request_errors
-                .with_label_values(&[label, code.name()])
-                .inc();
-        }
     }
 
     /// Commits offsets: from a member of the group's current stable generation, or from outside
@@ -835,7 +819,7 @@ impl Handler {
         };
         if let Err((code, message)) = &stored {
             tracing::warn!(group = %r.group_id, error = %message, "offset commit failed");
-            self.count_kafka_error("kafka:OffsetCommit", *code);
+            self.metrics.count_error("kafka:OffsetCommit", *code);
         }
         kp::OffsetCommitResponse::default().with_topics(
             codes
@@ -851,7 +835,7 @@ impl Handler {
                                         Ok(()) => ErrorCode::NONE,
                                         Err((code, _)) => *code,
                                     });
-                                    self.count_kafka_error("kafka:OffsetCommit", code);
+                                    self.metrics.count_error("kafka:OffsetCommit", code);
                                     kp::offset_commit_response::OffsetCommitResponsePartition::default()
                                         .with_partition_index(p)
                                         .with_error_code(code.0)
@@ -931,10 +915,7 @@ impl Handler {
         let response = kp::InitProducerIdResponse::default();
         if r.transactional_id.is_some() {
             let code = ErrorCode::TRANSACTIONAL_ID_AUTHORIZATION_FAILED;
-            self.metrics
-                .request_errors
-                .with_label_values(&["kafka:InitProducerId", code.name()])
-                .inc();
+            self.metrics.count_error("kafka:InitProducerId", code);
             return response
                 .with_error_code(code.0)
                 .with_producer_id(kp::ProducerId(-1))

@@ -194,6 +194,15 @@ impl Metrics {
     }
 
     /// The text exposition of every metric, partition gauges refreshed from `manager`.
+    /// Counts a request that ended with `code` (nothing for NONE), under an API label.
+    pub fn count_error(&self, api: &str, code: cairn_protocol::native::ErrorCode) {
+        if code != cairn_protocol::native::ErrorCode::NONE {
+            self.request_errors
+                .with_label_values(&[api, code.name()])
+                .inc();
+        }
+    }
+
     pub fn render(
         &self,
         manager: &TopicManager,

@@ -44,11 +44,31 @@ pub struct Committed {
     log_offset: u64,
 }
 
+type Cache = HashMap<String, BTreeMap<(String, u32), Committed>>;
+
+fn cache_insert(cache: &mut Cache, key: OffsetKey, committed: Committed) {
+    let (group, topic, partition) = key;
+    cache
+        .entry(group)
+        .or_default()
+        .insert((topic, partition), committed);
+}
+
+fn cache_remove(cache: &mut Cache, key: &OffsetKey) {
+    if let Some(entries) = cache.get_mut(&key.0) {
+        entries.remove(&(key.1.clone(), key.2));
+        if entries.is_empty() {
+            cache.remove(&key.0);
+        }
+    }
+}
+
 /// The offset store.
 #[derive(Debug)]
 pub struct OffsetStore {
     partitions: u32,
-    cache: RwLock<HashMap<OffsetKey, Committed>>,
+    /// Per group, per (topic, partition).
+    cache: RwLock<Cache>,
     /// Serialises creating the topic.
     create: Mutex<()>,
 }
@@ -155,12 +175,8 @@ impl OffsetStore {
                             };
                             let log_offset = record.offset.max(0) as u64;
                             match record.value.and_then(|v| decode_value(v, log_offset)) {
-                                Some(committed) => {
-                                    cache.insert(key, committed);
-                                }
-                                None => {
-                                    cache.remove(&key);
-                                }
+                                Some(committed) => cache_insert(&mut cache, key, committed),
+                                None => cache_remove(&mut cache, &key),
                             }
                             n += 1;
                         }
@@ -169,20 +185,20 @@ impl OffsetStore {
             }
             tracing::info!(
                 records = n,
-                entries = cache.len(),
+                groups = cache.len(),
                 "committed offsets loaded"
             );
         }
         store
     }
 
-    fn write(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<OffsetKey, Committed>> {
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, Cache> {
         self.cache
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    fn read(&self) -> std::sync::RwLockReadGuard<'_, HashMap<OffsetKey, Committed>> {
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Cache> {
         self.cache
             .read()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -280,10 +296,11 @@ impl OffsetStore {
         for (i, (key, mut committed)) in pending.into_iter().enumerate() {
             committed.log_offset = info.base_offset.0 + i as u64;
             let newer = cache
-                .get(&key)
+                .get(&key.0)
+                .and_then(|entries| entries.get(&(key.1.clone(), key.2)))
                 .is_none_or(|old| old.log_offset < committed.log_offset);
             if newer {
-                cache.insert(key, committed);
+                cache_insert(&mut cache, key, committed);
             }
         }
         Ok(())
@@ -296,12 +313,12 @@ impl OffsetStore {
         manager: &TopicManager,
         group: &str,
     ) -> Result<bool, (ErrorCode, String)> {
-        let keys: Vec<OffsetKey> = self
-            .read()
-            .keys()
-            .filter(|k| k.0 == group)
-            .cloned()
-            .collect();
+        let keys: Vec<OffsetKey> = self.read().get(group).map_or_else(Vec::new, |entries| {
+            entries
+                .keys()
+                .map(|(t, p)| (group.to_string(), t.clone(), *p))
+                .collect()
+        });
         if keys.is_empty() {
             return Ok(false);
         }
@@ -314,11 +331,12 @@ impl OffsetStore {
         let mut cache = self.write();
         for key in keys {
             // A commit appended after the tombstones stays.
-            if cache
-                .get(&key)
-                .is_some_and(|c| c.log_offset < info.base_offset.0)
-            {
-                cache.remove(&key);
+            let older = cache
+                .get(&key.0)
+                .and_then(|entries| entries.get(&(key.1.clone(), key.2)))
+                .is_some_and(|c| c.log_offset < info.base_offset.0);
+            if older {
+                cache_remove(&mut cache, &key);
             }
         }
         Ok(true)
@@ -327,28 +345,31 @@ impl OffsetStore {
     /// The committed offset of one partition.
     pub fn fetch(&self, group: &str, topic: &str, partition: u32) -> Option<Committed> {
         self.read()
-            .get(&(group.to_string(), topic.to_string(), partition))
+            .get(group)?
+            .get(&(topic.to_string(), partition))
             .cloned()
+    }
+
+    /// Whether `group` has committed offsets.
+    pub fn has_group(&self, group: &str) -> bool {
+        self.read().contains_key(group)
     }
 
     /// Every group with committed offsets.
     pub fn groups(&self) -> Vec<String> {
-        let mut names: Vec<String> = self.read().keys().map(|k| k.0.clone()).collect();
+        let mut names: Vec<String> = self.read().keys().cloned().collect();
         names.sort();
-        names.dedup();
         names
     }
 
-    /// Every (topic, partition) the group committed, with its offset.
+    /// Every (topic, partition) the group committed, with its offset, in order.
     pub fn fetch_all(&self, group: &str) -> Vec<((String, u32), Committed)> {
-        let mut all: Vec<_> = self
-            .read()
-            .iter()
-            .filter(|(k, _)| k.0 == group)
-            .map(|(k, c)| ((k.1.clone(), k.2), c.clone()))
-            .collect();
-        all.sort_by(|a, b| a.0.cmp(&b.0));
-        all
+        self.read().get(group).map_or_else(Vec::new, |entries| {
+            entries
+                .iter()
+                .map(|(k, c)| (k.clone(), c.clone()))
+                .collect()
+        })
     }
 }
 
