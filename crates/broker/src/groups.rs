@@ -39,6 +39,29 @@ impl<T> Answer<T> {
     }
 }
 
+/// A JoinGroup, as the coordinator needs it (whichever protocol it came over).
+#[derive(Debug, Clone, Default)]
+pub struct Join {
+    /// The group.
+    pub group_id: String,
+    /// Empty for a new member.
+    pub member_id: String,
+    /// Static membership id (accepted, treated as dynamic).
+    pub instance_id: Option<String>,
+    /// The client's id.
+    pub client_id: String,
+    /// "consumer" for consumers.
+    pub protocol_type: String,
+    /// (assignor, subscription metadata), in the member's order of preference.
+    pub protocols: Vec<(String, Bytes)>,
+    /// Session timeout.
+    pub session_ms: i32,
+    /// Rebalance timeout.
+    pub rebalance_ms: i32,
+    /// A new member first gets MEMBER_ID_REQUIRED with its id (KIP-394, JoinGroup v4+).
+    pub require_known_member_id: bool,
+}
+
 /// What a JoinGroup is answered with.
 #[derive(Debug, Clone, Default)]
 pub struct JoinResult {
@@ -335,19 +358,24 @@ impl Coordinator {
 
     /// A JoinGroup: an immediate answer (an error, or MEMBER_ID_REQUIRED with a new id), or a
     /// channel answered when the rebalance completes.
-    #[allow(clippy::too_many_arguments)]
-    pub fn join(
-        &self,
-        group_id: &str,
-        member_id: &str,
-        instance_id: Option<String>,
-        client_id: &str,
-        protocol_type: &str,
-        protocols: Vec<(String, Bytes)>,
-        session_ms: i32,
-        rebalance_ms: i32,
-        require_known_member_id: bool,
-    ) -> Answer<JoinResult> {
+    pub fn join(&self, request: Join) -> Answer<JoinResult> {
+        let Join {
+            group_id,
+            member_id,
+            instance_id,
+            client_id,
+            protocol_type,
+            protocols,
+            session_ms,
+            rebalance_ms,
+            require_known_member_id,
+        } = request;
+        let (group_id, member_id, client_id, protocol_type) = (
+            group_id.as_str(),
+            member_id.as_str(),
+            client_id.as_str(),
+            protocol_type.as_str(),
+        );
         if group_id.is_empty() || group_id.len() > cairn_protocol::limits::GROUP_ID_BYTES_MAX {
             return Answer::Ready(fail_join(ErrorCode::INVALID_GROUP_ID, member_id.into()));
         }
@@ -666,18 +694,23 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
 
+    /// A consumer's JoinGroup for `group` with the range assignor.
+    fn consumer(group: &str, member_id: &str, require_known_member_id: bool) -> Join {
+        Join {
+            group_id: group.into(),
+            member_id: member_id.into(),
+            client_id: "client".into(),
+            protocol_type: "consumer".into(),
+            protocols: vec![("range".into(), Bytes::from_static(b"meta"))],
+            session_ms: 10_000,
+            rebalance_ms: 10_000,
+            require_known_member_id,
+            ..Join::default()
+        }
+    }
+
     fn join(c: &Coordinator, id: &str) -> Answer<JoinResult> {
-        c.join(
-            "g",
-            id,
-            None,
-            "client",
-            "consumer",
-            vec![("range".into(), Bytes::from_static(b"meta"))],
-            10_000,
-            10_000,
-            true,
-        )
+        c.join(consumer("g", id, true))
     }
 
     #[tokio::test]
@@ -685,17 +718,7 @@ mod tests {
         // A long initial delay keeps the first join waiting.
         let c = Coordinator::new(Duration::from_secs(60), 10, 10);
         let lost = || fail_join(ErrorCode::UNKNOWN_MEMBER_ID, String::new());
-        let waiting = c.join(
-            "g",
-            "",
-            None,
-            "client",
-            "consumer",
-            vec![("range".into(), Bytes::new())],
-            10_000,
-            10_000,
-            false,
-        );
+        let waiting = c.join(consumer("g", "", false));
         c.close();
         assert_eq!(
             waiting.get(lost).await.error,
@@ -707,19 +730,7 @@ mod tests {
     async fn groups_and_members_are_bounded() {
         let c = Coordinator::new(Duration::ZERO, 2, 2);
         let lost = || fail_join(ErrorCode::UNKNOWN_MEMBER_ID, String::new());
-        let join_group = |g: &str| {
-            c.join(
-                g,
-                "",
-                None,
-                "client",
-                "consumer",
-                vec![("range".into(), Bytes::new())],
-                10_000,
-                10_000,
-                true,
-            )
-        };
+        let join_group = |g: &str| c.join(consumer(g, "", true));
         assert_eq!(
             join_group("a").get(lost).await.error,
             ErrorCode::MEMBER_ID_REQUIRED

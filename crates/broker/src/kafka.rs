@@ -151,18 +151,17 @@ impl Handler {
                 ready(finish(respond("FindCoordinatorResponse", &response)))
             }
             Request::JoinGroup(r) => {
-                let client_id = decoded.header.client_id.clone().unwrap_or_default();
-                let joined = self.groups.join(
-                    &r.group_id,
-                    &r.member_id,
-                    r.group_instance_id.clone(),
-                    &client_id,
-                    &r.protocol_type,
-                    r.protocols,
-                    r.session_timeout_ms,
-                    r.rebalance_timeout_ms,
-                    version >= 4,
-                );
+                let joined = self.groups.join(crate::groups::Join {
+                    group_id: r.group_id,
+                    member_id: r.member_id,
+                    instance_id: r.group_instance_id,
+                    client_id: decoded.header.client_id.unwrap_or_default(),
+                    protocol_type: r.protocol_type,
+                    protocols: r.protocols,
+                    session_ms: r.session_timeout_ms,
+                    rebalance_ms: r.rebalance_timeout_ms,
+                    require_known_member_id: version >= 4,
+                });
                 let this = Arc::clone(self);
                 Box::pin(async move {
                     let result = joined
