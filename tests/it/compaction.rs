@@ -117,6 +117,17 @@ fn check(
     }
 }
 
+/// Drops the log, then a power loss or a process death, then opens it again.
+fn restart(log: Log, fs: &FaultFs, dir: &Path, rng: &mut SmallRng) -> Log {
+    drop(log);
+    if rng.random_bool(0.5) {
+        fs.crash(rng.random());
+    } else {
+        fs.kill_process();
+    }
+    open(fs, dir)
+}
+
 /// Runs one seed; returns (compaction passes completed, passes the process died in).
 fn run_seed(seed: u64) -> (u64, u64) {
     let mut rng = SmallRng::seed_from_u64(seed);
@@ -173,26 +184,12 @@ fn run_seed(seed: u64) -> (u64, u64) {
                     Err(_) => {
                         assert!(die, "{context}: compaction failed without a fault");
                         n_dead += 1;
-                        drop(log);
-                        if rng.random_bool(0.5) {
-                            fs.crash(rng.random());
-                        } else {
-                            fs.kill_process();
-                        }
-                        log = open(&fs, dir);
+                        log = restart(log, &fs, dir, &mut rng);
                     }
                 }
             }
-            _ => {
-                // A restart: power loss or process death.
-                drop(log);
-                if rng.random_bool(0.5) {
-                    fs.crash(rng.random());
-                } else {
-                    fs.kill_process();
-                }
-                log = open(&fs, dir);
-            }
+            // A restart: power loss or process death.
+            _ => log = restart(log, &fs, dir, &mut rng),
         }
         check(&log, &history, &latest, &context);
     }
