@@ -314,6 +314,23 @@ fn acks_all_records_survive_kill_9() {
 
 /// Sends raw bytes on a fresh connection and returns the first response frame (length prefix
 /// included), or nothing if the broker closes the connection instead. Fails after 5 s.
+/// A control producer: one record to `control`-0 at a time, each awaited, for `run`; returns how
+/// many were acknowledged (a failure panics).
+pub(crate) async fn produce_acknowledged_until(producer: &Producer, run: Duration) -> u64 {
+    let mut n = 0u64;
+    let deadline = std::time::Instant::now() + run;
+    while std::time::Instant::now() < deadline {
+        producer
+            .send(ProducerRecord::new("control", format!("c{n}")).partition(0))
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+        n += 1;
+    }
+    n
+}
+
 pub(crate) fn raw_exchange(addr: &str, bytes: &[u8]) -> Vec<u8> {
     let mut stream = TcpStream::connect(addr).unwrap();
     stream
@@ -403,18 +420,7 @@ fn malformed_input_gets_an_error_or_a_clean_close_while_others_are_served() {
         )
         .await
         .unwrap();
-        let mut n = 0u64;
-        let deadline = std::time::Instant::now() + Duration::from_secs(6);
-        while std::time::Instant::now() < deadline {
-            producer
-                .send(ProducerRecord::new("control", format!("c{n}")).partition(0))
-                .await
-                .unwrap()
-                .await
-                .unwrap();
-            n += 1;
-        }
-        n
+        produce_acknowledged_until(&producer, Duration::from_secs(6)).await
     });
     std::thread::sleep(Duration::from_millis(300));
     let b = broker.addr.as_str();

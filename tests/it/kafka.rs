@@ -18,7 +18,7 @@ use cairn_client::{
 use cairn_kafka::kp::messages as kp;
 use cairn_kafka::kp::protocol::{Decodable, Encodable, HeaderVersion, StrBytes};
 
-use crate::broker::{frame, raw_exchange, runtime};
+use crate::broker::{frame, produce_acknowledged_until, raw_exchange, runtime};
 use crate::broker_process::BrokerProcess;
 
 /// The virtualenv's Python with the Kafka clients installed.
@@ -281,18 +281,7 @@ fn hostile_kafka_frames_get_an_error_or_a_close_and_the_broker_keeps_serving() {
             },
         )
         .unwrap();
-        let mut n = 0u64;
-        let deadline = std::time::Instant::now() + Duration::from_secs(8);
-        while std::time::Instant::now() < deadline {
-            producer
-                .send(ProducerRecord::new("control", format!("c{n}")).partition(0))
-                .await
-                .unwrap()
-                .await
-                .unwrap();
-            n += 1;
-        }
-        n
+        produce_acknowledged_until(&producer, Duration::from_secs(8)).await
     });
     std::thread::sleep(Duration::from_millis(500));
     let before = broker.peak_rss_kib();
