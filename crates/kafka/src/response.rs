@@ -97,10 +97,10 @@ pub fn encode_fetch(
         w.buf.put_i16(response.error_code);
         w.buf.put_i32(response.session_id);
     }
-    w.len(response.responses.len(), false).map_err(fail)?;
+    w.len(response.responses.len()).map_err(fail)?;
     for topic in &response.responses {
         w.string(topic.topic.as_str()).map_err(fail)?;
-        w.len(topic.partitions.len(), false).map_err(fail)?;
+        w.len(topic.partitions.len()).map_err(fail)?;
         for p in &topic.partitions {
             w.buf.put_i32(p.partition_index);
             w.buf.put_i16(p.error_code);
@@ -112,7 +112,7 @@ pub fn encode_fetch(
             match &p.aborted_transactions {
                 None => w.null(),
                 Some(aborted) => {
-                    w.len(aborted.len(), false).map_err(fail)?;
+                    w.len(aborted.len()).map_err(fail)?;
                     for a in aborted {
                         w.buf.put_i64(a.producer_id.0);
                         w.buf.put_i64(a.first_offset);
@@ -126,7 +126,7 @@ pub fn encode_fetch(
             match &p.records {
                 None => w.null(),
                 Some(records) => {
-                    w.len(records.len(), true).map_err(fail)?;
+                    w.len(records.len()).map_err(fail)?;
                     w.chunk(records.clone());
                 }
             }
@@ -146,7 +146,7 @@ struct Writer {
 
 impl Writer {
     /// An array count or bytes length: classic `int32` or compact `n + 1`.
-    fn len(&mut self, n: usize, _bytes: bool) -> Result<(), String> {
+    fn len(&mut self, n: usize) -> Result<(), String> {
         if self.flexible {
             let n = u32::try_from(n)
                 .ok()
@@ -170,7 +170,7 @@ impl Writer {
 
     fn string(&mut self, s: &str) -> Result<(), String> {
         if self.flexible {
-            self.len(s.len(), false)?;
+            self.len(s.len())?;
         } else {
             self.buf
                 .put_i16(i16::try_from(s.len()).map_err(|_| "string too long")?);
