@@ -443,7 +443,12 @@ impl Coordinator {
             assignment: Bytes::new(),
         });
         member.instance_id = instance_id;
-        member.protocols = protocols;
+        // Own copies: slices of the request frame would keep the whole frame alive as long as
+        // the member (a small subscription in a large frame would pin the frame).
+        member.protocols = protocols
+            .into_iter()
+            .map(|(name, metadata)| (name, Bytes::copy_from_slice(&metadata)))
+            .collect();
         member.session = session;
         member.rebalance = rebalance;
         member.last_seen = now;
@@ -502,7 +507,7 @@ impl Coordinator {
                 if group.leader.as_deref() == Some(member_id) {
                     for (id, assignment) in assignments {
                         if let Some(member) = group.members.get_mut(&id) {
-                            member.assignment = assignment;
+                            member.assignment = Bytes::copy_from_slice(&assignment);
                         }
                     }
                     group.state = GroupState::Stable;
