@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use cairn_protocol::native::ErrorCode;
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, watch};
 
 /// An answer now, or one that comes when the group gets there.
 #[derive(Debug)]
@@ -161,6 +161,8 @@ struct Group {
     deadline: Instant,
     /// A new group waits this long for more members before its first generation.
     not_before: Instant,
+    /// Counts rebalances begun; heartbeats held by `heartbeat_wait` watch it.
+    rebalances: watch::Sender<u64>,
 }
 
 /// The coordinator of every group on this node.
@@ -204,6 +206,7 @@ impl Group {
             pending: BTreeMap::new(),
             deadline: now,
             not_before: now,
+            rebalances: watch::Sender::new(0),
         }
     }
 
@@ -229,6 +232,7 @@ impl Group {
         }
         self.deadline = now + rebalance;
         self.state = GroupState::PreparingRebalance;
+        self.rebalances.send_modify(|n| *n += 1);
     }
 
     /// Completes the join phase if every member rejoined (and a new group waited its initial
@@ -524,23 +528,60 @@ impl Coordinator {
 
     /// A Heartbeat.
     pub fn heartbeat(&self, group_id: &str, generation: i32, member_id: &str) -> ErrorCode {
+        self.heartbeat_watch(group_id, generation, member_id).0
+    }
+
+    /// A heartbeat, and on success a watch of the group's rebalances (subscribed under the same
+    /// lock, so a rebalance begun after this check is seen) and the member's session.
+    fn heartbeat_watch(
+        &self,
+        group_id: &str,
+        generation: i32,
+        member_id: &str,
+    ) -> (ErrorCode, Option<(watch::Receiver<u64>, Duration)>) {
         let mut groups = self.lock();
         let Some(member_group) = groups.get_mut(group_id) else {
-            return ErrorCode::UNKNOWN_MEMBER_ID;
+            return (ErrorCode::UNKNOWN_MEMBER_ID, None);
         };
         let state = member_group.state;
         let current = member_group.generation;
         let Some(member) = member_group.members.get_mut(member_id) else {
-            return ErrorCode::UNKNOWN_MEMBER_ID;
+            return (ErrorCode::UNKNOWN_MEMBER_ID, None);
         };
         member.last_seen = Instant::now();
+        let session = member.session;
         if state == GroupState::PreparingRebalance {
-            return ErrorCode::REBALANCE_IN_PROGRESS;
+            return (ErrorCode::REBALANCE_IN_PROGRESS, None);
         }
         if generation != current {
-            return ErrorCode::ILLEGAL_GENERATION;
+            return (ErrorCode::ILLEGAL_GENERATION, None);
         }
-        ErrorCode::NONE
+        (
+            ErrorCode::NONE,
+            Some((member_group.rebalances.subscribe(), session)),
+        )
+    }
+
+    /// A long-poll heartbeat (native protocol): answered at once if there is something to
+    /// report, else held until a rebalance begins, the group goes away, or `max_wait` (capped at
+    /// half the member's session timeout) passes; then checked again.
+    pub async fn heartbeat_wait(
+        &self,
+        group_id: &str,
+        generation: i32,
+        member_id: &str,
+        max_wait: Duration,
+    ) -> ErrorCode {
+        let (code, watch) = self.heartbeat_watch(group_id, generation, member_id);
+        let Some((mut rebalances, session)) = watch else {
+            return code;
+        };
+        if max_wait.is_zero() {
+            return code;
+        }
+        // Err (the group is gone) also ends the wait.
+        let _ = tokio::time::timeout(max_wait.min(session / 2), rebalances.changed()).await;
+        self.heartbeat(group_id, generation, member_id)
     }
 
     /// A LeaveGroup: per member, NONE or UNKNOWN_MEMBER_ID.
@@ -818,5 +859,47 @@ mod tests {
             ErrorCode::ILLEGAL_GENERATION
         );
         ticker.abort();
+    }
+
+    #[tokio::test]
+    async fn a_held_heartbeat_is_answered_when_a_rebalance_begins() {
+        let c = std::sync::Arc::new(Coordinator::new(Duration::ZERO, 10, 10));
+        let lost = || fail_join(ErrorCode::UNKNOWN_MEMBER_ID, String::new());
+        let id = join(&c, "").get(lost).await.member_id;
+        let joined = join(&c, &id).get(lost).await;
+        assert_eq!(joined.error, ErrorCode::NONE);
+        let synced = c.sync(
+            "g",
+            joined.generation,
+            &id,
+            vec![(id.clone(), Bytes::new())],
+        );
+        let lost_sync = || fail_sync(ErrorCode::UNKNOWN_MEMBER_ID);
+        assert_eq!(synced.get(lost_sync).await.error, ErrorCode::NONE);
+        // Nothing to report: held for the wait.
+        let started = Instant::now();
+        let code = c
+            .heartbeat_wait("g", joined.generation, &id, Duration::from_millis(200))
+            .await;
+        assert_eq!(code, ErrorCode::NONE);
+        assert!(started.elapsed() >= Duration::from_millis(200));
+        // A second member joins while a heartbeat is held: answered at once.
+        let held = {
+            let (c, id) = (std::sync::Arc::clone(&c), id.clone());
+            tokio::spawn(async move {
+                let started = Instant::now();
+                let code = c
+                    .heartbeat_wait("g", joined.generation, &id, Duration::from_secs(4))
+                    .await;
+                (code, started.elapsed())
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let newcomer = join(&c, "").get(lost).await;
+        assert_eq!(newcomer.error, ErrorCode::MEMBER_ID_REQUIRED);
+        let _waiting = join(&c, &newcomer.member_id);
+        let (code, waited) = held.await.unwrap();
+        assert_eq!(code, ErrorCode::REBALANCE_IN_PROGRESS);
+        assert!(waited < Duration::from_secs(1), "{waited:?}");
     }
 }

@@ -163,6 +163,18 @@ impl Handler {
                     )))
                 })
             }
+            Request::FindCoordinator(_)
+            | Request::JoinGroup(_)
+            | Request::SyncGroup(_)
+            | Request::Heartbeat(_)
+            | Request::LeaveGroup(_)
+            | Request::OffsetCommit(_)
+            | Request::OffsetFetch(_)
+            | Request::ListGroups(_)
+            | Request::DescribeGroups(_)
+            | Request::DeleteGroups(_) => {
+                self.begin_native_group(corr, header.client_id, request, finish)
+            }
             request => {
                 let outcome = match request {
                     Request::ApiVersions(_) => {
@@ -183,9 +195,7 @@ impl Handler {
                     Request::ListOffsets(r) => {
                         Outcome::Respond(encode_response(corr, &self.list_offsets(r)))
                     }
-                    Request::Produce(_) | Request::Fetch(_) => {
-                        Outcome::Close("unreachable dispatch".into())
-                    }
+                    _ => Outcome::Close("unreachable dispatch".into()),
                 };
                 ready(finish(outcome))
             }

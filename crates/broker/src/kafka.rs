@@ -3,7 +3,6 @@
 //! uses: one topic manager, one append path, one fetch path) and answered in the Kafka response
 //! format of the request's version. Record batches pass through as bytes both ways.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -14,6 +13,7 @@ use cairn_kafka::request::{self as kreq, Api, RequestError};
 use cairn_kafka::{Request, response};
 use cairn_protocol::native::{self as native, ErrorCode};
 
+use crate::group_api::{GroupView, OffsetToCommit};
 use crate::handler::{Deferred, Handler, Outcome};
 
 /// Kafka's ConfigResource types.
@@ -218,28 +218,16 @@ impl Handler {
                 })
             }
             Request::ListGroups(r) => {
-                let mut groups: BTreeMap<String, (String, &'static str)> = self
-                    .groups
-                    .list()
-                    .into_iter()
-                    .map(|(name, kind, state)| (name, (kind, state)))
-                    .collect();
-                // Groups known only by their committed offsets are Empty consumer groups.
-                for name in self.offsets.groups() {
-                    groups
-                        .entry(name)
-                        .or_insert_with(|| ("consumer".to_string(), "Empty"));
-                }
                 let response = kp::ListGroupsResponse::default().with_groups(
-                    groups
+                    self.all_groups()
                         .into_iter()
-                        .filter(|(_, (_, state))| {
+                        .filter(|(_, _, state)| {
                             r.states_filter.is_empty()
                                 || r.states_filter
                                     .iter()
                                     .any(|f| f.eq_ignore_ascii_case(state))
                         })
-                        .map(|(name, (kind, state))| {
+                        .map(|(name, kind, state)| {
                             kp::list_groups_response::ListedGroup::default()
                                 .with_group_id(kp::GroupId(s(name)))
                                 .with_protocol_type(s(kind))
@@ -256,8 +244,8 @@ impl Handler {
                     .map(|name| {
                         let group = kp::describe_groups_response::DescribedGroup::default()
                             .with_group_id(kp::GroupId(s(name.clone())));
-                        match self.groups.describe(&name) {
-                            Some(info) => group
+                        match self.view_group(&name) {
+                            GroupView::Live(info) => group
                                 .with_group_state(s(info.state))
                                 .with_protocol_type(s(info.protocol_type))
                                 .with_protocol_data(s(info.protocol))
@@ -276,10 +264,10 @@ impl Handler {
                                         .collect(),
                                 ),
                             // Offsets only: Empty; unknown: Dead (as Kafka).
-                            None if self.offsets.has_group(&name) => group
+                            GroupView::OffsetsOnly => group
                                 .with_group_state(s("Empty"))
                                 .with_protocol_type(s("consumer")),
-                            None => group.with_group_state(s("Dead")),
+                            GroupView::Dead => group.with_group_state(s("Dead")),
                         }
                     })
                     .collect();
@@ -289,34 +277,16 @@ impl Handler {
             Request::DeleteGroups(r) => {
                 let this = Arc::clone(self);
                 Box::pin(async move {
-                    let mut results = Vec::with_capacity(r.groups.len());
-                    for name in r.groups {
-                        let code = if this.groups.has_members(&name) {
-                            ErrorCode::NON_EMPTY_GROUP
-                        } else {
-                            let (offsets, manager, group) = (
-                                Arc::clone(&this.offsets),
-                                Arc::clone(&this.manager),
-                                name.clone(),
-                            );
-                            match tokio::task::spawn_blocking(move || {
-                                offsets.delete_group(&manager, &group)
-                            })
-                            .await
-                            {
-                                Ok(Ok(true)) => ErrorCode::NONE,
-                                Ok(Ok(false)) => ErrorCode::GROUP_ID_NOT_FOUND,
-                                Ok(Err((code, _))) => code,
-                                Err(_) => ErrorCode::UNKNOWN_SERVER_ERROR,
-                            }
-                        };
-                        this.metrics.count_error(Api::DELETE_GROUPS.label, code);
-                        results.push(
+                    let results = this
+                        .delete_groups(Api::DELETE_GROUPS.label, r.groups)
+                        .await
+                        .into_iter()
+                        .map(|(name, code)| {
                             kp::delete_groups_response::DeletableGroupResult::default()
                                 .with_group_id(kp::GroupId(s(name)))
-                                .with_error_code(code.0),
-                        );
-                    }
+                                .with_error_code(code.0)
+                        })
+                        .collect();
                     let response = kp::DeleteGroupsResponse::default().with_results(results);
                     finish(respond("DeleteGroupsResponse", &response))
                 })
@@ -745,83 +715,34 @@ impl Handler {
             .with_port(if code == ErrorCode::NONE { port } else { -1 })
     }
 
-    /// Commits offsets: from a member of the group's current stable generation, or from outside
-    /// group membership (generation -1, no member id: consumers that assign partitions
-    /// themselves) while the group has no members.
     async fn kafka_offset_commit(&self, r: kreq::OffsetCommitRequest) -> kp::OffsetCommitResponse {
-        let refusal = if r.group_id.is_empty()
-            || r.group_id.len() > cairn_protocol::limits::GROUP_ID_BYTES_MAX
-        {
-            Some(ErrorCode::INVALID_GROUP_ID)
-        } else if r.generation_id >= 0 || !r.member_id.is_empty() {
-            // A member's commit: it must be in the group's current generation.
-            Some(
-                self.groups
-                    .check_commit(&r.group_id, r.generation_id, &r.member_id),
-            )
-            .filter(|code| *code != ErrorCode::NONE)
-        } else if self.groups.has_members(&r.group_id) {
-            // A commit from outside an active group would race its members.
-            Some(ErrorCode::UNKNOWN_MEMBER_ID)
-        } else {
-            None
-        };
-        // Per partition: the error, or None if it is to be committed.
-        type PartitionOutcomes = Vec<(i32, Option<ErrorCode>)>;
-        let mut codes: Vec<(String, PartitionOutcomes)> = Vec::new();
-        let mut entries = Vec::new();
-        for (name, partitions) in &r.topics {
-            let topic = self.manager.topic(name);
-            let mut results = Vec::new();
-            for (p, offset, epoch, metadata) in partitions {
-                let exists = topic
-                    .as_ref()
-                    .is_some_and(|t| usize::try_from(*p).is_ok_and(|i| i < t.partitions.len()));
-                let too_long = metadata
-                    .as_ref()
-                    .is_some_and(|m| m.len() > cairn_protocol::limits::OFFSET_METADATA_BYTES_MAX);
-                let code = match refusal {
-                    Some(code) => Some(code),
-                    None if !exists => Some(ErrorCode::UNKNOWN_TOPIC_OR_PARTITION),
-                    None if too_long => Some(ErrorCode::OFFSET_METADATA_TOO_LARGE),
-                    None => {
-                        entries.push((
-                            (name.clone(), *p as u32),
-                            *offset,
-                            *epoch,
-                            metadata.clone().unwrap_or_default(),
-                        ));
-                        None
-                    }
-                };
-                results.push((*p, code));
-            }
-            codes.push((name.clone(), results));
-        }
-        let stored = if entries.is_empty() {
-            Ok(())
-        } else {
-            let (offsets, manager, group) = (
-                Arc::clone(&self.offsets),
-                Arc::clone(&self.manager),
-                r.group_id.clone(),
-            );
-            let now = crate::handler::now_ms();
-            match tokio::task::spawn_blocking(move || {
-                offsets.commit(&manager, &group, entries, now)
+        let topics = r
+            .topics
+            .into_iter()
+            .map(|(name, partitions)| {
+                let partitions = partitions
+                    .into_iter()
+                    .map(|(p, offset, leader_epoch, metadata)| OffsetToCommit {
+                        partition: i64::from(p),
+                        offset,
+                        leader_epoch,
+                        metadata: metadata.unwrap_or_default(),
+                    })
+                    .collect();
+                (name, partitions)
             })
-            .await
-            {
-                Ok(result) => result,
-                Err(_) => Err((ErrorCode::UNKNOWN_SERVER_ERROR, "commit task failed".into())),
-            }
-        };
-        if let Err((code, message)) = &stored {
-            tracing::warn!(group = %r.group_id, error = %message, "offset commit failed");
-            self.metrics.count_error("kafka:OffsetCommit", *code);
-        }
+            .collect();
+        let outcomes = self
+            .commit_offsets(
+                Api::OFFSET_COMMIT.label,
+                &r.group_id,
+                r.generation_id,
+                &r.member_id,
+                topics,
+            )
+            .await;
         kp::OffsetCommitResponse::default().with_topics(
-            codes
+            outcomes
                 .into_iter()
                 .map(|(name, partitions)| {
                     kp::offset_commit_response::OffsetCommitResponseTopic::default()
@@ -830,13 +751,8 @@ impl Handler {
                             partitions
                                 .into_iter()
                                 .map(|(p, code)| {
-                                    let code = code.unwrap_or(match &stored {
-                                        Ok(()) => ErrorCode::NONE,
-                                        Err((code, _)) => *code,
-                                    });
-                                    self.metrics.count_error("kafka:OffsetCommit", code);
                                     kp::offset_commit_response::OffsetCommitResponsePartition::default()
-                                        .with_partition_index(p)
+                                        .with_partition_index(p as i32)
                                         .with_error_code(code.0)
                                 })
                                 .collect(),
@@ -864,46 +780,26 @@ impl Handler {
                 .with_committed_leader_epoch(-1)
                 .with_metadata(Some(s(""))),
         };
-        let topics: Vec<OffsetFetchResponseTopic> = match r.topics {
-            Some(topics) => topics
+        let wanted = r.topics.map(|topics| {
+            topics
                 .into_iter()
-                .map(|(name, partitions)| {
-                    OffsetFetchResponseTopic::default()
-                        .with_partitions(
-                            partitions
-                                .into_iter()
-                                .map(|p| {
-                                    let found = u32::try_from(p)
-                                        .ok()
-                                        .and_then(|i| self.offsets.fetch(&r.group_id, &name, i));
-                                    partition(p, found)
-                                })
-                                .collect(),
-                        )
-                        .with_name(topic_name(name))
-                })
-                .collect(),
-            None => {
-                let mut by_topic: std::collections::BTreeMap<
-                    String,
-                    Vec<OffsetFetchResponsePartition>,
-                > = std::collections::BTreeMap::new();
-                for ((name, p), c) in self.offsets.fetch_all(&r.group_id) {
-                    by_topic
-                        .entry(name)
-                        .or_default()
-                        .push(partition(p as i32, Some(c)));
-                }
-                by_topic
-                    .into_iter()
-                    .map(|(name, partitions)| {
-                        OffsetFetchResponseTopic::default()
-                            .with_name(topic_name(name))
-                            .with_partitions(partitions)
-                    })
-                    .collect()
-            }
-        };
+                .map(|(name, partitions)| (name, partitions.into_iter().map(i64::from).collect()))
+                .collect()
+        });
+        let topics: Vec<OffsetFetchResponseTopic> = self
+            .committed_offsets(&r.group_id, wanted)
+            .into_iter()
+            .map(|(name, partitions)| {
+                OffsetFetchResponseTopic::default()
+                    .with_name(topic_name(name))
+                    .with_partitions(
+                        partitions
+                            .into_iter()
+                            .map(|(p, c)| partition(p as i32, c))
+                            .collect(),
+                    )
+            })
+            .collect();
         response.with_topics(topics)
     }
 

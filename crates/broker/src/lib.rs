@@ -23,6 +23,7 @@
 
 mod config;
 mod embedded;
+mod group_api;
 mod groups;
 mod handler;
 mod kafka;

@@ -225,9 +225,9 @@ impl Dialect for KafkaDialect {
                     );
                 encode(2, LIST_OFFSETS, c, id, &body)
             }
-            Request::ApiVersions(_) | Request::DescribeTopics(_) => {
-                Err(unsupported(request.api_key()))
-            }
+            // Group membership and administration are not translated (the group consumer speaks
+            // the native protocol, whose heartbeats are long polls).
+            _ => Err(unsupported(request.api_key())),
         }
     }
 
@@ -390,7 +390,7 @@ impl Dialect for KafkaDialect {
                         .collect(),
                 })
             }
-            ApiKey::ApiVersions | ApiKey::DescribeTopics => return Err(unsupported(api)),
+            _ => return Err(unsupported(api)),
         })
     }
 }

@@ -30,6 +30,10 @@ impl B {
         self.0.extend_from_slice(&v.to_be_bytes());
         self
     }
+    fn i32(mut self, v: i32) -> Self {
+        self.0.extend_from_slice(&v.to_be_bytes());
+        self
+    }
     fn u32(mut self, v: u32) -> Self {
         self.0.extend_from_slice(&v.to_be_bytes());
         self
@@ -456,6 +460,326 @@ fn list_offsets() {
             .u64(0),
     );
     round_trip_response(&payload, &resp);
+}
+
+/// Checks one request/response pair of the group API `api` against its spec bytes.
+#[allow(clippy::too_many_arguments)]
+fn group_pair<T: Wire + PartialEq + std::fmt::Debug>(
+    name: &str,
+    api: u16,
+    corr: u32,
+    req: Request,
+    req_spec: impl FnOnce(B) -> B,
+    resp: T,
+    resp_spec: impl FnOnce(B) -> B,
+) {
+    assert_eq!(req.api_key() as u16, api);
+    let payload = encode_request(corr, "golden", &req);
+    check(
+        &format!("{name}_request"),
+        payload.clone(),
+        req_spec(B::req(api, corr)),
+    );
+    round_trip_request(&payload, &req);
+    let payload = encode_response(corr, &resp);
+    check(
+        &format!("{name}_response"),
+        payload.clone(),
+        resp_spec(B::resp(corr)),
+    );
+    round_trip_response(&payload, &resp);
+}
+
+#[test]
+fn group_membership() {
+    group_pair(
+        "find_coordinator",
+        8,
+        20,
+        Request::FindCoordinator(FindCoordinatorRequest {
+            group_id: "billing".into(),
+        }),
+        |b| b.string("billing"),
+        FindCoordinatorResponse {
+            error_code: 0,
+            node_id: 1,
+            host: "127.0.0.1".into(),
+            port: 9192,
+        },
+        |b| b.i16(0).u32(1).string("127.0.0.1").u16(9192),
+    );
+    group_pair(
+        "join_group",
+        9,
+        21,
+        Request::JoinGroup(JoinGroupRequest {
+            group_id: "billing".into(),
+            member_id: "m-1".into(),
+            session_timeout_ms: 10_000,
+            rebalance_timeout_ms: 300_000,
+            protocol_type: "consumer".into(),
+            protocols: vec![JoinProtocol {
+                name: "range".into(),
+                metadata: Bytes::from_static(b"sub"),
+            }],
+        }),
+        |b| {
+            b.string("billing")
+                .string("m-1")
+                .u32(10_000)
+                .u32(300_000)
+                .string("consumer")
+                .count(1)
+                .string("range")
+                .bytes(b"sub")
+        },
+        JoinGroupResponse {
+            error_code: 0,
+            generation: 3,
+            protocol_name: "range".into(),
+            leader: "m-1".into(),
+            member_id: "m-1".into(),
+            members: vec![JoinMember {
+                member_id: "m-1".into(),
+                metadata: Bytes::from_static(b"sub"),
+            }],
+        },
+        |b| {
+            b.i16(0)
+                .i32(3)
+                .string("range")
+                .string("m-1")
+                .string("m-1")
+                .count(1)
+                .string("m-1")
+                .bytes(b"sub")
+        },
+    );
+    group_pair(
+        "sync_group",
+        10,
+        22,
+        Request::SyncGroup(SyncGroupRequest {
+            group_id: "billing".into(),
+            generation: 3,
+            member_id: "m-1".into(),
+            assignments: vec![SyncAssignment {
+                member_id: "m-1".into(),
+                assignment: Bytes::from_static(b"asg"),
+            }],
+        }),
+        |b| {
+            b.string("billing")
+                .i32(3)
+                .string("m-1")
+                .count(1)
+                .string("m-1")
+                .bytes(b"asg")
+        },
+        SyncGroupResponse {
+            error_code: 0,
+            assignment: Bytes::from_static(b"asg"),
+        },
+        |b| b.i16(0).bytes(b"asg"),
+    );
+    group_pair(
+        "heartbeat",
+        11,
+        23,
+        Request::Heartbeat(HeartbeatRequest {
+            group_id: "billing".into(),
+            generation: 3,
+            member_id: "m-1".into(),
+            max_wait_ms: 3_000,
+        }),
+        |b| b.string("billing").i32(3).string("m-1").u32(3_000),
+        HeartbeatResponse { error_code: 27 },
+        |b| b.i16(27),
+    );
+    group_pair(
+        "leave_group",
+        12,
+        24,
+        Request::LeaveGroup(LeaveGroupRequest {
+            group_id: "billing".into(),
+            member_id: "m-1".into(),
+        }),
+        |b| b.string("billing").string("m-1"),
+        LeaveGroupResponse { error_code: 0 },
+        |b| b.i16(0),
+    );
+}
+
+#[test]
+fn group_offsets_and_admin() {
+    group_pair(
+        "offset_commit",
+        13,
+        30,
+        Request::OffsetCommit(OffsetCommitRequest {
+            group_id: "billing".into(),
+            generation: -1,
+            member_id: String::new(),
+            topics: vec![CommitTopic {
+                name: "orders".into(),
+                partitions: vec![CommitPartition {
+                    partition: 2,
+                    offset: 42,
+                    metadata: "m".into(),
+                }],
+            }],
+        }),
+        |b| {
+            b.string("billing")
+                .i32(-1)
+                .string("")
+                .count(1)
+                .string("orders")
+                .count(1)
+                .u32(2)
+                .u64(42)
+                .string("m")
+        },
+        OffsetCommitResponse {
+            topics: vec![TopicPartitionErrors {
+                name: "orders".into(),
+                partitions: vec![PartitionError {
+                    partition: 2,
+                    error_code: 0,
+                }],
+            }],
+        },
+        |b| b.count(1).string("orders").count(1).u32(2).i16(0),
+    );
+    group_pair(
+        "offset_fetch",
+        14,
+        31,
+        Request::OffsetFetch(OffsetFetchRequest {
+            group_id: "billing".into(),
+            topics: vec![OffsetFetchTopic {
+                name: "orders".into(),
+                partitions: vec![2, 3],
+            }],
+        }),
+        |b| {
+            b.string("billing")
+                .count(1)
+                .string("orders")
+                .count(2)
+                .u32(2)
+                .u32(3)
+        },
+        OffsetFetchResponse {
+            error_code: 0,
+            topics: vec![FetchedOffsetTopic {
+                name: "orders".into(),
+                partitions: vec![
+                    FetchedOffset {
+                        partition: 2,
+                        offset: 42,
+                        metadata: "m".into(),
+                        error_code: 0,
+                    },
+                    FetchedOffset {
+                        partition: 3,
+                        offset: -1,
+                        metadata: String::new(),
+                        error_code: 0,
+                    },
+                ],
+            }],
+        },
+        |b| {
+            b.i16(0)
+                .count(1)
+                .string("orders")
+                .count(2)
+                .u32(2)
+                .i64(42)
+                .string("m")
+                .i16(0)
+                .u32(3)
+                .i64(-1)
+                .string("")
+                .i16(0)
+        },
+    );
+    group_pair(
+        "list_groups",
+        15,
+        32,
+        Request::ListGroups(ListGroupsRequest {}),
+        |b| b,
+        ListGroupsResponse {
+            groups: vec![ListedGroup {
+                group_id: "billing".into(),
+                protocol_type: "consumer".into(),
+                state: "Stable".into(),
+            }],
+        },
+        |b| {
+            b.count(1)
+                .string("billing")
+                .string("consumer")
+                .string("Stable")
+        },
+    );
+    group_pair(
+        "describe_groups",
+        16,
+        33,
+        Request::DescribeGroups(DescribeGroupsRequest {
+            groups: vec!["billing".into()],
+        }),
+        |b| b.count(1).string("billing"),
+        DescribeGroupsResponse {
+            groups: vec![DescribedGroup {
+                group_id: "billing".into(),
+                error_code: 0,
+                state: "Stable".into(),
+                protocol_type: "consumer".into(),
+                protocol: "range".into(),
+                generation: 3,
+                members: vec![DescribedMember {
+                    member_id: "m-1".into(),
+                    client_id: "app".into(),
+                    metadata: Bytes::from_static(b"sub"),
+                    assignment: Bytes::from_static(b"asg"),
+                }],
+            }],
+        },
+        |b| {
+            b.count(1)
+                .string("billing")
+                .i16(0)
+                .string("Stable")
+                .string("consumer")
+                .string("range")
+                .i32(3)
+                .count(1)
+                .string("m-1")
+                .string("app")
+                .bytes(b"sub")
+                .bytes(b"asg")
+        },
+    );
+    group_pair(
+        "delete_groups",
+        17,
+        34,
+        Request::DeleteGroups(DeleteGroupsRequest {
+            groups: vec!["billing".into()],
+        }),
+        |b| b.count(1).string("billing"),
+        DeleteGroupsResponse {
+            results: vec![GroupResult {
+                group_id: "billing".into(),
+                error_code: 68,
+            }],
+        },
+        |b| b.count(1).string("billing").i16(68),
+    );
 }
 
 #[test]

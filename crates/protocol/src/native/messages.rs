@@ -4,6 +4,7 @@
 use bytes::Bytes;
 
 use super::error::ErrorCode;
+use super::group_messages::*;
 use super::wire::{DecodeError, Wire, wire_struct};
 
 /// The APIs, by key.
@@ -26,11 +27,31 @@ pub enum ApiKey {
     Fetch = 6,
     /// Offsets by time (earliest, latest, first at or after a timestamp).
     ListOffsets = 7,
+    /// The coordinator of a group.
+    FindCoordinator = 8,
+    /// Join a group (or rejoin it for a rebalance).
+    JoinGroup = 9,
+    /// Hand out (leader) or receive an assignment.
+    SyncGroup = 10,
+    /// Keep a membership alive; learn of rebalances.
+    Heartbeat = 11,
+    /// Leave a group.
+    LeaveGroup = 12,
+    /// Commit consumed offsets.
+    OffsetCommit = 13,
+    /// Read committed offsets.
+    OffsetFetch = 14,
+    /// Every group.
+    ListGroups = 15,
+    /// Group state, members and assignments.
+    DescribeGroups = 16,
+    /// Delete groups' committed offsets.
+    DeleteGroups = 17,
 }
 
 impl ApiKey {
     /// All APIs.
-    pub const ALL: [ApiKey; 8] = [
+    pub const ALL: [ApiKey; 18] = [
         ApiKey::ApiVersions,
         ApiKey::Metadata,
         ApiKey::CreateTopics,
@@ -39,6 +60,16 @@ impl ApiKey {
         ApiKey::Produce,
         ApiKey::Fetch,
         ApiKey::ListOffsets,
+        ApiKey::FindCoordinator,
+        ApiKey::JoinGroup,
+        ApiKey::SyncGroup,
+        ApiKey::Heartbeat,
+        ApiKey::LeaveGroup,
+        ApiKey::OffsetCommit,
+        ApiKey::OffsetFetch,
+        ApiKey::ListGroups,
+        ApiKey::DescribeGroups,
+        ApiKey::DeleteGroups,
     ];
 
     /// The API with this key.
@@ -57,6 +88,16 @@ impl ApiKey {
             ApiKey::Produce => "produce",
             ApiKey::Fetch => "fetch",
             ApiKey::ListOffsets => "list_offsets",
+            ApiKey::FindCoordinator => "find_coordinator",
+            ApiKey::JoinGroup => "join_group",
+            ApiKey::SyncGroup => "sync_group",
+            ApiKey::Heartbeat => "heartbeat",
+            ApiKey::LeaveGroup => "leave_group",
+            ApiKey::OffsetCommit => "offset_commit",
+            ApiKey::OffsetFetch => "offset_fetch",
+            ApiKey::ListGroups => "list_groups",
+            ApiKey::DescribeGroups => "describe_groups",
+            ApiKey::DeleteGroups => "delete_groups",
         }
     }
 
@@ -534,6 +575,16 @@ pub enum Request {
     Produce(ProduceRequest),
     Fetch(FetchRequest),
     ListOffsets(ListOffsetsRequest),
+    FindCoordinator(FindCoordinatorRequest),
+    JoinGroup(JoinGroupRequest),
+    SyncGroup(SyncGroupRequest),
+    Heartbeat(HeartbeatRequest),
+    LeaveGroup(LeaveGroupRequest),
+    OffsetCommit(OffsetCommitRequest),
+    OffsetFetch(OffsetFetchRequest),
+    ListGroups(ListGroupsRequest),
+    DescribeGroups(DescribeGroupsRequest),
+    DeleteGroups(DeleteGroupsRequest),
 }
 
 impl Request {
@@ -548,6 +599,16 @@ impl Request {
             Request::Produce(_) => ApiKey::Produce,
             Request::Fetch(_) => ApiKey::Fetch,
             Request::ListOffsets(_) => ApiKey::ListOffsets,
+            Request::FindCoordinator(_) => ApiKey::FindCoordinator,
+            Request::JoinGroup(_) => ApiKey::JoinGroup,
+            Request::SyncGroup(_) => ApiKey::SyncGroup,
+            Request::Heartbeat(_) => ApiKey::Heartbeat,
+            Request::LeaveGroup(_) => ApiKey::LeaveGroup,
+            Request::OffsetCommit(_) => ApiKey::OffsetCommit,
+            Request::OffsetFetch(_) => ApiKey::OffsetFetch,
+            Request::ListGroups(_) => ApiKey::ListGroups,
+            Request::DescribeGroups(_) => ApiKey::DescribeGroups,
+            Request::DeleteGroups(_) => ApiKey::DeleteGroups,
         }
     }
 
@@ -562,6 +623,16 @@ impl Request {
             Request::Produce(r) => r.encode(out),
             Request::Fetch(r) => r.encode(out),
             Request::ListOffsets(r) => r.encode(out),
+            Request::FindCoordinator(r) => r.encode(out),
+            Request::JoinGroup(r) => r.encode(out),
+            Request::SyncGroup(r) => r.encode(out),
+            Request::Heartbeat(r) => r.encode(out),
+            Request::LeaveGroup(r) => r.encode(out),
+            Request::OffsetCommit(r) => r.encode(out),
+            Request::OffsetFetch(r) => r.encode(out),
+            Request::ListGroups(r) => r.encode(out),
+            Request::DescribeGroups(r) => r.encode(out),
+            Request::DeleteGroups(r) => r.encode(out),
         }
     }
 
@@ -577,6 +648,16 @@ impl Request {
             ApiKey::Produce => Request::Produce(d(body)?),
             ApiKey::Fetch => Request::Fetch(d(body)?),
             ApiKey::ListOffsets => Request::ListOffsets(d(body)?),
+            ApiKey::FindCoordinator => Request::FindCoordinator(d(body)?),
+            ApiKey::JoinGroup => Request::JoinGroup(d(body)?),
+            ApiKey::SyncGroup => Request::SyncGroup(d(body)?),
+            ApiKey::Heartbeat => Request::Heartbeat(d(body)?),
+            ApiKey::LeaveGroup => Request::LeaveGroup(d(body)?),
+            ApiKey::OffsetCommit => Request::OffsetCommit(d(body)?),
+            ApiKey::OffsetFetch => Request::OffsetFetch(d(body)?),
+            ApiKey::ListGroups => Request::ListGroups(d(body)?),
+            ApiKey::DescribeGroups => Request::DescribeGroups(d(body)?),
+            ApiKey::DeleteGroups => Request::DeleteGroups(d(body)?),
         })
     }
 }

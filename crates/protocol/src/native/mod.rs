@@ -2,9 +2,11 @@
 //! `protocol/SPEC.md` is normative; this module is its codec.
 
 mod error;
+mod group_messages;
 mod messages;
 pub mod wire;
 
 pub use error::ErrorCode;
+pub use group_messages::*;
 pub use messages::*;
 pub use wire::{Chunks, DecodeError, Wire, decode_exact, encode_to_vec};

@@ -1,0 +1,500 @@
+//! Group operations shared by both protocols (committed offsets, listing, describing and deleting
+//! groups), and the native protocol's group messages on top of them. `kafka.rs` translates the
+//! Kafka requests to the same operations, so a group behaves the same whichever listener its
+//! members and tools use.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use cairn_protocol::limits::{GROUP_ID_BYTES_MAX, OFFSET_METADATA_BYTES_MAX};
+use cairn_protocol::native::*;
+
+use crate::groups::{GroupInfo, Join, JoinResult, SyncResult};
+use crate::handler::{Deferred, Handler, Outcome};
+use crate::offsets::Committed;
+
+/// One partition's offset to commit, whichever protocol it came over.
+#[derive(Debug, Clone)]
+pub(crate) struct OffsetToCommit {
+    /// As sent (Kafka's are signed): out of range is UNKNOWN_TOPIC_OR_PARTITION.
+    pub partition: i64,
+    /// The next offset to consume.
+    pub offset: i64,
+    /// Kafka's committed leader epoch, or -1.
+    pub leader_epoch: i32,
+    /// Client metadata.
+    pub metadata: String,
+}
+
+/// What is known of a group.
+#[derive(Debug)]
+pub(crate) enum GroupView {
+    /// It has members (or is rebalancing).
+    Live(GroupInfo),
+    /// Only committed offsets: an Empty consumer group.
+    OffsetsOnly,
+    /// Unknown: Dead, as Kafka says.
+    Dead,
+}
+
+/// Offsets by topic, as requested or as stored.
+pub(crate) type TopicOffsets = Vec<(String, Vec<(i64, Option<Committed>)>)>;
+
+fn valid_group_id(group: &str) -> bool {
+    !group.is_empty() && group.len() <= GROUP_ID_BYTES_MAX
+}
+
+impl Handler {
+    /// Commits offsets: from a member of the group's current generation, or from outside group
+    /// membership (generation -1, no member id: tools, consumers assigning partitions themselves)
+    /// while the group has no members. Durable before this returns. Per topic and partition, in
+    /// request order, the outcome.
+    pub(crate) async fn commit_offsets(
+        &self,
+        label: &str,
+        group: &str,
+        generation: i32,
+        member_id: &str,
+        topics: Vec<(String, Vec<OffsetToCommit>)>,
+    ) -> Vec<(String, Vec<(i64, ErrorCode)>)> {
+        let refusal = if !valid_group_id(group) {
+            Some(ErrorCode::INVALID_GROUP_ID)
+        } else if generation >= 0 || !member_id.is_empty() {
+            Some(self.groups.check_commit(group, generation, member_id))
+                .filter(|code| *code != ErrorCode::NONE)
+        } else if self.groups.has_members(group) {
+            // A commit from outside an active group would race its members.
+            Some(ErrorCode::UNKNOWN_MEMBER_ID)
+        } else {
+            None
+        };
+        // Per partition: the error, or None if it is to be committed.
+        type Pending = Vec<(i64, Option<ErrorCode>)>;
+        let mut outcomes: Vec<(String, Pending)> = Vec::new();
+        let mut entries = Vec::new();
+        for (name, partitions) in topics {
+            let topic = self.manager.topic(&name);
+            let mut results = Vec::with_capacity(partitions.len());
+            for p in partitions {
+                let index = u32::try_from(p.partition).ok().filter(|i| {
+                    topic
+                        .as_ref()
+                        .is_some_and(|t| (*i as usize) < t.partitions.len())
+                });
+                let code = match (refusal, index) {
+                    (Some(code), _) => Some(code),
+                    (None, None) => Some(ErrorCode::UNKNOWN_TOPIC_OR_PARTITION),
+                    (None, Some(_)) if p.metadata.len() > OFFSET_METADATA_BYTES_MAX => {
+                        Some(ErrorCode::OFFSET_METADATA_TOO_LARGE)
+                    }
+                    (None, Some(index)) => {
+                        entries.push(((name.clone(), index), p.offset, p.leader_epoch, p.metadata));
+                        None
+                    }
+                };
+                results.push((p.partition, code));
+            }
+            outcomes.push((name, results));
+        }
+        let stored = if entries.is_empty() {
+            Ok(())
+        } else {
+            let (offsets, manager, group_id) = (
+                Arc::clone(&self.offsets),
+                Arc::clone(&self.manager),
+                group.to_string(),
+            );
+            let now = crate::handler::now_ms();
+            tokio::task::spawn_blocking(move || offsets.commit(&manager, &group_id, entries, now))
+                .await
+                .unwrap_or_else(|_| {
+                    Err((ErrorCode::UNKNOWN_SERVER_ERROR, "commit task failed".into()))
+                })
+        };
+        if let Err((_, message)) = &stored {
+            tracing::warn!(%group, error = %message, "offset commit failed");
+        }
+        outcomes
+            .into_iter()
+            .map(|(name, partitions)| {
+                let partitions = partitions
+                    .into_iter()
+                    .map(|(p, code)| {
+                        let code = code.unwrap_or(match &stored {
+                            Ok(()) => ErrorCode::NONE,
+                            Err((code, _)) => *code,
+                        });
+                        self.metrics.count_error(label, code);
+                        (p, code)
+                    })
+                    .collect();
+                (name, partitions)
+            })
+            .collect()
+    }
+
+    /// Committed offsets of `group`: of the partitions asked for (None where nothing is
+    /// committed), or with `None`, every committed one by topic.
+    pub(crate) fn committed_offsets(
+        &self,
+        group: &str,
+        wanted: Option<Vec<(String, Vec<i64>)>>,
+    ) -> TopicOffsets {
+        match wanted {
+            Some(topics) => topics
+                .into_iter()
+                .map(|(name, partitions)| {
+                    let found = partitions
+                        .into_iter()
+                        .map(|p| {
+                            let committed = u32::try_from(p)
+                                .ok()
+                                .and_then(|i| self.offsets.fetch(group, &name, i));
+                            (p, committed)
+                        })
+                        .collect();
+                    (name, found)
+                })
+                .collect(),
+            None => {
+                let mut by_topic: BTreeMap<String, Vec<(i64, Option<Committed>)>> = BTreeMap::new();
+                for ((name, p), c) in self.offsets.fetch_all(group) {
+                    by_topic
+                        .entry(name)
+                        .or_default()
+                        .push((i64::from(p), Some(c)));
+                }
+                by_topic.into_iter().collect()
+            }
+        }
+    }
+
+    /// Every group with members or committed offsets: (name, protocol type, state), by name.
+    pub(crate) fn all_groups(&self) -> Vec<(String, String, &'static str)> {
+        let mut groups: BTreeMap<String, (String, &'static str)> = self
+            .groups
+            .list()
+            .into_iter()
+            .map(|(name, kind, state)| (name, (kind, state)))
+            .collect();
+        for name in self.offsets.groups() {
+            groups
+                .entry(name)
+                .or_insert_with(|| ("consumer".to_string(), "Empty"));
+        }
+        groups
+            .into_iter()
+            .map(|(name, (kind, state))| (name, kind, state))
+            .collect()
+    }
+
+    /// What is known of one group.
+    pub(crate) fn view_group(&self, group: &str) -> GroupView {
+        match self.groups.describe(group) {
+            Some(info) => GroupView::Live(info),
+            None if self.offsets.has_group(group) => GroupView::OffsetsOnly,
+            None => GroupView::Dead,
+        }
+    }
+
+    /// Deletes groups without members (their committed offsets, durably): per group, NONE,
+    /// NON_EMPTY_GROUP or GROUP_ID_NOT_FOUND.
+    pub(crate) async fn delete_groups(
+        &self,
+        label: &str,
+        names: Vec<String>,
+    ) -> Vec<(String, ErrorCode)> {
+        let mut results = Vec::with_capacity(names.len());
+        for name in names {
+            let code = if self.groups.has_members(&name) {
+                ErrorCode::NON_EMPTY_GROUP
+            } else {
+                let (offsets, manager, group) = (
+                    Arc::clone(&self.offsets),
+                    Arc::clone(&self.manager),
+                    name.clone(),
+                );
+                match tokio::task::spawn_blocking(move || offsets.delete_group(&manager, &group))
+                    .await
+                {
+                    Ok(Ok(true)) => ErrorCode::NONE,
+                    Ok(Ok(false)) => ErrorCode::GROUP_ID_NOT_FOUND,
+                    Ok(Err((code, _))) => code,
+                    Err(_) => ErrorCode::UNKNOWN_SERVER_ERROR,
+                }
+            };
+            self.metrics.count_error(label, code);
+            results.push((name, code));
+        }
+        results
+    }
+
+    /// The native protocol's group requests (keys 8 to 17). `finish` records the request's
+    /// metrics.
+    pub(crate) fn begin_native_group(
+        self: &Arc<Self>,
+        corr: u32,
+        client_id: String,
+        request: Request,
+        finish: impl FnOnce(Outcome) -> Outcome + Send + 'static,
+    ) -> Deferred {
+        let api = request.api_key();
+        let this = Arc::clone(self);
+        let respond = move |body: &dyn ErasedWire| finish(Outcome::Respond(body.response(corr)));
+        Box::pin(async move {
+            let name = api.name();
+            match request {
+                Request::FindCoordinator(r) => {
+                    let ok = valid_group_id(&r.group_id);
+                    let code = if ok {
+                        ErrorCode::NONE
+                    } else {
+                        ErrorCode::INVALID_GROUP_ID
+                    };
+                    this.metrics.count_error(name, code);
+                    respond(&FindCoordinatorResponse {
+                        error_code: code.0,
+                        node_id: this.config.node_id,
+                        host: this.advertised_host.clone(),
+                        port: this.advertised_port,
+                    })
+                }
+                Request::JoinGroup(r) => {
+                    let joined = this.groups.join(Join {
+                        group_id: r.group_id,
+                        member_id: r.member_id,
+                        instance_id: None,
+                        client_id,
+                        protocol_type: r.protocol_type,
+                        protocols: r
+                            .protocols
+                            .into_iter()
+                            .map(|p| (p.name, p.metadata))
+                            .collect(),
+                        session_ms: i32::try_from(r.session_timeout_ms).unwrap_or(i32::MAX),
+                        rebalance_ms: i32::try_from(r.rebalance_timeout_ms).unwrap_or(i32::MAX),
+                        require_known_member_id: true,
+                    });
+                    let result = joined
+                        .get(|| JoinResult {
+                            error: ErrorCode::UNKNOWN_MEMBER_ID,
+                            generation: -1,
+                            ..JoinResult::default()
+                        })
+                        .await;
+                    this.metrics.count_error(name, result.error);
+                    respond(&JoinGroupResponse {
+                        error_code: result.error.0,
+                        generation: result.generation,
+                        protocol_name: result.protocol_name.unwrap_or_default(),
+                        leader: result.leader,
+                        member_id: result.member_id,
+                        members: result
+                            .members
+                            .into_iter()
+                            .map(|(member_id, _, metadata)| JoinMember {
+                                member_id,
+                                metadata,
+                            })
+                            .collect(),
+                    })
+                }
+                Request::SyncGroup(r) => {
+                    let assignments = r
+                        .assignments
+                        .into_iter()
+                        .map(|a| (a.member_id, a.assignment))
+                        .collect();
+                    let synced =
+                        this.groups
+                            .sync(&r.group_id, r.generation, &r.member_id, assignments);
+                    let result = synced
+                        .get(|| SyncResult {
+                            error: ErrorCode::REBALANCE_IN_PROGRESS,
+                            ..SyncResult::default()
+                        })
+                        .await;
+                    this.metrics.count_error(name, result.error);
+                    respond(&SyncGroupResponse {
+                        error_code: result.error.0,
+                        assignment: result.assignment,
+                    })
+                }
+                Request::Heartbeat(r) => {
+                    let wait = Duration::from_millis(u64::from(r.max_wait_ms));
+                    let code = tokio::select! {
+                        code = this.groups.heartbeat_wait(&r.group_id, r.generation, &r.member_id, wait) => code,
+                        () = this.shutdown.cancelled() => ErrorCode::COORDINATOR_NOT_AVAILABLE,
+                    };
+                    this.metrics.count_error(name, code);
+                    respond(&HeartbeatResponse { error_code: code.0 })
+                }
+                Request::LeaveGroup(r) => {
+                    let code = this
+                        .groups
+                        .leave(&r.group_id, std::slice::from_ref(&r.member_id))
+                        .first()
+                        .copied()
+                        .unwrap_or(ErrorCode::UNKNOWN_MEMBER_ID);
+                    this.metrics.count_error(name, code);
+                    respond(&LeaveGroupResponse { error_code: code.0 })
+                }
+                Request::OffsetCommit(r) => {
+                    let topics = r
+                        .topics
+                        .into_iter()
+                        .map(|t| {
+                            let partitions = t
+                                .partitions
+                                .into_iter()
+                                .map(|p| OffsetToCommit {
+                                    partition: i64::from(p.partition),
+                                    offset: i64::try_from(p.offset).unwrap_or(i64::MAX),
+                                    leader_epoch: -1,
+                                    metadata: p.metadata,
+                                })
+                                .collect();
+                            (t.name, partitions)
+                        })
+                        .collect();
+                    let outcomes = this
+                        .commit_offsets(name, &r.group_id, r.generation, &r.member_id, topics)
+                        .await;
+                    respond(&OffsetCommitResponse {
+                        topics: outcomes
+                            .into_iter()
+                            .map(|(name, partitions)| TopicPartitionErrors {
+                                name,
+                                partitions: partitions
+                                    .into_iter()
+                                    .map(|(p, code)| PartitionError {
+                                        partition: p as u32,
+                                        error_code: code.0,
+                                    })
+                                    .collect(),
+                            })
+                            .collect(),
+                    })
+                }
+                Request::OffsetFetch(r) => {
+                    if !valid_group_id(&r.group_id) {
+                        this.metrics.count_error(name, ErrorCode::INVALID_GROUP_ID);
+                        return respond(&OffsetFetchResponse {
+                            error_code: ErrorCode::INVALID_GROUP_ID.0,
+                            topics: Vec::new(),
+                        });
+                    }
+                    let wanted = (!r.topics.is_empty()).then(|| {
+                        r.topics
+                            .into_iter()
+                            .map(|t| (t.name, t.partitions.into_iter().map(i64::from).collect()))
+                            .collect()
+                    });
+                    let topics = this
+                        .committed_offsets(&r.group_id, wanted)
+                        .into_iter()
+                        .map(|(name, partitions)| FetchedOffsetTopic {
+                            name,
+                            partitions: partitions
+                                .into_iter()
+                                .map(|(p, c)| FetchedOffset {
+                                    partition: p as u32,
+                                    offset: c.as_ref().map_or(-1, |c| c.offset),
+                                    metadata: c.map(|c| c.metadata).unwrap_or_default(),
+                                    error_code: 0,
+                                })
+                                .collect(),
+                        })
+                        .collect();
+                    respond(&OffsetFetchResponse {
+                        error_code: 0,
+                        topics,
+                    })
+                }
+                Request::ListGroups(_) => respond(&ListGroupsResponse {
+                    groups: this
+                        .all_groups()
+                        .into_iter()
+                        .map(|(group_id, protocol_type, state)| ListedGroup {
+                            group_id,
+                            protocol_type,
+                            state: state.to_string(),
+                        })
+                        .collect(),
+                }),
+                Request::DescribeGroups(r) => {
+                    let groups = r
+                        .groups
+                        .into_iter()
+                        .map(|group_id| {
+                            let mut described = DescribedGroup {
+                                group_id,
+                                ..DescribedGroup::default()
+                            };
+                            match this.view_group(&described.group_id) {
+                                GroupView::Live(info) => {
+                                    described.state = info.state.to_string();
+                                    described.protocol_type = info.protocol_type;
+                                    described.protocol = info.protocol;
+                                    described.generation = info.generation;
+                                    described.members = info
+                                        .members
+                                        .into_iter()
+                                        .map(|(member_id, _, client_id, metadata, assignment)| {
+                                            DescribedMember {
+                                                member_id,
+                                                client_id,
+                                                metadata,
+                                                assignment,
+                                            }
+                                        })
+                                        .collect();
+                                }
+                                GroupView::OffsetsOnly => {
+                                    described.state = "Empty".into();
+                                    described.protocol_type = "consumer".into();
+                                }
+                                GroupView::Dead => described.state = "Dead".into(),
+                            }
+                            described
+                        })
+                        .collect();
+                    respond(&DescribeGroupsResponse { groups })
+                }
+                Request::DeleteGroups(r) => {
+                    let results = this
+                        .delete_groups(name, r.groups)
+                        .await
+                        .into_iter()
+                        .map(|(group_id, code)| GroupResult {
+                            group_id,
+                            error_code: code.0,
+                        })
+                        .collect();
+                    respond(&DeleteGroupsResponse { results })
+                }
+                other => finish_unexpected(other),
+            }
+        })
+    }
+}
+
+/// A response body of any message type (the group messages answer with different types from
+/// one async block).
+trait ErasedWire {
+    fn response(&self, corr: u32) -> Vec<u8>;
+}
+
+impl<T: Wire> ErasedWire for T {
+    fn response(&self, corr: u32) -> Vec<u8> {
+        encode_response(corr, self)
+    }
+}
+
+fn finish_unexpected(request: Request) -> Outcome {
+    Outcome::Close(format!(
+        "{} is not a group request",
+        request.api_key().name()
+    ))
+}
