@@ -32,8 +32,14 @@ impl BrokerProcess {
 
     /// Starts a broker with a TOML config file (flags still set the data dir and listeners).
     // The child is waited for by `kill9`, `terminate` or `Drop`.
-    #[allow(clippy::zombie_processes)]
     pub fn start_with_config(data_dir: &Path, toml: &str) -> BrokerProcess {
+        BrokerProcess::start_at(data_dir, toml, "127.0.0.1:0")
+    }
+
+    /// Starts a broker whose native listener is `listen` (a fixed address lets clients
+    /// reconnect to a restarted broker; `free_port` finds one).
+    #[allow(clippy::zombie_processes)]
+    pub fn start_at(data_dir: &Path, toml: &str, listen: &str) -> BrokerProcess {
         let config = data_dir.with_extension("toml");
         std::fs::write(&config, toml).unwrap();
         let log = data_dir.with_extension(format!(
@@ -45,7 +51,7 @@ impl BrokerProcess {
             .args([
                 "broker",
                 "--listen",
-                "127.0.0.1:0",
+                listen,
                 "--http-listen",
                 "127.0.0.1:0",
                 "--kafka-listen",
@@ -158,6 +164,12 @@ impl Drop for BrokerProcess {
             let _ = child.wait();
         }
     }
+}
+
+/// A loopback address with a port that was free a moment ago.
+pub fn free_port() -> String {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.local_addr().unwrap().to_string()
 }
 
 /// Runs `cairn ARGS` against `broker`, feeding `stdin`.

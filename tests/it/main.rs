@@ -6,6 +6,7 @@ mod broker;
 mod broker_process;
 mod compaction;
 mod embedded;
+mod groups;
 mod kafka;
 mod kill9;
 mod log_basics;

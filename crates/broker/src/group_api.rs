@@ -230,6 +230,26 @@ impl Handler {
         results
     }
 
+    /// The coordinator's answer to FindCoordinator for `group`: NONE once the offsets topic
+    /// exists (created now if need be), INVALID_GROUP_ID, or COORDINATOR_NOT_AVAILABLE.
+    pub(crate) async fn prepare_coordinator(&self, group: &str) -> ErrorCode {
+        if !valid_group_id(group) {
+            return ErrorCode::INVALID_GROUP_ID;
+        }
+        if crate::offsets::OffsetStore::has_topic(&self.manager) {
+            return ErrorCode::NONE;
+        }
+        let (offsets, manager) = (Arc::clone(&self.offsets), Arc::clone(&self.manager));
+        match tokio::task::spawn_blocking(move || offsets.topic(&manager).map(|_| ())).await {
+            Ok(Ok(())) => ErrorCode::NONE,
+            Ok(Err((_, message))) => {
+                tracing::warn!(error = %message, "cannot create the offsets topic");
+                ErrorCode::COORDINATOR_NOT_AVAILABLE
+            }
+            Err(_) => ErrorCode::COORDINATOR_NOT_AVAILABLE,
+        }
+    }
+
     /// The native protocol's group requests (keys 8 to 17). `finish` records the request's
     /// metrics.
     pub(crate) fn begin_native_group(
@@ -246,12 +266,7 @@ impl Handler {
             let name = api.name();
             match request {
                 Request::FindCoordinator(r) => {
-                    let ok = valid_group_id(&r.group_id);
-                    let code = if ok {
-                        ErrorCode::NONE
-                    } else {
-                        ErrorCode::INVALID_GROUP_ID
-                    };
+                    let code = this.prepare_coordinator(&r.group_id).await;
                     this.metrics.count_error(name, code);
                     respond(&FindCoordinatorResponse {
                         error_code: code.0,

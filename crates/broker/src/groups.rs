@@ -528,16 +528,20 @@ impl Coordinator {
 
     /// A Heartbeat.
     pub fn heartbeat(&self, group_id: &str, generation: i32, member_id: &str) -> ErrorCode {
-        self.heartbeat_watch(group_id, generation, member_id).0
+        self.heartbeat_watch(group_id, generation, member_id, true)
+            .0
     }
 
     /// A heartbeat, and on success a watch of the group's rebalances (subscribed under the same
-    /// lock, so a rebalance begun after this check is seen) and the member's session.
+    /// lock, so a rebalance begun after this check is seen) and the member's session. `alive`:
+    /// the member is heard from now (false for the check at the end of a held heartbeat, whose
+    /// sender may have died while it was held).
     fn heartbeat_watch(
         &self,
         group_id: &str,
         generation: i32,
         member_id: &str,
+        alive: bool,
     ) -> (ErrorCode, Option<(watch::Receiver<u64>, Duration)>) {
         let mut groups = self.lock();
         let Some(member_group) = groups.get_mut(group_id) else {
@@ -548,7 +552,9 @@ impl Coordinator {
         let Some(member) = member_group.members.get_mut(member_id) else {
             return (ErrorCode::UNKNOWN_MEMBER_ID, None);
         };
-        member.last_seen = Instant::now();
+        if alive {
+            member.last_seen = Instant::now();
+        }
         let session = member.session;
         if state == GroupState::PreparingRebalance {
             return (ErrorCode::REBALANCE_IN_PROGRESS, None);
@@ -564,7 +570,9 @@ impl Coordinator {
 
     /// A long-poll heartbeat (native protocol): answered at once if there is something to
     /// report, else held until a rebalance begins, the group goes away, or `max_wait` (capped at
-    /// half the member's session timeout) passes; then checked again.
+    /// half the member's session timeout) passes; then checked again. The member counts as
+    /// alive when the heartbeat arrives, not when it is answered: a member killed while its
+    /// heartbeat is held expires one session after that heartbeat arrived.
     pub async fn heartbeat_wait(
         &self,
         group_id: &str,
@@ -572,7 +580,7 @@ impl Coordinator {
         member_id: &str,
         max_wait: Duration,
     ) -> ErrorCode {
-        let (code, watch) = self.heartbeat_watch(group_id, generation, member_id);
+        let (code, watch) = self.heartbeat_watch(group_id, generation, member_id, true);
         let Some((mut rebalances, session)) = watch else {
             return code;
         };
@@ -581,7 +589,8 @@ impl Coordinator {
         }
         // Err (the group is gone) also ends the wait.
         let _ = tokio::time::timeout(max_wait.min(session / 2), rebalances.changed()).await;
-        self.heartbeat(group_id, generation, member_id)
+        self.heartbeat_watch(group_id, generation, member_id, false)
+            .0
     }
 
     /// A LeaveGroup: per member, NONE or UNKNOWN_MEMBER_ID.

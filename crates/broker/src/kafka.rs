@@ -147,8 +147,11 @@ impl Handler {
                 ready(finish(respond("DescribeConfigsResponse", &response)))
             }
             Request::FindCoordinator(r) => {
-                let response = self.kafka_find_coordinator(r);
-                ready(finish(respond("FindCoordinatorResponse", &response)))
+                let this = Arc::clone(self);
+                Box::pin(async move {
+                    let response = this.kafka_find_coordinator(r).await;
+                    finish(respond("FindCoordinatorResponse", &response))
+                })
             }
             Request::JoinGroup(r) => {
                 let joined = self.groups.join(crate::groups::Join {
@@ -662,24 +665,38 @@ impl Handler {
         ]
     }
 
-    fn kafka_find_coordinator(
+    async fn kafka_find_coordinator(
         &self,
         r: kreq::FindCoordinatorRequest,
     ) -> kp::FindCoordinatorResponse {
         let node = kp::BrokerId(self.config.node_id as i32);
         let host = s(self.kafka_advertised_host.clone());
         let port = i32::from(self.kafka_advertised_port);
-        // This node coordinates every group; transactions are not served.
-        let outcome = |key: &str| -> (ErrorCode, Option<String>) {
-            if r.key_type != 0 {
-                (
-                    ErrorCode::TRANSACTIONAL_ID_AUTHORIZATION_FAILED,
-                    Some("transactions are not supported".into()),
-                )
-            } else if key.is_empty() {
-                (ErrorCode::INVALID_GROUP_ID, Some("empty group id".into()))
+        // This node coordinates every group (the offsets topic is created at the first lookup);
+        // transactions are not served.
+        let mut codes = Vec::with_capacity(r.keys.len().max(1));
+        for key in r
+            .keys
+            .iter()
+            .map(String::as_str)
+            .chain(r.keys.is_empty().then_some(""))
+        {
+            codes.push(if r.key_type != 0 {
+                ErrorCode::TRANSACTIONAL_ID_AUTHORIZATION_FAILED
             } else {
-                (ErrorCode::NONE, None)
+                self.prepare_coordinator(key).await
+            });
+        }
+        let outcome = |i: usize| -> (ErrorCode, Option<String>) {
+            match codes.get(i).copied().unwrap_or(ErrorCode::INVALID_GROUP_ID) {
+                ErrorCode::NONE => (ErrorCode::NONE, None),
+                code if code == ErrorCode::TRANSACTIONAL_ID_AUTHORIZATION_FAILED => {
+                    (code, Some("transactions are not supported".into()))
+                }
+                code if code == ErrorCode::INVALID_GROUP_ID => {
+                    (code, Some("invalid group id".into()))
+                }
+                code => (code, Some("the offsets topic is not available".into())),
             }
         };
         let mut response = kp::FindCoordinatorResponse::default();
@@ -687,8 +704,9 @@ impl Handler {
             response.coordinators = r
                 .keys
                 .iter()
-                .map(|key| {
-                    let (code, message) = outcome(key);
+                .enumerate()
+                .map(|(i, key)| {
+                    let (code, message) = outcome(i);
                     self.metrics.count_error("kafka:FindCoordinator", code);
                     kp::find_coordinator_response::Coordinator::default()
                         .with_key(s(key.clone()))
@@ -701,7 +719,7 @@ impl Handler {
                 .collect();
             return response;
         }
-        let (code, message) = outcome(r.keys.first().map_or("", String::as_str));
+        let (code, message) = outcome(0);
         self.metrics.count_error("kafka:FindCoordinator", code);
         response
             .with_error_code(code.0)

@@ -425,6 +425,21 @@ impl RunningBroker {
         cairn_client::Connection::from_transport(Arc::new(transport), client_id)
     }
 
+    /// A source of in-process connections for `cairn_client::GroupConsumer::with_connector`
+    /// (a group consumer opens several: fetches, group calls, heartbeats).
+    pub fn connector(&self, client_id: &str) -> cairn_client::Connector {
+        let (handler, shutdown, client_id) = (
+            Arc::clone(&self.handler),
+            self.shutdown.clone(),
+            client_id.to_string(),
+        );
+        Arc::new(move || {
+            let transport = embedded::LocalTransport::new(Arc::clone(&handler), shutdown.clone());
+            let conn = cairn_client::Connection::from_transport(Arc::new(transport), &client_id);
+            Box::pin(std::future::ready(Ok(conn)))
+        })
+    }
+
     /// The request handler, for in-process transports that skip TCP.
     pub fn handler(&self) -> &Arc<Handler> {
         &self.handler

@@ -204,8 +204,14 @@ impl OffsetStore {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// The offsets topic, created on first use (blocking).
-    fn topic(&self, manager: &TopicManager) -> Result<Arc<Topic>, (ErrorCode, String)> {
+    /// Whether the offsets topic exists yet.
+    pub fn has_topic(manager: &TopicManager) -> bool {
+        manager.topic(OFFSETS_TOPIC).is_some()
+    }
+
+    /// The offsets topic, created on first use (blocking): at a group's first FindCoordinator,
+    /// as Kafka does, so that the first commit does not pay for creating its partitions.
+    pub fn topic(&self, manager: &TopicManager) -> Result<Arc<Topic>, (ErrorCode, String)> {
         if let Some(topic) = manager.topic(OFFSETS_TOPIC) {
             return Ok(topic);
         }

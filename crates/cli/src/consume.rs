@@ -4,7 +4,9 @@ use std::collections::HashMap;
 use std::io::Write;
 
 use anyhow::{Context, bail};
-use cairn_client::{Consumer, ConsumerConfig, ConsumerRecord, Position};
+use cairn_client::{
+    Consumer, ConsumerConfig, ConsumerRecord, GroupConfig, GroupConsumer, Position,
+};
 use clap::Args;
 use serde_json::json;
 
@@ -18,13 +20,18 @@ pub struct ConsumeArgs {
     #[arg(long, default_value = "earliest")]
     from: String,
     /// Only this partition [default: all].
-    #[arg(long, short)]
+    #[arg(long, short, conflicts_with = "group")]
     partition: Option<u32>,
+    /// Consume as a member of this group: share the partitions with its other members, start
+    /// from its committed offsets (`--from` earliest or latest where it has none), commit what
+    /// was printed, leave the group on exit or Ctrl-C.
+    #[arg(long, short)]
+    group: Option<String>,
     /// Stop after this many records.
     #[arg(long, short = 'n')]
     count: Option<u64>,
     /// Stop at the end offsets seen when starting.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "group")]
     until_end: bool,
     /// Output per record: %t topic, %p partition, %o offset, %k key, %v value, %T timestamp,
     /// %% a percent sign, \n newline, \t tab [default: %v]. A newline ends each record.
@@ -51,6 +58,9 @@ fn parse_from(from: &str) -> anyhow::Result<Position> {
 
 pub async fn run(bootstrap: &str, output: Output, args: ConsumeArgs) -> anyhow::Result<()> {
     let from = parse_from(&args.from)?;
+    if let Some(group) = &args.group {
+        return run_group(bootstrap, output, group, from, &args).await;
+    }
     let mut consumer = Consumer::connect(
         bootstrap,
         ConsumerConfig {
@@ -105,6 +115,68 @@ pub async fn run(bootstrap: &str, output: Output, args: ConsumeArgs) -> anyhow::
         out.flush()?;
     }
     out.flush()?;
+    Ok(())
+}
+
+async fn run_group(
+    bootstrap: &str,
+    output: Output,
+    group: &str,
+    from: Position,
+    args: &ConsumeArgs,
+) -> anyhow::Result<()> {
+    if !matches!(from, Position::Earliest | Position::Latest) {
+        bail!(
+            "with --group, --from is earliest or latest (where the group has no committed offset)"
+        );
+    }
+    let mut config = GroupConfig::new(group, &[args.topic.as_str()]);
+    config.reset = from;
+    config.consumer.client_id = "cairn-cli".into();
+    let mut consumer = GroupConsumer::connect(bootstrap, config)
+        .await
+        .with_context(|| format!("joining group {group} at {bootstrap}"))?;
+    let format = args
+        .format
+        .as_deref()
+        .map(unescape)
+        .unwrap_or_else(|| "%v".to_string());
+    let stdout = std::io::stdout();
+    let mut out = std::io::BufWriter::new(stdout.lock());
+    let mut n = 0u64;
+    let interrupted = tokio::signal::ctrl_c();
+    tokio::pin!(interrupted);
+    'outer: while args.count.is_none_or(|count| n < count) {
+        let records = tokio::select! {
+            records = consumer.poll() => records?,
+            _ = &mut interrupted => break,
+        };
+        let mut records = records.into_iter();
+        for record in records.by_ref() {
+            if args.count.is_some_and(|count| n >= count) {
+                // Not printed: rewind each partition to its first unprinted record, so the
+                // group's commit does not skip them.
+                let mut rewound = std::collections::BTreeSet::new();
+                for r in std::iter::once(record).chain(records) {
+                    if rewound.insert((r.topic.clone(), r.partition)) {
+                        consumer
+                            .seek(&r.topic, r.partition, Position::Offset(r.offset))
+                            .await?;
+                    }
+                }
+                out.flush()?;
+                break 'outer;
+            }
+            match output {
+                Output::Json => writeln!(out, "{}", to_json(&record))?,
+                Output::Table => write_formatted(&mut out, &format, &record)?,
+            }
+            n += 1;
+        }
+        out.flush()?;
+    }
+    out.flush()?;
+    consumer.close().await?;
     Ok(())
 }
 

@@ -4,6 +4,7 @@
 mod bench;
 mod broker;
 mod consume;
+mod group;
 mod produce;
 mod topic;
 
@@ -48,8 +49,11 @@ enum Command {
     Topic(topic::TopicCommand),
     /// Produce one record per line of stdin.
     Produce(produce::ProduceArgs),
-    /// Print records of a topic.
+    /// Print records of a topic (alone, or as a member of a consumer group).
     Consume(consume::ConsumeArgs),
+    /// List, describe, reset and delete consumer groups.
+    #[command(subcommand)]
+    Group(group::GroupCommand),
     /// Measure produce, consume or end-to-end performance beside this machine's baseline.
     Bench(bench::BenchArgs),
 }
@@ -86,6 +90,7 @@ pub fn main() -> ExitCode {
             Command::Topic(command) => topic::run(&cli.bootstrap, cli.output, command).await,
             Command::Produce(args) => produce::run(&cli.bootstrap, cli.output, args).await,
             Command::Consume(args) => consume::run(&cli.bootstrap, cli.output, args).await,
+            Command::Group(command) => group::run(&cli.bootstrap, cli.output, command).await,
             Command::Bench(args) => bench::run(&cli.bootstrap, cli.output, args).await,
         }
     });

@@ -104,6 +104,182 @@ impl Admin {
     }
 }
 
+/// A group as the coordinator describes it.
+pub type GroupInfo = DescribedGroup;
+
+/// A committed offset: (topic, partition, offset).
+pub type CommittedOffset = (String, u32, u64);
+
+impl Admin {
+    /// Every group with members or committed offsets: (group id, protocol type, state).
+    pub async fn list_groups(&self) -> Result<Vec<ListedGroup>, ClientError> {
+        let response: ListGroupsResponse = self
+            .conn
+            .call(&Request::ListGroups(ListGroupsRequest {}))
+            .await?;
+        Ok(response.groups)
+    }
+
+    /// A group's state, members and their assignments (state "Dead" if unknown).
+    pub async fn describe_group(&self, group: &str) -> Result<GroupInfo, ClientError> {
+        let response: DescribeGroupsResponse = self
+            .conn
+            .call(&Request::DescribeGroups(DescribeGroupsRequest {
+                groups: vec![group.to_string()],
+            }))
+            .await?;
+        let described =
+            response.groups.into_iter().next().ok_or_else(|| {
+                ClientError::InvalidArgument("describe group: empty response".into())
+            })?;
+        if described.error_code != 0 {
+            return Err(ClientError::broker(
+                format!("describe group {group}"),
+                described.error_code,
+                String::new(),
+            ));
+        }
+        Ok(described)
+    }
+
+    /// Every offset the group committed, by topic and partition.
+    pub async fn committed_offsets(
+        &self,
+        group: &str,
+    ) -> Result<Vec<CommittedOffset>, ClientError> {
+        let response: OffsetFetchResponse = self
+            .conn
+            .call(&Request::OffsetFetch(OffsetFetchRequest {
+                group_id: group.to_string(),
+                topics: Vec::new(),
+            }))
+            .await?;
+        if response.error_code != 0 {
+            return Err(ClientError::broker(
+                format!("committed offsets of {group}"),
+                response.error_code,
+                String::new(),
+            ));
+        }
+        Ok(response
+            .topics
+            .into_iter()
+            .flat_map(|t| {
+                let name = t.name;
+                t.partitions.into_iter().filter_map(move |p| {
+                    u64::try_from(p.offset)
+                        .ok()
+                        .map(|offset| (name.clone(), p.partition, offset))
+                })
+            })
+            .collect())
+    }
+
+    /// Sets a group's committed offsets from outside the group (refused with
+    /// UNKNOWN_MEMBER_ID while the group has members: stop its consumers first).
+    pub async fn commit_offsets(
+        &self,
+        group: &str,
+        offsets: &[CommittedOffset],
+    ) -> Result<(), ClientError> {
+        let mut topics: Vec<CommitTopic> = Vec::new();
+        for (topic, partition, offset) in offsets {
+            let entry = CommitPartition {
+                partition: *partition,
+                offset: *offset,
+                metadata: String::new(),
+            };
+            match topics.iter_mut().find(|t| t.name == *topic) {
+                Some(t) => t.partitions.push(entry),
+                None => topics.push(CommitTopic {
+                    name: topic.clone(),
+                    partitions: vec![entry],
+                }),
+            }
+        }
+        let response: OffsetCommitResponse = self
+            .conn
+            .call(&Request::OffsetCommit(OffsetCommitRequest {
+                group_id: group.to_string(),
+                generation: -1,
+                member_id: String::new(),
+                topics,
+            }))
+            .await?;
+        for topic in response.topics {
+            for p in topic.partitions {
+                if p.error_code != 0 {
+                    return Err(ClientError::broker(
+                        format!("commit {group} {}-{}", topic.name, p.partition),
+                        p.error_code,
+                        String::new(),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Offsets of `partitions` of `topic` by `timestamp`: `LATEST_TIMESTAMP` (log end),
+    /// `EARLIEST_TIMESTAMP` (log start), or Unix ms (the first record at or after it; the log
+    /// end if none).
+    pub async fn list_offsets(
+        &self,
+        topic: &str,
+        partitions: &[u32],
+        timestamp: i64,
+    ) -> Result<Vec<(u32, u64)>, ClientError> {
+        let response: ListOffsetsResponse = self
+            .conn
+            .call(&Request::ListOffsets(ListOffsetsRequest {
+                topics: vec![ListOffsetsTopic {
+                    name: topic.to_string(),
+                    partitions: partitions
+                        .iter()
+                        .map(|&partition| ListOffsetsPartition {
+                            partition,
+                            timestamp,
+                        })
+                        .collect(),
+                }],
+            }))
+            .await?;
+        let mut out = Vec::with_capacity(partitions.len());
+        for p in response.topics.into_iter().flat_map(|t| t.partitions) {
+            if p.error_code != 0 {
+                return Err(ClientError::broker(
+                    format!("list offsets {topic}-{}", p.partition),
+                    p.error_code,
+                    String::new(),
+                ));
+            }
+            out.push((p.partition, p.offset));
+        }
+        Ok(out)
+    }
+
+    /// Deletes a group without members (its committed offsets).
+    pub async fn delete_group(&self, group: &str) -> Result<(), ClientError> {
+        let response: DeleteGroupsResponse = self
+            .conn
+            .call(&Request::DeleteGroups(DeleteGroupsRequest {
+                groups: vec![group.to_string()],
+            }))
+            .await?;
+        match response.results.into_iter().next() {
+            Some(r) if r.error_code == 0 => Ok(()),
+            Some(r) => Err(ClientError::broker(
+                format!("delete group {group}"),
+                r.error_code,
+                String::new(),
+            )),
+            None => Err(ClientError::InvalidArgument(
+                "delete group: empty response".into(),
+            )),
+        }
+    }
+}
+
 fn first_result(results: Vec<TopicResult>, context: &str) -> Result<(), ClientError> {
     match results.into_iter().next() {
         Some(result) if result.error_code == 0 => Ok(()),

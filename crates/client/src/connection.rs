@@ -193,7 +193,15 @@ fn closed(peer: &str) -> ClientError {
 type ReplyTo = oneshot::Sender<Result<Bytes, ClientError>>;
 /// A submitted frame: payload, reply, whether a response will come.
 type Submitted = (Vec<u8>, ReplyTo, bool);
-type Pending = Arc<Mutex<VecDeque<ReplyTo>>>;
+/// Replies awaiting responses, in request order, and why the connection failed once it has: a
+/// request submitted after the failure is answered with it at once (the reader that would have
+/// answered it is gone).
+#[derive(Default)]
+struct Inflight {
+    replies: VecDeque<ReplyTo>,
+    failed: Option<String>,
+}
+type Pending = Arc<Mutex<Inflight>>;
 
 /// The TCP transport: a writer task sends frames in submission order; a reader task matches
 /// responses to requests in the same order.
@@ -224,24 +232,32 @@ impl TcpTransport {
             let addr = addr.to_string();
             move |message: String| {
                 let mut pending = pending.lock().unwrap_or_else(|e| e.into_inner());
-                for reply in pending.drain(..) {
+                for reply in pending.replies.drain(..) {
                     let _ = reply.send(Err(ClientError::Connection {
                         addr: addr.clone(),
                         message: message.clone(),
                     }));
                 }
+                pending.failed.get_or_insert(message);
             }
         };
         let writer_pending = Arc::clone(&pending);
+        let writer_addr = addr.to_string();
         let writer_fail = fail_all.clone();
         tokio::spawn(async move {
             let mut writer = BufWriter::new(writer);
             while let Some((payload, reply, expects_response)) = queue.recv().await {
                 if expects_response {
-                    writer_pending
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .push_back(reply);
+                    let mut pending = writer_pending.lock().unwrap_or_else(|e| e.into_inner());
+                    if let Some(message) = &pending.failed {
+                        // The reader is gone: nothing would ever answer.
+                        let _ = reply.send(Err(ClientError::Connection {
+                            addr: writer_addr.clone(),
+                            message: message.clone(),
+                        }));
+                        continue;
+                    }
+                    pending.replies.push_back(reply);
                 } else {
                     let _ = reply.send(Ok(Bytes::new()));
                 }
@@ -293,6 +309,7 @@ impl TcpTransport {
                     let Some(reply) = pending
                         .lock()
                         .unwrap_or_else(|e| e.into_inner())
+                        .replies
                         .pop_front()
                     else {
                         return Err("response without a request".into());
@@ -325,5 +342,33 @@ impl Transport for TcpTransport {
 
     fn peer(&self) -> &str {
         &self.addr
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cairn_protocol::native::{ApiVersionsRequest, ApiVersionsResponse};
+
+    #[tokio::test]
+    async fn a_request_after_the_broker_closed_the_connection_fails_instead_of_hanging() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let conn = Connection::connect(&addr, "test").await.unwrap();
+        // The "broker" accepts and closes; the reader sees EOF.
+        drop(listener.accept().await.unwrap());
+        drop(listener);
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        let request = Request::ApiVersions(ApiVersionsRequest {});
+        let answer = tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            conn.call::<ApiVersionsResponse>(&request),
+        )
+        .await
+        .expect("a request on a dead connection hung");
+        assert!(
+            matches!(answer, Err(ClientError::Connection { .. })),
+            "{answer:?}"
+        );
     }
 }

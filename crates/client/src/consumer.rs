@@ -188,9 +188,29 @@ impl Consumer {
         Ok(offset)
     }
 
-    /// The offset of a partition's log end, as of the last fetch or lookup.
+    /// The offset of a partition's log end (asked of the broker).
     pub async fn end_offset(&self, topic: &str, partition: u32) -> Result<u64, ClientError> {
         self.list_offset(topic, partition, LATEST_TIMESTAMP).await
+    }
+
+    /// The first offset still stored in a partition (asked of the broker).
+    pub async fn start_offset(&self, topic: &str, partition: u32) -> Result<u64, ClientError> {
+        self.list_offset(topic, partition, EARLIEST_TIMESTAMP).await
+    }
+
+    /// Stops reading a partition.
+    pub fn unassign(&mut self, topic: &str, partition: u32) {
+        self.cancel_prefetch();
+        self.assigned
+            .retain(|a| !(&*a.topic == topic && a.partition == partition));
+    }
+
+    /// The assigned partitions.
+    pub fn assignment(&self) -> Vec<(String, u32)> {
+        self.assigned
+            .iter()
+            .map(|a| (a.topic.to_string(), a.partition))
+            .collect()
     }
 
     async fn list_offset(
