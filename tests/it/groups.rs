@@ -442,6 +442,16 @@ fn run_scenario(assignor: Option<&str>) {
         metrics.contains(&format!("cairn_consumergroup_lag{{group=\"{group}\"")),
         "lag metrics missing"
     );
+    // Formed, a fourth joined, one died, three left: at least three completed rebalances.
+    let rebalances: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("cairn_consumergroup_rebalances_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0);
+    assert!(
+        rebalances >= 3,
+        "cairn_consumergroup_rebalances_total {rebalances}"
+    );
 }
 
 #[test]

@@ -722,3 +722,29 @@ fn a_cooperative_sticky_group_rebalances_incrementally() {
 fn a_mixed_confluent_and_kafka_python_group_works_the_same() {
     run_group("confluent,kafka-python,confluent,kafka-python", "range");
 }
+
+/// The figure beside Cairn's own (tests/it/groups.rs): confluent-kafka members with librdkafka's
+/// default settings (45 s session, 3 s heartbeat interval, range assignor), a fourth joining a
+/// group of three over 12 partitions with a producer running. Printed, not asserted: Kafka's
+/// clients learn of a rebalance at their next heartbeat.
+#[test]
+fn confluent_kafka_rebalance_time_with_default_settings() {
+    let python = python();
+    let dir = tempfile::tempdir().unwrap();
+    let broker = BrokerProcess::start_with_config(
+        &dir.path().join("data"),
+        "group_initial_rebalance_delay_ms = 1000\n",
+    );
+    let out = Command::new(python)
+        .arg(script("groups.py"))
+        .args(["jointime", &broker.kafka, "joined", "group-defaults"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    println!("{stdout}");
+    assert!(
+        out.status.success() && stdout.contains("ok: confluent-kafka"),
+        "groups.py jointime failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -3,6 +3,7 @@
 
     groups.py run BOOTSTRAP TOPIC GROUP CLIENTS   # the scenario below; non-zero on a failed check
     groups.py member BOOTSTRAP TOPIC GROUP NAME CLIENT   # one member process (started by `run`)
+    groups.py jointime BOOTSTRAP TOPIC GROUP   # a 4th member joining 3 over 12 partitions, librdkafka defaults
 
 confluent-kafka members use the assignor in CAIRN_GROUP_ASSIGNOR (default range; cooperative-sticky
 works too). CLIENTS names the client of members m1..m4, comma-separated: confluent or kafka-python (a mixed
@@ -37,15 +38,19 @@ def member(bootstrap, topic, group, name, client):
         return kafka_python_member(bootstrap, topic, group, say)
     from confluent_kafka import Consumer
 
-    c = Consumer({
+    config = {
         "bootstrap.servers": bootstrap,
         "group.id": group,
         "enable.auto.commit": False,
         "auto.offset.reset": "earliest",
-        "session.timeout.ms": 6000,
-        "heartbeat.interval.ms": 500,
-        "partition.assignment.strategy": os.environ.get("CAIRN_GROUP_ASSIGNOR", "range"),
-    })
+    }
+    if not os.environ.get("CAIRN_GROUP_DEFAULTS"):
+        config.update({
+            "session.timeout.ms": 6000,
+            "heartbeat.interval.ms": 500,
+            "partition.assignment.strategy": os.environ.get("CAIRN_GROUP_ASSIGNOR", "range"),
+        })
+    c = Consumer(config)
 
     def on_assign(consumer, partitions):
         say(assigned=sorted(p.partition for p in partitions))
@@ -57,6 +62,7 @@ def member(bootstrap, topic, group, name, client):
             pass
         say(revoked=sorted(p.partition for p in partitions))
 
+    say(joining=True)
     c.subscribe([topic], on_assign=on_assign, on_revoke=on_revoke)
     processed = 0
     while True:
@@ -113,6 +119,120 @@ def kafka_python_member(bootstrap, topic, group, say):
                 pass
 
 
+class Members:
+    """Member processes of one group and what they printed (ownership, records, assignment times)."""
+
+    def __init__(self, bootstrap, topic, group, clients):
+        self.bootstrap, self.topic, self.group = bootstrap, topic, group
+        self.kinds = dict(zip(("m1", "m2", "m3", "m4"), clients.split(",")))
+        self.lock = threading.Lock()
+        self.owned = {}  # partition -> (member, since)
+        self.intervals = []  # (partition, member, start, end)
+        self.seen = set()
+        self.assigned_at = {}  # member -> time of its latest assignment
+        self.joining_at = {}  # member -> when it subscribed
+        self.errors = []
+        self.procs = {}
+
+    def watch(self, proc, name):
+        for line in proc.stdout:
+            try:
+                ev = json.loads(line)
+            except ValueError:
+                continue
+            with self.lock:
+                if "assigned" in ev:
+                    self.assigned_at[name] = ev["t"]
+                    for part in ev["assigned"]:
+                        holder = self.owned.get(part)
+                        if holder and holder[0] != name:
+                            self.errors.append(f"partition {part} assigned to {name} while {holder[0]} owns it")
+                        self.owned[part] = (name, ev["t"])
+                elif "revoked" in ev:
+                    for part in ev["revoked"]:
+                        holder = self.owned.get(part)
+                        if holder and holder[0] == name:
+                            self.intervals.append((part, name, holder[1], ev["t"]))
+                            del self.owned[part]
+                elif "joining" in ev:
+                    self.joining_at[name] = ev["t"]
+                elif "p" in ev:
+                    self.seen.add((ev["p"], ev["o"]))
+
+    def start(self, name):
+        proc = subprocess.Popen(
+            [sys.executable, __file__, "member", self.bootstrap, self.topic, self.group, name, self.kinds[name]],
+            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        self.procs[name] = proc
+        threading.Thread(target=self.watch, args=(proc, name), daemon=True).start()
+
+    def wait_for(self, cond, timeout, what):
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            with self.lock:
+                if cond():
+                    return
+            time.sleep(0.01)
+        with self.lock:
+            raise SystemExit(f"FAIL: {what} (owned {self.owned}, seen {len(self.seen)})")
+
+    def owners(self):
+        counts = {}
+        for name, _ in self.owned.values():
+            counts[name] = counts.get(name, 0) + 1
+        return counts
+
+    def kill_all(self):
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGKILL)
+                proc.wait()
+
+
+def jointime(bootstrap, topic, group):
+    """A fourth member joins a healthy group of three over 12 partitions, with a producer running
+    and librdkafka's default session, heartbeat and assignor settings: prints the time from its
+    subscribe to every member's final assignment (the same measure as Cairn's tests/it/groups.rs)."""
+    from confluent_kafka import Producer
+    from confluent_kafka.admin import AdminClient, NewTopic
+
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    for f in admin.create_topics([NewTopic(topic, num_partitions=12, replication_factor=1)]).values():
+        f.result()
+    stop = threading.Event()
+
+    def produce():
+        p = Producer({"bootstrap.servers": bootstrap})
+        i = 0
+        while not stop.is_set():
+            for _ in range(50):
+                p.produce(topic, key=f"k{i}", value=f"v{i}")
+                i += 1
+            p.poll(0.05)
+        p.flush(30)
+
+    producer = threading.Thread(target=produce, daemon=True)
+    producer.start()
+    os.environ["CAIRN_GROUP_DEFAULTS"] = "1"
+    g = Members(bootstrap, topic, group, "confluent,confluent,confluent,confluent")
+    try:
+        for name in ("m1", "m2", "m3"):
+            g.start(name)
+        g.wait_for(lambda: len(g.owned) == 12 and len(g.owners()) == 3, 60, "three members sharing 12 partitions")
+        g.wait_for(lambda: len(g.seen) > 500, 60, "records flowing")
+        g.start("m4")
+        g.wait_for(lambda: len(g.owners()) == 4 and all(n == 3 for n in g.owners().values()), 60,
+                   "four members with three partitions each")
+        with g.lock:
+            took = max(g.assigned_at[m] for m in ("m1", "m2", "m3", "m4")) - g.joining_at["m4"]
+        print(f"ok: confluent-kafka (librdkafka defaults): a fourth member joined a group of three over 12 "
+              f"partitions in {took:.3f} s (from its subscribe to every member's final assignment)", flush=True)
+    finally:
+        stop.set()
+        producer.join(30)
+        g.kill_all()
+
+
 def run(bootstrap, topic, group, clients):
     from confluent_kafka import Producer
     from confluent_kafka.admin import AdminClient, NewTopic
@@ -127,56 +247,10 @@ def run(bootstrap, topic, group, clients):
             p.poll(0)
     assert p.flush(30) == 0
 
-    lock = threading.Lock()
-    owned = {}  # partition -> (member, since)
-    intervals = []  # (partition, member, start, end)
-    seen = set()
-    assigned_at = {}  # member -> time of its latest assignment
-    errors = []
-
-    def watch(proc, name):
-        for line in proc.stdout:
-            try:
-                ev = json.loads(line)
-            except ValueError:
-                continue
-            with lock:
-                if "assigned" in ev:
-                    assigned_at[name] = ev["t"]
-                    for part in ev["assigned"]:
-                        holder = owned.get(part)
-                        if holder and holder[0] != name:
-                            errors.append(f"partition {part} assigned to {name} while {holder[0]} owns it")
-                        owned[part] = (name, ev["t"])
-                elif "revoked" in ev:
-                    for part in ev["revoked"]:
-                        holder = owned.get(part)
-                        if holder and holder[0] == name:
-                            intervals.append((part, name, holder[1], ev["t"]))
-                            del owned[part]
-                elif "p" in ev:
-                    seen.add((ev["p"], ev["o"]))
-
-    procs = {}
-
-    kinds = dict(zip(("m1", "m2", "m3", "m4"), clients.split(",")))
-
-    def start(name):
-        proc = subprocess.Popen(
-            [sys.executable, __file__, "member", bootstrap, topic, group, name, kinds[name]],
-            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-        procs[name] = proc
-        threading.Thread(target=watch, args=(proc, name), daemon=True).start()
-
-    def wait_for(cond, timeout, what):
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            with lock:
-                if cond():
-                    return
-            time.sleep(0.05)
-        with lock:
-            raise SystemExit(f"FAIL: {what} (owned {owned}, seen {len(seen)})")
+    g = Members(bootstrap, topic, group, clients)
+    lock, owned, intervals, seen, assigned_at, errors, procs = (
+        g.lock, g.owned, g.intervals, g.seen, g.assigned_at, g.errors, g.procs)
+    start, wait_for = g.start, g.wait_for
 
     try:
         for name in ("m1", "m2", "m3"):
@@ -247,14 +321,13 @@ def run(bootstrap, topic, group, clients):
                         raise SystemExit(f"FAIL: partition {part} owned by {n1} and {n2} at once")
         print("ok: no partition was owned by two members at once", flush=True)
     finally:
-        for proc in procs.values():
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGKILL)
-                proc.wait()
+        g.kill_all()
 
 
 if __name__ == "__main__":
     if sys.argv[1] == "member":
         member(*sys.argv[2:7])
+    elif sys.argv[1] == "jointime":
+        jointime(*sys.argv[2:5])
     else:
         run(*sys.argv[2:6])

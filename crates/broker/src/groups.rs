@@ -13,7 +13,8 @@
 //! UNKNOWN_MEMBER_ID, and rejoin (committed offsets are durable, in `offsets.rs`).
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -163,6 +164,8 @@ struct Group {
     not_before: Instant,
     /// Counts rebalances begun; heartbeats held by `heartbeat_wait` watch it.
     rebalances: watch::Sender<u64>,
+    /// The coordinator's count of completed rebalances (for the metric).
+    completed: Arc<AtomicU64>,
 }
 
 /// The coordinator of every group on this node.
@@ -172,7 +175,9 @@ pub struct Coordinator {
     initial_delay: Duration,
     groups_max: usize,
     members_max: usize,
-    next_id: std::sync::atomic::AtomicU64,
+    next_id: AtomicU64,
+    /// Rebalances completed (join phases that handed out a generation with members).
+    completed: Arc<AtomicU64>,
 }
 
 /// Session timeouts accepted (Kafka `group.min/max.session.timeout.ms`, with a lower minimum).
@@ -195,7 +200,7 @@ fn fail_sync(error: ErrorCode) -> SyncResult {
 }
 
 impl Group {
-    fn new(now: Instant) -> Group {
+    fn new(now: Instant, completed: Arc<AtomicU64>) -> Group {
         Group {
             state: GroupState::Empty,
             generation: 0,
@@ -207,6 +212,7 @@ impl Group {
             deadline: now,
             not_before: now,
             rebalances: watch::Sender::new(0),
+            completed,
         }
     }
 
@@ -285,6 +291,7 @@ impl Group {
         self.protocol = Some(chosen.clone());
         self.leader = Some(leader.clone());
         self.state = GroupState::CompletingRebalance;
+        self.completed.fetch_add(1, Ordering::Relaxed);
         let roster: Vec<(String, Option<String>, Bytes)> = self
             .members
             .iter()
@@ -350,7 +357,8 @@ impl Coordinator {
             initial_delay,
             groups_max: groups_max as usize,
             members_max: members_max as usize,
-            next_id: std::sync::atomic::AtomicU64::new(1),
+            next_id: AtomicU64::new(1),
+            completed: Arc::default(),
         }
     }
 
@@ -396,7 +404,7 @@ impl Coordinator {
         }
         let group = groups
             .entry(group_id.to_string())
-            .or_insert_with(|| Group::new(now));
+            .or_insert_with(|| Group::new(now, Arc::clone(&self.completed)));
         let known = group.members.contains_key(member_id) || group.pending.contains_key(member_id);
         if !known && group.members.len() + group.pending.len() >= self.members_max {
             return Answer::Ready(fail_join(
@@ -416,9 +424,7 @@ impl Coordinator {
             ));
         }
         let member_id = if member_id.is_empty() {
-            let n = self
-                .next_id
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let n = self.next_id.fetch_add(1, Ordering::Relaxed);
             let id = format!("{client_id}-{n:016x}-{:08x}", rand_u32(n));
             if require_known_member_id {
                 // KIP-394: the client rejoins with this id.
@@ -685,6 +691,11 @@ impl Coordinator {
 }
 
 impl Coordinator {
+    /// Rebalances completed since the broker started, all groups.
+    pub fn rebalances(&self) -> u64 {
+        self.completed.load(Ordering::Relaxed)
+    }
+
     /// Every group with members: (name, protocol type, state).
     pub fn list(&self) -> Vec<(String, String, &'static str)> {
         let mut all: Vec<_> = self

@@ -33,6 +33,8 @@ pub struct Metrics {
     pub group_lag: IntGaugeVec,
     pub group_members: IntGaugeVec,
     pub group_generation: IntGaugeVec,
+    /// Completed rebalances, all groups.
+    pub group_rebalances: IntCounter,
 }
 
 /// Latency buckets from 50 µs to 10 s.
@@ -167,6 +169,11 @@ impl Metrics {
             "The group's generation: it grows by one per completed rebalance.",
             &["group"],
         )?;
+        let group_rebalances = IntCounter::new(
+            "cairn_consumergroup_rebalances_total",
+            "Completed group rebalances (join phases that handed out a new generation), all groups.",
+        )?;
+        registry.register(Box::new(group_rebalances.clone()))?;
         Ok(Metrics {
             registry,
             bytes_in,
@@ -190,10 +197,10 @@ impl Metrics {
             group_lag,
             group_members,
             group_generation,
+            group_rebalances,
         })
     }
 
-    /// The text exposition of every metric, partition gauges refreshed from `manager`.
     /// Counts a request that ended with `code` (nothing for NONE), under an API label.
     pub fn count_error(&self, api: &str, code: cairn_protocol::native::ErrorCode) {
         if code != cairn_protocol::native::ErrorCode::NONE {
@@ -203,6 +210,8 @@ impl Metrics {
         }
     }
 
+    /// The text exposition of every metric, partition and group gauges refreshed from
+    /// `manager`, `offsets` and `groups`.
     pub fn render(
         &self,
         manager: &TopicManager,
@@ -224,6 +233,11 @@ impl Metrics {
                     .set((end - committed.offset).max(0));
             }
         }
+        self.group_rebalances.inc_by(
+            groups
+                .rebalances()
+                .saturating_sub(self.group_rebalances.get()),
+        );
         for (group, _, _) in groups.list() {
             if let Some(info) = groups.describe(&group) {
                 self.group_members
