@@ -59,6 +59,13 @@ pub struct BrokerConfig {
     /// Most members (and member ids handed out) per group (Kafka `group.max.size`); a further
     /// JoinGroup gets GROUP_MAX_SIZE_REACHED.
     pub group_members_max: u32,
+    /// Most bytes of subscriptions (every assignor's metadata) one member may send, and most
+    /// bytes of one member's assignment; more: POLICY_VIOLATION (join) or INVALID_REQUEST (the
+    /// leader's sync, and the group rebalances again).
+    pub group_member_bytes_max: u32,
+    /// Most bytes of subscriptions and assignments the coordinator keeps for all groups; joins
+    /// that would go beyond get POLICY_VIOLATION.
+    pub groups_bytes_max: u64,
     /// An idempotent producer that wrote nothing to a partition for this long is forgotten there,
     /// in milliseconds (Kafka `producer.id.expiration.ms`); it bounds the producer state kept.
     pub producer_id_expiration_ms: u64,
@@ -98,6 +105,8 @@ impl Default for BrokerConfig {
             group_initial_rebalance_delay_ms: 3_000,
             groups_max: 10_000,
             group_members_max: 1_000,
+            group_member_bytes_max: 1 << 20,
+            groups_bytes_max: 256 << 20,
             producer_id_expiration_ms: 86_400_000,
             auto_create_topics: true,
             topic_defaults: TopicDefaults::default(),
@@ -148,6 +157,18 @@ impl BrokerConfig {
             self.group_members_max.into(),
             1,
             100_000,
+        )?;
+        check(
+            "group_member_bytes_max",
+            self.group_member_bytes_max.into(),
+            1_024,
+            self.frame_bytes_max.into(),
+        )?;
+        check(
+            "groups_bytes_max",
+            self.groups_bytes_max,
+            self.group_member_bytes_max.into(),
+            1 << 40,
         )?;
         check(
             "offsets_topic_partitions",

@@ -13,7 +13,7 @@
 //! UNKNOWN_MEMBER_ID, and rejoin (committed offsets are durable, in `offsets.rs`).
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -146,6 +146,42 @@ struct Member {
     join: Option<oneshot::Sender<JoinResult>>,
     sync: Option<oneshot::Sender<SyncResult>>,
     assignment: Bytes,
+    /// Bytes of `protocols` and `assignment`, counted in the coordinator's `held` total (given
+    /// back when the member is dropped, whichever way it leaves).
+    accounted: usize,
+    held: Arc<AtomicUsize>,
+}
+
+fn protocol_bytes(protocols: &[(String, Bytes)]) -> usize {
+    protocols.iter().map(|(n, m)| n.len() + m.len()).sum()
+}
+
+impl Member {
+    fn recount(&mut self) {
+        let now = protocol_bytes(&self.protocols) + self.assignment.len();
+        if now >= self.accounted {
+            self.held.fetch_add(now - self.accounted, Ordering::Relaxed);
+        } else {
+            self.held.fetch_sub(self.accounted - now, Ordering::Relaxed);
+        }
+        self.accounted = now;
+    }
+
+    fn set_protocols(&mut self, protocols: Vec<(String, Bytes)>) {
+        self.protocols = protocols;
+        self.recount();
+    }
+
+    fn set_assignment(&mut self, assignment: Bytes) {
+        self.assignment = assignment;
+        self.recount();
+    }
+}
+
+impl Drop for Member {
+    fn drop(&mut self) {
+        self.held.fetch_sub(self.accounted, Ordering::Relaxed);
+    }
 }
 
 #[derive(Debug)]
@@ -168,6 +204,20 @@ struct Group {
     completed: Arc<AtomicU64>,
 }
 
+/// What bounds the coordinator's memory (broker config `groups_max`, `group_members_max`,
+/// `group_member_bytes_max`, `groups_bytes_max`).
+#[derive(Debug, Clone, Copy)]
+pub struct GroupLimits {
+    /// Groups with members (or member ids handed out).
+    pub groups_max: u32,
+    /// Members (and member ids handed out) per group.
+    pub members_max: u32,
+    /// Bytes of one member's subscriptions, and of one member's assignment.
+    pub member_bytes_max: u32,
+    /// Bytes of subscriptions and assignments of all members of all groups.
+    pub total_bytes_max: u64,
+}
+
 /// The coordinator of every group on this node.
 #[derive(Debug)]
 pub struct Coordinator {
@@ -175,6 +225,10 @@ pub struct Coordinator {
     initial_delay: Duration,
     groups_max: usize,
     members_max: usize,
+    member_bytes_max: usize,
+    total_bytes_max: usize,
+    /// Bytes of subscriptions and assignments held by every member of every group.
+    held: Arc<AtomicUsize>,
     next_id: AtomicU64,
     /// Rebalances completed (join phases that handed out a generation with members).
     completed: Arc<AtomicU64>,
@@ -280,8 +334,8 @@ impl Group {
                 .all(|m| m.protocols.iter().any(|(n, _)| n == name))
         });
         let Some(chosen) = chosen else {
-            for (id, member) in std::mem::take(&mut self.members) {
-                if let Some(join) = member.join {
+            for (id, mut member) in std::mem::take(&mut self.members) {
+                if let Some(join) = member.join.take() {
                     let _ = join.send(fail_join(ErrorCode::INCONSISTENT_GROUP_PROTOCOL, id));
                 }
             }
@@ -307,7 +361,7 @@ impl Group {
             .collect();
         for (id, member) in &mut self.members {
             member.last_seen = now;
-            member.assignment = Bytes::new();
+            member.set_assignment(Bytes::new());
             if let Some(join) = member.join.take() {
                 let _ = join.send(JoinResult {
                     error: ErrorCode::NONE,
@@ -327,11 +381,11 @@ impl Group {
     }
 
     fn remove(&mut self, id: &str, now: Instant, initial_delay: Duration) {
-        if let Some(member) = self.members.remove(id) {
-            if let Some(join) = member.join {
+        if let Some(mut member) = self.members.remove(id) {
+            if let Some(join) = member.join.take() {
                 let _ = join.send(fail_join(ErrorCode::UNKNOWN_MEMBER_ID, id.to_string()));
             }
-            if let Some(sync) = member.sync {
+            if let Some(sync) = member.sync.take() {
                 let _ = sync.send(fail_sync(ErrorCode::UNKNOWN_MEMBER_ID));
             }
             if self.members.is_empty() {
@@ -349,14 +403,16 @@ impl Group {
 
 impl Coordinator {
     /// A coordinator; a new group waits `initial_delay` for more members before its first
-    /// generation (Kafka `group.initial.rebalance.delay.ms`); at most `groups_max` groups and
-    /// `members_max` members per group.
-    pub fn new(initial_delay: Duration, groups_max: u32, members_max: u32) -> Coordinator {
+    /// generation (Kafka `group.initial.rebalance.delay.ms`); memory bounded by `limits`.
+    pub fn new(initial_delay: Duration, limits: GroupLimits) -> Coordinator {
         Coordinator {
             groups: Mutex::new(HashMap::new()),
             initial_delay,
-            groups_max: groups_max as usize,
-            members_max: members_max as usize,
+            groups_max: limits.groups_max as usize,
+            members_max: limits.members_max as usize,
+            member_bytes_max: limits.member_bytes_max as usize,
+            total_bytes_max: usize::try_from(limits.total_bytes_max).unwrap_or(usize::MAX),
+            held: Arc::default(),
             next_id: AtomicU64::new(1),
             completed: Arc::default(),
         }
@@ -423,6 +479,15 @@ impl Coordinator {
                 member_id.into(),
             ));
         }
+        let wanted = protocol_bytes(&protocols);
+        let already = group.members.get(member_id).map_or(0, |m| m.accounted);
+        if wanted > self.member_bytes_max
+            || self.held.load(Ordering::Relaxed).saturating_sub(already) + wanted
+                > self.total_bytes_max
+        {
+            tracing::warn!(group = %group_id, bytes = wanted, "join refused: subscription bytes over the limit");
+            return Answer::Ready(fail_join(ErrorCode::POLICY_VIOLATION, member_id.into()));
+        }
         let member_id = if member_id.is_empty() {
             let n = self.next_id.fetch_add(1, Ordering::Relaxed);
             let id = format!("{client_id}-{n:016x}-{:08x}", rand_u32(n));
@@ -451,14 +516,18 @@ impl Coordinator {
             join: None,
             sync: None,
             assignment: Bytes::new(),
+            accounted: 0,
+            held: Arc::clone(&self.held),
         });
         member.instance_id = instance_id;
         // Own copies: slices of the request frame would keep the whole frame alive as long as
         // the member (a small subscription in a large frame would pin the frame).
-        member.protocols = protocols
-            .into_iter()
-            .map(|(name, metadata)| (name, Bytes::copy_from_slice(&metadata)))
-            .collect();
+        member.set_protocols(
+            protocols
+                .into_iter()
+                .map(|(name, metadata)| (name, Bytes::copy_from_slice(&metadata)))
+                .collect(),
+        );
         member.session = session;
         member.rebalance = rebalance;
         member.last_seen = now;
@@ -515,9 +584,21 @@ impl Coordinator {
                     member.last_seen = Instant::now();
                 }
                 if group.leader.as_deref() == Some(member_id) {
+                    if assignments
+                        .iter()
+                        .any(|(_, a)| a.len() > self.member_bytes_max)
+                    {
+                        // Refused: the group rebalances again (the others' syncs are answered
+                        // REBALANCE_IN_PROGRESS by `prepare`).
+                        if let Some(member) = group.members.get_mut(member_id) {
+                            member.sync = None;
+                        }
+                        group.prepare(Instant::now(), self.initial_delay);
+                        return Answer::Ready(fail_sync(ErrorCode::INVALID_REQUEST));
+                    }
                     for (id, assignment) in assignments {
                         if let Some(member) = group.members.get_mut(&id) {
-                            member.assignment = Bytes::copy_from_slice(&assignment);
+                            member.set_assignment(Bytes::copy_from_slice(&assignment));
                         }
                     }
                     group.state = GroupState::Stable;
@@ -691,6 +772,11 @@ impl Coordinator {
 }
 
 impl Coordinator {
+    /// Bytes of subscriptions and assignments held for all members.
+    pub fn held_bytes(&self) -> usize {
+        self.held.load(Ordering::Relaxed)
+    }
+
     /// Rebalances completed since the broker started, all groups.
     pub fn rebalances(&self) -> u64 {
         self.completed.load(Ordering::Relaxed)
@@ -775,6 +861,15 @@ mod tests {
         }
     }
 
+    fn limits(groups_max: u32, members_max: u32) -> GroupLimits {
+        GroupLimits {
+            groups_max,
+            members_max,
+            member_bytes_max: 1 << 20,
+            total_bytes_max: 8 << 20,
+        }
+    }
+
     fn join(c: &Coordinator, id: &str) -> Answer<JoinResult> {
         c.join(consumer("g", id, true))
     }
@@ -782,7 +877,7 @@ mod tests {
     #[tokio::test]
     async fn close_answers_waiting_joins() {
         // A long initial delay keeps the first join waiting.
-        let c = Coordinator::new(Duration::from_secs(60), 10, 10);
+        let c = Coordinator::new(Duration::from_secs(60), limits(10, 10));
         let lost = || fail_join(ErrorCode::UNKNOWN_MEMBER_ID, String::new());
         let waiting = c.join(consumer("g", "", false));
         c.close();
@@ -794,7 +889,7 @@ mod tests {
 
     #[tokio::test]
     async fn groups_and_members_are_bounded() {
-        let c = Coordinator::new(Duration::ZERO, 2, 2);
+        let c = Coordinator::new(Duration::ZERO, limits(2, 2));
         let lost = || fail_join(ErrorCode::UNKNOWN_MEMBER_ID, String::new());
         let join_group = |g: &str| c.join(consumer(g, "", true));
         assert_eq!(
@@ -823,7 +918,7 @@ mod tests {
     async fn two_members_join_sync_and_rebalance_when_one_leaves() {
         // The initial delay lets both members into the first generation; a ticker drives it, as
         // the broker's timer does.
-        let c = std::sync::Arc::new(Coordinator::new(Duration::from_millis(100), 10, 10));
+        let c = std::sync::Arc::new(Coordinator::new(Duration::from_millis(100), limits(10, 10)));
         let ticker = {
             let c = std::sync::Arc::clone(&c);
             tokio::spawn(async move {
@@ -882,8 +977,56 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn subscription_bytes_are_bounded_per_member_and_in_total_and_given_back() {
+        let c = Coordinator::new(
+            Duration::ZERO,
+            GroupLimits {
+                groups_max: 100,
+                members_max: 100,
+                member_bytes_max: 1_000,
+                total_bytes_max: 2_500,
+            },
+        );
+        let lost = || fail_join(ErrorCode::UNKNOWN_MEMBER_ID, String::new());
+        let with_bytes = |group: &str, id: &str, n: usize| {
+            let mut j = consumer(group, id, false);
+            j.protocols = vec![("range".into(), Bytes::from(vec![0u8; n]))];
+            c.join(j)
+        };
+        // Over the per-member bound.
+        assert_eq!(
+            with_bytes("a", "", 1_001).get(lost).await.error,
+            ErrorCode::POLICY_VIOLATION
+        );
+        // Two members of 900 (+5 for the name) fit; a third goes over the total.
+        let first = with_bytes("a", "", 900);
+        let second = with_bytes("b", "", 900);
+        assert_eq!(c.held_bytes(), 1_810);
+        assert_eq!(
+            with_bytes("c", "", 900).get(lost).await.error,
+            ErrorCode::POLICY_VIOLATION
+        );
+        let (first, second) = (first.get(lost).await, second.get(lost).await);
+        assert_eq!(
+            (first.error, second.error),
+            (ErrorCode::NONE, ErrorCode::NONE)
+        );
+        // Rejoining with a smaller subscription counts the difference; leaving gives it back.
+        let again = with_bytes("a", &first.member_id, 100);
+        assert_eq!(c.held_bytes(), 105 + 905);
+        assert_eq!(
+            c.leave("a", std::slice::from_ref(&first.member_id)),
+            vec![ErrorCode::NONE]
+        );
+        drop(again);
+        assert_eq!(c.held_bytes(), 905);
+        c.close();
+        assert_eq!(c.held_bytes(), 0);
+    }
+
+    #[tokio::test]
     async fn a_held_heartbeat_is_answered_when_a_rebalance_begins() {
-        let c = std::sync::Arc::new(Coordinator::new(Duration::ZERO, 10, 10));
+        let c = std::sync::Arc::new(Coordinator::new(Duration::ZERO, limits(10, 10)));
         let lost = || fail_join(ErrorCode::UNKNOWN_MEMBER_ID, String::new());
         let id = join(&c, "").get(lost).await.member_id;
         let joined = join(&c, &id).get(lost).await;

@@ -237,8 +237,12 @@ impl BrokerBuilder {
             offsets: Arc::new(offsets),
             groups: Arc::new(groups::Coordinator::new(
                 std::time::Duration::from_millis(config.group_initial_rebalance_delay_ms),
-                config.groups_max,
-                config.group_members_max,
+                groups::GroupLimits {
+                    groups_max: config.groups_max,
+                    members_max: config.group_members_max,
+                    member_bytes_max: config.group_member_bytes_max,
+                    total_bytes_max: config.groups_bytes_max,
+                },
             )),
         });
         let tracker = TaskTracker::new();
