@@ -31,8 +31,20 @@ fn config() -> LogConfig {
         retention_age: None,
         segment_age: None,
         tombstone_retention: Duration::from_millis(TOMBSTONE_RETENTION_MS as u64),
+        // Every pass runs: the model decides when.
+        min_cleanable_dirty_ratio: 0.0,
         ..LogConfig::default()
     }
+}
+
+/// The model's config for a seed: every third seed has a key map of 4 keys (of 12), so passes
+/// map part of the dirty section and later passes go on from there.
+fn model_config(seed: u64) -> LogConfig {
+    let mut config = config();
+    if seed.is_multiple_of(3) {
+        config.compaction_key_map_bytes = 4 * cairn_storage::KEY_MAP_ENTRY_BYTES;
+    }
+    config
 }
 
 /// Every record of the log: (offset, key, value, timestamp).
@@ -58,8 +70,8 @@ fn read_all(log: &Log) -> Vec<Row> {
     rows
 }
 
-fn open(fs: &FaultFs, dir: &Path) -> Log {
-    Log::open_with(Arc::new(fs.clone()), dir, config()).unwrap()
+fn open(fs: &FaultFs, dir: &Path, config: &LogConfig) -> Log {
+    Log::open_with(Arc::new(fs.clone()), dir, config.clone()).unwrap()
 }
 
 /// Checks the log against what was appended: `history` maps offsets to (key, value) as written,
@@ -118,14 +130,14 @@ fn check(
 }
 
 /// Drops the log, then a power loss or a process death, then opens it again.
-fn restart(log: Log, fs: &FaultFs, dir: &Path, rng: &mut SmallRng) -> Log {
+fn restart(log: Log, fs: &FaultFs, dir: &Path, rng: &mut SmallRng, config: &LogConfig) -> Log {
     drop(log);
     if rng.random_bool(0.5) {
         fs.crash(rng.random());
     } else {
         fs.kill_process();
     }
-    open(fs, dir)
+    open(fs, dir, config)
 }
 
 /// Runs one seed; returns (compaction passes completed, passes the process died in).
@@ -133,7 +145,8 @@ fn run_seed(seed: u64) -> (u64, u64) {
     let mut rng = SmallRng::seed_from_u64(seed);
     let fs = FaultFs::new();
     let dir = Path::new("/compacted");
-    let mut log = open(&fs, dir);
+    let config = model_config(seed);
+    let mut log = open(&fs, dir, &config);
     let mut history: BTreeMap<u64, (Bytes, Option<Bytes>)> = BTreeMap::new();
     let mut latest: BTreeMap<Bytes, Option<Bytes>> = BTreeMap::new();
     let mut now_ms: i64 = 1_000_000;
@@ -184,18 +197,31 @@ fn run_seed(seed: u64) -> (u64, u64) {
                     Err(_) => {
                         assert!(die, "{context}: compaction failed without a fault");
                         n_dead += 1;
-                        log = restart(log, &fs, dir, &mut rng);
+                        log = restart(log, &fs, dir, &mut rng, &config);
                     }
                 }
             }
             // A restart: power loss or process death.
-            _ => log = restart(log, &fs, dir, &mut rng),
+            _ => log = restart(log, &fs, dir, &mut rng, &config),
         }
         check(&log, &history, &latest, &context);
     }
     // Finally, with everything sealed and old enough, compaction leaves one record per live key.
     log.roll().unwrap();
-    log.compact(now_ms + 10 * TOMBSTONE_RETENTION_MS).unwrap();
+    // A small key map takes several passes to cover everything.
+    for pass in 0.. {
+        assert!(pass < 100, "seed {seed}: compaction never completes");
+        let report = log.compact(now_ms + 10 * TOMBSTONE_RETENTION_MS).unwrap();
+        check(
+            &log,
+            &history,
+            &latest,
+            &format!("seed {seed} final pass {pass}"),
+        );
+        if report.complete {
+            break;
+        }
+    }
     check(&log, &history, &latest, &format!("seed {seed} final"));
     let rows = read_all(&log);
     let live = latest.values().filter(|v| v.is_some()).count();
@@ -397,4 +423,69 @@ fn a_compacted_topic_on_a_running_broker_keeps_the_latest_value_per_key() {
         rows.len(),
         again.len()
     );
+}
+
+/// Passes wait for the dirty section to reach `min_cleanable_dirty_ratio` of the sealed bytes,
+/// and a key map smaller than the dirty section's keys compacts it over several passes, each
+/// going on from where the last stopped.
+#[test]
+fn passes_wait_for_the_dirty_ratio_and_a_small_key_map_takes_several_passes() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = config();
+    config.min_cleanable_dirty_ratio = 0.5;
+    config.compaction_key_map_bytes = 10 * cairn_storage::KEY_MAP_ENTRY_BYTES;
+    let log = Log::open(dir.path(), config).unwrap();
+    let append = |key: u32, round: u32| {
+        let mut builder = BatchBuilder::new(Compression::None);
+        builder.push(
+            1,
+            Some(format!("k{key}").as_bytes()),
+            Some(format!("v{round}").as_bytes()),
+            &[],
+        );
+        let mut bytes = builder.build().unwrap().to_vec();
+        log.append(&mut bytes, 0).unwrap();
+    };
+    // 40 keys written 3 times, in sealed segments.
+    for round in 0..3 {
+        for key in 0..40 {
+            append(key, round);
+        }
+    }
+    log.roll().unwrap();
+    let mut passes = 0;
+    loop {
+        passes += 1;
+        let report = log.compact(1_000_000).unwrap();
+        assert!(!report.skipped, "{report:?}");
+        if report.complete {
+            break;
+        }
+        assert!(passes < 20, "{report:?}");
+    }
+    let rows = read_all(&log);
+    assert_eq!(rows.len(), 40, "one record per key after {passes} passes");
+    assert!(
+        passes >= 4,
+        "10 keys per pass over 40 keys took {passes} passes"
+    );
+    // Nothing new: the dirty section is empty, the pass is skipped.
+    assert!(log.compact(1_000_000).unwrap().skipped);
+    // A little new data (below half the sealed bytes): still skipped; more: a pass runs.
+    append(0, 9);
+    log.roll().unwrap();
+    assert!(log.compact(1_000_000).unwrap().skipped);
+    for key in 0..40 {
+        append(key, 10);
+    }
+    log.roll().unwrap();
+    let mut report = log.compact(1_000_000).unwrap();
+    assert!(!report.skipped, "{report:?}");
+    let mut superseded = report.n_records_superseded;
+    while !report.complete {
+        report = log.compact(1_000_000).unwrap();
+        superseded += report.n_records_superseded;
+    }
+    assert_eq!(superseded, 41, "40 keys rewritten, one of them twice");
+    assert_eq!(read_all(&log).len(), 40);
 }

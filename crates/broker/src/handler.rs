@@ -786,12 +786,17 @@ impl Handler {
         ListOffsetsResponse { topics }
     }
 
-    /// Runs one compaction pass on every compacted partition (blocking).
+    /// Runs one compaction pass on every compacted partition (blocking); stops early at
+    /// shutdown.
     pub(crate) fn apply_compaction(&self) {
         let now = now_ms();
+        let stopping = || self.shutdown.is_cancelled();
         for topic in self.manager.topics() {
             for partition in topic.partitions.iter().filter(|p| p.log.config().compacted) {
-                match partition.log.compact(now) {
+                if stopping() {
+                    return;
+                }
+                match partition.log.compact_unless(now, &stopping) {
                     Ok(report) => {
                         self.metrics
                             .compaction_bytes_removed

@@ -27,6 +27,9 @@ pub struct TopicDefaults {
     pub max_message_bytes: u32,
     /// `flush.ms`: sync at least this often; -1 leaves it to the OS (acks=all still syncs).
     pub flush_ms: i64,
+    /// Memory of a compaction pass's key map (Kafka `log.cleaner.dedupe.buffer.size`; passes
+    /// run one at a time): about 2 million keys per 128 MiB; more keys take several passes.
+    pub compaction_key_map_bytes: u64,
 }
 
 impl Default for TopicDefaults {
@@ -39,12 +42,16 @@ impl Default for TopicDefaults {
             segment_ms: 7 * 24 * 3600 * 1000,
             max_message_bytes: 1024 * 1024 + 12,
             flush_ms: -1,
+            compaction_key_map_bytes: 128 << 20,
         }
     }
 }
 
 /// `delete.retention.ms` by default: one day, as Kafka.
 pub const TOMBSTONE_RETENTION_MS_DEFAULT: i64 = 24 * 3600 * 1000;
+
+/// `min.cleanable.dirty.ratio` by default, as Kafka.
+pub const MIN_CLEANABLE_DIRTY_RATIO_DEFAULT: f64 = 0.5;
 
 /// Most partitions one topic may have.
 pub const PARTITIONS_PER_TOPIC_MAX: u32 = 10_000;
@@ -72,6 +79,12 @@ impl TopicDefaults {
             u64::MAX >> 2,
         )?;
         range(
+            "topic_defaults.compaction_key_map_bytes",
+            self.compaction_key_map_bytes,
+            1 << 20,
+            1 << 40,
+        )?;
+        range(
             "topic_defaults.max_message_bytes",
             self.max_message_bytes.into(),
             cairn_protocol::batch::BATCH_HEADER_BYTES as u64,
@@ -87,6 +100,7 @@ pub const TOPIC_CONFIG_KEYS: &[&str] = &[
     "flush.messages",
     "flush.ms",
     "max.message.bytes",
+    "min.cleanable.dirty.ratio",
     "retention.bytes",
     "retention.ms",
     "segment.bytes",
@@ -136,6 +150,7 @@ impl TopicConfig {
             match key {
                 "cleanup.policy" => "delete".into(),
                 "delete.retention.ms" => TOMBSTONE_RETENTION_MS_DEFAULT.to_string(),
+                "min.cleanable.dirty.ratio" => MIN_CLEANABLE_DIRTY_RATIO_DEFAULT.to_string(),
                 "flush.messages" => i64::MAX.to_string(),
                 "flush.ms" => defaults.flush_ms.to_string(),
                 "max.message.bytes" => defaults.max_message_bytes.to_string(),
@@ -199,6 +214,17 @@ impl TopicConfig {
             0,
             i64::MAX,
         )?;
+        let dirty_ratio = match self.overrides.get("min.cleanable.dirty.ratio") {
+            None => MIN_CLEANABLE_DIRTY_RATIO_DEFAULT,
+            Some(text) => text
+                .trim()
+                .parse::<f64>()
+                .ok()
+                .filter(|r| (0.0..=1.0).contains(r))
+                .ok_or_else(|| {
+                    format!("min.cleanable.dirty.ratio {text:?} is not a number from 0 to 1")
+                })?,
+        };
         // Retention deletes segments only under the delete policy.
         let (retention_ms, retention_bytes) = if delete {
             (
@@ -242,6 +268,9 @@ impl TopicConfig {
             flush,
             compacted: compact,
             tombstone_retention: Duration::from_millis(tombstone_ms as u64),
+            min_cleanable_dirty_ratio: dirty_ratio,
+            compaction_key_map_bytes: usize::try_from(defaults.compaction_key_map_bytes)
+                .unwrap_or(usize::MAX),
             ..LogConfig::default()
         })
     }
@@ -272,6 +301,12 @@ mod tests {
         let described = config.describe(&defaults);
         assert!(described.contains(&("retention.ms".into(), "60000".into(), false)));
         assert!(described.contains(&("cleanup.policy".into(), "delete".into(), true)));
+        let ratio = BTreeMap::from([("min.cleanable.dirty.ratio".to_string(), "0.1".to_string())]);
+        let log = TopicConfig::new(ratio, &defaults)
+            .unwrap()
+            .resolve(&defaults)
+            .unwrap();
+        assert_eq!(log.min_cleanable_dirty_ratio, 0.1);
         for (policy, compacted, retained) in [
             ("compact", true, false),
             ("compact,delete", true, true),
@@ -294,6 +329,8 @@ mod tests {
             ("retention.ms", "soon"),
             ("cleanup.policy", "compacted"),
             ("delete.retention.ms", "-5"),
+            ("min.cleanable.dirty.ratio", "1.5"),
+            ("min.cleanable.dirty.ratio", "NaN"),
         ] {
             let overrides = BTreeMap::from([(key.to_string(), value.to_string())]);
             assert!(

@@ -2,15 +2,24 @@
 //! tombstones (null values) once they are older than the tombstone retention, rewrite sealed
 //! segments without the rest. The active segment is never touched.
 //!
-//! One pass:
+//! A log has a **checkpoint** (kept in memory, 0 after an open): below it the log holds at most
+//! one record per key. The sealed bytes above it are the **dirty section**. One pass, if the dirty
+//! section is at least `min_cleanable_dirty_ratio` of the sealed bytes:
 //! 1. Snapshot the sealed segments (immutable: only their files are read, without the lock).
-//! 2. Map every key to the offset of its latest record among them, and note per segment whether
-//!    it holds any superseded record or expired tombstone ("dirty").
-//! 3. Group consecutive segments (total input size at most `segment_bytes`, relative offsets
+//! 2. Map the dirty section's keys, oldest first, to their latest offsets, in a map bounded by
+//!    `compaction_key_map_bytes` (keys are kept as 128-bit hashes); if it fills, the mapped range
+//!    ends at the first record that did not fit, and the next pass goes on from there. A key seen
+//!    twice makes the segment of the older record dirty.
+//! 3. Check the clean section against the map: a record superseded by a newer mapped record, or
+//!    an expired tombstone, makes its segment dirty.
+//! 4. Group consecutive segments (total input size at most `segment_bytes`, relative offsets
 //!    within `u32`); a group with a dirty member is rewritten into one new segment at the group's
-//!    base offset. A batch keeps its base offset and offset range (Kafka's cleaner does the same):
-//!    whole batches are copied byte for byte, partly superseded ones re-encoded with the kept
-//!    records at their original offsets, fully superseded ones dropped.
+//!    base offset, without superseded records and expired tombstones (a tombstone goes only where
+//!    it is the latest of its key, so every older record of the key goes in the same pass). A
+//!    batch keeps its base offset and offset range (Kafka's cleaner does the same): whole batches
+//!    are copied byte for byte, partly emptied ones re-encoded with the kept records at their
+//!    original offsets, emptied ones dropped.
+//! 5. If every dirty group was replaced, the checkpoint moves to the end of the mapped range.
 //!
 //! Crash safety (the replacement is all or nothing, and nothing a reader was handed changes):
 //! - the group is written to `<base>.log.cleaned` and synced; a crash now leaves the old segments
@@ -23,6 +32,7 @@
 //!   with a base in `[base, end)`.
 
 use std::collections::HashMap;
+use std::hash::{BuildHasher, BuildHasherDefault, Hasher, RandomState};
 use std::io;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -58,6 +68,13 @@ pub struct CompactionReport {
     pub n_records_superseded: u64,
     /// Tombstones dropped because they were older than the tombstone retention.
     pub n_tombstones_dropped: u64,
+    /// Every key written since the last pass fit in the key map (else the next pass goes on
+    /// from where this one stopped).
+    pub complete: bool,
+    /// Not run: the dirty section was below `min_cleanable_dirty_ratio` of the sealed bytes.
+    pub skipped: bool,
+    /// Stopped early (shutdown).
+    pub aborted: bool,
 }
 
 /// A sealed segment as it was when the pass started.
@@ -67,7 +84,6 @@ struct Input {
     end: u64,
     size: u32,
     file: Arc<dyn FsFile>,
-    dirty: bool,
 }
 
 /// Calls `f` with every batch of a sealed segment file, in order.
@@ -103,16 +119,134 @@ fn is_compactable(header: &BatchHeader) -> bool {
     !header.is_control() && !header.is_transactional()
 }
 
+/// Bytes of memory one key-map entry is budgeted (a 16-byte key hash and an 8-byte offset in a
+/// hash table that may be half empty after growing).
+pub const KEY_MAP_ENTRY_BYTES: usize = 64;
+
+/// A hasher for keys that are already uniformly random hashes.
+#[derive(Default)]
+struct PreHashed(u64);
+
+impl Hasher for PreHashed {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(*b);
+        }
+    }
+    fn write_u128(&mut self, v: u128) {
+        self.0 = v as u64;
+    }
+}
+
+/// The latest offset of every key of the mapped section, by a 128-bit hash of the key (two
+/// SipHash values under fresh random keys per pass: two keys collide with probability 2^-128,
+/// and a collision cannot repeat across passes), holding at most `capacity` keys.
+struct KeyMap {
+    hashers: (RandomState, RandomState),
+    offsets: HashMap<u128, u64, BuildHasherDefault<PreHashed>>,
+    capacity: usize,
+}
+
+/// What inserting a key did.
+enum Inserted {
+    /// A new key.
+    New,
+    /// A known key; its previous offset.
+    Seen(u64),
+    /// The map is full and the key is new: nothing recorded.
+    Full,
+}
+
+impl KeyMap {
+    fn new(bytes: usize) -> KeyMap {
+        KeyMap {
+            hashers: (RandomState::new(), RandomState::new()),
+            offsets: HashMap::default(),
+            capacity: (bytes / KEY_MAP_ENTRY_BYTES).max(1),
+        }
+    }
+
+    fn hash(&self, key: &[u8]) -> u128 {
+        let (a, b) = (&self.hashers.0, &self.hashers.1);
+        (u128::from(a.hash_one(key)) << 64) | u128::from(b.hash_one(key))
+    }
+
+    fn insert(&mut self, key: &[u8], offset: u64) -> Inserted {
+        let h = self.hash(key);
+        let full = self.offsets.len() >= self.capacity;
+        match self.offsets.get_mut(&h) {
+            Some(at) => {
+                let previous = *at;
+                *at = previous.max(offset);
+                Inserted::Seen(previous)
+            }
+            None if full => Inserted::Full,
+            None => {
+                self.offsets.insert(h, offset);
+                Inserted::New
+            }
+        }
+    }
+
+    fn get(&self, key: &[u8]) -> Option<u64> {
+        self.offsets.get(&self.hash(key)).copied()
+    }
+}
+
+/// What a rewrite needs to decide, record by record, what stays.
+struct Keep<'a> {
+    map: &'a KeyMap,
+    /// Records at or after this offset were not mapped: they stay.
+    mapped_end: u64,
+    /// Tombstones older than this (by timestamp) may go.
+    horizon: i64,
+}
+
+/// Why a record goes.
+enum Drop {
+    Superseded,
+    Tombstone,
+}
+
+impl Keep<'_> {
+    /// Whether a keyed record at `offset` goes. Superseded: a mapped record of its key is newer.
+    /// An expired tombstone goes when it is the latest of its key among the mapped records, or
+    /// lies in the clean section (below the checkpoint, at most one record per key: no older
+    /// value can resurface); either way every older record of its key goes in the same pass.
+    fn drop(&self, key: &[u8], offset: u64, tombstone: bool, timestamp: i64) -> Option<Drop> {
+        if offset >= self.mapped_end {
+            return None;
+        }
+        if self.map.get(key).is_some_and(|latest| latest > offset) {
+            return Some(Drop::Superseded);
+        }
+        (tombstone && timestamp < self.horizon).then_some(Drop::Tombstone)
+    }
+}
+
 impl Log {
-    /// One compaction pass over the sealed segments (see the module docs). `now_ms` judges
-    /// tombstones against the config's `tombstone_retention`. Runs alongside appends and reads;
-    /// passes run one at a time.
+    /// One compaction pass (see the module docs). `now_ms` judges tombstones against the
+    /// config's `tombstone_retention`. Runs alongside appends and reads; passes run one at a
+    /// time.
     pub fn compact(&self, now_ms: i64) -> Result<CompactionReport, Fatal> {
-        let _one_pass = lock(&self.compaction_lock);
+        self.compact_unless(now_ms, &|| false)
+    }
+
+    /// A compaction pass that stops early (between segments, leaving the log as it was or with
+    /// some groups replaced, always consistent) once `stop` says so: at shutdown.
+    pub fn compact_unless(
+        &self,
+        now_ms: i64,
+        stop: &dyn Fn() -> bool,
+    ) -> Result<CompactionReport, Fatal> {
+        let mut checkpoint = lock(&self.compaction_lock);
         let horizon = now_ms.saturating_sub(
             i64::try_from(self.config.tombstone_retention.as_millis()).unwrap_or(i64::MAX),
         );
-        let mut inputs: Vec<Input> = {
+        let inputs: Vec<Input> = {
             let state = lock(&self.state);
             self.check_poisoned(&state)?;
             let bases: Vec<u64> = state.segments.keys().copied().collect();
@@ -127,7 +261,6 @@ impl Log {
                     end: *end,
                     size: s.size,
                     file: Arc::clone(&s.file),
-                    dirty: false,
                 })
                 .collect()
         };
@@ -135,7 +268,22 @@ impl Log {
             n_segments_read: inputs.len(),
             ..CompactionReport::default()
         };
-        if inputs.is_empty() {
+        let (Some(first), Some(last)) = (inputs.first(), inputs.last()) else {
+            report.complete = true;
+            return Ok(report);
+        };
+        let sealed_end = last.end;
+        // Below `clean` the log holds at most one record per key (a pass mapped it).
+        let clean = (*checkpoint).clamp(first.base, sealed_end);
+        let total: u64 = inputs.iter().map(|i| u64::from(i.size)).sum();
+        let dirty_bytes: u64 = inputs
+            .iter()
+            .filter(|i| i.end > clean)
+            .map(|i| u64::from(i.size))
+            .sum();
+        if total == 0 || (dirty_bytes as f64) < self.config.min_cleanable_dirty_ratio * total as f64
+        {
+            report.skipped = true;
             return Ok(report);
         }
         let read_error = |input: &Input, source: io::Error| Fatal::Io {
@@ -145,72 +293,133 @@ impl Log {
                 .join(segment::file_name(input.base, segment::LOG_SUFFIX)),
             source,
         };
+        let segment_of = |offset: u64| inputs.partition_point(|input| input.end <= offset);
+        let mut dirty = vec![false; inputs.len()];
 
-        // Pass 1: the latest offset of every key; per segment, keyed records and tombstones.
-        let mut latest: HashMap<Box<[u8]>, u64> = HashMap::new();
-        let mut keyed = vec![0u64; inputs.len()];
-        for (i, input) in inputs.iter_mut().enumerate() {
-            let mut dirty = false;
+        // Pass 1: map the dirty section, oldest first, until the map is full. A key seen again
+        // makes the segment of its older record dirty; an expired tombstone makes its own dirty.
+        let mut map = KeyMap::new(self.config.compaction_key_map_bytes);
+        let mut mapped_end = sealed_end;
+        for (i, input) in inputs.iter().enumerate().filter(|(_, i)| i.end > clean) {
+            if stop() {
+                report.aborted = true;
+                return Ok(report);
+            }
             let result = for_each_batch(input, self.config.batch_bytes_max, |batch| {
-                if !is_compactable(batch.header()) {
+                if mapped_end < sealed_end || !is_compactable(batch.header()) {
                     return Ok(());
                 }
                 for record in batch.records(DECOMPRESSED_BYTES_MAX).map_err(invalid)? {
-                    let Some(key) = record.key else { continue };
-                    if let Some(k) = keyed.get_mut(i) {
-                        *k += 1;
-                    }
-                    if record.value.is_none() && record.timestamp < horizon {
-                        dirty = true;
-                    }
                     let offset = record.offset.max(0) as u64;
-                    match latest.get_mut(&key[..]) {
-                        Some(at) => *at = offset,
-                        None => {
-                            latest.insert(key.to_vec().into_boxed_slice(), offset);
+                    let Some(key) = record.key.as_deref() else {
+                        continue;
+                    };
+                    if offset < clean {
+                        continue;
+                    }
+                    match map.insert(key, offset) {
+                        Inserted::Full => {
+                            mapped_end = offset;
+                            return Ok(());
+                        }
+                        Inserted::Seen(previous) => {
+                            if let Some(d) = dirty.get_mut(segment_of(previous.min(offset))) {
+                                *d = true;
+                            }
+                        }
+                        Inserted::New => {
+                            if record.value.is_none()
+                                && record.timestamp < horizon
+                                && let Some(d) = dirty.get_mut(i)
+                            {
+                                *d = true;
+                            }
                         }
                     }
                 }
                 Ok(())
             });
             result.map_err(|e| read_error(input, e))?;
-            input.dirty = dirty;
-        }
-        // A segment holding fewer latest records than keyed records has superseded ones.
-        let mut latest_in = vec![0u64; inputs.len()];
-        for offset in latest.values() {
-            let i = inputs.partition_point(|input| input.end <= *offset);
-            if let Some(n) = latest_in.get_mut(i) {
-                *n += 1;
+            if mapped_end < sealed_end {
+                break;
             }
         }
-        for ((input, n_keyed), n_latest) in inputs.iter_mut().zip(&keyed).zip(&latest_in) {
-            input.dirty |= n_latest < n_keyed;
+        let keep = Keep {
+            map: &map,
+            mapped_end,
+            horizon,
+        };
+
+        // Pass 2: the clean section against the map: records superseded by newer mapped ones,
+        // and expired tombstones, make their segment dirty.
+        for (i, input) in inputs.iter().enumerate().filter(|(_, i)| i.base < clean) {
+            if dirty.get(i).copied().unwrap_or(true) {
+                continue;
+            }
+            let mut found = false;
+            let result = for_each_batch(input, self.config.batch_bytes_max, |batch| {
+                if found || !is_compactable(batch.header()) {
+                    return Ok(());
+                }
+                for record in batch.records(DECOMPRESSED_BYTES_MAX).map_err(invalid)? {
+                    let offset = record.offset.max(0) as u64;
+                    if let Some(key) = record.key.as_deref()
+                        && offset < clean
+                        && keep
+                            .drop(key, offset, record.value.is_none(), record.timestamp)
+                            .is_some()
+                    {
+                        found = true;
+                        break;
+                    }
+                }
+                Ok(())
+            });
+            result.map_err(|e| read_error(input, e))?;
+            if let Some(d) = dirty.get_mut(i) {
+                *d = found;
+            }
         }
 
-        // Pass 2: rewrite each group with a dirty member.
+        // Pass 3: rewrite each group with a dirty member.
         let segment_bytes = u64::from(self.config.segment_bytes);
         let mut start = 0;
+        let mut all_rewritten = true;
         while start < inputs.len() {
             let base = inputs.get(start).map_or(0, |i| i.base);
-            let mut stop = start + 1;
-            let mut total = inputs.get(start).map_or(0, |i| u64::from(i.size));
-            while let Some(next) = inputs.get(stop) {
-                if total + u64::from(next.size) > segment_bytes
+            let mut stop_at = start + 1;
+            let mut group_bytes = inputs.get(start).map_or(0, |i| u64::from(i.size));
+            while let Some(next) = inputs.get(stop_at) {
+                if group_bytes + u64::from(next.size) > segment_bytes
                     || next.end - base > u64::from(u32::MAX)
                 {
                     break;
                 }
-                total += u64::from(next.size);
-                stop += 1;
+                group_bytes += u64::from(next.size);
+                stop_at += 1;
             }
-            let group = inputs.get(start..stop).unwrap_or_default();
-            start = stop;
-            if !group.iter().any(|i| i.dirty) {
+            let group = inputs.get(start..stop_at).unwrap_or_default();
+            let group_dirty = dirty
+                .get(start..stop_at)
+                .unwrap_or_default()
+                .iter()
+                .any(|d| *d);
+            start = stop_at;
+            if !group_dirty {
                 continue;
             }
-            self.rewrite_group(group, &latest, horizon, &mut report)?;
+            if stop() {
+                report.aborted = true;
+                return Ok(report);
+            }
+            all_rewritten &= self.rewrite_group(group, &keep, &mut report)?;
         }
+        // The checkpoint moves only when every dirty group was replaced: below it, at most one
+        // record per key.
+        if all_rewritten {
+            *checkpoint = mapped_end;
+        }
+        report.complete = mapped_end == sealed_end;
         if report.n_segments_replaced > 0 {
             tracing::info!(
                 dir = %self.dir.display(),
@@ -220,21 +429,23 @@ impl Log {
                 bytes_after = report.n_bytes_after,
                 superseded = report.n_records_superseded,
                 tombstones = report.n_tombstones_dropped,
+                complete = report.complete,
                 "log compacted"
             );
         }
         Ok(report)
     }
 
+    /// Rewrites one group of consecutive sealed segments without the records `keep` drops;
+    /// returns false if the group changed meanwhile (retention, truncation) and was left alone.
     fn rewrite_group(
         &self,
         group: &[Input],
-        latest: &HashMap<Box<[u8]>, u64>,
-        horizon: i64,
+        keep: &Keep<'_>,
         report: &mut CompactionReport,
-    ) -> Result<(), Fatal> {
+    ) -> Result<bool, Fatal> {
         let (Some(first), Some(last)) = (group.first(), group.last()) else {
-            return Ok(());
+            return Ok(true);
         };
         let (base, end) = (first.base, last.end);
         let fs = &*self.fs;
@@ -254,27 +465,25 @@ impl Log {
                 let kept = if is_compactable(batch.header()) {
                     let records = batch.records(DECOMPRESSED_BYTES_MAX).map_err(invalid)?;
                     let n = records.len();
-                    let keep: Vec<&Record> = records
+                    let kept: Vec<&Record> = records
                         .iter()
                         .filter(|r| {
                             let Some(key) = &r.key else { return true };
-                            if latest.get(&key[..]) != Some(&(r.offset.max(0) as u64)) {
-                                superseded += 1;
-                                return false;
+                            let offset = r.offset.max(0) as u64;
+                            match keep.drop(key, offset, r.value.is_none(), r.timestamp) {
+                                Some(Drop::Superseded) => superseded += 1,
+                                Some(Drop::Tombstone) => tombstones += 1,
+                                None => return true,
                             }
-                            if r.value.is_none() && r.timestamp < horizon {
-                                tombstones += 1;
-                                return false;
-                            }
-                            true
+                            false
                         })
                         .collect();
-                    if keep.len() == n {
+                    if kept.len() == n {
                         Some(batch.bytes().clone())
-                    } else if keep.is_empty() {
+                    } else if kept.is_empty() {
                         None
                     } else {
-                        Some(rebuild(batch.header(), &keep).map_err(invalid)?)
+                        Some(rebuild(batch.header(), &kept).map_err(invalid)?)
                     }
                 } else {
                     Some(batch.bytes().clone())
@@ -322,7 +531,7 @@ impl Log {
             drop(guard);
             fs.remove_file(&cleaned)
                 .map_err(io("remove compacted segment", &cleaned))?;
-            return Ok(());
+            return Ok(false);
         }
         let swap = self.dir.join(format!(
             "{log_name}{SWAP_INFIX}{}",
@@ -367,7 +576,7 @@ impl Log {
         report.n_records_superseded += superseded;
         report.n_tombstones_dropped += tombstones;
         state.segments.insert(base, segment);
-        Ok(())
+        Ok(true)
     }
 }
 

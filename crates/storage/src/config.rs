@@ -66,6 +66,14 @@ pub struct LogConfig {
     /// written, judged by its timestamp (Kafka `delete.retention.ms`); consumers that were
     /// behind by less than this still see the delete.
     pub tombstone_retention: Duration,
+    /// A compaction pass runs only when the sealed bytes written since the last pass (the dirty
+    /// section) are at least this fraction of all sealed bytes (Kafka
+    /// `min.cleanable.dirty.ratio`; 0 compacts whenever asked).
+    pub min_cleanable_dirty_ratio: f64,
+    /// Memory for a pass's map of keys to their latest offsets (Kafka
+    /// `log.cleaner.dedupe.buffer.size`); a dirty section with more keys is compacted over
+    /// several passes.
+    pub compaction_key_map_bytes: usize,
 }
 
 impl Default for LogConfig {
@@ -82,6 +90,8 @@ impl Default for LogConfig {
             read_mode: ReadMode::Mmap,
             compacted: false,
             tombstone_retention: Duration::from_secs(24 * 3600),
+            min_cleanable_dirty_ratio: 0.5,
+            compaction_key_map_bytes: 128 << 20,
         }
     }
 }
@@ -116,6 +126,20 @@ impl LogConfig {
             self.preallocate_bytes.into(),
             0,
             PREALLOCATE_BYTES_MAX.into(),
+        )?;
+        // In thousandths (NaN and values outside 0..=1 are out of range).
+        let ratio = self.min_cleanable_dirty_ratio;
+        let per_mille = if (0.0..=1.0).contains(&ratio) {
+            (ratio * 1000.0).round() as u64
+        } else {
+            u64::MAX
+        };
+        check("min_cleanable_dirty_ratio (per mille)", per_mille, 0, 1000)?;
+        check(
+            "compaction_key_map_bytes",
+            self.compaction_key_map_bytes as u64,
+            crate::compact::KEY_MAP_ENTRY_BYTES as u64,
+            1 << 40,
         )?;
         Ok(())
     }

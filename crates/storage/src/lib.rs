@@ -39,7 +39,7 @@ mod recovery;
 mod segment;
 mod truncate;
 
-pub use compact::CompactionReport;
+pub use compact::{CompactionReport, KEY_MAP_ENTRY_BYTES};
 pub use config::{
     ConfigError, FlushPolicy, LogConfig, PREALLOCATE_BYTES_MAX, ReadMode, SEGMENT_BYTES_MAX,
     SEGMENT_BYTES_MIN,

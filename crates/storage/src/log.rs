@@ -99,7 +99,9 @@ pub struct Log {
     pub(crate) state: Mutex<State>,
     flush_lock: Mutex<()>,
     /// Compaction passes run one at a time.
-    pub(crate) compaction_lock: Mutex<()>,
+    /// Held by a compaction pass (one at a time); holds the cleaner checkpoint: below it the
+    /// log holds at most one record per key (in memory: 0, the whole log, after an open).
+    pub(crate) compaction_lock: Mutex<u64>,
     /// Data syncs (`fdatasync` of the active segment) done by `flush`.
     n_syncs: AtomicU64,
     pub(crate) recovery: RecoveryReport,
@@ -167,7 +169,7 @@ impl Log {
             fs,
             state: Mutex::new(state),
             flush_lock: Mutex::new(()),
-            compaction_lock: Mutex::new(()),
+            compaction_lock: Mutex::new(0),
             n_syncs: AtomicU64::new(0),
             recovery,
             _dir_lock: dir_lock,
