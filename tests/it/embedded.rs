@@ -80,3 +80,60 @@ fn embedded_broker_with_in_process_clients() {
         broker.shutdown().await;
     });
 }
+
+/// Two group consumers of an embedded broker, over in-process connections
+/// (`RunningBroker::connector`), share a topic's partitions, process every record, and commit.
+#[test]
+fn embedded_group_consumers_share_partitions() {
+    use cairn_client::{GroupConfig, GroupConsumer};
+    let dir = tempfile::tempdir().unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let mut config = cairn_broker::BrokerConfig::default();
+        config.group_initial_rebalance_delay_ms = 200;
+        let broker = Broker::builder()
+            .config(config)
+            .data_dir(dir.path())
+            .listen("127.0.0.1:0".parse().unwrap())
+            .http_listen(None)
+            .kafka_listen(None)
+            .start()
+            .await
+            .unwrap();
+        let admin = Admin::with_connection(broker.connection("admin"));
+        admin.create_topic("jobs", 4, &[]).await.unwrap();
+        let producer =
+            Producer::with_connection(broker.connection("producer"), ProducerConfig::default())
+                .unwrap();
+        for i in 0..400u32 {
+            let record = ProducerRecord::new("jobs", i.to_string()).key(i.to_string());
+            drop(producer.send(record).await.unwrap());
+        }
+        producer.close().await.unwrap();
+        let member = |name: &str| {
+            let mut config = GroupConfig::new("workers", &["jobs"]);
+            config.reset = Position::Earliest;
+            GroupConsumer::with_connector(broker.connector(name), config)
+        };
+        let (mut a, mut b) = (member("a").await.unwrap(), member("b").await.unwrap());
+        let mut seen = std::collections::BTreeSet::new();
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while seen.len() < 400 || a.assignment().len() != 2 || b.assignment().len() != 2 {
+            assert!(std::time::Instant::now() < deadline, "{} seen", seen.len());
+            let (ra, rb) = tokio::join!(a.poll(), b.poll());
+            for record in ra.unwrap().into_iter().chain(rb.unwrap()) {
+                seen.insert((record.partition, record.offset));
+            }
+        }
+        a.close().await.unwrap();
+        b.close().await.unwrap();
+        let committed = admin.committed_offsets("workers").await.unwrap();
+        let total: u64 = committed.iter().map(|(_, _, o)| o).sum();
+        assert_eq!(total, 400, "{committed:?}");
+        broker.shutdown().await;
+    });
+}

@@ -281,7 +281,17 @@ impl GroupConsumer {
         loop {
             if self.rejoin || self.shared.rejoin.swap(false, Ordering::AcqRel) {
                 self.rejoin = false;
-                self.rebalance().await?;
+                if let Err(err) = self.rebalance().await {
+                    // Try again at the next poll, reading nothing the member does not own
+                    // meanwhile (heartbeats stay paused until a rebalance succeeds).
+                    self.rejoin = true;
+                    for (topic, p) in self.fetcher.assignment() {
+                        if !self.owned.contains(&(topic.clone(), p)) {
+                            self.fetcher.unassign(&topic, p);
+                        }
+                    }
+                    return Err(err);
+                }
                 continue;
             }
             if self.config.auto_commit
