@@ -93,8 +93,10 @@ fn embedded_group_consumers_share_partitions() {
         .build()
         .unwrap();
     rt.block_on(async {
-        let mut config = cairn_broker::BrokerConfig::default();
-        config.group_initial_rebalance_delay_ms = 200;
+        let config = cairn_broker::BrokerConfig {
+            group_initial_rebalance_delay_ms: 200,
+            ..cairn_broker::BrokerConfig::default()
+        };
         let broker = Broker::builder()
             .config(config)
             .data_dir(dir.path())
