@@ -106,10 +106,7 @@ pub async fn run(bootstrap: &str, output: Output, args: ConsumeArgs) -> anyhow::
             {
                 continue;
             }
-            match output {
-                Output::Json => writeln!(out, "{}", to_json(&record))?,
-                Output::Table => write_formatted(&mut out, &format, &record)?,
-            }
+            print(&mut out, output, &format, &record)?;
             n += 1;
         }
         out.flush()?;
@@ -167,16 +164,27 @@ async fn run_group(
                 out.flush()?;
                 break 'outer;
             }
-            match output {
-                Output::Json => writeln!(out, "{}", to_json(&record))?,
-                Output::Table => write_formatted(&mut out, &format, &record)?,
-            }
+            print(&mut out, output, &format, &record)?;
             n += 1;
         }
         out.flush()?;
     }
     out.flush()?;
     consumer.close().await?;
+    Ok(())
+}
+
+/// One record, as `--output` and `--format` say.
+fn print(
+    out: &mut impl Write,
+    output: Output,
+    format: &str,
+    record: &ConsumerRecord,
+) -> anyhow::Result<()> {
+    match output {
+        Output::Json => writeln!(out, "{}", to_json(record))?,
+        Output::Table => write_formatted(out, format, record)?,
+    }
     Ok(())
 }
 

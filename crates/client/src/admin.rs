@@ -154,25 +154,7 @@ impl Admin {
                 topics: Vec::new(),
             }))
             .await?;
-        if response.error_code != 0 {
-            return Err(ClientError::broker(
-                format!("committed offsets of {group}"),
-                response.error_code,
-                String::new(),
-            ));
-        }
-        Ok(response
-            .topics
-            .into_iter()
-            .flat_map(|t| {
-                let name = t.name;
-                t.partitions.into_iter().filter_map(move |p| {
-                    u64::try_from(p.offset)
-                        .ok()
-                        .map(|offset| (name.clone(), p.partition, offset))
-                })
-            })
-            .collect())
+        crate::group::fetched_offsets(group, response)
     }
 
     /// Sets a group's committed offsets from outside the group (refused with
@@ -182,21 +164,8 @@ impl Admin {
         group: &str,
         offsets: &[CommittedOffset],
     ) -> Result<(), ClientError> {
-        let mut topics: Vec<CommitTopic> = Vec::new();
-        for (topic, partition, offset) in offsets {
-            let entry = CommitPartition {
-                partition: *partition,
-                offset: *offset,
-                metadata: String::new(),
-            };
-            match topics.iter_mut().find(|t| t.name == *topic) {
-                Some(t) => t.partitions.push(entry),
-                None => topics.push(CommitTopic {
-                    name: topic.clone(),
-                    partitions: vec![entry],
-                }),
-            }
-        }
+        let topics =
+            crate::group::commit_topics(offsets.iter().map(|(t, p, o)| (t.as_str(), *p, *o)));
         let response: OffsetCommitResponse = self
             .conn
             .call(&Request::OffsetCommit(OffsetCommitRequest {

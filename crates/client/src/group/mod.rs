@@ -387,29 +387,16 @@ impl GroupConsumer {
         partitions: &BTreeSet<TopicPartition>,
     ) -> Result<(), ClientError> {
         self.last_commit = Instant::now();
-        let mut topics: Vec<CommitTopic> = Vec::new();
         let mut sent = Vec::new();
         for (topic, p) in partitions {
             let Some(position) = self.fetcher.position(topic, *p) else {
                 continue;
             };
-            if self.committed.get(&(topic.clone(), *p)) == Some(&position) {
-                continue;
+            if self.committed.get(&(topic.clone(), *p)) != Some(&position) {
+                sent.push(((topic.clone(), *p), position));
             }
-            let entry = CommitPartition {
-                partition: *p,
-                offset: position,
-                metadata: String::new(),
-            };
-            match topics.iter_mut().find(|t| t.name == *topic) {
-                Some(t) => t.partitions.push(entry),
-                None => topics.push(CommitTopic {
-                    name: topic.clone(),
-                    partitions: vec![entry],
-                }),
-            }
-            sent.push(((topic.clone(), *p), position));
         }
+        let topics = commit_topics(sent.iter().map(|((t, p), o)| (t.as_str(), *p, *o)));
         if topics.is_empty() {
             return Ok(());
         }
@@ -701,25 +688,11 @@ impl GroupConsumer {
                     .collect(),
             }))
             .await?;
-        if fetched.error_code != 0 {
-            return Err(ClientError::broker(
-                "offset fetch",
-                fetched.error_code,
-                String::new(),
-            ));
-        }
-        let committed: BTreeMap<TopicPartition, u64> = fetched
-            .topics
-            .into_iter()
-            .flat_map(|t| {
-                let name = t.name;
-                t.partitions.into_iter().filter_map(move |p| {
-                    u64::try_from(p.offset)
-                        .ok()
-                        .map(|offset| ((name.clone(), p.partition), offset))
-                })
-            })
-            .collect();
+        let committed: BTreeMap<TopicPartition, u64> =
+            fetched_offsets(&self.config.group_id, fetched)?
+                .into_iter()
+                .map(|(t, p, o)| ((t, p), o))
+                .collect();
         for (topic, p) in added {
             let key = (topic.clone(), *p);
             let from = committed
@@ -803,6 +776,56 @@ impl GroupConsumer {
         }
         self.fetcher = fetcher;
     }
+}
+
+/// The OffsetCommit topics for `(topic, partition, offset)` entries, grouped by topic in order of
+/// first appearance.
+pub(crate) fn commit_topics<'a>(
+    entries: impl IntoIterator<Item = (&'a str, u32, u64)>,
+) -> Vec<CommitTopic> {
+    let mut topics: Vec<CommitTopic> = Vec::new();
+    for (topic, partition, offset) in entries {
+        let entry = CommitPartition {
+            partition,
+            offset,
+            metadata: String::new(),
+        };
+        match topics.iter_mut().find(|t| t.name == topic) {
+            Some(t) => t.partitions.push(entry),
+            None => topics.push(CommitTopic {
+                name: topic.to_string(),
+                partitions: vec![entry],
+            }),
+        }
+    }
+    topics
+}
+
+/// The committed offsets of an OffsetFetch response, as `(topic, partition, offset)`; partitions
+/// without one are left out; a group-level error is an error.
+pub(crate) fn fetched_offsets(
+    group: &str,
+    response: OffsetFetchResponse,
+) -> Result<Vec<(String, u32, u64)>, ClientError> {
+    if response.error_code != 0 {
+        return Err(ClientError::broker(
+            format!("committed offsets of {group}"),
+            response.error_code,
+            String::new(),
+        ));
+    }
+    Ok(response
+        .topics
+        .into_iter()
+        .flat_map(|t| {
+            let name = t.name;
+            t.partitions.into_iter().filter_map(move |p| {
+                u64::try_from(p.offset)
+                    .ok()
+                    .map(|offset| (name.clone(), p.partition, offset))
+            })
+        })
+        .collect())
 }
 
 impl Drop for GroupConsumer {
