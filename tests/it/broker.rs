@@ -488,6 +488,45 @@ fn malformed_input_gets_an_error_or_a_clean_close_while_others_are_served() {
     assert_eq!(produce_error(&reply), ErrorCode::INVALID_REQUIRED_ACKS.0);
     // A compression bomb is just bytes to the broker: stored as sent, never decompressed.
 
+    // Group requests: a 2 MiB subscription (over group_member_bytes_max), a bad session timeout,
+    // an empty group id: error responses; a DescribeGroups whose count exceeds the frame:
+    // INVALID_REQUEST.
+    let join = |metadata: Vec<u8>, session_timeout_ms: u32, group_id: &str| {
+        encode_request(
+            1,
+            "bad",
+            &Request::JoinGroup(JoinGroupRequest {
+                group_id: group_id.into(),
+                member_id: String::new(),
+                session_timeout_ms,
+                rebalance_timeout_ms: 10_000,
+                protocol_type: "consumer".into(),
+                protocols: vec![JoinProtocol {
+                    name: "range".into(),
+                    metadata: Bytes::from(metadata),
+                }],
+            }),
+        )
+    };
+    let join_error = |reply: Vec<u8>| -> i16 {
+        let mut buf = Bytes::copy_from_slice(&reply[4..]);
+        let header = ResponseHeader::decode(&mut buf, "header").unwrap();
+        assert_eq!(header.error_code, 0);
+        decode_exact::<JoinGroupResponse>(buf).unwrap().error_code
+    };
+    let reply = raw_exchange(b, &frame(&join(vec![0; 2 << 20], 10_000, "g")));
+    assert_eq!(join_error(reply), ErrorCode::POLICY_VIOLATION.0);
+    let reply = raw_exchange(b, &frame(&join(vec![], 10, "g")));
+    assert_eq!(join_error(reply), ErrorCode::INVALID_SESSION_TIMEOUT.0);
+    let reply = raw_exchange(b, &frame(&join(vec![], 10_000, "")));
+    assert_eq!(join_error(reply), ErrorCode::INVALID_GROUP_ID.0);
+    let mut describe_bomb = vec![0u8, 16, 0, 0, 0, 0, 0, 7, 0, 0];
+    describe_bomb.extend_from_slice(&0x7fff_ffffu32.to_be_bytes());
+    assert_eq!(
+        response_error(&raw_exchange(b, &frame(&describe_bomb))),
+        Some(ErrorCode::INVALID_REQUEST.0)
+    );
+
     let n = rt.block_on(control).unwrap();
     assert!(
         n > 20,
