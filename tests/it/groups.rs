@@ -548,3 +548,132 @@ fn committed_offsets_survive_a_broker_kill_9_and_members_resume_from_them() {
     assert_eq!(committed, ends);
     drop(broker);
 }
+
+/// The `cairn` commands for groups against a broker process: `consume --group` commits what it
+/// printed, `group list`, `group describe` (members, committed offsets, lag), `group
+/// reset-offsets` (earliest, an offset, a time; refused while the group has members), `group
+/// delete`.
+#[test]
+fn cairn_group_commands() {
+    use crate::broker_process::{cairn, cairn_ok};
+    let dir = tempfile::tempdir().unwrap();
+    let broker = BrokerProcess::start_with_config(
+        &dir.path().join("data"),
+        "group_initial_rebalance_delay_ms = 100\n",
+    );
+    let b = broker.addr.as_str();
+    cairn_ok(b, &["topic", "create", "tasks", "-p", "2"], "");
+    let lines: String = (0..100).map(|i| format!("k{i}:v{i}\n")).collect();
+    cairn_ok(b, &["produce", "tasks", "--key-separator", ":"], &lines);
+    // A member reads 30 records and leaves, committing exactly what it printed.
+    let printed = cairn_ok(b, &["consume", "tasks", "--group", "g", "-n", "30"], "");
+    assert_eq!(printed.lines().count(), 30);
+    let json = |args: &[&str]| -> serde_json::Value {
+        let mut all = vec!["--output", "json"];
+        all.extend_from_slice(args);
+        serde_json::from_str(&cairn_ok(b, &all, "")).unwrap()
+    };
+    let described = json(&["group", "describe", "g"]);
+    let committed: u64 = described["partitions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["committed"].as_u64().unwrap_or(0))
+        .sum();
+    let lag: u64 = described["partitions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["lag"].as_u64().unwrap())
+        .sum();
+    assert_eq!((committed, lag), (30, 70), "{described}");
+    assert_eq!(described["state"], "Empty");
+    // The next member goes on where the first stopped: 70 more, no repeats.
+    let rest = cairn_ok(b, &["consume", "tasks", "--group", "g", "-n", "70"], "");
+    let mut all: Vec<&str> = printed.lines().chain(rest.lines()).collect();
+    all.sort_unstable();
+    all.dedup();
+    assert_eq!(all.len(), 100);
+    let listed = json(&["group", "list"]);
+    assert_eq!(listed[0]["group"], "g", "{listed}");
+    // Reset: to the earliest offsets, then to offset 10 of partition 0, then by time.
+    cairn_ok(
+        b,
+        &[
+            "group",
+            "reset-offsets",
+            "g",
+            "--topic",
+            "tasks",
+            "--to",
+            "earliest",
+        ],
+        "",
+    );
+    let lag_of = |v: &serde_json::Value| -> u64 {
+        v["partitions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p["lag"].as_u64().unwrap())
+            .sum()
+    };
+    assert_eq!(lag_of(&json(&["group", "describe", "g"])), 100);
+    cairn_ok(
+        b,
+        &[
+            "group",
+            "reset-offsets",
+            "g",
+            "--topic",
+            "tasks",
+            "--to",
+            "10",
+            "-p",
+            "0",
+        ],
+        "",
+    );
+    let end0 = json(&["group", "describe", "g"])["partitions"][0]["log_end"]
+        .as_u64()
+        .unwrap();
+    assert_eq!(
+        json(&["group", "describe", "g"])["partitions"][0]["lag"].as_u64(),
+        Some(end0 - 10)
+    );
+    cairn_ok(
+        b,
+        &[
+            "group",
+            "reset-offsets",
+            "g",
+            "--topic",
+            "tasks",
+            "--to",
+            "@0",
+        ],
+        "",
+    );
+    assert_eq!(lag_of(&json(&["group", "describe", "g"])), 100);
+    let dry = cairn_ok(
+        b,
+        &[
+            "group",
+            "reset-offsets",
+            "g",
+            "--topic",
+            "tasks",
+            "--to",
+            "latest",
+            "--dry-run",
+        ],
+        "",
+    );
+    assert!(dry.contains("dry run"), "{dry}");
+    assert_eq!(lag_of(&json(&["group", "describe", "g"])), 100);
+    // Delete; then the group is gone.
+    cairn_ok(b, &["group", "delete", "g"], "");
+    let gone = cairn(b, &["group", "describe", "g"], "");
+    assert!(!gone.status.success());
+    assert!(String::from_utf8_lossy(&gone.stderr).contains("not found"));
+}

@@ -218,7 +218,10 @@ impl Handler {
                 match tokio::task::spawn_blocking(move || offsets.delete_group(&manager, &group))
                     .await
                 {
-                    Ok(Ok(true)) => ErrorCode::NONE,
+                    Ok(Ok(true)) => {
+                        self.groups.forget_if_empty(&name);
+                        ErrorCode::NONE
+                    }
                     Ok(Ok(false)) => ErrorCode::GROUP_ID_NOT_FOUND,
                     Ok(Err((code, _))) => code,
                     Err(_) => ErrorCode::UNKNOWN_SERVER_ERROR,

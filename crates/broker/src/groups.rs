@@ -729,6 +729,15 @@ impl Coordinator {
             .is_some_and(|g| !g.members.is_empty())
     }
 
+    /// Forgets a group without members (DeleteGroups), so that it is Dead at once rather than
+    /// Empty until the next tick; member ids handed out but not joined go with it.
+    pub fn forget_if_empty(&self, group_id: &str) {
+        let mut groups = self.lock();
+        if groups.get(group_id).is_some_and(|g| g.members.is_empty()) {
+            groups.remove(group_id);
+        }
+    }
+
     /// Answers every JoinGroup and SyncGroup still waiting (at shutdown) with
     /// COORDINATOR_NOT_AVAILABLE, so that clients look for the coordinator again instead of
     /// holding the shutdown up until its timeout.
