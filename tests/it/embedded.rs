@@ -82,10 +82,11 @@ fn embedded_broker_with_in_process_clients() {
 }
 
 /// Two group consumers of an embedded broker, over in-process connections
-/// (`RunningBroker::connector`), share a topic's partitions, process every record, and commit.
+/// (`RunningBroker::connector`), share a topic's partitions (round-robin assignor), process
+/// every record, and commit.
 #[test]
 fn embedded_group_consumers_share_partitions() {
-    use cairn_client::{GroupConfig, GroupConsumer};
+    use cairn_client::{Assignor, GroupConfig, GroupConsumer};
     let dir = tempfile::tempdir().unwrap();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -119,6 +120,7 @@ fn embedded_group_consumers_share_partitions() {
         let member = |name: &str| {
             let mut config = GroupConfig::new("workers", &["jobs"]);
             config.reset = Position::Earliest;
+            config.assignors = vec![Assignor::RoundRobin];
             GroupConsumer::with_connector(broker.connector(name), config)
         };
         let (mut a, mut b) = (member("a").await.unwrap(), member("b").await.unwrap());
@@ -131,6 +133,21 @@ fn embedded_group_consumers_share_partitions() {
                 seen.insert((record.partition, record.offset));
             }
         }
+        // Round-robin over 4 partitions and members a < b: a gets 0 and 2, b gets 1 and 3.
+        let partitions = |c: &GroupConsumer| -> Vec<u32> {
+            let mut mine: Vec<u32> = c.assignment().iter().map(|(_, p)| *p).collect();
+            mine.sort_unstable();
+            mine
+        };
+        let (first, second) = if a.member_id() < b.member_id() {
+            (&a, &b)
+        } else {
+            (&b, &a)
+        };
+        assert_eq!(
+            (partitions(first), partitions(second)),
+            (vec![0, 2], vec![1, 3])
+        );
         a.close().await.unwrap();
         b.close().await.unwrap();
         let committed = admin.committed_offsets("workers").await.unwrap();
