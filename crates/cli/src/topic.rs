@@ -1,5 +1,7 @@
 //! `cairn topic ...`.
 
+use std::io::Write;
+
 use anyhow::{Context, bail};
 use cairn_client::Admin;
 use clap::Subcommand;
@@ -38,6 +40,9 @@ pub async fn run(bootstrap: &str, output: Output, command: TopicCommand) -> anyh
     let admin = Admin::connect(bootstrap)
         .await
         .with_context(|| format!("connecting to {bootstrap}"))?;
+    // Written, not printed: a closed pipe (`| head`) is an error to return, not a panic.
+    let stdout = std::io::stdout();
+    let mut out = stdout.lock();
     match command {
         TopicCommand::Create {
             name,
@@ -57,17 +62,17 @@ pub async fn run(bootstrap: &str, output: Output, command: TopicCommand) -> anyh
             let described = admin.describe_topics(std::slice::from_ref(&name)).await?;
             let n = described.first().map_or(0, |t| t.partitions.len());
             match output {
-                Output::Table => println!("created topic {name} with {n} partitions"),
-                Output::Json => println!("{}", json!({"created": name, "partitions": n})),
+                Output::Table => writeln!(out, "created topic {name} with {n} partitions")?,
+                Output::Json => writeln!(out, "{}", json!({"created": name, "partitions": n}))?,
             }
         }
         TopicCommand::List => {
             let topics = admin.describe_topics(&[]).await?;
             match output {
                 Output::Table => {
-                    println!("{:<40} {:>10}", "NAME", "PARTITIONS");
+                    writeln!(out, "{:<40} {:>10}", "NAME", "PARTITIONS")?;
                     for topic in &topics {
-                        println!("{:<40} {:>10}", topic.name, topic.partitions.len());
+                        writeln!(out, "{:<40} {:>10}", topic.name, topic.partitions.len())?;
                     }
                 }
                 Output::Json => {
@@ -75,7 +80,7 @@ pub async fn run(bootstrap: &str, output: Output, command: TopicCommand) -> anyh
                         .iter()
                         .map(|t| json!({"name": t.name, "partitions": t.partitions.len()}))
                         .collect();
-                    println!("{}", serde_json::Value::Array(list));
+                    writeln!(out, "{}", serde_json::Value::Array(list))?;
                 }
             }
         }
@@ -86,10 +91,11 @@ pub async fn run(bootstrap: &str, output: Output, command: TopicCommand) -> anyh
             };
             match output {
                 Output::Table => {
-                    println!("topic {}", topic.name);
-                    println!("\n{:<24} {:<24} SOURCE", "CONFIG", "VALUE");
+                    writeln!(out, "topic {}", topic.name)?;
+                    writeln!(out, "\n{:<24} {:<24} SOURCE", "CONFIG", "VALUE")?;
                     for config in &topic.configs {
-                        println!(
+                        writeln!(
+                            out,
                             "{:<24} {:<24} {}",
                             config.key,
                             config.value,
@@ -98,9 +104,10 @@ pub async fn run(bootstrap: &str, output: Output, command: TopicCommand) -> anyh
                             } else {
                                 "topic"
                             }
-                        );
+                        )?;
                     }
-                    println!(
+                    writeln!(
+                        out,
                         "\n{:>9} {:>6} {:>12} {:>12} {:>12} {:>14} {:>8}",
                         "PARTITION",
                         "LEADER",
@@ -109,9 +116,10 @@ pub async fn run(bootstrap: &str, output: Output, command: TopicCommand) -> anyh
                         "HIGH-WATER",
                         "SIZE-BYTES",
                         "SEGMENTS"
-                    );
+                    )?;
                     for p in &topic.partitions {
-                        println!(
+                        writeln!(
+                            out,
                             "{:>9} {:>6} {:>12} {:>12} {:>12} {:>14} {:>8}",
                             p.partition,
                             p.leader,
@@ -120,7 +128,7 @@ pub async fn run(bootstrap: &str, output: Output, command: TopicCommand) -> anyh
                             p.high_watermark,
                             p.size_bytes,
                             p.n_segments
-                        );
+                        )?;
                     }
                 }
                 Output::Json => {
@@ -140,18 +148,19 @@ pub async fn run(bootstrap: &str, output: Output, command: TopicCommand) -> anyh
                             })
                         })
                         .collect();
-                    println!(
+                    writeln!(
+                        out,
                         "{}",
                         json!({"name": topic.name, "configs": configs, "partitions": partitions})
-                    );
+                    )?;
                 }
             }
         }
         TopicCommand::Delete { name } => {
             admin.delete_topic(&name).await?;
             match output {
-                Output::Table => println!("deleted topic {name}"),
-                Output::Json => println!("{}", json!({"deleted": name})),
+                Output::Table => writeln!(out, "deleted topic {name}")?,
+                Output::Json => writeln!(out, "{}", json!({"deleted": name}))?,
             }
         }
     }
