@@ -297,7 +297,8 @@ impl Log {
         let mut dirty = vec![false; inputs.len()];
 
         // Pass 1: map the dirty section, oldest first, until the map is full. A key seen again
-        // makes the segment of its older record dirty; an expired tombstone makes its own dirty.
+        // makes the segment of its older record dirty; an expired tombstone makes its own dirty
+        // (whether or not its key was seen before).
         let mut map = KeyMap::new(self.config.compaction_key_map_bytes);
         let mut mapped_end = sealed_end;
         for (i, input) in inputs.iter().enumerate().filter(|(_, i)| i.end > clean) {
@@ -327,14 +328,14 @@ impl Log {
                                 *d = true;
                             }
                         }
-                        Inserted::New => {
-                            if record.value.is_none()
-                                && record.timestamp < horizon
-                                && let Some(d) = dirty.get_mut(i)
-                            {
-                                *d = true;
-                            }
-                        }
+                        Inserted::New => {}
+                    }
+                    // An expired tombstone goes if it stays the latest of its key.
+                    if record.value.is_none()
+                        && record.timestamp < horizon
+                        && let Some(d) = dirty.get_mut(i)
+                    {
+                        *d = true;
                     }
                 }
                 Ok(())
