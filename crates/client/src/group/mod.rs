@@ -280,11 +280,12 @@ impl GroupConsumer {
     pub async fn poll(&mut self) -> Result<Vec<ConsumerRecord>, ClientError> {
         loop {
             if self.rejoin || self.shared.rejoin.swap(false, Ordering::AcqRel) {
-                self.rejoin = false;
+                // Cleared by a rebalance that completes: a `poll` cancelled midway (a `select!`
+                // on a shutdown signal) rejoins at the next call.
+                self.rejoin = true;
                 if let Err(err) = self.rebalance().await {
                     // Try again at the next poll, reading nothing the member does not own
                     // meanwhile (heartbeats stay paused until a rebalance succeeds).
-                    self.rejoin = true;
                     for (topic, p) in self.fetcher.assignment() {
                         if !self.owned.contains(&(topic.clone(), p)) {
                             self.fetcher.unassign(&topic, p);
@@ -594,7 +595,8 @@ impl GroupConsumer {
             .filter(|(t, _)| self.config.topics.contains(t))
             .collect();
         let revoked: BTreeSet<TopicPartition> = self.owned.difference(&new).cloned().collect();
-        if !revoked.is_empty() {
+        let revoked_any = !revoked.is_empty();
+        if revoked_any {
             // Cooperative: commit and give up only what moves, then rejoin so that its new
             // owner gets it in the next round.
             if self.config.auto_commit
@@ -609,7 +611,6 @@ impl GroupConsumer {
             }
             let revoked: Vec<TopicPartition> = revoked.into_iter().collect();
             self.notify(Rebalance::Revoked(&revoked));
-            self.rejoin = true;
         }
         let added: Vec<TopicPartition> = new.difference(&self.owned).cloned().collect();
         self.take_up(&added).await?;
@@ -618,6 +619,8 @@ impl GroupConsumer {
         self.shared
             .membership
             .send_replace(Some((self.member_id.clone(), self.generation)));
+        // Done, unless partitions moved away (cooperative): rejoin so their new owner gets them.
+        self.rejoin = revoked_any;
         Ok(())
     }
 
