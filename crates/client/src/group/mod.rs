@@ -616,6 +616,8 @@ impl GroupConsumer {
         self.take_up(&added).await?;
         self.owned.extend(added.iter().cloned());
         self.notify(Rebalance::Assigned(&added));
+        // A "membership gone" seen by a commit during this rebalance is about the old one.
+        self.shared.lost.store(false, Ordering::Release);
         self.shared
             .membership
             .send_replace(Some((self.member_id.clone(), self.generation)));
