@@ -902,6 +902,10 @@ impl Log {
     /// be below `offset`; it is returned. Readers holding earlier results keep valid bytes: the kept
     /// prefix of the cut segment is copied to a new file that replaces the old name.
     pub fn truncate_to(&self, offset: Offset) -> Result<Offset, Fatal> {
+        // No compaction pass meanwhile (lock order: compaction, flush, state); the compaction
+        // checkpoint must not lie past what stays (records appended there later are new).
+        let mut compaction_checkpoint = lock(&self.compaction_lock);
+        *compaction_checkpoint = (*compaction_checkpoint).min(offset.0);
         let _no_flush_in_flight = lock(&self.flush_lock);
         let mut guard = lock(&self.state);
         let state = &mut *guard;
