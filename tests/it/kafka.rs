@@ -748,3 +748,32 @@ fn confluent_kafka_rebalance_time_with_default_settings() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// Static membership (KIP-345) with confluent-kafka: a member with `group.instance.id` killed
+/// with SIGKILL and restarted within its session timeout gets its partitions back and the other
+/// members see no rebalance.
+#[test]
+fn a_restarted_static_member_gets_its_partitions_back_without_a_rebalance() {
+    let python = python();
+    let dir = tempfile::tempdir().unwrap();
+    let broker = BrokerProcess::start_with_config(
+        &dir.path().join("data"),
+        "group_initial_rebalance_delay_ms = 1000\n",
+    );
+    let out = Command::new(python)
+        .arg(script("groups.py"))
+        .args(["static", &broker.kafka, "statics", "group-static"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    println!("{stdout}");
+    assert!(
+        out.status.success(),
+        "groups.py static failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+            .lines()
+            .filter(|l| !l.starts_with('%'))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+}

@@ -4,6 +4,7 @@
     groups.py run BOOTSTRAP TOPIC GROUP CLIENTS   # the scenario below; non-zero on a failed check
     groups.py member BOOTSTRAP TOPIC GROUP NAME CLIENT   # one member process (started by `run`)
     groups.py jointime BOOTSTRAP TOPIC GROUP   # a 4th member joining 3 over 12 partitions, librdkafka defaults
+    groups.py static BOOTSTRAP TOPIC GROUP   # a static member (group.instance.id) restarted after kill -9
 
 confluent-kafka members use the assignor in CAIRN_GROUP_ASSIGNOR (default range; cooperative-sticky
 works too). CLIENTS names the client of members m1..m4, comma-separated: confluent or kafka-python (a mixed
@@ -43,6 +44,9 @@ def member(bootstrap, topic, group, name, client):
         "enable.auto.commit": False,
         "auto.offset.reset": "earliest",
     }
+    if os.environ.get("CAIRN_GROUP_STATIC"):
+        # Static membership (KIP-345): the member's name is its instance id.
+        config["group.instance.id"] = name
     if not os.environ.get("CAIRN_GROUP_DEFAULTS"):
         config.update({
             "session.timeout.ms": 6000,
@@ -251,6 +255,75 @@ def jointime(bootstrap, topic, group):
         g.kill_all()
 
 
+def static(bootstrap, topic, group):
+    """Static members (confluent-kafka, `group.instance.id`): each in turn (the leader among them)
+    is killed with SIGKILL and restarted within its session timeout; it gets its partitions back
+    and the others are not disturbed (no revocation, no assignment)."""
+    from confluent_kafka.admin import AdminClient, NewTopic
+
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    for f in admin.create_topics([NewTopic(topic, num_partitions=PARTITIONS, replication_factor=1)]).values():
+        f.result()
+    os.environ["CAIRN_GROUP_STATIC"] = "1"
+    producer = SteadyProducer(bootstrap, topic)
+    g = Members(bootstrap, topic, group, "confluent,confluent,confluent")
+    events = []  # (time, member, kind) of assignments and revocations
+    watch = g.watch
+
+    def watch_events(proc, name):
+        original = proc.stdout
+
+        class Tee:
+            def __iter__(self):
+                for line in original:
+                    try:
+                        ev = json.loads(line)
+                    except ValueError:
+                        continue
+                    if "assigned" in ev or "revoked" in ev:
+                        with g.lock:
+                            events.append((ev["t"], name, "assigned" if "assigned" in ev else "revoked"))
+                    yield line
+
+        proc.stdout = Tee()
+        watch(proc, name)
+
+    g.watch = watch_events
+    try:
+        for name in ("m1", "m2", "m3"):
+            g.start(name)
+        g.wait_for(lambda: len(g.owned) == PARTITIONS and len(g.owners()) == 3, 60, "three static members")
+        g.wait_for(lambda: len(g.seen) > 300, 60, "records flowing")
+        # Every member in turn (so the leader too): killed, restarted, given its partitions back.
+        for victim in ("m1", "m2", "m3"):
+            with g.lock:
+                before = sorted(p for p, (m, _) in g.owned.items() if m == victim)
+            g.procs[victim].send_signal(signal.SIGKILL)
+            g.procs[victim].wait()
+            killed = time.time()
+            with g.lock:
+                for part in before:
+                    g.owned.pop(part, None)
+            g.start(victim)
+            g.wait_for(lambda: all(g.owned.get(p, ("",))[0] == victim for p in before), 30,
+                       f"the restarted static member {victim} getting its partitions back")
+            took = time.time() - killed
+            time.sleep(1)
+            with g.lock:
+                others = [e for e in events if e[0] >= killed and e[1] != victim]
+                after = sorted(p for p, (m, _) in g.owned.items() if m == victim)
+            assert after == before, (victim, before, after)
+            assert not others, f"the other members were disturbed when {victim} restarted: {others}"
+            print(f"ok: static member {victim} killed with SIGKILL and restarted got its partitions {before} "
+                  f"back {took:.2f} s after the kill; the other members saw no rebalance", flush=True)
+        acked = producer.stop()
+        g.wait_for(lambda: acked <= g.seen, 60, "every acknowledged record processed")
+        print(f"ok: all {len(acked)} records processed", flush=True)
+    finally:
+        producer.stop()
+        g.kill_all()
+
+
 def run(bootstrap, topic, group, clients):
     from confluent_kafka.admin import AdminClient, NewTopic
 
@@ -338,5 +411,7 @@ if __name__ == "__main__":
         member(*sys.argv[2:7])
     elif sys.argv[1] == "jointime":
         jointime(*sys.argv[2:5])
+    elif sys.argv[1] == "static":
+        static(*sys.argv[2:5])
     else:
         run(*sys.argv[2:6])

@@ -351,7 +351,7 @@ impl Handler {
                 Request::LeaveGroup(r) => {
                     let code = this
                         .groups
-                        .leave(&r.group_id, std::slice::from_ref(&r.member_id))
+                        .leave(&r.group_id, &[(r.member_id, None)])
                         .first()
                         .copied()
                         .unwrap_or(ErrorCode::UNKNOWN_MEMBER_ID);

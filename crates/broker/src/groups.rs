@@ -47,7 +47,7 @@ pub struct Join {
     pub group_id: String,
     /// Empty for a new member.
     pub member_id: String,
-    /// Static membership id (accepted, treated as dynamic).
+    /// Static membership id (KIP-345): a restart with it takes the old membership over.
     pub instance_id: Option<String>,
     /// The client's id.
     pub client_id: String,
@@ -194,6 +194,8 @@ struct Group {
     members: BTreeMap<String, Member>,
     /// Member ids handed out with MEMBER_ID_REQUIRED, not joined yet.
     pending: BTreeMap<String, Instant>,
+    /// Static members (KIP-345): instance id -> current member id.
+    statics: HashMap<String, String>,
     /// When a rebalance gives up on members that did not rejoin.
     deadline: Instant,
     /// A new group waits this long for more members before its first generation.
@@ -263,6 +265,7 @@ impl Group {
             leader: None,
             members: BTreeMap::new(),
             pending: BTreeMap::new(),
+            statics: HashMap::new(),
             deadline: now,
             not_before: now,
             rebalances: watch::Sender::new(0),
@@ -308,6 +311,8 @@ impl Group {
         }
         if timed_out {
             self.members.retain(|_, m| m.join.is_some());
+            let members = &self.members;
+            self.statics.retain(|_, id| members.contains_key(id));
         }
         self.generation += 1;
         if self.members.is_empty() {
@@ -339,6 +344,7 @@ impl Group {
                     let _ = join.send(fail_join(ErrorCode::INCONSISTENT_GROUP_PROTOCOL, id));
                 }
             }
+            self.statics.clear();
             self.state = GroupState::Empty;
             return;
         };
@@ -346,19 +352,7 @@ impl Group {
         self.leader = Some(leader.clone());
         self.state = GroupState::CompletingRebalance;
         self.completed.fetch_add(1, Ordering::Relaxed);
-        let roster: Vec<(String, Option<String>, Bytes)> = self
-            .members
-            .iter()
-            .map(|(id, m)| {
-                let metadata = m
-                    .protocols
-                    .iter()
-                    .find(|(n, _)| *n == chosen)
-                    .map(|(_, b)| b.clone())
-                    .unwrap_or_default();
-                (id.clone(), m.instance_id.clone(), metadata)
-            })
-            .collect();
+        let roster = self.roster(&chosen);
         for (id, member) in &mut self.members {
             member.last_seen = now;
             member.set_assignment(Bytes::new());
@@ -380,7 +374,78 @@ impl Group {
         }
     }
 
+    /// Every member with its subscription for `protocol`: what the leader assigns from.
+    fn roster(&self, protocol: &str) -> Vec<(String, Option<String>, Bytes)> {
+        self.members
+            .iter()
+            .map(|(id, m)| {
+                let metadata = m
+                    .protocols
+                    .iter()
+                    .find(|(n, _)| n == protocol)
+                    .map(|(_, b)| b.clone())
+                    .unwrap_or_default();
+                (id.clone(), m.instance_id.clone(), metadata)
+            })
+            .collect()
+    }
+
+    /// A restarted static member takes over its old membership (`old`) under the id `new`:
+    /// requests still waiting for the old one are fenced. Returns the JoinGroup answer when the
+    /// others need not rebalance: the group is stable and the member's subscriptions are the
+    /// same (its SyncGroup then gets its assignment back). A restarted leader gets the members as
+    /// usual (clients without KIP-814 assign again); in a stable group the coordinator keeps the
+    /// current assignments and ignores that SyncGroup's.
+    fn take_over(
+        &mut self,
+        old: &str,
+        new: &str,
+        instance_id: &str,
+        protocols: &[(String, Bytes)],
+        now: Instant,
+    ) -> Option<JoinResult> {
+        let Some(mut member) = self.members.remove(old) else {
+            self.statics.remove(instance_id);
+            return None;
+        };
+        if let Some(join) = member.join.take() {
+            let _ = join.send(fail_join(ErrorCode::FENCED_INSTANCE_ID, old.to_string()));
+        }
+        if let Some(sync) = member.sync.take() {
+            let _ = sync.send(fail_sync(ErrorCode::FENCED_INSTANCE_ID));
+        }
+        let unchanged = member.protocols.len() == protocols.len()
+            && member
+                .protocols
+                .iter()
+                .zip(protocols)
+                .all(|((n1, m1), (n2, m2))| n1 == n2 && m1 == m2);
+        member.last_seen = now;
+        self.members.insert(new.to_string(), member);
+        self.statics
+            .insert(instance_id.to_string(), new.to_string());
+        let was_leader = self.leader.as_deref() == Some(old);
+        if was_leader {
+            self.leader = Some(new.to_string());
+        }
+        let protocol = self.protocol.clone()?;
+        (self.state == GroupState::Stable && unchanged).then(|| JoinResult {
+            error: ErrorCode::NONE,
+            generation: self.generation,
+            protocol_type: self.protocol_type.clone(),
+            protocol_name: Some(protocol.clone()),
+            leader: self.leader.clone().unwrap_or_default(),
+            member_id: new.to_string(),
+            members: if was_leader {
+                self.roster(&protocol)
+            } else {
+                Vec::new()
+            },
+        })
+    }
+
     fn remove(&mut self, id: &str, now: Instant, initial_delay: Duration) {
+        self.statics.retain(|_, member| member != id);
         if let Some(mut member) = self.members.remove(id) {
             if let Some(join) = member.join.take() {
                 let _ = join.send(fail_join(ErrorCode::UNKNOWN_MEMBER_ID, id.to_string()));
@@ -416,6 +481,12 @@ impl Coordinator {
             next_id: AtomicU64::new(1),
             completed: Arc::default(),
         }
+    }
+
+    /// A new member id: the client id, a counter and a little entropy.
+    fn fresh_id(&self, client_id: &str) -> String {
+        let n = self.next_id.fetch_add(1, Ordering::Relaxed);
+        format!("{client_id}-{n:016x}-{:08x}", rand_u32(n))
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Group>> {
@@ -461,7 +532,21 @@ impl Coordinator {
         let group = groups
             .entry(group_id.to_string())
             .or_insert_with(|| Group::new(now, Arc::clone(&self.completed)));
-        let known = group.members.contains_key(member_id) || group.pending.contains_key(member_id);
+        // Static membership (KIP-345): a member with a known instance id and no member id is
+        // that member restarted; one with another member's id is a zombie.
+        let static_current = instance_id
+            .as_deref()
+            .and_then(|iid| group.statics.get(iid).cloned());
+        if let Some(current) = &static_current
+            && !member_id.is_empty()
+            && current != member_id
+        {
+            return Answer::Ready(fail_join(ErrorCode::FENCED_INSTANCE_ID, member_id.into()));
+        }
+        let takeover = static_current.filter(|_| member_id.is_empty());
+        let known = takeover.is_some()
+            || group.members.contains_key(member_id)
+            || group.pending.contains_key(member_id);
         if !known && group.members.len() + group.pending.len() >= self.members_max {
             return Answer::Ready(fail_join(
                 ErrorCode::GROUP_MAX_SIZE_REACHED,
@@ -480,7 +565,10 @@ impl Coordinator {
             ));
         }
         let wanted = protocol_bytes(&protocols);
-        let already = group.members.get(member_id).map_or(0, |m| m.accounted);
+        let already = group
+            .members
+            .get(takeover.as_deref().unwrap_or(member_id))
+            .map_or(0, |m| m.accounted);
         if wanted > self.member_bytes_max
             || self.held.load(Ordering::Relaxed).saturating_sub(already) + wanted
                 > self.total_bytes_max
@@ -488,21 +576,34 @@ impl Coordinator {
             tracing::warn!(group = %group_id, bytes = wanted, "join refused: subscription bytes over the limit");
             return Answer::Ready(fail_join(ErrorCode::POLICY_VIOLATION, member_id.into()));
         }
+        let mut member_id = member_id.to_string();
+        if let (Some(old), Some(iid)) = (takeover, instance_id.as_deref()) {
+            let new = self.fresh_id(client_id);
+            if let Some(answer) = group.take_over(&old, &new, iid, &protocols, now) {
+                tracing::info!(group = %group_id, instance = %iid, member = %new, "static member rejoined without a rebalance");
+                return Answer::Ready(answer);
+            }
+            member_id = new;
+        }
         let member_id = if member_id.is_empty() {
-            let n = self.next_id.fetch_add(1, Ordering::Relaxed);
-            let id = format!("{client_id}-{n:016x}-{:08x}", rand_u32(n));
-            if require_known_member_id {
+            let id = self.fresh_id(client_id);
+            // KIP-394, except for static members (their instance id names them).
+            if require_known_member_id && instance_id.is_none() {
                 // KIP-394: the client rejoins with this id.
                 group.pending.insert(id.clone(), now);
                 return Answer::Ready(fail_join(ErrorCode::MEMBER_ID_REQUIRED, id));
             }
             id
-        } else if group.members.contains_key(member_id) || group.pending.remove(member_id).is_some()
+        } else if group.members.contains_key(&member_id)
+            || group.pending.remove(&member_id).is_some()
         {
-            member_id.to_string()
+            member_id
         } else {
-            return Answer::Ready(fail_join(ErrorCode::UNKNOWN_MEMBER_ID, member_id.into()));
+            return Answer::Ready(fail_join(ErrorCode::UNKNOWN_MEMBER_ID, member_id));
         };
+        if let Some(iid) = &instance_id {
+            group.statics.insert(iid.clone(), member_id.clone());
+        }
         let (tx, rx) = oneshot::channel();
         let session = Duration::from_millis(session_ms as u64);
         let rebalance = Duration::from_millis(rebalance_ms.max(session_ms) as u64);
@@ -680,18 +781,28 @@ impl Coordinator {
             .0
     }
 
-    /// A LeaveGroup: per member, NONE or UNKNOWN_MEMBER_ID.
-    pub fn leave(&self, group_id: &str, member_ids: &[String]) -> Vec<ErrorCode> {
+    /// A LeaveGroup of (member id, static instance id) pairs (a static member may be named by
+    /// its instance id alone): per member, NONE, UNKNOWN_MEMBER_ID or FENCED_INSTANCE_ID.
+    pub fn leave(&self, group_id: &str, members: &[(String, Option<String>)]) -> Vec<ErrorCode> {
         let now = Instant::now();
         let mut groups = self.lock();
         let Some(group) = groups.get_mut(group_id) else {
-            return vec![ErrorCode::UNKNOWN_MEMBER_ID; member_ids.len()];
+            return vec![ErrorCode::UNKNOWN_MEMBER_ID; members.len()];
         };
-        member_ids
+        members
             .iter()
-            .map(|id| {
-                if group.members.contains_key(id) {
-                    group.remove(id, now, self.initial_delay);
+            .map(|(id, instance)| {
+                let current = instance
+                    .as_deref()
+                    .and_then(|iid| group.statics.get(iid).cloned());
+                let id = match (current, instance) {
+                    (Some(current), _) if id.is_empty() || *id == current => current,
+                    (Some(_), _) => return ErrorCode::FENCED_INSTANCE_ID,
+                    (None, Some(_)) if id.is_empty() => return ErrorCode::UNKNOWN_MEMBER_ID,
+                    _ => id.clone(),
+                };
+                if group.members.contains_key(&id) {
+                    group.remove(&id, now, self.initial_delay);
                     ErrorCode::NONE
                 } else {
                     ErrorCode::UNKNOWN_MEMBER_ID
@@ -968,7 +1079,7 @@ mod tests {
         );
         // The follower leaves: the leader hears of a rebalance and rejoins alone.
         assert_eq!(
-            c.leave("g", std::slice::from_ref(&follower.member_id)),
+            c.leave("g", &[(follower.member_id.clone(), None)]),
             vec![ErrorCode::NONE]
         );
         assert_eq!(
@@ -1024,13 +1135,125 @@ mod tests {
         let again = with_bytes("a", &first.member_id, 100);
         assert_eq!(c.held_bytes(), 105 + 905);
         assert_eq!(
-            c.leave("a", std::slice::from_ref(&first.member_id)),
+            c.leave("a", &[(first.member_id.clone(), None)]),
             vec![ErrorCode::NONE]
         );
         drop(again);
         assert_eq!(c.held_bytes(), 905);
         c.close();
         assert_eq!(c.held_bytes(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_restarted_static_member_takes_its_place_back_without_a_rebalance() {
+        // The initial delay lets both members into the first generation; a ticker drives it.
+        let c = std::sync::Arc::new(Coordinator::new(Duration::from_millis(100), limits(10, 10)));
+        let ticker = {
+            let c = std::sync::Arc::clone(&c);
+            tokio::spawn(async move {
+                loop {
+                    c.tick();
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            })
+        };
+        let lost = || fail_join(ErrorCode::UNKNOWN_MEMBER_ID, String::new());
+        let lost_sync = || fail_sync(ErrorCode::UNKNOWN_MEMBER_ID);
+        let static_join = |id: &str, instance: &str| {
+            let mut j = consumer("g", id, true);
+            j.instance_id = Some(instance.into());
+            c.join(j)
+        };
+        // Static members get their id at once (no MEMBER_ID_REQUIRED round).
+        let a = static_join("", "pod-a");
+        let b = static_join("", "pod-b");
+        let (a, b) = (a.get(lost).await, b.get(lost).await);
+        assert_eq!((a.error, b.error), (ErrorCode::NONE, ErrorCode::NONE));
+        let (leader, follower) = if a.members.is_empty() { (b, a) } else { (a, b) };
+        let fs = c.sync("g", follower.generation, &follower.member_id, vec![]);
+        let ls = c.sync(
+            "g",
+            leader.generation,
+            &leader.member_id,
+            vec![
+                (leader.member_id.clone(), Bytes::from_static(b"L")),
+                (follower.member_id.clone(), Bytes::from_static(b"F")),
+            ],
+        );
+        assert_eq!(&fs.get(lost_sync).await.assignment[..], b"F");
+        assert_eq!(&ls.get(lost_sync).await.assignment[..], b"L");
+        let info = c.describe("g").unwrap();
+        let follower_iid = info
+            .members
+            .iter()
+            .find(|m| m.0 == follower.member_id)
+            .and_then(|m| m.1.clone())
+            .unwrap();
+        // The follower restarts: it gets a new id, the same generation, and its assignment back;
+        // the leader sees no rebalance.
+        let again = static_join("", &follower_iid).get(lost).await;
+        assert_eq!(again.error, ErrorCode::NONE);
+        assert_eq!(again.generation, follower.generation);
+        assert_ne!(again.member_id, follower.member_id);
+        let synced = c.sync("g", again.generation, &again.member_id, vec![]);
+        assert_eq!(&synced.get(lost_sync).await.assignment[..], b"F");
+        assert_eq!(
+            c.heartbeat("g", leader.generation, &leader.member_id),
+            ErrorCode::NONE
+        );
+        // The old incarnation is gone; rejoining under it with the instance id is fenced.
+        assert_eq!(
+            c.heartbeat("g", follower.generation, &follower.member_id),
+            ErrorCode::UNKNOWN_MEMBER_ID
+        );
+        assert_eq!(
+            static_join(&follower.member_id, &follower_iid)
+                .get(lost)
+                .await
+                .error,
+            ErrorCode::FENCED_INSTANCE_ID
+        );
+        // The leader restarts: no rebalance either; it gets the members (it assigns again, as
+        // clients without KIP-814 do) but the group keeps its assignments.
+        let leader_iid = info
+            .members
+            .iter()
+            .find(|m| m.0 == leader.member_id)
+            .and_then(|m| m.1.clone())
+            .unwrap();
+        let restarted = static_join("", &leader_iid).get(lost).await;
+        assert_eq!(restarted.error, ErrorCode::NONE);
+        assert_eq!(restarted.generation, leader.generation);
+        assert_eq!(restarted.leader, restarted.member_id);
+        assert_eq!(restarted.members.len(), 2);
+        let resynced = c.sync(
+            "g",
+            restarted.generation,
+            &restarted.member_id,
+            vec![(again.member_id.clone(), Bytes::from_static(b"X"))],
+        );
+        assert_eq!(&resynced.get(lost_sync).await.assignment[..], b"L");
+        assert_eq!(
+            c.heartbeat("g", again.generation, &again.member_id),
+            ErrorCode::NONE
+        );
+        assert_eq!(
+            &c.sync("g", again.generation, &again.member_id, vec![])
+                .get(lost_sync)
+                .await
+                .assignment[..],
+            b"F"
+        );
+        // Leaving by instance id alone: the others rebalance.
+        assert_eq!(
+            c.leave("g", &[(String::new(), Some(follower_iid.clone()))]),
+            vec![ErrorCode::NONE]
+        );
+        assert_eq!(
+            c.heartbeat("g", restarted.generation, &restarted.member_id),
+            ErrorCode::REBALANCE_IN_PROGRESS
+        );
+        ticker.abort();
     }
 
     #[tokio::test]

@@ -303,16 +303,17 @@ impl Handler {
                 ready(finish(respond("HeartbeatResponse", &response)))
             }
             Request::LeaveGroup(r) => {
-                let codes = self.groups.leave(&r.group_id, &r.member_ids);
+                let codes = self.groups.leave(&r.group_id, &r.members);
                 let mut response = kp::LeaveGroupResponse::default();
                 if r.batched {
                     response.members = r
-                        .member_ids
+                        .members
                         .iter()
                         .zip(&codes)
-                        .map(|(id, code)| {
+                        .map(|((id, instance), code)| {
                             kp::leave_group_response::MemberResponse::default()
                                 .with_member_id(s(id.clone()))
+                                .with_group_instance_id(instance.clone().map(s))
                                 .with_error_code(code.0)
                         })
                         .collect();

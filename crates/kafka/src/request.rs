@@ -288,8 +288,9 @@ pub struct HeartbeatRequest {
 pub struct LeaveGroupRequest {
     /// The group.
     pub group_id: String,
-    /// The members leaving (one before v3).
-    pub member_ids: Vec<String>,
+    /// The members leaving (one before v3): member id (empty when named by instance id) and
+    /// static instance id.
+    pub members: Vec<(String, Option<String>)>,
     /// Whether the response lists members (v3+).
     pub batched: bool,
 }
@@ -793,20 +794,20 @@ fn leave_group(v: i16, r: &mut Reader) -> Result<LeaveGroupRequest, DecodeError>
         let member_id = r.string("member_id")?;
         return Ok(LeaveGroupRequest {
             group_id,
-            member_ids: vec![member_id],
+            members: vec![(member_id, None)],
             batched: false,
         });
     }
     let min = 2 * string_min(r) + tags_min(r);
-    let member_ids = r.array("members", min, |r| {
+    let members = r.array("members", min, |r| {
         let id = r.string("members.member_id")?;
-        r.nullable_string("members.group_instance_id")?;
+        let instance = r.nullable_string("members.group_instance_id")?;
         r.tagged_fields("members")?;
-        Ok(id)
+        Ok((id, instance))
     })?;
     Ok(LeaveGroupRequest {
         group_id,
-        member_ids,
+        members,
         batched: true,
     })
 }

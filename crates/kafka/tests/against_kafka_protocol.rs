@@ -621,7 +621,9 @@ fn group_membership_apis_at_every_served_version() {
                 .with_group_id(GroupId(s("g")))
                 .with_members(vec![
                     leave_group_request::MemberIdentity::default().with_member_id(s("m-1")),
-                    leave_group_request::MemberIdentity::default().with_member_id(s("m-2")),
+                    leave_group_request::MemberIdentity::default()
+                        .with_member_id(s(""))
+                        .with_group_instance_id(Some(s("pod-2"))),
                 ])
         } else {
             LeaveGroupRequest::default()
@@ -633,11 +635,11 @@ fn group_membership_apis_at_every_served_version() {
         else {
             panic!()
         };
-        let want: Vec<String> = if v >= 3 {
-            vec!["m-1".into(), "m-2".into()]
+        let want: Vec<(String, Option<String>)> = if v >= 3 {
+            vec![("m-1".into(), None), (String::new(), Some("pod-2".into()))]
         } else {
-            vec!["m-1".into()]
+            vec![("m-1".into(), None)]
         };
-        assert_eq!(got.member_ids, want, "v{v}");
+        assert_eq!(got.members, want, "v{v}");
     }
 }

@@ -80,6 +80,7 @@ codes! {
     GROUP_ID_NOT_FOUND = 69, false, "no such group";
     MEMBER_ID_REQUIRED = 79, false, "a new member must rejoin with the member id it was given (KIP-394)";
     GROUP_MAX_SIZE_REACHED = 81, false, "the group already has group_members_max members";
+    FENCED_INSTANCE_ID = 82, false, "another member joined with this static instance id (KIP-345)";
     INVALID_RECORD = 87, false, "a batch breaks a broker rule (transactional or control batch, several idempotent batches)";
 
 }
