@@ -129,12 +129,13 @@ class Members:
         self.bootstrap, self.topic, self.group = bootstrap, topic, group
         self.kinds = dict(zip(("m1", "m2", "m3", "m4"), clients.split(",")))
         self.lock = threading.Lock()
-        self.owned = {}  # partition -> (member, since)
-        self.intervals = []  # (partition, member, start, end)
+        # partition -> (member, since), in the order the readers see events (for waiting only:
+        # the readers of different members run independently)
+        self.owned = {}
+        self.events = []  # (time, partition, member, "assigned" | "revoked"), by the members' clocks
         self.seen = set()
         self.assigned_at = {}  # member -> time of its latest assignment
         self.joining_at = {}  # member -> when it subscribed
-        self.errors = []
         self.procs = {}
 
     def watch(self, proc, name):
@@ -147,15 +148,12 @@ class Members:
                 if "assigned" in ev:
                     self.assigned_at[name] = ev["t"]
                     for part in ev["assigned"]:
-                        holder = self.owned.get(part)
-                        if holder and holder[0] != name:
-                            self.errors.append(f"partition {part} assigned to {name} while {holder[0]} owns it")
+                        self.events.append((ev["t"], part, name, "assigned"))
                         self.owned[part] = (name, ev["t"])
                 elif "revoked" in ev:
                     for part in ev["revoked"]:
-                        holder = self.owned.get(part)
-                        if holder and holder[0] == name:
-                            self.intervals.append((part, name, holder[1], ev["t"]))
+                        self.events.append((ev["t"], part, name, "revoked"))
+                        if self.owned.get(part, ("",))[0] == name:
                             del self.owned[part]
                 elif "joining" in ev:
                     self.joining_at[name] = ev["t"]
@@ -178,6 +176,29 @@ class Members:
             time.sleep(0.01)
         with self.lock:
             raise SystemExit(f"FAIL: {what} (owned {self.owned}, seen {len(self.seen)})")
+
+    def killed(self, name, t):
+        """`name` died at `t` (SIGKILL: it cannot print its revocations)."""
+        with self.lock:
+            for part in range(PARTITIONS):
+                self.events.append((t, part, name, "revoked"))
+                if self.owned.get(part, ("",))[0] == name:
+                    del self.owned[part]
+
+    def overlaps(self):
+        """Partitions assigned to a member while another owned them, replaying every member's
+        events in time order (the readers see them in no particular order across members)."""
+        with self.lock:
+            events = sorted(self.events)
+        owner, found = {}, []
+        for t, part, name, kind in events:
+            if kind == "assigned":
+                if owner.get(part, name) != name:
+                    found.append(f"partition {part} assigned to {name} at {t:.3f} while {owner[part]} owned it")
+                owner[part] = name
+            elif owner.get(part) == name:
+                del owner[part]
+        return found
 
     def owners(self):
         counts = {}
@@ -267,28 +288,6 @@ def static(bootstrap, topic, group):
     os.environ["CAIRN_GROUP_STATIC"] = "1"
     producer = SteadyProducer(bootstrap, topic)
     g = Members(bootstrap, topic, group, "confluent,confluent,confluent")
-    events = []  # (time, member, kind) of assignments and revocations
-    watch = g.watch
-
-    def watch_events(proc, name):
-        original = proc.stdout
-
-        class Tee:
-            def __iter__(self):
-                for line in original:
-                    try:
-                        ev = json.loads(line)
-                    except ValueError:
-                        continue
-                    if "assigned" in ev or "revoked" in ev:
-                        with g.lock:
-                            events.append((ev["t"], name, "assigned" if "assigned" in ev else "revoked"))
-                    yield line
-
-        proc.stdout = Tee()
-        watch(proc, name)
-
-    g.watch = watch_events
     try:
         for name in ("m1", "m2", "m3"):
             g.start(name)
@@ -301,16 +300,14 @@ def static(bootstrap, topic, group):
             g.procs[victim].send_signal(signal.SIGKILL)
             g.procs[victim].wait()
             killed = time.time()
-            with g.lock:
-                for part in before:
-                    g.owned.pop(part, None)
+            g.killed(victim, killed)
             g.start(victim)
             g.wait_for(lambda: all(g.owned.get(p, ("",))[0] == victim for p in before), 30,
                        f"the restarted static member {victim} getting its partitions back")
             took = time.time() - killed
             time.sleep(1)
             with g.lock:
-                others = [e for e in events if e[0] >= killed and e[1] != victim]
+                others = [e for e in g.events if e[0] >= killed and e[2] != victim]
                 after = sorted(p for p, (m, _) in g.owned.items() if m == victim)
             assert after == before, (victim, before, after)
             assert not others, f"the other members were disturbed when {victim} restarted: {others}"
@@ -319,6 +316,8 @@ def static(bootstrap, topic, group):
         acked = producer.stop()
         g.wait_for(lambda: acked <= g.seen, 60, "every acknowledged record processed")
         print(f"ok: all {len(acked)} records processed", flush=True)
+        overlaps = g.overlaps()
+        assert not overlaps, overlaps[:3]
     finally:
         producer.stop()
         g.kill_all()
@@ -334,8 +333,7 @@ def run(bootstrap, topic, group, clients):
     producer = SteadyProducer(bootstrap, topic)
 
     g = Members(bootstrap, topic, group, clients)
-    lock, owned, intervals, seen, assigned_at, errors, procs = (
-        g.lock, g.owned, g.intervals, g.seen, g.assigned_at, g.errors, g.procs)
+    lock, owned, seen, assigned_at, procs = g.lock, g.owned, g.seen, g.assigned_at, g.procs
     start, wait_for = g.start, g.wait_for
 
     try:
@@ -352,12 +350,7 @@ def run(bootstrap, topic, group, clients):
         killed = time.time()
         procs[victim].send_signal(signal.SIGKILL)
         procs[victim].wait()
-        # Its ownership ends at the kill (it cannot print a revocation).
-        with lock:
-            for part in victim_parts:
-                if owned.get(part, ("",))[0] == victim:
-                    intervals.append((part, victim, owned[part][1], killed))
-                    del owned[part]
+        g.killed(victim, killed)
         wait_for(lambda: all(part in owned and owned[part][0] != victim for part in victim_parts),
                  20, f"{victim}'s partitions {victim_parts} moving to the others")
         moved = max(owned[p][1] for p in victim_parts) - killed
@@ -390,16 +383,9 @@ def run(bootstrap, topic, group, clients):
             time.sleep(0.2)
         assert len(described.members) == 3, described.members
         print(f"ok: DescribeGroups: {described.state}, 3 members, assignor {described.partition_assignor}, partitions {parts}", flush=True)
-        with lock:
-            for part, (name, since) in owned.items():
-                intervals.append((part, name, since, time.time()))
-            if errors:
-                raise SystemExit(f"FAIL: {errors[:3]}")
-            for part in range(PARTITIONS):
-                spans = sorted((s, e, n) for p, n, s, e in intervals if p == part)
-                for (s1, e1, n1), (s2, e2, n2) in zip(spans, spans[1:]):
-                    if s2 < e1 and n1 != n2:
-                        raise SystemExit(f"FAIL: partition {part} owned by {n1} and {n2} at once")
+        overlaps = g.overlaps()
+        if overlaps:
+            raise SystemExit(f"FAIL: {overlaps[:3]}")
         print("ok: no partition was owned by two members at once", flush=True)
     finally:
         producer.stop()
