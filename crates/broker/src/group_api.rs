@@ -46,7 +46,8 @@ fn valid_group_id(group: &str) -> bool {
 }
 
 impl Handler {
-    /// Commits offsets: from a member of the group's current generation, or from outside group
+    /// Commits offsets: from a member of the group's current generation (identified by
+    /// generation, member id and, for static members, instance id), or from outside group
     /// membership (generation -1, no member id: tools, consumers assigning partitions themselves)
     /// while the group has no members. Durable before this returns. Per topic and partition, in
     /// request order, the outcome.
@@ -54,12 +55,13 @@ impl Handler {
         &self,
         label: &str,
         group: &str,
-        generation: i32,
-        member_id: &str,
+        (generation, member_id, instance_id): (i32, &str, Option<&str>),
         topics: Vec<(String, Vec<OffsetToCommit>)>,
     ) -> Vec<(String, Vec<(i64, ErrorCode)>)> {
         let refusal = if !valid_group_id(group) {
             Some(ErrorCode::INVALID_GROUP_ID)
+        } else if self.groups.fenced(group, member_id, instance_id) {
+            Some(ErrorCode::FENCED_INSTANCE_ID)
         } else if generation >= 0 || !member_id.is_empty() {
             Some(self.groups.check_commit(group, generation, member_id))
                 .filter(|code| *code != ErrorCode::NONE)
@@ -377,7 +379,12 @@ impl Handler {
                         })
                         .collect();
                     let outcomes = this
-                        .commit_offsets(name, &r.group_id, r.generation, &r.member_id, topics)
+                        .commit_offsets(
+                            name,
+                            &r.group_id,
+                            (r.generation, &r.member_id, None),
+                            topics,
+                        )
                         .await;
                     respond(&OffsetCommitResponse {
                         topics: outcomes

@@ -811,6 +811,18 @@ impl Coordinator {
             .collect()
     }
 
+    /// Whether `instance_id` (a static member's, as a request carries it) now belongs to a member
+    /// other than `member_id`: the sender is a stale incarnation (FENCED_INSTANCE_ID).
+    pub fn fenced(&self, group_id: &str, member_id: &str, instance_id: Option<&str>) -> bool {
+        let Some(iid) = instance_id else {
+            return false;
+        };
+        self.lock()
+            .get(group_id)
+            .and_then(|g| g.statics.get(iid))
+            .is_some_and(|current| current != member_id)
+    }
+
     /// Whether a member may commit offsets for `group_id` at `generation`: it must belong to
     /// the current generation.
     pub fn check_commit(&self, group_id: &str, generation: i32, member_id: &str) -> ErrorCode {
@@ -1201,7 +1213,10 @@ mod tests {
             c.heartbeat("g", leader.generation, &leader.member_id),
             ErrorCode::NONE
         );
-        // The old incarnation is gone; rejoining under it with the instance id is fenced.
+        // The old incarnation is gone; its requests carrying the instance id are fenced.
+        assert!(c.fenced("g", &follower.member_id, Some(&follower_iid)));
+        assert!(!c.fenced("g", &again.member_id, Some(&follower_iid)));
+        assert!(!c.fenced("g", &follower.member_id, None));
         assert_eq!(
             c.heartbeat("g", follower.generation, &follower.member_id),
             ErrorCode::UNKNOWN_MEMBER_ID

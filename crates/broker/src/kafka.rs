@@ -200,8 +200,18 @@ impl Handler {
             }
             Request::SyncGroup(r) => {
                 let synced =
-                    self.groups
-                        .sync(&r.group_id, r.generation_id, &r.member_id, r.assignments);
+                    if self
+                        .groups
+                        .fenced(&r.group_id, &r.member_id, r.group_instance_id.as_deref())
+                    {
+                        crate::groups::Answer::Ready(crate::groups::SyncResult {
+                            error: ErrorCode::FENCED_INSTANCE_ID,
+                            ..Default::default()
+                        })
+                    } else {
+                        self.groups
+                            .sync(&r.group_id, r.generation_id, &r.member_id, r.assignments)
+                    };
                 let this = Arc::clone(self);
                 Box::pin(async move {
                     let result = synced
@@ -295,9 +305,16 @@ impl Handler {
                 })
             }
             Request::Heartbeat(r) => {
-                let code = self
-                    .groups
-                    .heartbeat(&r.group_id, r.generation_id, &r.member_id);
+                let code =
+                    if self
+                        .groups
+                        .fenced(&r.group_id, &r.member_id, r.group_instance_id.as_deref())
+                    {
+                        ErrorCode::FENCED_INSTANCE_ID
+                    } else {
+                        self.groups
+                            .heartbeat(&r.group_id, r.generation_id, &r.member_id)
+                    };
                 self.metrics.count_error(Api::HEARTBEAT.label, code);
                 let response = kp::HeartbeatResponse::default().with_error_code(code.0);
                 ready(finish(respond("HeartbeatResponse", &response)))
@@ -755,8 +772,11 @@ impl Handler {
             .commit_offsets(
                 Api::OFFSET_COMMIT.label,
                 &r.group_id,
-                r.generation_id,
-                &r.member_id,
+                (
+                    r.generation_id,
+                    &r.member_id,
+                    r.group_instance_id.as_deref(),
+                ),
                 topics,
             )
             .await;

@@ -281,6 +281,8 @@ pub struct HeartbeatRequest {
     pub generation_id: i32,
     /// The member.
     pub member_id: String,
+    /// Its static instance id (v3+).
+    pub group_instance_id: Option<String>,
 }
 
 /// LeaveGroup.
@@ -304,6 +306,8 @@ pub struct SyncGroupRequest {
     pub generation_id: i32,
     /// The member.
     pub member_id: String,
+    /// Its static instance id (v3+).
+    pub group_instance_id: Option<String>,
     /// The leader's assignment: (member id, assignment); empty from followers.
     pub assignments: Vec<(String, Bytes)>,
 }
@@ -777,15 +781,20 @@ fn join_group(v: i16, r: &mut Reader) -> Result<JoinGroupRequest, DecodeError> {
 }
 
 fn heartbeat(v: i16, r: &mut Reader) -> Result<HeartbeatRequest, DecodeError> {
-    let request = HeartbeatRequest {
-        group_id: r.string("group_id")?,
-        generation_id: r.i32("generation_id")?,
-        member_id: r.string("member_id")?,
+    let group_id = r.string("group_id")?;
+    let generation_id = r.i32("generation_id")?;
+    let member_id = r.string("member_id")?;
+    let group_instance_id = if v >= 3 {
+        r.nullable_string("group_instance_id")?
+    } else {
+        None
     };
-    if v >= 3 {
-        r.nullable_string("group_instance_id")?;
-    }
-    Ok(request)
+    Ok(HeartbeatRequest {
+        group_id,
+        generation_id,
+        member_id,
+        group_instance_id,
+    })
 }
 
 fn leave_group(v: i16, r: &mut Reader) -> Result<LeaveGroupRequest, DecodeError> {
@@ -816,9 +825,11 @@ fn sync_group(v: i16, r: &mut Reader) -> Result<SyncGroupRequest, DecodeError> {
     let group_id = r.string("group_id")?;
     let generation_id = r.i32("generation_id")?;
     let member_id = r.string("member_id")?;
-    if v >= 3 {
-        r.nullable_string("group_instance_id")?;
-    }
+    let group_instance_id = if v >= 3 {
+        r.nullable_string("group_instance_id")?
+    } else {
+        None
+    };
     if v >= 5 {
         r.nullable_string("protocol_type")?;
         r.nullable_string("protocol_name")?;
@@ -836,6 +847,7 @@ fn sync_group(v: i16, r: &mut Reader) -> Result<SyncGroupRequest, DecodeError> {
         group_id,
         generation_id,
         member_id,
+        group_instance_id,
         assignments,
     })
 }

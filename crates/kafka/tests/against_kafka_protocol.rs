@@ -580,10 +580,12 @@ fn group_membership_apis_at_every_served_version() {
         );
     }
     for v in served(Api::SYNC_GROUP) {
+        let instance = (v >= 3).then(|| s("pod-1"));
         let body = SyncGroupRequest::default()
             .with_group_id(GroupId(s("g")))
             .with_generation_id(3)
             .with_member_id(s("m-1"))
+            .with_group_instance_id(instance.clone())
             .with_assignments(vec![
                 sync_group_request::SyncGroupRequestAssignment::default()
                     .with_member_id(s("m-2"))
@@ -595,16 +597,23 @@ fn group_membership_apis_at_every_served_version() {
         };
         assert_eq!((got.generation_id, got.member_id.as_str()), (3, "m-1"));
         assert_eq!(
+            got.group_instance_id,
+            instance.map(|i| i.to_string()),
+            "v{v}"
+        );
+        assert_eq!(
             got.assignments,
             vec![("m-2".to_string(), Bytes::from_static(b"parts"))],
             "v{v}"
         );
     }
     for v in served(Api::HEARTBEAT) {
+        let instance = (v >= 3).then(|| s("pod-1"));
         let body = HeartbeatRequest::default()
             .with_group_id(GroupId(s("g")))
             .with_generation_id(4)
-            .with_member_id(s("m-1"));
+            .with_member_id(s("m-1"))
+            .with_group_instance_id(instance.clone());
         let Request::Heartbeat(got) = decoded(Api::HEARTBEAT, v, frame(Api::HEARTBEAT, v, &body))
         else {
             panic!()
@@ -612,6 +621,11 @@ fn group_membership_apis_at_every_served_version() {
         assert_eq!(
             (got.generation_id, got.member_id.as_str()),
             (4, "m-1"),
+            "v{v}"
+        );
+        assert_eq!(
+            got.group_instance_id,
+            instance.map(|i| i.to_string()),
             "v{v}"
         );
     }
