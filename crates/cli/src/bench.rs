@@ -4,6 +4,7 @@
 //!   a file;
 //! - consume: one task reads a page-cached file and sends it over loopback TCP to a receiver.
 
+use std::io::Write as _;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -153,6 +154,9 @@ pub async fn run(bootstrap: &str, output: Output, args: BenchArgs) -> anyhow::Re
         ),
         Workload::E2e => (None, ""),
     };
+    // Written, not printed: a closed pipe is an error to return, not a panic.
+    let stdout = std::io::stdout();
+    let mut out = stdout.lock();
     for (protocol, result) in &results {
         Report {
             result,
@@ -160,7 +164,7 @@ pub async fn run(bootstrap: &str, output: Output, args: BenchArgs) -> anyhow::Re
             baseline,
             baseline_name,
         }
-        .print(output, &args, args.workload);
+        .print(&mut out, output, &args, args.workload)?;
     }
     if args.protocol == ProtocolChoice::Both {
         // Bytes over seconds, summed over each protocol's runs.
@@ -175,8 +179,8 @@ pub async fn run(bootstrap: &str, output: Output, args: BenchArgs) -> anyhow::Re
         };
         let ratio = rate("kafka") / rate("native");
         match output {
-            Output::Json => println!("{}", json!({ "kafka_to_native": ratio })),
-            Output::Table => println!("kafka / native throughput: {ratio:.2}"),
+            Output::Json => writeln!(out, "{}", json!({ "kafka_to_native": ratio }))?,
+            Output::Table => writeln!(out, "kafka / native throughput: {ratio:.2}")?,
         }
     }
     Ok(())
@@ -272,7 +276,13 @@ struct Report<'a> {
 }
 
 impl Report<'_> {
-    fn print(&self, output: Output, args: &BenchArgs, workload: Workload) {
+    fn print(
+        &self,
+        out: &mut impl std::io::Write,
+        output: Output,
+        args: &BenchArgs,
+        workload: Workload,
+    ) -> std::io::Result<()> {
         let secs = self.result.elapsed.as_secs_f64().max(1e-9);
         let records_per_sec = self.result.records as f64 / secs;
         let mb_per_sec = self.result.bytes as f64 / secs / 1e6;
@@ -286,7 +296,8 @@ impl Report<'_> {
         };
         let ratio = self.baseline.map(|b| mb_per_sec / b);
         match output {
-            Output::Json => println!(
+            Output::Json => writeln!(
+                out,
                 "{}",
                 json!({
                     "workload": format!("{workload:?}").to_lowercase(),
@@ -298,9 +309,10 @@ impl Report<'_> {
                     "baseline": self.baseline.map(|b| json!({"name": self.baseline_name, "mb_per_sec": b})),
                     "ratio_to_baseline": ratio,
                 })
-            ),
+            )?,
             Output::Table => {
-                println!(
+                writeln!(
+                    out,
                     "bench {} ({}): {} records x {} B, {} partition(s), {} producer(s), acks={}, batch {} B, compression {}",
                     format!("{workload:?}").to_lowercase(),
                     self.protocol,
@@ -311,28 +323,32 @@ impl Report<'_> {
                     args.acks,
                     args.batch_bytes,
                     args.compression
-                );
-                println!(
+                )?;
+                writeln!(
+                    out,
                     "  throughput  {records_per_sec:>12.0} records/s  {mb_per_sec:>9.1} MB/s  ({secs:.2} s)"
-                );
+                )?;
                 if !h.is_empty() {
-                    println!(
+                    writeln!(
+                        out,
                         "  latency us  p50 {}  p95 {}  p99 {}  p99.9 {}  max {}",
                         q(0.5),
                         q(0.95),
                         q(0.99),
                         q(0.999),
                         h.max()
-                    );
+                    )?;
                 }
                 if let (Some(baseline), Some(ratio)) = (self.baseline, ratio) {
-                    println!(
+                    writeln!(
+                        out,
                         "  baseline    {:>9.1} MB/s ({}), ratio {ratio:.2}",
                         baseline, self.baseline_name
-                    );
+                    )?;
                 }
             }
         }
+        Ok(())
     }
 }
 
