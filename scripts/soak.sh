@@ -12,4 +12,4 @@ export CAIRN_KAFKA_RECORDS=$((100000 * m / 4))
 export CAIRN_PYTHON="${CAIRN_PYTHON:-$HOME/.cache/cairn-venv/bin/python}"
 echo "soak x$m: $CAIRN_SOAK_CASES model cases, $CAIRN_SOAK_SEEDS power-loss seeds, $CAIRN_SOAK_KILLS kills, $CAIRN_KAFKA_RECORDS records per Kafka client and codec"
 cargo nextest run --release -p cairn-tests --no-fail-fast \
-  -E 'test(log_model) | test(power_loss) | test(kill9) | test(compaction) | test(/produces_consumes/) | test(kcat_) | test(/group/)'
+  -E 'test(log_model) | test(power_loss) | test(kill9) | test(compaction) | test(/produces_consumes/) | test(kcat_) | test(/group|static_member|rebalance_time/)'
