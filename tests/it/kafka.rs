@@ -664,44 +664,60 @@ fn committed_offsets_survive_kill_9_and_restart_for_kafka_clients() {
     );
 }
 
-/// Runs tests/kafka/groups.py with members m1..m4 of the given clients, confluent-kafka members
-/// using `assignor`.
-fn run_group(clients: &str, assignor: &str) {
+/// Runs `groups.py MODE KAFKA_ADDRESS ARGS...` against a fresh broker process (a short initial
+/// rebalance delay: members start together) with `env`; asserts it succeeded and returns the
+/// broker (for its metrics), its directory and the script's output.
+fn groups_py(
+    mode: &str,
+    args: &[&str],
+    env: &[(&str, &str)],
+) -> (BrokerProcess, tempfile::TempDir, String) {
     let python = python();
     let dir = tempfile::tempdir().unwrap();
-    // A short initial delay: the three members start together.
     let broker = BrokerProcess::start_with_config(
         &dir.path().join("data"),
         "group_initial_rebalance_delay_ms = 1000\n",
     );
     let out = Command::new(python)
         .arg(script("groups.py"))
-        .args(["run", &broker.kafka, "grouped", "group-1", clients])
-        .env("CAIRN_GROUP_ASSIGNOR", assignor)
+        .args([mode, broker.kafka.as_str()])
+        .args(args)
+        .envs(env.iter().copied())
         .output()
         .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    println!("{stdout}");
+    assert!(
+        out.status.success(),
+        "groups.py {mode} failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+            .lines()
+            .filter(|l| !l.starts_with('%'))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    (broker, dir, stdout)
+}
+
+/// Runs the groups.py scenario with members m1..m4 of the given clients, confluent-kafka members
+/// using `assignor`.
+fn run_group(clients: &str, assignor: &str) {
+    let (broker, _dir, _) = groups_py(
+        "run",
+        &["grouped", "group-1", clients],
+        &[("CAIRN_GROUP_ASSIGNOR", assignor)],
+    );
     let (_, metrics) = broker.http_get("/metrics");
     let members: Vec<&str> = metrics
         .lines()
         .filter(|l| l.starts_with("cairn_consumergroup_"))
         .collect();
     println!("{}", members.join("\n"));
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    println!("{stdout}");
     assert!(
         members
             .iter()
             .any(|l| l.starts_with("cairn_consumergroup_generation{group=\"group-1\"}")),
         "{members:?}"
-    );
-    assert!(
-        out.status.success(),
-        "groups.py failed:\n{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-            .lines()
-            .filter(|l| !l.starts_with('%'))
-            .collect::<Vec<_>>()
-            .join("\n")
     );
 }
 
@@ -729,24 +745,8 @@ fn a_mixed_confluent_and_kafka_python_group_works_the_same() {
 /// clients learn of a rebalance at their next heartbeat.
 #[test]
 fn confluent_kafka_rebalance_time_with_default_settings() {
-    let python = python();
-    let dir = tempfile::tempdir().unwrap();
-    let broker = BrokerProcess::start_with_config(
-        &dir.path().join("data"),
-        "group_initial_rebalance_delay_ms = 1000\n",
-    );
-    let out = Command::new(python)
-        .arg(script("groups.py"))
-        .args(["jointime", &broker.kafka, "joined", "group-defaults"])
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    println!("{stdout}");
-    assert!(
-        out.status.success() && stdout.contains("ok: confluent-kafka"),
-        "groups.py jointime failed:\n{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let (_broker, _dir, stdout) = groups_py("jointime", &["joined", "group-defaults"], &[]);
+    assert!(stdout.contains("ok: confluent-kafka"), "{stdout}");
 }
 
 /// Static membership (KIP-345) with confluent-kafka: a member with `group.instance.id` killed
@@ -754,26 +754,5 @@ fn confluent_kafka_rebalance_time_with_default_settings() {
 /// members see no rebalance.
 #[test]
 fn a_restarted_static_member_gets_its_partitions_back_without_a_rebalance() {
-    let python = python();
-    let dir = tempfile::tempdir().unwrap();
-    let broker = BrokerProcess::start_with_config(
-        &dir.path().join("data"),
-        "group_initial_rebalance_delay_ms = 1000\n",
-    );
-    let out = Command::new(python)
-        .arg(script("groups.py"))
-        .args(["static", &broker.kafka, "statics", "group-static"])
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    println!("{stdout}");
-    assert!(
-        out.status.success(),
-        "groups.py static failed:\n{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-            .lines()
-            .filter(|l| !l.starts_with('%'))
-            .collect::<Vec<_>>()
-            .join("\n")
-    );
+    groups_py("static", &["statics", "group-static"], &[]);
 }
