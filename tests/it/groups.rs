@@ -558,20 +558,17 @@ fn cairn_group_commands() {
         all.extend_from_slice(args);
         serde_json::from_str(&cairn_ok(b, &all, "")).unwrap()
     };
+    // A sum over the described partitions of one field (missing counts as 0).
+    let total = |field: &str| -> u64 {
+        json(&["group", "describe", "g"])["partitions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p[field].as_u64().unwrap_or(0))
+            .sum()
+    };
     let described = json(&["group", "describe", "g"]);
-    let committed: u64 = described["partitions"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|p| p["committed"].as_u64().unwrap_or(0))
-        .sum();
-    let lag: u64 = described["partitions"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|p| p["lag"].as_u64().unwrap())
-        .sum();
-    assert_eq!((committed, lag), (30, 70), "{described}");
+    assert_eq!((total("committed"), total("lag")), (30, 70), "{described}");
     assert_eq!(described["state"], "Empty");
     // The next member goes on where the first stopped: 70 more, no repeats.
     let rest = cairn_ok(b, &["consume", "tasks", "--group", "g", "-n", "70"], "");
@@ -581,81 +578,25 @@ fn cairn_group_commands() {
     assert_eq!(all.len(), 100);
     let listed = json(&["group", "list"]);
     assert_eq!(listed[0]["group"], "g", "{listed}");
-    // Reset: to the earliest offsets, then to offset 10 of partition 0, then by time.
-    cairn_ok(
-        b,
-        &[
-            "group",
-            "reset-offsets",
-            "g",
-            "--topic",
-            "tasks",
-            "--to",
-            "earliest",
-        ],
-        "",
-    );
-    let lag_of = |v: &serde_json::Value| -> u64 {
-        v["partitions"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|p| p["lag"].as_u64().unwrap())
-            .sum()
+    // Reset: to the earliest offsets, to offset 10 of partition 0, by time, and a dry run.
+    let reset = |extra: &[&str]| -> String {
+        let mut args = vec!["group", "reset-offsets", "g", "--topic", "tasks"];
+        args.extend_from_slice(extra);
+        cairn_ok(b, &args, "")
     };
-    assert_eq!(lag_of(&json(&["group", "describe", "g"])), 100);
-    cairn_ok(
-        b,
-        &[
-            "group",
-            "reset-offsets",
-            "g",
-            "--topic",
-            "tasks",
-            "--to",
-            "10",
-            "-p",
-            "0",
-        ],
-        "",
-    );
-    let end0 = json(&["group", "describe", "g"])["partitions"][0]["log_end"]
-        .as_u64()
-        .unwrap();
+    reset(&["--to", "earliest"]);
+    assert_eq!(total("lag"), 100);
+    reset(&["--to", "10", "-p", "0"]);
+    let partition0 = &json(&["group", "describe", "g"])["partitions"][0];
     assert_eq!(
-        json(&["group", "describe", "g"])["partitions"][0]["lag"].as_u64(),
-        Some(end0 - 10)
+        partition0["lag"].as_u64(),
+        Some(partition0["log_end"].as_u64().unwrap() - 10)
     );
-    cairn_ok(
-        b,
-        &[
-            "group",
-            "reset-offsets",
-            "g",
-            "--topic",
-            "tasks",
-            "--to",
-            "@0",
-        ],
-        "",
-    );
-    assert_eq!(lag_of(&json(&["group", "describe", "g"])), 100);
-    let dry = cairn_ok(
-        b,
-        &[
-            "group",
-            "reset-offsets",
-            "g",
-            "--topic",
-            "tasks",
-            "--to",
-            "latest",
-            "--dry-run",
-        ],
-        "",
-    );
+    reset(&["--to", "@0"]);
+    assert_eq!(total("lag"), 100);
+    let dry = reset(&["--to", "latest", "--dry-run"]);
     assert!(dry.contains("dry run"), "{dry}");
-    assert_eq!(lag_of(&json(&["group", "describe", "g"])), 100);
+    assert_eq!(total("lag"), 100);
     // Delete; then the group is gone.
     cairn_ok(b, &["group", "delete", "g"], "");
     let gone = cairn(b, &["group", "describe", "g"], "");
