@@ -1002,6 +1002,22 @@ mod tests {
         }
     }
 
+    /// A coordinator whose 100 ms initial delay lets members starting together into the first
+    /// generation, and a task ticking it as the broker's timer does (abort it at the end).
+    fn ticking() -> (std::sync::Arc<Coordinator>, tokio::task::JoinHandle<()>) {
+        let c = std::sync::Arc::new(Coordinator::new(Duration::from_millis(100), limits(10, 10)));
+        let ticker = {
+            let c = std::sync::Arc::clone(&c);
+            tokio::spawn(async move {
+                loop {
+                    c.tick();
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            })
+        };
+        (c, ticker)
+    }
+
     fn join(c: &Coordinator, id: &str) -> Answer<JoinResult> {
         c.join(consumer("g", id, true))
     }
@@ -1048,18 +1064,7 @@ mod tests {
 
     #[tokio::test]
     async fn two_members_join_sync_and_rebalance_when_one_leaves() {
-        // The initial delay lets both members into the first generation; a ticker drives it, as
-        // the broker's timer does.
-        let c = std::sync::Arc::new(Coordinator::new(Duration::from_millis(100), limits(10, 10)));
-        let ticker = {
-            let c = std::sync::Arc::clone(&c);
-            tokio::spawn(async move {
-                loop {
-                    c.tick();
-                    tokio::time::sleep(Duration::from_millis(10)).await;
-                }
-            })
-        };
+        let (c, ticker) = ticking();
         let lost = || fail_join(ErrorCode::UNKNOWN_MEMBER_ID, String::new());
         let a = join(&c, "").get(lost).await;
         assert_eq!(a.error, ErrorCode::MEMBER_ID_REQUIRED);
@@ -1158,17 +1163,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_restarted_static_member_takes_its_place_back_without_a_rebalance() {
-        // The initial delay lets both members into the first generation; a ticker drives it.
-        let c = std::sync::Arc::new(Coordinator::new(Duration::from_millis(100), limits(10, 10)));
-        let ticker = {
-            let c = std::sync::Arc::clone(&c);
-            tokio::spawn(async move {
-                loop {
-                    c.tick();
-                    tokio::time::sleep(Duration::from_millis(10)).await;
-                }
-            })
-        };
+        let (c, ticker) = ticking();
         let lost = || fail_join(ErrorCode::UNKNOWN_MEMBER_ID, String::new());
         let lost_sync = || fail_sync(ErrorCode::UNKNOWN_MEMBER_ID);
         let static_join = |id: &str, instance: &str| {
