@@ -156,3 +156,61 @@ fn embedded_group_consumers_share_partitions() {
         broker.shutdown().await;
     });
 }
+
+/// A group subscribed to a topic that does not exist yet: once it is created, the leader notices
+/// at its next metadata check and the group reassigns, so its records are consumed.
+#[test]
+fn a_group_takes_up_a_topic_created_after_it_formed() {
+    use cairn_client::{GroupConfig, GroupConsumer};
+    let dir = tempfile::tempdir().unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let config = cairn_broker::BrokerConfig {
+            group_initial_rebalance_delay_ms: 0,
+            auto_create_topics: false,
+            ..cairn_broker::BrokerConfig::default()
+        };
+        let broker = Broker::builder()
+            .config(config)
+            .data_dir(dir.path())
+            .listen("127.0.0.1:0".parse().unwrap())
+            .http_listen(None)
+            .kafka_listen(None)
+            .start()
+            .await
+            .unwrap();
+        let mut config = GroupConfig::new("late", &["later"]);
+        config.reset = Position::Earliest;
+        config.metadata_refresh = Duration::from_millis(200);
+        let mut member = GroupConsumer::with_connector(broker.connector("m"), config)
+            .await
+            .unwrap();
+        for _ in 0..3 {
+            assert!(member.poll().await.unwrap().is_empty());
+        }
+        assert!(member.assignment().is_empty());
+        let admin = Admin::with_connection(broker.connection("admin"));
+        admin.create_topic("later", 2, &[]).await.unwrap();
+        let producer =
+            Producer::with_connection(broker.connection("producer"), ProducerConfig::default())
+                .unwrap();
+        for i in 0..10u32 {
+            let record = ProducerRecord::new("later", i.to_string()).key(i.to_string());
+            drop(producer.send(record).await.unwrap());
+        }
+        producer.close().await.unwrap();
+        let mut seen = 0;
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while seen < 10 {
+            assert!(std::time::Instant::now() < deadline, "{seen} seen");
+            seen += member.poll().await.unwrap().len();
+        }
+        assert_eq!(member.assignment().len(), 2);
+        member.close().await.unwrap();
+        broker.shutdown().await;
+    });
+}

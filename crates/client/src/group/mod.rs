@@ -69,6 +69,10 @@ pub struct GroupConfig {
     /// Where to start a partition the group has no committed offset for (or whose committed
     /// offset is no longer stored): `Earliest` or `Latest`.
     pub reset: Position,
+    /// How often the group's leader checks the subscribed topics' partition counts; a change
+    /// (a subscribed topic created, or given more partitions) makes it rejoin so the group
+    /// reassigns (Kafka's `metadata.max.age.ms`, shorter).
+    pub metadata_refresh: Duration,
     /// Fetch settings (and the client id).
     pub consumer: ConsumerConfig,
 }
@@ -76,7 +80,8 @@ pub struct GroupConfig {
 impl GroupConfig {
     /// Defaults for `group_id` consuming `topics`: range then cooperative-sticky assignors
     /// (Kafka's default list), 10 s session, 3 s heartbeat, 5 min rebalance timeout, automatic
-    /// commits every 5 s, new partitions from the latest offset.
+    /// commits every 5 s, new partitions from the latest offset, the leader checking the topics
+    /// every 30 s.
     pub fn new(group_id: impl Into<String>, topics: &[&str]) -> GroupConfig {
         GroupConfig {
             group_id: group_id.into(),
@@ -88,6 +93,7 @@ impl GroupConfig {
             auto_commit: true,
             auto_commit_interval: Duration::from_secs(5),
             reset: Position::Latest,
+            metadata_refresh: Duration::from_secs(30),
             consumer: ConsumerConfig {
                 client_id: "cairn-group-consumer".into(),
                 ..ConsumerConfig::default()
@@ -141,6 +147,9 @@ pub struct GroupConsumer {
     rejoin: bool,
     last_commit: Instant,
     listener: Option<Listener>,
+    /// As the leader: the topics it assigned and their partition counts then.
+    led: Option<(BTreeSet<String>, BTreeMap<String, u32>)>,
+    last_metadata: Instant,
 }
 
 impl std::fmt::Debug for GroupConsumer {
@@ -230,6 +239,8 @@ impl GroupConsumer {
             rejoin: true,
             last_commit: Instant::now(),
             listener: None,
+            led: None,
+            last_metadata: Instant::now(),
         })
     }
 
@@ -293,6 +304,10 @@ impl GroupConsumer {
                     }
                     return Err(err);
                 }
+                continue;
+            }
+            if self.topics_changed().await {
+                self.rejoin = true;
                 continue;
             }
             if self.config.auto_commit
@@ -544,6 +559,9 @@ impl GroupConsumer {
                     joined.protocol_name
                 )));
             };
+            if joined.leader != self.member_id {
+                self.led = None;
+            }
             let assignments = if joined.leader == self.member_id {
                 match self.lead(chosen, &joined.members).await {
                     Ok(assignments) => assignments,
@@ -626,6 +644,49 @@ impl GroupConsumer {
         Ok(())
     }
 
+    /// As the leader, every `metadata_refresh`: whether the subscribed topics' partition counts
+    /// differ from those it assigned (a topic created or grown since).
+    async fn topics_changed(&mut self) -> bool {
+        if self.last_metadata.elapsed() < self.config.metadata_refresh {
+            return false;
+        }
+        self.last_metadata = Instant::now();
+        let Some((wanted, counts)) = self.led.clone() else {
+            return false;
+        };
+        match self.partition_counts(wanted).await {
+            Ok(now) if now != counts => {
+                tracing::info!(group = %self.config.group_id, "subscribed topics changed; rebalancing");
+                true
+            }
+            Ok(_) => false,
+            Err(err) => {
+                tracing::debug!(error = %err, "metadata refresh failed");
+                false
+            }
+        }
+    }
+
+    /// Partition counts of the `wanted` topics that exist.
+    async fn partition_counts(
+        &self,
+        wanted: BTreeSet<String>,
+    ) -> Result<BTreeMap<String, u32>, ClientError> {
+        let metadata: MetadataResponse = self
+            .coordinator
+            .call(&Request::Metadata(MetadataRequest {
+                topics: wanted.into_iter().collect(),
+                allow_auto_create: false,
+            }))
+            .await?;
+        Ok(metadata
+            .topics
+            .into_iter()
+            .filter(|t| t.error_code == 0)
+            .map(|t| (t.name, t.partitions.len() as u32))
+            .collect())
+    }
+
     /// The leader's part: everyone's subscriptions in, an assignment per member out.
     async fn lead(
         &mut self,
@@ -644,19 +705,9 @@ impl GroupConsumer {
             .values()
             .flat_map(|s| s.topics.iter().cloned())
             .collect();
-        let metadata: MetadataResponse = self
-            .coordinator
-            .call(&Request::Metadata(MetadataRequest {
-                topics: wanted.into_iter().collect(),
-                allow_auto_create: false,
-            }))
-            .await?;
-        let topics: BTreeMap<String, u32> = metadata
-            .topics
-            .into_iter()
-            .filter(|t| t.error_code == 0)
-            .map(|t| (t.name, t.partitions.len() as u32))
-            .collect();
+        let topics = self.partition_counts(wanted.clone()).await?;
+        self.led = Some((wanted, topics.clone()));
+        self.last_metadata = Instant::now();
         Ok(assignor
             .assign(&subscriptions, &topics)
             .into_iter()
