@@ -858,7 +858,7 @@ fn append_checked(
         first.get_or_insert(header);
     }
     if partition.log.config().compacted {
-        require_keys(buf)?;
+        require_keys(buf, partition.log.config().batch_bytes_max)?;
     }
     let epoch = partition.leader_epoch;
     let map = |result: Result<cairn_storage::AppendInfo, AppendError>| {
@@ -896,8 +896,8 @@ fn append_checked(
 /// A compacted topic keeps the latest record per key, so every record needs one (Kafka refuses
 /// keyless records there the same way). Decodes (and decompresses) the batches: only compacted
 /// topics pay for it.
-fn require_keys(buf: &[u8]) -> Result<(), (ErrorCode, String)> {
-    let batches = batch::Batches::new(Bytes::copy_from_slice(buf), u32::MAX);
+fn require_keys(buf: &[u8], batch_bytes_max: u32) -> Result<(), (ErrorCode, String)> {
+    let batches = batch::Batches::new(Bytes::copy_from_slice(buf), batch_bytes_max);
     for batch in batches {
         // Invalid batches are refused by the log's own validation with the right error.
         let Ok(batch) = batch else { return Ok(()) };
@@ -909,7 +909,8 @@ fn require_keys(buf: &[u8]) -> Result<(), (ErrorCode, String)> {
                 ErrorCode::INVALID_RECORD,
                 format!(
                     "record at offset delta {} has no key: a compacted topic needs one per record",
-                    record.offset - batch.header().base_offset
+                    // Client-sent base offsets may be anything: no overflow.
+                    record.offset.wrapping_sub(batch.header().base_offset)
                 ),
             ));
         }
@@ -956,4 +957,23 @@ fn count_records(bytes: &[u8]) -> u64 {
         rest = rest.get(header.total_bytes()..).unwrap_or_default();
     }
     n
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn a_keyless_record_is_refused_whatever_base_offset_the_client_sent() {
+        let mut builder = batch::BatchBuilder::new(batch::Compression::None);
+        builder.push(0, Some(b"k"), Some(b"v"), &[]);
+        builder.push(0, None, Some(b"v"), &[]);
+        let mut bytes = builder.build().unwrap().to_vec();
+        // The broker stamps the real base offset after this check: the client's may be extreme.
+        batch::stamp(&mut bytes, i64::MAX, 0).unwrap();
+        let (code, message) = require_keys(&bytes, 1 << 20).unwrap_err();
+        assert_eq!(code, ErrorCode::INVALID_RECORD);
+        assert!(message.contains("offset delta 1"), "{message}");
+    }
 }
