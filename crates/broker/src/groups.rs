@@ -135,6 +135,47 @@ impl GroupState {
     }
 }
 
+/// Bytes counted in the coordinator's `held` total for as long as this lives (a group, a member,
+/// a member id handed out), so that the total bounds the coordinator's memory whatever clients
+/// send and however an entry goes away.
+#[derive(Debug)]
+struct Charge {
+    held: Arc<AtomicUsize>,
+    bytes: usize,
+}
+
+impl Charge {
+    fn new(held: &Arc<AtomicUsize>, bytes: usize) -> Charge {
+        held.fetch_add(bytes, Ordering::Relaxed);
+        Charge {
+            held: Arc::clone(held),
+            bytes,
+        }
+    }
+
+    fn set(&mut self, bytes: usize) {
+        if bytes >= self.bytes {
+            self.held.fetch_add(bytes - self.bytes, Ordering::Relaxed);
+        } else {
+            self.held.fetch_sub(self.bytes - bytes, Ordering::Relaxed);
+        }
+        self.bytes = bytes;
+    }
+}
+
+impl Drop for Charge {
+    fn drop(&mut self) {
+        self.held.fetch_sub(self.bytes, Ordering::Relaxed);
+    }
+}
+
+/// What a group costs beyond its name (its state, channels, maps), what a member costs beyond
+/// its strings and subscriptions, what a member id handed out costs beyond the id: generous
+/// estimates, so that the total is an upper bound.
+const GROUP_OVERHEAD: usize = 1_024;
+const MEMBER_OVERHEAD: usize = 512;
+const PENDING_OVERHEAD: usize = 128;
+
 #[derive(Debug)]
 struct Member {
     instance_id: Option<String>,
@@ -146,25 +187,29 @@ struct Member {
     join: Option<oneshot::Sender<JoinResult>>,
     sync: Option<oneshot::Sender<SyncResult>>,
     assignment: Bytes,
-    /// Bytes of `protocols` and `assignment`, counted in the coordinator's `held` total (given
-    /// back when the member is dropped, whichever way it leaves).
-    accounted: usize,
-    held: Arc<AtomicUsize>,
+    /// Everything but subscriptions and assignment: overhead, ids, protocol type.
+    fixed: usize,
+    /// `fixed` plus subscriptions and assignment, in the coordinator's total.
+    charge: Charge,
 }
 
 fn protocol_bytes(protocols: &[(String, Bytes)]) -> usize {
     protocols.iter().map(|(n, m)| n.len() + m.len()).sum()
 }
 
+/// A member's bytes besides subscriptions and assignment: its member id (which contains the
+/// client id), client id, instance id (also a key of the static-member map) and protocol type.
+fn member_fixed(client_id: &str, instance_id: Option<&str>, protocol_type: &str) -> usize {
+    MEMBER_OVERHEAD
+        + 2 * (client_id.len() + 32)
+        + 2 * instance_id.map_or(0, str::len)
+        + protocol_type.len()
+}
+
 impl Member {
     fn recount(&mut self) {
-        let now = protocol_bytes(&self.protocols) + self.assignment.len();
-        if now >= self.accounted {
-            self.held.fetch_add(now - self.accounted, Ordering::Relaxed);
-        } else {
-            self.held.fetch_sub(self.accounted - now, Ordering::Relaxed);
-        }
-        self.accounted = now;
+        self.charge
+            .set(self.fixed + protocol_bytes(&self.protocols) + self.assignment.len());
     }
 
     fn set_protocols(&mut self, protocols: Vec<(String, Bytes)>) {
@@ -178,12 +223,6 @@ impl Member {
     }
 }
 
-impl Drop for Member {
-    fn drop(&mut self) {
-        self.held.fetch_sub(self.accounted, Ordering::Relaxed);
-    }
-}
-
 #[derive(Debug)]
 struct Group {
     state: GroupState,
@@ -192,8 +231,8 @@ struct Group {
     protocol: Option<String>,
     leader: Option<String>,
     members: BTreeMap<String, Member>,
-    /// Member ids handed out with MEMBER_ID_REQUIRED, not joined yet.
-    pending: BTreeMap<String, Instant>,
+    /// Member ids handed out with MEMBER_ID_REQUIRED, not joined yet: when, and their charge.
+    pending: BTreeMap<String, (Instant, Charge)>,
     /// Static members (KIP-345): instance id -> current member id.
     statics: HashMap<String, String>,
     /// When a rebalance gives up on members that did not rejoin.
@@ -204,6 +243,8 @@ struct Group {
     rebalances: watch::Sender<u64>,
     /// The coordinator's count of completed rebalances (for the metric).
     completed: Arc<AtomicU64>,
+    /// The group's own bytes (name, state) in the coordinator's total.
+    _charge: Charge,
 }
 
 /// What bounds the coordinator's memory (broker config `groups_max`, `group_members_max`,
@@ -216,7 +257,8 @@ pub struct GroupLimits {
     pub members_max: u32,
     /// Bytes of one member's subscriptions, and of one member's assignment.
     pub member_bytes_max: u32,
-    /// Bytes of subscriptions and assignments of all members of all groups.
+    /// Bytes of all groups: their members (subscriptions, assignments, ids) and member ids
+    /// handed out.
     pub total_bytes_max: u64,
 }
 
@@ -229,7 +271,7 @@ pub struct Coordinator {
     members_max: usize,
     member_bytes_max: usize,
     total_bytes_max: usize,
-    /// Bytes of subscriptions and assignments held by every member of every group.
+    /// Bytes held by every group, member and member id handed out (see `Charge`).
     held: Arc<AtomicUsize>,
     next_id: AtomicU64,
     /// Rebalances completed (join phases that handed out a generation with members).
@@ -256,7 +298,7 @@ fn fail_sync(error: ErrorCode) -> SyncResult {
 }
 
 impl Group {
-    fn new(now: Instant, completed: Arc<AtomicU64>) -> Group {
+    fn new(now: Instant, completed: Arc<AtomicU64>, charge: Charge) -> Group {
         Group {
             state: GroupState::Empty,
             generation: 0,
@@ -270,6 +312,7 @@ impl Group {
             not_before: now,
             rebalances: watch::Sender::new(0),
             completed,
+            _charge: charge,
         }
     }
 
@@ -483,6 +526,11 @@ impl Coordinator {
         }
     }
 
+    /// Whether replacing `old` held bytes by `new` ones stays within the total.
+    fn affordable(&self, old: usize, new: usize) -> bool {
+        self.held.load(Ordering::Relaxed).saturating_sub(old) + new <= self.total_bytes_max
+    }
+
     /// A new member id: the client id, a counter and a little entropy.
     fn fresh_id(&self, client_id: &str) -> String {
         let n = self.next_id.fetch_add(1, Ordering::Relaxed);
@@ -526,12 +574,19 @@ impl Coordinator {
         }
         let now = Instant::now();
         let mut groups = self.lock();
-        if !groups.contains_key(group_id) && groups.len() >= self.groups_max {
+        let group_cost = GROUP_OVERHEAD + group_id.len();
+        if !groups.contains_key(group_id)
+            && (groups.len() >= self.groups_max || !self.affordable(0, group_cost))
+        {
             return Answer::Ready(fail_join(ErrorCode::POLICY_VIOLATION, member_id.into()));
         }
-        let group = groups
-            .entry(group_id.to_string())
-            .or_insert_with(|| Group::new(now, Arc::clone(&self.completed)));
+        let group = groups.entry(group_id.to_string()).or_insert_with(|| {
+            Group::new(
+                now,
+                Arc::clone(&self.completed),
+                Charge::new(&self.held, group_cost),
+            )
+        });
         // Static membership (KIP-345): a member with a known instance id and no member id is
         // that member restarted; one with another member's id is a zombie.
         let static_current = instance_id
@@ -564,16 +619,15 @@ impl Coordinator {
                 member_id.into(),
             ));
         }
-        let wanted = protocol_bytes(&protocols);
+        let subscriptions = protocol_bytes(&protocols);
+        let fixed = member_fixed(client_id, instance_id.as_deref(), protocol_type);
         let already = group
             .members
             .get(takeover.as_deref().unwrap_or(member_id))
-            .map_or(0, |m| m.accounted);
-        if wanted > self.member_bytes_max
-            || self.held.load(Ordering::Relaxed).saturating_sub(already) + wanted
-                > self.total_bytes_max
+            .map_or(0, |m| m.charge.bytes);
+        if subscriptions > self.member_bytes_max || !self.affordable(already, fixed + subscriptions)
         {
-            tracing::warn!(group = %group_id, bytes = wanted, "join refused: subscription bytes over the limit");
+            tracing::warn!(group = %group_id, bytes = subscriptions, "join refused: over the coordinator's byte limits");
             return Answer::Ready(fail_join(ErrorCode::POLICY_VIOLATION, member_id.into()));
         }
         let mut member_id = member_id.to_string();
@@ -590,7 +644,13 @@ impl Coordinator {
             // KIP-394, except for static members (their instance id names them).
             if require_known_member_id && instance_id.is_none() {
                 // KIP-394: the client rejoins with this id.
-                group.pending.insert(id.clone(), now);
+                let cost = PENDING_OVERHEAD + id.len();
+                if !self.affordable(0, cost) {
+                    return Answer::Ready(fail_join(ErrorCode::POLICY_VIOLATION, String::new()));
+                }
+                group
+                    .pending
+                    .insert(id.clone(), (now, Charge::new(&self.held, cost)));
                 return Answer::Ready(fail_join(ErrorCode::MEMBER_ID_REQUIRED, id));
             }
             id
@@ -617,10 +677,11 @@ impl Coordinator {
             join: None,
             sync: None,
             assignment: Bytes::new(),
-            accounted: 0,
-            held: Arc::clone(&self.held),
+            fixed,
+            charge: Charge::new(&self.held, 0),
         });
         member.instance_id = instance_id;
+        member.fixed = fixed;
         // Own copies: slices of the request frame would keep the whole frame alive as long as
         // the member (a small subscription in a large frame would pin the frame).
         member.set_protocols(
@@ -896,7 +957,7 @@ impl Coordinator {
             }
             group
                 .pending
-                .retain(|_, at| now.duration_since(*at) < Duration::from_secs(300));
+                .retain(|_, (at, _)| now.duration_since(*at) < Duration::from_secs(300));
             group.maybe_complete_join(now);
         }
         groups.retain(|_, g| g.state != GroupState::Empty || !g.pending.is_empty());
@@ -904,7 +965,7 @@ impl Coordinator {
 }
 
 impl Coordinator {
-    /// Bytes of subscriptions and assignments held for all members.
+    /// Bytes held for all groups, members and member ids handed out.
     pub fn held_bytes(&self) -> usize {
         self.held.load(Ordering::Relaxed)
     }
@@ -1115,13 +1176,17 @@ mod tests {
 
     #[tokio::test]
     async fn subscription_bytes_are_bounded_per_member_and_in_total_and_given_back() {
+        // What a one-letter group and a member with an n-byte "range" subscription cost.
+        let group = GROUP_OVERHEAD + 1;
+        let member = |n: usize| member_fixed("client", None, "consumer") + "range".len() + n;
         let c = Coordinator::new(
             Duration::ZERO,
             GroupLimits {
                 groups_max: 100,
                 members_max: 100,
                 member_bytes_max: 1_000,
-                total_bytes_max: 2_500,
+                // Room for three groups and two members of 900 bytes, not a third.
+                total_bytes_max: (3 * group + 2 * member(900) + member(900) / 2) as u64,
             },
         );
         let lost = || fail_join(ErrorCode::UNKNOWN_MEMBER_ID, String::new());
@@ -1130,15 +1195,16 @@ mod tests {
             j.protocols = vec![("range".into(), Bytes::from(vec![0u8; n]))];
             c.join(j)
         };
-        // Over the per-member bound.
+        // Over the per-member bound (the group stays until the timer's sweep).
         assert_eq!(
             with_bytes("a", "", 1_001).get(lost).await.error,
             ErrorCode::POLICY_VIOLATION
         );
-        // Two members of 900 (+5 for the name) fit; a third goes over the total.
+        assert_eq!(c.held_bytes(), group);
+        // Two members of 900 fit; a third goes over the total.
         let first = with_bytes("a", "", 900);
         let second = with_bytes("b", "", 900);
-        assert_eq!(c.held_bytes(), 1_810);
+        assert_eq!(c.held_bytes(), 2 * group + 2 * member(900));
         assert_eq!(
             with_bytes("c", "", 900).get(lost).await.error,
             ErrorCode::POLICY_VIOLATION
@@ -1150,13 +1216,20 @@ mod tests {
         );
         // Rejoining with a smaller subscription counts the difference; leaving gives it back.
         let again = with_bytes("a", &first.member_id, 100);
-        assert_eq!(c.held_bytes(), 105 + 905);
+        assert_eq!(c.held_bytes(), 3 * group + member(100) + member(900));
         assert_eq!(
             c.leave("a", &[(first.member_id.clone(), None)]),
             vec![ErrorCode::NONE]
         );
         drop(again);
-        assert_eq!(c.held_bytes(), 905);
+        assert_eq!(c.held_bytes(), 3 * group + member(900));
+        // A member id handed out (KIP-394) is charged too.
+        let handed = c.join(consumer("b", "", true)).get(lost).await;
+        assert_eq!(handed.error, ErrorCode::MEMBER_ID_REQUIRED);
+        assert_eq!(
+            c.held_bytes(),
+            3 * group + member(900) + PENDING_OVERHEAD + handed.member_id.len()
+        );
         c.close();
         assert_eq!(c.held_bytes(), 0);
     }
