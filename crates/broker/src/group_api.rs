@@ -60,11 +60,12 @@ impl Handler {
     ) -> Vec<(String, Vec<(i64, ErrorCode)>)> {
         let refusal = if !valid_group_id(group) {
             Some(ErrorCode::INVALID_GROUP_ID)
-        } else if self.groups.fenced(group, member_id, instance_id) {
-            Some(ErrorCode::FENCED_INSTANCE_ID)
-        } else if generation >= 0 || !member_id.is_empty() {
-            Some(self.groups.check_commit(group, generation, member_id))
-                .filter(|code| *code != ErrorCode::NONE)
+        } else if generation >= 0 || !member_id.is_empty() || instance_id.is_some() {
+            Some(
+                self.groups
+                    .check_commit(group, generation, (member_id, instance_id)),
+            )
+            .filter(|code| *code != ErrorCode::NONE)
         } else if self.groups.has_members(group) {
             // A commit from outside an active group would race its members.
             Some(ErrorCode::UNKNOWN_MEMBER_ID)
@@ -326,9 +327,12 @@ impl Handler {
                         .into_iter()
                         .map(|a| (a.member_id, a.assignment))
                         .collect();
-                    let synced =
-                        this.groups
-                            .sync(&r.group_id, r.generation, &r.member_id, assignments);
+                    let synced = this.groups.sync(
+                        &r.group_id,
+                        r.generation,
+                        (&r.member_id, None),
+                        assignments,
+                    );
                     let result = synced
                         .get(|| SyncResult {
                             error: ErrorCode::REBALANCE_IN_PROGRESS,

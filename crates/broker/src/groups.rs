@@ -417,6 +417,14 @@ impl Group {
         }
     }
 
+    /// Whether `instance_id` (a static member's, as a request carries it) now names a member
+    /// other than `member_id`: the sender is a stale incarnation (FENCED_INSTANCE_ID).
+    fn fences(&self, member_id: &str, instance_id: Option<&str>) -> bool {
+        instance_id
+            .and_then(|iid| self.statics.get(iid))
+            .is_some_and(|current| current != member_id)
+    }
+
     /// Every member with its subscription for `protocol`: what the leader assigns from.
     fn roster(&self, protocol: &str) -> Vec<(String, Option<String>, Bytes)> {
         self.members
@@ -708,13 +716,16 @@ impl Coordinator {
         &self,
         group_id: &str,
         generation: i32,
-        member_id: &str,
+        (member_id, instance_id): (&str, Option<&str>),
         assignments: Vec<(String, Bytes)>,
     ) -> Answer<SyncResult> {
         let mut groups = self.lock();
         let Some(group) = groups.get_mut(group_id) else {
             return Answer::Ready(fail_sync(ErrorCode::UNKNOWN_MEMBER_ID));
         };
+        if group.fences(member_id, instance_id) {
+            return Answer::Ready(fail_sync(ErrorCode::FENCED_INSTANCE_ID));
+        }
         if !group.members.contains_key(member_id) {
             return Answer::Ready(fail_sync(ErrorCode::UNKNOWN_MEMBER_ID));
         }
@@ -775,10 +786,14 @@ impl Coordinator {
         }
     }
 
-    /// A Heartbeat.
-    pub fn heartbeat(&self, group_id: &str, generation: i32, member_id: &str) -> ErrorCode {
-        self.heartbeat_watch(group_id, generation, member_id, true)
-            .0
+    /// A Heartbeat from (member id, static instance id).
+    pub fn heartbeat(
+        &self,
+        group_id: &str,
+        generation: i32,
+        member: (&str, Option<&str>),
+    ) -> ErrorCode {
+        self.heartbeat_watch(group_id, generation, member, true).0
     }
 
     /// A heartbeat, and on success a watch of the group's rebalances (subscribed under the same
@@ -789,13 +804,16 @@ impl Coordinator {
         &self,
         group_id: &str,
         generation: i32,
-        member_id: &str,
+        (member_id, instance_id): (&str, Option<&str>),
         alive: bool,
     ) -> (ErrorCode, Option<(watch::Receiver<u64>, Duration)>) {
         let mut groups = self.lock();
         let Some(member_group) = groups.get_mut(group_id) else {
             return (ErrorCode::UNKNOWN_MEMBER_ID, None);
         };
+        if member_group.fences(member_id, instance_id) {
+            return (ErrorCode::FENCED_INSTANCE_ID, None);
+        }
         let state = member_group.state;
         let current = member_group.generation;
         let Some(member) = member_group.members.get_mut(member_id) else {
@@ -829,7 +847,7 @@ impl Coordinator {
         member_id: &str,
         max_wait: Duration,
     ) -> ErrorCode {
-        let (code, watch) = self.heartbeat_watch(group_id, generation, member_id, true);
+        let (code, watch) = self.heartbeat_watch(group_id, generation, (member_id, None), true);
         let Some((mut rebalances, session)) = watch else {
             return code;
         };
@@ -838,7 +856,7 @@ impl Coordinator {
         }
         // Err (the group is gone) also ends the wait.
         let _ = tokio::time::timeout(max_wait.min(session / 2), rebalances.changed()).await;
-        self.heartbeat_watch(group_id, generation, member_id, false)
+        self.heartbeat_watch(group_id, generation, (member_id, None), false)
             .0
     }
 
@@ -872,25 +890,21 @@ impl Coordinator {
             .collect()
     }
 
-    /// Whether `instance_id` (a static member's, as a request carries it) now belongs to a member
-    /// other than `member_id`: the sender is a stale incarnation (FENCED_INSTANCE_ID).
-    pub fn fenced(&self, group_id: &str, member_id: &str, instance_id: Option<&str>) -> bool {
-        let Some(iid) = instance_id else {
-            return false;
-        };
-        self.lock()
-            .get(group_id)
-            .and_then(|g| g.statics.get(iid))
-            .is_some_and(|current| current != member_id)
-    }
-
-    /// Whether a member may commit offsets for `group_id` at `generation`: it must belong to
-    /// the current generation.
-    pub fn check_commit(&self, group_id: &str, generation: i32, member_id: &str) -> ErrorCode {
+    /// Whether a member (member id, static instance id) may commit offsets for `group_id` at
+    /// `generation`: it must belong to the current generation.
+    pub fn check_commit(
+        &self,
+        group_id: &str,
+        generation: i32,
+        (member_id, instance_id): (&str, Option<&str>),
+    ) -> ErrorCode {
         let groups = self.lock();
         let Some(group) = groups.get(group_id) else {
             return ErrorCode::UNKNOWN_MEMBER_ID;
         };
+        if group.fences(member_id, instance_id) {
+            return ErrorCode::FENCED_INSTANCE_ID;
+        }
         if !group.members.contains_key(member_id) {
             return ErrorCode::UNKNOWN_MEMBER_ID;
         }
@@ -1139,11 +1153,16 @@ mod tests {
         assert_eq!(leader.members.len(), 2);
         let follower = if ja.members.is_empty() { &ja } else { &jb };
         let lost_sync = || fail_sync(ErrorCode::UNKNOWN_MEMBER_ID);
-        let fs = c.sync("g", follower.generation, &follower.member_id, vec![]);
+        let fs = c.sync(
+            "g",
+            follower.generation,
+            (&follower.member_id, None),
+            vec![],
+        );
         let ls = c.sync(
             "g",
             leader.generation,
-            &leader.member_id,
+            (&leader.member_id, None),
             vec![
                 (leader.member_id.clone(), Bytes::from_static(b"L")),
                 (follower.member_id.clone(), Bytes::from_static(b"F")),
@@ -1152,7 +1171,7 @@ mod tests {
         assert_eq!(&ls.get(lost_sync).await.assignment[..], b"L");
         assert_eq!(&fs.get(lost_sync).await.assignment[..], b"F");
         assert_eq!(
-            c.heartbeat("g", leader.generation, &leader.member_id),
+            c.heartbeat("g", leader.generation, (&leader.member_id, None)),
             ErrorCode::NONE
         );
         // The follower leaves: the leader hears of a rebalance and rejoins alone.
@@ -1161,14 +1180,14 @@ mod tests {
             vec![ErrorCode::NONE]
         );
         assert_eq!(
-            c.heartbeat("g", leader.generation, &leader.member_id),
+            c.heartbeat("g", leader.generation, (&leader.member_id, None)),
             ErrorCode::REBALANCE_IN_PROGRESS
         );
         let again = join(&c, &leader.member_id).get(lost).await;
         assert_eq!(again.generation, leader.generation + 1);
         assert_eq!(again.members.len(), 1);
         assert_eq!(
-            c.heartbeat("g", leader.generation, &leader.member_id),
+            c.heartbeat("g", leader.generation, (&leader.member_id, None)),
             ErrorCode::ILLEGAL_GENERATION
         );
         ticker.abort();
@@ -1250,11 +1269,16 @@ mod tests {
         let (a, b) = (a.get(lost).await, b.get(lost).await);
         assert_eq!((a.error, b.error), (ErrorCode::NONE, ErrorCode::NONE));
         let (leader, follower) = if a.members.is_empty() { (b, a) } else { (a, b) };
-        let fs = c.sync("g", follower.generation, &follower.member_id, vec![]);
+        let fs = c.sync(
+            "g",
+            follower.generation,
+            (&follower.member_id, None),
+            vec![],
+        );
         let ls = c.sync(
             "g",
             leader.generation,
-            &leader.member_id,
+            (&leader.member_id, None),
             vec![
                 (leader.member_id.clone(), Bytes::from_static(b"L")),
                 (follower.member_id.clone(), Bytes::from_static(b"F")),
@@ -1275,18 +1299,39 @@ mod tests {
         assert_eq!(again.error, ErrorCode::NONE);
         assert_eq!(again.generation, follower.generation);
         assert_ne!(again.member_id, follower.member_id);
-        let synced = c.sync("g", again.generation, &again.member_id, vec![]);
+        let synced = c.sync("g", again.generation, (&again.member_id, None), vec![]);
         assert_eq!(&synced.get(lost_sync).await.assignment[..], b"F");
         assert_eq!(
-            c.heartbeat("g", leader.generation, &leader.member_id),
+            c.heartbeat("g", leader.generation, (&leader.member_id, None)),
             ErrorCode::NONE
         );
         // The old incarnation is gone; its requests carrying the instance id are fenced.
-        assert!(c.fenced("g", &follower.member_id, Some(&follower_iid)));
-        assert!(!c.fenced("g", &again.member_id, Some(&follower_iid)));
-        assert!(!c.fenced("g", &follower.member_id, None));
+        let stale = (follower.member_id.as_str(), Some(follower_iid.as_str()));
         assert_eq!(
-            c.heartbeat("g", follower.generation, &follower.member_id),
+            c.heartbeat("g", follower.generation, stale),
+            ErrorCode::FENCED_INSTANCE_ID
+        );
+        assert_eq!(
+            c.check_commit("g", follower.generation, stale),
+            ErrorCode::FENCED_INSTANCE_ID
+        );
+        assert_eq!(
+            c.sync("g", follower.generation, stale, vec![])
+                .get(lost_sync)
+                .await
+                .error,
+            ErrorCode::FENCED_INSTANCE_ID
+        );
+        assert_eq!(
+            c.heartbeat(
+                "g",
+                again.generation,
+                (&again.member_id, Some(follower_iid.as_str()))
+            ),
+            ErrorCode::NONE
+        );
+        assert_eq!(
+            c.heartbeat("g", follower.generation, (&follower.member_id, None)),
             ErrorCode::UNKNOWN_MEMBER_ID
         );
         assert_eq!(
@@ -1312,16 +1357,16 @@ mod tests {
         let resynced = c.sync(
             "g",
             restarted.generation,
-            &restarted.member_id,
+            (&restarted.member_id, None),
             vec![(again.member_id.clone(), Bytes::from_static(b"X"))],
         );
         assert_eq!(&resynced.get(lost_sync).await.assignment[..], b"L");
         assert_eq!(
-            c.heartbeat("g", again.generation, &again.member_id),
+            c.heartbeat("g", again.generation, (&again.member_id, None)),
             ErrorCode::NONE
         );
         assert_eq!(
-            &c.sync("g", again.generation, &again.member_id, vec![])
+            &c.sync("g", again.generation, (&again.member_id, None), vec![])
                 .get(lost_sync)
                 .await
                 .assignment[..],
@@ -1333,7 +1378,7 @@ mod tests {
             vec![ErrorCode::NONE]
         );
         assert_eq!(
-            c.heartbeat("g", restarted.generation, &restarted.member_id),
+            c.heartbeat("g", restarted.generation, (&restarted.member_id, None)),
             ErrorCode::REBALANCE_IN_PROGRESS
         );
         ticker.abort();
@@ -1349,7 +1394,7 @@ mod tests {
         let synced = c.sync(
             "g",
             joined.generation,
-            &id,
+            (&id, None),
             vec![(id.clone(), Bytes::new())],
         );
         let lost_sync = || fail_sync(ErrorCode::UNKNOWN_MEMBER_ID);

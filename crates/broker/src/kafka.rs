@@ -199,19 +199,12 @@ impl Handler {
                 })
             }
             Request::SyncGroup(r) => {
-                let synced =
-                    if self
-                        .groups
-                        .fenced(&r.group_id, &r.member_id, r.group_instance_id.as_deref())
-                    {
-                        crate::groups::Answer::Ready(crate::groups::SyncResult {
-                            error: ErrorCode::FENCED_INSTANCE_ID,
-                            ..Default::default()
-                        })
-                    } else {
-                        self.groups
-                            .sync(&r.group_id, r.generation_id, &r.member_id, r.assignments)
-                    };
+                let synced = self.groups.sync(
+                    &r.group_id,
+                    r.generation_id,
+                    (&r.member_id, r.group_instance_id.as_deref()),
+                    r.assignments,
+                );
                 let this = Arc::clone(self);
                 Box::pin(async move {
                     let result = synced
@@ -305,16 +298,11 @@ impl Handler {
                 })
             }
             Request::Heartbeat(r) => {
-                let code =
-                    if self
-                        .groups
-                        .fenced(&r.group_id, &r.member_id, r.group_instance_id.as_deref())
-                    {
-                        ErrorCode::FENCED_INSTANCE_ID
-                    } else {
-                        self.groups
-                            .heartbeat(&r.group_id, r.generation_id, &r.member_id)
-                    };
+                let code = self.groups.heartbeat(
+                    &r.group_id,
+                    r.generation_id,
+                    (&r.member_id, r.group_instance_id.as_deref()),
+                );
                 self.metrics.count_error(Api::HEARTBEAT.label, code);
                 let response = kp::HeartbeatResponse::default().with_error_code(code.0);
                 ready(finish(respond("HeartbeatResponse", &response)))
