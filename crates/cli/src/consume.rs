@@ -80,11 +80,7 @@ pub async fn run(bootstrap: &str, output: Output, args: ConsumeArgs) -> anyhow::
             ends.insert(p, consumer.end_offset(&args.topic, p).await?);
         }
     }
-    let format = args
-        .format
-        .as_deref()
-        .map(unescape)
-        .unwrap_or_else(|| "%v".to_string());
+    let format = args.record_format();
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::new(stdout.lock());
     let mut n = 0u64;
@@ -133,11 +129,7 @@ async fn run_group(
     let mut consumer = GroupConsumer::connect(bootstrap, config)
         .await
         .with_context(|| format!("joining group {group} at {bootstrap}"))?;
-    let format = args
-        .format
-        .as_deref()
-        .map(unescape)
-        .unwrap_or_else(|| "%v".to_string());
+    let format = args.record_format();
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::new(stdout.lock());
     let mut n = 0u64;
@@ -186,6 +178,16 @@ fn print(
         Output::Table => write_formatted(out, format, record)?,
     }
     Ok(())
+}
+
+impl ConsumeArgs {
+    /// `--format` with its escapes resolved (default: the value).
+    fn record_format(&self) -> String {
+        self.format
+            .as_deref()
+            .map(unescape)
+            .unwrap_or_else(|| "%v".to_string())
+    }
 }
 
 fn unescape(format: &str) -> String {

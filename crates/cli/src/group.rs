@@ -84,7 +84,8 @@ pub async fn run(bootstrap: &str, output: Output, command: GroupCommand) -> anyh
                 "earliest" => Some(cairn_protocol::native::EARLIEST_TIMESTAMP),
                 "latest" => Some(cairn_protocol::native::LATEST_TIMESTAMP),
                 t if t.starts_with('@') => Some(
-                    t[1..]
+                    t.strip_prefix('@')
+                        .unwrap_or(t)
                         .parse::<i64>()
                         .ok()
                         .filter(|ms| *ms >= 0)
