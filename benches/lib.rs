@@ -1,4 +1,5 @@
 //! Helpers shared by Cairn's benchmarks.
+#![forbid(unsafe_code)]
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
 use cairn_protocol::batch::{BatchBuilder, Compression};

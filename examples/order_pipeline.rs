@@ -7,6 +7,7 @@
 //!
 //! Run it with `cargo run --example order_pipeline`. The data lives in a temporary directory; set
 //! `ORDER_PIPELINE_DATA=path` to keep it and see the records survive a second run.
+#![forbid(unsafe_code)]
 
 use std::time::Duration;
 

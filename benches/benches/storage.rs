@@ -12,7 +12,7 @@
 //! - `compaction/compact` vs `compaction/copy_fsync`: one compaction pass over a log of keyed
 //!   1 KiB records (1,000 keys, so most records are superseded), against reading the same
 //!   segment files and writing them to a new file with one fsync.
-
+#![forbid(unsafe_code)]
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
 use std::fs::File;

@@ -3,6 +3,7 @@
 //! always stops by itself, after `CAIRN_CHILD_MAX_SECS` seconds).
 //!
 //! Usage: `cairn-crash-child DIR SEED`
+#![forbid(unsafe_code)]
 
 use std::io::Write;
 use std::time::{Duration, Instant};

@@ -7,6 +7,7 @@
 //!     cairn-group-member BOOTSTRAP TOPIC GROUP NAME
 //!
 //! `CAIRN_GROUP_ASSIGNOR` (comma-separated names) replaces the default assignor list.
+#![forbid(unsafe_code)]
 
 use std::io::Write;
 use std::time::{SystemTime, UNIX_EPOCH};

@@ -265,13 +265,13 @@ fn hostile_kafka_frames_get_an_error_or_a_close_and_the_broker_keeps_serving() {
     // A control producer speaks the Kafka protocol, acks=all, through everything below.
     let control = rt.spawn(async move {
         let admin = Admin::with_connection(
-            cairn_kafka::client::connect(&kafka_addr, "control")
+            cairn_kafka_client::connect(&kafka_addr, "control")
                 .await
                 .unwrap(),
         );
         admin.create_topic("control", 1, &[]).await.unwrap();
         let producer = Producer::with_connection(
-            cairn_kafka::client::connect(&kafka_addr, "control")
+            cairn_kafka_client::connect(&kafka_addr, "control")
                 .await
                 .unwrap(),
             ProducerConfig {

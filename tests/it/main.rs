@@ -1,5 +1,6 @@
 //! Cairn's integration tests: one binary, a module per concern. They use real files, real child
 //! processes killed with SIGKILL, and a fault-injecting file system for power loss.
+#![forbid(unsafe_code)]
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
 mod broker;

@@ -102,7 +102,7 @@ struct Target {
 impl Target {
     async fn connect(&self, client_id: &str) -> anyhow::Result<Connection> {
         let conn = if self.kafka {
-            cairn_kafka::client::connect(&self.addr, client_id).await
+            cairn_kafka_client::connect(&self.addr, client_id).await
         } else {
             Connection::connect(&self.addr, client_id).await
         };

@@ -1,5 +1,6 @@
 //! `cairn`: run a broker, manage topics, produce and consume from the shell. The binary is
 //! `src/main.rs`; everything else is here so integration tests can build the same command.
+#![forbid(unsafe_code)]
 
 mod bench;
 mod broker;

@@ -35,7 +35,7 @@ pub trait Transport: Send + Sync + std::fmt::Debug {
 /// A wire format other than the native protocol over the same framing (a big-endian `u32`
 /// length, then the payload): it encodes native requests in its own format and decodes its
 /// responses straight into the native response types, so producers, consumers and admin clients
-/// work unchanged over it (the Kafka protocol, in `cairn-kafka`).
+/// work unchanged over it (the Kafka protocol, in `cairn-kafka-client`).
 pub trait Dialect: Send + Sync + std::fmt::Debug {
     /// Encodes a request as a frame payload.
     fn encode_request(

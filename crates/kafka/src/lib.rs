@@ -8,7 +8,6 @@
 //! [`response::encode_fetch`]. Record batches pass through as bytes in both directions.
 #![forbid(unsafe_code)]
 
-pub mod client;
 mod read;
 pub mod request;
 pub mod response;

@@ -25,6 +25,7 @@ pub mod compression;
 pub mod limits;
 pub mod native;
 mod offset;
+pub mod partitioner;
 pub mod varint;
 
 pub use offset::Offset;

@@ -76,7 +76,7 @@ impl MappedFile {
     ///
     /// The caller must only ask for published bytes (contract rule 1): bytes below a segment's
     /// published end, or a sealed index file.
-    pub fn slice(&self, start: usize, end: usize) -> Option<&[u8]> {
+    pub(crate) fn slice(&self, start: usize, end: usize) -> Option<&[u8]> {
         if start > end || end > self.map.len() {
             return None;
         }
@@ -89,7 +89,7 @@ impl MappedFile {
 
     /// A zero-copy `Bytes` of `start..end` that keeps the map alive, or `None` if the range is not
     /// inside the map. Same caller obligation as [`MappedFile::slice`].
-    pub fn bytes(&self, start: usize, end: usize) -> Option<Bytes> {
+    pub(crate) fn bytes(&self, start: usize, end: usize) -> Option<Bytes> {
         self.slice(start, end)?;
         Some(Bytes::from_owner(MappedRange {
             map: Arc::clone(&self.map),

@@ -1,4 +1,5 @@
 //! Test-only helpers for Cairn: a fault-injecting file system and batch generators.
+#![forbid(unsafe_code)]
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
 mod fault_fs;

@@ -5,8 +5,11 @@
 //! `kafka-protocol` straight into the native response types (fetched records stay slices of the
 //! response frame).
 //!
+//! A crate of its own so that `cairn-kafka`, the broker's codec, stays free of client code.
+//!
 //! Against Apache Kafka, keep the producer's `request_bytes_max` at or below its `batch_bytes`:
 //! Kafka accepts one batch per partition per Produce request, Cairn any number.
+#![forbid(unsafe_code)]
 
 use std::any::Any;
 
