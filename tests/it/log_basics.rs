@@ -428,3 +428,73 @@ fn replicated_batches_after_a_wide_gap_start_their_own_segment() {
     assert_eq!(read_values(&log, log.log_start_offset()).len(), 6);
     assert_eq!(log.log_end_offset(), Offset(2 * far + 3));
 }
+
+#[test]
+fn a_new_epoch_reaches_its_checkpoint_with_the_next_flush_or_from_the_batches_after_a_crash() {
+    let fs = FaultFs::new();
+    let dir = std::path::Path::new("/log");
+    let config = small_config(ReadMode::Pread);
+    let open = || Log::open_with(Arc::new(fs.clone()), dir, config.clone()).unwrap();
+    let epochs = |log: &Log| -> Vec<(u32, u64)> {
+        log.leader_epochs()
+            .iter()
+            .map(|e| (e.epoch, e.start_offset))
+            .collect()
+    };
+    let log = open();
+    fill_epoch(&log, 2, 1);
+    log.flush_all().unwrap();
+    // A new epoch is not written at the append (no fsync on the append path)...
+    fill_epoch(&log, 2, 4);
+    assert_eq!(epochs(&log), [(1, 0), (4, 8)]);
+    // ...and a dead process's surviving batches bring it back at the next open.
+    drop(log);
+    fs.kill_process();
+    let log = open();
+    assert_eq!(epochs(&log), [(1, 0), (4, 8)]);
+    // A flush makes it durable with the batches: it survives a power loss.
+    fill_epoch(&log, 1, 6);
+    log.flush_all().unwrap();
+    drop(log);
+    fs.crash(7);
+    let log = open();
+    assert_eq!(epochs(&log), [(1, 0), (4, 8), (6, 16)]);
+    log.verify().unwrap();
+}
+
+#[test]
+fn a_nonblocking_append_declines_rolls_and_syncs_and_writes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = Log::open(dir.path(), small_config(ReadMode::Mmap)).unwrap();
+    let mut n_declined = 0;
+    for _ in 0..100 {
+        let end = log.log_end_offset();
+        let mut batch = tagged_batch(end.0, 5, 100, 0);
+        match log.append_nonblocking(&mut batch, 0).unwrap() {
+            Some(info) => assert_eq!(info.base_offset, end),
+            None => {
+                n_declined += 1;
+                assert_eq!(log.log_end_offset(), end, "nothing written");
+                let n_segments = log.n_segments();
+                log.append(&mut batch, 0).unwrap();
+                assert_eq!(log.n_segments(), n_segments + 1, "declined for a roll");
+            }
+        }
+    }
+    assert!(n_declined >= 3, "16 KiB segments roll: {n_declined}");
+    log.verify().unwrap();
+    assert_eq!(read_values(&log, Offset(0)).len(), 500);
+    // A policy that syncs every append always declines.
+    let dir = tempfile::tempdir().unwrap();
+    let config = LogConfig {
+        flush: FlushPolicy::EveryAppend,
+        ..small_config(ReadMode::Mmap)
+    };
+    let log = Log::open(dir.path(), config).unwrap();
+    assert!(
+        log.append_nonblocking(&mut tagged_batch(0, 1, 10, 0), 0)
+            .unwrap()
+            .is_none()
+    );
+    assert_eq!(log.log_end_offset(), Offset(0));
+}

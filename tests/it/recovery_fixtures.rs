@@ -121,9 +121,13 @@ fn check_exact(t: &Template, damage: impl FnOnce(&Path), want: Vec<Vec<u8>>, cas
         Offset(expected_end),
         "{case}: log end"
     );
-    // Appending continues cleanly after the repaired end.
+    // Appending continues cleanly after the repaired end, at an epoch no older than the log's
+    // latest, as any leader's. Recovery takes the epochs of the batches it scans into the
+    // leader-epoch cache (as Kafka's does: the checkpoint is written lazily, by flushes), so a
+    // batch whose epoch field was flipped (outside the CRC, undetectable) raises the latest.
+    let epoch = log.leader_epochs().last().map_or(1, |e| e.epoch.max(1));
     let mut batch = tagged_batch(expected_end, 2, 10, 0);
-    log.append(&mut batch, 1).unwrap();
+    log.append(&mut batch, epoch).unwrap();
     log.verify()
         .unwrap_or_else(|e| panic!("{case} after append: {e}"));
 }

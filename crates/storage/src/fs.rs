@@ -56,8 +56,11 @@ pub trait Fs: Send + Sync + fmt::Debug {
     fn open(&self, path: &Path, mode: OpenMode) -> io::Result<Arc<dyn FsFile>>;
     /// Whether a file exists.
     fn exists(&self, path: &Path) -> io::Result<bool>;
-    /// Atomically replaces `to` with `from`.
+    /// Atomically replaces `to` with `from` (a file, or a directory and everything in it).
     fn rename(&self, from: &Path, to: &Path) -> io::Result<()>;
+    /// Removes a directory and everything in it. Open handles and memory maps of its files stay
+    /// valid. Not atomic: rename a directory aside first if a crash must not leave half of it.
+    fn remove_dir_all(&self, path: &Path) -> io::Result<()>;
     /// Unlinks a file. Open handles and memory maps of it stay valid.
     fn remove_file(&self, path: &Path) -> io::Result<()>;
     /// Makes the directory's entries (creations, renames, removals) durable.
@@ -160,6 +163,10 @@ impl Fs for StdFs {
 
     fn remove_file(&self, path: &Path) -> io::Result<()> {
         std::fs::remove_file(path)
+    }
+
+    fn remove_dir_all(&self, path: &Path) -> io::Result<()> {
+        std::fs::remove_dir_all(path)
     }
 
     fn sync_dir(&self, path: &Path) -> io::Result<()> {

@@ -89,6 +89,10 @@ pub(crate) struct State {
     pub(crate) last_flush: Instant,
     /// A segment file was created since the directory was last synced.
     pub(crate) dir_unsynced: bool,
+    /// The leader-epoch cache gained an epoch that its checkpoint does not hold yet. The next
+    /// flush writes it (off the append path, without the state lock); recovery after an unclean
+    /// stop adds the epochs of the batches it scans, so a lost checkpoint write loses nothing.
+    pub(crate) epochs_unsynced: bool,
 }
 
 /// A partition log in a directory of its own.
@@ -288,11 +292,37 @@ impl Log {
     /// either all are appended or none. With [`FlushPolicy::EveryAppend`] the batches are durable
     /// when this returns.
     pub fn append(&self, batches: &mut [u8], leader_epoch: u32) -> Result<AppendInfo, AppendError> {
+        let info = self.append_inner(batches, leader_epoch, true)?;
+        info.ok_or(AppendError::Empty)
+    }
+
+    /// As [`Log::append`], for callers that must not block (an async runtime's worker): the
+    /// append happens only if it is a positional write into the page cache. If it would first
+    /// have to roll a segment (create, preallocate and seal files) or sync (the flush policy),
+    /// nothing is written or stamped and `Ok(None)` says to call [`Log::append`] where blocking
+    /// is allowed.
+    pub fn append_nonblocking(
+        &self,
+        batches: &mut [u8],
+        leader_epoch: u32,
+    ) -> Result<Option<AppendInfo>, AppendError> {
+        self.append_inner(batches, leader_epoch, false)
+    }
+
+    fn append_inner(
+        &self,
+        batches: &mut [u8],
+        leader_epoch: u32,
+        may_block: bool,
+    ) -> Result<Option<AppendInfo>, AppendError> {
         let epoch = i32::try_from(leader_epoch).map_err(|_| AppendError::Overflow)?;
         let headers = self.validate_batches(batches, true)?;
         let info = {
             let mut state = lock(&self.state);
             self.check_poisoned(&state)?;
+            if !may_block && self.append_would_block(&state, batches.len(), &headers) {
+                return Ok(None);
+            }
             if let Some(latest) = state.epochs.latest()
                 && latest.epoch > leader_epoch
             {
@@ -329,7 +359,7 @@ impl Log {
             }
             if state.epochs.latest().is_none_or(|e| e.epoch < leader_epoch) {
                 state.epochs.assign(leader_epoch, base_offset);
-                self.write_epochs(&mut state)?;
+                state.epochs_unsynced = true;
             }
             AppendInfo {
                 base_offset: Offset(base_offset),
@@ -337,8 +367,32 @@ impl Log {
                 max_timestamp,
             }
         };
-        self.flush_after_append(info.last_offset)?;
-        Ok(info)
+        if may_block {
+            self.flush_after_append(info.last_offset)?;
+        }
+        Ok(Some(info))
+    }
+
+    /// Whether appending `headers` (`n_bytes` in all) would roll a segment or sync: work that
+    /// blocks on the disk. The last header bounds every check (timestamps are per batch, so the
+    /// first and last are checked for the segment's age).
+    fn append_would_block(&self, state: &State, n_bytes: usize, headers: &[BatchHeader]) -> bool {
+        let sync_due = match self.config.flush {
+            FlushPolicy::EveryAppend => true,
+            FlushPolicy::Interval(interval) => {
+                Instant::now().saturating_duration_since(state.last_flush) >= interval
+            }
+            FlushPolicy::Os => false,
+        };
+        sync_due
+            || headers.iter().any(|header| {
+                // Offsets are not stamped yet: judge the batch at the log end.
+                let at_end = BatchHeader {
+                    base_offset: state.log_end as i64,
+                    ..*header
+                };
+                self.should_roll(state, n_bytes, &at_end)
+            })
     }
 
     /// Appends batches that already carry their offsets and leader epochs (a follower copying its
@@ -376,7 +430,7 @@ impl Log {
                     && state.epochs.latest().is_none_or(|e| e.epoch < epoch)
                 {
                     state.epochs.assign(epoch, header.base_offset as u64);
-                    self.write_epochs(&mut state)?;
+                    state.epochs_unsynced = true;
                 }
                 max_timestamp = max_timestamp.max(header.max_timestamp);
                 pos = end;
@@ -556,6 +610,7 @@ impl Log {
     }
 
     fn write_epochs(&self, state: &mut State) -> Result<(), Fatal> {
+        state.epochs_unsynced = false;
         let lines = crate::recovery::epoch_lines(&state.epochs);
         checkpoint::write(
             &*self.fs,
@@ -592,7 +647,7 @@ impl Log {
             return Ok(());
         }
         let _one_sync_at_a_time = lock(&self.flush_lock);
-        let (sealed, active, sync_dir, log_end) = {
+        let (sealed, active, sync_dir, log_end, epochs) = {
             let mut guard = lock(&self.state);
             let state = &mut *guard;
             self.check_poisoned(state)?;
@@ -614,7 +669,9 @@ impl Log {
                 .next_back()
                 .map(|s| (Arc::clone(&s.file), s.base_offset));
             let sync_dir = std::mem::take(&mut state.dir_unsynced);
-            (sealed, active, sync_dir, state.log_end)
+            let epochs = std::mem::take(&mut state.epochs_unsynced)
+                .then(|| crate::recovery::epoch_lines(&state.epochs));
+            (sealed, active, sync_dir, state.log_end, epochs)
         };
         let started = Instant::now();
         let fail = |op, path, source| {
@@ -640,6 +697,22 @@ impl Log {
             self.fs
                 .sync_dir(&self.dir)
                 .map_err(|source| fail("sync directory", self.dir.clone(), source))?;
+        }
+        if let Some(lines) = epochs {
+            // Appends go on meanwhile: a newer epoch they add marks the cache unsynced again.
+            // INVARIANT: truncation, the one change that removes newer epochs, takes the flush
+            // lock and writes the checkpoint itself, so this write never resurrects an epoch.
+            checkpoint::write(
+                &*self.fs,
+                &self.dir,
+                LEADER_EPOCH_FILE,
+                "leader-epochs",
+                &lines,
+            )
+            .map_err(|fatal| {
+                let mut state = lock(&self.state);
+                self.poison_fatal(&mut state, fatal)
+            })?;
         }
         {
             let mut state = lock(&self.state);
@@ -699,6 +772,36 @@ impl Log {
         max_bytes: u32,
         upper: Offset,
     ) -> Result<Fetched, ReadError> {
+        let fetched = self.read_inner(offset, max_bytes, upper, true)?;
+        // INVARIANT: a read that may block always returns a result.
+        debug_assert!(fetched.is_some());
+        Ok(fetched.unwrap_or_else(|| Fetched {
+            bytes: Bytes::new(),
+            log_start: offset,
+            log_end: offset,
+        }))
+    }
+
+    /// As [`Log::read_until`], for callers that must not block on file work other than page
+    /// faults on mapped bytes: if the segment to read has not loaded its index files yet (a
+    /// sealed segment read for the first time since the log opened, whose indexes may even need
+    /// rebuilding from the log), `Ok(None)` says to read where blocking is allowed.
+    pub fn read_until_nonblocking(
+        &self,
+        offset: Offset,
+        max_bytes: u32,
+        upper: Offset,
+    ) -> Result<Option<Fetched>, ReadError> {
+        self.read_inner(offset, max_bytes, upper, false)
+    }
+
+    fn read_inner(
+        &self,
+        offset: Offset,
+        max_bytes: u32,
+        upper: Offset,
+        may_block: bool,
+    ) -> Result<Option<Fetched>, ReadError> {
         let mut from = offset.0;
         loop {
             let (reader, start_pos, end_pos, log_start, log_end, next_base) = {
@@ -719,7 +822,7 @@ impl Log {
                     log_end: Offset(log_end),
                 };
                 if from >= log_end {
-                    return Ok(empty);
+                    return Ok(Some(empty));
                 }
                 let next_base = state
                     .segments
@@ -727,8 +830,11 @@ impl Log {
                     .next()
                     .map(|(base, _)| *base);
                 let Some((_, segment)) = state.segments.range_mut(..=from).next_back() else {
-                    return Ok(empty);
+                    return Ok(Some(empty));
                 };
+                if !may_block && !segment.indexes_loaded() {
+                    return Ok(None);
+                }
                 let on_error = self.io_fatal("read segment", segment);
                 let found = segment
                     .position_for(&*self.fs, &self.dir, &self.config, from)
@@ -744,11 +850,11 @@ impl Log {
                 log_end: Offset(log_end),
             };
             match walk(&*reader, start_pos, end_pos, from, max_bytes, upper.0) {
-                Ok(Some(bytes)) => return Ok(fetched(bytes)),
+                Ok(Some(bytes)) => return Ok(Some(fetched(bytes))),
                 Ok(None) => match next_base {
                     // The offset is past this segment's data (a gap): continue in the next one.
                     Some(base) => from = base,
-                    None => return Ok(fetched(Bytes::new())),
+                    None => return Ok(Some(fetched(Bytes::new()))),
                 },
                 Err(source) => {
                     return Err(ReadError::Fatal(Fatal::Io {
@@ -885,7 +991,9 @@ impl Log {
             return Err(self.poison(state, "sync directory", self.dir.clone(), source));
         }
         if state.epochs.truncate_from_start(state.log_start) {
-            self.write_epochs(state)?;
+            // Written by the next flush: a checkpoint still naming epochs below the log start
+            // is trimmed at open.
+            state.epochs_unsynced = true;
         }
         tracing::info!(
             dir = %self.dir.display(),
@@ -982,6 +1090,9 @@ impl Log {
                 let path = segment.log_path(&self.dir);
                 return Err(self.poison(state, "sync segment", path, source));
             }
+        }
+        if state.epochs_unsynced {
+            self.write_epochs(state)?;
         }
         state.flushed = state.log_end;
         let log_end = state.log_end;

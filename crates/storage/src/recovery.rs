@@ -104,10 +104,13 @@ pub(crate) fn recover(
         clean,
         ..RecoveryReport::default()
     };
+    // After an unclean stop, the batches scanned may carry leader epochs the checkpoint never
+    // saw: it is written by flushes, lazily (see `Log::flush`), not at every new epoch.
+    let mut scanned_from = None;
     if clean {
         resume_clean(fs, dir, config, &mut segments, &mut report)?;
     } else {
-        scan_unclean(fs, dir, config, &mut segments, recovery_point, &mut report)?;
+        scanned_from = scan_unclean(fs, dir, config, &mut segments, recovery_point, &mut report)?;
         // After a process crash, names the dead process created (a rolled segment, say) may
         // still be only in the page cache; appends acknowledged after this open must not sit in
         // a file whose directory entry a power loss can take away.
@@ -136,7 +139,13 @@ pub(crate) fn recover(
     let mut epochs = load_epochs(fs, dir, &segments);
     let trimmed_end = epochs.truncate_from_end(log_end);
     let trimmed_start = epochs.truncate_from_start(log_start);
-    if trimmed_end || trimmed_start {
+    let extended = scanned_from.is_some_and(|from| {
+        extend_epochs(
+            &mut epochs,
+            segments.range(from..).map(|(_, segment)| segment),
+        )
+    });
+    if trimmed_end || trimmed_start || extended {
         checkpoint::write(
             fs,
             dir,
@@ -163,6 +172,7 @@ pub(crate) fn recover(
         poisoned: None,
         last_flush: Instant::now(),
         dir_unsynced: false,
+        epochs_unsynced: false,
     };
     Ok((state, report))
 }
@@ -250,9 +260,9 @@ fn scan_unclean(
     segments: &mut BTreeMap<u64, Segment>,
     recovery_point: Option<u64>,
     report: &mut RecoveryReport,
-) -> Result<(), OpenError> {
+) -> Result<Option<u64>, OpenError> {
     let Some(&last_base) = segments.keys().next_back() else {
-        return Ok(());
+        return Ok(None);
     };
     // Scan from the segment holding the last durable record (recovery point - 1): it may have
     // been sealed after the checkpoint, with its trim and indexes not yet synced. Every segment
@@ -322,7 +332,7 @@ fn scan_unclean(
                 .map_err(io_err("seal segment", &path))?;
         }
     }
-    Ok(())
+    Ok(Some(start))
 }
 
 /// Deletes every segment with a base offset at or above `from`.
@@ -384,7 +394,18 @@ fn load_epochs(fs: &dyn Fs, dir: &Path, segments: &BTreeMap<u64, Segment>) -> Le
         }
     }
     let mut cache = LeaderEpochCache::default();
-    for segment in segments.values() {
+    extend_epochs(&mut cache, segments.values());
+    cache
+}
+
+/// Adds to `cache` every epoch newer than its latest that the batches of `segments` (in offset
+/// order) carry, at the first offset that carries it. Returns whether anything was added.
+fn extend_epochs<'a>(
+    cache: &mut LeaderEpochCache,
+    segments: impl Iterator<Item = &'a Segment>,
+) -> bool {
+    let mut added = false;
+    for segment in segments {
         let reader = segment.pread_reader();
         let mut pos = 0u32;
         while let Ok(Some(header)) = segment::read_header(&*reader, pos, segment.size) {
@@ -393,10 +414,10 @@ fn load_epochs(fs: &dyn Fs, dir: &Path, segments: &BTreeMap<u64, Segment>) -> Le
                 u64::try_from(header.base_offset),
             ) && cache.latest().is_none_or(|e| e.epoch < epoch)
             {
-                cache.assign(epoch, start);
+                added |= cache.assign(epoch, start);
             }
             pos += header.total_bytes() as u32;
         }
     }
-    cache
+    added
 }

@@ -568,6 +568,11 @@ impl Segment {
         self.reserve(0, config)
     }
 
+    /// Whether the indexes are in memory (reading will not open or rebuild index files).
+    pub(crate) fn indexes_loaded(&self) -> bool {
+        !matches!(self.indexes, Indexes::Unloaded)
+    }
+
     /// The indexes, loading a sealed segment's files on first use (rebuilding them from the log if
     /// they are missing or implausible).
     fn indexes(

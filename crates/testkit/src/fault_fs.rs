@@ -369,6 +369,7 @@ impl Fs for FaultFs {
         Ok(state
             .live
             .keys()
+            .chain(state.dirs.iter())
             .filter(|p| p.parent() == Some(path))
             .filter_map(|p| p.file_name()?.to_str().map(str::to_string))
             .collect())
@@ -425,8 +426,26 @@ impl Fs for FaultFs {
     }
 
     fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
-        let mut state = self.lock();
+        let mut guard = self.lock();
+        let state = &mut *guard;
         state.tick("rename")?;
+        if state.dirs.contains(from) {
+            // Directories are durable once created (see the module docs), and so is their move:
+            // their files move with them, durable and live alike.
+            let moved = |p: &PathBuf| p.strip_prefix(from).ok().map(|rest| to.join(rest));
+            let dirs: Vec<PathBuf> = state.dirs.iter().filter_map(moved).collect();
+            state.dirs.retain(|d| !d.starts_with(from));
+            state.dirs.extend(dirs);
+            for names in [&mut state.live, &mut state.durable] {
+                let files: Vec<(PathBuf, u64)> = names
+                    .iter()
+                    .filter_map(|(p, inode)| Some((moved(p)?, *inode)))
+                    .collect();
+                names.retain(|p, _| !p.starts_with(from));
+                names.extend(files);
+            }
+            return Ok(());
+        }
         let inode = state.live.remove(from).ok_or(io::ErrorKind::NotFound)?;
         state.live.insert(to.to_path_buf(), inode);
         state.pending_dir_ops.push(DirOp::Rename {
@@ -443,6 +462,20 @@ impl Fs for FaultFs {
         state.pending_dir_ops.push(DirOp::Unlink {
             path: path.to_path_buf(),
         });
+        Ok(())
+    }
+
+    fn remove_dir_all(&self, path: &Path) -> io::Result<()> {
+        let mut state = self.lock();
+        state.tick("remove directory")?;
+        if !state.dirs.contains(path) {
+            return Err(io::ErrorKind::NotFound.into());
+        }
+        // Like `rename` of a directory, durable at once (a simplification on the safe side for
+        // the callers, which rename a directory aside before removing it).
+        state.dirs.retain(|d| !d.starts_with(path));
+        state.live.retain(|p, _| !p.starts_with(path));
+        state.durable.retain(|p, _| !p.starts_with(path));
         Ok(())
     }
 
