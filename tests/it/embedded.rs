@@ -75,8 +75,8 @@ fn embedded_broker_with_in_process_clients() {
             .await
             .unwrap();
         let partition = broker.topics().partition("events", 1).unwrap();
-        assert!(partition.log.recovery_report().clean);
-        assert_eq!(partition.log.log_end_offset().0, 1_000);
+        assert!(partition.recovery_report().clean);
+        assert_eq!(partition.log_end_offset().0, 1_000);
         broker.shutdown().await;
     });
 }

@@ -10,8 +10,11 @@ use std::time::Duration;
 use cairn_protocol::limits::{GROUP_ID_BYTES_MAX, OFFSET_METADATA_BYTES_MAX};
 use cairn_protocol::native::*;
 
+use bytes::Bytes;
+
 use crate::groups::{GroupInfo, Join, JoinResult, SyncResult};
 use crate::handler::{Deferred, Handler, Outcome};
+use crate::native::ErasedResponse;
 use crate::offsets::Committed;
 
 /// One partition's offset to commit, whichever protocol it came over.
@@ -108,7 +111,7 @@ impl Handler {
                 Arc::clone(&self.manager),
                 group.to_string(),
             );
-            let now = crate::handler::now_ms();
+            let now = self.clock.unix_ms();
             tokio::task::spawn_blocking(move || offsets.commit(&manager, &group_id, entries, now))
                 .await
                 .unwrap_or_else(|_| {
@@ -218,8 +221,11 @@ impl Handler {
                     Arc::clone(&self.manager),
                     name.clone(),
                 );
-                match tokio::task::spawn_blocking(move || offsets.delete_group(&manager, &group))
-                    .await
+                let now_ms = self.clock.unix_ms();
+                match tokio::task::spawn_blocking(move || {
+                    offsets.delete_group(&manager, &group, now_ms)
+                })
+                .await
                 {
                     Ok(Ok(true)) => {
                         self.groups.forget_if_empty(&name);
@@ -256,6 +262,52 @@ impl Handler {
         }
     }
 
+    /// A JoinGroup from either listener: the coordinator takes it now (in the connection's
+    /// order), the returned future has its answer (at once, or when the rebalance completes);
+    /// `label` names the API in metrics.
+    pub(crate) fn join_group(
+        self: &Arc<Self>,
+        label: &'static str,
+        join: Join,
+    ) -> impl std::future::Future<Output = JoinResult> + Send + 'static {
+        let answer = self.groups.join(join);
+        let this = Arc::clone(self);
+        async move {
+            let result = answer
+                .get(|| JoinResult {
+                    error: ErrorCode::UNKNOWN_MEMBER_ID,
+                    generation: -1,
+                    ..JoinResult::default()
+                })
+                .await;
+            this.metrics.count_error(label, result.error);
+            result
+        }
+    }
+
+    /// A SyncGroup from either listener, taken now; the future has the answer (when the leader's
+    /// assignment arrives, or at once); `label` names the API in metrics.
+    pub(crate) fn sync_group(
+        self: &Arc<Self>,
+        label: &'static str,
+        (group, generation): (&str, i32),
+        member: (&str, Option<&str>),
+        assignments: Vec<(String, Bytes)>,
+    ) -> impl std::future::Future<Output = SyncResult> + Send + 'static {
+        let answer = self.groups.sync(group, generation, member, assignments);
+        let this = Arc::clone(self);
+        async move {
+            let result = answer
+                .get(|| SyncResult {
+                    error: ErrorCode::REBALANCE_IN_PROGRESS,
+                    ..SyncResult::default()
+                })
+                .await;
+            this.metrics.count_error(label, result.error);
+            result
+        }
+    }
+
     /// The native protocol's group requests (keys 8 to 17). `finish` records the request's
     /// metrics.
     pub(crate) fn begin_native_group(
@@ -267,7 +319,8 @@ impl Handler {
     ) -> Deferred {
         let api = request.api_key();
         let this = Arc::clone(self);
-        let respond = move |body: &dyn ErasedWire| finish(Outcome::Respond(body.response(corr)));
+        let respond =
+            move |body: &dyn ErasedResponse| finish(Outcome::Respond(body.response(corr)));
         Box::pin(async move {
             let name = api.name();
             match request {
@@ -282,7 +335,7 @@ impl Handler {
                     })
                 }
                 Request::JoinGroup(r) => {
-                    let joined = this.groups.join(Join {
+                    let join = Join {
                         group_id: r.group_id,
                         member_id: r.member_id,
                         instance_id: None,
@@ -296,15 +349,8 @@ impl Handler {
                         session_ms: i32::try_from(r.session_timeout_ms).unwrap_or(i32::MAX),
                         rebalance_ms: i32::try_from(r.rebalance_timeout_ms).unwrap_or(i32::MAX),
                         require_known_member_id: true,
-                    });
-                    let result = joined
-                        .get(|| JoinResult {
-                            error: ErrorCode::UNKNOWN_MEMBER_ID,
-                            generation: -1,
-                            ..JoinResult::default()
-                        })
-                        .await;
-                    this.metrics.count_error(name, result.error);
+                    };
+                    let result = this.join_group(name, join).await;
                     respond(&JoinGroupResponse {
                         error_code: result.error.0,
                         generation: result.generation,
@@ -327,19 +373,14 @@ impl Handler {
                         .into_iter()
                         .map(|a| (a.member_id, a.assignment))
                         .collect();
-                    let synced = this.groups.sync(
-                        &r.group_id,
-                        r.generation,
-                        (&r.member_id, None),
-                        assignments,
-                    );
-                    let result = synced
-                        .get(|| SyncResult {
-                            error: ErrorCode::REBALANCE_IN_PROGRESS,
-                            ..SyncResult::default()
-                        })
+                    let result = this
+                        .sync_group(
+                            name,
+                            (&r.group_id, r.generation),
+                            (&r.member_id, None),
+                            assignments,
+                        )
                         .await;
-                    this.metrics.count_error(name, result.error);
                     respond(&SyncGroupResponse {
                         error_code: result.error.0,
                         assignment: result.assignment,
@@ -506,18 +547,6 @@ impl Handler {
                 other => finish_unexpected(other),
             }
         })
-    }
-}
-
-/// A response body of any message type (the group messages answer with different types from
-/// one async block).
-trait ErasedWire {
-    fn response(&self, corr: u32) -> Vec<u8>;
-}
-
-impl<T: Wire> ErasedWire for T {
-    fn response(&self, corr: u32) -> Vec<u8> {
-        encode_response(corr, self)
     }
 }
 

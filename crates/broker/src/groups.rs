@@ -265,6 +265,7 @@ pub struct GroupLimits {
 /// The coordinator of every group on this node.
 #[derive(Debug)]
 pub struct Coordinator {
+    clock: Arc<dyn crate::clock::Clock>,
     groups: Mutex<HashMap<String, Group>>,
     initial_delay: Duration,
     groups_max: usize,
@@ -520,8 +521,13 @@ impl Group {
 impl Coordinator {
     /// A coordinator; a new group waits `initial_delay` for more members before its first
     /// generation (Kafka `group.initial.rebalance.delay.ms`); memory bounded by `limits`.
-    pub fn new(initial_delay: Duration, limits: GroupLimits) -> Coordinator {
+    pub fn new(
+        clock: Arc<dyn crate::clock::Clock>,
+        initial_delay: Duration,
+        limits: GroupLimits,
+    ) -> Coordinator {
         Coordinator {
+            clock,
             groups: Mutex::new(HashMap::new()),
             initial_delay,
             groups_max: limits.groups_max as usize,
@@ -580,7 +586,7 @@ impl Coordinator {
                 member_id.into(),
             ));
         }
-        let now = Instant::now();
+        let now = self.clock.now();
         let mut groups = self.lock();
         let group_cost = GROUP_OVERHEAD + group_id.len();
         if !groups.contains_key(group_id)
@@ -754,7 +760,7 @@ impl Coordinator {
                 let (tx, rx) = oneshot::channel();
                 if let Some(member) = group.members.get_mut(member_id) {
                     member.sync = Some(tx);
-                    member.last_seen = Instant::now();
+                    member.last_seen = self.clock.now();
                 }
                 if group.leader.as_deref() == Some(member_id) {
                     if assignments
@@ -766,7 +772,7 @@ impl Coordinator {
                         if let Some(member) = group.members.get_mut(member_id) {
                             member.sync = None;
                         }
-                        group.prepare(Instant::now(), self.initial_delay);
+                        group.prepare(self.clock.now(), self.initial_delay);
                         return Answer::Ready(fail_sync(ErrorCode::INVALID_REQUEST));
                     }
                     for (id, assignment) in assignments {
@@ -820,7 +826,7 @@ impl Coordinator {
             return (ErrorCode::UNKNOWN_MEMBER_ID, None);
         };
         if alive {
-            member.last_seen = Instant::now();
+            member.last_seen = self.clock.now();
         }
         let session = member.session;
         if state == GroupState::PreparingRebalance {
@@ -863,7 +869,7 @@ impl Coordinator {
     /// A LeaveGroup of (member id, static instance id) pairs (a static member may be named by
     /// its instance id alone): per member, NONE, UNKNOWN_MEMBER_ID or FENCED_INSTANCE_ID.
     pub fn leave(&self, group_id: &str, members: &[(String, Option<String>)]) -> Vec<ErrorCode> {
-        let now = Instant::now();
+        let now = self.clock.now();
         let mut groups = self.lock();
         let Some(group) = groups.get_mut(group_id) else {
             return vec![ErrorCode::UNKNOWN_MEMBER_ID; members.len()];
@@ -956,7 +962,7 @@ impl Coordinator {
 
     /// Expires members past their session timeout and completes due rebalances.
     pub fn tick(&self) {
-        let now = Instant::now();
+        let now = self.clock.now();
         let mut groups = self.lock();
         for (name, group) in groups.iter_mut() {
             let expired: Vec<String> = group
@@ -1080,7 +1086,11 @@ mod tests {
     /// A coordinator whose 100 ms initial delay lets members starting together into the first
     /// generation, and a task ticking it as the broker's timer does (abort it at the end).
     fn ticking() -> (std::sync::Arc<Coordinator>, tokio::task::JoinHandle<()>) {
-        let c = std::sync::Arc::new(Coordinator::new(Duration::from_millis(100), limits(10, 10)));
+        let c = std::sync::Arc::new(Coordinator::new(
+            std::sync::Arc::new(crate::clock::SystemClock),
+            Duration::from_millis(100),
+            limits(10, 10),
+        ));
         let ticker = {
             let c = std::sync::Arc::clone(&c);
             tokio::spawn(async move {
@@ -1100,7 +1110,11 @@ mod tests {
     #[tokio::test]
     async fn close_answers_waiting_joins() {
         // A long initial delay keeps the first join waiting.
-        let c = Coordinator::new(Duration::from_secs(60), limits(10, 10));
+        let c = Coordinator::new(
+            std::sync::Arc::new(crate::clock::SystemClock),
+            Duration::from_secs(60),
+            limits(10, 10),
+        );
         let lost = || fail_join(ErrorCode::UNKNOWN_MEMBER_ID, String::new());
         let waiting = c.join(consumer("g", "", false));
         c.close();
@@ -1112,7 +1126,11 @@ mod tests {
 
     #[tokio::test]
     async fn groups_and_members_are_bounded() {
-        let c = Coordinator::new(Duration::ZERO, limits(2, 2));
+        let c = Coordinator::new(
+            std::sync::Arc::new(crate::clock::SystemClock),
+            Duration::ZERO,
+            limits(2, 2),
+        );
         let lost = || fail_join(ErrorCode::UNKNOWN_MEMBER_ID, String::new());
         let join_group = |g: &str| c.join(consumer(g, "", true));
         assert_eq!(
@@ -1199,6 +1217,7 @@ mod tests {
         let group = GROUP_OVERHEAD + 1;
         let member = |n: usize| member_fixed("client", None, "consumer") + "range".len() + n;
         let c = Coordinator::new(
+            std::sync::Arc::new(crate::clock::SystemClock),
             Duration::ZERO,
             GroupLimits {
                 groups_max: 100,
@@ -1386,7 +1405,11 @@ mod tests {
 
     #[tokio::test]
     async fn a_held_heartbeat_is_answered_when_a_rebalance_begins() {
-        let c = std::sync::Arc::new(Coordinator::new(Duration::ZERO, limits(10, 10)));
+        let c = std::sync::Arc::new(Coordinator::new(
+            std::sync::Arc::new(crate::clock::SystemClock),
+            Duration::ZERO,
+            limits(10, 10),
+        ));
         let lost = || fail_join(ErrorCode::UNKNOWN_MEMBER_ID, String::new());
         let id = join(&c, "").get(lost).await.member_id;
         let joined = join(&c, &id).get(lost).await;

@@ -4,17 +4,20 @@
 //! format of the request's version. Record batches pass through as bytes both ways.
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use cairn_kafka::kp::messages as kp;
 use cairn_kafka::kp::protocol::StrBytes;
 use cairn_kafka::request::{self as kreq, Api, RequestError};
 use cairn_kafka::{Request, response};
-use cairn_protocol::native::{self as native, ErrorCode};
+use cairn_protocol::native::ErrorCode;
 
+use crate::error::BrokerError;
 use crate::group_api::{GroupView, OffsetToCommit};
-use crate::handler::{Deferred, Handler, Outcome};
+use crate::handler::{Deferred, Handler, Outcome, ready};
+use crate::ops::{self, PerPartition};
+use crate::partition::Isolation;
 
 /// Kafka's ConfigResource types.
 const RESOURCE_TOPIC: i8 = 2;
@@ -23,10 +26,6 @@ const RESOURCE_BROKER: i8 = 4;
 const SOURCE_TOPIC: i8 = 1;
 const SOURCE_STATIC_BROKER: i8 = 4;
 const SOURCE_DEFAULT: i8 = 5;
-
-fn ready(outcome: Outcome) -> Deferred {
-    Box::pin(std::future::ready(outcome))
-}
 
 fn s(text: impl Into<String>) -> StrBytes {
     StrBytes::from_string(text.into())
@@ -43,6 +42,16 @@ fn partition_index(p: i32) -> u32 {
 
 fn clamp_u32(v: i32) -> u32 {
     u32::try_from(v).unwrap_or(0)
+}
+
+/// A leader epoch as Kafka sends it: -1 (or any negative) is "not sent".
+fn epoch(v: i32) -> Option<u32> {
+    u32::try_from(v).ok()
+}
+
+/// A result's error code (0 on success).
+fn code_of<T>(result: &Result<T, BrokerError>) -> i16 {
+    result.as_ref().map_or_else(|err| err.code().0, |_| 0)
 }
 
 impl Handler {
@@ -84,8 +93,7 @@ impl Handler {
                         respond("ProduceResponse", &response)
                     }));
                 }
-                let request = native_produce(r);
-                let appended = self.produce_append(request).await;
+                let appended = self.produce_append(produce_op(r)).await;
                 let this = Arc::clone(self);
                 Box::pin(async move {
                     let response = kafka_produce(this.produce_finish(appended).await);
@@ -99,7 +107,7 @@ impl Handler {
             Request::Fetch(r) => {
                 let this = Arc::clone(self);
                 Box::pin(async move {
-                    let response = kafka_fetch(this.fetch(native_fetch(&r)).await);
+                    let response = kafka_fetch(this.fetch(fetch_op(r)).await);
                     finish(
                         response::encode_fetch(corr, version, &response)
                             .map(Outcome::RespondChunks),
@@ -115,7 +123,7 @@ impl Handler {
                 ready(finish(respond("MetadataResponse", &response)))
             }
             Request::ListOffsets(r) => {
-                let response = self.kafka_list_offsets(r);
+                let response = self.kafka_list_offsets(r, version);
                 ready(finish(respond("ListOffsetsResponse", &response)))
             }
             Request::CreateTopics(r) => {
@@ -123,19 +131,19 @@ impl Handler {
                 ready(finish(respond("CreateTopicsResponse", &response)))
             }
             Request::DeleteTopics(r) => {
-                let request = native::DeleteTopicsRequest { names: r.names };
                 let response = kp::DeleteTopicsResponse::default().with_responses(
-                    self.delete_topics(request)
+                    self.delete_topics(r.names)
                         .await
-                        .topics
                         .into_iter()
-                        .map(|t| {
+                        .map(|(name, result)| {
                             kp::delete_topics_response::DeletableTopicResult::default()
-                                .with_name(Some(topic_name(t.name)))
-                                .with_error_code(t.error_code)
+                                .with_name(Some(topic_name(name)))
+                                .with_error_code(code_of(&result))
                                 .with_error_message(
-                                    (!t.error_message.is_empty() && version >= 5)
-                                        .then(|| s(t.error_message)),
+                                    result
+                                        .err()
+                                        .filter(|_| version >= 5)
+                                        .map(|err| s(err.to_string())),
                                 )
                         })
                         .collect(),
@@ -154,7 +162,7 @@ impl Handler {
                 })
             }
             Request::JoinGroup(r) => {
-                let joined = self.groups.join(crate::groups::Join {
+                let join = crate::groups::Join {
                     group_id: r.group_id,
                     member_id: r.member_id,
                     instance_id: r.group_instance_id,
@@ -164,18 +172,10 @@ impl Handler {
                     session_ms: r.session_timeout_ms,
                     rebalance_ms: r.rebalance_timeout_ms,
                     require_known_member_id: version >= 4,
-                });
-                let this = Arc::clone(self);
+                };
+                let joined = self.join_group(Api::JOIN_GROUP.label, join);
                 Box::pin(async move {
-                    let result = joined
-                        .get(|| crate::groups::JoinResult {
-                            error: ErrorCode::UNKNOWN_MEMBER_ID,
-                            generation: -1,
-                            ..Default::default()
-                        })
-                        .await;
-                    this.metrics
-                        .count_error(Api::JOIN_GROUP.label, result.error);
+                    let result = joined.await;
                     let response = kp::JoinGroupResponse::default()
                         .with_error_code(result.error.0)
                         .with_generation_id(result.generation)
@@ -199,22 +199,14 @@ impl Handler {
                 })
             }
             Request::SyncGroup(r) => {
-                let synced = self.groups.sync(
-                    &r.group_id,
-                    r.generation_id,
+                let synced = self.sync_group(
+                    Api::SYNC_GROUP.label,
+                    (&r.group_id, r.generation_id),
                     (&r.member_id, r.group_instance_id.as_deref()),
                     r.assignments,
                 );
-                let this = Arc::clone(self);
                 Box::pin(async move {
-                    let result = synced
-                        .get(|| crate::groups::SyncResult {
-                            error: ErrorCode::REBALANCE_IN_PROGRESS,
-                            ..Default::default()
-                        })
-                        .await;
-                    this.metrics
-                        .count_error(Api::SYNC_GROUP.label, result.error);
+                    let result = synced.await;
                     let response = kp::SyncGroupResponse::default()
                         .with_error_code(result.error.0)
                         .with_protocol_type(result.protocol_type.map(s))
@@ -416,51 +408,56 @@ impl Handler {
     }
 
     async fn kafka_metadata(&self, r: kreq::MetadataRequest) -> kp::MetadataResponse {
-        let topics = match r.topics {
-            // v1+: an empty list asks for no topics (only brokers).
-            Some(names) if names.is_empty() => Vec::new(),
-            topics => {
-                let request = native::MetadataRequest {
-                    topics: topics.unwrap_or_default(),
-                    allow_auto_create: r.allow_auto_topic_creation,
-                };
-                self.metadata(request).await.topics
-            }
+        // Null asks for every topic; v1+ an empty list for none (only brokers).
+        let view = self.metadata(r.topics, r.allow_auto_topic_creation).await;
+        let ids = |nodes: Vec<u32>| -> Vec<kp::BrokerId> {
+            nodes.into_iter().map(|n| kp::BrokerId(n as i32)).collect()
         };
-        let node = self.config.node_id as i32;
         kp::MetadataResponse::default()
-            .with_brokers(vec![
-                kp::metadata_response::MetadataResponseBroker::default()
-                    .with_node_id(kp::BrokerId(node))
-                    .with_host(s(self.kafka_advertised_host.clone()))
-                    .with_port(i32::from(self.kafka_advertised_port)),
-            ])
-            .with_cluster_id(Some(s("cairn")))
-            .with_controller_id(kp::BrokerId(node))
-            .with_topics(
-                topics
+            .with_brokers(
+                view.brokers
                     .into_iter()
-                    .map(|t| {
+                    .filter_map(|b| {
+                        let (host, port) = b.kafka?;
+                        Some(
+                            kp::metadata_response::MetadataResponseBroker::default()
+                                .with_node_id(kp::BrokerId(b.node_id as i32))
+                                .with_host(s(host))
+                                .with_port(i32::from(port))
+                                .with_rack(b.rack.map(s)),
+                        )
+                    })
+                    .collect(),
+            )
+            .with_cluster_id(Some(s("cairn")))
+            .with_controller_id(kp::BrokerId(view.controller_id as i32))
+            .with_topics(
+                view.topics
+                    .into_iter()
+                    .map(|(name, result)| {
                         kp::metadata_response::MetadataResponseTopic::default()
-                            .with_is_internal(t.name == crate::offsets::OFFSETS_TOPIC)
-                            .with_error_code(t.error_code)
-                            .with_name(Some(topic_name(t.name)))
+                            .with_is_internal(name == crate::offsets::OFFSETS_TOPIC)
+                            .with_error_code(code_of(&result))
+                            .with_name(Some(topic_name(name)))
                             .with_partitions(
-                                t.partitions
+                                result
+                                    .unwrap_or_default()
                                     .into_iter()
                                     .map(|p| {
-                                        let replicas: Vec<kp::BrokerId> = p
-                                            .replicas
-                                            .iter()
-                                            .map(|r| kp::BrokerId(*r as i32))
-                                            .collect();
                                         kp::metadata_response::MetadataResponsePartition::default()
-                                            .with_error_code(p.error_code)
+                                            .with_error_code(if p.leader.is_some() {
+                                                0
+                                            } else {
+                                                ErrorCode::LEADER_NOT_AVAILABLE.0
+                                            })
                                             .with_partition_index(p.partition as i32)
-                                            .with_leader_id(kp::BrokerId(p.leader as i32))
+                                            .with_leader_id(kp::BrokerId(
+                                                p.leader.map_or(-1, |l| l as i32),
+                                            ))
                                             .with_leader_epoch(p.leader_epoch as i32)
-                                            .with_isr_nodes(replicas.clone())
-                                            .with_replica_nodes(replicas)
+                                            .with_replica_nodes(ids(p.replicas))
+                                            .with_isr_nodes(ids(p.isr))
+                                            .with_offline_replicas(ids(p.offline))
                                     })
                                     .collect(),
                             )
@@ -469,42 +466,56 @@ impl Handler {
             )
     }
 
-    fn kafka_list_offsets(&self, r: kreq::ListOffsetsRequest) -> kp::ListOffsetsResponse {
-        let request = native::ListOffsetsRequest {
+    fn kafka_list_offsets(
+        &self,
+        r: kreq::ListOffsetsRequest,
+        version: i16,
+    ) -> kp::ListOffsetsResponse {
+        let request = ops::ListOffsets {
+            isolation: if r.replica_id >= 0 {
+                Isolation::LogEnd
+            } else {
+                Isolation::HighWatermark
+            },
             topics: r
                 .topics
                 .into_iter()
-                .map(|(name, partitions)| native::ListOffsetsTopic {
-                    name,
-                    partitions: partitions
+                .map(|(name, partitions)| {
+                    let partitions = partitions
                         .into_iter()
-                        .map(
-                            |(partition, _epoch, timestamp)| native::ListOffsetsPartition {
-                                partition: partition_index(partition),
-                                timestamp,
-                            },
-                        )
-                        .collect(),
+                        .map(|(p, leader_epoch, timestamp)| {
+                            (partition_index(p), epoch(leader_epoch), timestamp)
+                        })
+                        .collect();
+                    (name, partitions)
                 })
                 .collect(),
         };
         kp::ListOffsetsResponse::default().with_topics(
             self.list_offsets(request)
-                .topics
                 .into_iter()
-                .map(|t| {
+                .map(|(name, partitions)| {
                     kp::list_offsets_response::ListOffsetsTopicResponse::default()
-                        .with_name(topic_name(t.name))
+                        .with_name(topic_name(name))
                         .with_partitions(
-                            t.partitions
+                            partitions
                                 .into_iter()
-                                .map(|p| {
-                                    let ok = p.error_code == 0;
-                                    kp::list_offsets_response::ListOffsetsPartitionResponse::default()
-                                        .with_partition_index(p.partition as i32)
-                                        .with_error_code(p.error_code)
-                                        .with_timestamp(p.timestamp)
-                                        .with_offset(if ok { p.offset as i64 } else { -1 })
+                                .map(|(p, result)| {
+                                    let partition = kp::list_offsets_response::ListOffsetsPartitionResponse::default()
+                                        .with_partition_index(p as i32)
+                                        .with_error_code(code_of(&result));
+                                    match result {
+                                        Ok(found) => partition
+                                            .with_timestamp(found.timestamp)
+                                            .with_offset(found.offset.0 as i64)
+                                            // v4+ (KIP-320).
+                                            .with_leader_epoch(if version >= 4 {
+                                                found.leader_epoch as i32
+                                            } else {
+                                                -1
+                                            }),
+                                        Err(_) => partition.with_timestamp(-1).with_offset(-1),
+                                    }
                                 })
                                 .collect(),
                         )
@@ -517,69 +528,74 @@ impl Handler {
         let mut results = Vec::with_capacity(r.topics.len());
         for topic in r.topics {
             let refusal = if !topic.assignments.is_empty() {
-                Some((
-                    ErrorCode::INVALID_REQUEST,
+                Some(BrokerError::InvalidRequest(
                     "manual replica assignment is not supported".to_string(),
                 ))
-            } else if !matches!(topic.replication_factor, -1 | 1) {
-                Some((
-                    ErrorCode::INVALID_REPLICATION_FACTOR,
-                    format!(
-                        "replication factor {} on a single node (use 1 or -1)",
-                        topic.replication_factor
-                    ),
-                ))
+            } else if topic.replication_factor == 0 || topic.replication_factor < -1 {
+                Some(BrokerError::InvalidReplicationFactor(format!(
+                    "replication factor {}",
+                    topic.replication_factor
+                )))
             } else if topic.num_partitions == 0 || topic.num_partitions < -1 {
-                Some((
-                    ErrorCode::INVALID_PARTITIONS,
-                    format!("{} partitions", topic.num_partitions),
-                ))
+                Some(BrokerError::InvalidPartitions(format!(
+                    "{} partitions",
+                    topic.num_partitions
+                )))
             } else {
                 None
             };
-            let (code, message) = match refusal {
+            let result = match refusal {
                 Some(refusal) => {
-                    self.metrics.count_error("kafka:CreateTopics", refusal.0);
-                    refusal
+                    self.metrics
+                        .count_error("kafka:CreateTopics", refusal.code());
+                    Err(refusal)
                 }
                 None => {
-                    let request = native::CreateTopicsRequest {
-                        topics: vec![native::CreatableTopic {
-                            name: topic.name.clone(),
-                            // 0: the broker's default.
-                            partitions: clamp_u32(topic.num_partitions),
-                            configs: topic
-                                .configs
-                                .into_iter()
-                                .filter_map(|(key, value)| {
-                                    value.map(|value| native::ConfigEntry { key, value })
-                                })
-                                .collect(),
-                        }],
-                        validate_only: r.validate_only,
+                    let request = ops::NewTopic {
+                        name: topic.name.clone(),
+                        // -1: the broker's default.
+                        partitions: u32::try_from(topic.num_partitions).ok(),
+                        replication_factor: u16::try_from(topic.replication_factor).ok(),
+                        configs: topic
+                            .configs
+                            .into_iter()
+                            .filter_map(|(key, value)| value.map(|value| (key, value)))
+                            .collect(),
                     };
-                    match self.create_topics(request).await.topics.into_iter().next() {
-                        Some(t) => (ErrorCode(t.error_code), t.error_message),
-                        None => (ErrorCode::UNKNOWN_SERVER_ERROR, String::new()),
-                    }
+                    self.create_topics(vec![request], r.validate_only)
+                        .await
+                        .into_iter()
+                        .next()
+                        .map_or_else(
+                            || Err(BrokerError::Internal("no result".into())),
+                            |(_, result)| result,
+                        )
                 }
             };
-            let partitions = self
+            let created = self
                 .manager
                 .topic(&topic.name)
-                .map_or(-1, |t| t.partitions.len() as i32);
-            let created = code == ErrorCode::NONE;
+                .filter(|_| result.is_ok())
+                .map(|t| {
+                    let replicas = t
+                        .partitions
+                        .first()
+                        .map_or(1, |p| p.replica_state().replicas.len());
+                    (t.partitions.len() as i32, replicas as i16)
+                });
+            let (partitions, replication_factor) = match (&result, created) {
+                (Ok(()), Some(found)) => found,
+                // validate_only: what would have been created.
+                (Ok(()), None) => (topic.num_partitions, topic.replication_factor.max(1)),
+                (Err(_), _) => (-1, -1),
+            };
             results.push(
                 kp::create_topics_response::CreatableTopicResult::default()
                     .with_name(topic_name(topic.name))
-                    .with_error_code(code.0)
-                    .with_error_message((!message.is_empty()).then(|| s(message)))
-                    .with_num_partitions(if created {
-                        partitions.max(topic.num_partitions)
-                    } else {
-                        -1
-                    })
-                    .with_replication_factor(if created { 1 } else { -1 })
+                    .with_error_code(code_of(&result))
+                    .with_error_message(result.err().map(|err| s(err.to_string())))
+                    .with_num_partitions(partitions)
+                    .with_replication_factor(replication_factor)
                     .with_configs(None),
             );
         }
@@ -869,55 +885,52 @@ impl Handler {
     }
 }
 
-fn native_produce(r: kreq::ProduceRequest) -> native::ProduceRequest {
-    native::ProduceRequest {
+fn produce_op(r: kreq::ProduceRequest) -> ops::Produce {
+    ops::Produce {
         // Outside -1..=1 stays invalid: the append path answers INVALID_REQUIRED_ACKS.
         acks: i8::try_from(r.acks).unwrap_or(i8::MAX),
-        timeout_ms: clamp_u32(r.timeout_ms),
+        timeout: Duration::from_millis(clamp_u32(r.timeout_ms).into()),
         topics: r
             .topics
             .into_iter()
-            .map(|t| native::ProduceTopic {
-                name: t.name,
-                partitions: t
+            .map(|t| {
+                let partitions = t
                     .partitions
                     .into_iter()
-                    .map(|(p, records)| native::ProducePartition {
-                        partition: partition_index(p),
-                        // Null records: an empty append, refused as INVALID_REQUEST.
-                        records: records.unwrap_or_default(),
-                    })
-                    .collect(),
+                    // Null records: an empty append, refused as INVALID_REQUEST.
+                    .map(|(p, records)| (partition_index(p), records.unwrap_or_default()))
+                    .collect();
+                (t.name, partitions)
             })
             .collect(),
     }
 }
 
-fn kafka_produce(r: native::ProduceResponse) -> kp::ProduceResponse {
+fn kafka_produce(produced: PerPartition<ops::Produced>) -> kp::ProduceResponse {
     kp::ProduceResponse::default().with_responses(
-        r.topics
+        produced
             .into_iter()
-            .map(|t| {
+            .map(|(name, partitions)| {
                 kp::produce_response::TopicProduceResponse::default()
-                    .with_name(topic_name(t.name))
+                    .with_name(topic_name(name))
                     .with_partition_responses(
-                        t.partitions
+                        partitions
                             .into_iter()
-                            .map(|p| {
-                                let ok = p.error_code == 0;
-                                kp::produce_response::PartitionProduceResponse::default()
-                                    .with_index(p.partition as i32)
-                                    .with_error_code(p.error_code)
-                                    .with_base_offset(if ok { p.base_offset as i64 } else { -1 })
-                                    .with_log_append_time_ms(p.log_append_time)
-                                    .with_log_start_offset(if ok {
-                                        p.log_start_offset as i64
-                                    } else {
-                                        -1
-                                    })
-                                    .with_error_message(
-                                        (!p.error_message.is_empty()).then(|| s(p.error_message)),
-                                    )
+                            .map(|(p, result)| {
+                                let response =
+                                    kp::produce_response::PartitionProduceResponse::default()
+                                        .with_index(p as i32)
+                                        .with_error_code(code_of(&result))
+                                        .with_log_append_time_ms(-1);
+                                match result {
+                                    Ok(produced) => response
+                                        .with_base_offset(produced.base_offset.0 as i64)
+                                        .with_log_start_offset(produced.log_start_offset.0 as i64),
+                                    Err(err) => response
+                                        .with_base_offset(-1)
+                                        .with_log_start_offset(-1)
+                                        .with_error_message(Some(s(err.to_string()))),
+                                }
                             })
                             .collect(),
                     )
@@ -926,57 +939,70 @@ fn kafka_produce(r: native::ProduceResponse) -> kp::ProduceResponse {
     )
 }
 
-fn native_fetch(r: &kreq::FetchRequest) -> native::FetchRequest {
-    native::FetchRequest {
-        max_wait_ms: clamp_u32(r.max_wait_ms),
+fn fetch_op(r: kreq::FetchRequest) -> ops::Fetch {
+    let replica_id = u32::try_from(r.replica_id).ok();
+    ops::Fetch {
+        replica_id,
+        // A follower copies to the log end; consumers (read_uncommitted or read_committed:
+        // without transactions the same) read below the high watermark.
+        isolation: if replica_id.is_some() {
+            Isolation::LogEnd
+        } else {
+            Isolation::HighWatermark
+        },
+        max_wait: Duration::from_millis(clamp_u32(r.max_wait_ms).into()),
         min_bytes: clamp_u32(r.min_bytes),
         max_bytes: clamp_u32(r.max_bytes),
         topics: r
             .topics
-            .iter()
-            .map(|t| native::FetchTopic {
-                name: t.name.clone(),
-                partitions: t
+            .into_iter()
+            .map(|t| {
+                let partitions = t
                     .partitions
-                    .iter()
-                    .map(|p| native::FetchPartition {
+                    .into_iter()
+                    .map(|p| ops::FetchPartition {
                         partition: partition_index(p.partition),
-                        // A negative offset is out of range, as it should be.
-                        fetch_offset: p.fetch_offset as u64,
+                        fetch_offset: p.fetch_offset,
                         partition_max_bytes: clamp_u32(p.partition_max_bytes),
+                        current_leader_epoch: epoch(p.current_leader_epoch),
+                        last_fetched_epoch: epoch(p.last_fetched_epoch),
                     })
-                    .collect(),
+                    .collect();
+                (t.name, partitions)
             })
             .collect(),
     }
 }
 
-fn kafka_fetch(r: native::FetchResponse) -> kp::FetchResponse {
+fn kafka_fetch(fetched: PerPartition<ops::FetchedPartition>) -> kp::FetchResponse {
     kp::FetchResponse::default().with_responses(
-        r.topics
+        fetched
             .into_iter()
-            .map(|t| {
+            .map(|(name, partitions)| {
                 kp::fetch_response::FetchableTopicResponse::default()
-                    .with_topic(topic_name(t.name))
+                    .with_topic(topic_name(name))
                     .with_partitions(
-                        t.partitions
+                        partitions
                             .into_iter()
-                            .map(|p| {
-                                let ok = p.error_code == 0;
-                                let hw = if ok { p.high_watermark as i64 } else { -1 };
+                            .map(|(p, result)| {
+                                let code = code_of(&result);
+                                let (hw, log_start, records) = match result {
+                                    Ok(data) => (
+                                        data.high_watermark.0 as i64,
+                                        data.log_start_offset.0 as i64,
+                                        data.records,
+                                    ),
+                                    Err(_) => (-1, -1, Bytes::new()),
+                                };
                                 kp::fetch_response::PartitionData::default()
-                                    .with_partition_index(p.partition as i32)
-                                    .with_error_code(p.error_code)
+                                    .with_partition_index(p as i32)
+                                    .with_error_code(code)
                                     .with_high_watermark(hw)
                                     .with_last_stable_offset(hw)
-                                    .with_log_start_offset(if ok {
-                                        p.log_start_offset as i64
-                                    } else {
-                                        -1
-                                    })
+                                    .with_log_start_offset(log_start)
                                     .with_aborted_transactions(Some(Vec::new()))
                                     .with_preferred_read_replica(kp::BrokerId(-1))
-                                    .with_records(Some(p.records))
+                                    .with_records(Some(records))
                             })
                             .collect(),
                     )

@@ -16,13 +16,16 @@
 //! broker.shutdown().await;
 //! # Ok(()) }
 //! ```
+#![forbid(unsafe_code)]
 #![cfg_attr(
     test,
     allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)
 )]
 
+mod clock;
 mod config;
 mod embedded;
+mod error;
 mod group_api;
 mod groups;
 mod handler;
@@ -30,7 +33,10 @@ mod kafka;
 mod manager;
 mod metadata;
 mod metrics;
+mod native;
 pub mod offsets;
+pub mod ops;
+mod partition;
 pub mod producers;
 use producers::ProducerIds;
 mod server;
@@ -42,11 +48,14 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
+pub use clock::{Clock, ManualClock, SystemClock};
 pub use config::{BrokerConfig, ConfigError};
+pub use error::{BrokerError, error_chain};
 pub use handler::{Handler, Outcome};
-pub use manager::{ManagerError, Partition, Topic, TopicError, TopicManager};
+pub use manager::{Host, ManagerError, Topic, TopicManager};
 pub use metadata::{ClusterMetadata, FileMetadataStore, MetadataError, MetadataStore, TopicRecord};
 pub use metrics::Metrics;
+pub use partition::{Appended, Isolation, Partition, ReplicaState, Role};
 pub use topic::{TOPIC_CONFIG_KEYS, TopicConfig, TopicDefaults, validate_topic_name};
 
 use cairn_storage::{Fs, StdFs};
@@ -93,6 +102,8 @@ impl Broker {
     pub fn builder() -> BrokerBuilder {
         BrokerBuilder {
             config: BrokerConfig::default(),
+            fs: None,
+            clock: None,
         }
     }
 }
@@ -101,6 +112,8 @@ impl Broker {
 #[derive(Debug, Clone)]
 pub struct BrokerBuilder {
     config: BrokerConfig,
+    fs: Option<Arc<dyn Fs>>,
+    clock: Option<Arc<dyn Clock>>,
 }
 
 impl BrokerBuilder {
@@ -134,17 +147,32 @@ impl BrokerBuilder {
         self
     }
 
+    /// The file system the data directory lives on (tests pass a fault-injecting one); the
+    /// real one by default.
+    pub fn fs(mut self, fs: Arc<dyn Fs>) -> Self {
+        self.fs = Some(fs);
+        self
+    }
+
+    /// The clock (tests pass a manual one); the system's by default.
+    pub fn clock(mut self, clock: Arc<dyn Clock>) -> Self {
+        self.clock = Some(clock);
+        self
+    }
+
     /// Opens the data directory (recovering its logs), binds the listeners and starts serving.
     pub async fn start(self) -> Result<RunningBroker, StartError> {
         let config = self.config;
         config.validate()?;
+        let fs = self.fs.unwrap_or_else(|| Arc::new(StdFs));
+        let clock = self.clock.unwrap_or_else(|| Arc::new(SystemClock));
         let started = Instant::now();
         let io = |what: String| move |source| StartError::Io { what, source };
-        std::fs::create_dir_all(&config.data_dir).map_err(io(format!(
+        fs.create_dir_all(&config.data_dir).map_err(io(format!(
             "creating data directory {}",
             config.data_dir.display()
         )))?;
-        let dir_lock = match StdFs.lock_dir(&config.data_dir) {
+        let dir_lock = match fs.lock_dir(&config.data_dir) {
             Ok(lock) => lock,
             Err(err) if err.kind() == std::io::ErrorKind::WouldBlock => {
                 return Err(StartError::Locked {
@@ -188,14 +216,19 @@ impl BrokerBuilder {
             }
             None => None,
         };
-        let store = Box::new(FileMetadataStore::new(&config.data_dir));
+        let store = Box::new(FileMetadataStore::new(Arc::clone(&fs), &config.data_dir));
+        let host = Host {
+            fs: Arc::clone(&fs),
+            clock: Arc::clone(&clock),
+            node_id: config.node_id,
+        };
         let (data_dir, defaults, partitions_max) = (
             config.data_dir.clone(),
             config.topic_defaults.clone(),
             config.partitions_max,
         );
         let manager = tokio::task::spawn_blocking(move || {
-            TopicManager::open(&data_dir, defaults, partitions_max, store)
+            TopicManager::open(host, &data_dir, defaults, partitions_max, store)
         })
         .await
         .map_err(|e| StartError::Io {
@@ -219,13 +252,13 @@ impl BrokerBuilder {
             config.kafka_advertised.as_deref(),
             kafka_addr.unwrap_or(native_addr),
         );
-        let producer_ids = ProducerIds::open(&config.data_dir).map_err(io(format!(
-            "reading {}/producer-ids",
-            config.data_dir.display()
-        )))?;
+        let producer_ids = ProducerIds::open(Arc::clone(&fs), &config.data_dir).map_err(io(
+            format!("reading {}/producer-ids", config.data_dir.display()),
+        ))?;
         let shutdown = CancellationToken::new();
         let handler = Arc::new(Handler {
             config: config.clone(),
+            clock: Arc::clone(&clock),
             manager,
             metrics: Metrics::new()?,
             shutdown: shutdown.clone(),
@@ -236,6 +269,7 @@ impl BrokerBuilder {
             producer_ids: Arc::new(producer_ids),
             offsets: Arc::new(offsets),
             groups: Arc::new(groups::Coordinator::new(
+                Arc::clone(&clock),
                 std::time::Duration::from_millis(config.group_initial_rebalance_delay_ms),
                 groups::GroupLimits {
                     groups_max: config.groups_max,
@@ -323,8 +357,12 @@ async fn background(handler: Arc<Handler>, shutdown: CancellationToken) {
     loop {
         let job: fn(&Handler) = tokio::select! {
             _ = retention.tick() => |h| h.apply_retention(),
-            _ = checkpoint.tick() => |h| for_each_log(h, "checkpoint", |log| log.checkpoint()),
-            _ = flush.tick() => |h| for_each_log(h, "flush", |log| log.flush_if_due(Instant::now())),
+            _ = checkpoint.tick() => |h| for_each_partition(h, "checkpoint", |p| p.log().checkpoint()),
+            _ = flush.tick() => |h| for_each_partition(h, "flush", |p| {
+                p.log().flush_if_due(h.clock.now())?;
+                p.publish_committed();
+                Ok(())
+            }),
             () = shutdown.cancelled() => return,
         };
         let handler = Arc::clone(&handler);
@@ -369,15 +407,15 @@ async fn compaction(handler: Arc<Handler>, shutdown: CancellationToken) {
     }
 }
 
-fn for_each_log(
+fn for_each_partition(
     handler: &Handler,
     what: &str,
-    f: impl Fn(&cairn_storage::Log) -> Result<(), cairn_storage::Fatal>,
+    f: impl Fn(&Partition) -> Result<(), cairn_storage::Fatal>,
 ) {
     for topic in handler.manager.topics() {
         for partition in &topic.partitions {
-            if let Err(err) = f(&partition.log) {
-                tracing::error!(topic = %topic.name, partition = partition.index, error = %err, "{what} failed");
+            if let Err(err) = f(partition) {
+                tracing::error!(topic = %topic.name, partition = partition.index(), error = %err, "{what} failed");
             }
         }
     }

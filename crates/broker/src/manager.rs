@@ -4,49 +4,14 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::{SystemTime, UNIX_EPOCH};
 
-use cairn_protocol::native::ErrorCode;
-use cairn_storage::{Log, LogConfig, OpenError};
-use tokio::sync::watch;
+use cairn_storage::{Fs, Log, LogConfig, OpenError};
 
+use crate::clock::Clock;
+use crate::error::BrokerError;
 use crate::metadata::{ClusterMetadata, MetadataError, MetadataStore, TopicRecord};
-use crate::producers::ProducerStates;
+use crate::partition::{Partition, ReplicaState};
 use crate::topic::{PARTITIONS_PER_TOPIC_MAX, TopicConfig, TopicDefaults, validate_topic_name};
-
-/// One partition: its log and a channel that announces its log end offset to long-polling
-/// fetchers.
-#[derive(Debug)]
-pub struct Partition {
-    /// The topic's name.
-    pub topic: Arc<str>,
-    /// The partition index.
-    pub index: u32,
-    /// The log.
-    pub log: Log,
-    /// Current leader epoch.
-    pub leader_epoch: u32,
-    /// Idempotent producers' recent batches; held across the check and the append.
-    pub producers: Mutex<ProducerStates>,
-    log_end: watch::Sender<u64>,
-}
-
-impl Partition {
-    /// Announces appends to waiting fetchers.
-    pub fn notify_appended(&self) {
-        let end = self.log.log_end_offset().0;
-        self.log_end.send_if_modified(|current| {
-            let changed = *current != end;
-            *current = end;
-            changed
-        });
-    }
-
-    /// A receiver that changes whenever the log end moves.
-    pub fn subscribe(&self) -> watch::Receiver<u64> {
-        self.log_end.subscribe()
-    }
-}
 
 /// A topic.
 #[derive(Debug)]
@@ -59,24 +24,6 @@ pub struct Topic {
     pub partitions: Vec<Arc<Partition>>,
     /// Creation time, Unix ms.
     pub created_ms: i64,
-}
-
-/// Why a topic operation was refused.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TopicError {
-    /// The protocol error.
-    pub code: ErrorCode,
-    /// Human text.
-    pub message: String,
-}
-
-impl TopicError {
-    fn new(code: ErrorCode, message: impl Into<String>) -> TopicError {
-        TopicError {
-            code,
-            message: message.into(),
-        }
-    }
 }
 
 /// Opening the topics at start failed.
@@ -99,9 +46,21 @@ pub enum ManagerError {
     },
 }
 
+/// What every partition of this broker shares.
+#[derive(Debug, Clone)]
+pub struct Host {
+    /// The file system the logs live on.
+    pub fs: Arc<dyn Fs>,
+    /// The broker's clock.
+    pub clock: Arc<dyn Clock>,
+    /// This broker's node id.
+    pub node_id: u32,
+}
+
 /// All topics of this broker.
 #[derive(Debug)]
 pub struct TopicManager {
+    host: Host,
     data_dir: PathBuf,
     defaults: TopicDefaults,
     partitions_max: u32,
@@ -111,12 +70,6 @@ pub struct TopicManager {
     admin: Mutex<()>,
 }
 
-fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
-}
-
 fn partition_dir(data_dir: &Path, topic: &str, index: u32) -> PathBuf {
     data_dir.join(format!("{topic}-{index}"))
 }
@@ -124,12 +77,13 @@ fn partition_dir(data_dir: &Path, topic: &str, index: u32) -> PathBuf {
 impl TopicManager {
     /// Opens every topic recorded in `store` (recovering their logs).
     pub fn open(
+        host: Host,
         data_dir: &Path,
         defaults: TopicDefaults,
         partitions_max: u32,
         store: Box<dyn MetadataStore>,
     ) -> Result<TopicManager, ManagerError> {
-        remove_deleted_dirs(data_dir);
+        remove_deleted_dirs(&*host.fs, data_dir);
         let metadata = store.load()?;
         let mut topics = BTreeMap::new();
         for (name, record) in &metadata.topics {
@@ -137,11 +91,12 @@ impl TopicManager {
                 tracing::warn!(topic = %name, error = %err, "stored topic config no longer valid; using defaults");
                 LogConfig::default()
             });
-            let topic = open_topic(data_dir, name, record, &log_config)?;
+            let topic = open_topic(&host, data_dir, name, record, &log_config)?;
             topics.insert(name.clone(), Arc::new(topic));
         }
         tracing::info!(n_topics = topics.len(), "topics opened");
         Ok(TopicManager {
+            host,
             data_dir: data_dir.to_path_buf(),
             defaults,
             partitions_max,
@@ -194,40 +149,30 @@ impl TopicManager {
         partitions: u32,
         overrides: BTreeMap<String, String>,
         validate_only: bool,
-    ) -> Result<(), TopicError> {
-        validate_topic_name(name)
-            .map_err(|m| TopicError::new(ErrorCode::INVALID_TOPIC_EXCEPTION, m))?;
+    ) -> Result<(), BrokerError> {
+        validate_topic_name(name).map_err(BrokerError::InvalidTopic)?;
         let partitions = if partitions == 0 {
             self.defaults.partitions
         } else {
             partitions
         };
         if partitions > PARTITIONS_PER_TOPIC_MAX {
-            return Err(TopicError::new(
-                ErrorCode::INVALID_PARTITIONS,
-                format!(
-                    "{partitions} partitions; a topic may have at most {PARTITIONS_PER_TOPIC_MAX}"
-                ),
-            ));
+            return Err(BrokerError::InvalidPartitions(format!(
+                "{partitions} partitions; a topic may have at most {PARTITIONS_PER_TOPIC_MAX}"
+            )));
         }
-        let config = TopicConfig::new(overrides, &self.defaults)
-            .map_err(|m| TopicError::new(ErrorCode::INVALID_CONFIG, m))?;
+        let config =
+            TopicConfig::new(overrides, &self.defaults).map_err(BrokerError::InvalidConfig)?;
         let _admin = self.admin.lock().unwrap_or_else(|e| e.into_inner());
         if self.topic(name).is_some() {
-            return Err(TopicError::new(
-                ErrorCode::TOPIC_ALREADY_EXISTS,
-                format!("topic {name:?} already exists"),
-            ));
+            return Err(BrokerError::TopicAlreadyExists(name.to_string()));
         }
         let total = self.n_partitions() + u64::from(partitions);
         if total > u64::from(self.partitions_max) {
-            return Err(TopicError::new(
-                ErrorCode::POLICY_VIOLATION,
-                format!(
-                    "{total} partitions would exceed partitions_max = {}",
-                    self.partitions_max
-                ),
-            ));
+            return Err(BrokerError::PolicyViolation(format!(
+                "{total} partitions would exceed partitions_max = {}",
+                self.partitions_max
+            )));
         }
         if validate_only {
             return Ok(());
@@ -236,16 +181,16 @@ impl TopicManager {
             partitions,
             config,
             leader_epoch: 0,
-            created_ms: now_ms(),
+            created_ms: self.host.clock.unix_ms(),
         };
         let log_config = record
             .config
             .resolve(&self.defaults)
-            .map_err(|m| TopicError::new(ErrorCode::INVALID_CONFIG, m))?;
+            .map_err(BrokerError::InvalidConfig)?;
         // Partitions first, then the metadata that makes them visible: a crash in between leaves
         // directories no metadata names, which are ignored.
-        let topic = open_topic(&self.data_dir, name, &record, &log_config)
-            .map_err(|err| TopicError::new(ErrorCode::KAFKA_STORAGE_ERROR, error_chain(&err)))?;
+        let topic = open_topic(&self.host, &self.data_dir, name, &record, &log_config)
+            .map_err(|err| BrokerError::storage(&err))?;
         self.commit(|topics| {
             topics.insert(name.to_string(), Arc::new(topic));
         })?;
@@ -254,27 +199,26 @@ impl TopicManager {
     }
 
     /// Deletes a topic and its data.
-    pub fn delete_topic(&self, name: &str) -> Result<(), TopicError> {
+    pub fn delete_topic(&self, name: &str) -> Result<(), BrokerError> {
         let _admin = self.admin.lock().unwrap_or_else(|e| e.into_inner());
         let Some(topic) = self.topic(name) else {
-            return Err(TopicError::new(
-                ErrorCode::UNKNOWN_TOPIC_OR_PARTITION,
-                format!("topic {name:?} does not exist"),
-            ));
+            return Err(BrokerError::UnknownTopic(name.to_string()));
         };
         self.commit(|topics| {
             topics.remove(name);
         })?;
         // Readers may still hold the logs: rename the directories out of the way (a recreated
         // topic gets fresh ones) and remove them; open maps keep their unlinked files alive.
+        let fs = &*self.host.fs;
+        let now_ms = self.host.clock.unix_ms();
         for partition in &topic.partitions {
-            let dir = partition_dir(&self.data_dir, name, partition.index);
-            let doomed =
-                self.data_dir
-                    .join(format!("{name}-{}.{}.deleted", partition.index, now_ms()));
-            match std::fs::rename(&dir, &doomed) {
+            let dir = partition_dir(&self.data_dir, name, partition.index());
+            let doomed = self
+                .data_dir
+                .join(format!("{name}-{}.{now_ms}.deleted", partition.index()));
+            match fs.rename(&dir, &doomed) {
                 Ok(()) => {
-                    if let Err(err) = std::fs::remove_dir_all(&doomed) {
+                    if let Err(err) = fs.remove_dir_all(&doomed) {
                         tracing::warn!(dir = %doomed.display(), error = %err, "could not remove deleted partition; removed at next start");
                     }
                 }
@@ -292,7 +236,7 @@ impl TopicManager {
     fn commit(
         &self,
         change: impl FnOnce(&mut BTreeMap<String, Arc<Topic>>),
-    ) -> Result<(), TopicError> {
+    ) -> Result<(), BrokerError> {
         let mut topics = self
             .topics
             .read()
@@ -306,7 +250,7 @@ impl TopicManager {
                     let record = TopicRecord {
                         partitions: topic.partitions.len() as u32,
                         config: topic.config.clone(),
-                        leader_epoch: topic.partitions.first().map_or(0, |p| p.leader_epoch),
+                        leader_epoch: topic.partitions.first().map_or(0, |p| p.leader_epoch()),
                         created_ms: topic.created_ms,
                     };
                     (name.clone(), record)
@@ -315,7 +259,7 @@ impl TopicManager {
         };
         self.store
             .save(&metadata)
-            .map_err(|err| TopicError::new(ErrorCode::KAFKA_STORAGE_ERROR, error_chain(&err)))?;
+            .map_err(|err| BrokerError::storage(&err))?;
         *self.topics.write().unwrap_or_else(|e| e.into_inner()) = topics;
         Ok(())
     }
@@ -332,12 +276,12 @@ impl TopicManager {
             };
             for partition in topic.partitions {
                 match Arc::try_unwrap(partition) {
-                    Ok(partition) => match partition.log.close() {
+                    Ok(partition) => match partition.into_log().close() {
                         Ok(()) => n_clean += 1,
                         Err(err) => tracing::error!(error = %err, "closing partition log"),
                     },
                     Err(shared) => {
-                        if let Err(err) = shared.log.flush_all() {
+                        if let Err(err) = shared.log().flush_all() {
                             tracing::error!(error = %err, "flushing partition log");
                         }
                         n_flushed += 1;
@@ -350,6 +294,7 @@ impl TopicManager {
 }
 
 fn open_topic(
+    host: &Host,
     data_dir: &Path,
     name: &str,
     record: &TopicRecord,
@@ -358,23 +303,23 @@ fn open_topic(
     let topic_name: Arc<str> = Arc::from(name);
     let mut partitions = Vec::with_capacity(record.partitions as usize);
     for index in 0..record.partitions {
-        let log = Log::open(partition_dir(data_dir, name, index), log_config.clone()).map_err(
-            |source| ManagerError::Open {
-                topic: name.to_string(),
-                partition: index,
-                source,
-            },
-        )?;
-        let (log_end, _) = watch::channel(log.log_end_offset().0);
-        let producers = Mutex::new(rebuild_producers(&log));
-        partitions.push(Arc::new(Partition {
-            topic: Arc::clone(&topic_name),
+        let dir = partition_dir(data_dir, name, index);
+        let log =
+            Log::open_with(Arc::clone(&host.fs), &dir, log_config.clone()).map_err(|source| {
+                ManagerError::Open {
+                    topic: name.to_string(),
+                    partition: index,
+                    source,
+                }
+            })?;
+        partitions.push(Arc::new(Partition::new(
+            Arc::clone(&topic_name),
             index,
+            host.node_id,
             log,
-            leader_epoch: record.leader_epoch,
-            producers,
-            log_end,
-        }));
+            ReplicaState::single(host.node_id, record.leader_epoch),
+            Arc::clone(&host.clock),
+        )));
     }
     Ok(Topic {
         name: topic_name,
@@ -384,59 +329,14 @@ fn open_topic(
     })
 }
 
-/// Idempotent producers' state from the batch headers of the active segment (a retry arrives
-/// within the producer's delivery timeout, long before its batch leaves the active segment).
-fn rebuild_producers(log: &Log) -> ProducerStates {
-    let mut states = ProducerStates::default();
-    let mut offset = log.active_segment_base();
-    let end = log.log_end_offset();
-    while offset < end {
-        let Ok(fetched) = log.read(offset, 8 * 1024 * 1024) else {
-            break;
-        };
-        if fetched.bytes.is_empty() {
-            break;
-        }
-        states.rebuild(&fetched.bytes, now_ms());
-        match last_offset_of(&fetched.bytes) {
-            Some(last) if last >= offset.0 => offset = cairn_protocol::Offset(last + 1),
-            _ => break,
-        }
-    }
-    states
-}
-
-/// The last offset of the last whole batch in `bytes`.
-fn last_offset_of(mut bytes: &[u8]) -> Option<u64> {
-    let mut last = None;
-    while let Ok(header) = cairn_protocol::batch::BatchHeader::parse(bytes) {
-        last = Some(header.last_offset().max(0) as u64);
-        bytes = bytes.get(header.total_bytes()..).unwrap_or_default();
-    }
-    last
-}
-
-fn remove_deleted_dirs(data_dir: &Path) {
-    let Ok(entries) = std::fs::read_dir(data_dir) else {
+fn remove_deleted_dirs(fs: &dyn Fs, data_dir: &Path) {
+    let Ok(names) = fs.list_dir(data_dir) else {
         return;
     };
-    for entry in entries.flatten() {
-        if entry.file_name().to_string_lossy().ends_with(".deleted")
-            && let Err(err) = std::fs::remove_dir_all(entry.path())
-        {
-            tracing::warn!(dir = %entry.path().display(), error = %err, "could not remove deleted partition");
+    for name in names.iter().filter(|n| n.ends_with(".deleted")) {
+        let dir = data_dir.join(name);
+        if let Err(err) = fs.remove_dir_all(&dir) {
+            tracing::warn!(dir = %dir.display(), error = %err, "could not remove deleted partition");
         }
     }
-}
-
-/// An error and its causes on one line.
-pub fn error_chain(err: &dyn std::error::Error) -> String {
-    let mut text = err.to_string();
-    let mut source = err.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }

@@ -5,8 +5,9 @@
 use std::collections::BTreeMap;
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
-use cairn_storage::{Fatal, StdFs, checkpoint};
+use cairn_storage::{Fatal, Fs, checkpoint};
 
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
@@ -70,6 +71,7 @@ pub trait MetadataStore: Send + Sync + std::fmt::Debug {
 /// JSON, a `crc32` line).
 #[derive(Debug)]
 pub struct FileMetadataStore {
+    fs: Arc<dyn Fs>,
     dir: PathBuf,
 }
 
@@ -77,8 +79,9 @@ const FILE_NAME: &str = "cluster-metadata.json";
 
 impl FileMetadataStore {
     /// A store in `dir`.
-    pub fn new(dir: &Path) -> FileMetadataStore {
+    pub fn new(fs: Arc<dyn Fs>, dir: &Path) -> FileMetadataStore {
         FileMetadataStore {
+            fs,
             dir: dir.to_path_buf(),
         }
     }
@@ -96,7 +99,7 @@ impl MetadataStore for FileMetadataStore {
             path: self.path(),
             reason,
         };
-        match checkpoint::read(&StdFs, &self.dir, FILE_NAME, KIND) {
+        match checkpoint::read(&*self.fs, &self.dir, FILE_NAME, KIND) {
             Ok(None) => Ok(ClusterMetadata::default()),
             Ok(Some(lines)) => {
                 serde_json::from_str(&lines.join("\n")).map_err(|err| corrupt(err.to_string()))
@@ -118,14 +121,16 @@ impl MetadataStore for FileMetadataStore {
             })?;
         let lines: Vec<String> = json.lines().map(str::to_string).collect();
         // The same atomic, CRC-checked file as the logs' checkpoints: tmp, fsync, rename, fsync dir.
-        checkpoint::write(&StdFs, &self.dir, FILE_NAME, KIND, &lines).map_err(|fatal| match fatal {
-            Fatal::Io { op, path, source } => MetadataError::Io { op, path, source },
-            other => MetadataError::Io {
-                op: "writing",
-                path: self.path(),
-                source: io::Error::other(other.to_string()),
+        checkpoint::write(&*self.fs, &self.dir, FILE_NAME, KIND, &lines).map_err(
+            |fatal| match fatal {
+                Fatal::Io { op, path, source } => MetadataError::Io { op, path, source },
+                other => MetadataError::Io {
+                    op: "writing",
+                    path: self.path(),
+                    source: io::Error::other(other.to_string()),
+                },
             },
-        })
+        )
     }
 }
 
@@ -137,7 +142,7 @@ mod tests {
     #[test]
     fn round_trip_and_damage() {
         let dir = tempfile::tempdir().unwrap();
-        let store = FileMetadataStore::new(dir.path());
+        let store = FileMetadataStore::new(Arc::new(cairn_storage::StdFs), dir.path());
         assert_eq!(store.load().unwrap(), ClusterMetadata::default());
         let mut metadata = ClusterMetadata::default();
         metadata.topics.insert(

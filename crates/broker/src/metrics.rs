@@ -226,7 +226,7 @@ impl Metrics {
                 let Some(p) = manager.partition(&topic, partition) else {
                     continue;
                 };
-                let end = p.log.log_end_offset().0 as i64;
+                let end = p.log_end_offset().0 as i64;
                 let index = partition.to_string();
                 self.group_lag
                     .with_label_values(&[group.as_str(), topic.as_str(), index.as_str()])
@@ -254,9 +254,9 @@ impl Metrics {
         self.log_segments.reset();
         for topic in manager.topics() {
             for partition in &topic.partitions {
-                let index = partition.index.to_string();
+                let index = partition.index().to_string();
                 let labels = [&*topic.name, index.as_str()];
-                let log = &partition.log;
+                let log = partition.log();
                 self.log_start_offset
                     .with_label_values(&labels)
                     .set(log.log_start_offset().0 as i64);

@@ -19,7 +19,8 @@ use cairn_protocol::Offset;
 use cairn_protocol::batch::{BatchBuilder, Batches, Compression};
 use cairn_protocol::native::ErrorCode;
 
-use crate::manager::{Topic, TopicManager, error_chain};
+use crate::error::BrokerError;
+use crate::manager::{Topic, TopicManager};
 
 /// The internal topic's name, as Kafka's.
 pub const OFFSETS_TOPIC: &str = "__consumer_offsets";
@@ -151,7 +152,7 @@ impl OffsetStore {
             let mut cache = store.write();
             let mut n = 0usize;
             for partition in &topic.partitions {
-                let log = &partition.log;
+                let log = partition.log();
                 let mut at = log.log_start_offset();
                 let end = log.log_end_offset();
                 while at < end {
@@ -228,7 +229,7 @@ impl OffsetStore {
         ]);
         manager
             .create_topic(OFFSETS_TOPIC, self.partitions, configs, false)
-            .map_err(|e| (ErrorCode::COORDINATOR_NOT_AVAILABLE, e.message))?;
+            .map_err(|e| (ErrorCode::COORDINATOR_NOT_AVAILABLE, e.to_string()))?;
         manager.topic(OFFSETS_TOPIC).ok_or((
             ErrorCode::COORDINATOR_NOT_AVAILABLE,
             "the offsets topic vanished".to_string(),
@@ -242,10 +243,12 @@ impl OffsetStore {
         manager: &TopicManager,
         group: &str,
         builder: BatchBuilder,
-    ) -> Result<cairn_storage::AppendInfo, (ErrorCode, String)> {
+    ) -> Result<crate::partition::Appended, (ErrorCode, String)> {
         let topic = self.topic(manager)?;
-        let index =
-            cairn_client::partition_for_key(group.as_bytes(), topic.partitions.len() as u32);
+        let index = cairn_protocol::partitioner::partition_for_key(
+            group.as_bytes(),
+            topic.partitions.len() as u32,
+        );
         let partition = topic.partitions.get(index as usize).ok_or((
             ErrorCode::COORDINATOR_NOT_AVAILABLE,
             "no such partition".into(),
@@ -254,16 +257,18 @@ impl OffsetStore {
             .build()
             .map_err(|e| (ErrorCode::UNKNOWN_SERVER_ERROR, e.to_string()))?
             .to_vec();
-        let info = partition
-            .log
-            .append(&mut batch, partition.leader_epoch)
-            .map_err(|e| (ErrorCode::KAFKA_STORAGE_ERROR, error_chain(&e)))?;
-        partition.notify_appended();
+        let refused = |e: BrokerError| (e.code(), e.to_string());
+        let appended = partition
+            .append_as_leader(&mut batch, true)
+            .map_err(refused)?
+            .ok_or((
+                ErrorCode::UNKNOWN_SERVER_ERROR,
+                "a blocking append did nothing".to_string(),
+            ))?;
         partition
-            .log
-            .flush(Offset(info.last_offset.0 + 1))
-            .map_err(|e| (ErrorCode::KAFKA_STORAGE_ERROR, error_chain(&e)))?;
-        Ok(info)
+            .flush_blocking(Offset(appended.last.0 + 1))
+            .map_err(refused)?;
+        Ok(appended)
     }
 
     /// Commits offsets for `group` durably (blocking): one batch in the group's partition of
@@ -300,7 +305,7 @@ impl OffsetStore {
         let info = self.append_durably(manager, group, builder)?;
         let mut cache = self.write();
         for (i, (key, mut committed)) in pending.into_iter().enumerate() {
-            committed.log_offset = info.base_offset.0 + i as u64;
+            committed.log_offset = info.base.0 + i as u64;
             let newer = cache
                 .get(&key.0)
                 .and_then(|entries| entries.get(&(key.1.clone(), key.2)))
@@ -318,6 +323,7 @@ impl OffsetStore {
         &self,
         manager: &TopicManager,
         group: &str,
+        now_ms: i64,
     ) -> Result<bool, (ErrorCode, String)> {
         let keys: Vec<OffsetKey> = self.read().get(group).map_or_else(Vec::new, |entries| {
             entries
@@ -328,10 +334,9 @@ impl OffsetStore {
         if keys.is_empty() {
             return Ok(false);
         }
-        let now = crate::handler::now_ms();
         let mut builder = BatchBuilder::new(Compression::None);
         for key in &keys {
-            builder.push(now, Some(&encode_key(key)), None, &[]);
+            builder.push(now_ms, Some(&encode_key(key)), None, &[]);
         }
         let info = self.append_durably(manager, group, builder)?;
         let mut cache = self.write();
@@ -340,7 +345,7 @@ impl OffsetStore {
             let older = cache
                 .get(&key.0)
                 .and_then(|entries| entries.get(&(key.1.clone(), key.2)))
-                .is_some_and(|c| c.log_offset < info.base_offset.0);
+                .is_some_and(|c| c.log_offset < info.base.0);
             if older {
                 cache_remove(&mut cache, &key);
             }

@@ -8,11 +8,12 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use cairn_protocol::batch::BatchHeader;
-use cairn_protocol::native::ErrorCode;
-use cairn_storage::StdFs;
+use cairn_storage::Fs;
+
+use crate::error::BrokerError;
 
 /// How many batches per producer and partition are remembered (Kafka: 5, the most in-flight
 /// requests an idempotent producer may have).
@@ -47,7 +48,7 @@ pub enum SequenceCheck {
         last_offset: u64,
     },
     /// Refuse it with this error.
-    Reject(ErrorCode, String),
+    Reject(BrokerError),
 }
 
 /// The producers of one partition.
@@ -76,13 +77,10 @@ impl ProducerStates {
         };
         let epoch = header.producer_epoch;
         if epoch < entry.epoch {
-            return SequenceCheck::Reject(
-                ErrorCode::INVALID_PRODUCER_EPOCH,
-                format!(
-                    "producer {} epoch {epoch} is older than the current epoch {}",
-                    header.producer_id, entry.epoch
-                ),
-            );
+            return SequenceCheck::Reject(BrokerError::InvalidProducerEpoch(format!(
+                "producer {} epoch {epoch} is older than the current epoch {}",
+                header.producer_id, entry.epoch
+            )));
         }
         let first = header.base_sequence;
         let last = last_seq(header);
@@ -99,25 +97,19 @@ impl ProducerStates {
         }
         if epoch > entry.epoch {
             if first != 0 {
-                return SequenceCheck::Reject(
-                    ErrorCode::OUT_OF_ORDER_SEQUENCE_NUMBER,
-                    format!(
-                        "producer {} new epoch {epoch} must start at sequence 0, got {first}",
-                        header.producer_id
-                    ),
-                );
+                return SequenceCheck::Reject(BrokerError::OutOfOrderSequence(format!(
+                    "producer {} new epoch {epoch} must start at sequence 0, got {first}",
+                    header.producer_id
+                )));
             }
             return SequenceCheck::Append;
         }
         let expected = entry.batches.back().map_or(0, |b| next_seq(b.last_seq));
         if first != expected {
-            return SequenceCheck::Reject(
-                ErrorCode::OUT_OF_ORDER_SEQUENCE_NUMBER,
-                format!(
-                    "producer {} epoch {epoch}: expected sequence {expected}, got {first}",
-                    header.producer_id
-                ),
-            );
+            return SequenceCheck::Reject(BrokerError::OutOfOrderSequence(format!(
+                "producer {} epoch {epoch}: expected sequence {expected}, got {first}",
+                header.producer_id
+            )));
         }
         SequenceCheck::Append
     }
@@ -179,6 +171,7 @@ impl ProducerStates {
 /// checkpointed before any id of the block is used.
 #[derive(Debug)]
 pub struct ProducerIds {
+    fs: Arc<dyn Fs>,
     dir: PathBuf,
     state: Mutex<(i64, i64)>, // (next id, end of the reserved block)
 }
@@ -188,8 +181,8 @@ const BLOCK: i64 = 1000;
 
 impl ProducerIds {
     /// Opens the allocator of a data directory.
-    pub fn open(dir: &Path) -> std::io::Result<ProducerIds> {
-        let next = match cairn_storage::checkpoint::read(&StdFs, dir, CHECKPOINT, "producer-ids")? {
+    pub fn open(fs: Arc<dyn Fs>, dir: &Path) -> std::io::Result<ProducerIds> {
+        let next = match cairn_storage::checkpoint::read(&*fs, dir, CHECKPOINT, "producer-ids")? {
             Some(lines) => lines
                 .first()
                 .and_then(|l| l.parse::<i64>().ok())
@@ -203,6 +196,7 @@ impl ProducerIds {
             None => 0,
         };
         Ok(ProducerIds {
+            fs,
             dir: dir.to_path_buf(),
             state: Mutex::new((next, next)),
         })
@@ -218,7 +212,7 @@ impl ProducerIds {
         if next >= end {
             let new_end = next + BLOCK;
             cairn_storage::checkpoint::write(
-                &StdFs,
+                &*self.fs,
                 &self.dir,
                 CHECKPOINT,
                 "producer-ids",
@@ -270,17 +264,17 @@ mod tests {
         assert_eq!(s.check(&header(7, 0, 15, 1)), SequenceCheck::Append);
         assert!(matches!(
             s.check(&header(7, 0, 16, 1)),
-            SequenceCheck::Reject(ErrorCode::OUT_OF_ORDER_SEQUENCE_NUMBER, _)
+            SequenceCheck::Reject(BrokerError::OutOfOrderSequence(_))
         ));
         // Older epoch: fenced. Newer epoch: must restart at 0.
         s.record(&header(7, 1, 0, 1), 115, 115, 0);
         assert!(matches!(
             s.check(&header(7, 0, 15, 1)),
-            SequenceCheck::Reject(ErrorCode::INVALID_PRODUCER_EPOCH, _)
+            SequenceCheck::Reject(BrokerError::InvalidProducerEpoch(_))
         ));
         assert!(matches!(
             s.check(&header(7, 2, 3, 1)),
-            SequenceCheck::Reject(ErrorCode::OUT_OF_ORDER_SEQUENCE_NUMBER, _)
+            SequenceCheck::Reject(BrokerError::OutOfOrderSequence(_))
         ));
         assert_eq!(s.check(&header(7, 2, 0, 1)), SequenceCheck::Append);
     }
@@ -308,12 +302,12 @@ mod tests {
     #[test]
     fn producer_ids_are_unique_across_reopen() {
         let dir = tempfile::tempdir().unwrap();
-        let ids = ProducerIds::open(dir.path()).unwrap();
+        let ids = ProducerIds::open(Arc::new(cairn_storage::StdFs), dir.path()).unwrap();
         let a = ids.allocate().unwrap();
         let b = ids.allocate().unwrap();
         assert_ne!(a, b);
         drop(ids);
-        let ids = ProducerIds::open(dir.path()).unwrap();
+        let ids = ProducerIds::open(Arc::new(cairn_storage::StdFs), dir.path()).unwrap();
         let c = ids.allocate().unwrap();
         assert!(c > b, "{c} after {b}");
     }

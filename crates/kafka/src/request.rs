@@ -224,6 +224,10 @@ pub struct FetchPartition {
     pub current_leader_epoch: i32,
     /// First offset wanted.
     pub fetch_offset: i64,
+    /// v12+: the epoch of the fetcher's last batch (followers, KIP-595; -1 unknown).
+    pub last_fetched_epoch: i32,
+    /// v5+: the fetcher's log start offset (followers; -1 for consumers).
+    pub log_start_offset: i64,
     /// Bound for this partition.
     pub partition_max_bytes: i32,
 }
@@ -663,18 +667,24 @@ fn fetch(v: i16, r: &mut Reader) -> Result<FetchRequest, DecodeError> {
                 -1
             };
             let fetch_offset = r.i64("fetch_offset")?;
-            if v >= 12 {
-                r.i32("last_fetched_epoch")?;
-            }
-            if v >= 5 {
-                r.i64("log_start_offset")?;
-            }
+            let last_fetched_epoch = if v >= 12 {
+                r.i32("last_fetched_epoch")?
+            } else {
+                -1
+            };
+            let log_start_offset = if v >= 5 {
+                r.i64("log_start_offset")?
+            } else {
+                -1
+            };
             let partition_max_bytes = r.i32("partition_max_bytes")?;
             r.tagged_fields("partitions")?;
             Ok(FetchPartition {
                 partition,
                 current_leader_epoch,
                 fetch_offset,
+                last_fetched_epoch,
+                log_start_offset,
                 partition_max_bytes,
             })
         })?;

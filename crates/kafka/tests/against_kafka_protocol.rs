@@ -99,6 +99,7 @@ fn fetch_at_every_served_version() {
                             .with_fetch_offset(1234)
                             .with_partition_max_bytes(1_048_576)
                             .with_current_leader_epoch(if v >= 9 { 7 } else { -1 })
+                            .with_last_fetched_epoch(if v >= 12 { 6 } else { -1 })
                             .with_log_start_offset(if v >= 5 { 5 } else { -1 }),
                     ]),
             ]);
@@ -131,6 +132,8 @@ fn fetch_at_every_served_version() {
                     partition: 2,
                     current_leader_epoch: if v >= 9 { 7 } else { -1 },
                     fetch_offset: 1234,
+                    last_fetched_epoch: if v >= 12 { 6 } else { -1 },
+                    log_start_offset: if v >= 5 { 5 } else { -1 },
                     partition_max_bytes: 1_048_576,
                 }],
             }],

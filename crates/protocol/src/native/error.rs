@@ -50,6 +50,8 @@ codes! {
     OFFSET_OUT_OF_RANGE = 1, false, "the offset is outside the partition's log start..=log end";
     CORRUPT_MESSAGE = 2, false, "a record batch failed validation (length, magic, CRC, record count)";
     UNKNOWN_TOPIC_OR_PARTITION = 3, true, "the topic or partition does not exist (yet)";
+    LEADER_NOT_AVAILABLE = 5, true, "the partition has no leader right now (an election is under way, or every replica is offline)";
+    NOT_LEADER_OR_FOLLOWER = 6, true, "this broker does not lead the partition: refresh metadata and go to the leader";
     REQUEST_TIMED_OUT = 7, true, "the request did not complete within its timeout";
     MESSAGE_TOO_LARGE = 10, false, "a batch is larger than the topic's max.message.bytes";
     OFFSET_METADATA_TOO_LARGE = 12, false, "a committed offset's metadata exceeds 4096 bytes";
@@ -58,6 +60,7 @@ codes! {
     INVALID_TOPIC_EXCEPTION = 17, false, "the topic name is not valid";
     RECORD_LIST_TOO_LARGE = 18, false, "the request's records exceed the frame limit";
     NOT_ENOUGH_REPLICAS = 19, true, "too few in-sync replicas to accept the write";
+    NOT_ENOUGH_REPLICAS_AFTER_APPEND = 20, true, "the write was appended but too few in-sync replicas remained to acknowledge it";
     INVALID_REQUIRED_ACKS = 21, false, "acks must be 0, 1 or -1 (all)";
     ILLEGAL_GENERATION = 22, false, "the member's generation is not the group's current one: rejoin";
     INCONSISTENT_GROUP_PROTOCOL = 23, false, "the member's protocol type or assignors do not match the group's";
@@ -70,6 +73,7 @@ codes! {
     INVALID_PARTITIONS = 37, false, "the partition count is not valid";
     INVALID_REPLICATION_FACTOR = 38, false, "the replication factor is not valid (one node: 1 or -1)";
     INVALID_CONFIG = 40, false, "a topic config key or value is not valid";
+    NOT_CONTROLLER = 41, true, "this node is not the active controller: ask the one Metadata names";
     INVALID_REQUEST = 42, false, "the request is malformed or breaks a protocol rule";
     POLICY_VIOLATION = 44, false, "the request breaks a broker limit (for example partitions_max)";
     OUT_OF_ORDER_SEQUENCE_NUMBER = 45, false, "an idempotent producer's batch is not the next in its sequence";
@@ -78,10 +82,14 @@ codes! {
     KAFKA_STORAGE_ERROR = 56, true, "the partition's log is offline after an I/O error";
     NON_EMPTY_GROUP = 68, false, "the group has members: it cannot be deleted";
     GROUP_ID_NOT_FOUND = 69, false, "no such group";
+    FENCED_LEADER_EPOCH = 74, true, "the request's leader epoch is older than the partition's: refresh metadata";
+    UNKNOWN_LEADER_EPOCH = 75, true, "the request's leader epoch is newer than this broker knows: retry after a backoff";
+    STALE_BROKER_EPOCH = 77, false, "the broker's registration epoch is not its current one: it must register again";
     MEMBER_ID_REQUIRED = 79, false, "a new member must rejoin with the member id it was given (KIP-394)";
     GROUP_MAX_SIZE_REACHED = 81, false, "the group already has group_members_max members";
     FENCED_INSTANCE_ID = 82, false, "another member joined with this static instance id (KIP-345)";
     INVALID_RECORD = 87, false, "a batch breaks a broker rule (transactional or control batch, several idempotent batches)";
+    DUPLICATE_BROKER_REGISTRATION = 101, true, "another incarnation of this node id is registered and alive";
 
 }
 

@@ -1,0 +1,436 @@
+//! The native listener's request handling: a native frame is decoded, translated to the broker's
+//! operations (`ops.rs`, served by `handler.rs`, the same ones the Kafka listener uses) and
+//! answered in the native format. Errors become wire codes here and nowhere else.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use cairn_protocol::limits::CLIENT_ID_BYTES_MAX;
+use cairn_protocol::native::*;
+
+use crate::error::BrokerError;
+use crate::handler::{Deferred, Handler, Outcome, ready};
+use crate::ops::{self, PerPartition};
+use crate::partition::Isolation;
+
+/// A result's wire code and message.
+fn code_of<T>(result: &Result<T, BrokerError>) -> (i16, String) {
+    match result {
+        Ok(_) => (0, String::new()),
+        Err(err) => (err.code().0, err.to_string()),
+    }
+}
+
+impl Handler {
+    /// Handles one frame payload (header and body) from start to response.
+    pub async fn handle(self: &Arc<Self>, frame: Bytes) -> Outcome {
+        self.begin(frame).await.await
+    }
+
+    /// The ordered part of handling a frame: decoding, appends, topic changes. A connection awaits
+    /// this before it starts the next request, so requests take effect in the order they were
+    /// sent (a pipelining producer's batches land in order). What follows (waiting for commits,
+    /// long-poll fetches) is returned as a future that may run alongside later requests.
+    pub async fn begin(self: &Arc<Self>, mut frame: Bytes) -> Deferred {
+        let started = Instant::now();
+        let header = match RequestHeader::decode(&mut frame, "header") {
+            Ok(header) => header,
+            Err(err) => return ready(Outcome::Close(format!("undecodable request header: {err}"))),
+        };
+        let corr = header.correlation_id;
+        let Some(api) = ApiKey::from_u16(header.api_key) else {
+            self.count_error("unknown", ErrorCode::UNSUPPORTED_VERSION);
+            let message = format!("unknown api key {}", header.api_key);
+            return ready(Outcome::Respond(encode_error_response(
+                corr,
+                ErrorCode::UNSUPPORTED_VERSION,
+                &message,
+            )));
+        };
+        let error = |code: ErrorCode, message: String| {
+            self.count_error(api.name(), code);
+            ready(Outcome::Respond(encode_error_response(
+                corr, code, &message,
+            )))
+        };
+        let (min, max) = api.versions();
+        if !(min..=max).contains(&header.api_version) {
+            let message = format!(
+                "{} v{} is not supported (v{min}..=v{max})",
+                api.name(),
+                header.api_version
+            );
+            return error(ErrorCode::UNSUPPORTED_VERSION, message);
+        }
+        if header.client_id.len() > CLIENT_ID_BYTES_MAX {
+            return error(
+                ErrorCode::INVALID_REQUEST,
+                format!("client id longer than {CLIENT_ID_BYTES_MAX} bytes"),
+            );
+        }
+        let request = match Request::decode_body(api, frame) {
+            Ok(request) => request,
+            Err(err) => {
+                return error(
+                    ErrorCode::INVALID_REQUEST,
+                    format!("{} request: {err}", api.name()),
+                );
+            }
+        };
+        let this = Arc::clone(self);
+        let finish = move |outcome: Outcome| {
+            this.metrics.requests.with_label_values(&[api.name()]).inc();
+            this.metrics
+                .request_seconds
+                .with_label_values(&[api.name()])
+                .observe(started.elapsed().as_secs_f64());
+            outcome
+        };
+        let respond = move |body: &dyn ErasedResponse| Outcome::Respond(body.response(corr));
+        match request {
+            Request::Produce(r) => {
+                let acks = r.acks;
+                let appended = self.produce_append(produce_op(r)).await;
+                let this = Arc::clone(self);
+                Box::pin(async move {
+                    let produced = this.produce_finish(appended).await;
+                    finish(if acks == 0 {
+                        Outcome::Silent
+                    } else {
+                        respond(&produce_response(produced))
+                    })
+                })
+            }
+            Request::Fetch(r) => {
+                let this = Arc::clone(self);
+                Box::pin(async move {
+                    let fetched = this.fetch(fetch_op(r)).await;
+                    finish(Outcome::RespondChunks(encode_response_chunks(
+                        corr,
+                        &fetch_response(fetched),
+                    )))
+                })
+            }
+            Request::FindCoordinator(_)
+            | Request::JoinGroup(_)
+            | Request::SyncGroup(_)
+            | Request::Heartbeat(_)
+            | Request::LeaveGroup(_)
+            | Request::OffsetCommit(_)
+            | Request::OffsetFetch(_)
+            | Request::ListGroups(_)
+            | Request::DescribeGroups(_)
+            | Request::DeleteGroups(_) => {
+                self.begin_native_group(corr, header.client_id, request, finish)
+            }
+            Request::ApiVersions(_) => ready(finish(respond(&api_versions()))),
+            Request::Metadata(r) => {
+                let names = (!r.topics.is_empty()).then_some(r.topics);
+                let view = self.metadata(names, r.allow_auto_create).await;
+                ready(finish(respond(&metadata_response(view))))
+            }
+            Request::CreateTopics(r) => {
+                let topics = r
+                    .topics
+                    .into_iter()
+                    .map(|t| ops::NewTopic {
+                        name: t.name,
+                        partitions: (t.partitions != 0).then_some(t.partitions),
+                        replication_factor: None,
+                        configs: t.configs.into_iter().map(|c| (c.key, c.value)).collect(),
+                    })
+                    .collect();
+                let results = self.create_topics(topics, r.validate_only).await;
+                ready(finish(respond(&CreateTopicsResponse {
+                    topics: topic_results(results),
+                })))
+            }
+            Request::DeleteTopics(r) => {
+                let results = self.delete_topics(r.names).await;
+                ready(finish(respond(&DeleteTopicsResponse {
+                    topics: topic_results(results),
+                })))
+            }
+            Request::DescribeTopics(r) => ready(finish(respond(&self.describe_topics(r)))),
+            Request::ListOffsets(r) => {
+                let listed = self.list_offsets(list_offsets_op(r));
+                ready(finish(respond(&list_offsets_response(listed))))
+            }
+        }
+    }
+
+    fn describe_topics(&self, request: DescribeTopicsRequest) -> DescribeTopicsResponse {
+        let names = self.requested_or_all(request.names);
+        let defaults = self.manager.defaults();
+        let topics = names
+            .into_iter()
+            .map(|name| match self.manager.topic(&name) {
+                None => DescribedTopic {
+                    error_code: ErrorCode::UNKNOWN_TOPIC_OR_PARTITION.0,
+                    error_message: format!("topic {name:?} does not exist"),
+                    name,
+                    ..DescribedTopic::default()
+                },
+                Some(topic) => DescribedTopic {
+                    name,
+                    error_code: 0,
+                    error_message: String::new(),
+                    configs: topic
+                        .config
+                        .describe(defaults)
+                        .into_iter()
+                        .map(|(key, value, is_default)| DescribedConfig {
+                            key,
+                            value,
+                            is_default,
+                        })
+                        .collect(),
+                    partitions: topic
+                        .partitions
+                        .iter()
+                        .map(|p| {
+                            let state = p.replica_state();
+                            DescribedPartition {
+                                partition: p.index(),
+                                error_code: 0,
+                                leader: state.leader.unwrap_or(u32::MAX),
+                                leader_epoch: state.leader_epoch,
+                                log_start_offset: p.log_start_offset().0,
+                                log_end_offset: p.log_end_offset().0,
+                                high_watermark: p.high_watermark().0,
+                                size_bytes: p.size_bytes(),
+                                n_segments: p.n_segments() as u32,
+                            }
+                        })
+                        .collect(),
+                },
+            })
+            .collect();
+        DescribeTopicsResponse { topics }
+    }
+}
+
+fn api_versions() -> ApiVersionsResponse {
+    ApiVersionsResponse {
+        apis: ApiKey::ALL
+            .iter()
+            .map(|api| {
+                let (min_version, max_version) = api.versions();
+                ApiVersion {
+                    api_key: *api as u16,
+                    min_version,
+                    max_version,
+                }
+            })
+            .collect(),
+        broker_version: env!("CARGO_PKG_VERSION").to_string(),
+    }
+}
+
+fn produce_op(r: ProduceRequest) -> ops::Produce {
+    ops::Produce {
+        acks: r.acks,
+        timeout: Duration::from_millis(r.timeout_ms.into()),
+        topics: r
+            .topics
+            .into_iter()
+            .map(|t| {
+                let partitions = t
+                    .partitions
+                    .into_iter()
+                    .map(|p| (p.partition, p.records))
+                    .collect();
+                (t.name, partitions)
+            })
+            .collect(),
+    }
+}
+
+fn produce_response(produced: PerPartition<ops::Produced>) -> ProduceResponse {
+    ProduceResponse {
+        topics: produced
+            .into_iter()
+            .map(|(name, partitions)| ProduceTopicResponse {
+                name,
+                partitions: partitions
+                    .into_iter()
+                    .map(|(partition, result)| {
+                        let (error_code, error_message) = code_of(&result);
+                        let ok = result.ok();
+                        ProducePartitionResponse {
+                            partition,
+                            error_code,
+                            error_message,
+                            base_offset: ok.map_or(0, |p| p.base_offset.0),
+                            log_append_time: -1,
+                            log_start_offset: ok.map_or(0, |p| p.log_start_offset.0),
+                        }
+                    })
+                    .collect(),
+            })
+            .collect(),
+    }
+}
+
+fn fetch_op(r: FetchRequest) -> ops::Fetch {
+    ops::Fetch {
+        replica_id: None,
+        isolation: Isolation::HighWatermark,
+        max_wait: Duration::from_millis(r.max_wait_ms.into()),
+        min_bytes: r.min_bytes,
+        max_bytes: r.max_bytes,
+        topics: r
+            .topics
+            .into_iter()
+            .map(|t| {
+                let partitions = t
+                    .partitions
+                    .into_iter()
+                    .map(|p| ops::FetchPartition {
+                        partition: p.partition,
+                        // Past i64::MAX is out of range, as it should be.
+                        fetch_offset: i64::try_from(p.fetch_offset).unwrap_or(-1),
+                        partition_max_bytes: p.partition_max_bytes,
+                        current_leader_epoch: None,
+                        last_fetched_epoch: None,
+                    })
+                    .collect();
+                (t.name, partitions)
+            })
+            .collect(),
+    }
+}
+
+fn fetch_response(fetched: PerPartition<ops::FetchedPartition>) -> FetchResponse {
+    FetchResponse {
+        topics: fetched
+            .into_iter()
+            .map(|(name, partitions)| FetchTopicResponse {
+                name,
+                partitions: partitions
+                    .into_iter()
+                    .map(|(partition, result)| {
+                        let (error_code, _) = code_of(&result);
+                        let data = result.unwrap_or_default();
+                        FetchPartitionResponse {
+                            partition,
+                            error_code,
+                            high_watermark: data.high_watermark.0,
+                            log_start_offset: data.log_start_offset.0,
+                            records: data.records,
+                        }
+                    })
+                    .collect(),
+            })
+            .collect(),
+    }
+}
+
+fn list_offsets_op(r: ListOffsetsRequest) -> ops::ListOffsets {
+    ops::ListOffsets {
+        isolation: Isolation::HighWatermark,
+        topics: r
+            .topics
+            .into_iter()
+            .map(|t| {
+                let partitions = t
+                    .partitions
+                    .into_iter()
+                    .map(|p| (p.partition, None, p.timestamp))
+                    .collect();
+                (t.name, partitions)
+            })
+            .collect(),
+    }
+}
+
+fn list_offsets_response(listed: PerPartition<ops::ListedOffset>) -> ListOffsetsResponse {
+    ListOffsetsResponse {
+        topics: listed
+            .into_iter()
+            .map(|(name, partitions)| ListOffsetsTopicResponse {
+                name,
+                partitions: partitions
+                    .into_iter()
+                    .map(|(partition, result)| {
+                        let (error_code, _) = code_of(&result);
+                        let found = result.ok();
+                        ListOffsetsPartitionResponse {
+                            partition,
+                            error_code,
+                            timestamp: found.map_or(-1, |f| f.timestamp),
+                            offset: found.map_or(0, |f| f.offset.0),
+                        }
+                    })
+                    .collect(),
+            })
+            .collect(),
+    }
+}
+
+fn metadata_response(view: ops::MetadataView) -> MetadataResponse {
+    MetadataResponse {
+        brokers: view
+            .brokers
+            .into_iter()
+            .map(|b| BrokerMetadata {
+                node_id: b.node_id,
+                host: b.native.0,
+                port: b.native.1,
+            })
+            .collect(),
+        controller_id: view.controller_id,
+        topics: view
+            .topics
+            .into_iter()
+            .map(|(name, result)| {
+                let (error_code, _) = code_of(&result);
+                TopicMetadata {
+                    error_code,
+                    name,
+                    partitions: result
+                        .unwrap_or_default()
+                        .into_iter()
+                        .map(|p| PartitionMetadata {
+                            partition: p.partition,
+                            error_code: if p.leader.is_some() {
+                                0
+                            } else {
+                                ErrorCode::LEADER_NOT_AVAILABLE.0
+                            },
+                            leader: p.leader.unwrap_or(u32::MAX),
+                            leader_epoch: p.leader_epoch,
+                            replicas: p.replicas,
+                        })
+                        .collect(),
+                }
+            })
+            .collect(),
+    }
+}
+
+fn topic_results(results: Vec<(String, Result<(), BrokerError>)>) -> Vec<TopicResult> {
+    results
+        .into_iter()
+        .map(|(name, result)| {
+            let (error_code, error_message) = code_of(&result);
+            TopicResult {
+                name,
+                error_code,
+                error_message,
+            }
+        })
+        .collect()
+}
+
+/// A response body of any message type (requests answer with different types).
+pub(crate) trait ErasedResponse {
+    fn response(&self, corr: u32) -> Vec<u8>;
+}
+
+impl<T: Wire> ErasedResponse for T {
+    fn response(&self, corr: u32) -> Vec<u8> {
+        encode_response(corr, self)
+    }
+}
