@@ -89,6 +89,7 @@ codes! {
     GROUP_MAX_SIZE_REACHED = 81, false, "the group already has group_members_max members";
     FENCED_INSTANCE_ID = 82, false, "another member joined with this static instance id (KIP-345)";
     INVALID_RECORD = 87, false, "a batch breaks a broker rule (transactional or control batch, several idempotent batches)";
+    INVALID_UPDATE_VERSION = 95, true, "a partition change was decided on a stale partition epoch: decide again";
     DUPLICATE_BROKER_REGISTRATION = 101, true, "another incarnation of this node id is registered and alive";
 
 }

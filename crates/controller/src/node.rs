@@ -1,0 +1,820 @@
+//! A controller: one voter of the metadata quorum. It runs Raft, serves the controller wire
+//! (peers' Raft RPCs, brokers' commands), and while it leads it is the *active controller*: it
+//! carries out commands (registrations, topics, producer ids) by proposing records, tracks
+//! brokers' heartbeats, fences brokers silent past their session (moving their leaderships) and
+//! gives offline partitions a leader again when one of their ISR comes back.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use openraft::error::{ClientWriteError, InitializeError, RaftError};
+use openraft::{BasicNode, SnapshotPolicy};
+use rand::Rng;
+use tokio::net::TcpListener;
+use tokio::sync::{Semaphore, watch};
+use tokio::time::Instant;
+
+use cairn_protocol::native::ErrorCode;
+
+use crate::image::{MetadataImage, Rejected};
+use crate::placement::{self, Candidate};
+use crate::raft::{Applied, LogStore, Raft, StateMachine};
+use crate::records::{MetadataRecord, NodeId, PartitionState, Proposal};
+use crate::rpc::{
+    Command, CommandError, QuorumStatus, Reply, Request, Response, TopicCreated, read_frame,
+    write_frame,
+};
+use crate::store::RaftStore;
+
+/// How a controller runs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ControllerConfig {
+    /// This node's id.
+    pub node_id: NodeId,
+    /// The voters (id to controller address `host:port`), this node among them. A quorum of one
+    /// needs no address.
+    pub voters: BTreeMap<NodeId, String>,
+    /// A broker silent for this long is fenced (Kafka `broker.session.timeout.ms`).
+    pub broker_session_timeout: Duration,
+    /// Raft's heartbeat interval.
+    pub raft_heartbeat: Duration,
+    /// Raft's election timeout range: a follower that hears no leader for a random time in it
+    /// starts an election.
+    pub raft_election_timeout: (Duration, Duration),
+    /// Largest frame on the controller wire.
+    pub frame_bytes_max: u32,
+    /// Most connections the controller listener serves at once.
+    pub connections_max: u32,
+    /// A snapshot is taken after this many entries (it bounds the log and replay at start).
+    pub snapshot_entries: u64,
+    /// Most partitions in the cluster.
+    pub partitions_max: u32,
+    /// Most partitions per topic.
+    pub partitions_per_topic_max: u32,
+    /// Producer ids handed to a broker at a time.
+    pub producer_id_block: u32,
+    /// How long a proposal may wait for the quorum.
+    pub commit_timeout: Duration,
+}
+
+impl Default for ControllerConfig {
+    fn default() -> Self {
+        ControllerConfig {
+            node_id: 1,
+            voters: BTreeMap::from([(1, String::new())]),
+            broker_session_timeout: Duration::from_secs(6),
+            raft_heartbeat: Duration::from_millis(100),
+            raft_election_timeout: (Duration::from_millis(300), Duration::from_millis(600)),
+            frame_bytes_max: 64 << 20,
+            connections_max: 1024,
+            snapshot_entries: 10_000,
+            partitions_max: 10_000,
+            partitions_per_topic_max: 10_000,
+            producer_id_block: 1000,
+            commit_timeout: Duration::from_millis(2500),
+        }
+    }
+}
+
+/// Starting a controller failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StartError {
+    /// The Raft configuration is not valid.
+    #[error("invalid Raft configuration: {0}")]
+    Config(String),
+    /// The store could not be read.
+    #[error("reading the metadata log")]
+    Store(#[source] std::io::Error),
+    /// Raft did not start.
+    #[error("starting Raft: {0}")]
+    Raft(String),
+}
+
+/// When each broker was last heard from, and the term this controller started leading in.
+#[derive(Debug, Default)]
+struct Liveness {
+    /// The term whose leadership the table belongs to (reset at every new term).
+    term: u64,
+    /// Per broker: (broker epoch, last heartbeat).
+    seen: HashMap<NodeId, (u64, Instant)>,
+}
+
+/// A running controller. Cheap to clone.
+#[derive(Clone)]
+pub struct ControllerNode {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for ControllerNode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ControllerNode")
+            .field("node_id", &self.inner.config.node_id)
+            .finish_non_exhaustive()
+    }
+}
+
+struct Inner {
+    config: ControllerConfig,
+    raft: Raft,
+    machine: StateMachine,
+    liveness: Mutex<Liveness>,
+    stopped: watch::Sender<bool>,
+}
+
+fn rejected(code: ErrorCode, message: impl Into<String>) -> CommandError {
+    CommandError::Rejected(Rejected {
+        code: code.0,
+        message: message.into(),
+    })
+}
+
+impl ControllerNode {
+    /// Opens the store, starts Raft (forming the quorum if the store is new: every voter
+    /// proposes the same membership, which is safe) and, with a listener, serves the controller
+    /// wire on it.
+    pub async fn start(
+        config: ControllerConfig,
+        store: Arc<dyn RaftStore>,
+        listener: Option<TcpListener>,
+    ) -> Result<ControllerNode, StartError> {
+        let machine = {
+            let store = Arc::clone(&store);
+            tokio::task::spawn_blocking(move || StateMachine::open(store))
+                .await
+                .map_err(|e| StartError::Store(std::io::Error::other(e)))?
+                .map_err(StartError::Store)?
+        };
+        let raft_config = openraft::Config {
+            cluster_name: "cairn".into(),
+            heartbeat_interval: millis(config.raft_heartbeat),
+            election_timeout_min: millis(config.raft_election_timeout.0),
+            election_timeout_max: millis(config.raft_election_timeout.1),
+            max_payload_entries: 64,
+            snapshot_policy: SnapshotPolicy::LogsSinceLast(config.snapshot_entries),
+            max_in_snapshot_log_to_keep: 1000,
+            ..openraft::Config::default()
+        }
+        .validate()
+        .map_err(|e| StartError::Config(e.to_string()))?;
+        let network = crate::network::Network {
+            frame_bytes_max: config.frame_bytes_max,
+        };
+        let raft = Raft::new(
+            u64::from(config.node_id),
+            Arc::new(raft_config),
+            network,
+            LogStore::new(store),
+            machine.clone(),
+        )
+        .await
+        .map_err(|e| StartError::Raft(e.to_string()))?;
+        let members: BTreeMap<u64, BasicNode> = config
+            .voters
+            .iter()
+            .map(|(id, addr)| (u64::from(*id), BasicNode { addr: addr.clone() }))
+            .collect();
+        match raft.initialize(members).await {
+            Ok(()) => {
+                tracing::info!(node_id = config.node_id, voters = ?config.voters.keys(), "metadata quorum formed")
+            }
+            // Formed before: the store has its log and vote.
+            Err(RaftError::APIError(InitializeError::NotAllowed(_))) => {}
+            Err(err) => return Err(StartError::Raft(err.to_string())),
+        }
+        let (stopped, _) = watch::channel(false);
+        let node = ControllerNode {
+            inner: Arc::new(Inner {
+                config,
+                raft,
+                machine,
+                liveness: Mutex::new(Liveness::default()),
+                stopped,
+            }),
+        };
+        if let Some(listener) = listener {
+            tokio::spawn(node.clone().serve(listener));
+        }
+        tokio::spawn(node.clone().duties());
+        Ok(node)
+    }
+
+    /// This node's id.
+    pub fn node_id(&self) -> NodeId {
+        self.inner.config.node_id
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &ControllerConfig {
+        &self.inner.config
+    }
+
+    /// The image after every applied entry, as a feed.
+    pub fn subscribe(&self) -> watch::Receiver<Arc<MetadataImage>> {
+        self.inner.machine.subscribe()
+    }
+
+    /// The current image.
+    pub fn image(&self) -> Arc<MetadataImage> {
+        self.inner.machine.image()
+    }
+
+    /// The active controller, as far as this node knows.
+    pub fn leader(&self) -> Option<NodeId> {
+        self.inner
+            .raft
+            .metrics()
+            .borrow()
+            .current_leader
+            .and_then(|l| NodeId::try_from(l).ok())
+    }
+
+    /// Whether this node is the active controller.
+    pub fn is_active(&self) -> bool {
+        self.leader() == Some(self.node_id())
+    }
+
+    /// The leader's id and controller address, if known.
+    fn leader_hint(&self) -> Option<(NodeId, String)> {
+        let leader = self.leader()?;
+        let addr = self.inner.config.voters.get(&leader).cloned()?;
+        Some((leader, addr))
+    }
+
+    /// The Raft state of this node.
+    pub fn status(&self) -> QuorumStatus {
+        let metrics = self.inner.raft.metrics().borrow().clone();
+        let replication = metrics.replication.unwrap_or_default();
+        QuorumStatus {
+            node_id: self.node_id(),
+            leader: metrics
+                .current_leader
+                .and_then(|l| NodeId::try_from(l).ok()),
+            term: metrics.current_term,
+            last_log_index: metrics.last_log_index,
+            committed: metrics.last_applied.map(|l| l.index),
+            applied_offset: self.image().offset,
+            voters: metrics
+                .membership_config
+                .voter_ids()
+                .filter_map(|id| {
+                    let matched = replication.get(&id).cloned().flatten().map(|l| l.index);
+                    Some((NodeId::try_from(id).ok()?, matched))
+                })
+                .collect(),
+        }
+    }
+
+    /// Stops Raft and this node's tasks.
+    pub async fn shutdown(&self) {
+        self.inner.stopped.send_replace(true);
+        if let Err(err) = self.inner.raft.shutdown().await {
+            tracing::warn!(error = %err, "Raft did not shut down cleanly");
+        }
+    }
+
+    /// Proposes records and waits until they are committed and applied here.
+    async fn propose(&self, records: Vec<MetadataRecord>) -> Result<Applied, CommandError> {
+        let write = self.inner.raft.client_write(Proposal { records });
+        match tokio::time::timeout(self.inner.config.commit_timeout, write).await {
+            Ok(Ok(response)) => Ok(response.data),
+            Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(forward)))) => {
+                Err(CommandError::NotController {
+                    leader: forward.leader_id.and_then(|id| {
+                        let id = NodeId::try_from(id).ok()?;
+                        Some((id, self.inner.config.voters.get(&id)?.clone()))
+                    }),
+                })
+            }
+            Ok(Err(err)) => Err(CommandError::Unavailable(err.to_string())),
+            Err(_) => Err(CommandError::Unavailable(format!(
+                "not committed within {:?}",
+                self.inner.config.commit_timeout
+            ))),
+        }
+    }
+
+    /// Proposes and turns a rejection into an error; returns the entry's offset.
+    async fn commit(&self, records: Vec<MetadataRecord>) -> Result<u64, CommandError> {
+        let applied = self.propose(records).await?;
+        applied.result?;
+        Ok(applied.offset)
+    }
+
+    /// Carries out a broker's command, if this node is the active controller.
+    pub async fn execute(&self, command: Command) -> Result<Reply, CommandError> {
+        if !self.is_active() {
+            return Err(CommandError::NotController {
+                leader: self.leader_hint(),
+            });
+        }
+        match command {
+            Command::Register(info) => self.register(info).await,
+            Command::Heartbeat {
+                node_id,
+                broker_epoch,
+                metadata_offset,
+                shutting_down,
+            } => {
+                self.heartbeat(node_id, broker_epoch, metadata_offset, shutting_down)
+                    .await
+            }
+            Command::CreateTopics {
+                topics,
+                validate_only,
+            } => {
+                let mut results = Vec::with_capacity(topics.len());
+                for spec in topics {
+                    let name = spec.name.clone();
+                    let result = match self.create_topic(spec, validate_only).await {
+                        Ok(created) => Ok(created),
+                        Err(CommandError::Rejected(rejected)) => Err(rejected),
+                        Err(other) => return Err(other),
+                    };
+                    results.push((name, result));
+                }
+                Ok(Reply::Topics(results))
+            }
+            Command::DeleteTopics { names } => {
+                let mut results = Vec::with_capacity(names.len());
+                for name in names {
+                    let image = self.image();
+                    let result = match image.topic(&name) {
+                        None => Err(Rejected {
+                            code: ErrorCode::UNKNOWN_TOPIC_OR_PARTITION.0,
+                            message: format!("topic {name:?} does not exist"),
+                        }),
+                        Some(topic) => {
+                            let record = MetadataRecord::TopicDeleted {
+                                name: name.clone(),
+                                topic_id: topic.id,
+                            };
+                            match self.commit(vec![record]).await {
+                                Ok(_) => Ok(()),
+                                Err(CommandError::Rejected(rejected)) => Err(rejected),
+                                Err(other) => return Err(other),
+                            }
+                        }
+                    };
+                    results.push((name, result));
+                }
+                Ok(Reply::Deleted(results))
+            }
+            Command::CreatePartitions {
+                topic,
+                count,
+                validate_only,
+            } => self.create_partitions(&topic, count, validate_only).await,
+            Command::AllocateProducerIds { node_id } => {
+                // Two allocations decided on the same image: the second is refused as stale
+                // and decided again.
+                for _ in 0..10 {
+                    let first = self.image().next_producer_id;
+                    let count = self.inner.config.producer_id_block;
+                    let record = MetadataRecord::ProducerIdsAllocated {
+                        node_id,
+                        first,
+                        count,
+                    };
+                    match self.commit(vec![record]).await {
+                        Ok(_) => return Ok(Reply::ProducerIds { first, count }),
+                        Err(CommandError::Rejected(r))
+                            if r.error_code() == ErrorCode::INVALID_UPDATE_VERSION => {}
+                        Err(other) => return Err(other),
+                    }
+                }
+                Err(CommandError::Unavailable(
+                    "producer id allocation kept conflicting".into(),
+                ))
+            }
+        }
+    }
+
+    fn last_seen(&self, node: NodeId, epoch: u64) -> Option<Instant> {
+        let liveness = self.liveness();
+        liveness
+            .seen
+            .get(&node)
+            .filter(|(e, _)| *e == epoch)
+            .map(|(_, at)| *at)
+    }
+
+    fn liveness(&self) -> std::sync::MutexGuard<'_, Liveness> {
+        self.inner
+            .liveness
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn saw(&self, node: NodeId, epoch: u64) {
+        self.liveness().seen.insert(node, (epoch, Instant::now()));
+    }
+
+    async fn register(&self, info: crate::records::BrokerInfo) -> Result<Reply, CommandError> {
+        let node = info.node_id;
+        let image = self.image();
+        if let Some(existing) = image.brokers.get(&node) {
+            if existing.info.incarnation == info.incarnation {
+                // A retry of a registration that took effect.
+                self.saw(node, existing.epoch);
+                return Ok(Reply::Registered {
+                    broker_epoch: existing.epoch,
+                });
+            }
+            let session = self.inner.config.broker_session_timeout;
+            let alive = !existing.fenced
+                && self
+                    .last_seen(node, existing.epoch)
+                    .is_some_and(|at| at.elapsed() < session);
+            if alive {
+                return Err(rejected(
+                    ErrorCode::DUPLICATE_BROKER_REGISTRATION,
+                    format!(
+                        "broker {node} is registered by a live incarnation ({}); a second process \
+                         with the same node id is refused",
+                        existing.info.incarnation
+                    ),
+                ));
+            }
+        }
+        // The new incarnation starts fenced: whatever the old one led moves now.
+        let mut records = vec![MetadataRecord::BrokerRegistered { broker: info }];
+        records.extend(partition_changes(&image, |state| {
+            placement::on_fenced(state, node, |r| r != node && image.is_live(r))
+        }));
+        let offset = self.commit(records).await?;
+        let broker_epoch = offset.saturating_sub(1);
+        self.saw(node, broker_epoch);
+        tracing::info!(node, broker_epoch, "broker registered");
+        Ok(Reply::Registered { broker_epoch })
+    }
+
+    async fn heartbeat(
+        &self,
+        node: NodeId,
+        broker_epoch: u64,
+        metadata_offset: u64,
+        shutting_down: bool,
+    ) -> Result<Reply, CommandError> {
+        let image = self.image();
+        let Some(broker) = image.brokers.get(&node).filter(|b| b.epoch == broker_epoch) else {
+            return Err(rejected(
+                ErrorCode::STALE_BROKER_EPOCH,
+                format!("broker {node} has no registration with epoch {broker_epoch}"),
+            ));
+        };
+        self.saw(node, broker_epoch);
+        if shutting_down {
+            if !broker.fenced {
+                self.commit(fence_records(&image, node, broker_epoch))
+                    .await?;
+                tracing::info!(node, "broker shutting down: fenced, leaderships moved");
+            }
+            return Ok(Reply::Heartbeat { fenced: true });
+        }
+        // Caught up once it has applied its own registration.
+        if broker.fenced && metadata_offset > broker_epoch {
+            let mut records = vec![MetadataRecord::BrokerUnfenced {
+                node_id: node,
+                broker_epoch,
+            }];
+            records.extend(partition_changes(&image, |state| {
+                placement::on_unfenced(state, node, |r| r == node || image.is_live(r))
+            }));
+            self.commit(records).await?;
+            tracing::info!(node, broker_epoch, "broker unfenced");
+            return Ok(Reply::Heartbeat { fenced: false });
+        }
+        Ok(Reply::Heartbeat {
+            fenced: broker.fenced,
+        })
+    }
+
+    async fn create_topic(
+        &self,
+        spec: crate::rpc::TopicSpec,
+        validate_only: bool,
+    ) -> Result<TopicCreated, CommandError> {
+        let image = self.image();
+        let config = &self.inner.config;
+        if image.topic(&spec.name).is_some() {
+            return Err(rejected(
+                ErrorCode::TOPIC_ALREADY_EXISTS,
+                format!("topic {:?} already exists", spec.name),
+            ));
+        }
+        if spec.partitions == 0 || spec.partitions > config.partitions_per_topic_max {
+            return Err(rejected(
+                ErrorCode::INVALID_PARTITIONS,
+                format!(
+                    "{} partitions; a topic has 1 to {}",
+                    spec.partitions, config.partitions_per_topic_max
+                ),
+            ));
+        }
+        let total = image.n_partitions() + u64::from(spec.partitions);
+        if total > u64::from(config.partitions_max) {
+            return Err(rejected(
+                ErrorCode::POLICY_VIOLATION,
+                format!(
+                    "{total} partitions would exceed partitions_max = {}",
+                    config.partitions_max
+                ),
+            ));
+        }
+        let candidates = candidates(&image);
+        let rf = spec
+            .replication_factor
+            .unwrap_or_else(|| default_replication_factor(candidates.len()));
+        let replicas = self.place(0, spec.partitions, rf, &candidates)?;
+        let created = TopicCreated {
+            partitions: spec.partitions,
+            replication_factor: rf,
+        };
+        if validate_only {
+            return Ok(created);
+        }
+        let record = MetadataRecord::TopicCreated {
+            name: spec.name.clone(),
+            config: spec.config,
+            created_ms: unix_ms(),
+            partitions: replicas
+                .into_iter()
+                .map(|r| {
+                    let leader = r.first().copied();
+                    PartitionState::new(r, leader)
+                })
+                .collect(),
+        };
+        self.commit(vec![record]).await?;
+        tracing::info!(topic = %spec.name, partitions = spec.partitions, replication_factor = rf, "topic created");
+        Ok(created)
+    }
+
+    async fn create_partitions(
+        &self,
+        topic: &str,
+        count: u32,
+        validate_only: bool,
+    ) -> Result<Reply, CommandError> {
+        let image = self.image();
+        let Some(found) = image.topic(topic) else {
+            return Err(rejected(
+                ErrorCode::UNKNOWN_TOPIC_OR_PARTITION,
+                format!("topic {topic:?} does not exist"),
+            ));
+        };
+        let current = found.partitions.len() as u32;
+        if count <= current || count > self.inner.config.partitions_per_topic_max {
+            return Err(rejected(
+                ErrorCode::INVALID_PARTITIONS,
+                format!(
+                    "{topic} has {current} partitions; it can grow to at most {}, not to {count}",
+                    self.inner.config.partitions_per_topic_max
+                ),
+            ));
+        }
+        let total = image.n_partitions() + u64::from(count - current);
+        if total > u64::from(self.inner.config.partitions_max) {
+            return Err(rejected(
+                ErrorCode::POLICY_VIOLATION,
+                format!(
+                    "{total} partitions would exceed partitions_max = {}",
+                    self.inner.config.partitions_max
+                ),
+            ));
+        }
+        let rf = found
+            .partitions
+            .first()
+            .map_or(1, |p| p.replicas.len() as u16);
+        let replicas = self.place(current, count - current, rf, &candidates(&image))?;
+        if validate_only {
+            return Ok(Reply::PartitionsCreated);
+        }
+        let record = MetadataRecord::PartitionsCreated {
+            topic: topic.to_string(),
+            expected_count: current,
+            partitions: replicas
+                .into_iter()
+                .map(|r| {
+                    let leader = r.first().copied();
+                    PartitionState::new(r, leader)
+                })
+                .collect(),
+        };
+        self.commit(vec![record]).await?;
+        Ok(Reply::PartitionsCreated)
+    }
+
+    fn place(
+        &self,
+        first: u32,
+        n: u32,
+        rf: u16,
+        candidates: &[Candidate],
+    ) -> Result<Vec<Vec<NodeId>>, CommandError> {
+        let (start, shift) = {
+            let mut rng = rand::rng();
+            let n = candidates.len().max(1);
+            (rng.random_range(0..n), rng.random_range(0..n))
+        };
+        placement::assign_replicas(first, n, rf, candidates, start, shift)
+            .map_err(|e| rejected(ErrorCode::INVALID_REPLICATION_FACTOR, e.to_string()))
+    }
+
+    /// The active controller's periodic work: fence brokers silent past their session, and give
+    /// offline partitions a leader when a live ISR member can take it.
+    async fn duties(self) {
+        let mut stopped = self.inner.stopped.subscribe();
+        let mut tick = tokio::time::interval(Duration::from_millis(250));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = stopped.changed() => return,
+            }
+            if !self.is_active() {
+                continue;
+            }
+            let term = self.inner.raft.metrics().borrow().current_term;
+            let image = self.image();
+            let expired = {
+                let mut liveness = self.liveness();
+                if liveness.term != term {
+                    // A new leadership knows no heartbeat yet: every broker gets a full session.
+                    liveness.term = term;
+                    let now = Instant::now();
+                    liveness.seen = image
+                        .brokers
+                        .values()
+                        .map(|b| (b.info.node_id, (b.epoch, now)))
+                        .collect();
+                }
+                let session = self.inner.config.broker_session_timeout;
+                image
+                    .live_brokers()
+                    .filter(|b| {
+                        liveness
+                            .seen
+                            .get(&b.info.node_id)
+                            .filter(|(epoch, _)| *epoch == b.epoch)
+                            .is_none_or(|(_, at)| at.elapsed() >= session)
+                    })
+                    .map(|b| (b.info.node_id, b.epoch))
+                    .collect::<Vec<_>>()
+            };
+            for (node, epoch) in expired {
+                let image = self.image();
+                match self.commit(fence_records(&image, node, epoch)).await {
+                    Ok(_) => tracing::warn!(node, "broker silent past its session: fenced"),
+                    Err(err) => tracing::debug!(node, error = %err, "fencing failed; retrying"),
+                }
+            }
+            let image = self.image();
+            let elections = partition_changes(&image, |state| {
+                if state.leader.is_some() {
+                    return None;
+                }
+                let leader = placement::elect_leader(state, |r| image.is_live(r))?;
+                placement::on_unfenced(state, leader, |r| image.is_live(r))
+            });
+            if !elections.is_empty()
+                && let Err(err) = self.commit(elections).await
+            {
+                tracing::debug!(error = %err, "electing leaders failed; retrying");
+            }
+        }
+    }
+
+    async fn serve(self, listener: TcpListener) {
+        let permits = Arc::new(Semaphore::new(self.inner.config.connections_max as usize));
+        let mut stopped = self.inner.stopped.subscribe();
+        loop {
+            let accepted = tokio::select! {
+                accepted = listener.accept() => accepted,
+                _ = stopped.changed() => return,
+            };
+            let (stream, peer) = match accepted {
+                Ok(accepted) => accepted,
+                Err(err) => {
+                    tracing::warn!(error = %err, "controller listener accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let Ok(permit) = Arc::clone(&permits).try_acquire_owned() else {
+                tracing::warn!(%peer, "controller connection refused: connections_max reached");
+                continue;
+            };
+            let _ = stream.set_nodelay(true);
+            let node = self.clone();
+            tokio::spawn(async move {
+                let _permit = permit;
+                if let Err(err) = node.connection(stream).await {
+                    tracing::debug!(%peer, error = %err, "controller connection closed");
+                }
+            });
+        }
+    }
+
+    async fn connection(&self, mut stream: tokio::net::TcpStream) -> std::io::Result<()> {
+        let max = self.inner.config.frame_bytes_max;
+        let mut stopped = self.inner.stopped.subscribe();
+        loop {
+            let request: Request = tokio::select! {
+                read = read_frame(&mut stream, max) => match read? {
+                    Some(request) => request,
+                    None => return Ok(()),
+                },
+                _ = stopped.changed() => return Ok(()),
+            };
+            let response = self.handle(request).await;
+            write_frame(&mut stream, &response, max).await?;
+        }
+    }
+
+    async fn handle(&self, request: Request) -> Response {
+        let raft = &self.inner.raft;
+        match request {
+            Request::AppendEntries(rpc) => Response::AppendEntries(raft.append_entries(rpc).await),
+            Request::Vote(rpc) => Response::Vote(raft.vote(rpc).await),
+            Request::InstallSnapshot(rpc) => {
+                Response::InstallSnapshot(raft.install_snapshot(rpc).await)
+            }
+            Request::Command(command) => Response::Command(
+                self.execute(command)
+                    .await
+                    .map(|reply| (reply, self.image().offset)),
+            ),
+            Request::FetchMetadata { after, max_wait_ms } => {
+                let mut feed = self.subscribe();
+                let wait = Duration::from_millis(max_wait_ms.min(60_000));
+                let moved = feed.wait_for(|image| image.offset > after);
+                let image = match tokio::time::timeout(wait, moved).await {
+                    Ok(Ok(image)) => Some((**image).clone()),
+                    _ => None,
+                };
+                Response::Metadata(image)
+            }
+            Request::DescribeQuorum => Response::Quorum(self.status()),
+        }
+    }
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+fn unix_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+/// `min(3, brokers)`: three copies where there are three brokers (Kafka's default is 1; a
+/// broker's loss should not lose data by default).
+fn default_replication_factor(n_live: usize) -> u16 {
+    u16::try_from(n_live.clamp(1, 3)).unwrap_or(1)
+}
+
+fn candidates(image: &MetadataImage) -> Vec<Candidate> {
+    image
+        .live_brokers()
+        .map(|b| Candidate {
+            node_id: b.info.node_id,
+            rack: b.info.rack.clone(),
+        })
+        .collect()
+}
+
+/// A `PartitionChanged` record for every partition `decide` wants to change.
+fn partition_changes(
+    image: &MetadataImage,
+    decide: impl Fn(&PartitionState) -> Option<crate::records::PartitionTarget>,
+) -> Vec<MetadataRecord> {
+    image
+        .partitions()
+        .filter_map(|(topic, partition, state)| {
+            Some(MetadataRecord::PartitionChanged {
+                topic: topic.to_string(),
+                partition,
+                expected_partition_epoch: state.partition_epoch,
+                target: decide(state)?,
+            })
+        })
+        .collect()
+}
+
+/// Fencing `node`: the record and every leadership and ISR membership it loses.
+fn fence_records(image: &MetadataImage, node: NodeId, epoch: u64) -> Vec<MetadataRecord> {
+    let mut records = vec![MetadataRecord::BrokerFenced {
+        node_id: node,
+        broker_epoch: epoch,
+    }];
+    records.extend(partition_changes(image, |state| {
+        placement::on_fenced(state, node, |r| r != node && image.is_live(r))
+    }));
+    records
+}

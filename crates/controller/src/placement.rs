@@ -1,0 +1,283 @@
+//! The controller's decisions, as pure functions: where a new partition's replicas go, and who
+//! leads a partition when brokers come and go. No I/O, no clock: the active controller calls
+//! them with the current image and proposes what they return.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use crate::records::{NodeId, PartitionState, PartitionTarget};
+
+/// A broker that may receive replicas.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Candidate {
+    /// Its id.
+    pub node_id: NodeId,
+    /// Its rack (brokers without one count as one rack of their own).
+    pub rack: Option<String>,
+}
+
+/// Why replicas could not be placed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("replication factor {rf} needs {rf} live brokers; {n_brokers} are live")]
+pub struct NotEnoughBrokers {
+    /// Asked for.
+    pub rf: u16,
+    /// Available.
+    pub n_brokers: usize,
+}
+
+/// Replicas for `n_partitions` new partitions numbered from `first_partition`, `rf` each, as
+/// Kafka places them: partition p's first replica (its preferred leader) is broker
+/// `(p + start) mod n` of a rack-alternating order of the brokers, so leaders spread evenly; the
+/// other replicas follow at a shift that changes every n partitions, so followers spread too; and
+/// a partition uses as many racks as there are before it uses a rack twice. `start` and `shift`
+/// are random in the controller (tests fix them).
+pub fn assign_replicas(
+    first_partition: u32,
+    n_partitions: u32,
+    rf: u16,
+    brokers: &[Candidate],
+    start: usize,
+    shift: usize,
+) -> Result<Vec<Vec<NodeId>>, NotEnoughBrokers> {
+    let n = brokers.len();
+    if rf == 0 || usize::from(rf) > n {
+        return Err(NotEnoughBrokers { rf, n_brokers: n });
+    }
+    let arranged = rack_alternated(brokers);
+    let rack_of: BTreeMap<NodeId, Option<&str>> = brokers
+        .iter()
+        .map(|b| (b.node_id, b.rack.as_deref()))
+        .collect();
+    let n_racks = rack_of.values().collect::<BTreeSet<_>>().len();
+    let start = start % n;
+    let mut next_shift = shift % n;
+    let mut assignments = Vec::with_capacity(n_partitions as usize);
+    let at = |i: usize| arranged.get(i % n).copied().unwrap_or_default();
+    let rack = |node: NodeId| rack_of.get(&node).copied().flatten();
+    for p in first_partition..first_partition.saturating_add(n_partitions) {
+        let p = p as usize;
+        if p > 0 && p.is_multiple_of(n) {
+            next_shift += 1;
+        }
+        let first = (p + start) % n;
+        let leader = at(first);
+        let mut replicas = vec![leader];
+        let mut racks = BTreeSet::from([rack(leader)]);
+        let mut k = 0usize;
+        while replicas.len() < usize::from(rf) {
+            let candidate = at(replica_index(first, next_shift * n_racks.max(1), k, n));
+            k += 1;
+            let rack = rack(candidate);
+            let rack_ok = !racks.contains(&rack) || racks.len() == n_racks;
+            // Within n rounds every broker has been tried once under each rule; after that any
+            // broker not yet chosen will do (never loops forever).
+            if replicas.contains(&candidate) || (!rack_ok && k <= n * n) {
+                continue;
+            }
+            racks.insert(rack);
+            replicas.push(candidate);
+        }
+        assignments.push(replicas);
+    }
+    Ok(assignments)
+}
+
+/// Kafka's follower position: `shift` in 1..n from the first replica.
+fn replica_index(first: usize, shift: usize, k: usize, n: usize) -> usize {
+    if n == 1 {
+        return first;
+    }
+    let step = 1 + (shift + k) % (n - 1);
+    (first + step) % n
+}
+
+/// The brokers ordered so that consecutive ones are on different racks where possible: one from
+/// each rack in turn (racks and brokers in id order), as Kafka's `getRackAlternatedBrokerList`.
+fn rack_alternated(brokers: &[Candidate]) -> Vec<NodeId> {
+    let mut by_rack: BTreeMap<Option<&str>, Vec<NodeId>> = BTreeMap::new();
+    for b in brokers {
+        by_rack
+            .entry(b.rack.as_deref())
+            .or_default()
+            .push(b.node_id);
+    }
+    for ids in by_rack.values_mut() {
+        ids.sort_unstable();
+    }
+    let mut out = Vec::with_capacity(brokers.len());
+    for round in 0.. {
+        let before = out.len();
+        out.extend(by_rack.values().filter_map(|ids| ids.get(round)));
+        if out.len() == before {
+            break;
+        }
+    }
+    out
+}
+
+/// The leader to elect: the first replica, in preference order, that is in the ISR and live.
+pub fn elect_leader(state: &PartitionState, live: impl Fn(NodeId) -> bool) -> Option<NodeId> {
+    state
+        .replicas
+        .iter()
+        .copied()
+        .find(|r| state.isr.contains(r) && live(*r))
+}
+
+/// What fencing `node` does to a partition: it leaves the ISR (unless it is the last member, who
+/// is kept so that only it may lead again: no unclean election), and if it led, the first live
+/// ISR member leads, or nobody. `live` answers for the other brokers. `None`: nothing changes.
+pub fn on_fenced(
+    state: &PartitionState,
+    node: NodeId,
+    live: impl Fn(NodeId) -> bool,
+) -> Option<PartitionTarget> {
+    if !state.isr.contains(&node) && state.leader != Some(node) {
+        return None;
+    }
+    let others: Vec<NodeId> = state.isr.iter().copied().filter(|r| *r != node).collect();
+    let isr = if others.is_empty() {
+        state.isr.clone()
+    } else {
+        others
+    };
+    let leader = if state.leader == Some(node) || state.leader.is_none() {
+        let without = PartitionState {
+            isr: isr.clone(),
+            ..state.clone()
+        };
+        elect_leader(&without, |r| r != node && live(r))
+    } else {
+        state.leader
+    };
+    target_if_changed(state, isr, leader)
+}
+
+/// What unfencing `node` does to a partition: an offline partition whose ISR holds `node` gets a
+/// leader again. `live` answers for every broker, `node` included.
+pub fn on_unfenced(
+    state: &PartitionState,
+    node: NodeId,
+    live: impl Fn(NodeId) -> bool,
+) -> Option<PartitionTarget> {
+    if state.leader.is_some() || !state.isr.contains(&node) {
+        return None;
+    }
+    let leader = elect_leader(state, live);
+    target_if_changed(state, state.isr.clone(), leader)
+}
+
+fn target_if_changed(
+    state: &PartitionState,
+    isr: Vec<NodeId>,
+    leader: Option<NodeId>,
+) -> Option<PartitionTarget> {
+    (isr != state.isr || leader != state.leader).then(|| PartitionTarget {
+        replicas: state.replicas.clone(),
+        isr,
+        leader,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn brokers(racks: &[Option<&str>]) -> Vec<Candidate> {
+        racks
+            .iter()
+            .enumerate()
+            .map(|(i, r)| Candidate {
+                node_id: i as NodeId + 1,
+                rack: r.map(str::to_string),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn replicas_and_leaders_spread_evenly() {
+        let b = brokers(&[None, None, None]);
+        let a = assign_replicas(0, 12, 3, &b, 0, 0).unwrap();
+        let mut leaders = BTreeMap::new();
+        let mut replicas = BTreeMap::new();
+        for r in &a {
+            assert_eq!(r.len(), 3);
+            let distinct: BTreeSet<_> = r.iter().collect();
+            assert_eq!(distinct.len(), 3, "{r:?}");
+            *leaders.entry(r[0]).or_insert(0) += 1;
+            for n in r {
+                *replicas.entry(*n).or_insert(0) += 1;
+            }
+        }
+        assert_eq!(leaders.values().copied().collect::<Vec<_>>(), [4, 4, 4]);
+        assert_eq!(replicas.values().copied().collect::<Vec<_>>(), [12, 12, 12]);
+        assert!(assign_replicas(0, 1, 4, &b, 0, 0).is_err());
+        assert!(assign_replicas(0, 1, 0, &b, 0, 0).is_err());
+    }
+
+    #[test]
+    fn racks_are_used_before_any_is_used_twice() {
+        let b = brokers(&[
+            Some("a"),
+            Some("a"),
+            Some("b"),
+            Some("b"),
+            Some("c"),
+            Some("c"),
+        ]);
+        let rack = |n: NodeId| b[(n - 1) as usize].rack.clone();
+        for start in 0..6 {
+            for shift in 0..6 {
+                for r in assign_replicas(0, 24, 3, &b, start, shift).unwrap() {
+                    let racks: BTreeSet<_> = r.iter().map(|n| rack(*n)).collect();
+                    assert_eq!(racks.len(), 3, "{r:?} start {start} shift {shift}");
+                }
+                for r in assign_replicas(0, 24, 5, &b, start, shift).unwrap() {
+                    let distinct: BTreeSet<_> = r.iter().collect();
+                    assert_eq!(distinct.len(), 5);
+                }
+            }
+        }
+        // Two racks, RF 3: both racks used, one twice.
+        let b = brokers(&[Some("a"), Some("b"), Some("a"), Some("b")]);
+        for r in assign_replicas(0, 8, 3, &b, 1, 2).unwrap() {
+            let racks: BTreeSet<_> = r
+                .iter()
+                .map(|n| b[(*n - 1) as usize].rack.clone())
+                .collect();
+            assert_eq!(racks.len(), 2);
+        }
+    }
+
+    #[test]
+    fn fencing_moves_leadership_within_the_isr_and_never_empties_it() {
+        let state = PartitionState {
+            replicas: vec![1, 2, 3],
+            isr: vec![1, 2, 3],
+            leader: Some(1),
+            leader_epoch: 4,
+            partition_epoch: 9,
+        };
+        let all = |_| true;
+        let t = on_fenced(&state, 1, all).unwrap();
+        assert_eq!((t.leader, t.isr.clone()), (Some(2), vec![2, 3]));
+        // A follower leaves the ISR; the leader stays.
+        let t = on_fenced(&state, 3, all).unwrap();
+        assert_eq!((t.leader, t.isr), (Some(1), vec![1, 2]));
+        // The last ISR member is kept and the partition goes offline.
+        let lone = PartitionState {
+            isr: vec![1],
+            ..state.clone()
+        };
+        let t = on_fenced(&lone, 1, all).unwrap();
+        assert_eq!((t.leader, t.isr.clone()), (None, vec![1]));
+        let offline = crate::image::changed(&lone, &t);
+        assert_eq!(on_fenced(&offline, 1, all), None, "nothing more to do");
+        // Only an ISR member may lead again: 2 coming back does nothing, 1 does.
+        assert_eq!(on_unfenced(&offline, 2, all), None);
+        let t = on_unfenced(&offline, 1, all).unwrap();
+        assert_eq!(t.leader, Some(1));
+        // Not in the ISR, not the leader: nothing.
+        assert_eq!(on_fenced(&lone, 2, all), None);
+    }
+}

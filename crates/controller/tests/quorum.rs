@@ -1,0 +1,336 @@
+//! Controllers on real Raft over real loopback sockets (in-memory stores): a quorum of one
+//! carries out commands and keeps its metadata across a restart; a quorum of three elects a new
+//! active controller when the active one stops, and a broker's client follows it.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use cairn_controller::rpc::TopicCreated;
+use cairn_controller::{
+    BrokerInfo, Command, ControllerClient, ControllerConfig, ControllerNode, Endpoint, MemStore,
+    NodeId, RaftStore, Reply, TopicSpec,
+};
+use tokio::net::TcpListener;
+
+fn broker(node_id: NodeId, incarnation: &str) -> BrokerInfo {
+    BrokerInfo {
+        node_id,
+        incarnation: incarnation.into(),
+        native: Endpoint {
+            host: "127.0.0.1".into(),
+            port: 9000 + node_id as u16,
+        },
+        kafka: None,
+        rack: None,
+    }
+}
+
+fn topic(name: &str, partitions: u32, rf: Option<u16>) -> Command {
+    Command::CreateTopics {
+        topics: vec![TopicSpec {
+            name: name.into(),
+            partitions,
+            replication_factor: rf,
+            config: BTreeMap::new(),
+        }],
+        validate_only: false,
+    }
+}
+
+async fn until(what: &str, deadline: Duration, mut check: impl FnMut() -> bool) {
+    let until = Instant::now() + deadline;
+    while !check() {
+        assert!(Instant::now() < until, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Registers `node` and heartbeats until it is unfenced; returns its broker epoch.
+async fn join(client: &ControllerClient, node: NodeId) -> u64 {
+    let Reply::Registered { broker_epoch } = client
+        .execute(Command::Register(broker(node, "first")))
+        .await
+        .unwrap()
+    else {
+        panic!()
+    };
+    let mut feed = client.subscribe();
+    feed.wait_for(|image| image.offset > broker_epoch)
+        .await
+        .unwrap();
+    let reply = client
+        .execute(Command::Heartbeat {
+            node_id: node,
+            broker_epoch,
+            metadata_offset: client.image().offset,
+            shutting_down: false,
+        })
+        .await
+        .unwrap();
+    assert_eq!(reply, Reply::Heartbeat { fenced: false });
+    broker_epoch
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quorum_of_one_commits_and_keeps_its_metadata_across_a_restart() {
+    let store: Arc<dyn RaftStore> = Arc::new(MemStore::default());
+    let started = Instant::now();
+    let node = ControllerNode::start(ControllerConfig::default(), Arc::clone(&store), None)
+        .await
+        .unwrap();
+    until("a leader", Duration::from_secs(5), || node.is_active()).await;
+    let first_election = started.elapsed();
+    let client = ControllerClient::local(node.clone(), 1 << 20);
+    let epoch = join(&client, 1).await;
+    let reply = client.execute(topic("orders", 3, None)).await.unwrap();
+    assert_eq!(
+        reply,
+        Reply::Topics(vec![(
+            "orders".into(),
+            Ok(TopicCreated {
+                partitions: 3,
+                replication_factor: 1
+            })
+        )])
+    );
+    // A second broker with the same node id and another incarnation is refused while the first
+    // is alive.
+    let duplicate = client
+        .execute(Command::Register(broker(1, "second")))
+        .await
+        .unwrap_err();
+    assert!(
+        duplicate.to_string().contains("live incarnation"),
+        "{duplicate}"
+    );
+    let image = node.image();
+    let state = image.partition("orders", 2).unwrap();
+    assert_eq!((state.leader, state.replicas.clone()), (Some(1), vec![1]));
+    node.shutdown().await;
+
+    let restarted = Instant::now();
+    let node = ControllerNode::start(ControllerConfig::default(), store, None)
+        .await
+        .unwrap();
+    until("the leader back", Duration::from_secs(5), || {
+        node.is_active()
+    })
+    .await;
+    let client = ControllerClient::local(node.clone(), 1 << 20);
+    let mut feed = client.subscribe();
+    feed.wait_for(|i| i.topic("orders").is_some())
+        .await
+        .unwrap();
+    let back = restarted.elapsed();
+    assert_eq!(client.image().brokers[&1].epoch, epoch);
+    println!("first election {first_election:?}, restart to active with metadata {back:?}");
+    assert!(back < Duration::from_secs(2), "{back:?}");
+    node.shutdown().await;
+}
+
+struct Quorum {
+    nodes: BTreeMap<NodeId, ControllerNode>,
+    stores: BTreeMap<NodeId, Arc<dyn RaftStore>>,
+    voters: BTreeMap<NodeId, String>,
+}
+
+fn config(node_id: NodeId, voters: &BTreeMap<NodeId, String>) -> ControllerConfig {
+    ControllerConfig {
+        node_id,
+        voters: voters.clone(),
+        broker_session_timeout: Duration::from_secs(2),
+        ..ControllerConfig::default()
+    }
+}
+
+impl Quorum {
+    async fn start(n: u32) -> Quorum {
+        let mut listeners = BTreeMap::new();
+        let mut voters = BTreeMap::new();
+        for id in 1..=n {
+            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            voters.insert(id, listener.local_addr().unwrap().to_string());
+            listeners.insert(id, listener);
+        }
+        let mut quorum = Quorum {
+            nodes: BTreeMap::new(),
+            stores: BTreeMap::new(),
+            voters,
+        };
+        for (id, listener) in listeners {
+            let store: Arc<dyn RaftStore> = Arc::new(MemStore::default());
+            let node = ControllerNode::start(
+                config(id, &quorum.voters),
+                Arc::clone(&store),
+                Some(listener),
+            )
+            .await
+            .unwrap();
+            quorum.nodes.insert(id, node);
+            quorum.stores.insert(id, store);
+        }
+        quorum
+    }
+
+    /// The active controller, once every running voter agrees on it.
+    fn leader(&self) -> Option<NodeId> {
+        let mut views = self.nodes.values().map(|n| n.leader());
+        let first = views.next()??;
+        views.all(|v| v == Some(first)).then_some(first)
+    }
+
+    async fn restart(&mut self, id: NodeId) {
+        let listener = TcpListener::bind(&self.voters[&id]).await.unwrap();
+        let node = ControllerNode::start(
+            config(id, &self.voters),
+            Arc::clone(&self.stores[&id]),
+            Some(listener),
+        )
+        .await
+        .unwrap();
+        self.nodes.insert(id, node);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quorum_of_three_elects_a_new_active_controller_when_the_active_one_stops() {
+    let mut quorum = Quorum::start(3).await;
+    until("a leader", Duration::from_secs(10), || {
+        quorum.leader().is_some()
+    })
+    .await;
+    let first = quorum.leader().unwrap();
+    // A broker-only node's client, and a voter's.
+    let remote = ControllerClient::remote(&quorum.voters, 1 << 20);
+    let follower = *quorum.nodes.keys().find(|id| **id != first).unwrap();
+    let local = ControllerClient::local(quorum.nodes[&follower].clone(), 1 << 20);
+    for node in 1..=3 {
+        join(&local, node).await;
+    }
+    local.execute(topic("t1", 6, None)).await.unwrap();
+    let image = local.image();
+    let t1 = image.topic("t1").unwrap();
+    assert!(
+        t1.partitions.iter().all(|p| p.replicas.len() == 3),
+        "default RF min(3, brokers)"
+    );
+    // The broker-only client follows the metadata.
+    let mut feed = remote.subscribe();
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        feed.wait_for(|i| i.topic("t1").is_some()),
+    )
+    .await
+    .expect("the remote feed caught up")
+    .unwrap();
+
+    // Stop the active controller; the others elect one and serve a CreateTopics through the
+    // broker-only client.
+    let stopped = Instant::now();
+    quorum.nodes.remove(&first).unwrap().shutdown().await;
+    remote.execute(topic("t2", 1, Some(1))).await.unwrap();
+    let failover = stopped.elapsed();
+    let second = quorum.leader().unwrap();
+    assert_ne!(second, first);
+    println!("active controller {first} stopped; {second} served CreateTopics after {failover:?}");
+    assert!(failover < Duration::from_secs(5), "{failover:?}");
+
+    // The stopped one comes back with its store and catches up as a follower.
+    quorum.restart(first).await;
+    let back = quorum.nodes[&first].clone();
+    let mut feed = back.subscribe();
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        feed.wait_for(|i| i.topic("t2").is_some()),
+    )
+    .await
+    .expect("the restarted voter caught up")
+    .unwrap();
+    for node in quorum.nodes.values() {
+        node.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_broker_is_fenced_and_its_leaderships_move() {
+    let quorum = Quorum::start(3).await;
+    until("a leader", Duration::from_secs(10), || {
+        quorum.leader().is_some()
+    })
+    .await;
+    let client = ControllerClient::remote(&quorum.voters, 1 << 20);
+    let mut epochs = BTreeMap::new();
+    for node in 1..=3 {
+        epochs.insert(node, join(&client, node).await);
+    }
+    client.execute(topic("t", 3, Some(1))).await.unwrap();
+    // Brokers 2 and 3 keep heartbeating; broker 1 goes silent.
+    let beats = {
+        let client = client.clone();
+        let epochs = epochs.clone();
+        tokio::spawn(async move {
+            loop {
+                for node in [2, 3] {
+                    let _ = client
+                        .execute(Command::Heartbeat {
+                            node_id: node,
+                            broker_epoch: epochs[&node],
+                            metadata_offset: client.image().offset,
+                            shutting_down: false,
+                        })
+                        .await;
+                }
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
+        })
+    };
+    let mut feed = client.subscribe();
+    let silent = Instant::now();
+    println!("t={:?} waiting for the fence", silent.elapsed());
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        feed.wait_for(|i| i.brokers.get(&1).is_some_and(|b| b.fenced)),
+    )
+    .await
+    .expect("broker 1 fenced")
+    .unwrap();
+    let image = client.image();
+    for (_, _, state) in image.partitions() {
+        if state.replicas == [1] {
+            // RF 1 and its only replica fenced: offline until it returns.
+            assert_eq!(state.leader, None);
+            assert_eq!(state.isr, [1]);
+        } else {
+            assert!(state.leader.is_some());
+        }
+    }
+    println!(
+        "broker 1 fenced {:?} after the others went on alone (session 2 s)",
+        silent.elapsed()
+    );
+    // It comes back: heartbeats again, is unfenced, and leads its partition again.
+    client
+        .execute(Command::Heartbeat {
+            node_id: 1,
+            broker_epoch: epochs[&1],
+            metadata_offset: client.image().offset,
+            shutting_down: false,
+        })
+        .await
+        .unwrap();
+    println!("t={:?} broker 1 heartbeats again", silent.elapsed());
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        feed.wait_for(|i| i.partitions().all(|(_, _, p)| p.leader.is_some())),
+    )
+    .await
+    .expect("every partition led again")
+    .unwrap();
+    println!("t={:?} every partition led", silent.elapsed());
+    beats.abort();
+    for node in quorum.nodes.values() {
+        node.shutdown().await;
+    }
+}
