@@ -319,16 +319,92 @@ fn a_failed_sync_poisons_the_log_until_reopened() {
     fill(&log, 1, 2, 0);
 }
 
+/// Real files whose data syncs take at least a millisecond, as on a disk rather than a page
+/// cache that acknowledges `fdatasync` in microseconds (which leaves writers nothing to share).
+#[derive(Debug)]
+struct SlowSyncFs;
+
+#[derive(Debug)]
+struct SlowSyncFile(Arc<dyn cairn_storage::FsFile>);
+
+impl cairn_storage::FsFile for SlowSyncFile {
+    fn read_exact_at(&self, buf: &mut [u8], pos: u64) -> std::io::Result<()> {
+        self.0.read_exact_at(buf, pos)
+    }
+    fn write_all_at(&self, buf: &[u8], pos: u64) -> std::io::Result<()> {
+        self.0.write_all_at(buf, pos)
+    }
+    fn file_len(&self) -> std::io::Result<u64> {
+        self.0.file_len()
+    }
+    fn set_len(&self, len: u64) -> std::io::Result<()> {
+        self.0.set_len(len)
+    }
+    fn allocate(&self, len: u64) -> std::io::Result<()> {
+        self.0.allocate(len)
+    }
+    fn sync_data(&self) -> std::io::Result<()> {
+        std::thread::sleep(Duration::from_millis(1));
+        self.0.sync_data()
+    }
+    fn sync_all(&self) -> std::io::Result<()> {
+        self.0.sync_all()
+    }
+    fn map(&self, len: u64) -> Option<std::io::Result<cairn_storage::MappedFile>> {
+        self.0.map(len)
+    }
+}
+
+impl cairn_storage::Fs for SlowSyncFs {
+    fn create_dir_all(&self, path: &std::path::Path) -> std::io::Result<()> {
+        cairn_storage::StdFs.create_dir_all(path)
+    }
+    fn list_dir(&self, path: &std::path::Path) -> std::io::Result<Vec<String>> {
+        cairn_storage::StdFs.list_dir(path)
+    }
+    fn open(
+        &self,
+        path: &std::path::Path,
+        mode: cairn_storage::OpenMode,
+    ) -> std::io::Result<Arc<dyn cairn_storage::FsFile>> {
+        let file = cairn_storage::StdFs.open(path, mode)?;
+        Ok(Arc::new(SlowSyncFile(file)))
+    }
+    fn exists(&self, path: &std::path::Path) -> std::io::Result<bool> {
+        cairn_storage::StdFs.exists(path)
+    }
+    fn rename(&self, from: &std::path::Path, to: &std::path::Path) -> std::io::Result<()> {
+        cairn_storage::StdFs.rename(from, to)
+    }
+    fn remove_dir_all(&self, path: &std::path::Path) -> std::io::Result<()> {
+        cairn_storage::StdFs.remove_dir_all(path)
+    }
+    fn remove_file(&self, path: &std::path::Path) -> std::io::Result<()> {
+        cairn_storage::StdFs.remove_file(path)
+    }
+    fn sync_dir(&self, path: &std::path::Path) -> std::io::Result<()> {
+        cairn_storage::StdFs.sync_dir(path)
+    }
+    fn lock_dir(
+        &self,
+        path: &std::path::Path,
+    ) -> std::io::Result<Box<dyn std::any::Any + Send + Sync>> {
+        cairn_storage::StdFs.lock_dir(path)
+    }
+}
+
 #[test]
 fn concurrent_durable_appends_share_syncs() {
     // Group commit: while one append's fdatasync runs, others queue behind it and are covered by
-    // the next single sync. With 4 writers on real files this needs far fewer syncs than appends.
+    // the next single sync. With 4 writers this needs far fewer syncs than appends. (On this
+    // machine's page cache an fdatasync can take microseconds, too short for writers to overlap
+    // reliably: the syncs here take a millisecond, as a disk's do.)
     let dir = tempfile::tempdir().unwrap();
     let config = LogConfig {
         flush: FlushPolicy::EveryAppend,
         ..LogConfig::default()
     };
-    let log = Arc::new(Log::open(dir.path(), config).unwrap());
+    let log = Arc::new(Log::open_with(Arc::new(SlowSyncFs), dir.path(), config).unwrap());
     let (n_threads, n_appends) = (4u64, 100u64);
     let writers: Vec<_> = (0..n_threads)
         .map(|_| {

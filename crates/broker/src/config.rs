@@ -2,6 +2,7 @@
 //! [`BrokerConfig::validate`]. Binaries fill it from flags, `CAIRN_*` env and a TOML file; the
 //! library never reads the environment.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -30,6 +31,24 @@ pub struct BrokerConfig {
     pub kafka_advertised: Option<String>,
     /// This broker's node id.
     pub node_id: u32,
+    /// The controller quorum's voters, `id@host:port,...` (Kafka's `controller.quorum.voters`).
+    /// Empty: this node alone, a quorum of one with no controller listener. A node whose id is
+    /// in the list is a controller too (combined); the others are brokers that follow it.
+    pub controller_quorum: String,
+    /// Where this node's controller listens for its peers and for brokers (it must be its own
+    /// address in `controller_quorum`); `None` with a quorum of one.
+    pub controller_listen: Option<SocketAddr>,
+    /// This broker's rack, for rack-aware replica placement.
+    pub rack: Option<String>,
+    /// A broker whose heartbeats stop for this long is fenced and its leaderships move; one that
+    /// hears nothing from the controller for this long stops leading (Kafka
+    /// `broker.session.timeout.ms`), in milliseconds.
+    pub broker_session_timeout_ms: u64,
+    /// How often a broker heartbeats to the active controller, in milliseconds (Kafka
+    /// `broker.heartbeat.interval.ms`); at most a third of the session.
+    pub broker_heartbeat_interval_ms: u64,
+    /// Largest frame on the controller wire (Raft entries and snapshot chunks).
+    pub controller_frame_bytes_max: u32,
     /// Largest request frame accepted; a larger one closes the connection.
     pub frame_bytes_max: u32,
     /// Most open client connections; further ones are closed at once.
@@ -94,6 +113,12 @@ impl Default for BrokerConfig {
             kafka_listen: Some(SocketAddr::from(([127, 0, 0, 1], 9092))),
             kafka_advertised: None,
             node_id: 1,
+            controller_quorum: String::new(),
+            controller_listen: None,
+            rack: None,
+            broker_session_timeout_ms: 6_000,
+            broker_heartbeat_interval_ms: 1_000,
+            controller_frame_bytes_max: 64 << 20,
             frame_bytes_max: 16 * 1024 * 1024,
             connections_max: 10_000,
             inflight_requests_per_connection_max: 64,
@@ -118,8 +143,22 @@ impl Default for BrokerConfig {
     }
 }
 
-/// A configuration value outside its range.
-pub use cairn_protocol::limits::LimitError as ConfigError;
+/// A configuration value that is not valid.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// A number outside its range.
+    #[error(transparent)]
+    Limit(#[from] cairn_protocol::limits::LimitError),
+    /// A value that does not parse or does not fit the others.
+    #[error("{field}: {why}")]
+    Invalid {
+        /// The setting.
+        field: &'static str,
+        /// What is wrong.
+        why: String,
+    },
+}
 
 impl BrokerConfig {
     /// Checks every limit, topic defaults included.
@@ -218,7 +257,79 @@ impl BrokerConfig {
             0,
             3_600_000,
         )?;
+        check(
+            "broker_session_timeout_ms",
+            self.broker_session_timeout_ms,
+            500,
+            600_000,
+        )?;
+        check(
+            "broker_heartbeat_interval_ms",
+            self.broker_heartbeat_interval_ms,
+            50,
+            self.broker_session_timeout_ms / 3,
+        )?;
+        check(
+            "controller_frame_bytes_max",
+            self.controller_frame_bytes_max.into(),
+            1 << 20,
+            1 << 30,
+        )?;
+        let voters = self.voters().map_err(|why| ConfigError::Invalid {
+            field: "controller_quorum",
+            why,
+        })?;
+        if voters.len() > 1
+            && voters.contains_key(&self.node_id)
+            && self.controller_listen.is_none()
+        {
+            return Err(ConfigError::Invalid {
+                field: "controller_listen",
+                why: format!(
+                    "node {} is a voter of a quorum of {}: it needs a controller listener",
+                    self.node_id,
+                    voters.len()
+                ),
+            });
+        }
         self.topic_defaults.validate()
+    }
+
+    /// The voters of the controller quorum, id to `host:port`; a quorum of one (this node, no
+    /// address) when `controller_quorum` is empty.
+    pub fn voters(&self) -> Result<BTreeMap<u32, String>, String> {
+        let text = self.controller_quorum.trim();
+        if text.is_empty() {
+            return Ok(BTreeMap::from([(self.node_id, String::new())]));
+        }
+        let mut voters = BTreeMap::new();
+        for voter in text.split(',') {
+            let (id, addr) = voter
+                .trim()
+                .split_once('@')
+                .ok_or_else(|| format!("{voter:?} is not ID@HOST:PORT"))?;
+            let id: u32 = id
+                .parse()
+                .map_err(|_| format!("{id:?} in {voter:?} is not a node id"))?;
+            if addr
+                .rsplit_once(':')
+                .and_then(|(_, p)| p.parse::<u16>().ok())
+                .is_none()
+            {
+                return Err(format!("{addr:?} in {voter:?} is not HOST:PORT"));
+            }
+            if voters.insert(id, addr.to_string()).is_some() {
+                return Err(format!("node {id} is listed twice"));
+            }
+        }
+        Ok(voters)
+    }
+
+    /// Whether this node is a voter of the controller quorum.
+    pub fn is_controller(&self) -> bool {
+        self.voters()
+            .map(|v| v.contains_key(&self.node_id))
+            .unwrap_or(false)
     }
 
     /// `retention_check_interval_ms` as a duration.

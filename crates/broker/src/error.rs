@@ -113,6 +113,9 @@ pub enum BrokerError {
     /// The request breaks a broker limit.
     #[error("{0}")]
     PolicyViolation(String),
+    /// The controller quorum could not be reached or could not commit.
+    #[error("{0}")]
+    Unavailable(String),
     /// The broker failed in a way it cannot classify (a task panicked).
     #[error("{0}")]
     Internal(String),
@@ -145,6 +148,7 @@ impl BrokerError {
             BrokerError::InvalidConfig(_) => ErrorCode::INVALID_CONFIG,
             BrokerError::InvalidRequest(_) => ErrorCode::INVALID_REQUEST,
             BrokerError::PolicyViolation(_) => ErrorCode::POLICY_VIOLATION,
+            BrokerError::Unavailable(_) => ErrorCode::REQUEST_TIMED_OUT,
             BrokerError::Internal(_) => ErrorCode::UNKNOWN_SERVER_ERROR,
         }
     }

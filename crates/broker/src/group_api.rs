@@ -30,6 +30,17 @@ pub(crate) struct OffsetToCommit {
     pub metadata: String,
 }
 
+/// A group's coordinator and where clients reach it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Coordinator {
+    /// Its node id.
+    pub node_id: u32,
+    /// Its native listener.
+    pub native: (String, u16),
+    /// Its Kafka listener.
+    pub kafka: Option<(String, u16)>,
+}
+
 /// What is known of a group.
 #[derive(Debug)]
 pub(crate) enum GroupView {
@@ -63,6 +74,8 @@ impl Handler {
     ) -> Vec<(String, Vec<(i64, ErrorCode)>)> {
         let refusal = if !valid_group_id(group) {
             Some(ErrorCode::INVALID_GROUP_ID)
+        } else if let Err(code) = self.check_coordinator(group) {
+            Some(code)
         } else if generation >= 0 || !member_id.is_empty() || instance_id.is_some() {
             Some(
                 self.groups
@@ -83,11 +96,9 @@ impl Handler {
             let topic = self.manager.topic(&name);
             let mut results = Vec::with_capacity(partitions.len());
             for p in partitions {
-                let index = u32::try_from(p.partition).ok().filter(|i| {
-                    topic
-                        .as_ref()
-                        .is_some_and(|t| (*i as usize) < t.partitions.len())
-                });
+                let index = u32::try_from(p.partition)
+                    .ok()
+                    .filter(|i| topic.as_ref().is_some_and(|t| *i < t.n_partitions()));
                 let code = match (refusal, index) {
                     (Some(code), _) => Some(code),
                     (None, None) => Some(ErrorCode::UNKNOWN_TOPIC_OR_PARTITION),
@@ -242,23 +253,71 @@ impl Handler {
         results
     }
 
-    /// The coordinator's answer to FindCoordinator for `group`: NONE once the offsets topic
-    /// exists (created now if need be), INVALID_GROUP_ID, or COORDINATOR_NOT_AVAILABLE.
-    pub(crate) async fn prepare_coordinator(&self, group: &str) -> ErrorCode {
+    /// The coordinator of `group`: the broker that leads its partition of the offsets topic
+    /// (the topic is created now, through the controller, if it does not exist yet, as Kafka
+    /// does at a group's first lookup). Errors: INVALID_GROUP_ID, COORDINATOR_NOT_AVAILABLE.
+    pub(crate) async fn find_coordinator(&self, group: &str) -> Result<Coordinator, ErrorCode> {
         if !valid_group_id(group) {
-            return ErrorCode::INVALID_GROUP_ID;
+            return Err(ErrorCode::INVALID_GROUP_ID);
         }
-        if crate::offsets::OffsetStore::has_topic(&self.manager) {
-            return ErrorCode::NONE;
-        }
-        let (offsets, manager) = (Arc::clone(&self.offsets), Arc::clone(&self.manager));
-        match tokio::task::spawn_blocking(move || offsets.topic(&manager).map(|_| ())).await {
-            Ok(Ok(())) => ErrorCode::NONE,
-            Ok(Err((_, message))) => {
-                tracing::warn!(error = %message, "cannot create the offsets topic");
-                ErrorCode::COORDINATOR_NOT_AVAILABLE
+        if crate::offsets::OffsetStore::partition_of(&self.manager, group).is_none() {
+            let command = cairn_controller::Command::CreateTopics {
+                topics: vec![cairn_controller::TopicSpec {
+                    name: crate::offsets::OFFSETS_TOPIC.into(),
+                    partitions: self.offsets.n_partitions(),
+                    replication_factor: None,
+                    config: BTreeMap::from([
+                        ("cleanup.policy".to_string(), "compact".to_string()),
+                        ("segment.bytes".to_string(), (16 << 20).to_string()),
+                    ]),
+                }],
+                validate_only: false,
+            };
+            match self.command(command, crate::offsets::OFFSETS_TOPIC).await {
+                Ok(cairn_controller::Reply::Topics(results)) => {
+                    if let Some((_, Err(rejected))) = results.first()
+                        && rejected.error_code() != ErrorCode::TOPIC_ALREADY_EXISTS
+                    {
+                        tracing::warn!(error = %rejected, "cannot create the offsets topic");
+                        return Err(ErrorCode::COORDINATOR_NOT_AVAILABLE);
+                    }
+                }
+                Ok(_) => {}
+                Err(err) => {
+                    tracing::warn!(error = %err, "cannot create the offsets topic");
+                    return Err(ErrorCode::COORDINATOR_NOT_AVAILABLE);
+                }
             }
-            Err(_) => ErrorCode::COORDINATOR_NOT_AVAILABLE,
+        }
+        let image = self.manager.image();
+        let (index, _) = crate::offsets::OffsetStore::partition_of(&self.manager, group)
+            .ok_or(ErrorCode::COORDINATOR_NOT_AVAILABLE)?;
+        let leader = image
+            .partition(crate::offsets::OFFSETS_TOPIC, index)
+            .and_then(|p| p.leader)
+            .ok_or(ErrorCode::COORDINATOR_NOT_AVAILABLE)?;
+        let broker = image
+            .brokers
+            .get(&leader)
+            .filter(|b| !b.fenced)
+            .ok_or(ErrorCode::COORDINATOR_NOT_AVAILABLE)?;
+        Ok(Coordinator {
+            node_id: leader,
+            native: (broker.info.native.host.clone(), broker.info.native.port),
+            kafka: broker.info.kafka.as_ref().map(|e| (e.host.clone(), e.port)),
+        })
+    }
+
+    /// NOT_COORDINATOR if another broker coordinates `group` (leads its offsets partition);
+    /// before the offsets topic exists every broker may answer (there is no group state yet).
+    pub(crate) fn check_coordinator(&self, group: &str) -> Result<(), ErrorCode> {
+        let Some((index, _)) = crate::offsets::OffsetStore::partition_of(&self.manager, group)
+        else {
+            return Ok(());
+        };
+        match self.manager.partition(crate::offsets::OFFSETS_TOPIC, index) {
+            Some(p) if p.role() == crate::partition::Role::Leader => Ok(()),
+            _ => Err(ErrorCode::NOT_COORDINATOR),
         }
     }
 
@@ -270,16 +329,27 @@ impl Handler {
         label: &'static str,
         join: Join,
     ) -> impl std::future::Future<Output = JoinResult> + Send + 'static {
-        let answer = self.groups.join(join);
+        let answer = self
+            .check_coordinator(&join.group_id)
+            .map(|()| self.groups.join(join));
         let this = Arc::clone(self);
         async move {
-            let result = answer
-                .get(|| JoinResult {
-                    error: ErrorCode::UNKNOWN_MEMBER_ID,
+            let result = match answer {
+                Ok(answer) => {
+                    answer
+                        .get(|| JoinResult {
+                            error: ErrorCode::UNKNOWN_MEMBER_ID,
+                            generation: -1,
+                            ..JoinResult::default()
+                        })
+                        .await
+                }
+                Err(error) => JoinResult {
+                    error,
                     generation: -1,
                     ..JoinResult::default()
-                })
-                .await;
+                },
+            };
             this.metrics.count_error(label, result.error);
             result
         }
@@ -294,15 +364,25 @@ impl Handler {
         member: (&str, Option<&str>),
         assignments: Vec<(String, Bytes)>,
     ) -> impl std::future::Future<Output = SyncResult> + Send + 'static {
-        let answer = self.groups.sync(group, generation, member, assignments);
+        let answer = self
+            .check_coordinator(group)
+            .map(|()| self.groups.sync(group, generation, member, assignments));
         let this = Arc::clone(self);
         async move {
-            let result = answer
-                .get(|| SyncResult {
-                    error: ErrorCode::REBALANCE_IN_PROGRESS,
+            let result = match answer {
+                Ok(answer) => {
+                    answer
+                        .get(|| SyncResult {
+                            error: ErrorCode::REBALANCE_IN_PROGRESS,
+                            ..SyncResult::default()
+                        })
+                        .await
+                }
+                Err(error) => SyncResult {
+                    error,
                     ..SyncResult::default()
-                })
-                .await;
+                },
+            };
             this.metrics.count_error(label, result.error);
             result
         }
@@ -325,13 +405,18 @@ impl Handler {
             let name = api.name();
             match request {
                 Request::FindCoordinator(r) => {
-                    let code = this.prepare_coordinator(&r.group_id).await;
+                    let found = this.find_coordinator(&r.group_id).await;
+                    let code = found.as_ref().err().copied().unwrap_or(ErrorCode::NONE);
                     this.metrics.count_error(name, code);
+                    let (node_id, (host, port)) = match found {
+                        Ok(c) => (c.node_id, c.native),
+                        Err(_) => (u32::MAX, (String::new(), 0)),
+                    };
                     respond(&FindCoordinatorResponse {
                         error_code: code.0,
-                        node_id: this.config.node_id,
-                        host: this.advertised_host.clone(),
-                        port: this.advertised_port,
+                        node_id,
+                        host,
+                        port,
                     })
                 }
                 Request::JoinGroup(r) => {
@@ -388,20 +473,26 @@ impl Handler {
                 }
                 Request::Heartbeat(r) => {
                     let wait = Duration::from_millis(u64::from(r.max_wait_ms));
-                    let code = tokio::select! {
-                        code = this.groups.heartbeat_wait(&r.group_id, r.generation, &r.member_id, wait) => code,
-                        () = this.shutdown.cancelled() => ErrorCode::COORDINATOR_NOT_AVAILABLE,
+                    let code = match this.check_coordinator(&r.group_id) {
+                        Err(code) => code,
+                        Ok(()) => tokio::select! {
+                            code = this.groups.heartbeat_wait(&r.group_id, r.generation, &r.member_id, wait) => code,
+                            () = this.shutdown.cancelled() => ErrorCode::COORDINATOR_NOT_AVAILABLE,
+                        },
                     };
                     this.metrics.count_error(name, code);
                     respond(&HeartbeatResponse { error_code: code.0 })
                 }
                 Request::LeaveGroup(r) => {
-                    let code = this
-                        .groups
-                        .leave(&r.group_id, &[(r.member_id, None)])
-                        .first()
-                        .copied()
-                        .unwrap_or(ErrorCode::UNKNOWN_MEMBER_ID);
+                    let code = match this.check_coordinator(&r.group_id) {
+                        Err(code) => code,
+                        Ok(()) => this
+                            .groups
+                            .leave(&r.group_id, &[(r.member_id, None)])
+                            .first()
+                            .copied()
+                            .unwrap_or(ErrorCode::UNKNOWN_MEMBER_ID),
+                    };
                     this.metrics.count_error(name, code);
                     respond(&LeaveGroupResponse { error_code: code.0 })
                 }

@@ -60,13 +60,10 @@ pub struct Handler {
     pub(crate) manager: Arc<TopicManager>,
     pub(crate) metrics: Metrics,
     pub(crate) shutdown: CancellationToken,
-    pub(crate) advertised_host: String,
-    pub(crate) advertised_port: u16,
-    pub(crate) kafka_advertised_host: String,
-    pub(crate) kafka_advertised_port: u16,
     pub(crate) producer_ids: Arc<crate::producers::ProducerIds>,
     pub(crate) offsets: Arc<crate::offsets::OffsetStore>,
     pub(crate) groups: Arc<crate::groups::Coordinator>,
+    pub(crate) cluster: Arc<crate::cluster::Cluster>,
 }
 
 impl Handler {
@@ -74,40 +71,96 @@ impl Handler {
         self.metrics.count_error(api, code);
     }
 
-    /// Runs blocking topic administration off the async threads.
-    pub(crate) async fn blocking<T: Send + 'static>(
-        &self,
-        f: impl FnOnce(&TopicManager) -> T + Send + 'static,
-    ) -> Result<T, BrokerError> {
-        let manager = Arc::clone(&self.manager);
-        tokio::task::spawn_blocking(move || f(&manager))
-            .await
-            .map_err(|_| BrokerError::Internal("a topic operation panicked".into()))
-    }
-
     /// The topic named `name`; if it does not exist and `create` is set and the broker
-    /// auto-creates topics, it is created first.
+    /// auto-creates topics, it is created first (with the default partitions and replication).
     pub(crate) async fn topic_or_create(&self, name: &str, create: bool) -> Option<Arc<Topic>> {
         if let Some(topic) = self.manager.topic(name) {
             return Some(topic);
         }
-        // The internal offsets topic is created by the offset store, with its own config.
+        // The internal offsets topic is created at a group's first FindCoordinator.
         if !create || !self.config.auto_create_topics || name == crate::offsets::OFFSETS_TOPIC {
             return None;
         }
-        let owned = name.to_string();
-        match self
-            .blocking(move |m| m.create_topic(&owned, 0, BTreeMap::new(), false))
-            .await
-        {
+        let spec = NewTopic {
+            name: name.to_string(),
+            partitions: None,
+            replication_factor: None,
+            configs: Vec::new(),
+        };
+        match self.create_topic(spec, false).await {
             // Ok, or another request created it meanwhile.
-            Ok(Ok(()) | Err(BrokerError::TopicAlreadyExists(_))) => {}
-            Ok(Err(err)) | Err(err) => {
+            Ok(()) | Err(BrokerError::TopicAlreadyExists(_)) => {}
+            Err(err) => {
                 tracing::debug!(topic = %name, error = %err, "auto-create refused");
                 return None;
             }
         }
         self.manager.topic(name)
+    }
+
+    /// Creates one topic through the active controller and waits until this broker has applied
+    /// it (so a request that follows sees it).
+    pub(crate) async fn create_topic(
+        &self,
+        topic: NewTopic,
+        validate_only: bool,
+    ) -> Result<(), BrokerError> {
+        crate::topic::validate_topic_name(&topic.name).map_err(BrokerError::InvalidTopic)?;
+        let overrides: BTreeMap<String, String> = topic.configs.into_iter().collect();
+        let config = crate::topic::TopicConfig::new(overrides, self.manager.defaults())
+            .map_err(BrokerError::InvalidConfig)?;
+        let partitions = topic
+            .partitions
+            .unwrap_or(self.manager.defaults().partitions);
+        let command = cairn_controller::Command::CreateTopics {
+            topics: vec![cairn_controller::TopicSpec {
+                name: topic.name.clone(),
+                partitions,
+                replication_factor: topic.replication_factor,
+                config: config.overrides,
+            }],
+            validate_only,
+        };
+        match self.command(command, &topic.name).await? {
+            cairn_controller::Reply::Topics(results) => match results.into_iter().next() {
+                Some((_, result)) => result.map(|_| ()).map_err(|r| rejected(r, &topic.name)),
+                None => Err(BrokerError::Internal("no result for the topic".into())),
+            },
+            other => Err(BrokerError::Internal(format!(
+                "unexpected answer to CreateTopics: {other:?}"
+            ))),
+        }
+    }
+
+    /// Carries out a command about `topic` at the active controller, then waits until this
+    /// broker's topics reflect at least the metadata the controller had when it answered.
+    pub(crate) async fn command(
+        &self,
+        command: cairn_controller::Command,
+        topic: &str,
+    ) -> Result<cairn_controller::Reply, BrokerError> {
+        let reply = self
+            .cluster
+            .client
+            .execute(command)
+            .await
+            .map_err(|err| match err {
+                cairn_controller::CommandError::Rejected(r) => rejected(r, topic),
+                other => BrokerError::Unavailable(other.to_string()),
+            })?;
+        let target = self.cluster.client.image().offset;
+        let mut applied = self.manager.applied();
+        let caught_up = applied.wait_for(|offset| *offset >= target);
+        if tokio::time::timeout(std::time::Duration::from_secs(10), caught_up)
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                offset = target,
+                "topics did not catch up with the metadata in time"
+            );
+        }
+        Ok(reply)
     }
 
     /// The requested names, or every topic's when none were named.
@@ -130,24 +183,31 @@ impl Handler {
     ) -> MetadataView {
         let names = match names {
             Some(names) => names,
-            None => self.requested_or_all(Vec::new()),
+            None => self.manager.image().topics.keys().cloned().collect(),
         };
         let mut topics = Vec::with_capacity(names.len());
         for name in names {
-            let found = match self.topic_or_create(&name, auto_create).await {
+            if self.manager.image().topic(&name).is_none() {
+                self.topic_or_create(&name, auto_create).await;
+            }
+            let image = self.manager.image();
+            let found = match image.topic(&name) {
                 Some(topic) => Ok(topic
                     .partitions
                     .iter()
-                    .map(|p| {
-                        let state = p.replica_state();
-                        PartitionView {
-                            partition: p.index(),
-                            leader: state.leader,
-                            leader_epoch: state.leader_epoch,
-                            replicas: state.replicas,
-                            isr: state.isr,
-                            offline: Vec::new(),
-                        }
+                    .enumerate()
+                    .map(|(index, state)| PartitionView {
+                        partition: index as u32,
+                        leader: state.leader,
+                        leader_epoch: state.leader_epoch,
+                        replicas: state.replicas.clone(),
+                        isr: state.isr.clone(),
+                        offline: state
+                            .replicas
+                            .iter()
+                            .copied()
+                            .filter(|r| !image.is_live(*r))
+                            .collect(),
                     })
                     .collect()),
                 None => Err(match crate::topic::validate_topic_name(&name) {
@@ -160,19 +220,19 @@ impl Handler {
             }
             topics.push((name, found));
         }
+        let image = self.manager.image();
+        let endpoint = |e: &cairn_controller::Endpoint| (e.host.clone(), e.port);
         MetadataView {
-            brokers: vec![BrokerView {
-                node_id: self.config.node_id,
-                native: (self.advertised_host.clone(), self.advertised_port),
-                kafka: self.config.kafka_listen.map(|_| {
-                    (
-                        self.kafka_advertised_host.clone(),
-                        self.kafka_advertised_port,
-                    )
-                }),
-                rack: None,
-            }],
-            controller_id: self.config.node_id,
+            brokers: image
+                .live_brokers()
+                .map(|b| BrokerView {
+                    node_id: b.info.node_id,
+                    native: endpoint(&b.info.native),
+                    kafka: b.info.kafka.as_ref().map(endpoint),
+                    rack: b.info.rack.clone(),
+                })
+                .collect(),
+            controller_id: self.cluster.client.leader().unwrap_or(u32::MAX),
             topics,
         }
     }
@@ -190,22 +250,13 @@ impl Handler {
                 Err(BrokerError::InvalidRequest(format!(
                     "{name} is internal: the broker creates it for the first group"
                 )))
-            } else if topic.replication_factor.is_some_and(|rf| rf != 1) {
-                Err(BrokerError::InvalidReplicationFactor(format!(
-                    "replication factor {} on a single node (use 1 or the default)",
-                    topic.replication_factor.unwrap_or_default()
-                )))
             } else {
-                let overrides: BTreeMap<String, String> = topic.configs.into_iter().collect();
-                let partitions = topic.partitions.unwrap_or(0);
-                self.blocking(move |m| m.create_topic(&name, partitions, overrides, validate_only))
-                    .await
-                    .and_then(|r| r)
+                self.create_topic(topic, validate_only).await
             };
             if let Err(err) = &result {
                 self.count_error("create_topics", err.code());
             }
-            results.push((topic.name, result));
+            results.push((name, result));
         }
         results
     }
@@ -222,10 +273,21 @@ impl Handler {
                     "{name} is internal: delete groups instead"
                 )))
             } else {
-                let owned = name.clone();
-                self.blocking(move |m| m.delete_topic(&owned))
-                    .await
-                    .and_then(|r| r)
+                let command = cairn_controller::Command::DeleteTopics {
+                    names: vec![name.clone()],
+                };
+                match self.command(command, &name).await {
+                    Ok(cairn_controller::Reply::Deleted(results)) => {
+                        match results.into_iter().next() {
+                            Some((_, result)) => result.map_err(|r| rejected(r, &name)),
+                            None => Err(BrokerError::Internal("no result for the topic".into())),
+                        }
+                    }
+                    Ok(other) => Err(BrokerError::Internal(format!(
+                        "unexpected answer to DeleteTopics: {other:?}"
+                    ))),
+                    Err(err) => Err(err),
+                }
             };
             if let Err(err) = &result {
                 self.count_error("delete_topics", err.code());
@@ -253,16 +315,17 @@ impl Handler {
             };
             let mut outcomes = Vec::with_capacity(partitions.len());
             for (index, records) in partitions {
-                let outcome = match found
-                    .as_ref()
-                    .and_then(|t| t.partitions.get(index as usize))
-                {
+                let partition = match &found {
                     _ if !acks_valid => Err(BrokerError::InvalidRequiredAcks(acks)),
                     None => Err(BrokerError::UnknownTopicOrPartition {
                         topic: name.clone(),
                         partition: index,
                     }),
-                    Some(partition) => self.append(partition, records).await.map(|appended| {
+                    Some(topic) => topic.partition(index, self.config.node_id),
+                };
+                let outcome = match partition {
+                    Err(err) => Err(err),
+                    Ok(partition) => self.append(partition, records).await.map(|appended| {
                         if acks == -1 {
                             commit_waits.push((
                                 results.len(),
@@ -377,19 +440,14 @@ impl Handler {
         let deadline = Instant::now() + request.max_wait;
         let max_bytes = request.max_bytes.clamp(1, FETCH_BYTES_MAX);
         // Each requested partition, looked up once for the whole (possibly long-polled) fetch.
-        let partitions: Vec<Vec<Option<Arc<Partition>>>> = request
+        let partitions: Vec<Vec<Result<Arc<Partition>, BrokerError>>> = request
             .topics
             .iter()
             .map(|(name, parts)| {
                 let found = self.manager.topic(name);
                 parts
                     .iter()
-                    .map(|part| {
-                        found
-                            .as_ref()
-                            .and_then(|t| t.partitions.get(part.partition as usize))
-                            .cloned()
-                    })
+                    .map(|part| self.lookup(found.as_deref(), name, part.partition))
                     .collect()
             })
             .collect();
@@ -421,7 +479,7 @@ impl Handler {
                 watches = partitions
                     .iter()
                     .flatten()
-                    .flatten()
+                    .filter_map(|p| p.as_ref().ok())
                     .map(|p| p.subscribe())
                     .collect();
                 if watches.is_empty() {
@@ -446,7 +504,7 @@ impl Handler {
     fn fetch_once(
         &self,
         request: &Fetch,
-        partitions: &[Vec<Option<Arc<Partition>>>],
+        partitions: &[Vec<Result<Arc<Partition>, BrokerError>>],
         max_bytes: u32,
     ) -> (
         PerPartition<FetchedPartition>,
@@ -463,11 +521,8 @@ impl Handler {
             let mut results = Vec::with_capacity(parts.len());
             for (part, partition) in parts.iter().zip(found) {
                 let result = match partition {
-                    None => Err(BrokerError::UnknownTopicOrPartition {
-                        topic: name.clone(),
-                        partition: part.partition,
-                    }),
-                    Some(partition) => {
+                    Err(err) => Err(err.clone()),
+                    Ok(partition) => {
                         // Never more than the response has left; a read still returns at least
                         // one whole batch, so the first partition progresses past an oversized
                         // batch (KIP-74) without the client choosing the size of a buffer.
@@ -571,21 +626,9 @@ impl Handler {
                 let results = parts
                     .into_iter()
                     .map(|(index, current_leader_epoch, timestamp)| {
-                        let partition = topic
-                            .as_ref()
-                            .and_then(|t| t.partitions.get(index as usize));
-                        let result = match partition {
-                            None => Err(BrokerError::UnknownTopicOrPartition {
-                                topic: name.clone(),
-                                partition: index,
-                            }),
-                            Some(partition) => self.list_offset(
-                                partition,
-                                current_leader_epoch,
-                                timestamp,
-                                request.isolation,
-                            ),
-                        };
+                        let result = self.lookup(topic.as_deref(), &name, index).and_then(|p| {
+                            self.list_offset(&p, current_leader_epoch, timestamp, request.isolation)
+                        });
                         if let Err(err) = &result {
                             self.count_error("list_offsets", err.code());
                         }
@@ -595,6 +638,22 @@ impl Handler {
                 (name, results)
             })
             .collect()
+    }
+
+    /// Partition `index` of `topic` if this broker hosts it; why not otherwise.
+    pub(crate) fn lookup(
+        &self,
+        topic: Option<&Topic>,
+        name: &str,
+        index: u32,
+    ) -> Result<Arc<Partition>, BrokerError> {
+        match topic {
+            Some(topic) => topic.partition(index, self.config.node_id).cloned(),
+            None => Err(BrokerError::UnknownTopicOrPartition {
+                topic: name.to_string(),
+                partition: index,
+            }),
+        }
     }
 
     fn list_offset(
@@ -636,7 +695,7 @@ impl Handler {
         let now = self.clock.unix_ms();
         let stopping = || self.shutdown.is_cancelled();
         for topic in self.manager.topics() {
-            for partition in topic.partitions.iter().filter(|p| p.config().compacted) {
+            for partition in topic.local().filter(|p| p.config().compacted) {
                 if stopping() {
                     return;
                 }
@@ -662,13 +721,28 @@ impl Handler {
         let now = self.clock.unix_ms();
         let idle_max = i64::try_from(self.config.producer_id_expiration_ms).unwrap_or(i64::MAX);
         for topic in self.manager.topics() {
-            for partition in &topic.partitions {
+            for partition in topic.local() {
                 partition.expire_producers(now, idle_max);
                 if let Err(err) = partition.log().apply_retention(now) {
                     tracing::error!(topic = %topic.name, partition = partition.index(), error = %err, "retention failed");
                 }
             }
         }
+    }
+}
+
+/// The broker error of a refusal by the controller.
+pub(crate) fn rejected(rejected: cairn_controller::Rejected, topic: &str) -> BrokerError {
+    let message = rejected.message.clone();
+    match rejected.error_code() {
+        ErrorCode::TOPIC_ALREADY_EXISTS => BrokerError::TopicAlreadyExists(topic.to_string()),
+        ErrorCode::INVALID_PARTITIONS => BrokerError::InvalidPartitions(message),
+        ErrorCode::INVALID_REPLICATION_FACTOR => BrokerError::InvalidReplicationFactor(message),
+        ErrorCode::POLICY_VIOLATION => BrokerError::PolicyViolation(message),
+        ErrorCode::UNKNOWN_TOPIC_OR_PARTITION => BrokerError::UnknownTopic(topic.to_string()),
+        ErrorCode::INVALID_CONFIG => BrokerError::InvalidConfig(message),
+        ErrorCode::INVALID_TOPIC_EXCEPTION => BrokerError::InvalidTopic(message),
+        _ => BrokerError::InvalidRequest(message),
     }
 }
 

@@ -290,17 +290,23 @@ impl Handler {
                 })
             }
             Request::Heartbeat(r) => {
-                let code = self.groups.heartbeat(
-                    &r.group_id,
-                    r.generation_id,
-                    (&r.member_id, r.group_instance_id.as_deref()),
-                );
+                let code = match self.check_coordinator(&r.group_id) {
+                    Err(code) => code,
+                    Ok(()) => self.groups.heartbeat(
+                        &r.group_id,
+                        r.generation_id,
+                        (&r.member_id, r.group_instance_id.as_deref()),
+                    ),
+                };
                 self.metrics.count_error(Api::HEARTBEAT.label, code);
                 let response = kp::HeartbeatResponse::default().with_error_code(code.0);
                 ready(finish(respond("HeartbeatResponse", &response)))
             }
             Request::LeaveGroup(r) => {
-                let codes = self.groups.leave(&r.group_id, &r.members);
+                let codes = match self.check_coordinator(&r.group_id) {
+                    Err(code) => vec![code; r.members.len().max(1)],
+                    Ok(()) => self.groups.leave(&r.group_id, &r.members),
+                };
                 let mut response = kp::LeaveGroupResponse::default();
                 if r.batched {
                     response.members = r
@@ -572,15 +578,12 @@ impl Handler {
                         )
                 }
             };
-            let created = self
-                .manager
+            let image = self.manager.image();
+            let created = image
                 .topic(&topic.name)
                 .filter(|_| result.is_ok())
                 .map(|t| {
-                    let replicas = t
-                        .partitions
-                        .first()
-                        .map_or(1, |p| p.replica_state().replicas.len());
+                    let replicas = t.partitions.first().map_or(1, |p| p.replicas.len());
                     (t.partitions.len() as i32, replicas as i16)
                 });
             let (partitions, replication_factor) = match (&result, created) {
@@ -691,34 +694,43 @@ impl Handler {
         &self,
         r: kreq::FindCoordinatorRequest,
     ) -> kp::FindCoordinatorResponse {
-        let node = kp::BrokerId(self.config.node_id as i32);
-        let host = s(self.kafka_advertised_host.clone());
-        let port = i32::from(self.kafka_advertised_port);
-        // This node coordinates every group (the offsets topic is created at the first lookup);
-        // transactions are not served.
-        let mut codes = Vec::with_capacity(r.keys.len().max(1));
+        // Each group's coordinator leads its partition of the offsets topic (created at the
+        // first lookup); transactions are not served.
+        let mut found = Vec::with_capacity(r.keys.len().max(1));
         for key in r
             .keys
             .iter()
             .map(String::as_str)
             .chain(r.keys.is_empty().then_some(""))
         {
-            codes.push(if r.key_type != 0 {
-                ErrorCode::TRANSACTIONAL_ID_AUTHORIZATION_FAILED
+            found.push(if r.key_type != 0 {
+                Err(ErrorCode::TRANSACTIONAL_ID_AUTHORIZATION_FAILED)
             } else {
-                self.prepare_coordinator(key).await
+                self.find_coordinator(key).await.and_then(|c| {
+                    let node = c.node_id;
+                    c.kafka
+                        .map(|(host, port)| (node, host, port))
+                        .ok_or(ErrorCode::COORDINATOR_NOT_AVAILABLE)
+                })
             });
         }
-        let outcome = |i: usize| -> (ErrorCode, Option<String>) {
-            match codes.get(i).copied().unwrap_or(ErrorCode::INVALID_GROUP_ID) {
-                ErrorCode::NONE => (ErrorCode::NONE, None),
-                code if code == ErrorCode::TRANSACTIONAL_ID_AUTHORIZATION_FAILED => {
-                    (code, Some("transactions are not supported".into()))
+        let outcome = |i: usize| -> (ErrorCode, Option<String>, (i32, String, i32)) {
+            let none = (-1, String::new(), -1);
+            match found
+                .get(i)
+                .cloned()
+                .unwrap_or(Err(ErrorCode::INVALID_GROUP_ID))
+            {
+                Ok((node, host, port)) => {
+                    (ErrorCode::NONE, None, (node as i32, host, i32::from(port)))
                 }
-                code if code == ErrorCode::INVALID_GROUP_ID => {
-                    (code, Some("invalid group id".into()))
+                Err(code) if code == ErrorCode::TRANSACTIONAL_ID_AUTHORIZATION_FAILED => {
+                    (code, Some("transactions are not supported".into()), none)
                 }
-                code => (code, Some("the offsets topic is not available".into())),
+                Err(code) if code == ErrorCode::INVALID_GROUP_ID => {
+                    (code, Some("invalid group id".into()), none)
+                }
+                Err(code) => (code, Some("the coordinator is not available".into()), none),
             }
         };
         let mut response = kp::FindCoordinatorResponse::default();
@@ -728,12 +740,12 @@ impl Handler {
                 .iter()
                 .enumerate()
                 .map(|(i, key)| {
-                    let (code, message) = outcome(i);
+                    let (code, message, (node, host, port)) = outcome(i);
                     self.metrics.count_error("kafka:FindCoordinator", code);
                     kp::find_coordinator_response::Coordinator::default()
                         .with_key(s(key.clone()))
-                        .with_node_id(node)
-                        .with_host(host.clone())
+                        .with_node_id(kp::BrokerId(node))
+                        .with_host(s(host))
                         .with_port(port)
                         .with_error_code(code.0)
                         .with_error_message(message.map(s))
@@ -741,18 +753,14 @@ impl Handler {
                 .collect();
             return response;
         }
-        let (code, message) = outcome(0);
+        let (code, message, (node, host, port)) = outcome(0);
         self.metrics.count_error("kafka:FindCoordinator", code);
         response
             .with_error_code(code.0)
             .with_error_message(message.map(s))
-            .with_node_id(if code == ErrorCode::NONE {
-                node
-            } else {
-                kp::BrokerId(-1)
-            })
-            .with_host(if code == ErrorCode::NONE { host } else { s("") })
-            .with_port(if code == ErrorCode::NONE { port } else { -1 })
+            .with_node_id(kp::BrokerId(node))
+            .with_host(s(host))
+            .with_port(port)
     }
 
     async fn kafka_offset_commit(&self, r: kreq::OffsetCommitRequest) -> kp::OffsetCommitResponse {
@@ -865,22 +873,17 @@ impl Handler {
                 .with_producer_id(kp::ProducerId(r.producer_id))
                 .with_producer_epoch(r.producer_epoch + 1);
         }
-        let ids = Arc::clone(&self.producer_ids);
-        match tokio::task::spawn_blocking(move || ids.allocate()).await {
-            Ok(Ok(id)) => response
+        match self.producer_ids.allocate().await {
+            Ok(id) => response
                 .with_producer_id(kp::ProducerId(id))
                 .with_producer_epoch(0),
-            Ok(Err(err)) => {
-                tracing::error!(error = %err, "cannot reserve producer ids");
+            Err(err) => {
+                tracing::warn!(error = %err, "cannot allocate a producer id");
                 response
-                    .with_error_code(ErrorCode::KAFKA_STORAGE_ERROR.0)
+                    .with_error_code(err.code().0)
                     .with_producer_id(kp::ProducerId(-1))
                     .with_producer_epoch(-1)
             }
-            Err(_) => response
-                .with_error_code(ErrorCode::UNKNOWN_SERVER_ERROR.0)
-                .with_producer_id(kp::ProducerId(-1))
-                .with_producer_epoch(-1),
         }
     }
 }

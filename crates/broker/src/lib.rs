@@ -23,6 +23,7 @@
 )]
 
 mod clock;
+mod cluster;
 mod config;
 mod embedded;
 mod error;
@@ -30,8 +31,9 @@ mod group_api;
 mod groups;
 mod handler;
 mod kafka;
+mod legacy;
 mod manager;
-mod metadata;
+mod metadata_log;
 mod metrics;
 mod native;
 pub mod offsets;
@@ -53,7 +55,7 @@ pub use config::{BrokerConfig, ConfigError};
 pub use error::{BrokerError, error_chain};
 pub use handler::{Handler, Outcome};
 pub use manager::{Host, ManagerError, Topic, TopicManager};
-pub use metadata::{ClusterMetadata, FileMetadataStore, MetadataError, MetadataStore, TopicRecord};
+pub use metadata_log::{METADATA_LOG_DIR, MetadataLog};
 pub use metrics::Metrics;
 pub use partition::{Appended, Isolation, Partition, ReplicaState, Role};
 pub use topic::{TOPIC_CONFIG_KEYS, TopicConfig, TopicDefaults, validate_topic_name};
@@ -85,9 +87,22 @@ pub enum StartError {
         #[source]
         source: std::io::Error,
     },
-    /// Topics could not be opened.
-    #[error("opening topics")]
-    Topics(#[from] ManagerError),
+    /// The metadata log could not be opened.
+    #[error("opening the metadata log")]
+    MetadataLog {
+        /// Why.
+        #[source]
+        source: cairn_storage::OpenError,
+    },
+    /// The controller did not start.
+    #[error("starting the controller")]
+    Controller(#[from] cairn_controller::StartError),
+    /// The metadata of a single node from before the controller could not be imported.
+    #[error("importing legacy metadata: {0}")]
+    Import(String),
+    /// A broker alone could not register with its own controller in time.
+    #[error("the broker did not become ready (registered, unfenced) within 30 s")]
+    NotReady,
     /// Metrics could not be registered.
     #[error("registering metrics")]
     Metrics(#[from] prometheus::Error),
@@ -216,35 +231,84 @@ impl BrokerBuilder {
             }
             None => None,
         };
-        let store = Box::new(FileMetadataStore::new(Arc::clone(&fs), &config.data_dir));
+        let controller_listener = match config.controller_listen {
+            Some(addr) if config.is_controller() => Some(
+                TcpListener::bind(addr)
+                    .await
+                    .map_err(io(format!("binding the controller listener {addr}")))?,
+            ),
+            _ => None,
+        };
+        let voters = config.voters().map_err(|why| ConfigError::Invalid {
+            field: "controller_quorum",
+            why,
+        })?;
+        let lease = Arc::new(AtomicBool::new(false));
         let host = Host {
             fs: Arc::clone(&fs),
             clock: Arc::clone(&clock),
             node_id: config.node_id,
+            lease: Arc::clone(&lease),
         };
-        let (data_dir, defaults, partitions_max) = (
-            config.data_dir.clone(),
-            config.topic_defaults.clone(),
-            config.partitions_max,
-        );
-        let manager = tokio::task::spawn_blocking(move || {
-            TopicManager::open(host, &data_dir, defaults, partitions_max, store)
-        })
-        .await
-        .map_err(|e| StartError::Io {
-            what: "opening topics".into(),
-            source: std::io::Error::other(e),
-        })??;
+        let (data_dir, defaults) = (config.data_dir.clone(), config.topic_defaults.clone());
+        let (manager, metadata_log) = {
+            let (host, fs) = (host.clone(), Arc::clone(&fs));
+            let voter = voters.contains_key(&config.node_id);
+            tokio::task::spawn_blocking(move || {
+                let manager = TopicManager::new(host, &data_dir, defaults);
+                // Only voters keep the metadata log; brokers follow a voter's image.
+                let log = voter
+                    .then(|| metadata_log::MetadataLog::open(fs, &data_dir))
+                    .transpose();
+                (manager, log)
+            })
+            .await
+            .map_err(|e| StartError::Io {
+                what: "opening the data directory".into(),
+                source: std::io::Error::other(e),
+            })?
+        };
+        let metadata_log = metadata_log.map_err(|source| StartError::MetadataLog { source })?;
         let manager = Arc::new(manager);
-        let offsets = {
-            let (manager, n) = (Arc::clone(&manager), config.offsets_topic_partitions);
-            tokio::task::spawn_blocking(move || offsets::OffsetStore::open(&manager, n))
-                .await
-                .map_err(|e| StartError::Io {
-                    what: "loading committed offsets".into(),
-                    source: std::io::Error::other(e),
-                })?
+        let controller_config = cairn_controller::ControllerConfig {
+            node_id: config.node_id,
+            voters: voters.clone(),
+            broker_session_timeout: std::time::Duration::from_millis(
+                config.broker_session_timeout_ms,
+            ),
+            frame_bytes_max: config.controller_frame_bytes_max,
+            partitions_max: config.partitions_max,
+            partitions_per_topic_max: topic::PARTITIONS_PER_TOPIC_MAX,
+            ..cairn_controller::ControllerConfig::default()
         };
+        let metadata_log = metadata_log.map(Arc::new);
+        let (controller, client) = match &metadata_log {
+            Some(log) => {
+                let node = cairn_controller::ControllerNode::start(
+                    controller_config,
+                    Arc::clone(log) as Arc<dyn cairn_controller::RaftStore>,
+                    controller_listener,
+                )
+                .await?;
+                let client = cairn_controller::ControllerClient::local(
+                    node.clone(),
+                    config.controller_frame_bytes_max,
+                );
+                (Some(node), client)
+            }
+            None => (
+                None,
+                cairn_controller::ControllerClient::remote(
+                    &voters,
+                    config.controller_frame_bytes_max,
+                ),
+            ),
+        };
+        let alone = voters.len() == 1 && controller.is_some();
+        if let (true, Some(node)) = (alone, &controller) {
+            import_legacy(node, &fs, &config).await?;
+        }
+        let offsets = Arc::new(offsets::OffsetStore::new(config.offsets_topic_partitions));
         let (advertised_host, advertised_port) =
             advertised(config.advertised.as_deref(), native_addr);
         let kafka_addr = kafka.as_ref().map(|(_, addr)| *addr);
@@ -252,22 +316,54 @@ impl BrokerBuilder {
             config.kafka_advertised.as_deref(),
             kafka_addr.unwrap_or(native_addr),
         );
-        let producer_ids = ProducerIds::open(Arc::clone(&fs), &config.data_dir).map_err(io(
-            format!("reading {}/producer-ids", config.data_dir.display()),
-        ))?;
+        let info = cairn_controller::BrokerInfo {
+            node_id: config.node_id,
+            incarnation: incarnation(),
+            native: cairn_controller::Endpoint {
+                host: advertised_host,
+                port: advertised_port,
+            },
+            kafka: kafka_addr.map(|_| cairn_controller::Endpoint {
+                host: kafka_advertised_host,
+                port: kafka_advertised_port,
+            }),
+            rack: config.rack.clone(),
+        };
+        let cluster = Arc::new(cluster::Cluster::new(
+            client.clone(),
+            info,
+            lease,
+            std::time::Duration::from_millis(config.broker_session_timeout_ms),
+            std::time::Duration::from_millis(config.broker_heartbeat_interval_ms),
+        ));
         let shutdown = CancellationToken::new();
+        let tasks = TaskTracker::new();
+        tasks.spawn(cluster::apply_images(
+            client.clone(),
+            Arc::clone(&manager),
+            Arc::clone(&offsets),
+            shutdown.clone(),
+        ));
+        tasks.spawn(Arc::clone(&cluster).run(Arc::clone(&manager), shutdown.clone()));
+        if alone {
+            // A node alone needs nobody else: it is fully up when start() returns.
+            let mut ready = cluster.ready();
+            let up = ready.wait_for(|ready| *ready);
+            if tokio::time::timeout(std::time::Duration::from_secs(30), up)
+                .await
+                .is_err()
+            {
+                return Err(StartError::NotReady);
+            }
+        }
         let handler = Arc::new(Handler {
             config: config.clone(),
             clock: Arc::clone(&clock),
             manager,
             metrics: Metrics::new()?,
             shutdown: shutdown.clone(),
-            advertised_host,
-            advertised_port,
-            kafka_advertised_host,
-            kafka_advertised_port,
-            producer_ids: Arc::new(producer_ids),
-            offsets: Arc::new(offsets),
+            producer_ids: Arc::new(ProducerIds::new(config.node_id, client)),
+            offsets,
             groups: Arc::new(groups::Coordinator::new(
                 Arc::clone(&clock),
                 std::time::Duration::from_millis(config.group_initial_rebalance_delay_ms),
@@ -278,9 +374,15 @@ impl BrokerBuilder {
                     total_bytes_max: config.groups_bytes_max,
                 },
             )),
+            cluster: Arc::clone(&cluster),
         });
         let tracker = TaskTracker::new();
-        let ready = Arc::new(AtomicBool::new(true));
+        let ready = Arc::new(AtomicBool::new(false));
+        tasks.spawn(mirror_ready(
+            cluster.ready(),
+            Arc::clone(&ready),
+            shutdown.clone(),
+        ));
         let limits = server::SharedLimits::new(&config);
         tracker.spawn(server::serve(
             listener,
@@ -328,12 +430,107 @@ impl BrokerBuilder {
             http_addr,
             shutdown,
             tracker,
+            tasks,
+            controller,
+            metadata_log,
             ready,
             background,
             compaction,
             _dir_lock: dir_lock,
         })
     }
+}
+
+/// A random id for this process's life, for the controller to tell a restart from a duplicate.
+fn incarnation() -> String {
+    use std::hash::{BuildHasher, Hasher};
+    let random = || {
+        std::collections::hash_map::RandomState::new()
+            .build_hasher()
+            .finish()
+    };
+    format!("{:016x}{:016x}", random(), random())
+}
+
+/// Keeps the HTTP `/ready` flag equal to the cluster's readiness.
+async fn mirror_ready(
+    mut cluster: tokio::sync::watch::Receiver<bool>,
+    ready: Arc<AtomicBool>,
+    shutdown: CancellationToken,
+) {
+    loop {
+        ready.store(*cluster.borrow_and_update(), Ordering::Relaxed);
+        tokio::select! {
+            changed = cluster.changed() => if changed.is_err() { return },
+            () = shutdown.cancelled() => return,
+        }
+    }
+}
+
+/// Imports a single node's metadata from before the controller (once; the files are renamed
+/// after their records are committed).
+async fn import_legacy(
+    node: &cairn_controller::ControllerNode,
+    fs: &Arc<dyn Fs>,
+    config: &BrokerConfig,
+) -> Result<(), StartError> {
+    let deadline = Instant::now() + std::time::Duration::from_secs(10);
+    while !node.is_active() {
+        if Instant::now() > deadline {
+            return Err(StartError::NotReady);
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    let image = node.image();
+    let (fs2, dir, id, next) = (
+        Arc::clone(fs),
+        config.data_dir.clone(),
+        config.node_id,
+        image.next_producer_id,
+    );
+    let io = |what: &str| {
+        let what = what.to_string();
+        move |source| StartError::Io { what, source }
+    };
+    let records = tokio::task::spawn_blocking(move || legacy::records(&*fs2, &dir, id, next))
+        .await
+        .map_err(|e| StartError::Io {
+            what: "reading legacy metadata".into(),
+            source: std::io::Error::other(e),
+        })?
+        .map_err(io("reading cluster-metadata.json"))?;
+    let Some(records) = records else {
+        return Ok(());
+    };
+    // Topics already in the log were imported by an earlier start that died before renaming.
+    let records: Vec<_> = records
+        .into_iter()
+        .filter(|r| match r {
+            cairn_controller::MetadataRecord::TopicCreated { name, .. } => {
+                image.topic(name).is_none()
+            }
+            _ => true,
+        })
+        .collect();
+    let n = records.len();
+    if n > 0 {
+        node.import(records)
+            .await
+            .map_err(|e| StartError::Import(e.to_string()))?;
+    }
+    let (fs2, dir) = (Arc::clone(fs), config.data_dir.clone());
+    tokio::task::spawn_blocking(move || legacy::mark_imported(&*fs2, &dir))
+        .await
+        .map_err(|e| StartError::Io {
+            what: "renaming legacy metadata".into(),
+            source: std::io::Error::other(e),
+        })?
+        .map_err(io("renaming legacy metadata"))?;
+    tracing::info!(
+        n_records = n,
+        "legacy single-node metadata imported into the metadata log"
+    );
+    Ok(())
 }
 
 fn advertised(configured: Option<&str>, bound: SocketAddr) -> (String, u16) {
@@ -413,7 +610,7 @@ fn for_each_partition(
     f: impl Fn(&Partition) -> Result<(), cairn_storage::Fatal>,
 ) {
     for topic in handler.manager.topics() {
-        for partition in &topic.partitions {
+        for partition in topic.local() {
             if let Err(err) = f(partition) {
                 tracing::error!(topic = %topic.name, partition = partition.index(), error = %err, "{what} failed");
             }
@@ -431,6 +628,10 @@ pub struct RunningBroker {
     http_addr: Option<SocketAddr>,
     shutdown: CancellationToken,
     tracker: TaskTracker,
+    /// The cluster membership and image tasks.
+    tasks: TaskTracker,
+    controller: Option<cairn_controller::ControllerNode>,
+    metadata_log: Option<Arc<MetadataLog>>,
     ready: Arc<AtomicBool>,
     background: tokio::task::JoinHandle<()>,
     compaction: tokio::task::JoinHandle<()>,
@@ -492,15 +693,25 @@ impl RunningBroker {
     pub async fn shutdown(self) {
         tracing::info!("shutting down");
         self.ready.store(false, Ordering::Relaxed);
+        // The membership task asks the controller to move this broker's leaderships first
+        // (controlled shutdown), then stops.
         self.shutdown.cancel();
         // Group requests waiting for a rebalance are answered now, not at the timeout.
         self.handler.groups.close();
         self.tracker.close();
-        if tokio::time::timeout(self.handler.config.shutdown_timeout(), self.tracker.wait())
+        self.tasks.close();
+        let timeout = self.handler.config.shutdown_timeout();
+        if tokio::time::timeout(timeout, self.tracker.wait())
             .await
             .is_err()
         {
             tracing::warn!("in-flight requests did not finish in time; closing anyway");
+        }
+        if tokio::time::timeout(timeout, self.tasks.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!("cluster tasks did not finish in time");
         }
         let _ = self.background.await;
         // A compaction pass under way finishes first (it holds partitions the close needs).
@@ -512,6 +723,16 @@ impl RunningBroker {
             .is_err()
         {
             tracing::error!("closing logs panicked");
+        }
+        if let Some(controller) = self.controller {
+            controller.shutdown().await;
+        }
+        if let Some(log) = self.metadata_log {
+            match tokio::task::spawn_blocking(move || log.close()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(err)) => tracing::error!(error = %err, "closing the metadata log"),
+                Err(_) => tracing::error!("closing the metadata log panicked"),
+            }
         }
         tracing::info!("shut down");
     }

@@ -1,38 +1,93 @@
-//! Topics and their partitions over the storage engine. Blocking (file I/O): async callers use
-//! `spawn_blocking`.
+//! Topics and their partitions as this broker sees them: every topic of the cluster (from the
+//! metadata image), and the partitions this broker hosts (a replica of), each over its log.
+//! The image drives it: [`TopicManager::apply`] opens the partitions newly assigned here, gives
+//! every hosted partition its replica state (leader, epochs, ISR), and closes and deletes what
+//! no longer belongs here. Blocking (file I/O): async callers use `spawn_blocking`.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
-use cairn_storage::{Fs, Log, LogConfig, OpenError};
+use cairn_controller::{MetadataImage, TopicImage};
+use cairn_storage::{Fs, Log, LogConfig, OpenError, checkpoint};
+use tokio::sync::watch;
 
 use crate::clock::Clock;
 use crate::error::BrokerError;
-use crate::metadata::{ClusterMetadata, MetadataError, MetadataStore, TopicRecord};
 use crate::partition::{Partition, ReplicaState};
-use crate::topic::{PARTITIONS_PER_TOPIC_MAX, TopicConfig, TopicDefaults, validate_topic_name};
+use crate::topic::{TopicConfig, TopicDefaults};
 
-/// A topic.
+/// What every partition of this broker shares.
+#[derive(Debug, Clone)]
+pub struct Host {
+    /// The file system the logs live on.
+    pub fs: Arc<dyn Fs>,
+    /// The broker's clock.
+    pub clock: Arc<dyn Clock>,
+    /// This broker's node id.
+    pub node_id: u32,
+    /// Whether this broker may act as a leader: it is registered, unfenced, and has heard from
+    /// the controller within its session. While false, every partition answers
+    /// NOT_LEADER_OR_FOLLOWER instead of serving a leadership the cluster may have moved.
+    pub lease: Arc<AtomicBool>,
+}
+
+impl Host {
+    /// Whether this broker may lead now.
+    pub fn may_lead(&self) -> bool {
+        self.lease.load(Ordering::Acquire)
+    }
+}
+
+/// A topic: the cluster's facts about it, and the partitions hosted here.
 #[derive(Debug)]
 pub struct Topic {
     /// Its name.
     pub name: Arc<str>,
+    /// Its id (the metadata offset that created it).
+    pub id: u64,
     /// Its config overrides.
     pub config: TopicConfig,
-    /// Its partitions, by index.
-    pub partitions: Vec<Arc<Partition>>,
     /// Creation time, Unix ms.
     pub created_ms: i64,
+    /// Every partition by index: hosted here, or elsewhere (`None`).
+    partitions: Vec<Option<Arc<Partition>>>,
 }
 
-/// Opening the topics at start failed.
+impl Topic {
+    /// How many partitions the topic has (in the cluster).
+    pub fn n_partitions(&self) -> u32 {
+        self.partitions.len() as u32
+    }
+
+    /// The partitions hosted here.
+    pub fn local(&self) -> impl Iterator<Item = &Arc<Partition>> {
+        self.partitions.iter().flatten()
+    }
+
+    /// Partition `index` if hosted here: NOT_LEADER_OR_FOLLOWER if another broker hosts it,
+    /// UNKNOWN_TOPIC_OR_PARTITION if the topic has no such partition.
+    pub fn partition(&self, index: u32, node: u32) -> Result<&Arc<Partition>, BrokerError> {
+        match self.partitions.get(index as usize) {
+            Some(Some(partition)) => Ok(partition),
+            Some(None) => Err(BrokerError::NotLeaderOrFollower {
+                node,
+                topic: self.name.to_string(),
+                partition: index,
+            }),
+            None => Err(BrokerError::UnknownTopicOrPartition {
+                topic: self.name.to_string(),
+                partition: index,
+            }),
+        }
+    }
+}
+
+/// Opening a partition's log failed.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum ManagerError {
-    /// Metadata could not be read.
-    #[error(transparent)]
-    Metadata(#[from] MetadataError),
     /// A partition's log could not be opened.
     #[error("opening partition {topic}-{partition}")]
     Open {
@@ -46,69 +101,63 @@ pub enum ManagerError {
     },
 }
 
-/// What every partition of this broker shares.
-#[derive(Debug, Clone)]
-pub struct Host {
-    /// The file system the logs live on.
-    pub fs: Arc<dyn Fs>,
-    /// The broker's clock.
-    pub clock: Arc<dyn Clock>,
-    /// This broker's node id.
-    pub node_id: u32,
-}
-
-/// All topics of this broker.
+/// All topics of the cluster, and the partitions of this broker.
 #[derive(Debug)]
 pub struct TopicManager {
     host: Host,
     data_dir: PathBuf,
     defaults: TopicDefaults,
-    partitions_max: u32,
-    store: Box<dyn MetadataStore>,
     topics: RwLock<BTreeMap<String, Arc<Topic>>>,
-    /// Serializes creations and deletions (metadata read-modify-write).
-    admin: Mutex<()>,
+    image: RwLock<Arc<MetadataImage>>,
+    /// The offset of the last image applied here.
+    applied: watch::Sender<u64>,
+    /// Applies one image at a time.
+    applying: Mutex<()>,
 }
+
+/// The file in a partition's directory naming the topic it belongs to (Kafka's
+/// `partition.metadata`): a topic deleted and created again while this broker was down leaves a
+/// directory of the old topic, which must not be taken for the new one's.
+const PARTITION_METADATA: &str = "partition.metadata";
 
 fn partition_dir(data_dir: &Path, topic: &str, index: u32) -> PathBuf {
     data_dir.join(format!("{topic}-{index}"))
 }
 
 impl TopicManager {
-    /// Opens every topic recorded in `store` (recovering their logs).
-    pub fn open(
-        host: Host,
-        data_dir: &Path,
-        defaults: TopicDefaults,
-        partitions_max: u32,
-        store: Box<dyn MetadataStore>,
-    ) -> Result<TopicManager, ManagerError> {
+    /// A manager of no topics yet; removes directories of deletions interrupted by a crash.
+    pub fn new(host: Host, data_dir: &Path, defaults: TopicDefaults) -> TopicManager {
         remove_deleted_dirs(&*host.fs, data_dir);
-        let metadata = store.load()?;
-        let mut topics = BTreeMap::new();
-        for (name, record) in &metadata.topics {
-            let log_config = record.config.resolve(&defaults).unwrap_or_else(|err| {
-                tracing::warn!(topic = %name, error = %err, "stored topic config no longer valid; using defaults");
-                LogConfig::default()
-            });
-            let topic = open_topic(&host, data_dir, name, record, &log_config)?;
-            topics.insert(name.clone(), Arc::new(topic));
-        }
-        tracing::info!(n_topics = topics.len(), "topics opened");
-        Ok(TopicManager {
+        let (applied, _) = watch::channel(0);
+        TopicManager {
             host,
             data_dir: data_dir.to_path_buf(),
             defaults,
-            partitions_max,
-            store,
-            topics: RwLock::new(topics),
-            admin: Mutex::new(()),
-        })
+            topics: RwLock::new(BTreeMap::new()),
+            image: RwLock::new(Arc::new(MetadataImage::default())),
+            applied,
+            applying: Mutex::new(()),
+        }
+    }
+
+    /// What every partition shares.
+    pub fn host(&self) -> &Host {
+        &self.host
     }
 
     /// Broker-wide topic defaults.
     pub fn defaults(&self) -> &TopicDefaults {
         &self.defaults
+    }
+
+    /// The last image applied.
+    pub fn image(&self) -> Arc<MetadataImage> {
+        Arc::clone(&self.image.read().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// The offset of the last image applied, as a feed.
+    pub fn applied(&self) -> watch::Receiver<u64> {
+        self.applied.subscribe()
     }
 
     /// A topic by name.
@@ -120,9 +169,12 @@ impl TopicManager {
             .cloned()
     }
 
-    /// A partition by topic name and index.
+    /// A partition hosted here, by topic name and index.
     pub fn partition(&self, topic: &str, index: u32) -> Option<Arc<Partition>> {
-        self.topic(topic)?.partitions.get(index as usize).cloned()
+        self.topic(topic)?
+            .partition(index, self.host.node_id)
+            .ok()
+            .cloned()
     }
 
     /// All topics, by name.
@@ -135,133 +187,179 @@ impl TopicManager {
             .collect()
     }
 
-    fn n_partitions(&self) -> u64 {
-        self.topics()
-            .iter()
-            .map(|t| t.partitions.len() as u64)
-            .sum()
-    }
-
-    /// Creates a topic (`partitions = 0`: the default count).
-    pub fn create_topic(
-        &self,
-        name: &str,
-        partitions: u32,
-        overrides: BTreeMap<String, String>,
-        validate_only: bool,
-    ) -> Result<(), BrokerError> {
-        validate_topic_name(name).map_err(BrokerError::InvalidTopic)?;
-        let partitions = if partitions == 0 {
-            self.defaults.partitions
-        } else {
-            partitions
-        };
-        if partitions > PARTITIONS_PER_TOPIC_MAX {
-            return Err(BrokerError::InvalidPartitions(format!(
-                "{partitions} partitions; a topic may have at most {PARTITIONS_PER_TOPIC_MAX}"
-            )));
-        }
-        let config =
-            TopicConfig::new(overrides, &self.defaults).map_err(BrokerError::InvalidConfig)?;
-        let _admin = self.admin.lock().unwrap_or_else(|e| e.into_inner());
-        if self.topic(name).is_some() {
-            return Err(BrokerError::TopicAlreadyExists(name.to_string()));
-        }
-        let total = self.n_partitions() + u64::from(partitions);
-        if total > u64::from(self.partitions_max) {
-            return Err(BrokerError::PolicyViolation(format!(
-                "{total} partitions would exceed partitions_max = {}",
-                self.partitions_max
-            )));
-        }
-        if validate_only {
-            return Ok(());
-        }
-        let record = TopicRecord {
-            partitions,
-            config,
-            leader_epoch: 0,
-            created_ms: self.host.clock.unix_ms(),
-        };
-        let log_config = record
-            .config
-            .resolve(&self.defaults)
-            .map_err(BrokerError::InvalidConfig)?;
-        // Partitions first, then the metadata that makes them visible: a crash in between leaves
-        // directories no metadata names, which are ignored.
-        let topic = open_topic(&self.host, &self.data_dir, name, &record, &log_config)
-            .map_err(|err| BrokerError::storage(&err))?;
-        self.commit(|topics| {
-            topics.insert(name.to_string(), Arc::new(topic));
-        })?;
-        tracing::info!(topic = %name, partitions, "topic created");
-        Ok(())
-    }
-
-    /// Deletes a topic and its data.
-    pub fn delete_topic(&self, name: &str) -> Result<(), BrokerError> {
-        let _admin = self.admin.lock().unwrap_or_else(|e| e.into_inner());
-        let Some(topic) = self.topic(name) else {
-            return Err(BrokerError::UnknownTopic(name.to_string()));
-        };
-        self.commit(|topics| {
-            topics.remove(name);
-        })?;
-        // Readers may still hold the logs: rename the directories out of the way (a recreated
-        // topic gets fresh ones) and remove them; open maps keep their unlinked files alive.
-        let fs = &*self.host.fs;
-        let now_ms = self.host.clock.unix_ms();
-        for partition in &topic.partitions {
-            let dir = partition_dir(&self.data_dir, name, partition.index());
-            let doomed = self
-                .data_dir
-                .join(format!("{name}-{}.{now_ms}.deleted", partition.index()));
-            match fs.rename(&dir, &doomed) {
-                Ok(()) => {
-                    if let Err(err) = fs.remove_dir_all(&doomed) {
-                        tracing::warn!(dir = %doomed.display(), error = %err, "could not remove deleted partition; removed at next start");
-                    }
-                }
-                Err(err) => {
-                    tracing::warn!(dir = %dir.display(), error = %err, "could not move deleted partition aside")
-                }
-            }
-        }
-        tracing::info!(topic = %name, "topic deleted");
-        Ok(())
-    }
-
-    /// Applies `change` to a copy of the topics, saves the resulting metadata durably, and only
-    /// then makes the change visible. Callers hold `admin`.
-    fn commit(
-        &self,
-        change: impl FnOnce(&mut BTreeMap<String, Arc<Topic>>),
-    ) -> Result<(), BrokerError> {
-        let mut topics = self
+    /// Makes this broker's topics what `image` says (blocking): opens newly assigned partitions,
+    /// updates replica states, removes what is gone. Returns the partitions opened. A partition
+    /// that cannot be opened is left out (logged) and tried again at the next image.
+    pub fn apply(&self, image: Arc<MetadataImage>) -> Vec<Arc<Partition>> {
+        let _one = self.applying.lock().unwrap_or_else(|e| e.into_inner());
+        let node = self.host.node_id;
+        let old = self
             .topics
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .clone();
-        change(&mut topics);
-        let metadata = ClusterMetadata {
-            topics: topics
-                .iter()
-                .map(|(name, topic)| {
-                    let record = TopicRecord {
-                        partitions: topic.partitions.len() as u32,
-                        config: topic.config.clone(),
-                        leader_epoch: topic.partitions.first().map_or(0, |p| p.leader_epoch()),
-                        created_ms: topic.created_ms,
-                    };
-                    (name.clone(), record)
-                })
-                .collect(),
+        // Removals first: a topic deleted and created again under its name gets directories of
+        // the same names, which must not be removed after they were opened for the new topic.
+        let hosted_in_image = |name: &str, id: u64, index: u32| {
+            image
+                .topic(name)
+                .filter(|t| t.id == id)
+                .and_then(|t| t.partitions.get(index as usize))
+                .is_some_and(|p| p.replicas.contains(&node))
         };
-        self.store
-            .save(&metadata)
-            .map_err(|err| BrokerError::storage(&err))?;
-        *self.topics.write().unwrap_or_else(|e| e.into_inner()) = topics;
-        Ok(())
+        for topic in old.values() {
+            let gone = image.topic(&topic.name).is_none_or(|t| t.id != topic.id);
+            for partition in topic.local() {
+                if !hosted_in_image(&topic.name, topic.id, partition.index()) {
+                    self.delete_partition_dir(&topic.name, partition.index());
+                }
+            }
+            if gone {
+                tracing::info!(topic = %topic.name, "topic deleted");
+            }
+        }
+        let mut next = BTreeMap::new();
+        let mut opened = Vec::new();
+        for (name, found) in &image.topics {
+            let existing = old.get(name).filter(|t| t.id == found.id);
+            let topic = self.topic_from_image(found, existing, node, &mut opened);
+            next.insert(name.clone(), Arc::new(topic));
+        }
+        *self.topics.write().unwrap_or_else(|e| e.into_inner()) = next;
+        *self.image.write().unwrap_or_else(|e| e.into_inner()) = Arc::clone(&image);
+        self.applied.send_replace(image.offset);
+        opened
+    }
+
+    fn topic_from_image(
+        &self,
+        found: &TopicImage,
+        existing: Option<&Arc<Topic>>,
+        node: u32,
+        opened: &mut Vec<Arc<Partition>>,
+    ) -> Topic {
+        let config = TopicConfig {
+            overrides: found.config.clone(),
+        };
+        let log_config = config.resolve(&self.defaults).unwrap_or_else(|err| {
+            tracing::warn!(topic = %found.name, error = %err, "topic config not valid here; using defaults");
+            LogConfig::default()
+        });
+        let name: Arc<str> =
+            existing.map_or_else(|| Arc::from(found.name.as_str()), |t| Arc::clone(&t.name));
+        let partitions = found
+            .partitions
+            .iter()
+            .enumerate()
+            .map(|(index, state)| {
+                let index = index as u32;
+                if !state.replicas.contains(&node) {
+                    return None;
+                }
+                let replica = ReplicaState {
+                    leader: state.leader,
+                    leader_epoch: state.leader_epoch,
+                    partition_epoch: state.partition_epoch,
+                    replicas: state.replicas.clone(),
+                    isr: state.isr.clone(),
+                };
+                if let Some(Some(partition)) = existing.and_then(|t| t.partitions.get(index as usize)) {
+                    partition.set_replica_state(replica);
+                    return Some(Arc::clone(partition));
+                }
+                match self.open_partition(&name, found.id, index, &log_config, replica) {
+                    Ok(partition) => {
+                        let partition = Arc::new(partition);
+                        opened.push(Arc::clone(&partition));
+                        Some(partition)
+                    }
+                    Err(err) => {
+                        tracing::error!(topic = %found.name, partition = index, error = %crate::error::error_chain(&err), "cannot open partition");
+                        None
+                    }
+                }
+            })
+            .collect();
+        Topic {
+            name,
+            id: found.id,
+            config,
+            created_ms: found.created_ms,
+            partitions,
+        }
+    }
+
+    fn open_partition(
+        &self,
+        topic: &Arc<str>,
+        topic_id: u64,
+        index: u32,
+        config: &LogConfig,
+        replica: ReplicaState,
+    ) -> Result<Partition, ManagerError> {
+        let fs = &*self.host.fs;
+        let dir = partition_dir(&self.data_dir, topic, index);
+        let open_error = |source| ManagerError::Open {
+            topic: topic.to_string(),
+            partition: index,
+            source,
+        };
+        let owner = checkpoint::read(fs, &dir, PARTITION_METADATA, "partition")
+            .ok()
+            .flatten()
+            .and_then(|lines| {
+                lines
+                    .first()?
+                    .strip_prefix("topic_id ")?
+                    .parse::<u64>()
+                    .ok()
+            });
+        if owner.is_some_and(|id| id != topic_id) {
+            tracing::warn!(dir = %dir.display(), old = ?owner, new = topic_id, "partition directory of a deleted topic; removing it");
+            self.delete_partition_dir(topic, index);
+        }
+        let log =
+            Log::open_with(Arc::clone(&self.host.fs), &dir, config.clone()).map_err(open_error)?;
+        if owner != Some(topic_id)
+            && let Err(err) = checkpoint::write(
+                fs,
+                &dir,
+                PARTITION_METADATA,
+                "partition",
+                &[format!("topic_id {topic_id}")],
+            )
+        {
+            tracing::warn!(dir = %dir.display(), error = %err, "cannot write partition.metadata");
+        }
+        Ok(Partition::new(
+            Arc::clone(topic),
+            index,
+            self.host.clone(),
+            log,
+            replica,
+        ))
+    }
+
+    /// Moves a partition's directory aside and removes it (readers holding its maps keep their
+    /// bytes: unlinked files live until unmapped).
+    fn delete_partition_dir(&self, topic: &str, index: u32) {
+        let fs = &*self.host.fs;
+        let dir = partition_dir(&self.data_dir, topic, index);
+        let now_ms = self.host.clock.unix_ms();
+        let doomed = self
+            .data_dir
+            .join(format!("{topic}-{index}.{now_ms}.deleted"));
+        match fs.rename(&dir, &doomed) {
+            Ok(()) => {
+                if let Err(err) = fs.remove_dir_all(&doomed) {
+                    tracing::warn!(dir = %doomed.display(), error = %err, "could not remove deleted partition; removed at next start");
+                }
+            }
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
+            Err(err) => {
+                tracing::warn!(dir = %dir.display(), error = %err, "could not move deleted partition aside")
+            }
+        }
     }
 
     /// Closes every log cleanly (the next start scans nothing). Logs still shared with in-flight
@@ -274,7 +372,7 @@ impl TopicManager {
             let Ok(topic) = Arc::try_unwrap(topic) else {
                 continue;
             };
-            for partition in topic.partitions {
+            for partition in topic.partitions.into_iter().flatten() {
                 match Arc::try_unwrap(partition) {
                     Ok(partition) => match partition.into_log().close() {
                         Ok(()) => n_clean += 1,
@@ -291,42 +389,6 @@ impl TopicManager {
         }
         tracing::info!(n_clean, n_flushed, "logs closed");
     }
-}
-
-fn open_topic(
-    host: &Host,
-    data_dir: &Path,
-    name: &str,
-    record: &TopicRecord,
-    log_config: &LogConfig,
-) -> Result<Topic, ManagerError> {
-    let topic_name: Arc<str> = Arc::from(name);
-    let mut partitions = Vec::with_capacity(record.partitions as usize);
-    for index in 0..record.partitions {
-        let dir = partition_dir(data_dir, name, index);
-        let log =
-            Log::open_with(Arc::clone(&host.fs), &dir, log_config.clone()).map_err(|source| {
-                ManagerError::Open {
-                    topic: name.to_string(),
-                    partition: index,
-                    source,
-                }
-            })?;
-        partitions.push(Arc::new(Partition::new(
-            Arc::clone(&topic_name),
-            index,
-            host.node_id,
-            log,
-            ReplicaState::single(host.node_id, record.leader_epoch),
-            Arc::clone(&host.clock),
-        )));
-    }
-    Ok(Topic {
-        name: topic_name,
-        config: record.config.clone(),
-        partitions,
-        created_ms: record.created_ms,
-    })
 }
 
 fn remove_deleted_dirs(fs: &dyn Fs, data_dir: &Path) {

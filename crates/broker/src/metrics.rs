@@ -253,7 +253,7 @@ impl Metrics {
         self.log_size_bytes.reset();
         self.log_segments.reset();
         for topic in manager.topics() {
-            for partition in &topic.partitions {
+            for partition in topic.local() {
                 let index = partition.index().to_string();
                 let labels = [&*topic.name, index.as_str()];
                 let log = partition.log();

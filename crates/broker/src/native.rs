@@ -186,28 +186,40 @@ impl Handler {
                             is_default,
                         })
                         .collect(),
-                    partitions: topic
-                        .partitions
-                        .iter()
-                        .map(|p| {
-                            let state = p.replica_state();
-                            DescribedPartition {
-                                partition: p.index(),
-                                error_code: 0,
-                                leader: state.leader.unwrap_or(u32::MAX),
-                                leader_epoch: state.leader_epoch,
-                                log_start_offset: p.log_start_offset().0,
-                                log_end_offset: p.log_end_offset().0,
-                                high_watermark: p.high_watermark().0,
-                                size_bytes: p.size_bytes(),
-                                n_segments: p.n_segments() as u32,
-                            }
-                        })
+                    partitions: (0..topic.n_partitions())
+                        .map(|index| self.describe_partition(&topic, index))
                         .collect(),
                 },
             })
             .collect();
         DescribeTopicsResponse { topics }
+    }
+}
+
+impl Handler {
+    /// One partition as DescribeTopics reports it: its replica state from the metadata, and
+    /// its log's offsets and size if this broker hosts it (NOT_LEADER_OR_FOLLOWER otherwise:
+    /// ask its leader).
+    fn describe_partition(&self, topic: &crate::manager::Topic, index: u32) -> DescribedPartition {
+        let image = self.manager.image();
+        let state = image.partition(&topic.name, index);
+        let mut described = DescribedPartition {
+            partition: index,
+            leader: state.and_then(|s| s.leader).unwrap_or(u32::MAX),
+            leader_epoch: state.map_or(0, |s| s.leader_epoch),
+            ..DescribedPartition::default()
+        };
+        match topic.partition(index, self.config.node_id) {
+            Ok(p) => {
+                described.log_start_offset = p.log_start_offset().0;
+                described.log_end_offset = p.log_end_offset().0;
+                described.high_watermark = p.high_watermark().0;
+                described.size_bytes = p.size_bytes();
+                described.n_segments = p.n_segments() as u32;
+            }
+            Err(err) => described.error_code = err.code().0,
+        }
+        described
     }
 }
 

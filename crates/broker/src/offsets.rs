@@ -1,5 +1,7 @@
 //! Committed consumer-group offsets, kept durably in the internal compacted topic
-//! `__consumer_offsets` (created on the first commit) and cached in memory.
+//! `__consumer_offsets` (created, through the controller, at a group's first FindCoordinator)
+//! and cached in memory. A group's coordinator is the broker that leads its partition of the
+//! topic; each broker loads the partitions it opens.
 //!
 //! Record format (Cairn's own, versioned; one record per group, topic and partition):
 //! - key: `u16 version (1) | u16 len, group | u16 len, topic | u32 partition`
@@ -12,7 +14,7 @@
 //! concurrent commits settle on the one appended last.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::RwLock;
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use cairn_protocol::Offset;
@@ -20,7 +22,8 @@ use cairn_protocol::batch::{BatchBuilder, Batches, Compression};
 use cairn_protocol::native::ErrorCode;
 
 use crate::error::BrokerError;
-use crate::manager::{Topic, TopicManager};
+use crate::manager::TopicManager;
+use crate::partition::Partition;
 
 /// The internal topic's name, as Kafka's.
 pub const OFFSETS_TOPIC: &str = "__consumer_offsets";
@@ -70,8 +73,6 @@ pub struct OffsetStore {
     partitions: u32,
     /// Per group, per (topic, partition).
     cache: RwLock<Cache>,
-    /// Serialises creating the topic.
-    create: Mutex<()>,
 }
 
 fn put_str(out: &mut BytesMut, text: &str) {
@@ -141,56 +142,60 @@ fn decode_value(mut buf: Bytes, log_offset: u64) -> Option<Committed> {
 }
 
 impl OffsetStore {
-    /// Loads what `__consumer_offsets` holds, if it exists (blocking).
-    pub fn open(manager: &TopicManager, partitions: u32) -> OffsetStore {
-        let store = OffsetStore {
+    /// An empty store; [`OffsetStore::load`] fills it as the broker opens the topic's
+    /// partitions.
+    pub fn new(partitions: u32) -> OffsetStore {
+        OffsetStore {
             partitions,
             cache: RwLock::new(HashMap::new()),
-            create: Mutex::new(()),
-        };
-        if let Some(topic) = manager.topic(OFFSETS_TOPIC) {
-            let mut cache = store.write();
-            let mut n = 0usize;
-            for partition in &topic.partitions {
-                let log = partition.log();
-                let mut at = log.log_start_offset();
-                let end = log.log_end_offset();
-                while at < end {
-                    let Ok(fetched) = log.read(at, 8 << 20) else {
-                        break;
+        }
+    }
+
+    /// The partitions the offsets topic is created with (`offsets_topic_partitions`).
+    pub fn n_partitions(&self) -> u32 {
+        self.partitions
+    }
+
+    /// Loads what one partition of `__consumer_offsets` holds (blocking).
+    pub fn load(&self, partition: &Partition) {
+        let log = partition.log();
+        let mut cache = self.write();
+        let mut n = 0usize;
+        let mut at = log.log_start_offset();
+        let end = log.log_end_offset();
+        while at < end {
+            let Ok(fetched) = log.read(at, 8 << 20) else {
+                break;
+            };
+            if fetched.bytes.is_empty() {
+                break;
+            }
+            for batch in Batches::new(fetched.bytes, u32::MAX) {
+                let Ok(batch) = batch else { break };
+                at = Offset(batch.header().last_offset().max(0) as u64 + 1);
+                let Ok(records) = batch.records(cairn_protocol::limits::DECOMPRESSED_BYTES_MAX)
+                else {
+                    continue;
+                };
+                for record in records {
+                    let Some(key) = record.key.and_then(decode_key) else {
+                        continue;
                     };
-                    if fetched.bytes.is_empty() {
-                        break;
+                    let log_offset = record.offset.max(0) as u64;
+                    match record.value.and_then(|v| decode_value(v, log_offset)) {
+                        Some(committed) => cache_insert(&mut cache, key, committed),
+                        None => cache_remove(&mut cache, &key),
                     }
-                    for batch in Batches::new(fetched.bytes, u32::MAX) {
-                        let Ok(batch) = batch else { break };
-                        at = Offset(batch.header().last_offset().max(0) as u64 + 1);
-                        let Ok(records) =
-                            batch.records(cairn_protocol::limits::DECOMPRESSED_BYTES_MAX)
-                        else {
-                            continue;
-                        };
-                        for record in records {
-                            let Some(key) = record.key.and_then(decode_key) else {
-                                continue;
-                            };
-                            let log_offset = record.offset.max(0) as u64;
-                            match record.value.and_then(|v| decode_value(v, log_offset)) {
-                                Some(committed) => cache_insert(&mut cache, key, committed),
-                                None => cache_remove(&mut cache, &key),
-                            }
-                            n += 1;
-                        }
-                    }
+                    n += 1;
                 }
             }
-            tracing::info!(
-                records = n,
-                groups = cache.len(),
-                "committed offsets loaded"
-            );
         }
-        store
+        tracing::info!(
+            partition = partition.index(),
+            records = n,
+            groups = cache.len(),
+            "committed offsets loaded"
+        );
     }
 
     fn write(&self) -> std::sync::RwLockWriteGuard<'_, Cache> {
@@ -205,35 +210,14 @@ impl OffsetStore {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Whether the offsets topic exists yet.
-    pub fn has_topic(manager: &TopicManager) -> bool {
-        manager.topic(OFFSETS_TOPIC).is_some()
-    }
-
-    /// The offsets topic, created on first use (blocking): at a group's first FindCoordinator,
-    /// as Kafka does, so that the first commit does not pay for creating its partitions.
-    pub fn topic(&self, manager: &TopicManager) -> Result<Arc<Topic>, (ErrorCode, String)> {
-        if let Some(topic) = manager.topic(OFFSETS_TOPIC) {
-            return Ok(topic);
-        }
-        let _one = self
-            .create
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if let Some(topic) = manager.topic(OFFSETS_TOPIC) {
-            return Ok(topic);
-        }
-        let configs = BTreeMap::from([
-            ("cleanup.policy".to_string(), "compact".to_string()),
-            ("segment.bytes".to_string(), (16 << 20).to_string()),
-        ]);
-        manager
-            .create_topic(OFFSETS_TOPIC, self.partitions, configs, false)
-            .map_err(|e| (ErrorCode::COORDINATOR_NOT_AVAILABLE, e.to_string()))?;
-        manager.topic(OFFSETS_TOPIC).ok_or((
-            ErrorCode::COORDINATOR_NOT_AVAILABLE,
-            "the offsets topic vanished".to_string(),
-        ))
+    /// The partition of the offsets topic that holds `group`'s commits, if the topic exists:
+    /// `murmur2(group) % partitions`, as Kafka (its leader is the group's coordinator).
+    pub fn partition_of(manager: &TopicManager, group: &str) -> Option<(u32, u32)> {
+        let image = manager.image();
+        let topic = image.topic(OFFSETS_TOPIC)?;
+        let n = topic.partitions.len() as u32;
+        let index = cairn_protocol::partitioner::partition_for_key(group.as_bytes(), n);
+        Some((index, n))
     }
 
     /// Appends `builder`'s records to `group`'s partition of the offsets topic (created on first
@@ -244,20 +228,26 @@ impl OffsetStore {
         group: &str,
         builder: BatchBuilder,
     ) -> Result<crate::partition::Appended, (ErrorCode, String)> {
-        let topic = self.topic(manager)?;
-        let index = cairn_protocol::partitioner::partition_for_key(
-            group.as_bytes(),
-            topic.partitions.len() as u32,
-        );
-        let partition = topic.partitions.get(index as usize).ok_or((
+        let not_coordinator = |why: String| (ErrorCode::NOT_COORDINATOR, why);
+        let (index, _) = OffsetStore::partition_of(manager, group).ok_or((
             ErrorCode::COORDINATOR_NOT_AVAILABLE,
-            "no such partition".into(),
+            "the offsets topic does not exist yet: FindCoordinator creates it".to_string(),
         ))?;
+        let topic = manager.topic(OFFSETS_TOPIC).ok_or((
+            ErrorCode::COORDINATOR_NOT_AVAILABLE,
+            "the offsets topic is not open here yet".to_string(),
+        ))?;
+        let partition = topic
+            .partition(index, manager.host().node_id)
+            .map_err(|e| not_coordinator(e.to_string()))?;
         let mut batch = builder
             .build()
             .map_err(|e| (ErrorCode::UNKNOWN_SERVER_ERROR, e.to_string()))?
             .to_vec();
-        let refused = |e: BrokerError| (e.code(), e.to_string());
+        let refused = |e: BrokerError| match e {
+            BrokerError::NotLeaderOrFollower { .. } => not_coordinator(e.to_string()),
+            e => (e.code(), e.to_string()),
+        };
         let appended = partition
             .append_as_leader(&mut batch, true)
             .map_err(refused)?

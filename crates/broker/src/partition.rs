@@ -15,8 +15,8 @@ use cairn_protocol::batch::{self, BatchError};
 use cairn_storage::{AppendError, AppendInfo, Fetched, Log, LogConfig, ReadError, RecoveryReport};
 use tokio::sync::watch;
 
-use crate::clock::Clock;
 use crate::error::{BrokerError, error_chain};
+use crate::manager::Host;
 use crate::producers::{ProducerStates, SequenceCheck};
 
 /// This broker's part in a partition.
@@ -85,9 +85,8 @@ pub struct Appended {
 pub struct Partition {
     topic: Arc<str>,
     index: u32,
-    node_id: u32,
+    host: Host,
     log: Log,
-    clock: Arc<dyn Clock>,
     /// Idempotent producers' recent batches; held across the sequence check and the append.
     producers: Mutex<ProducerStates>,
     state: RwLock<ReplicaState>,
@@ -108,20 +107,18 @@ impl Partition {
     pub(crate) fn new(
         topic: Arc<str>,
         index: u32,
-        node_id: u32,
+        host: Host,
         log: Log,
         state: ReplicaState,
-        clock: Arc<dyn Clock>,
     ) -> Partition {
-        let producers = Mutex::new(rebuild_producers(&log, clock.unix_ms()));
+        let producers = Mutex::new(rebuild_producers(&log, host.clock.unix_ms()));
         let (log_end, _) = watch::channel(log.log_end_offset().0);
         let (committed, _) = watch::channel(log.flushed_offset().0);
         Partition {
             topic,
             index,
-            node_id,
+            host,
             log,
-            clock,
             producers,
             state: RwLock::new(state),
             log_end,
@@ -149,12 +146,14 @@ impl Partition {
         read(&self.state).clone()
     }
 
-    /// This broker's role.
+    /// This broker's role. A broker without a valid lease (fenced, or out of touch with the
+    /// controller past its session) leads nothing, whatever its last image says.
     pub fn role(&self) -> Role {
+        let node = self.host.node_id;
         let state = read(&self.state);
         match state.leader {
-            Some(leader) if leader == self.node_id => Role::Leader,
-            Some(_) if state.replicas.contains(&self.node_id) => Role::Follower,
+            Some(leader) if leader == node && self.host.may_lead() => Role::Leader,
+            _ if state.replicas.contains(&node) => Role::Follower,
             _ => Role::None,
         }
     }
@@ -224,9 +223,9 @@ impl Partition {
                 return Err(BrokerError::UnknownLeaderEpoch { given, current });
             }
         }
-        if state.leader != Some(self.node_id) {
+        if state.leader != Some(self.host.node_id) || !self.host.may_lead() {
             return Err(BrokerError::NotLeaderOrFollower {
-                node: self.node_id,
+                node: self.host.node_id,
                 topic: self.topic.to_string(),
                 partition: self.index,
             });
@@ -316,7 +315,7 @@ impl Partition {
                     &header,
                     info.base_offset.0,
                     info.last_offset.0,
-                    self.clock.unix_ms(),
+                    self.host.clock.unix_ms(),
                 );
                 drop(producers);
                 self.notify_appended();

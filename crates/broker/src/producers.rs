@@ -7,13 +7,10 @@
 //! not needed to detect a retry, which arrives within the producer's delivery timeout.
 
 use std::collections::{HashMap, VecDeque};
-use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
-
-use cairn_protocol::batch::BatchHeader;
-use cairn_storage::Fs;
+use std::sync::Mutex;
 
 use crate::error::BrokerError;
+use cairn_protocol::batch::BatchHeader;
 
 /// How many batches per producer and partition are remembered (Kafka: 5, the most in-flight
 /// requests an idempotent producer may have).
@@ -167,61 +164,57 @@ impl ProducerStates {
     }
 }
 
-/// Hands out producer ids, unique across restarts: ids are reserved in blocks whose end is
-/// checkpointed before any id of the block is used.
+/// Hands out producer ids, unique in the cluster: the controller hands each broker blocks of
+/// ids (Kafka's AllocateProducerIds), recorded in the metadata log, so no two brokers, and no
+/// two lives of one broker, ever hand out the same id.
 #[derive(Debug)]
 pub struct ProducerIds {
-    fs: Arc<dyn Fs>,
-    dir: PathBuf,
-    state: Mutex<(i64, i64)>, // (next id, end of the reserved block)
+    node_id: u32,
+    client: cairn_controller::ControllerClient,
+    /// (next id, end of the block).
+    block: Mutex<(i64, i64)>,
 }
 
-const CHECKPOINT: &str = "producer-ids";
-const BLOCK: i64 = 1000;
-
 impl ProducerIds {
-    /// Opens the allocator of a data directory.
-    pub fn open(fs: Arc<dyn Fs>, dir: &Path) -> std::io::Result<ProducerIds> {
-        let next = match cairn_storage::checkpoint::read(&*fs, dir, CHECKPOINT, "producer-ids")? {
-            Some(lines) => lines
-                .first()
-                .and_then(|l| l.parse::<i64>().ok())
-                .filter(|n| *n >= 0)
-                .ok_or_else(|| {
-                    std::io::Error::new(
-                        std::io::ErrorKind::InvalidData,
-                        "producer-ids: not a non-negative integer",
-                    )
-                })?,
-            None => 0,
-        };
-        Ok(ProducerIds {
-            fs,
-            dir: dir.to_path_buf(),
-            state: Mutex::new((next, next)),
+    /// An allocator with no block yet.
+    pub fn new(node_id: u32, client: cairn_controller::ControllerClient) -> ProducerIds {
+        ProducerIds {
+            node_id,
+            client,
+            block: Mutex::new((0, 0)),
+        }
+    }
+
+    fn take(&self) -> Option<i64> {
+        let mut block = self.block.lock().unwrap_or_else(|e| e.into_inner());
+        let (next, end) = *block;
+        (next < end).then(|| {
+            block.0 = next + 1;
+            next
         })
     }
 
-    /// The next producer id (blocking: may checkpoint a new block).
-    pub fn allocate(&self) -> Result<i64, cairn_storage::Fatal> {
-        let mut state = self
-            .state
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let (next, end) = *state;
-        if next >= end {
-            let new_end = next + BLOCK;
-            cairn_storage::checkpoint::write(
-                &*self.fs,
-                &self.dir,
-                CHECKPOINT,
-                "producer-ids",
-                &[new_end.to_string()],
-            )?;
-            state.1 = new_end;
+    /// The next producer id (asks the controller for a block when this one is used up).
+    pub async fn allocate(&self) -> Result<i64, BrokerError> {
+        if let Some(id) = self.take() {
+            return Ok(id);
         }
-        state.0 = next + 1;
-        Ok(next)
+        let command = cairn_controller::Command::AllocateProducerIds {
+            node_id: self.node_id,
+        };
+        match self.client.execute(command).await {
+            Ok(cairn_controller::Reply::ProducerIds { first, count }) => {
+                let mut block = self.block.lock().unwrap_or_else(|e| e.into_inner());
+                // Another caller may have refilled it meanwhile: the newer block wins; ids of
+                // the other are simply never used.
+                *block = (first + 1, first + i64::from(count));
+                Ok(first)
+            }
+            Ok(other) => Err(BrokerError::Internal(format!(
+                "unexpected answer to a producer id allocation: {other:?}"
+            ))),
+            Err(err) => Err(BrokerError::Unavailable(err.to_string())),
+        }
     }
 }
 
@@ -297,18 +290,5 @@ mod tests {
         s.record(&header(1, 0, i32::MAX - 1, 2), 0, 1, 0);
         assert_eq!(s.check(&header(1, 0, 0, 1)), SequenceCheck::Append);
         assert_eq!(s.expire(10, 5), 0);
-    }
-
-    #[test]
-    fn producer_ids_are_unique_across_reopen() {
-        let dir = tempfile::tempdir().unwrap();
-        let ids = ProducerIds::open(Arc::new(cairn_storage::StdFs), dir.path()).unwrap();
-        let a = ids.allocate().unwrap();
-        let b = ids.allocate().unwrap();
-        assert_ne!(a, b);
-        drop(ids);
-        let ids = ProducerIds::open(Arc::new(cairn_storage::StdFs), dir.path()).unwrap();
-        let c = ids.allocate().unwrap();
-        assert!(c > b, "{c} after {b}");
     }
 }

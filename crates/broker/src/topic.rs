@@ -89,7 +89,8 @@ impl TopicDefaults {
             self.max_message_bytes.into(),
             cairn_protocol::batch::BATCH_HEADER_BYTES as u64,
             BATCH_BYTES_MAX.into(),
-        )
+        )?;
+        Ok(())
     }
 }
 

@@ -27,6 +27,19 @@ pub struct BrokerArgs {
     /// host:port Kafka clients are told to connect to [default: the Kafka listen address].
     #[arg(long, env = "CAIRN_KAFKA_ADVERTISED")]
     kafka_advertised: Option<String>,
+    /// This node's id [default: 1].
+    #[arg(long, env = "CAIRN_NODE_ID")]
+    node_id: Option<u32>,
+    /// The controller quorum's voters, ID@HOST:PORT,... [default: this node alone]. A node
+    /// whose id is listed is a controller too; the others follow the quorum as brokers.
+    #[arg(long, env = "CAIRN_CONTROLLER_QUORUM")]
+    controller_quorum: Option<String>,
+    /// Where this node's controller listens (its own address in --controller-quorum).
+    #[arg(long, env = "CAIRN_CONTROLLER_LISTEN")]
+    controller_listen: Option<SocketAddr>,
+    /// This broker's rack, for rack-aware replica placement.
+    #[arg(long, env = "CAIRN_RACK")]
+    rack: Option<String>,
     /// TOML config file; flags and CAIRN_* variables override it.
     #[arg(long, env = "CAIRN_CONFIG")]
     config: Option<PathBuf>,
@@ -44,6 +57,18 @@ pub async fn run(args: BrokerArgs) -> anyhow::Result<()> {
     };
     if let Some(dir) = args.data_dir {
         config.data_dir = dir;
+    }
+    if let Some(id) = args.node_id {
+        config.node_id = id;
+    }
+    if let Some(quorum) = args.controller_quorum {
+        config.controller_quorum = quorum;
+    }
+    if let Some(addr) = args.controller_listen {
+        config.controller_listen = Some(addr);
+    }
+    if let Some(rack) = args.rack {
+        config.rack = Some(rack);
     }
     if let Some(listen) = args.listen {
         config.listen = listen;

@@ -62,8 +62,10 @@ enum Command {
 /// Runs the `cairn` command with the process arguments; returns its exit code.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
+    // openraft narrates every election and replication step at info: its warnings are what an
+    // operator needs (Cairn logs the elections and leader changes itself).
     let default_level = if matches!(cli.command, Command::Broker(_)) {
-        "info"
+        "info,openraft=warn"
     } else {
         "warn"
     };

@@ -175,13 +175,19 @@ impl ControllerNode {
             .iter()
             .map(|(id, addr)| (u64::from(*id), BasicNode { addr: addr.clone() }))
             .collect();
-        match raft.initialize(members).await {
-            Ok(()) => {
-                tracing::info!(node_id = config.node_id, voters = ?config.voters.keys(), "metadata quorum formed")
+        let formed = raft
+            .is_initialized()
+            .await
+            .map_err(|e| StartError::Raft(e.to_string()))?;
+        if !formed {
+            match raft.initialize(members).await {
+                Ok(()) => {
+                    tracing::info!(node_id = config.node_id, voters = ?config.voters.keys(), "metadata quorum formed")
+                }
+                // Another voter's entries reached this one first.
+                Err(RaftError::APIError(InitializeError::NotAllowed(_))) => {}
+                Err(err) => return Err(StartError::Raft(err.to_string())),
             }
-            // Formed before: the store has its log and vote.
-            Err(RaftError::APIError(InitializeError::NotAllowed(_))) => {}
-            Err(err) => return Err(StartError::Raft(err.to_string())),
         }
         let (stopped, _) = watch::channel(false);
         let node = ControllerNode {
@@ -300,6 +306,12 @@ impl ControllerNode {
         let applied = self.propose(records).await?;
         applied.result?;
         Ok(applied.offset)
+    }
+
+    /// Commits `records` as they are, on the active controller: for importing the metadata of a
+    /// single node from before the controller existed. Returns the metadata offset after them.
+    pub async fn import(&self, records: Vec<MetadataRecord>) -> Result<u64, CommandError> {
+        self.commit(records).await
     }
 
     /// Carries out a broker's command, if this node is the active controller.

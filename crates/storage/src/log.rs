@@ -966,6 +966,34 @@ impl Log {
             total -= size;
             doomed.push(segment.base_offset);
         }
+        self.delete_oldest(state, doomed, "retention deleted segments")
+    }
+
+    /// Deletes the sealed segments that hold only offsets below `offset` (a Raft log purging
+    /// what a snapshot covers). The log may still start below `offset`: whole segments go.
+    pub fn delete_before(&self, offset: Offset) -> Result<RetentionReport, Fatal> {
+        let mut guard = lock(&self.state);
+        let state = &mut *guard;
+        self.check_poisoned(state)?;
+        let bases: Vec<u64> = state.segments.keys().copied().collect();
+        let doomed = bases
+            .windows(2)
+            .filter_map(|pair| match *pair {
+                [base, next] if next <= offset.0 => Some(base),
+                _ => None,
+            })
+            .collect();
+        self.delete_oldest(state, doomed, "segments before a purge point deleted")
+    }
+
+    /// Deletes the segments based at `doomed` (the oldest, never the active one), syncs the
+    /// directory and moves the log start.
+    fn delete_oldest(
+        &self,
+        state: &mut State,
+        doomed: Vec<u64>,
+        what: &'static str,
+    ) -> Result<RetentionReport, Fatal> {
         if doomed.is_empty() {
             return Ok(RetentionReport::default());
         }
@@ -1000,7 +1028,7 @@ impl Log {
             n_segments = report.n_segments,
             n_bytes = report.n_bytes,
             log_start = state.log_start,
-            "retention deleted segments"
+            "{what}"
         );
         Ok(report)
     }

@@ -57,6 +57,7 @@ codes! {
     OFFSET_METADATA_TOO_LARGE = 12, false, "a committed offset's metadata exceeds 4096 bytes";
     NETWORK_EXCEPTION = 13, true, "the connection failed before a response";
     COORDINATOR_NOT_AVAILABLE = 15, true, "the group coordinator is not available (yet)";
+    NOT_COORDINATOR = 16, true, "this broker is not the group's coordinator: find it again";
     INVALID_TOPIC_EXCEPTION = 17, false, "the topic name is not valid";
     RECORD_LIST_TOO_LARGE = 18, false, "the request's records exceed the frame limit";
     NOT_ENOUGH_REPLICAS = 19, true, "too few in-sync replicas to accept the write";

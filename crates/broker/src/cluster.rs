@@ -1,0 +1,213 @@
+//! This broker's membership in the cluster: it registers with the active controller (as a new
+//! incarnation at every start), heartbeats, holds its lease to lead (lost when fenced or when the
+//! controller has not answered for a session), applies every new metadata image to its topics,
+//! and at shutdown asks the controller to move its leaderships first.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use cairn_controller::{BrokerInfo, Command, CommandError, ControllerClient, Reply};
+use cairn_protocol::native::ErrorCode;
+use tokio::sync::watch;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::manager::TopicManager;
+use crate::offsets::{OFFSETS_TOPIC, OffsetStore};
+
+/// The broker's side of the cluster.
+#[derive(Debug)]
+pub struct Cluster {
+    /// The controller quorum.
+    pub client: ControllerClient,
+    /// What this broker registers as.
+    pub info: BrokerInfo,
+    lease: Arc<AtomicBool>,
+    session_timeout: Duration,
+    heartbeat_interval: Duration,
+    /// The current registration's broker epoch.
+    epoch: Mutex<Option<u64>>,
+    /// Registered, caught up and unfenced: the broker serves as the metadata says.
+    ready: watch::Sender<bool>,
+}
+
+impl Cluster {
+    /// A member that has not registered yet (no lease).
+    pub fn new(
+        client: ControllerClient,
+        info: BrokerInfo,
+        lease: Arc<AtomicBool>,
+        session_timeout: Duration,
+        heartbeat_interval: Duration,
+    ) -> Cluster {
+        lease.store(false, Ordering::Release);
+        let (ready, _) = watch::channel(false);
+        Cluster {
+            client,
+            info,
+            lease,
+            session_timeout,
+            heartbeat_interval,
+            epoch: Mutex::new(None),
+            ready,
+        }
+    }
+
+    /// Whether the broker is registered, caught up and unfenced.
+    pub fn ready(&self) -> watch::Receiver<bool> {
+        self.ready.subscribe()
+    }
+
+    fn set_lease(&self, may_lead: bool) {
+        let was = self.lease.swap(may_lead, Ordering::AcqRel);
+        if was != may_lead {
+            tracing::info!(
+                node = self.info.node_id,
+                may_lead,
+                "leadership lease changed"
+            );
+        }
+        self.ready.send_if_modified(|ready| {
+            let changed = *ready != may_lead;
+            *ready = may_lead;
+            changed
+        });
+    }
+
+    /// Registers, then heartbeats until `shutdown`; registers again if the controller no longer
+    /// knows this registration. At shutdown, a last heartbeat asks the controller to move this
+    /// broker's leaderships (controlled shutdown).
+    pub async fn run(self: Arc<Self>, manager: Arc<TopicManager>, shutdown: CancellationToken) {
+        let applied = manager.applied();
+        'register: loop {
+            let broker_epoch = tokio::select! {
+                epoch = self.register() => epoch,
+                () = shutdown.cancelled() => return,
+            };
+            *self.epoch.lock().unwrap_or_else(|e| e.into_inner()) = Some(broker_epoch);
+            let mut last_ok = Instant::now();
+            let mut tick = tokio::time::interval(self.heartbeat_interval);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut applied = applied.clone();
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {}
+                    // Caught up: say so at once (unfencing waits for it).
+                    _ = applied.changed(), if !self.lease.load(Ordering::Acquire) => {}
+                    () = shutdown.cancelled() => {
+                        self.controlled_shutdown(broker_epoch, &manager).await;
+                        return;
+                    }
+                }
+                let sent = Instant::now();
+                let heartbeat = Command::Heartbeat {
+                    node_id: self.info.node_id,
+                    broker_epoch,
+                    metadata_offset: *applied.borrow(),
+                    shutting_down: false,
+                };
+                let answer =
+                    tokio::time::timeout(self.session_timeout, self.client.execute(heartbeat));
+                match answer.await {
+                    Ok(Ok(Reply::Heartbeat { fenced })) => {
+                        last_ok = sent;
+                        self.set_lease(!fenced);
+                    }
+                    Ok(Err(CommandError::Rejected(rejected)))
+                        if rejected.error_code() == ErrorCode::STALE_BROKER_EPOCH =>
+                    {
+                        tracing::warn!(
+                            node = self.info.node_id,
+                            "registration no longer known; registering again"
+                        );
+                        self.set_lease(false);
+                        continue 'register;
+                    }
+                    Ok(other) => {
+                        tracing::debug!(answer = ?other, "heartbeat failed");
+                    }
+                    Err(_) => tracing::debug!("heartbeat timed out"),
+                }
+                if last_ok.elapsed() >= self.session_timeout && self.lease.load(Ordering::Acquire) {
+                    // The controller may have fenced us and moved our leaderships: stop serving
+                    // them rather than acknowledge writes a new leader will not have.
+                    tracing::warn!(
+                        node = self.info.node_id,
+                        silent_ms = last_ok.elapsed().as_millis() as u64,
+                        "no heartbeat answered within the session: no longer leading"
+                    );
+                    self.set_lease(false);
+                }
+            }
+        }
+    }
+
+    /// Registers until it succeeds (the quorum may not be up yet).
+    async fn register(&self) -> u64 {
+        let mut backoff = Duration::from_millis(50);
+        loop {
+            match self
+                .client
+                .execute(Command::Register(self.info.clone()))
+                .await
+            {
+                Ok(Reply::Registered { broker_epoch }) => {
+                    tracing::info!(node = self.info.node_id, broker_epoch, incarnation = %self.info.incarnation, "registered with the controller");
+                    return broker_epoch;
+                }
+                Ok(other) => tracing::warn!(answer = ?other, "unexpected answer to a registration"),
+                Err(err) => tracing::warn!(error = %err, "registration failed; retrying"),
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(2));
+        }
+    }
+
+    async fn controlled_shutdown(&self, broker_epoch: u64, manager: &TopicManager) {
+        let heartbeat = Command::Heartbeat {
+            node_id: self.info.node_id,
+            broker_epoch,
+            metadata_offset: *manager.applied().borrow(),
+            shutting_down: true,
+        };
+        self.set_lease(false);
+        let answer = tokio::time::timeout(Duration::from_secs(2), self.client.execute(heartbeat));
+        match answer.await {
+            Ok(Ok(_)) => tracing::info!(node = self.info.node_id, "leaderships moved for shutdown"),
+            Ok(Err(err)) => tracing::warn!(error = %err, "controlled shutdown refused"),
+            Err(_) => tracing::warn!("controlled shutdown timed out"),
+        }
+    }
+}
+
+/// Applies every new metadata image to the topics (on the blocking pool), and loads the
+/// committed offsets of the offsets-topic partitions it opens.
+pub(crate) async fn apply_images(
+    client: ControllerClient,
+    manager: Arc<TopicManager>,
+    offsets: Arc<OffsetStore>,
+    shutdown: CancellationToken,
+) {
+    let mut feed = client.subscribe();
+    loop {
+        let image = Arc::clone(&feed.borrow_and_update());
+        if image.offset > *manager.applied().borrow() || image.offset == 0 {
+            let (manager, offsets) = (Arc::clone(&manager), Arc::clone(&offsets));
+            let applied = tokio::task::spawn_blocking(move || {
+                for partition in manager.apply(image) {
+                    if &**partition.topic() == OFFSETS_TOPIC {
+                        offsets.load(&partition);
+                    }
+                }
+            });
+            if applied.await.is_err() {
+                tracing::error!("applying a metadata image panicked");
+            }
+        }
+        tokio::select! {
+            changed = feed.changed() => if changed.is_err() { return },
+            () = shutdown.cancelled() => return,
+        }
+    }
+}
