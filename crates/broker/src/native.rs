@@ -137,7 +137,7 @@ impl Handler {
                     .map(|t| ops::NewTopic {
                         name: t.name,
                         partitions: (t.partitions != 0).then_some(t.partitions),
-                        replication_factor: None,
+                        replication_factor: u16::try_from(t.replication_factor).ok(),
                         configs: t.configs.into_iter().map(|c| (c.key, c.value)).collect(),
                     })
                     .collect();
@@ -156,6 +156,13 @@ impl Handler {
             Request::ListOffsets(r) => {
                 let listed = self.list_offsets(list_offsets_op(r));
                 ready(finish(respond(&list_offsets_response(listed))))
+            }
+            Request::DescribeCluster(_) => {
+                let this = Arc::clone(self);
+                Box::pin(async move {
+                    let described = this.describe_cluster().await;
+                    finish(respond(&described))
+                })
             }
         }
     }
@@ -207,6 +214,8 @@ impl Handler {
             partition: index,
             leader: state.and_then(|s| s.leader).unwrap_or(u32::MAX),
             leader_epoch: state.map_or(0, |s| s.leader_epoch),
+            replicas: state.map(|s| s.replicas.clone()).unwrap_or_default(),
+            isr: state.map(|s| s.isr.clone()).unwrap_or_default(),
             ..DescribedPartition::default()
         };
         match topic.partition(index, self.config.node_id) {
@@ -220,6 +229,65 @@ impl Handler {
             Err(err) => described.error_code = err.code().0,
         }
         described
+    }
+}
+
+impl Handler {
+    /// Every registered broker, the active controller and the quorum's voters (their lag as
+    /// the active controller sees it).
+    async fn describe_cluster(&self) -> DescribeClusterResponse {
+        let image = self.manager.image();
+        let client = &self.cluster.client;
+        let quorum = client
+            .describe_quorum(std::time::Duration::from_millis(500))
+            .await;
+        let leader_view = quorum
+            .iter()
+            .find(|q| q.leader == Some(q.node_id))
+            .or_else(|| quorum.first());
+        let last = leader_view.and_then(|q| q.last_log_index);
+        let voters = match leader_view {
+            Some(view) => view
+                .voters
+                .iter()
+                .map(|(id, matched)| QuorumVoter {
+                    node_id: *id,
+                    lag: match (last, matched) {
+                        (Some(last), Some(matched)) => {
+                            i64::try_from(last.saturating_sub(*matched)).unwrap_or(i64::MAX)
+                        }
+                        // The leader's own entry: no lag.
+                        _ if Some(*id) == view.leader => 0,
+                        _ => -1,
+                    },
+                })
+                .collect(),
+            None => Vec::new(),
+        };
+        DescribeClusterResponse {
+            controller_id: client.leader().unwrap_or(u32::MAX),
+            term: leader_view.map_or(0, |q| q.term),
+            metadata_offset: image.offset,
+            brokers: image
+                .brokers
+                .values()
+                .map(|b| DescribedBroker {
+                    node_id: b.info.node_id,
+                    host: b.info.native.host.clone(),
+                    port: b.info.native.port,
+                    kafka: b
+                        .info
+                        .kafka
+                        .as_ref()
+                        .map(|e| e.to_string())
+                        .unwrap_or_default(),
+                    rack: b.info.rack.clone().unwrap_or_default(),
+                    fenced: b.fenced,
+                    broker_epoch: b.epoch,
+                })
+                .collect(),
+            voters,
+        }
     }
 }
 
@@ -304,7 +372,7 @@ fn fetch_op(r: FetchRequest) -> ops::Fetch {
                         // Past i64::MAX is out of range, as it should be.
                         fetch_offset: i64::try_from(p.fetch_offset).unwrap_or(-1),
                         partition_max_bytes: p.partition_max_bytes,
-                        current_leader_epoch: None,
+                        current_leader_epoch: u32::try_from(p.current_leader_epoch).ok(),
                         last_fetched_epoch: None,
                     })
                     .collect();
@@ -349,7 +417,10 @@ fn list_offsets_op(r: ListOffsetsRequest) -> ops::ListOffsets {
                 let partitions = t
                     .partitions
                     .into_iter()
-                    .map(|p| (p.partition, None, p.timestamp))
+                    .map(|p| {
+                        let epoch = u32::try_from(p.current_leader_epoch).ok();
+                        (p.partition, epoch, p.timestamp)
+                    })
                     .collect();
                 (t.name, partitions)
             })
@@ -390,6 +461,7 @@ fn metadata_response(view: ops::MetadataView) -> MetadataResponse {
                 node_id: b.node_id,
                 host: b.native.0,
                 port: b.native.1,
+                rack: b.rack.unwrap_or_default(),
             })
             .collect(),
         controller_id: view.controller_id,
@@ -414,6 +486,8 @@ fn metadata_response(view: ops::MetadataView) -> MetadataResponse {
                             leader: p.leader.unwrap_or(u32::MAX),
                             leader_epoch: p.leader_epoch,
                             replicas: p.replicas,
+                            isr: p.isr,
+                            offline_replicas: p.offline,
                         })
                         .collect(),
                 }

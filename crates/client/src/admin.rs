@@ -1,7 +1,12 @@
-//! Topic administration.
+//! Topic, group and cluster administration. Topic changes go to any broker (it forwards them to
+//! the active controller); what a partition's leader or a group's coordinator knows is asked of
+//! it.
+
+use std::time::Duration;
 
 use cairn_protocol::native::*;
 
+use crate::cluster::Cluster;
 use crate::connection::Connection;
 use crate::error::ClientError;
 
@@ -10,36 +15,90 @@ pub type PartitionInfo = DescribedPartition;
 /// A topic's configs and partitions as the broker describes them.
 pub type TopicInfo = DescribedTopic;
 
-/// Creates, deletes, lists and describes topics.
+/// Creates, deletes, lists and describes topics and groups; describes the cluster.
 #[derive(Debug, Clone)]
 pub struct Admin {
-    conn: Connection,
+    cluster: Cluster,
 }
 
+/// How many times a request follows a moved leader or coordinator.
+const ROUTE_RETRIES: u32 = 5;
+
 impl Admin {
-    /// Connects to a broker.
+    /// Connects to a cluster through `bootstrap` (one or more `host:port`, comma-separated).
     pub async fn connect(bootstrap: &str) -> Result<Admin, ClientError> {
         Ok(Admin {
-            conn: Connection::connect(bootstrap, "cairn-admin").await?,
+            cluster: Cluster::connect(bootstrap, "cairn-admin").await?,
         })
     }
 
     /// An admin client over an existing connection (for example an embedded broker's).
     pub fn with_connection(conn: Connection) -> Admin {
-        Admin { conn }
+        Admin {
+            cluster: Cluster::with_connection(conn),
+        }
     }
 
-    /// Creates a topic with `partitions` (0: the broker default) and config overrides.
+    /// An admin client of `cluster`.
+    pub fn with_cluster(cluster: Cluster) -> Admin {
+        Admin { cluster }
+    }
+
+    /// The cluster this client talks to.
+    pub fn cluster(&self) -> &Cluster {
+        &self.cluster
+    }
+
+    /// Calls any broker, trying another if the first one's connection breaks.
+    async fn call_any<T: Wire + Send + 'static>(
+        &self,
+        request: &Request,
+    ) -> Result<T, ClientError> {
+        let mut attempt = 0;
+        loop {
+            let conn = self.cluster.any().await?;
+            match conn.call::<T>(request).await {
+                Err(ClientError::Connection { .. }) if attempt < ROUTE_RETRIES => {
+                    attempt += 1;
+                    self.cluster.forget(u32::MAX);
+                }
+                done => return done,
+            }
+        }
+    }
+
+    /// Creates a topic with `partitions` (0: the broker default) and config overrides, its
+    /// partitions replicated as the broker's default says (`min(3, brokers)`).
     pub async fn create_topic(
         &self,
         name: &str,
         partitions: u32,
         configs: &[(String, String)],
     ) -> Result<(), ClientError> {
+        self.create_topic_replicated(name, partitions, None, configs)
+            .await
+    }
+
+    /// Creates a topic with `partitions` (0: the broker default), `replication_factor` replicas
+    /// each (`None`: the broker default) and config overrides.
+    pub async fn create_topic_replicated(
+        &self,
+        name: &str,
+        partitions: u32,
+        replication_factor: Option<u16>,
+        configs: &[(String, String)],
+    ) -> Result<(), ClientError> {
+        let replication_factor = match replication_factor {
+            Some(rf) => i16::try_from(rf).map_err(|_| {
+                ClientError::InvalidArgument(format!("replication factor {rf} is too large"))
+            })?,
+            None => -1,
+        };
         let request = Request::CreateTopics(CreateTopicsRequest {
             topics: vec![CreatableTopic {
                 name: name.to_string(),
                 partitions,
+                replication_factor,
                 configs: configs
                     .iter()
                     .map(|(key, value)| ConfigEntry {
@@ -50,7 +109,7 @@ impl Admin {
             }],
             validate_only: false,
         });
-        let response: CreateTopicsResponse = self.conn.call(&request).await?;
+        let response: CreateTopicsResponse = self.call_any(&request).await?;
         first_result(response.topics, &format!("create topic {name}"))
     }
 
@@ -59,28 +118,23 @@ impl Admin {
         let request = Request::DeleteTopics(DeleteTopicsRequest {
             names: vec![name.to_string()],
         });
-        let response: DeleteTopicsResponse = self.conn.call(&request).await?;
+        let response: DeleteTopicsResponse = self.call_any(&request).await?;
         first_result(response.topics, &format!("delete topic {name}"))
     }
 
     /// Names of all topics.
     pub async fn list_topics(&self) -> Result<Vec<String>, ClientError> {
-        let response: MetadataResponse = self
-            .conn
-            .call(&Request::Metadata(MetadataRequest {
-                topics: vec![],
-                allow_auto_create: false,
-            }))
-            .await?;
+        let response = self.metadata(&[]).await?;
         Ok(response.topics.into_iter().map(|t| t.name).collect())
     }
 
-    /// Describes topics (all if `names` is empty); a missing topic is an error.
+    /// Describes topics (all if `names` is empty); a missing topic is an error. Each
+    /// partition's offsets and size come from its leader (the broker that holds its log).
     pub async fn describe_topics(&self, names: &[String]) -> Result<Vec<TopicInfo>, ClientError> {
         let request = Request::DescribeTopics(DescribeTopicsRequest {
             names: names.to_vec(),
         });
-        let response: DescribeTopicsResponse = self.conn.call(&request).await?;
+        let mut response: DescribeTopicsResponse = self.call_any(&request).await?;
         for topic in &response.topics {
             if topic.error_code != 0 {
                 return Err(ClientError::broker(
@@ -90,16 +144,44 @@ impl Admin {
                 ));
             }
         }
+        if !self.cluster.is_routed() {
+            return Ok(response.topics);
+        }
+        // Partitions the answering broker does not host: ask each leader once.
+        let leaders: std::collections::BTreeSet<u32> = response
+            .topics
+            .iter()
+            .flat_map(|t| &t.partitions)
+            .filter(|p| p.error_code != 0 && p.leader != u32::MAX)
+            .map(|p| p.leader)
+            .collect();
+        for leader in leaders {
+            let Ok(conn) = self.cluster.connection(leader).await else {
+                continue;
+            };
+            let Ok(theirs) = conn.call::<DescribeTopicsResponse>(&request).await else {
+                continue;
+            };
+            for (mine, theirs) in response.topics.iter_mut().zip(theirs.topics) {
+                for (p, q) in mine.partitions.iter_mut().zip(theirs.partitions) {
+                    if p.error_code != 0 && q.error_code == 0 && q.partition == p.partition {
+                        *p = q;
+                    }
+                }
+            }
+        }
         Ok(response.topics)
     }
 
-    /// The broker's metadata for `topics` (all if empty).
+    /// The metadata for `topics` (all if empty): brokers, the active controller, partitions
+    /// with their leaders, replicas and ISR.
     pub async fn metadata(&self, topics: &[String]) -> Result<MetadataResponse, ClientError> {
-        self.conn
-            .call(&Request::Metadata(MetadataRequest {
-                topics: topics.to_vec(),
-                allow_auto_create: false,
-            }))
+        self.cluster.metadata(topics, false).await
+    }
+
+    /// The brokers (fenced ones too), the active controller and the controller quorum.
+    pub async fn describe_cluster(&self) -> Result<DescribeClusterResponse, ClientError> {
+        self.call_any(&Request::DescribeCluster(DescribeClusterRequest {}))
             .await
     }
 }
@@ -111,22 +193,83 @@ pub type GroupInfo = DescribedGroup;
 pub type CommittedOffset = (String, u32, u64);
 
 impl Admin {
-    /// Every group with members or committed offsets: (group id, protocol type, state).
-    pub async fn list_groups(&self) -> Result<Vec<ListedGroup>, ClientError> {
-        let response: ListGroupsResponse = self
-            .conn
-            .call(&Request::ListGroups(ListGroupsRequest {}))
+    /// A connection to `group`'s coordinator (the broker that leads its offsets partition).
+    async fn coordinator(&self, group: &str) -> Result<Connection, ClientError> {
+        let found: FindCoordinatorResponse = self
+            .call_any(&Request::FindCoordinator(FindCoordinatorRequest {
+                group_id: group.to_string(),
+            }))
             .await?;
-        Ok(response.groups)
+        if found.error_code != 0 {
+            return Err(ClientError::broker(
+                format!("find the coordinator of group {group}"),
+                found.error_code,
+                String::new(),
+            ));
+        }
+        self.cluster.connection(found.node_id).await
+    }
+
+    /// Calls `group`'s coordinator, finding it again if it moved.
+    async fn call_coordinator<T: Wire + Send + 'static>(
+        &self,
+        group: &str,
+        request: &Request,
+        code_of: impl Fn(&T) -> i16,
+    ) -> Result<T, ClientError> {
+        let mut attempt = 0;
+        loop {
+            let result = async {
+                let conn = self.coordinator(group).await?;
+                conn.call::<T>(request).await
+            }
+            .await;
+            let moved = match &result {
+                Ok(response) => {
+                    let code = ErrorCode(code_of(response));
+                    code == ErrorCode::NOT_COORDINATOR
+                        || code == ErrorCode::COORDINATOR_NOT_AVAILABLE
+                }
+                Err(err) => err.is_stale_metadata(),
+            };
+            if !moved || attempt >= ROUTE_RETRIES {
+                return result;
+            }
+            attempt += 1;
+            self.cluster.forget(u32::MAX);
+            tokio::time::sleep(Duration::from_millis(50 << attempt.min(4))).await;
+        }
+    }
+
+    /// Every group with members or committed offsets: (group id, protocol type, state). Each
+    /// broker lists the groups it coordinates.
+    pub async fn list_groups(&self) -> Result<Vec<ListedGroup>, ClientError> {
+        let request = Request::ListGroups(ListGroupsRequest {});
+        if !self.cluster.is_routed() {
+            let response: ListGroupsResponse = self.call_any(&request).await?;
+            return Ok(response.groups);
+        }
+        self.cluster.refresh(&[]).await?;
+        let mut groups = std::collections::BTreeMap::new();
+        for (node, _) in self.cluster.brokers() {
+            let conn = self.cluster.connection(node).await?;
+            let response: ListGroupsResponse = conn.call(&request).await?;
+            for group in response.groups {
+                groups.entry(group.group_id.clone()).or_insert(group);
+            }
+        }
+        Ok(groups.into_values().collect())
     }
 
     /// A group's state, members and their assignments (state "Dead" if unknown).
     pub async fn describe_group(&self, group: &str) -> Result<GroupInfo, ClientError> {
+        let request = Request::DescribeGroups(DescribeGroupsRequest {
+            groups: vec![group.to_string()],
+        });
         let response: DescribeGroupsResponse = self
-            .conn
-            .call(&Request::DescribeGroups(DescribeGroupsRequest {
-                groups: vec![group.to_string()],
-            }))
+            .call_coordinator(group, &request, |r: &DescribeGroupsResponse| {
+                r.groups.first().map_or(0, |g| g.error_code)
+            })
             .await?;
         let described =
             response.groups.into_iter().next().ok_or_else(|| {
@@ -147,12 +290,12 @@ impl Admin {
         &self,
         group: &str,
     ) -> Result<Vec<CommittedOffset>, ClientError> {
+        let request = Request::OffsetFetch(OffsetFetchRequest {
+            group_id: group.to_string(),
+            topics: Vec::new(),
+        });
         let response: OffsetFetchResponse = self
-            .conn
-            .call(&Request::OffsetFetch(OffsetFetchRequest {
-                group_id: group.to_string(),
-                topics: Vec::new(),
-            }))
+            .call_coordinator(group, &request, |r: &OffsetFetchResponse| r.error_code)
             .await?;
         crate::group::fetched_offsets(group, response)
     }
@@ -166,14 +309,21 @@ impl Admin {
     ) -> Result<(), ClientError> {
         let topics =
             crate::group::commit_topics(offsets.iter().map(|(t, p, o)| (t.as_str(), *p, *o)));
+        let request = Request::OffsetCommit(OffsetCommitRequest {
+            group_id: group.to_string(),
+            generation: -1,
+            member_id: String::new(),
+            topics,
+        });
         let response: OffsetCommitResponse = self
-            .conn
-            .call(&Request::OffsetCommit(OffsetCommitRequest {
-                group_id: group.to_string(),
-                generation: -1,
-                member_id: String::new(),
-                topics,
-            }))
+            .call_coordinator(group, &request, |r: &OffsetCommitResponse| {
+                r.topics
+                    .iter()
+                    .flat_map(|t| &t.partitions)
+                    .map(|p| p.error_code)
+                    .find(|c| *c != 0)
+                    .unwrap_or(0)
+            })
             .await?;
         for topic in response.topics {
             for p in topic.partitions {
@@ -191,49 +341,31 @@ impl Admin {
 
     /// Offsets of `partitions` of `topic` by `timestamp`: `LATEST_TIMESTAMP` (log end),
     /// `EARLIEST_TIMESTAMP` (log start), or Unix ms (the first record at or after it; the log
-    /// end if none).
+    /// end if none). Each asked of the partition's leader.
     pub async fn list_offsets(
         &self,
         topic: &str,
         partitions: &[u32],
         timestamp: i64,
     ) -> Result<Vec<(u32, u64)>, ClientError> {
-        let response: ListOffsetsResponse = self
-            .conn
-            .call(&Request::ListOffsets(ListOffsetsRequest {
-                topics: vec![ListOffsetsTopic {
-                    name: topic.to_string(),
-                    partitions: partitions
-                        .iter()
-                        .map(|&partition| ListOffsetsPartition {
-                            partition,
-                            timestamp,
-                        })
-                        .collect(),
-                }],
-            }))
-            .await?;
         let mut out = Vec::with_capacity(partitions.len());
-        for p in response.topics.into_iter().flat_map(|t| t.partitions) {
-            if p.error_code != 0 {
-                return Err(ClientError::broker(
-                    format!("list offsets {topic}-{}", p.partition),
-                    p.error_code,
-                    String::new(),
-                ));
-            }
-            out.push((p.partition, p.offset));
+        for &partition in partitions {
+            let offset =
+                crate::consumer::list_offset(&self.cluster, topic, partition, timestamp).await?;
+            out.push((partition, offset));
         }
         Ok(out)
     }
 
     /// Deletes a group without members (its committed offsets).
     pub async fn delete_group(&self, group: &str) -> Result<(), ClientError> {
+        let request = Request::DeleteGroups(DeleteGroupsRequest {
+            groups: vec![group.to_string()],
+        });
         let response: DeleteGroupsResponse = self
-            .conn
-            .call(&Request::DeleteGroups(DeleteGroupsRequest {
-                groups: vec![group.to_string()],
-            }))
+            .call_coordinator(group, &request, |r: &DeleteGroupsResponse| {
+                r.results.first().map_or(0, |g| g.error_code)
+            })
             .await?;
         match response.results.into_iter().next() {
             Some(r) if r.error_code == 0 => Ok(()),

@@ -108,6 +108,11 @@ impl Connection {
         self.transport.peer()
     }
 
+    /// The client id requests carry.
+    pub fn client_id(&self) -> &str {
+        &self.client_id
+    }
+
     /// Sends a request and decodes its response body. The request is queued before this returns
     /// its future.
     pub fn call<T: Wire + Send + 'static>(

@@ -1,14 +1,19 @@
-//! Reading assigned partitions from chosen positions, with one fetch prefetched.
+//! Reading assigned partitions from chosen positions: one fetch in flight per partition leader,
+//! sent before `poll` returns, so the next records are on their way while the caller works.
 
+use std::collections::HashSet;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use cairn_protocol::batch::Batches;
 use cairn_protocol::limits::{BATCH_BYTES_MAX, DECOMPRESSED_BYTES_MAX};
 use cairn_protocol::native::*;
+use futures::StreamExt;
+use futures::stream::FuturesUnordered;
 use tokio::task::JoinHandle;
 
+use crate::cluster::Cluster;
 use crate::connection::Connection;
 use crate::error::ClientError;
 
@@ -79,35 +84,59 @@ struct Assignment {
     high_watermark: u64,
 }
 
+/// A fetch to one leader, on a task of its own: which broker, and its response.
+type InFlightFetch = JoinHandle<(u32, Result<FetchResponse, ClientError>)>;
+
 /// Reads records from assigned partitions.
-#[derive(Debug)]
 pub struct Consumer {
-    conn: Connection,
+    cluster: Cluster,
     config: ConsumerConfig,
     assigned: Vec<Assignment>,
-    prefetch: Option<JoinHandle<Result<FetchResponse, ClientError>>>,
+    /// One fetch per leader, each for the assigned partitions it leads.
+    fetches: FuturesUnordered<InFlightFetch>,
+    /// The partitions those fetches cover.
+    fetching: HashSet<(Arc<str>, u32)>,
 }
 
+impl std::fmt::Debug for Consumer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Consumer")
+            .field("assigned", &self.assigned)
+            .field("fetching", &self.fetching.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// How many times an offset lookup follows a moved leader.
+const LEADER_RETRIES: usize = 5;
+
 impl Consumer {
-    /// Connects to a broker.
+    /// Connects to a cluster through `bootstrap` (one or more `host:port`, comma-separated):
+    /// each partition is read from its leader.
     pub async fn connect(bootstrap: &str, config: ConsumerConfig) -> Result<Consumer, ClientError> {
-        let conn = Connection::connect(bootstrap, &config.client_id).await?;
-        Ok(Consumer {
-            conn,
-            config,
-            assigned: Vec::new(),
-            prefetch: None,
-        })
+        let cluster = Cluster::connect(bootstrap, &config.client_id).await?;
+        Ok(Consumer::with_cluster(cluster, config))
     }
 
     /// A consumer over an existing connection (for example an embedded broker's).
     pub fn with_connection(conn: Connection, config: ConsumerConfig) -> Consumer {
+        Consumer::with_cluster(Cluster::with_connection(conn), config)
+    }
+
+    /// A consumer reading through `cluster`.
+    pub fn with_cluster(cluster: Cluster, config: ConsumerConfig) -> Consumer {
         Consumer {
-            conn,
+            cluster,
             config,
             assigned: Vec::new(),
-            prefetch: None,
+            fetches: FuturesUnordered::new(),
+            fetching: HashSet::new(),
         }
+    }
+
+    /// The cluster this consumer reads from.
+    pub fn cluster(&self) -> &Cluster {
+        &self.cluster
     }
 
     /// Assigns partitions of `topic` (all if `None`) starting at `from`.
@@ -120,13 +149,7 @@ impl Consumer {
         let partitions = match partitions {
             Some(partitions) => partitions,
             None => {
-                let metadata: MetadataResponse = self
-                    .conn
-                    .call(&Request::Metadata(MetadataRequest {
-                        topics: vec![topic.to_string()],
-                        allow_auto_create: false,
-                    }))
-                    .await?;
+                let metadata = self.cluster.metadata(&[topic.to_string()], false).await?;
                 let Some(found) = metadata.topics.into_iter().find(|t| t.name == topic) else {
                     return Err(ClientError::InvalidArgument(format!(
                         "topic {topic} not in metadata"
@@ -219,32 +242,7 @@ impl Consumer {
         partition: u32,
         timestamp: i64,
     ) -> Result<u64, ClientError> {
-        let request = Request::ListOffsets(ListOffsetsRequest {
-            topics: vec![ListOffsetsTopic {
-                name: topic.to_string(),
-                partitions: vec![ListOffsetsPartition {
-                    partition,
-                    timestamp,
-                }],
-            }],
-        });
-        let response: ListOffsetsResponse = self.conn.call(&request).await?;
-        let found = response
-            .topics
-            .into_iter()
-            .flat_map(|t| t.partitions)
-            .find(|p| p.partition == partition);
-        match found {
-            Some(p) if p.error_code == 0 => Ok(p.offset),
-            Some(p) => Err(ClientError::broker(
-                format!("list offsets {topic}-{partition}"),
-                p.error_code,
-                String::new(),
-            )),
-            None => Err(ClientError::InvalidArgument(format!(
-                "{topic}-{partition} missing from the response"
-            ))),
-        }
+        list_offset(&self.cluster, topic, partition, timestamp).await
     }
 
     /// The next offset to be read from a partition.
@@ -263,20 +261,54 @@ impl Consumer {
             .map(|a| a.high_watermark)
     }
 
+    /// Drops the fetches in flight (their answers would be for old positions).
     fn cancel_prefetch(&mut self) {
-        if let Some(prefetch) = self.prefetch.take() {
-            prefetch.abort();
+        for fetch in self.fetches.iter() {
+            fetch.abort();
         }
+        self.fetches = FuturesUnordered::new();
+        self.fetching.clear();
     }
 
-    fn start_fetch(&mut self) {
-        let mut topics: Vec<FetchTopic> = Vec::new();
+    /// Sends a fetch to each leader of assigned partitions no fetch covers yet. Partitions
+    /// whose leader is unknown (or whose leader has no open connection yet) are looked up
+    /// first; those still without one wait for the next call.
+    async fn start_fetches(&mut self) {
+        let unrouted: Vec<String> = self
+            .assigned
+            .iter()
+            .filter(|a| !self.fetching.contains(&(Arc::clone(&a.topic), a.partition)))
+            .filter(|a| self.cluster.route(&a.topic, a.partition).is_none())
+            .map(|a| a.topic.to_string())
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        if !unrouted.is_empty()
+            && let Err(err) = self.cluster.refresh(&unrouted).await
+        {
+            tracing::debug!(error = %err, "metadata refresh failed");
+        }
+        let mut by_leader: std::collections::BTreeMap<u32, Vec<FetchTopic>> =
+            std::collections::BTreeMap::new();
         for a in &self.assigned {
+            let key = (Arc::clone(&a.topic), a.partition);
+            if self.fetching.contains(&key) {
+                continue;
+            }
+            let Some(crate::cluster::Route {
+                leader: Some(leader),
+                leader_epoch,
+            }) = self.cluster.route(&a.topic, a.partition)
+            else {
+                continue;
+            };
             let part = FetchPartition {
                 partition: a.partition,
                 fetch_offset: a.next_offset,
                 partition_max_bytes: self.config.partition_max_bytes,
+                current_leader_epoch: i32::try_from(leader_epoch).unwrap_or(-1),
             };
+            let topics = by_leader.entry(leader).or_default();
             match topics.iter_mut().find(|t| t.name == *a.topic) {
                 Some(t) => t.partitions.push(part),
                 None => topics.push(FetchTopic {
@@ -285,34 +317,113 @@ impl Consumer {
                 }),
             }
         }
-        let request = Request::Fetch(FetchRequest {
-            max_wait_ms: self.config.fetch_max_wait.as_millis() as u32,
-            min_bytes: self.config.fetch_min_bytes,
-            max_bytes: self.config.fetch_max_bytes,
-            topics,
-        });
-        self.prefetch = Some(tokio::spawn(self.conn.call::<FetchResponse>(&request)));
+        for (leader, topics) in by_leader {
+            let conn = match self.cluster.connection(leader).await {
+                Ok(conn) => conn,
+                Err(err) => {
+                    tracing::debug!(leader, error = %err, "cannot connect to a leader");
+                    self.cluster.forget(leader);
+                    continue;
+                }
+            };
+            for topic in &topics {
+                let name: Arc<str> = Arc::from(topic.name.as_str());
+                for p in &topic.partitions {
+                    self.fetching.insert((Arc::clone(&name), p.partition));
+                }
+            }
+            let request = Request::Fetch(FetchRequest {
+                max_wait_ms: self.config.fetch_max_wait.as_millis() as u32,
+                min_bytes: self.config.fetch_min_bytes,
+                max_bytes: self.config.fetch_max_bytes,
+                topics,
+            });
+            // Queued on the connection now; awaited at a later poll.
+            let response = conn.call::<FetchResponse>(&request);
+            self.fetches
+                .push(tokio::spawn(async move { (leader, response.await) }));
+        }
     }
 
-    /// The next records (possibly none, after `fetch_max_wait`). A fetch for the following call
-    /// is sent before this returns.
+    /// The next records (possibly none, after about `fetch_max_wait`). Fetches for the
+    /// following call are sent before this returns.
     pub async fn poll(&mut self) -> Result<Vec<ConsumerRecord>, ClientError> {
         if self.assigned.is_empty() {
             return Err(ClientError::InvalidArgument(
                 "no partitions assigned".into(),
             ));
         }
-        if self.prefetch.is_none() {
-            self.start_fetch();
+        let deadline = Instant::now() + self.config.fetch_max_wait + Duration::from_millis(100);
+        loop {
+            self.start_fetches().await;
+            let next = if self.fetches.is_empty() {
+                None
+            } else {
+                tokio::time::timeout_at(deadline.into(), self.fetches.next())
+                    .await
+                    .ok()
+                    .flatten()
+            };
+            let next = match next {
+                Some(Ok(done)) => Some(done),
+                // Aborted (a seek) or panicked: treat as nothing arrived.
+                Some(Err(_)) => continue,
+                None => None,
+            };
+            let Some((leader, result)) = next else {
+                if Instant::now() >= deadline {
+                    return Ok(Vec::new());
+                }
+                // No leader known for anything: wait a little for an election.
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            };
+            let response = match result {
+                Ok(response) => response,
+                Err(err) => {
+                    // The leader's connection broke: every partition it led is looked up
+                    // again at the next round.
+                    tracing::debug!(leader, error = %err, "fetch failed");
+                    self.cluster.forget(leader);
+                    self.fetching.retain(|(topic, partition)| {
+                        self.cluster.route(topic, *partition).and_then(|r| r.leader) != Some(leader)
+                    });
+                    if !err.is_retriable() {
+                        return Err(err);
+                    }
+                    if Instant::now() >= deadline {
+                        return Ok(Vec::new());
+                    }
+                    continue;
+                }
+            };
+            let (records, error) = self.take(response)?;
+            if !records.is_empty() {
+                self.start_fetches().await;
+                return Ok(records);
+            }
+            if let Some(err) = error {
+                return Err(err);
+            }
+            if Instant::now() >= deadline {
+                self.start_fetches().await;
+                return Ok(records);
+            }
         }
-        let Some(prefetch) = self.prefetch.take() else {
-            return Ok(Vec::new());
-        };
-        let response = prefetch.await.map_err(|_| ClientError::Closed)??;
+    }
+
+    /// The records of a fetch response, moving the positions past them; the first error that
+    /// is not a moved leader (those only send the partition's next fetch to the new one).
+    fn take(
+        &mut self,
+        response: FetchResponse,
+    ) -> Result<(Vec<ConsumerRecord>, Option<ClientError>), ClientError> {
         let mut records = Vec::new();
         let mut first_error = None;
         for topic in response.topics {
             for part in topic.partitions {
+                let name: Arc<str> = Arc::from(topic.name.as_str());
+                self.fetching.remove(&(Arc::clone(&name), part.partition));
                 let Some(assignment) = self
                     .assigned
                     .iter_mut()
@@ -321,11 +432,16 @@ impl Consumer {
                     continue;
                 };
                 if part.error_code != 0 {
-                    first_error.get_or_insert(ClientError::broker(
+                    let err = ClientError::broker(
                         format!("fetch {}-{}", topic.name, part.partition),
                         part.error_code,
                         String::new(),
-                    ));
+                    );
+                    if err.is_stale_metadata() {
+                        self.cluster.invalidate(&topic.name);
+                    } else {
+                        first_error.get_or_insert(err);
+                    }
                     continue;
                 }
                 assignment.high_watermark = part.high_watermark;
@@ -367,13 +483,64 @@ impl Consumer {
                 }
             }
         }
-        if let Some(err) = first_error
-            && records.is_empty()
-        {
-            return Err(err);
+        Ok((records, first_error))
+    }
+}
+
+/// The offset of `topic`'s partition at `timestamp` (latest, earliest, or a time), asked of its
+/// leader; follows a moved leader a few times.
+pub(crate) async fn list_offset(
+    cluster: &Cluster,
+    topic: &str,
+    partition: u32,
+    timestamp: i64,
+) -> Result<u64, ClientError> {
+    let mut attempt = 0;
+    loop {
+        let result = async {
+            let (leader, epoch) = cluster.leader(topic, partition).await?;
+            let conn = cluster.connection(leader).await?;
+            let request = Request::ListOffsets(ListOffsetsRequest {
+                topics: vec![ListOffsetsTopic {
+                    name: topic.to_string(),
+                    partitions: vec![ListOffsetsPartition {
+                        partition,
+                        timestamp,
+                        current_leader_epoch: i32::try_from(epoch).unwrap_or(-1),
+                    }],
+                }],
+            });
+            let response: ListOffsetsResponse = conn.call(&request).await.inspect_err(|e| {
+                if matches!(e, ClientError::Connection { .. }) {
+                    cluster.forget(leader);
+                }
+            })?;
+            let found = response
+                .topics
+                .into_iter()
+                .flat_map(|t| t.partitions)
+                .find(|p| p.partition == partition);
+            match found {
+                Some(p) if p.error_code == 0 => Ok(p.offset),
+                Some(p) => Err(ClientError::broker(
+                    format!("list offsets {topic}-{partition}"),
+                    p.error_code,
+                    String::new(),
+                )),
+                None => Err(ClientError::InvalidArgument(format!(
+                    "{topic}-{partition} missing from the response"
+                ))),
+            }
         }
-        self.start_fetch();
-        Ok(records)
+        .await;
+        match result {
+            Err(err) if err.is_stale_metadata() && attempt < LEADER_RETRIES => {
+                attempt += 1;
+                cluster.invalidate(topic);
+                tokio::time::sleep(Duration::from_millis(50 << attempt.min(4))).await;
+            }
+            done => return done,
+        }
     }
 }
 

@@ -28,6 +28,7 @@
 )]
 
 mod admin;
+mod cluster;
 mod connection;
 mod consumer;
 mod error;
@@ -38,11 +39,12 @@ mod producer;
 pub use admin::{Admin, CommittedOffset, GroupInfo, PartitionInfo, TopicInfo};
 pub use cairn_protocol::batch::Compression;
 pub use cairn_protocol::native::ErrorCode;
+pub use cluster::{Cluster, Connector, Route, tcp_connector};
 pub use connection::{Connection, Dialect, Reply, Transport};
 pub use consumer::{Consumer, ConsumerConfig, ConsumerRecord, Position};
 pub use error::ClientError;
 pub use group::assignor::{Assignment, Assignor, Subscription, TopicPartition};
-pub use group::{Connector, GroupConfig, GroupConsumer, Rebalance, tcp_connector};
+pub use group::{GroupConfig, GroupConsumer, Rebalance};
 pub use partitioner::{Partitioner, murmur2, partition_for_key};
 pub use producer::{
     Acks, DeliveryFuture, Producer, ProducerConfig, ProducerRecord, RecordMetadata,

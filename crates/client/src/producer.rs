@@ -20,6 +20,8 @@ use futures::stream::FuturesUnordered;
 use rand::Rng;
 use tokio::sync::{mpsc, oneshot};
 
+use crate::cluster::Cluster;
+use crate::cluster::Route;
 use crate::connection::Connection;
 use crate::error::ClientError;
 use crate::partitioner::{Partitioner, PartitionerState, partition_for_key};
@@ -202,24 +204,31 @@ impl std::fmt::Debug for Command {
 const COMMANDS_PER_WAKE: usize = 1024;
 
 impl Producer {
-    /// Connects to a broker.
+    /// Connects to a cluster through `bootstrap` (one or more `host:port`, comma-separated):
+    /// each partition's batches go to its leader.
     pub async fn connect(bootstrap: &str, config: ProducerConfig) -> Result<Producer, ClientError> {
-        let conn = Connection::connect(bootstrap, &config.client_id).await?;
-        Producer::with_connection(conn, config)
+        let cluster = Cluster::connect(bootstrap, &config.client_id).await?;
+        Producer::with_cluster(cluster, config)
     }
 
-    /// A producer over an existing connection (for example an embedded broker's).
+    /// A producer over an existing connection (for example an embedded broker's): every batch
+    /// goes through it.
     pub fn with_connection(
         conn: Connection,
         config: ProducerConfig,
     ) -> Result<Producer, ClientError> {
+        Producer::with_cluster(Cluster::with_connection(conn), config)
+    }
+
+    /// A producer routing through `cluster`.
+    pub fn with_cluster(cluster: Cluster, config: ProducerConfig) -> Result<Producer, ClientError> {
         if config.batch_bytes == 0 || config.max_in_flight == 0 || config.buffer_records_max == 0 {
             return Err(ClientError::InvalidArgument(
                 "batch_bytes, max_in_flight and buffer_records_max must be positive".into(),
             ));
         }
         let (commands, rx) = mpsc::channel(config.buffer_records_max);
-        let task = tokio::spawn(Sender::new(conn, config).run(rx));
+        let task = tokio::spawn(Sender::new(cluster, config).run(rx));
         Ok(Producer { commands, task })
     }
 
@@ -270,15 +279,23 @@ struct Ready {
     not_before: Instant,
 }
 
-/// Runs of batches per partition in one request, and the request's result.
+/// The broker a request went to, its runs of batches per partition, and the request's result.
 type Sent = (
+    u32,
     Vec<Vec<Ready>>,
     Result<Option<ProduceResponse>, ClientError>,
 );
 type InFlight = Pin<Box<dyn Future<Output = Sent> + Send>>;
 
+/// Routing work: a topic's metadata refresh, or a connection to a node.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum RoutingKey {
+    Refresh(String),
+    Connect(u32),
+}
+
 struct Sender {
-    conn: Connection,
+    cluster: Cluster,
     config: ProducerConfig,
     partitions: HashMap<String, u32>,
     sticky: HashMap<String, u32>,
@@ -288,6 +305,11 @@ struct Sender {
     ready: VecDeque<Ready>,
     in_flight: FuturesUnordered<InFlight>,
     flushes: Vec<oneshot::Sender<()>>,
+    /// Metadata refreshes and connections being opened, for batches waiting on them; each
+    /// answers with its key.
+    routing: FuturesUnordered<Pin<Box<dyn Future<Output = RoutingKey> + Send>>>,
+    /// What `routing` is doing, so nothing is asked twice.
+    routing_for: std::collections::HashSet<RoutingKey>,
 }
 
 fn now_ms() -> i64 {
@@ -297,9 +319,9 @@ fn now_ms() -> i64 {
 }
 
 impl Sender {
-    fn new(conn: Connection, config: ProducerConfig) -> Sender {
+    fn new(cluster: Cluster, config: ProducerConfig) -> Sender {
         Sender {
-            conn,
+            cluster,
             config,
             partitions: HashMap::new(),
             sticky: HashMap::new(),
@@ -308,6 +330,8 @@ impl Sender {
             ready: VecDeque::new(),
             in_flight: FuturesUnordered::new(),
             flushes: Vec::new(),
+            routing: FuturesUnordered::new(),
+            routing_for: std::collections::HashSet::new(),
         }
     }
 
@@ -346,7 +370,10 @@ impl Sender {
                         }
                     }
                 },
-                Some((sent, result)) = self.in_flight.next(), if !self.in_flight.is_empty() => self.complete(sent, result),
+                Some((node, sent, result)) = self.in_flight.next(), if !self.in_flight.is_empty() => self.complete(node, sent, result),
+                Some(key) = self.routing.next(), if !self.routing.is_empty() => {
+                    self.routing_for.remove(&key);
+                }
                 () = tokio::time::sleep_until(wake.into()) => self.seal_lingering(),
             }
         }
@@ -389,13 +416,7 @@ impl Sender {
         }
         let mut backoff = self.config.retry_backoff;
         for attempt in 0..=self.config.retries {
-            let response: Result<MetadataResponse, _> = self
-                .conn
-                .call(&Request::Metadata(MetadataRequest {
-                    topics: vec![topic.to_string()],
-                    allow_auto_create: true,
-                }))
-                .await;
+            let response = self.cluster.metadata(&[topic.to_string()], true).await;
             let error = match response {
                 Ok(metadata) => match metadata.topics.into_iter().find(|t| t.name == topic) {
                     Some(t) if t.error_code == 0 && !t.partitions.is_empty() => {
@@ -547,34 +568,63 @@ impl Sender {
         }
     }
 
-    /// Sends ready batches while requests may be added. A request carries, per partition, a run
-    /// of consecutive ready batches (up to `request_bytes_max`), so batches that became ready while
-    /// earlier requests waited (for example for an fsync) share the next append and sync.
+    /// Sends ready batches while requests may be added. A request goes to one broker and
+    /// carries, per partition it leads, a run of consecutive ready batches (up to
+    /// `request_bytes_max`), so batches that became ready while earlier requests waited (for
+    /// example for an fsync) share the next append and sync. A batch whose leader is not known,
+    /// or whose leader's connection is not open yet, waits while that is found out.
     fn dispatch(&mut self) {
         let now = Instant::now();
         while self.in_flight.len() < self.config.max_in_flight {
-            let mut runs: Vec<Vec<Ready>> = Vec::new();
+            // Runs by leader.
+            let mut runs: Vec<(u32, Vec<Ready>)> = Vec::new();
             let mut rest: VecDeque<Ready> = VecDeque::new();
+            let mut target: Option<u32> = None;
             while let Some(ready) = self.ready.pop_front() {
                 let same = |r: &Ready| r.topic == ready.topic && r.partition == ready.partition;
                 // A partition's batches go in order: nothing may jump an earlier one left behind.
-                let blocked = rest.iter().any(same);
-                let run = runs.iter_mut().find(|run| run.first().is_some_and(same));
+                let blocked = rest.iter().any(same) || ready.not_before > now;
+                let leader = if blocked {
+                    None
+                } else {
+                    self.leader_of(&ready.topic, ready.partition)
+                };
+                // One request goes to one broker: the first ready batch's leader.
+                let node = match leader {
+                    Some(node) if target.is_none_or(|t| t == node) => node,
+                    _ => {
+                        rest.push_back(ready);
+                        continue;
+                    }
+                };
+                target = Some(node);
+                let run = runs
+                    .iter_mut()
+                    .find(|(_, run)| run.first().is_some_and(same));
                 let fits = |run: &Vec<Ready>| {
                     run.iter().map(|r| r.bytes.len()).sum::<usize>() + ready.bytes.len()
                         <= self.config.request_bytes_max
                 };
                 match run {
-                    _ if blocked || ready.not_before > now => rest.push_back(ready),
-                    Some(run) if fits(run) => run.push(ready),
+                    Some((_, run)) if fits(run) => run.push(ready),
                     Some(_) => rest.push_back(ready),
-                    None => runs.push(vec![ready]),
+                    None => runs.push((node, vec![ready])),
                 }
             }
             self.ready = rest;
-            if runs.is_empty() {
+            let Some(node) = target else {
                 return;
-            }
+            };
+            let Some(conn) = self.cluster.cached(node) else {
+                // Opened in the background (leader_of asked for it); the runs wait.
+                for (_, run) in runs.into_iter().rev() {
+                    for ready in run.into_iter().rev() {
+                        self.ready.push_front(ready);
+                    }
+                }
+                return;
+            };
+            let runs: Vec<Vec<Ready>> = runs.into_iter().map(|(_, run)| run).collect();
             let mut topics: Vec<ProduceTopic> = Vec::new();
             for run in &runs {
                 let Some(first) = run.first() else { continue };
@@ -615,17 +665,17 @@ impl Sender {
             // Submitted now, in dispatch order: the broker applies requests in that order.
             let future: InFlight = match acks {
                 Acks::None => {
-                    let sent = self.conn.send_only(&request);
-                    Box::pin(async move { (runs, sent.await.map(|()| None)) })
+                    let sent = conn.send_only(&request);
+                    Box::pin(async move { (node, runs, sent.await.map(|()| None)) })
                 }
                 _ => {
-                    let response = self.conn.call::<ProduceResponse>(&request);
+                    let response = conn.call::<ProduceResponse>(&request);
                     Box::pin(async move {
                         let result = match tokio::time::timeout(deadline, response).await {
                             Ok(result) => result.map(Some),
                             Err(_) => Err(ClientError::Timeout("produce".into())),
                         };
-                        (runs, result)
+                        (node, runs, result)
                     })
                 }
             };
@@ -633,14 +683,67 @@ impl Sender {
         }
     }
 
+    /// The leader of a partition if it is known and its connection open; otherwise starts
+    /// finding out (a metadata refresh, or opening the connection) and answers `None`.
+    fn leader_of(&mut self, topic: &str, partition: u32) -> Option<u32> {
+        match self.cluster.route(topic, partition) {
+            Some(Route {
+                leader: Some(node), ..
+            }) => {
+                if self.cluster.cached(node).is_some() {
+                    return Some(node);
+                }
+                let key = RoutingKey::Connect(node);
+                if self.routing_for.insert(key.clone()) {
+                    let cluster = self.cluster.clone();
+                    let backoff = self.config.retry_backoff;
+                    self.routing.push(Box::pin(async move {
+                        if let Err(err) = cluster.connection(node).await {
+                            tracing::debug!(node, error = %err, "cannot connect to a leader");
+                            // A broker that just died: its metadata will change; look again.
+                            cluster.forget(node);
+                            tokio::time::sleep(backoff).await;
+                        }
+                        key
+                    }));
+                }
+                None
+            }
+            _ => {
+                let key = RoutingKey::Refresh(topic.to_string());
+                if self.routing_for.insert(key.clone()) {
+                    let (cluster, topic) = (self.cluster.clone(), topic.to_string());
+                    let backoff = self.config.retry_backoff;
+                    self.routing.push(Box::pin(async move {
+                        let refreshed = cluster.refresh(std::slice::from_ref(&topic)).await;
+                        if let Err(err) = &refreshed {
+                            tracing::debug!(error = %err, "metadata refresh failed");
+                        }
+                        // Still no leader (an election under way) or no answer: ask again after
+                        // a backoff, not in a tight loop.
+                        if refreshed.is_err() || cluster.route(&topic, 0).is_none() {
+                            tokio::time::sleep(backoff).await;
+                        }
+                        key
+                    }));
+                }
+                None
+            }
+        }
+    }
+
     fn complete(
         &mut self,
+        node: u32,
         sent: Vec<Vec<Ready>>,
         result: Result<Option<ProduceResponse>, ClientError>,
     ) {
         let response = match result {
             Ok(response) => response,
             Err(err) => {
+                if matches!(err, ClientError::Connection { .. }) {
+                    self.cluster.forget(node);
+                }
                 for run in sent {
                     self.retry_or_fail_run(run, &err);
                 }
@@ -721,6 +824,9 @@ impl Sender {
             tracing::debug!(topic = %ready.topic, partition = ready.partition, attempt = ready.attempts, error = %err, "retrying batch");
             if err.code() == Some(ErrorCode::UNKNOWN_TOPIC_OR_PARTITION) {
                 self.partitions.remove(&ready.topic);
+            }
+            if err.is_stale_metadata() {
+                self.cluster.invalidate(&ready.topic);
             }
             // Ahead of later batches of the same partition, to keep their order.
             self.ready.push_front(ready);

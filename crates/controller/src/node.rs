@@ -642,10 +642,34 @@ impl ControllerNode {
         let mut stopped = self.inner.stopped.subscribe();
         let mut tick = tokio::time::interval(Duration::from_millis(250));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut seen_leader = None;
+        let mut unreachable_since: BTreeMap<u64, Instant> = BTreeMap::new();
         loop {
             tokio::select! {
                 _ = tick.tick() => {}
                 _ = stopped.changed() => return,
+            }
+            let metrics = self.inner.raft.metrics().borrow().clone();
+            if metrics.current_leader != seen_leader {
+                seen_leader = metrics.current_leader;
+                tracing::info!(node = self.node_id(), term = metrics.current_term, leader = ?seen_leader, "active controller changed");
+            }
+            // A voter the leader cannot replicate to, reported once per outage.
+            for (voter, matched) in metrics.replication.iter().flatten() {
+                let behind = matched.map(|m| m.index) < metrics.last_log_index;
+                if behind {
+                    let since = unreachable_since.entry(*voter).or_insert_with(Instant::now);
+                    if since.elapsed() >= Duration::from_secs(2)
+                        && since.elapsed() < Duration::from_millis(2250)
+                    {
+                        tracing::warn!(voter, "controller voter not keeping up (down or cut off?)");
+                    }
+                } else if unreachable_since
+                    .remove(voter)
+                    .is_some_and(|s| s.elapsed() >= Duration::from_secs(2))
+                {
+                    tracing::info!(voter, "controller voter caught up");
+                }
             }
             if !self.is_active() {
                 continue;

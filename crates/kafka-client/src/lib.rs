@@ -120,7 +120,7 @@ impl Dialect for KafkaDialect {
                                     } else {
                                         i32::try_from(t.partitions).unwrap_or(i32::MAX)
                                     })
-                                    .with_replication_factor(-1)
+                                    .with_replication_factor(t.replication_factor)
                                     .with_configs(
                                         t.configs
                                             .iter()
@@ -196,6 +196,9 @@ impl Dialect for KafkaDialect {
                                                     .with_partition_max_bytes(clamp(
                                                         p.partition_max_bytes,
                                                     ))
+                                                    .with_current_leader_epoch(
+                                                        p.current_leader_epoch,
+                                                    )
                                             })
                                             .collect(),
                                     )
@@ -220,6 +223,9 @@ impl Dialect for KafkaDialect {
                                                 kp::list_offsets_request::ListOffsetsPartition::default()
                                                     .with_partition_index(p.partition as i32)
                                                     .with_timestamp(p.timestamp)
+                                                    .with_current_leader_epoch(
+                                                        p.current_leader_epoch,
+                                                    )
                                             })
                                             .collect(),
                                     )
@@ -271,9 +277,10 @@ impl Dialect for KafkaDialect {
                             node_id: b.node_id.0 as u32,
                             host: b.host.to_string(),
                             port: u16::try_from(b.port).unwrap_or(0),
+                            rack: b.rack.map(|r| r.to_string()).unwrap_or_default(),
                         })
                         .collect(),
-                    controller_id: r.controller_id.0 as u32,
+                    controller_id: u32::try_from(r.controller_id.0).unwrap_or(u32::MAX),
                     topics: r
                         .topics
                         .into_iter()
@@ -286,9 +293,15 @@ impl Dialect for KafkaDialect {
                                 .map(|p| native::PartitionMetadata {
                                     partition: p.partition_index as u32,
                                     error_code: p.error_code,
-                                    leader: p.leader_id.0 as u32,
+                                    leader: u32::try_from(p.leader_id.0).unwrap_or(u32::MAX),
                                     leader_epoch: p.leader_epoch.max(0) as u32,
                                     replicas: p.replica_nodes.iter().map(|r| r.0 as u32).collect(),
+                                    isr: p.isr_nodes.iter().map(|r| r.0 as u32).collect(),
+                                    offline_replicas: p
+                                        .offline_replicas
+                                        .iter()
+                                        .map(|r| r.0 as u32)
+                                        .collect(),
                                 })
                                 .collect(),
                         })

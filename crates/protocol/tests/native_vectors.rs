@@ -144,6 +144,7 @@ fn metadata() {
             node_id: 1,
             host: "127.0.0.1".into(),
             port: 9192,
+            rack: "eu-1a".into(),
         }],
         controller_id: 1,
         topics: vec![TopicMetadata {
@@ -153,8 +154,10 @@ fn metadata() {
                 partition: 0,
                 error_code: 0,
                 leader: 1,
-                leader_epoch: 0,
-                replicas: vec![1],
+                leader_epoch: 4,
+                replicas: vec![1, 2],
+                isr: vec![1],
+                offline_replicas: vec![2],
             }],
         }],
     };
@@ -164,6 +167,7 @@ fn metadata() {
         .u32(1)
         .string("127.0.0.1")
         .u16(9192)
+        .string("eu-1a")
         .u32(1)
         .count(1)
         .i16(0)
@@ -172,9 +176,14 @@ fn metadata() {
         .u32(0)
         .i16(0)
         .u32(1)
-        .u32(0)
+        .u32(4)
+        .count(2)
+        .u32(1)
+        .u32(2)
         .count(1)
-        .u32(1);
+        .u32(1)
+        .count(1)
+        .u32(2);
     check("metadata_response", payload.clone(), spec);
     round_trip_response(&payload, &resp);
 }
@@ -185,6 +194,7 @@ fn create_and_delete_topics() {
         topics: vec![CreatableTopic {
             name: "orders".into(),
             partitions: 3,
+            replication_factor: -1,
             configs: vec![ConfigEntry {
                 key: "retention.ms".into(),
                 value: "60000".into(),
@@ -197,6 +207,7 @@ fn create_and_delete_topics() {
         .count(1)
         .string("orders")
         .u32(3)
+        .i16(-1)
         .count(1)
         .string("retention.ms")
         .string("60000")
@@ -273,6 +284,8 @@ fn describe_topics() {
                 error_code: 0,
                 leader: 1,
                 leader_epoch: 0,
+                replicas: vec![1, 3],
+                isr: vec![1, 3],
                 log_start_offset: 0,
                 log_end_offset: 42,
                 high_watermark: 42,
@@ -296,6 +309,12 @@ fn describe_topics() {
         .i16(0)
         .u32(1)
         .u32(0)
+        .count(2)
+        .u32(1)
+        .u32(3)
+        .count(2)
+        .u32(1)
+        .u32(3)
         .u64(0)
         .u64(42)
         .u64(42)
@@ -370,6 +389,7 @@ fn fetch() {
                 partition: 0,
                 fetch_offset: 7,
                 partition_max_bytes: 65536,
+                current_leader_epoch: 3,
             }],
         }],
     });
@@ -383,7 +403,8 @@ fn fetch() {
         .count(1)
         .u32(0)
         .u64(7)
-        .u32(65536);
+        .u32(65536)
+        .i32(3);
     check("fetch_request", payload.clone(), spec);
     round_trip_request(&payload, &req);
     let resp = FetchResponse {
@@ -420,6 +441,7 @@ fn list_offsets() {
             partitions: vec![ListOffsetsPartition {
                 partition: 1,
                 timestamp: EARLIEST_TIMESTAMP,
+                current_leader_epoch: -1,
             }],
         }],
     });
@@ -432,7 +454,8 @@ fn list_offsets() {
             .string("orders")
             .count(1)
             .u32(1)
-            .i64(-2),
+            .i64(-2)
+            .i32(-1),
     );
     round_trip_request(&payload, &req);
     let resp = ListOffsetsResponse {
@@ -832,6 +855,55 @@ fn hostile_inputs_are_rejected_without_allocating() {
         Request::decode_body(ApiKey::CreateTopics, Bytes::from(body)),
         Err(DecodeError::InvalidValue { .. })
     ));
+}
+
+#[test]
+fn describe_cluster() {
+    let req = Request::DescribeCluster(DescribeClusterRequest {});
+    let payload = encode_request(21, "golden", &req);
+    check("describe_cluster_request", payload.clone(), B::req(18, 21));
+    round_trip_request(&payload, &req);
+    let resp = DescribeClusterResponse {
+        controller_id: 2,
+        term: 7,
+        metadata_offset: 130,
+        brokers: vec![DescribedBroker {
+            node_id: 1,
+            host: "10.0.0.1".into(),
+            port: 9192,
+            kafka: "10.0.0.1:9092".into(),
+            rack: String::new(),
+            fenced: true,
+            broker_epoch: 41,
+        }],
+        voters: vec![
+            QuorumVoter { node_id: 2, lag: 0 },
+            QuorumVoter {
+                node_id: 3,
+                lag: -1,
+            },
+        ],
+    };
+    let payload = encode_response(21, &resp);
+    let spec = B::resp(21)
+        .u32(2)
+        .u64(7)
+        .u64(130)
+        .count(1)
+        .u32(1)
+        .string("10.0.0.1")
+        .u16(9192)
+        .string("10.0.0.1:9092")
+        .string("")
+        .u8(1)
+        .u64(41)
+        .count(2)
+        .u32(2)
+        .i64(0)
+        .u32(3)
+        .i64(-1);
+    check("describe_cluster_response", payload.clone(), spec);
+    round_trip_response(&payload, &resp);
 }
 
 #[test]

@@ -21,27 +21,14 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use cairn_protocol::native::*;
-use futures::future::BoxFuture;
 use tokio::sync::{Notify, watch};
 use tokio::task::JoinHandle;
 
+use crate::cluster::{Cluster, Connector};
 use crate::connection::Connection;
 use crate::consumer::{Consumer, ConsumerConfig, ConsumerRecord, Position};
 use crate::error::ClientError;
 use assignor::{Assignment, Assignor, Subscription, TopicPartition};
-
-/// Opens a new connection to the broker (group consumers reconnect after a broker restart).
-pub type Connector =
-    Arc<dyn Fn() -> BoxFuture<'static, Result<Connection, ClientError>> + Send + Sync>;
-
-/// A connector to `addr` over TCP.
-pub fn tcp_connector(addr: &str, client_id: &str) -> Connector {
-    let (addr, client_id) = (addr.to_string(), client_id.to_string());
-    Arc::new(move || {
-        let (addr, client_id) = (addr.clone(), client_id.clone());
-        Box::pin(async move { Connection::connect(&addr, &client_id).await })
-    })
-}
 
 /// Group consumer settings.
 #[derive(Debug, Clone)]
@@ -133,7 +120,7 @@ struct Shared {
 /// A member of a consumer group.
 pub struct GroupConsumer {
     config: GroupConfig,
-    connect: Connector,
+    cluster: Cluster,
     fetcher: Consumer,
     coordinator: Connection,
     shared: Arc<Shared>,
@@ -170,20 +157,30 @@ fn membership_gone(code: ErrorCode) -> bool {
 }
 
 impl GroupConsumer {
-    /// Joins `config.group_id` through the broker at `bootstrap` (the group is joined at the
-    /// first `poll`).
+    /// Joins `config.group_id` through the cluster at `bootstrap` (one or more `host:port`,
+    /// comma-separated; the group is joined at the first `poll`).
     pub async fn connect(
         bootstrap: &str,
         config: GroupConfig,
     ) -> Result<GroupConsumer, ClientError> {
-        let connect = tcp_connector(bootstrap, &config.consumer.client_id);
-        GroupConsumer::with_connector(connect, config).await
+        let cluster = Cluster::connect(bootstrap, &config.consumer.client_id).await?;
+        GroupConsumer::with_cluster(cluster, config).await
     }
 
     /// A group consumer whose connections come from `connect` (an embedded broker provides
     /// in-process ones).
     pub async fn with_connector(
         connect: Connector,
+        config: GroupConfig,
+    ) -> Result<GroupConsumer, ClientError> {
+        let cluster = Cluster::with_connector(connect, &config.consumer.client_id);
+        GroupConsumer::with_cluster(cluster, config).await
+    }
+
+    /// A group consumer of `cluster`: its group calls go to the group's coordinator (found
+    /// again when it moves), its fetches to each partition's leader.
+    pub async fn with_cluster(
+        cluster: Cluster,
         config: GroupConfig,
     ) -> Result<GroupConsumer, ClientError> {
         if config.topics.is_empty() {
@@ -199,20 +196,8 @@ impl GroupConsumer {
                     .into(),
             ));
         }
-        let coordinator = connect().await?;
-        let found: FindCoordinatorResponse = coordinator
-            .call(&Request::FindCoordinator(FindCoordinatorRequest {
-                group_id: config.group_id.clone(),
-            }))
-            .await?;
-        if found.error_code != 0 {
-            return Err(ClientError::broker(
-                format!("find the coordinator of group {}", config.group_id),
-                found.error_code,
-                String::new(),
-            ));
-        }
-        let fetcher = Consumer::with_connection(connect().await?, config.consumer.clone());
+        let coordinator = find_coordinator(&cluster, &config.group_id).await?;
+        let fetcher = Consumer::with_cluster(cluster.clone(), config.consumer.clone());
         let shared = Arc::new(Shared {
             membership: watch::Sender::new(None),
             rejoin: AtomicBool::new(false),
@@ -220,14 +205,14 @@ impl GroupConsumer {
             wake: Notify::new(),
         });
         let heartbeat = tokio::spawn(heartbeats(
-            Arc::clone(&connect),
+            cluster.clone(),
             config.group_id.clone(),
             config.heartbeat_interval,
             Arc::clone(&shared),
         ));
         Ok(GroupConsumer {
             config,
-            connect,
+            cluster,
             fetcher,
             coordinator,
             shared,
@@ -332,9 +317,9 @@ impl GroupConsumer {
             match fetched {
                 Ok(records) => return Ok(records),
                 Err(ClientError::Connection { addr, message }) => {
+                    // The fetcher opens a new connection at its next poll.
                     tracing::warn!(%addr, %message, "fetch connection lost; reconnecting");
                     tokio::time::sleep(RETRY_BACKOFF).await;
-                    self.reconnect_fetcher().await;
                 }
                 Err(err) if err.code() == Some(ErrorCode::OFFSET_OUT_OF_RANGE) => {
                     let owned: Vec<TopicPartition> = self.owned.iter().cloned().collect();
@@ -428,7 +413,7 @@ impl GroupConsumer {
         {
             Ok(response) => response,
             Err(err) => {
-                if matches!(err, ClientError::Connection { .. }) {
+                if coordinator_moved(&err) {
                     self.reconnect_coordinator().await;
                 }
                 return Err(err);
@@ -792,45 +777,60 @@ impl GroupConsumer {
         }
         tracing::debug!(group = %self.config.group_id, error = %err, "group call failed; retrying");
         tokio::time::sleep(RETRY_BACKOFF).await;
-        if matches!(err, ClientError::Connection { .. }) {
+        if coordinator_moved(err) {
             self.reconnect_coordinator().await;
         }
         Ok(())
     }
 
+    /// Finds the group's coordinator again (it moves with its offsets partition's leader) and
+    /// connects to it.
     async fn reconnect_coordinator(&mut self) {
-        match (self.connect)().await {
+        match find_coordinator(&self.cluster, &self.config.group_id).await {
             Ok(conn) => self.coordinator = conn,
             Err(err) => tracing::debug!(error = %err, "coordinator reconnect failed"),
         }
     }
+}
 
-    /// A fresh fetch connection, keeping the positions.
-    async fn reconnect_fetcher(&mut self) {
-        let conn = match (self.connect)().await {
-            Ok(conn) => conn,
-            Err(err) => {
-                tracing::debug!(error = %err, "fetch reconnect failed");
-                return;
+/// Whether an error says to look for the coordinator again: its connection broke, or the broker
+/// no longer coordinates the group.
+fn coordinator_moved(err: &ClientError) -> bool {
+    matches!(err, ClientError::Connection { .. })
+        || err.code() == Some(ErrorCode::NOT_COORDINATOR)
+        || err.code() == Some(ErrorCode::COORDINATOR_NOT_AVAILABLE)
+}
+
+/// A connection of its own to `group`'s coordinator, found through any broker.
+async fn find_coordinator(cluster: &Cluster, group: &str) -> Result<Connection, ClientError> {
+    let found: FindCoordinatorResponse = cluster
+        .any()
+        .await?
+        .call(&Request::FindCoordinator(FindCoordinatorRequest {
+            group_id: group.to_string(),
+        }))
+        .await
+        .inspect_err(|e| {
+            if matches!(e, ClientError::Connection { .. }) {
+                cluster.forget(u32::MAX);
             }
+        })?;
+    if found.error_code != 0 {
+        return Err(ClientError::broker(
+            format!("find the coordinator of group {group}"),
+            found.error_code,
+            String::new(),
+        ));
+    }
+    if cluster.is_routed() {
+        let addr = if found.host.contains(':') {
+            format!("[{}]:{}", found.host, found.port)
+        } else {
+            format!("{}:{}", found.host, found.port)
         };
-        let positions: Vec<(String, u32, Option<u64>)> = self
-            .fetcher
-            .assignment()
-            .into_iter()
-            .map(|(t, p)| {
-                let position = self.fetcher.position(&t, p);
-                (t, p, position)
-            })
-            .collect();
-        let mut fetcher = Consumer::with_connection(conn, self.config.consumer.clone());
-        for (topic, p, position) in positions {
-            let from = position.map_or(self.config.reset, Position::Offset);
-            if let Err(err) = fetcher.assign(&topic, Some(vec![p]), from).await {
-                tracing::debug!(error = %err, "reassigning after reconnect failed");
-            }
-        }
-        self.fetcher = fetcher;
+        cluster.dial(&addr).await
+    } else {
+        cluster.dedicated(found.node_id).await
     }
 }
 
@@ -896,7 +896,7 @@ fn millis(d: Duration) -> u32 {
 
 /// The heartbeat task: long-poll heartbeats for the current membership; tells `poll` to rejoin
 /// when the group rebalances or the membership is gone; reconnects when the connection breaks.
-async fn heartbeats(connect: Connector, group_id: String, interval: Duration, shared: Arc<Shared>) {
+async fn heartbeats(cluster: Cluster, group_id: String, interval: Duration, shared: Arc<Shared>) {
     let mut conn: Option<Connection> = None;
     let mut membership = shared.membership.subscribe();
     loop {
@@ -909,7 +909,7 @@ async fn heartbeats(connect: Connector, group_id: String, interval: Duration, sh
         };
         let connection = match &conn {
             Some(c) => c.clone(),
-            None => match connect().await {
+            None => match find_coordinator(&cluster, &group_id).await {
                 Ok(c) => {
                     conn = Some(c.clone());
                     c
@@ -931,6 +931,17 @@ async fn heartbeats(connect: Connector, group_id: String, interval: Duration, sh
         let still_current = *shared.membership.borrow() == Some((member_id.clone(), generation));
         match answer {
             Ok(r) if r.error_code == 0 => {}
+            Ok(r)
+                if coordinator_moved(&ClientError::broker(
+                    "heartbeat",
+                    r.error_code,
+                    String::new(),
+                )) =>
+            {
+                // The coordinator moved: find it and heartbeat there.
+                conn = None;
+                tokio::time::sleep(RETRY_BACKOFF).await;
+            }
             Ok(r) if still_current => {
                 let code = ErrorCode(r.error_code);
                 if membership_gone(code) {

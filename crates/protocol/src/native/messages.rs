@@ -47,11 +47,13 @@ pub enum ApiKey {
     DescribeGroups = 16,
     /// Delete groups' committed offsets.
     DeleteGroups = 17,
+    /// Brokers (fenced or not), the active controller and the controller quorum.
+    DescribeCluster = 18,
 }
 
 impl ApiKey {
     /// All APIs.
-    pub const ALL: [ApiKey; 18] = [
+    pub const ALL: [ApiKey; 19] = [
         ApiKey::ApiVersions,
         ApiKey::Metadata,
         ApiKey::CreateTopics,
@@ -70,6 +72,7 @@ impl ApiKey {
         ApiKey::ListGroups,
         ApiKey::DescribeGroups,
         ApiKey::DeleteGroups,
+        ApiKey::DescribeCluster,
     ];
 
     /// The API with this key.
@@ -98,6 +101,7 @@ impl ApiKey {
             ApiKey::ListGroups => "list_groups",
             ApiKey::DescribeGroups => "describe_groups",
             ApiKey::DeleteGroups => "delete_groups",
+            ApiKey::DescribeCluster => "describe_cluster",
         }
     }
 
@@ -181,6 +185,8 @@ wire_struct! {
         pub host: String,
         /// Its advertised native-protocol port.
         pub port: u16,
+        /// Its rack; empty if none.
+        pub rack: String,
     }
 }
 
@@ -191,12 +197,17 @@ wire_struct! {
         pub partition: u32,
         /// Per-partition error.
         pub error_code: i16,
-        /// Node id of the leader.
+        /// Node id of the leader; `u32::MAX` while there is none (then `error_code` is
+        /// LEADER_NOT_AVAILABLE).
         pub leader: u32,
         /// Current leader epoch.
         pub leader_epoch: u32,
-        /// Node ids of the replicas.
+        /// Node ids of the replicas, the preferred leader first.
         pub replicas: Vec<u32>,
+        /// Node ids of the in-sync replicas.
+        pub isr: Vec<u32>,
+        /// Node ids of the replicas whose broker is offline (fenced or not registered).
+        pub offline_replicas: Vec<u32>,
     }
 }
 
@@ -217,7 +228,7 @@ wire_struct! {
     pub struct MetadataResponse {
         /// Live brokers.
         pub brokers: Vec<BrokerMetadata>,
-        /// The controller's node id.
+        /// The active controller's node id (`u32::MAX` if unknown).
         pub controller_id: u32,
         /// Requested (or all) topics.
         pub topics: Vec<TopicMetadata>,
@@ -241,6 +252,8 @@ wire_struct! {
         pub name: String,
         /// Partition count; 0 means the broker default.
         pub partitions: u32,
+        /// Replicas per partition; -1 means the broker default (`min(3, live brokers)`).
+        pub replication_factor: i16,
         /// Config overrides.
         pub configs: Vec<ConfigEntry>,
     }
@@ -319,11 +332,16 @@ wire_struct! {
         pub partition: u32,
         /// Per-partition error.
         pub error_code: i16,
-        /// Leader node id.
+        /// Leader node id (`u32::MAX`: none).
         pub leader: u32,
         /// Leader epoch.
         pub leader_epoch: u32,
-        /// First offset.
+        /// Replicas, the preferred leader first.
+        pub replicas: Vec<u32>,
+        /// In-sync replicas.
+        pub isr: Vec<u32>,
+        /// First offset (the offsets and sizes are this broker's; zero with
+        /// NOT_LEADER_OR_FOLLOWER where another broker hosts the partition).
         pub log_start_offset: u64,
         /// Next offset to be written.
         pub log_end_offset: u64,
@@ -437,6 +455,9 @@ wire_struct! {
         pub fetch_offset: u64,
         /// Most bytes for this partition (at least one batch is returned regardless).
         pub partition_max_bytes: u32,
+        /// The leader epoch the client believes current (from Metadata), or -1: an older one is
+        /// refused with FENCED_LEADER_EPOCH, a newer one with UNKNOWN_LEADER_EPOCH.
+        pub current_leader_epoch: i32,
     }
 }
 
@@ -510,6 +531,8 @@ wire_struct! {
         pub partition: u32,
         /// `LATEST_TIMESTAMP`, `EARLIEST_TIMESTAMP`, or Unix ms.
         pub timestamp: i64,
+        /// The leader epoch the client believes current, or -1 (as in a fetch).
+        pub current_leader_epoch: i32,
     }
 }
 
@@ -563,6 +586,57 @@ wire_struct! {
     }
 }
 
+wire_struct! {
+    /// DescribeCluster request: no fields.
+    pub struct DescribeClusterRequest {}
+}
+
+wire_struct! {
+    /// A registered broker.
+    pub struct DescribedBroker {
+        /// Node id.
+        pub node_id: u32,
+        /// Native listener host.
+        pub host: String,
+        /// Native listener port.
+        pub port: u16,
+        /// Kafka listener `host:port`; empty if none.
+        pub kafka: String,
+        /// Rack; empty if none.
+        pub rack: String,
+        /// Whether it is fenced (may not lead).
+        pub fenced: bool,
+        /// Its registration's epoch.
+        pub broker_epoch: u64,
+    }
+}
+
+wire_struct! {
+    /// A voter of the controller quorum.
+    pub struct QuorumVoter {
+        /// Node id.
+        pub node_id: u32,
+        /// Entries it lags behind the active controller's log; -1 if unknown.
+        pub lag: i64,
+    }
+}
+
+wire_struct! {
+    /// DescribeCluster response.
+    pub struct DescribeClusterResponse {
+        /// The active controller's node id (`u32::MAX` if unknown).
+        pub controller_id: u32,
+        /// The Raft term.
+        pub term: u64,
+        /// The metadata offset the answering broker has applied.
+        pub metadata_offset: u64,
+        /// Registered brokers.
+        pub brokers: Vec<DescribedBroker>,
+        /// The controller quorum.
+        pub voters: Vec<QuorumVoter>,
+    }
+}
+
 /// A decoded request body.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[allow(missing_docs)]
@@ -585,6 +659,7 @@ pub enum Request {
     ListGroups(ListGroupsRequest),
     DescribeGroups(DescribeGroupsRequest),
     DeleteGroups(DeleteGroupsRequest),
+    DescribeCluster(DescribeClusterRequest),
 }
 
 impl Request {
@@ -609,6 +684,7 @@ impl Request {
             Request::ListGroups(_) => ApiKey::ListGroups,
             Request::DescribeGroups(_) => ApiKey::DescribeGroups,
             Request::DeleteGroups(_) => ApiKey::DeleteGroups,
+            Request::DescribeCluster(_) => ApiKey::DescribeCluster,
         }
     }
 
@@ -633,6 +709,7 @@ impl Request {
             Request::ListGroups(r) => r.encode(out),
             Request::DescribeGroups(r) => r.encode(out),
             Request::DeleteGroups(r) => r.encode(out),
+            Request::DescribeCluster(r) => r.encode(out),
         }
     }
 
@@ -658,6 +735,7 @@ impl Request {
             ApiKey::ListGroups => Request::ListGroups(d(body)?),
             ApiKey::DescribeGroups => Request::DescribeGroups(d(body)?),
             ApiKey::DeleteGroups => Request::DeleteGroups(d(body)?),
+            ApiKey::DescribeCluster => Request::DescribeCluster(d(body)?),
         })
     }
 }
