@@ -44,7 +44,10 @@ fn cli_round_trip() {
         ],
         "",
     );
-    assert_eq!(out, "created topic orders with 3 partitions\n");
+    assert_eq!(
+        out,
+        "created topic orders: 3 partitions, replication factor 1\n"
+    );
 
     let input = "alice:order-1\nbob:order-2\nalice:order-3\ncarol:order-4\n";
     let out = cairn_ok(

@@ -237,6 +237,27 @@ impl Handler {
         }
     }
 
+    /// Grows `topic` to `count` partitions through the active controller (placed as new
+    /// topics' are), and waits until this broker has applied it.
+    pub(crate) async fn create_partitions(
+        &self,
+        topic: &str,
+        count: u32,
+        validate_only: bool,
+    ) -> Result<(), BrokerError> {
+        if topic == crate::offsets::OFFSETS_TOPIC {
+            return Err(BrokerError::InvalidRequest(format!(
+                "{topic} is internal: its partition count is fixed"
+            )));
+        }
+        let command = cairn_controller::Command::CreatePartitions {
+            topic: topic.to_string(),
+            count,
+            validate_only,
+        };
+        self.command(command, topic).await.map(|_| ())
+    }
+
     /// Creates topics; per topic, in request order, the outcome.
     pub(crate) async fn create_topics(
         &self,

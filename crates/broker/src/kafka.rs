@@ -343,6 +343,18 @@ impl Handler {
                 let response = self.kafka_init_producer_id(r).await;
                 ready(finish(respond("InitProducerIdResponse", &response)))
             }
+            Request::OffsetForLeaderEpoch(r) => {
+                let response = self.kafka_offset_for_leader_epoch(r);
+                ready(finish(respond("OffsetForLeaderEpochResponse", &response)))
+            }
+            Request::CreatePartitions(r) => {
+                let response = self.kafka_create_partitions(r).await;
+                ready(finish(respond("CreatePartitionsResponse", &response)))
+            }
+            Request::DescribeCluster(r) => {
+                let response = self.kafka_describe_cluster(&r);
+                ready(finish(respond("DescribeClusterResponse", &response)))
+            }
         }
     }
 
@@ -852,6 +864,121 @@ impl Handler {
             })
             .collect();
         response.with_topics(topics)
+    }
+
+    /// Where each asked-for leader epoch ends in each partition's log, as its leader knows it
+    /// (KIP-320: a consumer or follower finds out whether the log it read was truncated).
+    fn kafka_offset_for_leader_epoch(
+        &self,
+        r: kreq::OffsetForLeaderEpochRequest,
+    ) -> kp::OffsetForLeaderEpochResponse {
+        use kp::offset_for_leader_epoch_response::{EpochEndOffset, OffsetForLeaderTopicResult};
+        let topics = r
+            .topics
+            .into_iter()
+            .map(|(name, partitions)| {
+                let topic = self.manager.topic(&name);
+                let partitions = partitions
+                    .into_iter()
+                    .map(|(p, current, asked)| {
+                        let found = self
+                            .lookup(topic.as_deref(), &name, partition_index(p))
+                            .and_then(|partition| {
+                                partition.check_leader(epoch(current))?;
+                                Ok(u32::try_from(asked)
+                                    .ok()
+                                    .and_then(|e| partition.end_offset_for_epoch(e)))
+                            });
+                        let result = EpochEndOffset::default().with_partition(p);
+                        match found {
+                            Ok(Some((epoch, end))) => result
+                                .with_leader_epoch(epoch as i32)
+                                .with_end_offset(end.0 as i64),
+                            // Unknown to this log (newer than any it holds): undefined.
+                            Ok(None) => result.with_leader_epoch(-1).with_end_offset(-1),
+                            Err(err) => {
+                                self.metrics
+                                    .count_error(Api::OFFSET_FOR_LEADER_EPOCH.label, err.code());
+                                result
+                                    .with_error_code(err.code().0)
+                                    .with_leader_epoch(-1)
+                                    .with_end_offset(-1)
+                            }
+                        }
+                    })
+                    .collect();
+                OffsetForLeaderTopicResult::default()
+                    .with_topic(topic_name(name))
+                    .with_partitions(partitions)
+            })
+            .collect();
+        kp::OffsetForLeaderEpochResponse::default().with_topics(topics)
+    }
+
+    async fn kafka_create_partitions(
+        &self,
+        r: kreq::CreatePartitionsRequest,
+    ) -> kp::CreatePartitionsResponse {
+        let mut results = Vec::with_capacity(r.topics.len());
+        for (name, count, assigned) in r.topics {
+            let result = if assigned {
+                Err(BrokerError::InvalidRequest(
+                    "manual replica assignment is not supported".into(),
+                ))
+            } else {
+                match u32::try_from(count) {
+                    Ok(count) => self.create_partitions(&name, count, r.validate_only).await,
+                    Err(_) => Err(BrokerError::InvalidPartitions(format!(
+                        "{count} partitions"
+                    ))),
+                }
+            };
+            if let Err(err) = &result {
+                self.metrics
+                    .count_error(Api::CREATE_PARTITIONS.label, err.code());
+            }
+            results.push(
+                kp::create_partitions_response::CreatePartitionsTopicResult::default()
+                    .with_name(topic_name(name))
+                    .with_error_code(code_of(&result))
+                    .with_error_message(result.err().map(|e| s(e.to_string()))),
+            );
+        }
+        kp::CreatePartitionsResponse::default().with_results(results)
+    }
+
+    fn kafka_describe_cluster(
+        &self,
+        r: &kreq::DescribeClusterRequest,
+    ) -> kp::DescribeClusterResponse {
+        let image = self.manager.image();
+        let response = kp::DescribeClusterResponse::default()
+            .with_cluster_id(s("cairn"))
+            .with_controller_id(kp::BrokerId(
+                self.cluster.client.leader().map_or(-1, |id| id as i32),
+            ))
+            .with_cluster_authorized_operations(i32::MIN)
+            .with_endpoint_type(r.endpoint_type);
+        if r.endpoint_type != 1 {
+            return response
+                .with_error_code(ErrorCode::INVALID_REQUEST.0)
+                .with_error_message(Some(s("only broker endpoints (type 1) are served")));
+        }
+        response.with_brokers(
+            image
+                .live_brokers()
+                .filter_map(|b| {
+                    let kafka = b.info.kafka.as_ref()?;
+                    Some(
+                        kp::describe_cluster_response::DescribeClusterBroker::default()
+                            .with_broker_id(kp::BrokerId(b.info.node_id as i32))
+                            .with_host(s(kafka.host.clone()))
+                            .with_port(i32::from(kafka.port))
+                            .with_rack(b.info.rack.clone().map(s)),
+                    )
+                })
+                .collect(),
+        )
     }
 
     async fn kafka_init_producer_id(

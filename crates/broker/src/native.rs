@@ -157,6 +157,24 @@ impl Handler {
                 let listed = self.list_offsets(list_offsets_op(r));
                 ready(finish(respond(&list_offsets_response(listed))))
             }
+            Request::CreatePartitions(r) => {
+                let this = Arc::clone(self);
+                Box::pin(async move {
+                    let mut results = Vec::with_capacity(r.topics.len());
+                    for topic in r.topics {
+                        let result = this
+                            .create_partitions(&topic.name, topic.count, r.validate_only)
+                            .await;
+                        if let Err(err) = &result {
+                            this.count_error("create_partitions", err.code());
+                        }
+                        results.push((topic.name, result));
+                    }
+                    finish(respond(&CreatePartitionsResponse {
+                        topics: topic_results(results),
+                    }))
+                })
+            }
             Request::DescribeCluster(_) => {
                 let this = Arc::clone(self);
                 Box::pin(async move {

@@ -210,6 +210,13 @@ impl Partition {
         self.log.recovery_report()
     }
 
+    /// The newest epoch at or below `epoch` this log holds, and the offset where it ends (the
+    /// next epoch's start, or the log end): Kafka's OffsetsForLeaderEpoch. `None` if the log
+    /// holds no epoch at or below it.
+    pub fn end_offset_for_epoch(&self, epoch: u32) -> Option<(u32, Offset)> {
+        self.log.end_offset_for_epoch(epoch)
+    }
+
     /// Refuses a request that must go to the leader, or whose leader epoch (if it sent one:
     /// Kafka clients from Fetch v9 and ListOffsets v4) is not the current one.
     pub fn check_leader(&self, current_leader_epoch: Option<u32>) -> Result<(), BrokerError> {

@@ -4,6 +4,7 @@
 
 mod bench;
 mod broker;
+mod cluster;
 mod consume;
 mod group;
 mod produce;
@@ -17,7 +18,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 #[derive(Debug, Parser)]
 #[command(name = "cairn", version, about, propagate_version = true)]
 struct Cli {
-    /// Broker address of the native protocol.
+    /// Broker addresses of the native protocol, comma-separated (any one that answers will do).
     #[arg(
         long,
         global = true,
@@ -57,6 +58,12 @@ enum Command {
     Group(group::GroupCommand),
     /// Measure produce, consume or end-to-end performance beside this machine's baseline.
     Bench(bench::BenchArgs),
+    /// The cluster: brokers, controller quorum, partition health.
+    #[command(subcommand)]
+    Cluster(cluster::ClusterCommand),
+    /// Development tools: a local cluster in one command.
+    #[command(subcommand)]
+    Dev(cluster::DevCommand),
 }
 
 /// Runs the `cairn` command with the process arguments; returns its exit code.
@@ -64,7 +71,7 @@ pub fn main() -> ExitCode {
     let cli = Cli::parse();
     // openraft narrates every election and replication step, and repeats an error every half
     // second while a voter is down: Cairn logs leader changes and unreachable voters itself.
-    let default_level = if matches!(cli.command, Command::Broker(_)) {
+    let default_level = if matches!(cli.command, Command::Broker(_) | Command::Dev(_)) {
         "info,openraft=off"
     } else {
         "warn"
@@ -95,6 +102,10 @@ pub fn main() -> ExitCode {
             Command::Consume(args) => consume::run(&cli.bootstrap, cli.output, args).await,
             Command::Group(command) => group::run(&cli.bootstrap, cli.output, command).await,
             Command::Bench(args) => bench::run(&cli.bootstrap, cli.output, args).await,
+            Command::Cluster(cluster::ClusterCommand::Status) => {
+                cluster::status(&cli.bootstrap, cli.output).await
+            }
+            Command::Dev(cluster::DevCommand::Cluster(args)) => cluster::dev_cluster(args).await,
         }
     });
     match result {

@@ -18,6 +18,9 @@ pub enum TopicCommand {
         /// Partition count [default: the broker's].
         #[arg(long, short)]
         partitions: Option<u32>,
+        /// Replicas of each partition [default: min(3, live brokers)].
+        #[arg(long, short = 'r')]
+        replication_factor: Option<u16>,
         /// Topic config override, KEY=VALUE (Kafka keys: retention.ms, segment.bytes, ...).
         #[arg(long = "config", short = 'c', value_name = "KEY=VALUE")]
         configs: Vec<String>,
@@ -34,6 +37,14 @@ pub enum TopicCommand {
         /// Topic name.
         name: String,
     },
+    /// Grow a topic to more partitions.
+    Alter {
+        /// Topic name.
+        name: String,
+        /// The new partition count.
+        #[arg(long, short)]
+        partitions: u32,
+    },
 }
 
 pub async fn run(bootstrap: &str, output: Output, command: TopicCommand) -> anyhow::Result<()> {
@@ -47,6 +58,7 @@ pub async fn run(bootstrap: &str, output: Output, command: TopicCommand) -> anyh
         TopicCommand::Create {
             name,
             partitions,
+            replication_factor,
             configs,
         } => {
             let mut pairs = Vec::new();
@@ -57,13 +69,24 @@ pub async fn run(bootstrap: &str, output: Output, command: TopicCommand) -> anyh
                 pairs.push((key.to_string(), value.to_string()));
             }
             admin
-                .create_topic(&name, partitions.unwrap_or(0), &pairs)
+                .create_topic_replicated(&name, partitions.unwrap_or(0), replication_factor, &pairs)
                 .await?;
             let described = admin.describe_topics(std::slice::from_ref(&name)).await?;
             let n = described.first().map_or(0, |t| t.partitions.len());
+            let rf = described
+                .first()
+                .and_then(|t| t.partitions.first())
+                .map_or(0, |p| p.replicas.len());
             match output {
-                Output::Table => writeln!(out, "created topic {name} with {n} partitions")?,
-                Output::Json => writeln!(out, "{}", json!({"created": name, "partitions": n}))?,
+                Output::Table => writeln!(
+                    out,
+                    "created topic {name}: {n} partitions, replication factor {rf}"
+                )?,
+                Output::Json => writeln!(
+                    out,
+                    "{}",
+                    json!({"created": name, "partitions": n, "replication_factor": rf})
+                )?,
             }
         }
         TopicCommand::List => {
@@ -108,9 +131,12 @@ pub async fn run(bootstrap: &str, output: Output, command: TopicCommand) -> anyh
                     }
                     writeln!(
                         out,
-                        "\n{:>9} {:>6} {:>12} {:>12} {:>12} {:>14} {:>8}",
+                        "\n{:>9} {:>6} {:>5} {:<12} {:<12} {:>12} {:>12} {:>12} {:>14} {:>8}",
                         "PARTITION",
                         "LEADER",
+                        "EPOCH",
+                        "REPLICAS",
+                        "ISR",
                         "LOG-START",
                         "LOG-END",
                         "HIGH-WATER",
@@ -118,11 +144,19 @@ pub async fn run(bootstrap: &str, output: Output, command: TopicCommand) -> anyh
                         "SEGMENTS"
                     )?;
                     for p in &topic.partitions {
+                        let leader = if p.leader == u32::MAX {
+                            "none".to_string()
+                        } else {
+                            p.leader.to_string()
+                        };
                         writeln!(
                             out,
-                            "{:>9} {:>6} {:>12} {:>12} {:>12} {:>14} {:>8}",
+                            "{:>9} {:>6} {:>5} {:<12} {:<12} {:>12} {:>12} {:>12} {:>14} {:>8}",
                             p.partition,
-                            p.leader,
+                            leader,
+                            p.leader_epoch,
+                            ids(&p.replicas),
+                            ids(&p.isr),
                             p.log_start_offset,
                             p.log_end_offset,
                             p.high_watermark,
@@ -142,7 +176,10 @@ pub async fn run(bootstrap: &str, output: Output, command: TopicCommand) -> anyh
                         .iter()
                         .map(|p| {
                             json!({
-                                "partition": p.partition, "leader": p.leader, "leader_epoch": p.leader_epoch,
+                                "partition": p.partition,
+                                "leader": (p.leader != u32::MAX).then_some(p.leader),
+                                "leader_epoch": p.leader_epoch,
+                                "replicas": p.replicas, "isr": p.isr,
                                 "log_start_offset": p.log_start_offset, "log_end_offset": p.log_end_offset,
                                 "high_watermark": p.high_watermark, "size_bytes": p.size_bytes, "segments": p.n_segments,
                             })
@@ -156,6 +193,17 @@ pub async fn run(bootstrap: &str, output: Output, command: TopicCommand) -> anyh
                 }
             }
         }
+        TopicCommand::Alter { name, partitions } => {
+            admin.create_partitions(&name, partitions).await?;
+            match output {
+                Output::Table => writeln!(out, "topic {name} now has {partitions} partitions")?,
+                Output::Json => writeln!(
+                    out,
+                    "{}",
+                    json!({"altered": name, "partitions": partitions})
+                )?,
+            }
+        }
         TopicCommand::Delete { name } => {
             admin.delete_topic(&name).await?;
             match output {
@@ -165,4 +213,13 @@ pub async fn run(bootstrap: &str, output: Output, command: TopicCommand) -> anyh
         }
     }
     Ok(())
+}
+
+/// Node ids as `1,2,3`.
+pub(crate) fn ids(nodes: &[u32]) -> String {
+    nodes
+        .iter()
+        .map(u32::to_string)
+        .collect::<Vec<_>>()
+        .join(",")
 }

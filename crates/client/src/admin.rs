@@ -122,6 +122,22 @@ impl Admin {
         first_result(response.topics, &format!("delete topic {name}"))
     }
 
+    /// Grows a topic to `count` partitions.
+    pub async fn create_partitions(&self, name: &str, count: u32) -> Result<(), ClientError> {
+        let request = Request::CreatePartitions(CreatePartitionsRequest {
+            topics: vec![PartitionsToCreate {
+                name: name.to_string(),
+                count,
+            }],
+            validate_only: false,
+        });
+        let response: CreatePartitionsResponse = self.call_any(&request).await?;
+        first_result(response.topics, &format!("create partitions of {name}"))?;
+        // New partitions: the next routes must come from fresh metadata.
+        self.cluster.invalidate(name);
+        Ok(())
+    }
+
     /// Names of all topics.
     pub async fn list_topics(&self) -> Result<Vec<String>, ClientError> {
         let response = self.metadata(&[]).await?;

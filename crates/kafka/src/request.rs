@@ -62,8 +62,11 @@ apis! {
     CREATE_TOPICS = 19, "CreateTopics", 2..=6, served from 2, flexible from 5;
     DELETE_TOPICS = 20, "DeleteTopics", 1..=5, served from 1, flexible from 4;
     INIT_PRODUCER_ID = 22, "InitProducerId", 0..=4, served from 0, flexible from 2;
+    OFFSET_FOR_LEADER_EPOCH = 23, "OffsetForLeaderEpoch", 2..=4, served from 2, flexible from 4;
     DESCRIBE_CONFIGS = 32, "DescribeConfigs", 1..=4, served from 1, flexible from 4;
+    CREATE_PARTITIONS = 37, "CreatePartitions", 0..=3, served from 0, flexible from 2;
     DELETE_GROUPS = 42, "DeleteGroups", 0..=2, served from 0, flexible from 2;
+    DESCRIBE_CLUSTER = 60, "DescribeCluster", 0..=1, served from 0, flexible from 0;
 }
 
 impl Api {
@@ -141,6 +144,42 @@ pub enum Request {
     DeleteTopics(DeleteTopicsRequest),
     DescribeConfigs(DescribeConfigsRequest),
     InitProducerId(InitProducerIdRequest),
+    OffsetForLeaderEpoch(OffsetForLeaderEpochRequest),
+    CreatePartitions(CreatePartitionsRequest),
+    DescribeCluster(DescribeClusterRequest),
+}
+
+/// OffsetForLeaderEpoch: where each named epoch ends in a partition's log (clients use it to
+/// find out whether the log they read was truncated after a leader change, KIP-320).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct OffsetForLeaderEpochRequest {
+    /// v3+: the asking replica, -1 for a consumer.
+    pub replica_id: i32,
+    /// Per topic: (name, partitions).
+    pub topics: Vec<(String, Vec<EpochQuery>)>,
+}
+
+/// (partition, current leader epoch (-1: not sent), the leader epoch whose end is asked for).
+pub type EpochQuery = (i32, i32, i32);
+
+/// CreatePartitions.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct CreatePartitionsRequest {
+    /// Per topic: (name, new total count, whether manual assignments were given).
+    pub topics: Vec<(String, i32, bool)>,
+    /// How long to wait.
+    pub timeout_ms: i32,
+    /// Check only.
+    pub validate_only: bool,
+}
+
+/// DescribeCluster.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct DescribeClusterRequest {
+    /// Whether authorized operations were asked for (not served: answered with none).
+    pub include_cluster_authorized_operations: bool,
+    /// v1+: which endpoints (1: brokers; 2: controllers, not served).
+    pub endpoint_type: i8,
 }
 
 /// ApiVersions.
@@ -552,7 +591,17 @@ fn decode_body(api: Api, v: i16, r: &mut Reader) -> Result<Request, DecodeError>
             })
         }
         22 => Request::InitProducerId(init_producer_id(v, r)?),
+        23 => Request::OffsetForLeaderEpoch(offset_for_leader_epoch(v, r)?),
         32 => Request::DescribeConfigs(describe_configs(v, r)?),
+        37 => Request::CreatePartitions(create_partitions(r)?),
+        60 => {
+            let include = r.bool("include_cluster_authorized_operations")?;
+            let endpoint_type = if v >= 1 { r.i8("endpoint_type")? } else { 1 };
+            Request::DescribeCluster(DescribeClusterRequest {
+                include_cluster_authorized_operations: include,
+                endpoint_type,
+            })
+        }
         other => return Err(error("api_key", format!("{other} has no decoder"))),
     })
 }
@@ -978,6 +1027,53 @@ fn describe_configs(v: i16, r: &mut Reader) -> Result<DescribeConfigsRequest, De
         } else {
             false
         },
+    })
+}
+
+fn offset_for_leader_epoch(
+    v: i16,
+    r: &mut Reader,
+) -> Result<OffsetForLeaderEpochRequest, DecodeError> {
+    let replica_id = if v >= 3 { r.i32("replica_id")? } else { -1 };
+    let partition_min = 4 + if v >= 2 { 4 } else { 0 } + 4 + tags_min(r);
+    let topic_min = string_min(r) + array_min(r) + tags_min(r);
+    let topics = r.array("topics", topic_min, |r| {
+        let name = r.string("topics.topic")?;
+        let partitions = r.array("partitions", partition_min, |r| {
+            let partition = r.i32("partition")?;
+            let current = if v >= 2 {
+                r.i32("current_leader_epoch")?
+            } else {
+                -1
+            };
+            let epoch = r.i32("leader_epoch")?;
+            r.tagged_fields("partitions")?;
+            Ok((partition, current, epoch))
+        })?;
+        r.tagged_fields("topics")?;
+        Ok((name, partitions))
+    })?;
+    Ok(OffsetForLeaderEpochRequest { replica_id, topics })
+}
+
+fn create_partitions(r: &mut Reader) -> Result<CreatePartitionsRequest, DecodeError> {
+    let assignment_min = array_min(r) + tags_min(r);
+    let topic_min = string_min(r) + 4 + array_min(r) + tags_min(r);
+    let topics = r.array("topics", topic_min, |r| {
+        let name = r.string("topics.name")?;
+        let count = r.i32("count")?;
+        let assignments = r.nullable_array("assignments", assignment_min, |r| {
+            let brokers = r.array("broker_ids", 4, |r| r.i32("broker_id"))?;
+            r.tagged_fields("assignments")?;
+            Ok(brokers)
+        })?;
+        r.tagged_fields("topics")?;
+        Ok((name, count, assignments.is_some()))
+    })?;
+    Ok(CreatePartitionsRequest {
+        topics,
+        timeout_ms: r.i32("timeout_ms")?,
+        validate_only: r.bool("validate_only")?,
     })
 }
 

@@ -347,6 +347,89 @@ fn describe_configs_and_init_producer_id_at_every_served_version() {
 }
 
 #[test]
+fn cluster_apis_at_every_served_version() {
+    for v in served(Api::OFFSET_FOR_LEADER_EPOCH) {
+        let mut body = OffsetForLeaderEpochRequest::default().with_topics(vec![
+            offset_for_leader_epoch_request::OffsetForLeaderTopic::default()
+                .with_topic(topic("orders"))
+                .with_partitions(vec![
+                    offset_for_leader_epoch_request::OffsetForLeaderPartition::default()
+                        .with_partition(3)
+                        .with_current_leader_epoch(if v >= 2 { 9 } else { -1 })
+                        .with_leader_epoch(7),
+                ]),
+        ]);
+        if v >= 3 {
+            body = body.with_replica_id(BrokerId(-1));
+        }
+        let Request::OffsetForLeaderEpoch(got) = decoded(
+            Api::OFFSET_FOR_LEADER_EPOCH,
+            v,
+            frame(Api::OFFSET_FOR_LEADER_EPOCH, v, &body),
+        ) else {
+            panic!()
+        };
+        assert_eq!(got.replica_id, -1);
+        let current = if v >= 2 { 9 } else { -1 };
+        assert_eq!(
+            got.topics,
+            vec![("orders".to_string(), vec![(3, current, 7)])],
+            "v{v}"
+        );
+    }
+    for v in served(Api::CREATE_PARTITIONS) {
+        let body = CreatePartitionsRequest::default()
+            .with_topics(vec![
+                create_partitions_request::CreatePartitionsTopic::default()
+                    .with_name(topic("orders"))
+                    .with_count(12)
+                    .with_assignments(None),
+                create_partitions_request::CreatePartitionsTopic::default()
+                    .with_name(topic("manual"))
+                    .with_count(4)
+                    .with_assignments(Some(vec![
+                        create_partitions_request::CreatePartitionsAssignment::default()
+                            .with_broker_ids(vec![BrokerId(1), BrokerId(2)]),
+                    ])),
+            ])
+            .with_timeout_ms(5_000)
+            .with_validate_only(true);
+        let Request::CreatePartitions(got) = decoded(
+            Api::CREATE_PARTITIONS,
+            v,
+            frame(Api::CREATE_PARTITIONS, v, &body),
+        ) else {
+            panic!()
+        };
+        assert_eq!(
+            got.topics,
+            vec![
+                ("orders".to_string(), 12, false),
+                ("manual".to_string(), 4, true)
+            ],
+            "v{v}"
+        );
+        assert_eq!((got.timeout_ms, got.validate_only), (5_000, true));
+    }
+    for v in served(Api::DESCRIBE_CLUSTER) {
+        let mut body =
+            DescribeClusterRequest::default().with_include_cluster_authorized_operations(true);
+        if v >= 1 {
+            body = body.with_endpoint_type(1);
+        }
+        let Request::DescribeCluster(got) = decoded(
+            Api::DESCRIBE_CLUSTER,
+            v,
+            frame(Api::DESCRIBE_CLUSTER, v, &body),
+        ) else {
+            panic!()
+        };
+        assert!(got.include_cluster_authorized_operations);
+        assert_eq!(got.endpoint_type, 1, "v{v}");
+    }
+}
+
+#[test]
 fn unserved_apis_and_versions_are_reported_with_their_correlation_id() {
     let body = MetadataRequest::default();
     let mut bytes = BytesMut::from(&frame(Api::METADATA, 9, &body)[..]);
@@ -360,10 +443,10 @@ fn unserved_apis_and_versions_are_reported_with_their_correlation_id() {
         other => panic!("{other:?}"),
     }
     let mut bytes = BytesMut::from(&frame(Api::METADATA, 1, &body)[..]);
-    bytes[1] = 37; // CreatePartitions: not served
+    bytes[1] = 57; // UpdateFeatures: not served
     assert!(matches!(
         decode(bytes.freeze()),
-        Err(RequestError::UnknownApi { api_key: 37, .. })
+        Err(RequestError::UnknownApi { api_key: 57, .. })
     ));
     // Produce v2 is advertised (for librdkafka's feature detection) but not served.
     assert!(!Api::PRODUCE.serves(2) && Api::PRODUCE.serves(3));

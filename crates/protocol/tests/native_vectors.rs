@@ -907,6 +907,36 @@ fn describe_cluster() {
 }
 
 #[test]
+fn create_partitions() {
+    let req = Request::CreatePartitions(CreatePartitionsRequest {
+        topics: vec![PartitionsToCreate {
+            name: "orders".into(),
+            count: 12,
+        }],
+        validate_only: false,
+    });
+    let payload = encode_request(22, "golden", &req);
+    let spec = B::req(19, 22).count(1).string("orders").u32(12).u8(0);
+    check("create_partitions_request", payload.clone(), spec);
+    round_trip_request(&payload, &req);
+    let resp = CreatePartitionsResponse {
+        topics: vec![TopicResult {
+            name: "orders".into(),
+            error_code: 37,
+            error_message: "orders has 12 partitions".into(),
+        }],
+    };
+    let payload = encode_response(22, &resp);
+    let spec = B::resp(22)
+        .count(1)
+        .string("orders")
+        .i16(37)
+        .string("orders has 12 partitions");
+    check("create_partitions_response", payload.clone(), spec);
+    round_trip_response(&payload, &resp);
+}
+
+#[test]
 fn every_error_code_is_named() {
     for code in ErrorCode::ALL {
         assert_ne!(code.name(), "UNKNOWN_ERROR_CODE");

@@ -49,11 +49,13 @@ pub enum ApiKey {
     DeleteGroups = 17,
     /// Brokers (fenced or not), the active controller and the controller quorum.
     DescribeCluster = 18,
+    /// Grow topics to more partitions.
+    CreatePartitions = 19,
 }
 
 impl ApiKey {
     /// All APIs.
-    pub const ALL: [ApiKey; 19] = [
+    pub const ALL: [ApiKey; 20] = [
         ApiKey::ApiVersions,
         ApiKey::Metadata,
         ApiKey::CreateTopics,
@@ -73,6 +75,7 @@ impl ApiKey {
         ApiKey::DescribeGroups,
         ApiKey::DeleteGroups,
         ApiKey::DescribeCluster,
+        ApiKey::CreatePartitions,
     ];
 
     /// The API with this key.
@@ -102,6 +105,7 @@ impl ApiKey {
             ApiKey::DescribeGroups => "describe_groups",
             ApiKey::DeleteGroups => "delete_groups",
             ApiKey::DescribeCluster => "describe_cluster",
+            ApiKey::CreatePartitions => "create_partitions",
         }
     }
 
@@ -637,6 +641,34 @@ wire_struct! {
     }
 }
 
+wire_struct! {
+    /// A topic to grow.
+    pub struct PartitionsToCreate {
+        /// Topic name.
+        pub name: String,
+        /// The new partition count.
+        pub count: u32,
+    }
+}
+
+wire_struct! {
+    /// CreatePartitions request.
+    pub struct CreatePartitionsRequest {
+        /// The topics.
+        pub topics: Vec<PartitionsToCreate>,
+        /// Check only.
+        pub validate_only: bool,
+    }
+}
+
+wire_struct! {
+    /// CreatePartitions response.
+    pub struct CreatePartitionsResponse {
+        /// Per topic, in request order.
+        pub topics: Vec<TopicResult>,
+    }
+}
+
 /// A decoded request body.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[allow(missing_docs)]
@@ -660,6 +692,7 @@ pub enum Request {
     DescribeGroups(DescribeGroupsRequest),
     DeleteGroups(DeleteGroupsRequest),
     DescribeCluster(DescribeClusterRequest),
+    CreatePartitions(CreatePartitionsRequest),
 }
 
 impl Request {
@@ -685,6 +718,7 @@ impl Request {
             Request::DescribeGroups(_) => ApiKey::DescribeGroups,
             Request::DeleteGroups(_) => ApiKey::DeleteGroups,
             Request::DescribeCluster(_) => ApiKey::DescribeCluster,
+            Request::CreatePartitions(_) => ApiKey::CreatePartitions,
         }
     }
 
@@ -710,6 +744,7 @@ impl Request {
             Request::DescribeGroups(r) => r.encode(out),
             Request::DeleteGroups(r) => r.encode(out),
             Request::DescribeCluster(r) => r.encode(out),
+            Request::CreatePartitions(r) => r.encode(out),
         }
     }
 
@@ -736,6 +771,7 @@ impl Request {
             ApiKey::DescribeGroups => Request::DescribeGroups(d(body)?),
             ApiKey::DeleteGroups => Request::DeleteGroups(d(body)?),
             ApiKey::DescribeCluster => Request::DescribeCluster(d(body)?),
+            ApiKey::CreatePartitions => Request::CreatePartitions(d(body)?),
         })
     }
 }
