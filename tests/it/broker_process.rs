@@ -38,8 +38,20 @@ impl BrokerProcess {
 
     /// Starts a broker whose native listener is `listen` (a fixed address lets clients
     /// reconnect to a restarted broker; `free_port` finds one).
-    #[allow(clippy::zombie_processes)]
     pub fn start_at(data_dir: &Path, toml: &str, listen: &str) -> BrokerProcess {
+        BrokerProcess::start_with(data_dir, toml, listen, "127.0.0.1:0", &[])
+    }
+
+    /// Starts a broker with its native and Kafka listeners at fixed addresses and more flags
+    /// (a cluster node's id, quorum and controller listener).
+    #[allow(clippy::zombie_processes)]
+    pub fn start_with(
+        data_dir: &Path,
+        toml: &str,
+        listen: &str,
+        kafka_listen: &str,
+        extra: &[String],
+    ) -> BrokerProcess {
         let config = data_dir.with_extension("toml");
         std::fs::write(&config, toml).unwrap();
         let log = data_dir.with_extension(format!(
@@ -55,12 +67,13 @@ impl BrokerProcess {
                 "--http-listen",
                 "127.0.0.1:0",
                 "--kafka-listen",
-                "127.0.0.1:0",
+                kafka_listen,
                 "--data-dir",
             ])
             .arg(data_dir)
             .arg("--config")
             .arg(&config)
+            .args(extra)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -106,6 +119,21 @@ impl BrokerProcess {
             assert!(Instant::now() < deadline, "broker did not start:\n{text}");
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, Child::id)
+    }
+
+    /// Sends a signal (`STOP`, `CONT`, ...) by name.
+    pub fn signal(&self, name: &str) {
+        let status = Command::new("kill")
+            .arg(format!("-{name}"))
+            .arg(self.pid().to_string())
+            .status()
+            .unwrap();
+        assert!(status.success(), "kill -{name}");
     }
 
     /// SIGKILL, no cleanup.

@@ -22,7 +22,7 @@ use crate::broker::{frame, produce_acknowledged_until, raw_exchange, runtime};
 use crate::broker_process::BrokerProcess;
 
 /// The virtualenv's Python with the Kafka clients installed.
-fn python() -> PathBuf {
+pub fn python() -> PathBuf {
     let path = std::env::var_os("CAIRN_PYTHON").map_or_else(
         || {
             PathBuf::from(std::env::var_os("HOME").unwrap_or_default())
@@ -43,7 +43,7 @@ fn python() -> PathBuf {
     path
 }
 
-fn script(name: &str) -> PathBuf {
+pub fn script(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("kafka")
         .join(name)

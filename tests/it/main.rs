@@ -5,6 +5,7 @@
 
 mod broker;
 mod broker_process;
+mod cluster;
 mod compaction;
 mod embedded;
 mod groups;

@@ -78,7 +78,12 @@ impl Cluster {
     /// Registers, then heartbeats until `shutdown`; registers again if the controller no longer
     /// knows this registration. At shutdown, a last heartbeat asks the controller to move this
     /// broker's leaderships (controlled shutdown).
-    pub async fn run(self: Arc<Self>, manager: Arc<TopicManager>, shutdown: CancellationToken) {
+    pub async fn run(
+        self: Arc<Self>,
+        manager: Arc<TopicManager>,
+        shutdown: CancellationToken,
+        killed: CancellationToken,
+    ) {
         let applied = manager.applied();
         'register: loop {
             let broker_epoch = tokio::select! {
@@ -96,7 +101,9 @@ impl Cluster {
                     // Caught up: say so at once (unfencing waits for it).
                     _ = applied.changed(), if !self.lease.load(Ordering::Acquire) => {}
                     () = shutdown.cancelled() => {
-                        self.controlled_shutdown(broker_epoch, &manager).await;
+                        if !killed.is_cancelled() {
+                            self.controlled_shutdown(broker_epoch, &manager).await;
+                        }
                         return;
                     }
                 }

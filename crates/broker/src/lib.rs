@@ -100,6 +100,16 @@ pub enum StartError {
     /// The metadata of a single node from before the controller could not be imported.
     #[error("importing legacy metadata: {0}")]
     Import(String),
+    /// The data directory belongs to another node id.
+    #[error("data directory {} belongs to node {found}, not to node {configured} (--node-id)", dir.display())]
+    WrongNode {
+        /// The directory.
+        dir: PathBuf,
+        /// The node id it was created for.
+        found: u32,
+        /// The node id configured.
+        configured: u32,
+    },
     /// A broker alone could not register with its own controller in time.
     #[error("the broker did not become ready (registered, unfenced) within 30 s")]
     NotReady,
@@ -243,6 +253,7 @@ impl BrokerBuilder {
             field: "controller_quorum",
             why,
         })?;
+        let dir_id = node_identity(&*fs, &config)?;
         let lease = Arc::new(AtomicBool::new(false));
         let host = Host {
             fs: Arc::clone(&fs),
@@ -319,6 +330,7 @@ impl BrokerBuilder {
         let info = cairn_controller::BrokerInfo {
             node_id: config.node_id,
             incarnation: incarnation(),
+            dir_id,
             native: cairn_controller::Endpoint {
                 host: advertised_host,
                 port: advertised_port,
@@ -344,7 +356,12 @@ impl BrokerBuilder {
             Arc::clone(&offsets),
             shutdown.clone(),
         ));
-        tasks.spawn(Arc::clone(&cluster).run(Arc::clone(&manager), shutdown.clone()));
+        let killed = CancellationToken::new();
+        tasks.spawn(Arc::clone(&cluster).run(
+            Arc::clone(&manager),
+            shutdown.clone(),
+            killed.clone(),
+        ));
         if alone {
             // A node alone needs nobody else: it is fully up when start() returns.
             let mut ready = cluster.ready();
@@ -431,6 +448,7 @@ impl BrokerBuilder {
             shutdown,
             tracker,
             tasks,
+            killed,
             controller,
             metadata_log,
             ready,
@@ -441,8 +459,8 @@ impl BrokerBuilder {
     }
 }
 
-/// A random id for this process's life, for the controller to tell a restart from a duplicate.
-fn incarnation() -> String {
+/// 128 random bits, as hex.
+fn random_id() -> String {
     use std::hash::{BuildHasher, Hasher};
     let random = || {
         std::collections::hash_map::RandomState::new()
@@ -450,6 +468,64 @@ fn incarnation() -> String {
             .finish()
     };
     format!("{:016x}{:016x}", random(), random())
+}
+
+/// A random id for this process's life.
+fn incarnation() -> String {
+    random_id()
+}
+
+/// The data directory's identity (`<data_dir>/node-identity`, created with the directory): the
+/// node id it belongs to, and a random directory id the controller uses to tell this node
+/// restarted (same directory) from a second process claiming its id (another directory). A
+/// directory of another node id is refused: its partitions are another broker's.
+fn node_identity(fs: &dyn Fs, config: &BrokerConfig) -> Result<String, StartError> {
+    const FILE: &str = "node-identity";
+    let dir = &config.data_dir;
+    let found =
+        cairn_storage::checkpoint::read(fs, dir, FILE, "node-identity").map_err(|source| {
+            StartError::Io {
+                what: format!("reading {}/{FILE}", dir.display()),
+                source,
+            }
+        })?;
+    if let Some(lines) = found {
+        let field = |name: &str| {
+            lines
+                .iter()
+                .find_map(|l| l.strip_prefix(name).map(str::to_string))
+        };
+        let node = field("node_id ").and_then(|n| n.parse::<u32>().ok());
+        let dir_id = field("dir_id ").unwrap_or_default();
+        return match node {
+            Some(node) if node == config.node_id && !dir_id.is_empty() => Ok(dir_id),
+            Some(node) => Err(StartError::WrongNode {
+                dir: dir.clone(),
+                found: node,
+                configured: config.node_id,
+            }),
+            None => Err(StartError::Io {
+                what: format!("{}/{FILE} names no node", dir.display()),
+                source: std::io::ErrorKind::InvalidData.into(),
+            }),
+        };
+    }
+    let dir_id = random_id();
+    cairn_storage::checkpoint::write(
+        fs,
+        dir,
+        FILE,
+        "node-identity",
+        &[
+            format!("node_id {}", config.node_id),
+            format!("dir_id {dir_id}"),
+        ],
+    )
+    .map_err(|fatal| StartError::Io {
+        what: format!("writing {}/{FILE}", dir.display()),
+        source: std::io::Error::other(fatal),
+    })?;
+    Ok(dir_id)
 }
 
 /// Keeps the HTTP `/ready` flag equal to the cluster's readiness.
@@ -630,6 +706,8 @@ pub struct RunningBroker {
     tracker: TaskTracker,
     /// The cluster membership and image tasks.
     tasks: TaskTracker,
+    /// Cancelled by [`RunningBroker::kill`]: stop without telling anyone.
+    killed: CancellationToken,
     controller: Option<cairn_controller::ControllerNode>,
     metadata_log: Option<Arc<MetadataLog>>,
     ready: Arc<AtomicBool>,
@@ -686,6 +764,25 @@ impl RunningBroker {
     /// The request handler, for in-process transports that skip TCP.
     pub fn handler(&self) -> &Arc<Handler> {
         &self.handler
+    }
+
+    /// Stops at once, as a process killed with SIGKILL would in the middle of its work: no
+    /// controlled shutdown, no flush, no clean close of the logs (the next start recovers them).
+    /// For tests and simulations of crashes inside one process.
+    pub async fn kill(self) {
+        tracing::warn!("killed");
+        self.ready.store(false, Ordering::Relaxed);
+        self.killed.cancel();
+        self.shutdown.cancel();
+        self.handler.groups.close();
+        self.background.abort();
+        self.compaction.abort();
+        self.tracker.close();
+        self.tasks.close();
+        if let Some(controller) = self.controller {
+            controller.shutdown().await;
+        }
+        // The logs are dropped, not closed: unsynced data is in the page cache only.
     }
 
     /// Stops accepting, lets in-flight requests finish (up to `shutdown_timeout_ms`), flushes and

@@ -358,6 +358,7 @@ mod tests {
             broker: BrokerInfo {
                 node_id: id,
                 incarnation: format!("inc-{id}"),
+                dir_id: format!("dir-{id}"),
                 native: Endpoint {
                     host: "127.0.0.1".into(),
                     port: 9000 + id as u16,

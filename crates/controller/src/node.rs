@@ -435,11 +435,12 @@ impl ControllerNode {
                 });
             }
             let session = self.inner.config.broker_session_timeout;
+            let restarted = !info.dir_id.is_empty() && existing.info.dir_id == info.dir_id;
             let alive = !existing.fenced
                 && self
                     .last_seen(node, existing.epoch)
                     .is_some_and(|at| at.elapsed() < session);
-            if alive {
+            if alive && !restarted {
                 return Err(rejected(
                     ErrorCode::DUPLICATE_BROKER_REGISTRATION,
                     format!(

@@ -35,9 +35,12 @@ impl std::fmt::Display for Endpoint {
 pub struct BrokerInfo {
     /// Its node id.
     pub node_id: NodeId,
-    /// A random id of this process's life: a restarted broker has a new one, so the controller
-    /// can tell a restart from a duplicate.
+    /// A random id of this process's life: a restarted broker has a new one.
     pub incarnation: String,
+    /// The id of its data directory (created with it, kept in it): a new incarnation with the
+    /// same directory is the node restarted (one process holds a directory at a time), one with
+    /// another directory is a second process claiming the node id.
+    pub dir_id: String,
     /// The native-protocol listener.
     pub native: Endpoint,
     /// The Kafka-protocol listener, if any.

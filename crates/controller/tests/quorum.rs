@@ -18,6 +18,7 @@ fn broker(node_id: NodeId, incarnation: &str) -> BrokerInfo {
     BrokerInfo {
         node_id,
         incarnation: incarnation.into(),
+        dir_id: format!("dir-of-{incarnation}"),
         native: Endpoint {
             host: "127.0.0.1".into(),
             port: 9000 + node_id as u16,
@@ -83,7 +84,7 @@ async fn a_quorum_of_one_commits_and_keeps_its_metadata_across_a_restart() {
     until("a leader", Duration::from_secs(5), || node.is_active()).await;
     let first_election = started.elapsed();
     let client = ControllerClient::local(node.clone(), 1 << 20);
-    let epoch = join(&client, 1).await;
+    join(&client, 1).await;
     let reply = client.execute(topic("orders", 3, None)).await.unwrap();
     assert_eq!(
         reply,
@@ -108,6 +109,21 @@ async fn a_quorum_of_one_commits_and_keeps_its_metadata_across_a_restart() {
     let image = node.image();
     let state = image.partition("orders", 2).unwrap();
     assert_eq!((state.leader, state.replicas.clone()), (Some(1), vec![1]));
+    // The same node restarted (a new incarnation with its own data directory) is taken at
+    // once; its leaderships wait until it has caught up again.
+    let restarted = BrokerInfo {
+        incarnation: "restarted".into(),
+        ..broker(1, "first")
+    };
+    let Reply::Registered {
+        broker_epoch: epoch,
+    } = client.execute(Command::Register(restarted)).await.unwrap()
+    else {
+        panic!()
+    };
+    let image = node.image();
+    assert!(image.brokers[&1].fenced);
+    assert_eq!(image.partition("orders", 2).unwrap().leader, None);
     node.shutdown().await;
 
     let restarted = Instant::now();

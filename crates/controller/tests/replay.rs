@@ -22,6 +22,7 @@ fn record() -> impl Strategy<Value = MetadataRecord> {
             broker: BrokerInfo {
                 node_id,
                 incarnation: format!("i{inc}"),
+                dir_id: String::new(),
                 native: Endpoint {
                     host: "h".into(),
                     port: 1
