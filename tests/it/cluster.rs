@@ -156,6 +156,19 @@ fn tail(log: &std::path::Path) -> String {
 }
 
 /// Each partition's leader, from the metadata.
+/// An unlabelled metric's value in a Prometheus text exposition (0 when absent).
+fn metric(exposition: &str, name: &str) -> u64 {
+    exposition
+        .lines()
+        .find_map(|line| {
+            line.strip_prefix(name)?
+                .strip_prefix(' ')?
+                .parse::<f64>()
+                .ok()
+        })
+        .map_or(0, |v| v as u64)
+}
+
 async fn leaders(admin: &Admin, topic: &str) -> BTreeMap<u32, Option<u32>> {
     let metadata = admin.metadata(&[topic.to_string()]).await.unwrap();
     metadata.topics[0]
@@ -513,6 +526,30 @@ fn a_paused_broker_is_fenced_and_leads_again_when_it_resumes() {
         }
     });
     let fenced_after = stopped.elapsed();
+    // The active controller's metrics say so; the other live node is not the active one.
+    let controller = rt.block_on(async {
+        let admin = Admin::connect(&bootstrap).await.unwrap();
+        admin.describe_cluster().await.unwrap().controller_id
+    });
+    let other = (1..=3).find(|n| *n != controller && *n != paused).unwrap();
+    let (_, active_metrics) = cluster.process(controller).http_get("/metrics");
+    let (_, other_metrics) = cluster.process(other).http_get("/metrics");
+    assert_eq!(metric(&active_metrics, "cairn_controller_active"), 1);
+    assert_eq!(metric(&other_metrics, "cairn_controller_active"), 0);
+    assert_eq!(
+        metric(&active_metrics, "cairn_controller_fenced_brokers"),
+        1
+    );
+    assert_eq!(
+        metric(&active_metrics, "cairn_controller_offline_partitions"),
+        led.len() as u64
+    );
+    assert_eq!(
+        metric(&active_metrics, "cairn_controller_raft_term"),
+        metric(&other_metrics, "cairn_controller_raft_term")
+    );
+    assert!(metric(&other_metrics, "cairn_metadata_applied_offset") > 0);
+    let elections_before = metric(&active_metrics, "cairn_controller_leader_elections_total");
     // Another broker never takes over an RF 1 partition: it has none of its data.
     cluster.process(paused).signal("CONT");
     let resumed = Instant::now();
@@ -540,6 +577,17 @@ fn a_paused_broker_is_fenced_and_leads_again_when_it_resumes() {
         delivery.await.unwrap();
         producer.close().await.unwrap();
     });
+    // Its partitions' return counts as elections (the controller has not moved: the paused
+    // broker was not it).
+    let (_, active_metrics) = cluster.process(controller).http_get("/metrics");
+    assert!(
+        metric(&active_metrics, "cairn_controller_leader_elections_total")
+            >= elections_before + led.len() as u64
+    );
+    assert_eq!(
+        metric(&active_metrics, "cairn_controller_fenced_brokers"),
+        0
+    );
     println!(
         "broker {paused} paused: fenced, its {} partitions offline after {fenced_after:?} \
          (session 3 s); after SIGCONT it led them again within {:?}",

@@ -986,6 +986,7 @@ impl Coordinator {
 
 impl Coordinator {
     /// Bytes held for all groups, members and member ids handed out.
+    #[cfg(test)]
     pub fn held_bytes(&self) -> usize {
         self.held.load(Ordering::Relaxed)
     }

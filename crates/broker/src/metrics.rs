@@ -5,7 +5,7 @@ use prometheus::{
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
-use crate::manager::TopicManager;
+use crate::handler::Handler;
 
 /// Every metric of the broker.
 #[derive(Debug, Clone)]
@@ -35,6 +35,13 @@ pub struct Metrics {
     pub group_generation: IntGaugeVec,
     /// Completed rebalances, all groups.
     pub group_rebalances: IntCounter,
+    pub metadata_applied_offset: IntGauge,
+    pub controller_active: IntGauge,
+    pub raft_term: IntGauge,
+    pub raft_commit_index: IntGauge,
+    pub fenced_brokers: IntGauge,
+    pub offline_partitions: IntGauge,
+    pub leader_elections: IntCounter,
 }
 
 /// Latency buckets from 50 µs to 10 s.
@@ -174,6 +181,40 @@ impl Metrics {
             "Completed group rebalances (join phases that handed out a new generation), all groups.",
         )?;
         registry.register(Box::new(group_rebalances.clone()))?;
+        let gauge = |name: &str, help: &str| -> Result<IntGauge, prometheus::Error> {
+            let metric = IntGauge::new(name, help)?;
+            registry.register(Box::new(metric.clone()))?;
+            Ok(metric)
+        };
+        let metadata_applied_offset = gauge(
+            "cairn_metadata_applied_offset",
+            "The metadata log offset this broker has applied (every record below it).",
+        )?;
+        let controller_active = gauge(
+            "cairn_controller_active",
+            "1 on the active controller, 0 elsewhere: the sum over the cluster should be 1 (Kafka's ActiveControllerCount).",
+        )?;
+        let raft_term = gauge(
+            "cairn_controller_raft_term",
+            "The controller quorum's Raft term as this voter knows it (0 on a node that is not a voter).",
+        )?;
+        let raft_commit_index = gauge(
+            "cairn_controller_raft_commit_index",
+            "The last metadata log index this voter knows committed and applied.",
+        )?;
+        let fenced_brokers = gauge(
+            "cairn_controller_fenced_brokers",
+            "Registered brokers that are fenced; reported by the active controller, 0 elsewhere.",
+        )?;
+        let offline_partitions = gauge(
+            "cairn_controller_offline_partitions",
+            "Partitions without a leader; reported by the active controller, 0 elsewhere.",
+        )?;
+        let leader_elections = IntCounter::new(
+            "cairn_controller_leader_elections_total",
+            "Partition leader elections in the metadata log; reported by the active controller.",
+        )?;
+        registry.register(Box::new(leader_elections.clone()))?;
         Ok(Metrics {
             registry,
             bytes_in,
@@ -198,6 +239,13 @@ impl Metrics {
             group_members,
             group_generation,
             group_rebalances,
+            metadata_applied_offset,
+            controller_active,
+            raft_term,
+            raft_commit_index,
+            fenced_brokers,
+            offline_partitions,
+            leader_elections,
         })
     }
 
@@ -210,14 +258,11 @@ impl Metrics {
         }
     }
 
-    /// The text exposition of every metric, partition and group gauges refreshed from
-    /// `manager`, `offsets` and `groups`.
-    pub fn render(
-        &self,
-        manager: &TopicManager,
-        offsets: &crate::offsets::OffsetStore,
-        groups: &crate::groups::Coordinator,
-    ) -> String {
+    /// The text exposition of every metric, partition, group and cluster gauges refreshed from
+    /// the broker's state.
+    pub(crate) fn render(&self, handler: &Handler) -> String {
+        let (manager, offsets, groups) = (&handler.manager, &handler.offsets, &handler.groups);
+        self.render_cluster(handler);
         self.group_lag.reset();
         self.group_members.reset();
         self.group_generation.reset();
@@ -276,5 +321,45 @@ impl Metrics {
             tracing::warn!(error = %err, "encoding metrics");
         }
         String::from_utf8(out).unwrap_or_default()
+    }
+
+    /// The metadata and controller gauges. Cluster-wide counts come from the active controller
+    /// only (as Kafka's controller metrics do), so that summing over the cluster counts once.
+    fn render_cluster(&self, handler: &Handler) {
+        let image = handler.manager.image();
+        let node = handler.config.node_id;
+        self.metadata_applied_offset
+            .set(i64::try_from(*handler.manager.applied().borrow()).unwrap_or(i64::MAX));
+        let under_replicated = image
+            .partitions()
+            .filter(|(_, _, p)| p.leader == Some(node) && p.isr.len() < p.replicas.len())
+            .count();
+        self.under_replicated_partitions
+            .set(i64::try_from(under_replicated).unwrap_or(i64::MAX));
+        let status = handler.cluster.client.local_node().map(|n| n.status());
+        let active = status.as_ref().is_some_and(|s| s.leader == Some(s.node_id));
+        let as_i64 = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+        self.controller_active.set(i64::from(active));
+        self.raft_term
+            .set(status.as_ref().map_or(0, |s| as_i64(s.term)));
+        self.raft_commit_index
+            .set(status.as_ref().and_then(|s| s.committed).map_or(0, as_i64));
+        let count = |n: usize| {
+            if active {
+                i64::try_from(n).unwrap_or(i64::MAX)
+            } else {
+                0
+            }
+        };
+        self.fenced_brokers.set(count(image.fenced_brokers()));
+        self.offline_partitions
+            .set(count(image.offline_partitions()));
+        if active {
+            self.leader_elections.inc_by(
+                image
+                    .leader_elections
+                    .saturating_sub(self.leader_elections.get()),
+            );
+        }
     }
 }

@@ -274,9 +274,7 @@ pub(crate) async fn serve_http(
                 "/metrics" => (
                     "200 OK",
                     "text/plain; version=0.0.4",
-                    handler
-                        .metrics
-                        .render(&handler.manager, &handler.offsets, &handler.groups),
+                    handler.metrics.render(&handler),
                 ),
                 "/health" => ("200 OK", "text/plain", "ok\n".to_string()),
                 "/ready" if ready.load(Ordering::Relaxed) => {

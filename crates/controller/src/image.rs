@@ -80,6 +80,10 @@ pub struct MetadataImage {
     pub topics: BTreeMap<String, Arc<TopicImage>>,
     /// The next producer id the cluster has not handed out.
     pub next_producer_id: i64,
+    /// Leader elections the log records: partition changes that gave a partition a leader
+    /// other than the one it had (including its first after being offline).
+    #[serde(default)]
+    pub leader_elections: u64,
 }
 
 impl MetadataImage {
@@ -111,6 +115,18 @@ impl MetadataImage {
                 .enumerate()
                 .map(|(i, p)| (t.name.as_str(), i as u32, p))
         })
+    }
+
+    /// Brokers registered but fenced.
+    pub fn fenced_brokers(&self) -> usize {
+        self.brokers.values().filter(|b| b.fenced).count()
+    }
+
+    /// Partitions without a leader.
+    pub fn offline_partitions(&self) -> usize {
+        self.partitions()
+            .filter(|(_, _, p)| p.leader.is_none())
+            .count()
     }
 
     /// How many partitions the cluster has.
@@ -240,7 +256,9 @@ impl MetadataImage {
                 }
                 let next = changed(state, target);
                 check_state(topic, &next)?;
+                let elected = next.leader.is_some() && next.leader != state.leader;
                 *state = next;
+                self.leader_elections += u64::from(elected);
                 Ok(())
             }
             MetadataRecord::TopicDeleted { name, topic_id } => match self.topics.get(name) {
