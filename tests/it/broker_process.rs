@@ -44,13 +44,48 @@ impl BrokerProcess {
 
     /// Starts a broker with its native and Kafka listeners at fixed addresses and more flags
     /// (a cluster node's id, quorum and controller listener).
-    #[allow(clippy::zombie_processes)]
     pub fn start_with(
         data_dir: &Path,
         toml: &str,
         listen: &str,
         kafka_listen: &str,
         extra: &[String],
+    ) -> BrokerProcess {
+        let args = ["--listen", listen, "--kafka-listen", kafka_listen];
+        BrokerProcess::spawn(data_dir, toml, &args, extra, |line| {
+            let addr = line
+                .strip_prefix("cairn broker listening on ")?
+                .split(' ')
+                .next()?;
+            let kafka = line
+                .split(", ")
+                .find_map(|part| part.strip_suffix(" (kafka)"))?;
+            Some((addr.to_string(), kafka.to_string()))
+        })
+    }
+
+    /// Starts a controller-only node (`extra` carries `--roles controller`, its id, the quorum
+    /// and its controller listener); `addr` is its controller address.
+    pub fn start_controller(data_dir: &Path, toml: &str, extra: &[String]) -> BrokerProcess {
+        BrokerProcess::spawn(data_dir, toml, &[], extra, |line| {
+            let addr = line
+                .strip_prefix("cairn controller listening on ")?
+                .split(' ')
+                .next()?;
+            Some((addr.to_string(), String::new()))
+        })
+    }
+
+    /// Runs `cairn broker` and waits for the line saying where it listens; `parse` reads the
+    /// (address, Kafka address) from it.
+    // The child is waited for by `kill9`, `terminate` or `Drop`.
+    #[allow(clippy::zombie_processes)]
+    fn spawn(
+        data_dir: &Path,
+        toml: &str,
+        args: &[&str],
+        extra: &[String],
+        parse: impl Fn(&str) -> Option<(String, String)>,
     ) -> BrokerProcess {
         let config = data_dir.with_extension("toml");
         std::fs::write(&config, toml).unwrap();
@@ -60,16 +95,9 @@ impl BrokerProcess {
         ));
         let stderr = std::fs::File::create(&log).unwrap();
         let child = Command::new(cairn_bin())
-            .args([
-                "broker",
-                "--listen",
-                listen,
-                "--http-listen",
-                "127.0.0.1:0",
-                "--kafka-listen",
-                kafka_listen,
-                "--data-dir",
-            ])
+            .args(["broker", "--http-listen", "127.0.0.1:0"])
+            .args(args)
+            .arg("--data-dir")
             .arg(data_dir)
             .arg("--config")
             .arg(&config)
@@ -83,31 +111,12 @@ impl BrokerProcess {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             let text = std::fs::read_to_string(&log).unwrap_or_default();
-            if let Some(line) = text
-                .lines()
-                .find(|l| l.contains("cairn broker listening on"))
-            {
-                let addr = line
-                    .split("listening on ")
-                    .nth(1)
-                    .unwrap()
-                    .split(' ')
-                    .next()
-                    .unwrap()
-                    .to_string();
-                let http = line
-                    .split("http://")
-                    .nth(1)
-                    .unwrap()
-                    .split('/')
-                    .next()
-                    .unwrap()
-                    .to_string();
-                let kafka = line
-                    .split(", ")
-                    .find_map(|part| part.strip_suffix(" (kafka)"))
-                    .unwrap()
-                    .to_string();
+            let found = text.lines().find_map(|line| {
+                let (addr, kafka) = parse(line)?;
+                let http = line.split("http://").nth(1)?.split('/').next()?;
+                Some((addr, kafka, http.to_string()))
+            });
+            if let Some((addr, kafka, http)) = found {
                 return BrokerProcess {
                     child: Some(child),
                     addr,

@@ -24,9 +24,21 @@ use cairn_testkit::{FaultFs, Faults};
 use crate::broker::runtime;
 use crate::broker_process::{BrokerProcess, free_port};
 
+/// What a node of a test cluster is.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Roles {
+    /// A broker and a voter.
+    Combined,
+    /// A voter only.
+    Controller,
+    /// A broker only, following the quorum.
+    Broker,
+}
+
 /// One node of a test cluster: its addresses and data directory, and its process while it runs.
 struct Node {
     id: u32,
+    roles: Roles,
     dir: PathBuf,
     native: String,
     kafka: String,
@@ -34,7 +46,7 @@ struct Node {
     process: Option<BrokerProcess>,
 }
 
-/// N nodes, each a broker and a controller voter.
+/// Nodes 1..=N: brokers, controller voters, or both.
 struct TestCluster {
     nodes: Vec<Node>,
     quorum: String,
@@ -46,10 +58,17 @@ impl TestCluster {
     /// Starts `n` nodes with `toml` settings and waits until each is ready (registered and
     /// unfenced). Node 1 starts alone first: without a quorum it must not say it is ready.
     fn start(n: u32, toml: &str) -> TestCluster {
+        TestCluster::start_roles(&vec![Roles::Combined; n as usize], toml)
+    }
+
+    /// Starts nodes 1.. with `roles`, node 1 first (it must be a voter).
+    fn start_roles(roles: &[Roles], toml: &str) -> TestCluster {
+        let n = roles.len() as u32;
         let dir = tempfile::tempdir().unwrap();
         let nodes: Vec<Node> = (1..=n)
             .map(|id| Node {
                 id,
+                roles: roles[id as usize - 1],
                 dir: dir.path().join(format!("node-{id}")),
                 native: free_port(),
                 kafka: free_port(),
@@ -57,8 +76,9 @@ impl TestCluster {
                 process: None,
             })
             .collect();
-        let quorum = nodes
-            .iter()
+        let voters = nodes.iter().filter(|n| n.roles != Roles::Broker);
+        let n_voters = voters.clone().count();
+        let quorum = voters
             .map(|n| format!("{}@{}", n.id, n.controller))
             .collect::<Vec<_>>()
             .join(",");
@@ -69,12 +89,12 @@ impl TestCluster {
             _dir: dir,
         };
         cluster.start_node(1);
-        if n > 1 {
+        if n_voters > 1 {
             std::thread::sleep(Duration::from_millis(500));
             let (status, _) = cluster.process(1).http_get("/ready");
             assert!(
                 !status.contains("200"),
-                "a voter alone in a quorum of {n} says it is ready: {status}"
+                "a voter alone in a quorum of {n_voters} says it is ready: {status}"
             );
         }
         for id in 2..=n {
@@ -98,21 +118,21 @@ impl TestCluster {
         let quorum = self.quorum.clone();
         let toml = self.toml.clone();
         let node = &mut self.nodes[id as usize - 1];
-        let extra = [
+        let mut extra = vec![
             "--node-id".to_string(),
             id.to_string(),
             "--controller-quorum".to_string(),
             quorum,
-            "--controller-listen".to_string(),
-            node.controller.clone(),
         ];
-        node.process = Some(BrokerProcess::start_with(
-            &node.dir,
-            &toml,
-            &node.native,
-            &node.kafka,
-            &extra,
-        ));
+        if node.roles != Roles::Broker {
+            extra.extend(["--controller-listen".to_string(), node.controller.clone()]);
+        }
+        node.process = Some(if node.roles == Roles::Controller {
+            extra.extend(["--roles".to_string(), "controller".to_string()]);
+            BrokerProcess::start_controller(&node.dir, &toml, &extra)
+        } else {
+            BrokerProcess::start_with(&node.dir, &toml, &node.native, &node.kafka, &extra)
+        });
     }
 
     /// Waits until node `id` says `/ready` (registered, caught up, unfenced).
@@ -138,11 +158,12 @@ impl TestCluster {
         }
     }
 
-    /// The native addresses of every running node but `except`, comma-separated.
+    /// The native addresses of every running broker but `except`, comma-separated.
     fn bootstrap_except(&self, except: Option<u32>) -> String {
         self.nodes
             .iter()
             .filter(|n| Some(n.id) != except && n.process.is_some())
+            .filter(|n| n.roles != Roles::Controller)
             .map(|n| n.native.clone())
             .collect::<Vec<_>>()
             .join(",")
@@ -155,7 +176,6 @@ fn tail(log: &std::path::Path) -> String {
     lines[lines.len().saturating_sub(30)..].join("\n")
 }
 
-/// Each partition's leader, from the metadata.
 /// An unlabelled metric's value in a Prometheus text exposition (0 when absent).
 fn metric(exposition: &str, name: &str) -> u64 {
     exposition
@@ -169,6 +189,7 @@ fn metric(exposition: &str, name: &str) -> u64 {
         .map_or(0, |v| v as u64)
 }
 
+/// Each partition's leader, from the metadata.
 async fn leaders(admin: &Admin, topic: &str) -> BTreeMap<u32, Option<u32>> {
     let metadata = admin.metadata(&[topic.to_string()]).await.unwrap();
     metadata.topics[0]
@@ -394,6 +415,95 @@ fn every_client_reaches_every_leader_through_any_one_broker() {
         values.len(),
         300,
         "kcat read back every record through another broker"
+    );
+}
+
+#[test]
+fn dedicated_controllers_vote_and_brokers_alone_hold_partitions() {
+    use Roles::{Broker, Controller};
+    let mut cluster =
+        TestCluster::start_roles(&[Controller, Controller, Controller, Broker, Broker], "");
+    let rt = runtime();
+    let active = rt.block_on(async {
+        let admin = Admin::connect(&cluster.node(4).native).await.unwrap();
+        let described = admin.describe_cluster().await.unwrap();
+        let brokers: Vec<u32> = described.brokers.iter().map(|b| b.node_id).collect();
+        assert_eq!(brokers, [4, 5], "controllers register as no broker");
+        assert_eq!(described.voters.len(), 3);
+        assert!((1..=3).contains(&described.controller_id));
+        admin
+            .create_topic_replicated("dedicated", 6, Some(2), &[])
+            .await
+            .unwrap();
+        let metadata = admin.metadata(&["dedicated".into()]).await.unwrap();
+        let mut leaders = std::collections::BTreeSet::new();
+        for p in &metadata.topics[0].partitions {
+            let mut replicas = p.replicas.clone();
+            replicas.sort_unstable();
+            assert_eq!(replicas, [4, 5], "replicas on brokers only: {p:?}");
+            leaders.insert(p.leader);
+        }
+        assert_eq!(leaders.into_iter().collect::<Vec<_>>(), [4, 5]);
+        let producer = Producer::connect(&cluster.node(4).native, ProducerConfig::default())
+            .await
+            .unwrap();
+        for i in 0..60 {
+            let delivery = producer
+                .send(ProducerRecord::new("dedicated", format!("v{i}")).key(format!("k{i}")))
+                .await
+                .unwrap();
+            delivery.await.unwrap();
+        }
+        producer.close().await.unwrap();
+        described.controller_id
+    });
+    // Exactly one controller says it is active.
+    let actives: u64 = (1..=3)
+        .map(|id| {
+            metric(
+                &cluster.process(id).http_get("/metrics").1,
+                "cairn_controller_active",
+            )
+        })
+        .sum();
+    assert_eq!(actives, 1);
+    // The active controller dies: another takes over, the brokers keep their registrations
+    // and serve a new topic.
+    cluster.kill9(active);
+    let killed = Instant::now();
+    rt.block_on(async {
+        let admin = Admin::connect(&cluster.bootstrap_except(None))
+            .await
+            .unwrap();
+        loop {
+            match admin
+                .create_topic_replicated("after", 2, Some(2), &[])
+                .await
+            {
+                Ok(()) => break,
+                Err(err) => assert!(killed.elapsed() < Duration::from_secs(30), "{err}"),
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let described = admin.describe_cluster().await.unwrap();
+        assert_ne!(described.controller_id, active);
+        let mut consumer = Consumer::connect(&cluster.node(5).native, ConsumerConfig::default())
+            .await
+            .unwrap();
+        consumer
+            .assign("dedicated", None, Position::Earliest)
+            .await
+            .unwrap();
+        let mut read = 0;
+        while read < 60 {
+            read += consumer.poll().await.unwrap().len();
+            assert!(killed.elapsed() < Duration::from_secs(30), "read {read}");
+        }
+    });
+    println!(
+        "dedicated controllers: active controller {active} killed, CreateTopics served again \
+         after {:?}",
+        killed.elapsed()
     );
 }
 

@@ -12,6 +12,28 @@ use serde::{Deserialize, Serialize};
 
 use crate::topic::TopicDefaults;
 
+/// A role a node plays in the cluster.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NodeRole {
+    /// Leads and follows partitions, serves clients.
+    Broker,
+    /// A voter of the controller quorum.
+    Controller,
+}
+
+impl std::str::FromStr for NodeRole {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<NodeRole, String> {
+        match s.trim() {
+            "broker" => Ok(NodeRole::Broker),
+            "controller" => Ok(NodeRole::Controller),
+            other => Err(format!("{other:?} is not a role (broker or controller)")),
+        }
+    }
+}
+
 /// Everything a broker needs to start.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -35,6 +57,11 @@ pub struct BrokerConfig {
     /// Empty: this node alone, a quorum of one with no controller listener. A node whose id is
     /// in the list is a controller too (combined); the others are brokers that follow it.
     pub controller_quorum: String,
+    /// What this node is (Kafka's `process.roles`): `["broker"]`, `["controller"]` or both.
+    /// Empty (the default): a controller too when its id is in `controller_quorum`, a broker
+    /// always. A controller-only node keeps the metadata log and votes, but leads no partitions
+    /// and serves no clients (dedicated controllers, as large Kafka clusters run them).
+    pub roles: Vec<NodeRole>,
     /// Where this node's controller listens for its peers and for brokers (it must be its own
     /// address in `controller_quorum`); `None` with a quorum of one.
     pub controller_listen: Option<SocketAddr>,
@@ -114,6 +141,7 @@ impl Default for BrokerConfig {
             kafka_advertised: None,
             node_id: 1,
             controller_quorum: String::new(),
+            roles: Vec::new(),
             controller_listen: None,
             rack: None,
             broker_session_timeout_ms: 6_000,
@@ -279,10 +307,34 @@ impl BrokerConfig {
             field: "controller_quorum",
             why,
         })?;
-        if voters.len() > 1
-            && voters.contains_key(&self.node_id)
-            && self.controller_listen.is_none()
-        {
+        let voter = voters.contains_key(&self.node_id);
+        let says_controller = self.roles.contains(&NodeRole::Controller);
+        if !self.roles.is_empty() && voter != says_controller {
+            return Err(ConfigError::Invalid {
+                field: "roles",
+                why: if voter {
+                    format!(
+                        "node {} is a voter in controller_quorum: its roles must include controller",
+                        self.node_id
+                    )
+                } else {
+                    format!(
+                        "node {} has the controller role but is not in controller_quorum",
+                        self.node_id
+                    )
+                },
+            });
+        }
+        if !self.is_broker() && self.controller_listen.is_none() {
+            return Err(ConfigError::Invalid {
+                field: "controller_listen",
+                why: format!(
+                    "node {} is a controller only: brokers reach it at its controller listener",
+                    self.node_id
+                ),
+            });
+        }
+        if voters.len() > 1 && voter && self.controller_listen.is_none() {
             return Err(ConfigError::Invalid {
                 field: "controller_listen",
                 why: format!(
@@ -332,6 +384,11 @@ impl BrokerConfig {
             .unwrap_or(false)
     }
 
+    /// Whether this node is a broker (every node is, unless `roles` says otherwise).
+    pub fn is_broker(&self) -> bool {
+        self.roles.is_empty() || self.roles.contains(&NodeRole::Broker)
+    }
+
     /// `retention_check_interval_ms` as a duration.
     pub fn retention_check_interval(&self) -> Duration {
         Duration::from_millis(self.retention_check_interval_ms)
@@ -345,5 +402,82 @@ impl BrokerConfig {
     /// `shutdown_timeout_ms` as a duration.
     pub fn shutdown_timeout(&self) -> Duration {
         Duration::from_millis(self.shutdown_timeout_ms)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(id: u32, quorum: &str, roles: &[NodeRole], listen: bool) -> BrokerConfig {
+        BrokerConfig {
+            node_id: id,
+            controller_quorum: quorum.into(),
+            roles: roles.to_vec(),
+            controller_listen: listen.then(|| SocketAddr::from(([127, 0, 0, 1], 9093))),
+            ..BrokerConfig::default()
+        }
+    }
+
+    fn invalid_field(config: &BrokerConfig) -> Option<&'static str> {
+        match config.validate() {
+            Err(ConfigError::Invalid { field, .. }) => Some(field),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn roles_follow_the_quorum_unless_set() {
+        let quorum = "1@127.0.0.1:9093,2@127.0.0.1:9094,3@127.0.0.1:9095";
+        let combined = node(1, quorum, &[], true);
+        assert!(combined.validate().is_ok());
+        assert!(combined.is_controller() && combined.is_broker());
+        let follower = node(4, quorum, &[], false);
+        assert!(follower.validate().is_ok());
+        assert!(!follower.is_controller() && follower.is_broker());
+        let dedicated = node(2, quorum, &[NodeRole::Controller], true);
+        assert!(dedicated.validate().is_ok());
+        assert!(dedicated.is_controller() && !dedicated.is_broker());
+        // A voter must say it is a controller; a controller must be a voter.
+        assert_eq!(
+            invalid_field(&node(1, quorum, &[NodeRole::Broker], true)),
+            Some("roles")
+        );
+        assert_eq!(
+            invalid_field(&node(4, quorum, &[NodeRole::Controller], true)),
+            Some("roles")
+        );
+        // Voters of a real quorum, and controller-only nodes, need a controller listener.
+        assert_eq!(
+            invalid_field(&node(1, quorum, &[], false)),
+            Some("controller_listen")
+        );
+        assert_eq!(
+            invalid_field(&node(1, "", &[NodeRole::Controller], false)),
+            Some("controller_listen")
+        );
+        // The zero-configuration default: a quorum of one, combined.
+        let alone = BrokerConfig::default();
+        assert!(alone.validate().is_ok());
+        assert!(alone.is_controller() && alone.is_broker());
+    }
+
+    #[test]
+    fn quorum_text_is_checked() {
+        for bad in ["1@nohost", "x@127.0.0.1:1", "1@a:1,1@b:2", "127.0.0.1:9093"] {
+            assert_eq!(
+                invalid_field(&node(1, bad, &[], true)),
+                Some("controller_quorum"),
+                "{bad}"
+            );
+        }
+        let roles: Result<Vec<NodeRole>, _> = "broker, controller"
+            .split(',')
+            .map(str::parse)
+            .collect();
+        assert_eq!(roles, Ok(vec![NodeRole::Broker, NodeRole::Controller]));
+        assert!("leader".parse::<NodeRole>().is_err());
+        let parsed: BrokerConfig = serde_json::from_str(r#"{"roles": ["controller"]}"#).unwrap();
+        assert_eq!(parsed.roles, [NodeRole::Controller]);
     }
 }

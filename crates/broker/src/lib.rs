@@ -25,6 +25,7 @@
 mod clock;
 mod cluster;
 mod config;
+mod controller_only;
 mod embedded;
 mod error;
 mod group_api;
@@ -51,12 +52,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 pub use clock::{Clock, ManualClock, SystemClock};
-pub use config::{BrokerConfig, ConfigError};
+pub use config::{BrokerConfig, ConfigError, NodeRole};
+pub use controller_only::RunningController;
 pub use error::{BrokerError, error_chain};
 pub use handler::{Handler, Outcome};
 pub use manager::{Host, ManagerError, Topic, TopicManager};
 pub use metadata_log::{METADATA_LOG_DIR, MetadataLog};
-pub use metrics::Metrics;
+pub use metrics::{ClusterMetrics, Metrics};
 pub use partition::{Appended, Isolation, Partition, ReplicaState, Role};
 pub use topic::{TOPIC_CONFIG_KEYS, TopicConfig, TopicDefaults, validate_topic_name};
 
@@ -192,61 +194,18 @@ impl BrokerBuilder {
         let fs = self.fs.unwrap_or_else(|| Arc::new(StdFs));
         let clock = self.clock.unwrap_or_else(|| Arc::new(SystemClock));
         let started = Instant::now();
-        let io = |what: String| move |source| StartError::Io { what, source };
-        fs.create_dir_all(&config.data_dir).map_err(io(format!(
-            "creating data directory {}",
-            config.data_dir.display()
-        )))?;
-        let dir_lock = match fs.lock_dir(&config.data_dir) {
-            Ok(lock) => lock,
-            Err(err) if err.kind() == std::io::ErrorKind::WouldBlock => {
-                return Err(StartError::Locked {
-                    dir: config.data_dir.clone(),
-                });
-            }
-            Err(source) => {
-                return Err(StartError::Io {
-                    what: format!("locking {}", config.data_dir.display()),
-                    source,
-                });
-            }
-        };
-        let listener = TcpListener::bind(config.listen)
-            .await
-            .map_err(io(format!("binding {}", config.listen)))?;
-        let native_addr = listener
-            .local_addr()
-            .map_err(io("reading the listener address".into()))?;
-        let kafka = match config.kafka_listen {
-            Some(addr) => {
-                let listener = TcpListener::bind(addr)
-                    .await
-                    .map_err(io(format!("binding Kafka {addr}")))?;
-                let addr = listener
-                    .local_addr()
-                    .map_err(io("reading the Kafka listener address".into()))?;
-                Some((listener, addr))
-            }
-            None => None,
-        };
-        let http = match config.http_listen {
-            Some(addr) => {
-                let listener = TcpListener::bind(addr)
-                    .await
-                    .map_err(io(format!("binding HTTP {addr}")))?;
-                let addr = listener
-                    .local_addr()
-                    .map_err(io("reading the HTTP address".into()))?;
-                Some((listener, addr))
-            }
-            None => None,
-        };
+        if !config.is_broker() {
+            return Err(StartError::Config(ConfigError::Invalid {
+                field: "roles",
+                why: "a controller-only node starts with BrokerBuilder::start_controller".into(),
+            }));
+        }
+        let dir_lock = open_data_dir(&*fs, &config)?;
+        let (listener, native_addr) = bind(config.listen, "native").await?;
+        let kafka = bind_optional(config.kafka_listen, "Kafka").await?;
+        let http = bind_optional(config.http_listen, "HTTP").await?;
         let controller_listener = match config.controller_listen {
-            Some(addr) if config.is_controller() => Some(
-                TcpListener::bind(addr)
-                    .await
-                    .map_err(io(format!("binding the controller listener {addr}")))?,
-            ),
+            Some(addr) if config.is_controller() => Some(bind(addr, "controller").await?.0),
             _ => None,
         };
         let voters = config.voters().map_err(|why| ConfigError::Invalid {
@@ -281,17 +240,7 @@ impl BrokerBuilder {
         };
         let metadata_log = metadata_log.map_err(|source| StartError::MetadataLog { source })?;
         let manager = Arc::new(manager);
-        let controller_config = cairn_controller::ControllerConfig {
-            node_id: config.node_id,
-            voters: voters.clone(),
-            broker_session_timeout: std::time::Duration::from_millis(
-                config.broker_session_timeout_ms,
-            ),
-            frame_bytes_max: config.controller_frame_bytes_max,
-            partitions_max: config.partitions_max,
-            partitions_per_topic_max: topic::PARTITIONS_PER_TOPIC_MAX,
-            ..cairn_controller::ControllerConfig::default()
-        };
+        let controller_config = controller_config(&config, &voters);
         let metadata_log = metadata_log.map(Arc::new);
         let (controller, client) = match &metadata_log {
             Some(log) => {
@@ -420,10 +369,13 @@ impl BrokerBuilder {
             ));
         }
         let http_addr = http.map(|(listener, addr)| {
+            let state = server::BrokerHttp {
+                handler: Arc::clone(&handler),
+                ready: Arc::clone(&ready),
+            };
             tracker.spawn(server::serve_http(
                 listener,
-                Arc::clone(&handler),
-                Arc::clone(&ready),
+                Arc::new(state),
                 shutdown.clone(),
             ));
             addr
@@ -456,6 +408,68 @@ impl BrokerBuilder {
             compaction,
             _dir_lock: dir_lock,
         })
+    }
+}
+
+/// Creates and locks the data directory; the lock lives as long as the returned value.
+fn open_data_dir(
+    fs: &dyn Fs,
+    config: &BrokerConfig,
+) -> Result<Box<dyn std::any::Any + Send + Sync>, StartError> {
+    let dir = &config.data_dir;
+    fs.create_dir_all(dir).map_err(|source| StartError::Io {
+        what: format!("creating data directory {}", dir.display()),
+        source,
+    })?;
+    match fs.lock_dir(dir) {
+        Ok(lock) => Ok(lock),
+        Err(err) if err.kind() == std::io::ErrorKind::WouldBlock => {
+            Err(StartError::Locked { dir: dir.clone() })
+        }
+        Err(source) => Err(StartError::Io {
+            what: format!("locking {}", dir.display()),
+            source,
+        }),
+    }
+}
+
+/// Binds a listener (`what` names it in errors); returns it with its bound address.
+async fn bind(addr: SocketAddr, what: &str) -> Result<(TcpListener, SocketAddr), StartError> {
+    let bound = async {
+        let listener = TcpListener::bind(addr).await?;
+        let local = listener.local_addr()?;
+        Ok::<_, std::io::Error>((listener, local))
+    };
+    bound.await.map_err(|source| StartError::Io {
+        what: format!("binding the {what} listener {addr}"),
+        source,
+    })
+}
+
+/// Binds an optional listener.
+async fn bind_optional(
+    addr: Option<SocketAddr>,
+    what: &str,
+) -> Result<Option<(TcpListener, SocketAddr)>, StartError> {
+    match addr {
+        Some(addr) => Ok(Some(bind(addr, what).await?)),
+        None => Ok(None),
+    }
+}
+
+/// The controller's settings from the node's.
+fn controller_config(
+    config: &BrokerConfig,
+    voters: &std::collections::BTreeMap<u32, String>,
+) -> cairn_controller::ControllerConfig {
+    cairn_controller::ControllerConfig {
+        node_id: config.node_id,
+        voters: voters.clone(),
+        broker_session_timeout: std::time::Duration::from_millis(config.broker_session_timeout_ms),
+        frame_bytes_max: config.controller_frame_bytes_max,
+        partitions_max: config.partitions_max,
+        partitions_per_topic_max: topic::PARTITIONS_PER_TOPIC_MAX,
+        ..cairn_controller::ControllerConfig::default()
     }
 }
 

@@ -5,6 +5,8 @@ use prometheus::{
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
+use cairn_controller::{ControllerNode, MetadataImage};
+
 use crate::handler::Handler;
 
 /// Every metric of the broker.
@@ -35,6 +37,13 @@ pub struct Metrics {
     pub group_generation: IntGaugeVec,
     /// Completed rebalances, all groups.
     pub group_rebalances: IntCounter,
+    pub cluster: ClusterMetrics,
+}
+
+/// The metadata and controller metrics: a broker's and a controller-only node's.
+#[derive(Debug, Clone)]
+#[allow(missing_docs)]
+pub struct ClusterMetrics {
     pub metadata_applied_offset: IntGauge,
     pub controller_active: IntGauge,
     pub raft_term: IntGauge,
@@ -181,40 +190,7 @@ impl Metrics {
             "Completed group rebalances (join phases that handed out a new generation), all groups.",
         )?;
         registry.register(Box::new(group_rebalances.clone()))?;
-        let gauge = |name: &str, help: &str| -> Result<IntGauge, prometheus::Error> {
-            let metric = IntGauge::new(name, help)?;
-            registry.register(Box::new(metric.clone()))?;
-            Ok(metric)
-        };
-        let metadata_applied_offset = gauge(
-            "cairn_metadata_applied_offset",
-            "The metadata log offset this broker has applied (every record below it).",
-        )?;
-        let controller_active = gauge(
-            "cairn_controller_active",
-            "1 on the active controller, 0 elsewhere: the sum over the cluster should be 1 (Kafka's ActiveControllerCount).",
-        )?;
-        let raft_term = gauge(
-            "cairn_controller_raft_term",
-            "The controller quorum's Raft term as this voter knows it (0 on a node that is not a voter).",
-        )?;
-        let raft_commit_index = gauge(
-            "cairn_controller_raft_commit_index",
-            "The last metadata log index this voter knows committed and applied.",
-        )?;
-        let fenced_brokers = gauge(
-            "cairn_controller_fenced_brokers",
-            "Registered brokers that are fenced; reported by the active controller, 0 elsewhere.",
-        )?;
-        let offline_partitions = gauge(
-            "cairn_controller_offline_partitions",
-            "Partitions without a leader; reported by the active controller, 0 elsewhere.",
-        )?;
-        let leader_elections = IntCounter::new(
-            "cairn_controller_leader_elections_total",
-            "Partition leader elections in the metadata log; reported by the active controller.",
-        )?;
-        registry.register(Box::new(leader_elections.clone()))?;
+        let cluster = ClusterMetrics::new(&registry)?;
         Ok(Metrics {
             registry,
             bytes_in,
@@ -239,13 +215,7 @@ impl Metrics {
             group_members,
             group_generation,
             group_rebalances,
-            metadata_applied_offset,
-            controller_active,
-            raft_term,
-            raft_commit_index,
-            fenced_brokers,
-            offline_partitions,
-            leader_elections,
+            cluster,
         })
     }
 
@@ -323,34 +293,85 @@ impl Metrics {
         String::from_utf8(out).unwrap_or_default()
     }
 
-    /// The metadata and controller gauges. Cluster-wide counts come from the active controller
-    /// only (as Kafka's controller metrics do), so that summing over the cluster counts once.
+    /// This broker's under-replicated partitions (those it leads with a replica out of the
+    /// ISR), and the cluster gauges.
     fn render_cluster(&self, handler: &Handler) {
         let image = handler.manager.image();
         let node = handler.config.node_id;
-        self.metadata_applied_offset
-            .set(i64::try_from(*handler.manager.applied().borrow()).unwrap_or(i64::MAX));
         let under_replicated = image
             .partitions()
             .filter(|(_, _, p)| p.leader == Some(node) && p.isr.len() < p.replicas.len())
             .count();
         self.under_replicated_partitions
             .set(i64::try_from(under_replicated).unwrap_or(i64::MAX));
-        let status = handler.cluster.client.local_node().map(|n| n.status());
-        let active = status.as_ref().is_some_and(|s| s.leader == Some(s.node_id));
+        let applied = *handler.manager.applied().borrow();
+        self.cluster
+            .update(&image, applied, handler.cluster.client.local_node());
+    }
+}
+
+impl ClusterMetrics {
+    /// Registers the metadata and controller metrics in `registry`.
+    pub fn new(registry: &Registry) -> Result<ClusterMetrics, prometheus::Error> {
+        let gauge = |name: &str, help: &str| -> Result<IntGauge, prometheus::Error> {
+            let metric = IntGauge::new(name, help)?;
+            registry.register(Box::new(metric.clone()))?;
+            Ok(metric)
+        };
+        let metadata_applied_offset = gauge(
+            "cairn_metadata_applied_offset",
+            "The metadata log offset this broker has applied (every record below it).",
+        )?;
+        let controller_active = gauge(
+            "cairn_controller_active",
+            "1 on the active controller, 0 elsewhere: the sum over the cluster should be 1 (Kafka's ActiveControllerCount).",
+        )?;
+        let raft_term = gauge(
+            "cairn_controller_raft_term",
+            "The controller quorum's Raft term as this voter knows it (0 on a node that is not a voter).",
+        )?;
+        let raft_commit_index = gauge(
+            "cairn_controller_raft_commit_index",
+            "The last metadata log index this voter knows committed and applied.",
+        )?;
+        let fenced_brokers = gauge(
+            "cairn_controller_fenced_brokers",
+            "Registered brokers that are fenced; reported by the active controller, 0 elsewhere.",
+        )?;
+        let offline_partitions = gauge(
+            "cairn_controller_offline_partitions",
+            "Partitions without a leader; reported by the active controller, 0 elsewhere.",
+        )?;
+        let leader_elections = IntCounter::new(
+            "cairn_controller_leader_elections_total",
+            "Partition leader elections in the metadata log; reported by the active controller.",
+        )?;
+        registry.register(Box::new(leader_elections.clone()))?;
+        Ok(ClusterMetrics {
+            metadata_applied_offset,
+            controller_active,
+            raft_term,
+            raft_commit_index,
+            fenced_brokers,
+            offline_partitions,
+            leader_elections,
+        })
+    }
+
+    /// Refreshes every gauge: `applied` is the metadata offset this node has applied,
+    /// `controller` its voter if it is one. Cluster-wide counts come from the active controller
+    /// only (as Kafka's controller metrics do), so that summing over the cluster counts once.
+    pub fn update(&self, image: &MetadataImage, applied: u64, controller: Option<&ControllerNode>) {
         let as_i64 = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+        self.metadata_applied_offset.set(as_i64(applied));
+        let status = controller.map(ControllerNode::status);
+        let active = status.as_ref().is_some_and(|s| s.leader == Some(s.node_id));
         self.controller_active.set(i64::from(active));
         self.raft_term
             .set(status.as_ref().map_or(0, |s| as_i64(s.term)));
         self.raft_commit_index
             .set(status.as_ref().and_then(|s| s.committed).map_or(0, as_i64));
-        let count = |n: usize| {
-            if active {
-                i64::try_from(n).unwrap_or(i64::MAX)
-            } else {
-                0
-            }
-        };
+        let count = |n: usize| if active { as_i64(n as u64) } else { 0 };
         self.fenced_brokers.set(count(image.fenced_brokers()));
         self.offline_partitions
             .set(count(image.offline_partitions()));

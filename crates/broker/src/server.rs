@@ -227,11 +227,34 @@ async fn write_frame<W: AsyncWriteExt + Unpin>(
     Ok(())
 }
 
+/// What the HTTP endpoint reports: a broker's or a controller-only node's.
+pub(crate) trait HttpState: Send + Sync + 'static {
+    /// The Prometheus text exposition.
+    fn metrics(&self) -> String;
+    /// Whether the node serves as the metadata says (`/ready`).
+    fn ready(&self) -> bool;
+}
+
+/// A broker: its handler's metrics, ready once registered, caught up and unfenced.
+pub(crate) struct BrokerHttp {
+    pub(crate) handler: Arc<Handler>,
+    pub(crate) ready: Arc<AtomicBool>,
+}
+
+impl HttpState for BrokerHttp {
+    fn metrics(&self) -> String {
+        self.handler.metrics.render(&self.handler)
+    }
+
+    fn ready(&self) -> bool {
+        self.ready.load(Ordering::Relaxed)
+    }
+}
+
 /// Serves `/metrics`, `/health` and `/ready` until `shutdown`.
 pub(crate) async fn serve_http(
     listener: TcpListener,
-    handler: Arc<Handler>,
-    ready: Arc<AtomicBool>,
+    state: Arc<dyn HttpState>,
     shutdown: CancellationToken,
 ) {
     loop {
@@ -242,8 +265,7 @@ pub(crate) async fn serve_http(
             },
             () = shutdown.cancelled() => return,
         };
-        let handler = Arc::clone(&handler);
-        let ready = Arc::clone(&ready);
+        let state = Arc::clone(&state);
         tokio::spawn(async move {
             // A request line and headers, bounded in size and time.
             let mut buf = vec![0u8; 8192];
@@ -271,15 +293,9 @@ pub(crate) async fn serve_http(
             let head = String::from_utf8_lossy(buf.get(..used).unwrap_or_default()).into_owned();
             let path = head.split_whitespace().nth(1).unwrap_or("/");
             let (status, content_type, body) = match path {
-                "/metrics" => (
-                    "200 OK",
-                    "text/plain; version=0.0.4",
-                    handler.metrics.render(&handler),
-                ),
+                "/metrics" => ("200 OK", "text/plain; version=0.0.4", state.metrics()),
                 "/health" => ("200 OK", "text/plain", "ok\n".to_string()),
-                "/ready" if ready.load(Ordering::Relaxed) => {
-                    ("200 OK", "text/plain", "ready\n".to_string())
-                }
+                "/ready" if state.ready() => ("200 OK", "text/plain", "ready\n".to_string()),
                 "/ready" => (
                     "503 Service Unavailable",
                     "text/plain",

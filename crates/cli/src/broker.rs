@@ -37,6 +37,10 @@ pub struct BrokerArgs {
     /// Where this node's controller listens (its own address in --controller-quorum).
     #[arg(long, env = "CAIRN_CONTROLLER_LISTEN")]
     controller_listen: Option<SocketAddr>,
+    /// This node's roles: broker, controller, or broker,controller [default: a controller too
+    /// when its id is in --controller-quorum, a broker always].
+    #[arg(long, env = "CAIRN_ROLES", value_delimiter = ',')]
+    roles: Option<Vec<cairn_broker::NodeRole>>,
     /// This broker's rack, for rack-aware replica placement.
     #[arg(long, env = "CAIRN_RACK")]
     rack: Option<String>,
@@ -67,6 +71,9 @@ pub async fn run(args: BrokerArgs) -> anyhow::Result<()> {
     if let Some(addr) = args.controller_listen {
         config.controller_listen = Some(addr);
     }
+    if let Some(roles) = args.roles {
+        config.roles = roles;
+    }
     if let Some(rack) = args.rack {
         config.rack = Some(rack);
     }
@@ -84,6 +91,24 @@ pub async fn run(args: BrokerArgs) -> anyhow::Result<()> {
     }
     if let Some(advertised) = args.kafka_advertised {
         config.kafka_advertised = Some(advertised);
+    }
+    if !config.is_broker() {
+        let controller = Broker::builder()
+            .config(config)
+            .start_controller()
+            .await
+            .context("starting the controller")?;
+        eprintln!(
+            "cairn controller listening on {} (controller){}",
+            controller.controller_addr(),
+            controller
+                .http_addr()
+                .map(|a| format!(", http://{a}/metrics"))
+                .unwrap_or_default()
+        );
+        wait_for_signal().await?;
+        controller.shutdown().await;
+        return Ok(());
     }
     let broker = Broker::builder()
         .config(config)

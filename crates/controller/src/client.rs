@@ -168,6 +168,11 @@ impl ControllerClient {
                 Err(CommandError::Unavailable(why)) => last_error = why,
                 Err(refused) => return Err(refused),
                 Ok((reply, offset)) => {
+                    // Whoever carried it out is the active controller (found by rotation when
+                    // no hint was known).
+                    if self.inner.local.is_none() {
+                        *self.hint() = target;
+                    }
                     // Read your writes: this node's image reaches what the controller applied.
                     let mut feed = self.subscribe();
                     let caught_up = feed.wait_for(|image| image.offset >= offset);
