@@ -471,10 +471,8 @@ mod tests {
                 "{bad}"
             );
         }
-        let roles: Result<Vec<NodeRole>, _> = "broker, controller"
-            .split(',')
-            .map(str::parse)
-            .collect();
+        let roles: Result<Vec<NodeRole>, _> =
+            "broker, controller".split(',').map(str::parse).collect();
         assert_eq!(roles, Ok(vec![NodeRole::Broker, NodeRole::Controller]));
         assert!("leader".parse::<NodeRole>().is_err());
         let parsed: BrokerConfig = serde_json::from_str(r#"{"roles": ["controller"]}"#).unwrap();

@@ -647,7 +647,7 @@ impl Handler {
                         Some(topic) => result.with_configs(
                             topic
                                 .config
-                                .describe(self.manager.defaults())
+                                .describe(self.manager.defaults(), topic.replication_factor)
                                 .into_iter()
                                 .filter(|(key, _, _)| wanted(key))
                                 .map(|(key, value, is_default)| {

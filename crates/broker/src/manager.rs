@@ -51,6 +51,8 @@ pub struct Topic {
     pub config: TopicConfig,
     /// Creation time, Unix ms.
     pub created_ms: i64,
+    /// Replicas per partition (its first partition's, as Kafka reports it).
+    pub replication_factor: usize,
     /// Every partition by index: hosted here, or elsewhere (`None`).
     partitions: Vec<Option<Arc<Partition>>>,
 }
@@ -285,6 +287,7 @@ impl TopicManager {
             id: found.id,
             config,
             created_ms: found.created_ms,
+            replication_factor: found.partitions.first().map_or(1, |p| p.replicas.len()),
             partitions,
         }
     }

@@ -203,7 +203,7 @@ impl Handler {
                     error_message: String::new(),
                     configs: topic
                         .config
-                        .describe(defaults)
+                        .describe(defaults, topic.replication_factor)
                         .into_iter()
                         .map(|(key, value, is_default)| DescribedConfig {
                             key,

@@ -102,11 +102,18 @@ pub const TOPIC_CONFIG_KEYS: &[&str] = &[
     "flush.ms",
     "max.message.bytes",
     "min.cleanable.dirty.ratio",
+    "min.insync.replicas",
     "retention.bytes",
     "retention.ms",
     "segment.bytes",
     "segment.ms",
 ];
+
+/// `min.insync.replicas` of a topic without the override: two copies where there are two
+/// (Kafka's default is one, which lets acks=all be acknowledged by a lone leader).
+pub fn min_insync_replicas_default(replication_factor: usize) -> usize {
+    replication_factor.clamp(1, 2)
+}
 
 /// Whether `name` is a legal topic name: 1..=249 bytes of `[a-zA-Z0-9._-]`, not `.` or `..`.
 pub fn validate_topic_name(name: &str) -> Result<(), String> {
@@ -145,8 +152,21 @@ impl TopicConfig {
         Ok(config)
     }
 
-    /// Every key with its effective value and whether it is the default.
-    pub fn describe(&self, defaults: &TopicDefaults) -> Vec<(String, String, bool)> {
+    /// `min.insync.replicas`: how many in-sync replicas an acks=all produce needs.
+    pub fn min_insync_replicas(&self, replication_factor: usize) -> usize {
+        self.overrides
+            .get("min.insync.replicas")
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| min_insync_replicas_default(replication_factor))
+    }
+
+    /// Every key with its effective value and whether it is the default, for a topic with
+    /// `replication_factor` replicas per partition.
+    pub fn describe(
+        &self,
+        defaults: &TopicDefaults,
+        replication_factor: usize,
+    ) -> Vec<(String, String, bool)> {
         let default_of = |key: &str| -> String {
             match key {
                 "cleanup.policy" => "delete".into(),
@@ -159,6 +179,9 @@ impl TopicConfig {
                 "retention.ms" => defaults.retention_ms.to_string(),
                 "segment.bytes" => defaults.segment_bytes.to_string(),
                 "segment.ms" => defaults.segment_ms.to_string(),
+                "min.insync.replicas" => {
+                    min_insync_replicas_default(replication_factor).to_string()
+                }
                 _ => String::new(),
             }
         };
@@ -248,6 +271,7 @@ impl TopicConfig {
             cairn_protocol::batch::BATCH_HEADER_BYTES as i64,
             BATCH_BYTES_MAX.into(),
         )?;
+        int("min.insync.replicas", 1, 1, i64::from(i16::MAX))?;
         let flush_ms = int("flush.ms", defaults.flush_ms, -1, i64::MAX)?;
         let flush_messages = int("flush.messages", i64::MAX, 1, i64::MAX)?;
         if flush_messages != 1 && flush_messages != i64::MAX {
@@ -299,7 +323,13 @@ mod tests {
         let log = config.resolve(&defaults).unwrap();
         assert_eq!(log.retention_age, Some(Duration::from_secs(60)));
         assert_eq!(log.flush, FlushPolicy::EveryAppend);
-        let described = config.describe(&defaults);
+        let described = config.describe(&defaults, 3);
+        assert!(described.contains(&("min.insync.replicas".into(), "2".into(), true)));
+        assert_eq!(config.min_insync_replicas(1), 1);
+        assert_eq!(config.min_insync_replicas(5), 2);
+        let overrides = BTreeMap::from([("min.insync.replicas".to_string(), "3".to_string())]);
+        let safety = TopicConfig::new(overrides, &defaults).unwrap();
+        assert_eq!(safety.min_insync_replicas(5), 3);
         assert!(described.contains(&("retention.ms".into(), "60000".into(), false)));
         assert!(described.contains(&("cleanup.policy".into(), "delete".into(), true)));
         let ratio = BTreeMap::from([("min.cleanable.dirty.ratio".to_string(), "0.1".to_string())]);
@@ -328,6 +358,7 @@ mod tests {
             ("nope", "1"),
             ("segment.bytes", "10"),
             ("retention.ms", "soon"),
+            ("min.insync.replicas", "0"),
             ("cleanup.policy", "compacted"),
             ("delete.retention.ms", "-5"),
             ("min.cleanable.dirty.ratio", "1.5"),

@@ -115,11 +115,18 @@ pub async fn run(bootstrap: &str, output: Output, command: TopicCommand) -> anyh
             match output {
                 Output::Table => {
                     writeln!(out, "topic {}", topic.name)?;
-                    writeln!(out, "\n{:<24} {:<24} SOURCE", "CONFIG", "VALUE")?;
+                    let width = topic
+                        .configs
+                        .iter()
+                        .map(|c| c.key.len())
+                        .max()
+                        .unwrap_or(0)
+                        .max(24);
+                    writeln!(out, "\n{:<width$} {:<24} SOURCE", "CONFIG", "VALUE")?;
                     for config in &topic.configs {
                         writeln!(
                             out,
-                            "{:<24} {:<24} {}",
+                            "{:<width$} {:<24} {}",
                             config.key,
                             config.value,
                             if config.is_default {

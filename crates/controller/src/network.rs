@@ -18,6 +18,9 @@ use crate::rpc::{Request, Response, RpcClient, RpcError};
 pub struct Network {
     /// Largest frame sent or received.
     pub frame_bytes_max: u32,
+    /// The configured voters' addresses: they win over the addresses the membership was formed
+    /// with, so that a voter can move (every node's configuration changed, then restarted).
+    pub voters: std::collections::BTreeMap<crate::records::NodeId, String>,
 }
 
 /// The client of one peer.
@@ -31,9 +34,13 @@ impl RaftNetworkFactory<TypeConfig> for Network {
     type Network = Peer;
 
     async fn new_client(&mut self, target: u64, node: &BasicNode) -> Peer {
+        let configured = crate::records::NodeId::try_from(target)
+            .ok()
+            .and_then(|id| self.voters.get(&id));
+        let addr = configured.unwrap_or(&node.addr).clone();
         Peer {
             target,
-            client: RpcClient::new(node.addr.clone(), self.frame_bytes_max),
+            client: RpcClient::new(addr, self.frame_bytes_max),
         }
     }
 }

@@ -160,6 +160,7 @@ impl ControllerNode {
         .map_err(|e| StartError::Config(e.to_string()))?;
         let network = crate::network::Network {
             frame_bytes_max: config.frame_bytes_max,
+            voters: config.voters.clone(),
         };
         let raft = Raft::new(
             u64::from(config.node_id),
@@ -179,7 +180,22 @@ impl ControllerNode {
             .is_initialized()
             .await
             .map_err(|e| StartError::Raft(e.to_string()))?;
-        if !formed {
+        if formed {
+            // The quorum is static: its voters are fixed when it forms. Their addresses come
+            // from the configuration (a voter may move), their ids must not change.
+            let stored: Vec<u64> = raft
+                .with_raft_state(|st| st.membership_state.effective().voter_ids().collect())
+                .await
+                .map_err(|e| StartError::Raft(e.to_string()))?;
+            let configured: Vec<u64> = members.keys().copied().collect();
+            if stored != configured {
+                let _ = raft.shutdown().await;
+                return Err(StartError::Config(format!(
+                    "controller_quorum lists voters {configured:?}, but the quorum in the metadata \
+                     log was formed with {stored:?}; the voters cannot change"
+                )));
+            }
+        } else {
             match raft.initialize(members).await {
                 Ok(()) => {
                     tracing::info!(node_id = config.node_id, voters = ?config.voters.keys(), "metadata quorum formed")

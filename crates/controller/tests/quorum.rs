@@ -126,6 +126,21 @@ async fn a_quorum_of_one_commits_and_keeps_its_metadata_across_a_restart() {
     assert_eq!(image.partition("orders", 2).unwrap().leader, None);
     node.shutdown().await;
 
+    // The voters are fixed when the quorum forms: the same log under another voter set is
+    // refused, not silently run with a quorum nobody configured.
+    let other_voters = ControllerConfig {
+        voters: BTreeMap::from([(1, "127.0.0.1:1".into()), (2, "127.0.0.1:2".into())]),
+        ..ControllerConfig::default()
+    };
+    let refused = ControllerNode::start(other_voters, Arc::clone(&store), None)
+        .await
+        .unwrap_err();
+    assert!(
+        refused.to_string().contains("cannot change")
+            || format!("{refused:?}").contains("cannot change"),
+        "{refused:?}"
+    );
+
     let restarted = Instant::now();
     let node = ControllerNode::start(ControllerConfig::default(), store, None)
         .await
