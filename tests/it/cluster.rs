@@ -508,6 +508,92 @@ fn dedicated_controllers_vote_and_brokers_alone_hold_partitions() {
 }
 
 #[test]
+fn a_single_node_grows_into_a_cluster_and_keeps_its_topics() {
+    let dir = tempfile::tempdir().unwrap();
+    let (native1, kafka1, controller1) = (free_port(), free_port(), free_port());
+    let first = BrokerProcess::start_with(&dir.path().join("node-1"), "", &native1, &kafka1, &[]);
+    let rt = runtime();
+    rt.block_on(async {
+        let admin = Admin::connect(&native1).await.unwrap();
+        admin.create_topic("before", 2, &[]).await.unwrap();
+        let producer = Producer::connect(&native1, ProducerConfig::default())
+            .await
+            .unwrap();
+        for i in 0..20 {
+            let record = ProducerRecord::new("before", format!("v{i}")).partition(i % 2);
+            producer.send(record).await.unwrap().await.unwrap();
+        }
+        producer.close().await.unwrap();
+    });
+    assert!(first.terminate().success());
+    // The same single voter, now reachable, and a second node that joins as a broker.
+    let quorum = format!("1@{controller1}");
+    let voter = [
+        "--controller-quorum".to_string(),
+        quorum.clone(),
+        "--controller-listen".to_string(),
+        controller1.clone(),
+    ];
+    let first =
+        BrokerProcess::start_with(&dir.path().join("node-1"), "", &native1, &kafka1, &voter);
+    let joining = [
+        "--node-id".to_string(),
+        "2".to_string(),
+        "--controller-quorum".to_string(),
+        quorum,
+    ];
+    let second = BrokerProcess::start_with(
+        &dir.path().join("node-2"),
+        "",
+        &free_port(),
+        &free_port(),
+        &joining,
+    );
+    rt.block_on(async {
+        let admin = Admin::connect(&second.addr).await.unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let described = admin.describe_cluster().await.unwrap();
+            if described.brokers.len() == 2 {
+                assert_eq!(described.controller_id, 1);
+                break;
+            }
+            assert!(Instant::now() < deadline, "{described:?}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        admin
+            .create_topic_replicated("after", 4, None, &[])
+            .await
+            .unwrap();
+        let placed = leaders(&admin, "after").await;
+        let nodes: std::collections::BTreeSet<u32> = placed.values().flatten().copied().collect();
+        assert_eq!(nodes.into_iter().collect::<Vec<_>>(), [1, 2], "{placed:?}");
+        let metadata = admin.metadata(&["after".into()]).await.unwrap();
+        assert!(
+            metadata.topics[0]
+                .partitions
+                .iter()
+                .all(|p| p.replicas.len() == 2),
+            "default replication factor min(3, brokers) = 2"
+        );
+        // The old topic's records, read through the new broker.
+        let mut consumer = Consumer::connect(&second.addr, ConsumerConfig::default())
+            .await
+            .unwrap();
+        consumer
+            .assign("before", None, Position::Earliest)
+            .await
+            .unwrap();
+        let mut read = 0;
+        while read < 20 {
+            read += consumer.poll().await.unwrap().len();
+            assert!(Instant::now() < deadline, "read {read}");
+        }
+    });
+    drop((first, second));
+}
+
+#[test]
 fn the_active_controller_is_replaced_within_seconds_and_the_whole_cluster_restarts_intact() {
     let mut cluster = TestCluster::start(3, "");
     let rt = runtime();

@@ -38,6 +38,9 @@ pub struct Metrics {
     /// Completed rebalances, all groups.
     pub group_rebalances: IntCounter,
     pub cluster: ClusterMetrics,
+    /// One render at a time: a render resets gauges and tops counters up to a total, which two
+    /// concurrent scrapes would interleave (a reset under another's encoding, a double top-up).
+    render_lock: std::sync::Arc<std::sync::Mutex<()>>,
 }
 
 /// The metadata and controller metrics: a broker's and a controller-only node's.
@@ -51,6 +54,8 @@ pub struct ClusterMetrics {
     pub fenced_brokers: IntGauge,
     pub offline_partitions: IntGauge,
     pub leader_elections: IntCounter,
+    /// One update at a time (the election counter is topped up to the image's total).
+    update_lock: std::sync::Arc<std::sync::Mutex<()>>,
 }
 
 /// Latency buckets from 50 µs to 10 s.
@@ -216,6 +221,7 @@ impl Metrics {
             group_generation,
             group_rebalances,
             cluster,
+            render_lock: Default::default(),
         })
     }
 
@@ -231,6 +237,10 @@ impl Metrics {
     /// The text exposition of every metric, partition, group and cluster gauges refreshed from
     /// the broker's state.
     pub(crate) fn render(&self, handler: &Handler) -> String {
+        let _one = self
+            .render_lock
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let (manager, offsets, groups) = (&handler.manager, &handler.offsets, &handler.groups);
         self.render_cluster(handler);
         self.group_lag.reset();
@@ -355,6 +365,7 @@ impl ClusterMetrics {
             fenced_brokers,
             offline_partitions,
             leader_elections,
+            update_lock: Default::default(),
         })
     }
 
@@ -362,6 +373,10 @@ impl ClusterMetrics {
     /// `controller` its voter if it is one. Cluster-wide counts come from the active controller
     /// only (as Kafka's controller metrics do), so that summing over the cluster counts once.
     pub fn update(&self, image: &MetadataImage, applied: u64, controller: Option<&ControllerNode>) {
+        let _one = self
+            .update_lock
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let as_i64 = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
         self.metadata_applied_offset.set(as_i64(applied));
         let status = controller.map(ControllerNode::status);
