@@ -102,7 +102,7 @@ impl BrokerProcess {
             .arg("--config")
             .arg(&config)
             .args(extra)
-            .env("RUST_LOG", "info")
+            .env("RUST_LOG", "info,openraft=off")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(stderr)

@@ -448,7 +448,7 @@ impl Handler {
                     .collect(),
             )
             .with_cluster_id(Some(s("cairn")))
-            .with_controller_id(kp::BrokerId(view.controller_id as i32))
+            .with_controller_id(kp::BrokerId(self.kafka_controller_id(view.controller_id)))
             .with_topics(
                 view.topics
                     .into_iter()
@@ -947,6 +947,19 @@ impl Handler {
         kp::CreatePartitionsResponse::default().with_results(results)
     }
 
+    /// The controller id Kafka clients are told: older clients send CreateTopics and the like
+    /// to it, so it must be a broker they can reach. Any broker carries such requests to the
+    /// active controller (as KRaft brokers forward them), so: the active controller when it is a
+    /// live broker, else this broker.
+    fn kafka_controller_id(&self, active: u32) -> i32 {
+        let node = if self.manager.image().is_live(active) {
+            active
+        } else {
+            self.config.node_id
+        };
+        i32::try_from(node).unwrap_or(-1)
+    }
+
     fn kafka_describe_cluster(
         &self,
         r: &kreq::DescribeClusterRequest,
@@ -955,7 +968,7 @@ impl Handler {
         let response = kp::DescribeClusterResponse::default()
             .with_cluster_id(s("cairn"))
             .with_controller_id(kp::BrokerId(
-                self.cluster.client.leader().map_or(-1, |id| id as i32),
+                self.kafka_controller_id(self.cluster.client.leader().unwrap_or(u32::MAX)),
             ))
             .with_cluster_authorized_operations(i32::MIN)
             .with_endpoint_type(r.endpoint_type);

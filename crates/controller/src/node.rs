@@ -99,6 +99,12 @@ struct Liveness {
     term: u64,
     /// Per broker: (broker epoch, last heartbeat).
     seen: HashMap<NodeId, (u64, Instant)>,
+    /// Per broker: the controller connection its last heartbeat came on.
+    via: HashMap<NodeId, u64>,
+    /// Brokers (node, broker epoch) whose heartbeat connection closed and that have not
+    /// heartbeated since, with the term it closed in: fenced at the next duty tick instead of
+    /// after their session.
+    disconnected: HashMap<(NodeId, u64), u64>,
 }
 
 /// A running controller. Cheap to clone.
@@ -120,6 +126,8 @@ struct Inner {
     raft: Raft,
     machine: StateMachine,
     liveness: Mutex<Liveness>,
+    /// Numbers the controller wire's connections.
+    next_connection: std::sync::atomic::AtomicU64,
     stopped: watch::Sender<bool>,
 }
 
@@ -212,6 +220,7 @@ impl ControllerNode {
                 raft,
                 machine,
                 liveness: Mutex::new(Liveness::default()),
+                next_connection: std::sync::atomic::AtomicU64::new(0),
                 stopped,
             }),
         };
@@ -436,7 +445,39 @@ impl ControllerNode {
     }
 
     fn saw(&self, node: NodeId, epoch: u64) {
-        self.liveness().seen.insert(node, (epoch, Instant::now()));
+        let mut liveness = self.liveness();
+        liveness.seen.insert(node, (epoch, Instant::now()));
+        liveness.disconnected.retain(|(n, _), _| *n != node);
+    }
+
+    /// A broker's command succeeded on connection `connection`: its heartbeats come there.
+    fn carried(&self, node: NodeId, connection: u64) {
+        self.liveness().via.insert(node, connection);
+    }
+
+    /// Connection `connection` closed: the brokers whose heartbeats came on it are fenced at
+    /// once (a process that died closed its sockets), unless they heartbeat again first on
+    /// another connection.
+    fn closed(&self, connection: u64) {
+        if !self.is_active() {
+            return;
+        }
+        let image = self.image();
+        let term = self.inner.raft.metrics().borrow().current_term;
+        let mut liveness = self.liveness();
+        let gone: Vec<NodeId> = liveness
+            .via
+            .iter()
+            .filter(|(_, c)| **c == connection)
+            .map(|(n, _)| *n)
+            .collect();
+        for node in gone {
+            liveness.via.remove(&node);
+            if let Some(broker) = image.brokers.get(&node).filter(|b| !b.fenced) {
+                tracing::info!(node, "broker's controller connection closed");
+                liveness.disconnected.insert((node, broker.epoch), term);
+            }
+        }
     }
 
     async fn register(&self, info: crate::records::BrokerInfo) -> Result<Reply, CommandError> {
@@ -698,6 +739,9 @@ impl ControllerNode {
                 if liveness.term != term {
                     // A new leadership knows no heartbeat yet: every broker gets a full session.
                     liveness.term = term;
+                    // Closes seen while leading an earlier term are stale; those of this term
+                    // (seen before this first tick) count.
+                    liveness.disconnected.retain(|_, t| *t == term);
                     let now = Instant::now();
                     liveness.seen = image
                         .brokers
@@ -710,18 +754,31 @@ impl ControllerNode {
                     .live_brokers()
                     .filter(|b| {
                         liveness
-                            .seen
-                            .get(&b.info.node_id)
-                            .filter(|(epoch, _)| *epoch == b.epoch)
-                            .is_none_or(|(_, at)| at.elapsed() >= session)
+                            .disconnected
+                            .contains_key(&(b.info.node_id, b.epoch))
+                            || liveness
+                                .seen
+                                .get(&b.info.node_id)
+                                .filter(|(epoch, _)| *epoch == b.epoch)
+                                .is_none_or(|(_, at)| at.elapsed() >= session)
                     })
                     .map(|b| (b.info.node_id, b.epoch))
                     .collect::<Vec<_>>()
             };
             for (node, epoch) in expired {
                 let image = self.image();
+                let why = if self
+                    .liveness()
+                    .disconnected
+                    .remove(&(node, epoch))
+                    .is_some()
+                {
+                    "its controller connection closed"
+                } else {
+                    "silent past its session"
+                };
                 match self.commit(fence_records(&image, node, epoch)).await {
-                    Ok(_) => tracing::warn!(node, "broker silent past its session: fenced"),
+                    Ok(_) => tracing::warn!(node, why, "broker fenced"),
                     Err(err) => tracing::debug!(node, error = %err, "fencing failed; retrying"),
                 }
             }
@@ -772,18 +829,36 @@ impl ControllerNode {
         }
     }
 
-    async fn connection(&self, mut stream: tokio::net::TcpStream) -> std::io::Result<()> {
-        let max = self.inner.config.frame_bytes_max;
+    async fn connection(&self, stream: tokio::net::TcpStream) -> std::io::Result<()> {
+        let id = self
+            .inner
+            .next_connection
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let mut stopped = self.inner.stopped.subscribe();
+        let result = tokio::select! {
+            result = self.exchange(stream, id) => result,
+            _ = stopped.changed() => return Ok(()),
+        };
+        self.closed(id);
+        result
+    }
+
+    /// Requests and responses on connection `id` until it closes.
+    async fn exchange(&self, mut stream: tokio::net::TcpStream, id: u64) -> std::io::Result<()> {
+        let max = self.inner.config.frame_bytes_max;
         loop {
-            let request: Request = tokio::select! {
-                read = read_frame(&mut stream, max) => match read? {
-                    Some(request) => request,
-                    None => return Ok(()),
-                },
-                _ = stopped.changed() => return Ok(()),
+            let Some(request) = read_frame::<Request>(&mut stream, max).await? else {
+                return Ok(());
+            };
+            let broker = match &request {
+                Request::Command(Command::Heartbeat { node_id, .. }) => Some(*node_id),
+                Request::Command(Command::Register(info)) => Some(info.node_id),
+                _ => None,
             };
             let response = self.handle(request).await;
+            if let (Some(node), Response::Command(Ok(_))) = (broker, &response) {
+                self.carried(node, id);
+            }
             write_frame(&mut stream, &response, max).await?;
         }
     }
