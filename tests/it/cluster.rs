@@ -26,7 +26,7 @@ use crate::broker_process::{BrokerProcess, free_port};
 
 /// What a node of a test cluster is.
 #[derive(Clone, Copy, PartialEq, Eq)]
-enum Roles {
+pub(crate) enum Roles {
     /// A broker and a voter.
     Combined,
     /// A voter only.
@@ -36,18 +36,18 @@ enum Roles {
 }
 
 /// One node of a test cluster: its addresses and data directory, and its process while it runs.
-struct Node {
+pub(crate) struct Node {
     id: u32,
     roles: Roles,
     dir: PathBuf,
-    native: String,
-    kafka: String,
+    pub(crate) native: String,
+    pub(crate) kafka: String,
     controller: String,
     process: Option<BrokerProcess>,
 }
 
 /// Nodes 1..=N: brokers, controller voters, or both.
-struct TestCluster {
+pub(crate) struct TestCluster {
     nodes: Vec<Node>,
     quorum: String,
     toml: String,
@@ -57,12 +57,12 @@ struct TestCluster {
 impl TestCluster {
     /// Starts `n` nodes with `toml` settings and waits until each is ready (registered and
     /// unfenced). Node 1 starts alone first: without a quorum it must not say it is ready.
-    fn start(n: u32, toml: &str) -> TestCluster {
+    pub(crate) fn start(n: u32, toml: &str) -> TestCluster {
         TestCluster::start_roles(&vec![Roles::Combined; n as usize], toml)
     }
 
     /// Starts nodes 1.. with `roles`, node 1 first (it must be a voter).
-    fn start_roles(roles: &[Roles], toml: &str) -> TestCluster {
+    pub(crate) fn start_roles(roles: &[Roles], toml: &str) -> TestCluster {
         let n = roles.len() as u32;
         let dir = tempfile::tempdir().unwrap();
         let nodes: Vec<Node> = (1..=n)
@@ -106,15 +106,15 @@ impl TestCluster {
         cluster
     }
 
-    fn node(&self, id: u32) -> &Node {
+    pub(crate) fn node(&self, id: u32) -> &Node {
         &self.nodes[id as usize - 1]
     }
 
-    fn process(&self, id: u32) -> &BrokerProcess {
+    pub(crate) fn process(&self, id: u32) -> &BrokerProcess {
         self.node(id).process.as_ref().unwrap()
     }
 
-    fn start_node(&mut self, id: u32) {
+    pub(crate) fn start_node(&mut self, id: u32) {
         let quorum = self.quorum.clone();
         let toml = self.toml.clone();
         let node = &mut self.nodes[id as usize - 1];
@@ -136,7 +136,7 @@ impl TestCluster {
     }
 
     /// Waits until node `id` says `/ready` (registered, caught up, unfenced).
-    fn wait_ready(&self, id: u32) {
+    pub(crate) fn wait_ready(&self, id: u32) {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             let (status, _) = self.process(id).http_get("/ready");
@@ -152,14 +152,14 @@ impl TestCluster {
         }
     }
 
-    fn kill9(&mut self, id: u32) {
+    pub(crate) fn kill9(&mut self, id: u32) {
         if let Some(process) = self.nodes[id as usize - 1].process.take() {
             process.kill9();
         }
     }
 
     /// The native addresses of every running broker but `except`, comma-separated.
-    fn bootstrap_except(&self, except: Option<u32>) -> String {
+    pub(crate) fn bootstrap_except(&self, except: Option<u32>) -> String {
         self.nodes
             .iter()
             .filter(|n| Some(n.id) != except && n.process.is_some())
@@ -170,14 +170,14 @@ impl TestCluster {
     }
 }
 
-fn tail(log: &std::path::Path) -> String {
+pub(crate) fn tail(log: &std::path::Path) -> String {
     let text = std::fs::read_to_string(log).unwrap_or_default();
     let lines: Vec<&str> = text.lines().collect();
     lines[lines.len().saturating_sub(30)..].join("\n")
 }
 
 /// An unlabelled metric's value in a Prometheus text exposition (0 when absent).
-fn metric(exposition: &str, name: &str) -> u64 {
+pub(crate) fn metric(exposition: &str, name: &str) -> u64 {
     exposition
         .lines()
         .find_map(|line| {
@@ -191,7 +191,7 @@ fn metric(exposition: &str, name: &str) -> u64 {
 
 /// The active controller, once the answering broker knows it (right after an election, or on a
 /// broker-only node before its next heartbeat, it may not).
-async fn active_controller(admin: &Admin) -> u32 {
+pub(crate) async fn active_controller(admin: &Admin) -> u32 {
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
         let described = admin.describe_cluster().await.unwrap();
@@ -207,7 +207,7 @@ async fn active_controller(admin: &Admin) -> u32 {
 }
 
 /// Each partition's leader, from the metadata.
-async fn leaders(admin: &Admin, topic: &str) -> BTreeMap<u32, Option<u32>> {
+pub(crate) async fn leaders(admin: &Admin, topic: &str) -> BTreeMap<u32, Option<u32>> {
     let metadata = admin.metadata(&[topic.to_string()]).await.unwrap();
     metadata.topics[0]
         .partitions

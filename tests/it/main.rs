@@ -15,4 +15,5 @@ mod log_basics;
 mod log_model;
 mod power_loss;
 mod recovery_fixtures;
+mod replication;
 mod support;

@@ -54,6 +54,11 @@ impl Cluster {
         }
     }
 
+    /// The current registration's broker epoch, once registered.
+    pub fn broker_epoch(&self) -> Option<u64> {
+        *self.epoch.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// Whether the broker is registered, caught up and unfenced.
     pub fn ready(&self) -> watch::Receiver<bool> {
         self.ready.subscribe()

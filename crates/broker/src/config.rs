@@ -74,6 +74,18 @@ pub struct BrokerConfig {
     /// How often a broker heartbeats to the active controller, in milliseconds (Kafka
     /// `broker.heartbeat.interval.ms`); at most a third of the session.
     pub broker_heartbeat_interval_ms: u64,
+    /// A follower that has not caught up with its leader's log end for this long leaves the ISR
+    /// (Kafka `replica.lag.time.max.ms`), in milliseconds.
+    pub replica_lag_time_max_ms: u64,
+    /// Longest a leader holds a follower's fetch when there is nothing new (Kafka
+    /// `replica.fetch.wait.max.ms`), in milliseconds.
+    pub replica_fetch_wait_max_ms: u64,
+    /// Most bytes a follower fetches per partition in one fetch (at least one batch regardless;
+    /// Kafka `replica.fetch.max.bytes`).
+    pub replica_fetch_max_bytes: u32,
+    /// Most bytes in one fetch response to a follower (Kafka
+    /// `replica.fetch.response.max.bytes`); at most the protocol's fetch limit.
+    pub replica_fetch_response_max_bytes: u32,
     /// Largest frame on the controller wire (Raft entries and snapshot chunks).
     pub controller_frame_bytes_max: u32,
     /// Largest request frame accepted; a larger one closes the connection.
@@ -146,6 +158,10 @@ impl Default for BrokerConfig {
             rack: None,
             broker_session_timeout_ms: 6_000,
             broker_heartbeat_interval_ms: 1_000,
+            replica_lag_time_max_ms: 10_000,
+            replica_fetch_wait_max_ms: 500,
+            replica_fetch_max_bytes: 1 << 20,
+            replica_fetch_response_max_bytes: 10 << 20,
             controller_frame_bytes_max: 64 << 20,
             frame_bytes_max: 16 * 1024 * 1024,
             connections_max: 10_000,
@@ -296,6 +312,30 @@ impl BrokerConfig {
             self.broker_heartbeat_interval_ms,
             50,
             self.broker_session_timeout_ms / 3,
+        )?;
+        check(
+            "replica_lag_time_max_ms",
+            self.replica_lag_time_max_ms,
+            100,
+            3_600_000,
+        )?;
+        check(
+            "replica_fetch_wait_max_ms",
+            self.replica_fetch_wait_max_ms,
+            1,
+            60_000,
+        )?;
+        check(
+            "replica_fetch_max_bytes",
+            self.replica_fetch_max_bytes.into(),
+            1024,
+            self.replica_fetch_response_max_bytes.into(),
+        )?;
+        check(
+            "replica_fetch_response_max_bytes",
+            self.replica_fetch_response_max_bytes.into(),
+            1024,
+            cairn_protocol::limits::FETCH_BYTES_MAX.into(),
         )?;
         check(
             "controller_frame_bytes_max",

@@ -92,6 +92,13 @@ pub enum BrokerError {
     /// Too few in-sync replicas to accept the write.
     #[error("{0}")]
     NotEnoughReplicas(String),
+    /// The write was appended, but the ISR shrank below min.insync.replicas before it was
+    /// committed: it may or may not survive (the producer retries).
+    #[error("{0}")]
+    NotEnoughReplicasAfterAppend(String),
+    /// A broker's registration epoch is not its current one.
+    #[error("{0}")]
+    StaleBrokerEpoch(String),
     /// The topic name is not valid.
     #[error("{0}")]
     InvalidTopic(String),
@@ -141,6 +148,10 @@ impl BrokerError {
             BrokerError::Storage(_) => ErrorCode::KAFKA_STORAGE_ERROR,
             BrokerError::Timeout(_) => ErrorCode::REQUEST_TIMED_OUT,
             BrokerError::NotEnoughReplicas(_) => ErrorCode::NOT_ENOUGH_REPLICAS,
+            BrokerError::NotEnoughReplicasAfterAppend(_) => {
+                ErrorCode::NOT_ENOUGH_REPLICAS_AFTER_APPEND
+            }
+            BrokerError::StaleBrokerEpoch(_) => ErrorCode::STALE_BROKER_EPOCH,
             BrokerError::InvalidTopic(_) => ErrorCode::INVALID_TOPIC_EXCEPTION,
             BrokerError::TopicAlreadyExists(_) => ErrorCode::TOPIC_ALREADY_EXISTS,
             BrokerError::InvalidPartitions(_) => ErrorCode::INVALID_PARTITIONS,

@@ -47,8 +47,9 @@ pub(crate) fn ready(outcome: Outcome) -> Deferred {
 /// A produce request after its appends, waiting for its commits (acks=-1).
 pub(crate) struct Appended {
     results: PerPartition<Produced>,
-    /// (topic index, partition index, partition, end offset to be committed).
-    commit_waits: Vec<(usize, usize, Arc<Partition>, Offset)>,
+    /// (topic index, partition index, partition, end offset to be committed, the leader epoch
+    /// it was appended in, min.insync.replicas).
+    commit_waits: Vec<(usize, usize, Arc<Partition>, Offset, u32, usize)>,
     timeout: std::time::Duration,
 }
 
@@ -344,6 +345,15 @@ impl Handler {
                     }),
                     Some(topic) => topic.partition(index, self.config.node_id),
                 };
+                let min_insync = found.as_ref().map_or(1, |topic| {
+                    topic.config.min_insync_replicas(topic.replication_factor)
+                });
+                let partition = partition.and_then(|partition| {
+                    if acks == -1 {
+                        partition.check_min_insync(min_insync)?;
+                    }
+                    Ok(partition)
+                });
                 let outcome = match partition {
                     Err(err) => Err(err),
                     Ok(partition) => self.append(partition, records).await.map(|appended| {
@@ -353,6 +363,8 @@ impl Handler {
                                 outcomes.len(),
                                 Arc::clone(partition),
                                 Offset(appended.last.0 + 1),
+                                appended.leader_epoch,
+                                min_insync,
                             ));
                         }
                         Produced {
@@ -384,12 +396,13 @@ impl Handler {
             timeout,
         } = appended;
         let deadline = tokio::time::Instant::now() + timeout;
-        let waits = commit_waits
-            .into_iter()
-            .map(|(t, p, partition, end)| async move {
-                let started = Instant::now();
-                let outcome =
-                    match tokio::time::timeout_at(deadline, partition.wait_committed(end)).await {
+        let waits =
+            commit_waits
+                .into_iter()
+                .map(|(t, p, partition, end, epoch, min_insync)| async move {
+                    let started = Instant::now();
+                    let committed = partition.wait_committed(end, epoch, min_insync);
+                    let outcome = match tokio::time::timeout_at(deadline, committed).await {
                         Ok(Ok(())) => {
                             self.metrics
                                 .fsync_seconds
@@ -402,8 +415,8 @@ impl Handler {
                             timeout.as_millis()
                         ))),
                     };
-                (t, p, outcome)
-            });
+                    (t, p, outcome)
+                });
         for (t, p, outcome) in futures::future::join_all(waits).await {
             if let (Err(err), Some((_, result))) = (
                 outcome,
@@ -444,6 +457,7 @@ impl Handler {
             self.metrics.duplicate_batches.inc();
             return Ok(appended);
         }
+        partition.after_leader_append();
         self.metrics
             .bytes_in
             .with_label_values(&[&**partition.topic()])
@@ -501,7 +515,7 @@ impl Handler {
                     .iter()
                     .flatten()
                     .filter_map(|p| p.as_ref().ok())
-                    .map(|p| p.subscribe())
+                    .map(|p| p.subscribe(request.isolation))
                     .collect();
                 if watches.is_empty() {
                     self.account_fetch(&response);
@@ -509,13 +523,22 @@ impl Handler {
                 }
                 continue;
             }
-            let changed =
-                futures::future::select_all(watches.iter_mut().map(|w| Box::pin(w.changed())));
-            tokio::select! {
-                _ = changed => {}
-                () = tokio::time::sleep_until(deadline.into()) => {}
-                () = self.shutdown.cancelled() => {}
-            }
+            self.wait_for_change(&mut watches, deadline).await;
+        }
+    }
+
+    /// A long poll's wait: until one of `watches` changes, the deadline, or shutdown.
+    pub(crate) async fn wait_for_change(
+        &self,
+        watches: &mut [tokio::sync::watch::Receiver<u64>],
+        deadline: Instant,
+    ) {
+        let changed =
+            futures::future::select_all(watches.iter_mut().map(|w| Box::pin(w.changed())));
+        tokio::select! {
+            _ = changed => {}
+            () = tokio::time::sleep_until(deadline.into()) => {}
+            () = self.shutdown.cancelled() => {}
         }
     }
 

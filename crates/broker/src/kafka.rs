@@ -490,11 +490,7 @@ impl Handler {
         version: i16,
     ) -> kp::ListOffsetsResponse {
         let request = ops::ListOffsets {
-            isolation: if r.replica_id >= 0 {
-                Isolation::LogEnd
-            } else {
-                Isolation::HighWatermark
-            },
+            isolation: Isolation::HighWatermark,
             topics: r
                 .topics
                 .into_iter()
@@ -1086,13 +1082,11 @@ fn fetch_op(r: kreq::FetchRequest) -> ops::Fetch {
     let replica_id = u32::try_from(r.replica_id).ok();
     ops::Fetch {
         replica_id,
-        // A follower copies to the log end; consumers (read_uncommitted or read_committed:
-        // without transactions the same) read below the high watermark.
-        isolation: if replica_id.is_some() {
-            Isolation::LogEnd
-        } else {
-            Isolation::HighWatermark
-        },
+        // Consumers (read_uncommitted or read_committed: without transactions the same) read
+        // below the high watermark. So does anything claiming a replica id here: Cairn's
+        // followers copy with ReplicaFetch on the native listener, and a Kafka client must not
+        // see records that are not committed.
+        isolation: Isolation::HighWatermark,
         max_wait: Duration::from_millis(clamp_u32(r.max_wait_ms).into()),
         min_bytes: clamp_u32(r.min_bytes),
         max_bytes: clamp_u32(r.max_bytes),

@@ -41,6 +41,7 @@ pub mod offsets;
 pub mod ops;
 mod partition;
 pub mod producers;
+mod replica;
 use producers::ProducerIds;
 mod server;
 mod topic;
@@ -219,6 +220,7 @@ impl BrokerBuilder {
             clock: Arc::clone(&clock),
             node_id: config.node_id,
             lease: Arc::clone(&lease),
+            replica_lag_max_ms: i64::try_from(config.replica_lag_time_max_ms).unwrap_or(i64::MAX),
         };
         let (data_dir, defaults) = (config.data_dir.clone(), config.topic_defaults.clone());
         let (manager, metadata_log) = {
@@ -303,6 +305,22 @@ impl BrokerBuilder {
             client.clone(),
             Arc::clone(&manager),
             Arc::clone(&offsets),
+            shutdown.clone(),
+        ));
+        tasks.spawn(replica::run_fetchers(
+            Arc::clone(&manager),
+            Arc::clone(&cluster),
+            replica::FetcherConfig {
+                node_id: config.node_id,
+                wait_max: std::time::Duration::from_millis(config.replica_fetch_wait_max_ms),
+                partition_max_bytes: config.replica_fetch_max_bytes,
+                response_max_bytes: config.replica_fetch_response_max_bytes,
+            },
+            shutdown.clone(),
+        ));
+        tasks.spawn(replica::run_isr_changes(
+            Arc::clone(&manager),
+            Arc::clone(&cluster),
             shutdown.clone(),
         ));
         let killed = CancellationToken::new();

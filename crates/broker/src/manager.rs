@@ -15,7 +15,7 @@ use tokio::sync::watch;
 
 use crate::clock::Clock;
 use crate::error::BrokerError;
-use crate::partition::{Partition, ReplicaState};
+use crate::partition::{Partition, ReplicaState, ReplicationConfig};
 use crate::topic::{TopicConfig, TopicDefaults};
 
 /// What every partition of this broker shares.
@@ -31,6 +31,8 @@ pub struct Host {
     /// the controller within its session. While false, every partition answers
     /// NOT_LEADER_OR_FOLLOWER instead of serving a leadership the cluster may have moved.
     pub lease: Arc<AtomicBool>,
+    /// `replica_lag_time_max_ms`: a follower not caught up for this long leaves the ISR.
+    pub replica_lag_max_ms: i64,
 }
 
 impl Host {
@@ -269,7 +271,11 @@ impl TopicManager {
                     partition.set_replica_state(replica);
                     return Some(Arc::clone(partition));
                 }
-                match self.open_partition(&name, found.id, index, &log_config, replica) {
+                let replication = ReplicationConfig {
+                    durability: config.durability(),
+                    replica_lag_max_ms: self.host.replica_lag_max_ms,
+                };
+                match self.open_partition(&name, found.id, index, &log_config, replica, replication) {
                     Ok(partition) => {
                         let partition = Arc::new(partition);
                         opened.push(Arc::clone(&partition));
@@ -299,6 +305,7 @@ impl TopicManager {
         index: u32,
         config: &LogConfig,
         replica: ReplicaState,
+        replication: ReplicationConfig,
     ) -> Result<Partition, ManagerError> {
         let fs = &*self.host.fs;
         let dir = partition_dir(&self.data_dir, topic, index);
@@ -340,6 +347,7 @@ impl TopicManager {
             self.host.clone(),
             log,
             replica,
+            replication,
         ))
     }
 

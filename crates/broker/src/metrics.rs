@@ -24,6 +24,8 @@ pub struct Metrics {
     pub connections: IntGauge,
     pub connections_rejected: IntCounter,
     pub duplicate_batches: IntCounter,
+    /// Record bytes sent to followers.
+    pub replica_fetch_bytes: IntCounter,
     pub compaction_bytes_removed: IntCounter,
     pub compaction_records_removed: IntCounter,
     pub fsync_seconds: Histogram,
@@ -131,6 +133,11 @@ impl Metrics {
             "Idempotent producers' retried batches answered with their original offsets, not written again.",
         )?;
         registry.register(Box::new(duplicate_batches.clone()))?;
+        let replica_fetch_bytes = IntCounter::new(
+            "cairn_replica_fetch_bytes_total",
+            "Record bytes this broker sent to its followers (leader side of replication).",
+        )?;
+        registry.register(Box::new(replica_fetch_bytes.clone()))?;
         let compaction_bytes_removed = IntCounter::new(
             "cairn_log_cleaner_bytes_removed_total",
             "Bytes compaction removed from compacted topics.",
@@ -208,6 +215,7 @@ impl Metrics {
             connections,
             connections_rejected,
             duplicate_batches,
+            replica_fetch_bytes,
             compaction_bytes_removed,
             compaction_records_removed,
             fsync_seconds,

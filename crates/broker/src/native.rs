@@ -175,6 +175,15 @@ impl Handler {
                     }))
                 })
             }
+            Request::ReplicaFetch(r) => {
+                let this = Arc::clone(self);
+                Box::pin(async move {
+                    let fetched = this.replica_fetch(r).await;
+                    finish(Outcome::RespondChunks(encode_response_chunks(
+                        corr, &fetched,
+                    )))
+                })
+            }
             Request::DescribeCluster(_) => {
                 let this = Arc::clone(self);
                 Box::pin(async move {

@@ -7,11 +7,16 @@
 //! the page cache and answer `None` when they would need more (a segment roll, a sync, loading
 //! index files); callers on async workers then repeat them on the blocking pool.
 
-use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
 
 use bytes::Bytes;
 use cairn_protocol::Offset;
 use cairn_protocol::batch::{self, BatchError};
+use cairn_replication::{
+    DivergingEpoch, Durability, FetchCheck, FetchPosition, FollowerState, IsrChange, LeaderConfig,
+    LeaderState, PartitionView, ReplicaLog,
+};
 use cairn_storage::{AppendError, AppendInfo, Fetched, Log, LogConfig, ReadError, RecoveryReport};
 use tokio::sync::watch;
 
@@ -78,6 +83,87 @@ pub struct Appended {
     /// Whether anything was written (false: an idempotent producer's retry of a batch already
     /// in the log, answered with its original offsets).
     pub written: bool,
+    /// The leader epoch it was appended in.
+    pub leader_epoch: u32,
+}
+
+/// This broker's replication state machine for a partition (`cairn-replication`).
+#[derive(Debug)]
+enum Replica {
+    Leader(LeaderState),
+    Follower(FollowerState),
+    None { high_watermark: u64 },
+}
+
+impl Replica {
+    fn high_watermark(&self) -> u64 {
+        match self {
+            Replica::Leader(s) => s.high_watermark(),
+            Replica::Follower(f) => f.high_watermark(),
+            Replica::None { high_watermark } => *high_watermark,
+        }
+    }
+}
+
+/// How replication treats a partition (its topic's config and the broker's).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReplicationConfig {
+    /// Which position of a replica counts for the high watermark (`replication.durability`).
+    pub durability: Durability,
+    /// `replica_lag_time_max_ms`.
+    pub replica_lag_max_ms: i64,
+}
+
+impl Default for ReplicationConfig {
+    fn default() -> Self {
+        ReplicationConfig {
+            durability: Durability::Flushed,
+            replica_lag_max_ms: 10_000,
+        }
+    }
+}
+
+/// A follower's part of a leader's ReplicaFetch answer.
+#[derive(Debug, Clone)]
+pub(crate) enum Fetched4Follower {
+    /// Records (possibly none) and the leader's high watermark.
+    Records { records: Bytes, high_watermark: u64 },
+    /// The log diverges from the leader's.
+    Diverging(DivergingEpoch),
+    /// The fetch offset is past the leader's log end.
+    PastEnd { leader_log_end: u64 },
+}
+
+/// The storage log as the replication state machines read it.
+struct LogView<'a>(&'a Log);
+
+impl ReplicaLog for LogView<'_> {
+    fn log_start(&self) -> u64 {
+        self.0.log_start_offset().0
+    }
+
+    fn log_end(&self) -> u64 {
+        self.0.log_end_offset().0
+    }
+
+    fn flushed(&self) -> u64 {
+        self.0.flushed_offset().0
+    }
+
+    fn latest_epoch(&self) -> Option<u32> {
+        self.0.latest_epoch()
+    }
+
+    fn end_offset_for_epoch(&self, epoch: u32) -> Option<(u32, u64)> {
+        match self.0.end_offset_for_epoch(epoch) {
+            Some((found, end)) => Some((found, end.0)),
+            // Newer than any epoch the log holds: the newest one ends at the log end.
+            None => self
+                .latest_epoch()
+                .filter(|latest| *latest < epoch)
+                .map(|latest| (latest, self.log_end())),
+        }
+    }
 }
 
 /// One partition.
@@ -92,13 +178,33 @@ pub struct Partition {
     state: RwLock<ReplicaState>,
     /// The log end offset, announced to long-polling fetchers.
     log_end: watch::Sender<u64>,
-    /// The offset below which records are committed (acks=all may be answered). With one
-    /// replica: below which the log is durable on this broker.
+    /// The offset below which records are committed (acks=all may be answered): the high
+    /// watermark of a replicated partition; with one replica, the offset below which the log is
+    /// durable here. Sent (even unchanged) when a leadership ends, so waiters see it.
     committed: watch::Sender<u64>,
+    /// The replication state machine.
+    replica: Mutex<Replica>,
+    replication: ReplicationConfig,
+    /// A flush of the leader's log is scheduled or running (durable replication).
+    flush_scheduled: AtomicBool,
+    /// When the pending ISR change was last sent to the controller (Unix ms).
+    isr_sent_ms: AtomicI64,
 }
 
 fn read<T>(lock: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
     lock.read().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn lock<T>(lock: &Mutex<T>) -> MutexGuard<'_, T> {
+    lock.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// An ISR change to send to the controller.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct IsrProposal {
+    pub(crate) topic: Arc<str>,
+    pub(crate) partition: u32,
+    pub(crate) change: IsrChange,
 }
 
 impl Partition {
@@ -110,20 +216,35 @@ impl Partition {
         host: Host,
         log: Log,
         state: ReplicaState,
+        replication: ReplicationConfig,
     ) -> Partition {
         let producers = Mutex::new(rebuild_producers(&log, host.clock.unix_ms()));
         let (log_end, _) = watch::channel(log.log_end_offset().0);
-        let (committed, _) = watch::channel(log.flushed_offset().0);
-        Partition {
+        let start = log.log_start_offset().0;
+        let committed_from = if state.replicas.len() > 1 {
+            start
+        } else {
+            log.flushed_offset().0
+        };
+        let (committed, _) = watch::channel(committed_from);
+        let partition = Partition {
             topic,
             index,
             host,
             log,
             producers,
-            state: RwLock::new(state),
+            state: RwLock::new(ReplicaState::single(0, 0)),
             log_end,
             committed,
-        }
+            replica: Mutex::new(Replica::None {
+                high_watermark: start,
+            }),
+            replication,
+            flush_scheduled: AtomicBool::new(false),
+            isr_sent_ms: AtomicI64::new(0),
+        };
+        partition.set_replica_state(state);
+        partition
     }
 
     /// The topic's name.
@@ -164,14 +285,133 @@ impl Partition {
     }
 
     /// Adopts a new replica state from the cluster metadata. A state older than the current one
-    /// (by leader epoch, then partition epoch) is ignored; returns whether it was adopted.
+    /// (by leader epoch, then partition epoch) is ignored; returns whether it was adopted. The
+    /// replication state machine follows: a new leadership starts from the high watermark known
+    /// so far, a new leader to follow starts a follower, and a leadership that ends wakes its
+    /// acks=all waiters (they answer NOT_LEADER_OR_FOLLOWER).
     pub fn set_replica_state(&self, new: ReplicaState) -> bool {
         let mut state = self.state.write().unwrap_or_else(PoisonError::into_inner);
         if (new.leader_epoch, new.partition_epoch) < (state.leader_epoch, state.partition_epoch) {
             return false;
         }
+        let node = self.host.node_id;
+        let now_ms = self.host.clock.unix_ms();
+        let view = PartitionView {
+            leader: new.leader,
+            leader_epoch: new.leader_epoch,
+            partition_epoch: new.partition_epoch,
+            replicas: new.replicas.clone(),
+            isr: new.isr.clone(),
+        };
+        let mut replica = lock(&self.replica);
+        let hw = replica.high_watermark().max(self.log.log_start_offset().0);
+        let mut ended = false;
+        match new.leader {
+            Some(leader) if leader == node => {
+                let same = match &mut *replica {
+                    Replica::Leader(s) => s.update_view(&view, now_ms),
+                    _ => false,
+                };
+                if !same {
+                    ended = matches!(*replica, Replica::Leader(_));
+                    let config = LeaderConfig {
+                        durability: self.replication.durability,
+                        replica_lag_max_ms: self.replication.replica_lag_max_ms,
+                        ..LeaderConfig::default()
+                    };
+                    *replica = Replica::Leader(LeaderState::new(
+                        node,
+                        &view,
+                        hw,
+                        &LogView(&self.log),
+                        now_ms,
+                        config,
+                    ));
+                    self.isr_sent_ms.store(0, Ordering::Relaxed);
+                }
+            }
+            Some(leader) => {
+                let same = matches!(&*replica, Replica::Follower(f) if f.leader() == leader && f.leader_epoch() == new.leader_epoch);
+                if !same {
+                    ended = matches!(*replica, Replica::Leader(_));
+                    *replica = Replica::Follower(FollowerState::new(leader, new.leader_epoch, hw));
+                }
+            }
+            None => {
+                ended = matches!(*replica, Replica::Leader(_));
+                *replica = Replica::None { high_watermark: hw };
+            }
+        }
+        let replicated = new.replicas.len() > 1;
+        let was_replicated = state.replicas.len() > 1;
         *state = new;
+        drop(state);
+        if replicated != was_replicated {
+            // The meaning of "committed" changed (the partition gained or lost followers).
+            let committed = if replicated {
+                replica.high_watermark()
+            } else {
+                self.log.flushed_offset().0
+            };
+            self.committed.send_replace(committed);
+        }
+        if replicated {
+            let hw = replica.high_watermark();
+            drop(replica);
+            self.publish_high_watermark(hw, ended);
+        }
         true
+    }
+
+    /// Whether other brokers hold copies: then the high watermark comes from replication; with
+    /// one replica it is the log end, and acks=all waits for the local flush.
+    fn replicated(&self) -> bool {
+        read(&self.state).replicas.len() > 1
+    }
+
+    /// Announces a replicated partition's high watermark to acks=all waiters and consumers;
+    /// `always`: even unchanged (a leadership ended: waiters must look).
+    fn publish_high_watermark(&self, hw: u64, always: bool) {
+        self.committed.send_if_modified(|current| {
+            let moved = hw > *current;
+            *current = (*current).max(hw);
+            moved || always
+        });
+    }
+
+    /// Recomputes the leader's high watermark (after an append or a flush) and announces it.
+    fn update_high_watermark(&self) {
+        let mut replica = lock(&self.replica);
+        if let Replica::Leader(state) = &mut *replica
+            && state.update(&LogView(&self.log))
+        {
+            let hw = state.high_watermark();
+            drop(replica);
+            if self.replicated() {
+                self.publish_high_watermark(hw, false);
+            }
+        }
+    }
+
+    /// The committed ISR's size as the leader knows it.
+    pub fn isr_len(&self) -> usize {
+        match &*lock(&self.replica) {
+            Replica::Leader(state) => state.isr().len(),
+            _ => read(&self.state).isr.len(),
+        }
+    }
+
+    /// Refuses an acks=all write when fewer than `min_insync` replicas are in sync
+    /// (NOT_ENOUGH_REPLICAS): it could not be committed without them.
+    pub fn check_min_insync(&self, min_insync: usize) -> Result<(), BrokerError> {
+        let isr = self.isr_len();
+        if isr < min_insync {
+            return Err(BrokerError::NotEnoughReplicas(format!(
+                "{}-{} has {isr} in-sync replicas; min.insync.replicas is {min_insync}",
+                self.topic, self.index
+            )));
+        }
+        Ok(())
     }
 
     /// The first offset stored.
@@ -184,10 +424,28 @@ impl Partition {
         self.log.log_end_offset()
     }
 
-    /// The offset below which consumers may read. One replica: every appended record (the
-    /// replication issue bounds it by what the in-sync replicas hold).
+    /// The offset below which consumers may read: with one replica every appended record;
+    /// replicated, what every in-sync replica holds (durably, under durable replication).
     pub fn high_watermark(&self) -> Offset {
-        self.log.log_end_offset()
+        if !self.replicated() {
+            return self.log.log_end_offset();
+        }
+        Offset(lock(&self.replica).high_watermark())
+    }
+
+    /// The followers' lag behind this leader: (node, offsets, ms since caught up). Empty unless
+    /// this broker leads.
+    pub fn follower_lags(&self) -> Vec<(u32, u64, i64)> {
+        let now_ms = self.host.clock.unix_ms();
+        let log_end = self.log.log_end_offset().0;
+        match &*lock(&self.replica) {
+            Replica::Leader(state) => state
+                .follower_lags(log_end)
+                .zip(state.follower_lag_ms(now_ms))
+                .map(|((node, offsets), (_, ms))| (node, offsets, ms))
+                .collect(),
+            _ => Vec::new(),
+        }
     }
 
     /// Bytes stored.
@@ -287,6 +545,7 @@ impl Partition {
             base: info.base_offset,
             last: info.last_offset,
             written: true,
+            leader_epoch: epoch,
         };
         let Some(header) = first.filter(|h| h.producer_id >= 0) else {
             let appended = append(buf)?.map(written);
@@ -312,6 +571,7 @@ impl Partition {
                 base: Offset(base_offset),
                 last: Offset(last_offset),
                 written: false,
+                leader_epoch: epoch,
             })),
             SequenceCheck::Reject(err) => Err(err),
             SequenceCheck::Append => {
@@ -331,16 +591,216 @@ impl Partition {
         }
     }
 
+    /// After a leader's append: a replicated partition's high watermark may move (the leader's
+    /// own position counts), and under durable replication the leader's log is flushed soon
+    /// (group commit on the blocking pool), whatever the producer's acks.
+    pub(crate) fn after_leader_append(self: &Arc<Self>) {
+        if !self.replicated() {
+            return;
+        }
+        self.update_high_watermark();
+        if self.replication.durability == Durability::Flushed {
+            self.schedule_flush();
+        }
+    }
+
+    /// Flushes the log to its end on the blocking pool, one flush at a time; appends made
+    /// meanwhile are covered by the next round.
+    fn schedule_flush(self: &Arc<Self>) {
+        if self.flush_scheduled.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let this = Arc::clone(self);
+        let run = move || {
+            loop {
+                let end = this.log.log_end_offset();
+                let flushed = this.log.flush(end);
+                this.flush_scheduled.store(false, Ordering::Release);
+                if let Err(err) = flushed {
+                    tracing::error!(topic = %this.topic, partition = this.index, error = %err, "flushing the log failed");
+                    return;
+                }
+                this.update_high_watermark();
+                if this.log.flushed_offset() >= this.log.log_end_offset()
+                    || this.flush_scheduled.swap(true, Ordering::AcqRel)
+                {
+                    return;
+                }
+            }
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(handle) => drop(handle.spawn_blocking(run)),
+            Err(_) => run(),
+        }
+    }
+
     /// Appends batches that already carry their offsets and epochs (a follower copying its
-    /// leader; the replication issue uses it). Blocking.
+    /// leader), and keeps the idempotent producers' state from them, so that a producer's retry
+    /// reaching this broker once it leads is recognised. Blocking.
     pub fn append_as_follower(&self, batches: &[u8]) -> Result<AppendInfo, BrokerError> {
         let n_bytes = batches.len() as u64;
+        let mut producers = lock(&self.producers);
         let info = self
             .log
             .append_replicated(batches)
             .map_err(|err| append_error(err, n_bytes))?;
+        producers.rebuild(batches, self.host.clock.unix_ms());
+        drop(producers);
         self.notify_appended();
         Ok(info)
+    }
+
+    /// What this broker's next ReplicaFetch says for the partition, if it follows a leader:
+    /// (leader, leader epoch, position).
+    pub(crate) fn follower_position(&self) -> Option<(u32, u32, FetchPosition)> {
+        match &*lock(&self.replica) {
+            Replica::Follower(f) => Some((
+                f.leader(),
+                f.leader_epoch(),
+                f.position(&LogView(&self.log)),
+            )),
+            _ => None,
+        }
+    }
+
+    /// Carries out the leader's answer to this follower's fetch made in `leader_epoch`
+    /// (blocking: appends or truncates the log). Ignored if the partition no longer follows that
+    /// epoch, or the log moved since the fetch (`fetched_at` was its log end then). Returns
+    /// whether records were appended.
+    pub(crate) fn apply_fetched(
+        &self,
+        leader_epoch: u32,
+        fetched_at: u64,
+        fetched: Fetched4Follower,
+    ) -> Result<bool, BrokerError> {
+        let following = |replica: &Replica| matches!(replica, Replica::Follower(f) if f.leader_epoch() == leader_epoch);
+        if !following(&lock(&self.replica)) || self.log.log_end_offset().0 != fetched_at {
+            return Ok(false);
+        }
+        let truncate_to = match fetched {
+            Fetched4Follower::Records {
+                records,
+                high_watermark,
+            } => {
+                let appended = !records.is_empty();
+                if appended {
+                    self.append_as_follower(&records)?;
+                    // Durable replication: the next fetch reports these records as durable
+                    // (group commit: one fsync per fetched chunk).
+                    if self.replication.durability == Durability::Flushed {
+                        self.log
+                            .flush(self.log.log_end_offset())
+                            .map_err(|err| BrokerError::storage(&err))?;
+                    }
+                }
+                if let Replica::Follower(f) = &mut *lock(&self.replica) {
+                    f.on_high_watermark(high_watermark, &LogView(&self.log));
+                }
+                return Ok(appended);
+            }
+            Fetched4Follower::Diverging(diverging) => match &*lock(&self.replica) {
+                Replica::Follower(f) => f.truncation_offset(diverging, &LogView(&self.log)),
+                _ => return Ok(false),
+            },
+            Fetched4Follower::PastEnd { leader_log_end } => leader_log_end,
+        };
+        self.truncate_as_follower(Offset(truncate_to))?;
+        Ok(false)
+    }
+
+    /// Removes what the leader does not have (blocking), and rebuilds the idempotent producers'
+    /// state from what stays.
+    fn truncate_as_follower(&self, offset: Offset) -> Result<(), BrokerError> {
+        let mut producers = lock(&self.producers);
+        let end = self
+            .log
+            .truncate_to(offset)
+            .map_err(|err| BrokerError::storage(&err))?;
+        *producers = rebuild_producers(&self.log, self.host.clock.unix_ms());
+        drop(producers);
+        if let Replica::Follower(f) = &mut *lock(&self.replica) {
+            f.on_truncated(&LogView(&self.log));
+        }
+        tracing::info!(topic = %self.topic, partition = self.index, to = offset.0, log_end = end.0, "follower log truncated to the leader's");
+        self.notify_appended();
+        Ok(())
+    }
+
+    /// The leader's side of a follower's fetch: checks the leader epoch and the follower's
+    /// log against this one, records its progress (the high watermark may move) and says where
+    /// to read.
+    pub(crate) fn on_replica_fetch(
+        &self,
+        replica: u32,
+        current_leader_epoch: u32,
+        position: FetchPosition,
+    ) -> Result<FetchCheck, BrokerError> {
+        self.check_leader(Some(current_leader_epoch))?;
+        let now_ms = self.host.clock.unix_ms();
+        let mut guard = lock(&self.replica);
+        let Replica::Leader(state) = &mut *guard else {
+            return Err(self.not_leader());
+        };
+        let before = state.high_watermark();
+        let check = state.on_fetch(replica, position, &LogView(&self.log), now_ms);
+        let hw = state.high_watermark();
+        drop(guard);
+        if hw > before && self.replicated() {
+            self.publish_high_watermark(hw, false);
+        }
+        match check {
+            FetchCheck::NotReplica => Err(BrokerError::NotLeaderOrFollower {
+                node: self.host.node_id,
+                topic: self.topic.to_string(),
+                partition: self.index,
+            }),
+            check => Ok(check),
+        }
+    }
+
+    /// The ISR change to send to the controller now, if this broker leads: a new one, or the
+    /// pending one again once `resend_ms` passed without its outcome arriving.
+    pub(crate) fn isr_proposal(&self, resend_ms: i64) -> Option<IsrProposal> {
+        let now_ms = self.host.clock.unix_ms();
+        let mut guard = lock(&self.replica);
+        let Replica::Leader(state) = &mut *guard else {
+            return None;
+        };
+        if !self.host.may_lead() {
+            return None;
+        }
+        let change = match state.isr_change(now_ms) {
+            Some(change) => change,
+            None => {
+                let pending = state.pending()?;
+                let sent = self.isr_sent_ms.load(Ordering::Relaxed);
+                if now_ms.saturating_sub(sent) < resend_ms {
+                    return None;
+                }
+                pending.clone()
+            }
+        };
+        self.isr_sent_ms.store(now_ms, Ordering::Relaxed);
+        Some(IsrProposal {
+            topic: Arc::clone(&self.topic),
+            partition: self.index,
+            change,
+        })
+    }
+
+    /// The controller refused the pending ISR change for good: decide again.
+    pub(crate) fn isr_change_refused(&self) {
+        if let Replica::Leader(state) = &mut *lock(&self.replica) {
+            state.isr_change_refused();
+        }
+    }
+
+    fn not_leader(&self) -> BrokerError {
+        BrokerError::NotLeaderOrFollower {
+            node: self.host.node_id,
+            topic: self.topic.to_string(),
+            partition: self.index,
+        }
     }
 
     /// Whole batches from `offset`, up to `max_bytes` (at least one batch), never past the bound
@@ -379,12 +839,46 @@ impl Partition {
         })
     }
 
-    /// Waits until every offset below `end` is committed, so that an acks=all produce may be
-    /// answered. One replica: committed means durable here, and this triggers the flush (group
-    /// commit: concurrent waiters share one fsync). Cancel safety: dropping the future leaves the
-    /// flush to finish on the blocking pool.
-    pub async fn wait_committed(self: &Arc<Self>, end: Offset) -> Result<(), BrokerError> {
+    /// Waits until every offset below `end` (appended in `leader_epoch`) is committed, so that
+    /// an acks=all produce may be answered. Replicated: until the high watermark passes it, while
+    /// this broker still leads in that epoch (else NOT_LEADER_OR_FOLLOWER), and then only if the
+    /// ISR still has `min_insync` members (else NOT_ENOUGH_REPLICAS_AFTER_APPEND). One replica:
+    /// committed means durable here, and this triggers the flush (group commit: concurrent
+    /// waiters share one fsync). Cancel safety: dropping the future leaves the flush to finish
+    /// on the blocking pool.
+    pub async fn wait_committed(
+        self: &Arc<Self>,
+        end: Offset,
+        leader_epoch: u32,
+        min_insync: usize,
+    ) -> Result<(), BrokerError> {
         let mut committed = self.committed.subscribe();
+        if self.replicated() {
+            if self.replication.durability == Durability::Flushed {
+                self.schedule_flush();
+            }
+            loop {
+                let hw = *committed.borrow_and_update();
+                let leads = self.leader_epoch() == leader_epoch
+                    && matches!(&*lock(&self.replica), Replica::Leader(s) if s.leader_epoch() == leader_epoch);
+                if !leads {
+                    return Err(self.not_leader());
+                }
+                if hw >= end.0 {
+                    let isr = self.isr_len();
+                    if isr < min_insync {
+                        return Err(BrokerError::NotEnoughReplicasAfterAppend(format!(
+                            "{}-{}: the ISR shrank to {isr}, below min.insync.replicas {min_insync}",
+                            self.topic, self.index
+                        )));
+                    }
+                    return Ok(());
+                }
+                if committed.changed().await.is_err() {
+                    return Err(BrokerError::Internal("partition closed".into()));
+                }
+            }
+        }
         if *committed.borrow_and_update() >= end.0 {
             return Ok(());
         }
@@ -411,8 +905,13 @@ impl Partition {
         Ok(())
     }
 
-    /// Announces the durable offset to acks=all waiters (after any flush).
+    /// Announces the durable offset to acks=all waiters (after any flush); replicated, the high
+    /// watermark moves instead.
     pub(crate) fn publish_committed(&self) {
+        if self.replicated() {
+            self.update_high_watermark();
+            return;
+        }
         let flushed = self.log.flushed_offset().0;
         self.committed.send_if_modified(|current| {
             let moved = flushed > *current;
@@ -431,9 +930,13 @@ impl Partition {
         });
     }
 
-    /// A receiver that changes whenever the log end moves.
-    pub fn subscribe(&self) -> watch::Receiver<u64> {
-        self.log_end.subscribe()
+    /// A receiver that changes whenever the bound of `isolation` may have moved: the log end
+    /// (followers), or the high watermark (consumers; with one replica the log end).
+    pub fn subscribe(&self, isolation: Isolation) -> watch::Receiver<u64> {
+        match isolation {
+            Isolation::HighWatermark if self.replicated() => self.committed.subscribe(),
+            _ => self.log_end.subscribe(),
+        }
     }
 
     /// Forgets idempotent producers idle for longer than `max_idle_ms`.

@@ -103,6 +103,7 @@ pub const TOPIC_CONFIG_KEYS: &[&str] = &[
     "max.message.bytes",
     "min.cleanable.dirty.ratio",
     "min.insync.replicas",
+    "replication.durability",
     "retention.bytes",
     "retention.ms",
     "segment.bytes",
@@ -160,6 +161,20 @@ impl TopicConfig {
             .unwrap_or_else(|| min_insync_replicas_default(replication_factor))
     }
 
+    /// `replication.durability` (Cairn's own key): `fsync`, the default, counts each replica's
+    /// fsynced offset for the high watermark (an acknowledged acks=all record survives a power
+    /// loss of every replica); `memory` counts its log end, as Kafka does.
+    pub fn durability(&self) -> cairn_replication::Durability {
+        match self
+            .overrides
+            .get("replication.durability")
+            .map(|v| v.trim())
+        {
+            Some("memory") => cairn_replication::Durability::InMemory,
+            _ => cairn_replication::Durability::Flushed,
+        }
+    }
+
     /// Every key with its effective value and whether it is the default, for a topic with
     /// `replication_factor` replicas per partition.
     pub fn describe(
@@ -182,6 +197,7 @@ impl TopicConfig {
                 "min.insync.replicas" => {
                     min_insync_replicas_default(replication_factor).to_string()
                 }
+                "replication.durability" => "fsync".into(),
                 _ => String::new(),
             }
         };
@@ -272,6 +288,13 @@ impl TopicConfig {
             BATCH_BYTES_MAX.into(),
         )?;
         int("min.insync.replicas", 1, 1, i64::from(i16::MAX))?;
+        if let Some(durability) = self.overrides.get("replication.durability")
+            && !matches!(durability.trim(), "fsync" | "memory")
+        {
+            return Err(format!(
+                "replication.durability {durability:?} is not one of fsync, memory"
+            ));
+        }
         let flush_ms = int("flush.ms", defaults.flush_ms, -1, i64::MAX)?;
         let flush_messages = int("flush.messages", i64::MAX, 1, i64::MAX)?;
         if flush_messages != 1 && flush_messages != i64::MAX {

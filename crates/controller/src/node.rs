@@ -403,6 +403,25 @@ impl ControllerNode {
                 count,
                 validate_only,
             } => self.create_partitions(&topic, count, validate_only).await,
+            Command::AlterPartition {
+                node_id,
+                broker_epoch,
+                topic,
+                partition,
+                leader_epoch,
+                partition_epoch,
+                isr,
+            } => {
+                self.alter_partition(
+                    node_id,
+                    broker_epoch,
+                    &topic,
+                    partition,
+                    (leader_epoch, partition_epoch),
+                    isr,
+                )
+                .await
+            }
             Command::AllocateProducerIds { node_id } => {
                 // Two allocations decided on the same image: the second is refused as stale
                 // and decided again.
@@ -558,6 +577,80 @@ impl ControllerNode {
         }
         Ok(Reply::Heartbeat {
             fenced: broker.fenced,
+        })
+    }
+
+    /// A leader's ISR change: refused if the leader, its registration or either epoch is no
+    /// longer current (the leader learns the current state from its image: INVALID_UPDATE_VERSION,
+    /// FENCED_LEADER_EPOCH, STALE_BROKER_EPOCH), or if a joining replica's broker is not live
+    /// (INELIGIBLE_REPLICA: only live brokers enter the ISR, KIP-841).
+    async fn alter_partition(
+        &self,
+        node: NodeId,
+        broker_epoch: u64,
+        topic: &str,
+        partition: u32,
+        (leader_epoch, partition_epoch): (u32, u32),
+        isr: Vec<NodeId>,
+    ) -> Result<Reply, CommandError> {
+        let image = self.image();
+        if image
+            .brokers
+            .get(&node)
+            .is_none_or(|b| b.epoch != broker_epoch || b.fenced)
+        {
+            return Err(rejected(
+                ErrorCode::STALE_BROKER_EPOCH,
+                format!("broker {node} has no live registration with epoch {broker_epoch}"),
+            ));
+        }
+        let Some(state) = image.partition(topic, partition) else {
+            return Err(rejected(
+                ErrorCode::UNKNOWN_TOPIC_OR_PARTITION,
+                format!("{topic}-{partition} does not exist"),
+            ));
+        };
+        if state.leader != Some(node) || state.leader_epoch != leader_epoch {
+            return Err(rejected(
+                ErrorCode::FENCED_LEADER_EPOCH,
+                format!(
+                    "{topic}-{partition} is led by {:?} in epoch {}, not by {node} in epoch {leader_epoch}",
+                    state.leader, state.leader_epoch
+                ),
+            ));
+        }
+        if state.partition_epoch != partition_epoch {
+            return Err(rejected(
+                ErrorCode::INVALID_UPDATE_VERSION,
+                format!(
+                    "{topic}-{partition} is at partition epoch {}, the change was decided on {partition_epoch}",
+                    state.partition_epoch
+                ),
+            ));
+        }
+        if let Some(ineligible) = isr
+            .iter()
+            .find(|r| !state.isr.contains(r) && !image.is_live(**r))
+        {
+            return Err(rejected(
+                ErrorCode::INELIGIBLE_REPLICA,
+                format!("replica {ineligible} of {topic}-{partition} is not a live broker"),
+            ));
+        }
+        let record = MetadataRecord::PartitionChanged {
+            topic: topic.to_string(),
+            partition,
+            expected_partition_epoch: partition_epoch,
+            target: crate::records::PartitionTarget {
+                replicas: state.replicas.clone(),
+                isr: isr.clone(),
+                leader: Some(node),
+            },
+        };
+        self.commit(vec![record]).await?;
+        tracing::info!(topic, partition, ?isr, "ISR changed");
+        Ok(Reply::PartitionChanged {
+            partition_epoch: partition_epoch + 1,
         })
     }
 

@@ -66,13 +66,10 @@ pub struct PartitionState {
 }
 
 impl PartitionState {
-    /// A new partition on `replicas`, led by `leader`, whose ISR is the leader alone (followers
-    /// join it once they hold what the leader committed).
+    /// A new partition on `replicas`, led by `leader`. Every replica starts in sync (their
+    /// logs are all empty), as in Kafka; the high watermark moves once they have fetched.
     pub fn new(replicas: Vec<NodeId>, leader: Option<NodeId>) -> PartitionState {
-        let isr = match leader {
-            Some(leader) => vec![leader],
-            None => replicas.first().copied().into_iter().collect(),
-        };
+        let isr = replicas.clone();
         PartitionState {
             replicas,
             isr,

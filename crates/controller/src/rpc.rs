@@ -74,6 +74,24 @@ pub enum Command {
         /// The broker.
         node_id: NodeId,
     },
+    /// A partition leader's ISR change (Kafka's AlterPartition): applied only if the leader and
+    /// both epochs are still current, and every replica joining the ISR is a live broker.
+    AlterPartition {
+        /// The leader asking.
+        node_id: NodeId,
+        /// Its registration.
+        broker_epoch: u64,
+        /// The topic.
+        topic: String,
+        /// The partition.
+        partition: u32,
+        /// The leader epoch the change was decided in.
+        leader_epoch: u32,
+        /// The partition epoch it was decided on.
+        partition_epoch: u32,
+        /// The new ISR.
+        isr: Vec<NodeId>,
+    },
 }
 
 /// Where a created topic landed.
@@ -104,6 +122,11 @@ pub enum Reply {
     Deleted(Vec<(String, Result<(), Rejected>)>),
     /// Partitions created (or would be).
     PartitionsCreated,
+    /// The partition's state after an AlterPartition.
+    PartitionChanged {
+        /// Its new partition epoch.
+        partition_epoch: u32,
+    },
     /// A block of producer ids.
     ProducerIds {
         /// The first.

@@ -937,6 +937,100 @@ fn create_partitions() {
 }
 
 #[test]
+fn replica_fetch() {
+    let req = Request::ReplicaFetch(ReplicaFetchRequest {
+        replica_id: 2,
+        broker_epoch: 41,
+        max_wait_ms: 500,
+        min_bytes: 1,
+        max_bytes: 1 << 20,
+        topics: vec![ReplicaFetchTopic {
+            name: "orders".into(),
+            partitions: vec![ReplicaFetchPartition {
+                partition: 3,
+                current_leader_epoch: 7,
+                fetch_offset: 1200,
+                last_fetched_epoch: 6,
+                flushed_offset: 1100,
+                partition_max_bytes: 65536,
+            }],
+        }],
+    });
+    let payload = encode_request(23, "golden", &req);
+    let spec = B::req(20, 23)
+        .u32(2)
+        .u64(41)
+        .u32(500)
+        .u32(1)
+        .u32(1 << 20)
+        .count(1)
+        .string("orders")
+        .count(1)
+        .u32(3)
+        .u32(7)
+        .u64(1200)
+        .i32(6)
+        .u64(1100)
+        .u32(65536);
+    check("replica_fetch_request", payload.clone(), spec);
+    round_trip_request(&payload, &req);
+    let resp = ReplicaFetchResponse {
+        topics: vec![ReplicaFetchTopicResponse {
+            name: "orders".into(),
+            partitions: vec![
+                ReplicaFetchPartitionResponse {
+                    partition: 3,
+                    error_code: 0,
+                    high_watermark: 1150,
+                    log_start_offset: 0,
+                    log_end_offset: 1300,
+                    diverging: true,
+                    diverging_epoch: 5,
+                    diverging_end_offset: 1180,
+                    records: Bytes::new(),
+                },
+                ReplicaFetchPartitionResponse {
+                    partition: 4,
+                    error_code: 74,
+                    high_watermark: 0,
+                    log_start_offset: 0,
+                    log_end_offset: 0,
+                    diverging: false,
+                    diverging_epoch: -1,
+                    diverging_end_offset: 0,
+                    records: Bytes::from_static(b"abc"),
+                },
+            ],
+        }],
+    };
+    let payload = encode_response(23, &resp);
+    let spec = B::resp(23)
+        .count(1)
+        .string("orders")
+        .count(2)
+        .u32(3)
+        .i16(0)
+        .u64(1150)
+        .u64(0)
+        .u64(1300)
+        .u8(1)
+        .i32(5)
+        .u64(1180)
+        .bytes(b"")
+        .u32(4)
+        .i16(74)
+        .u64(0)
+        .u64(0)
+        .u64(0)
+        .u8(0)
+        .i32(-1)
+        .u64(0)
+        .bytes(b"abc");
+    check("replica_fetch_response", payload.clone(), spec);
+    round_trip_response(&payload, &resp);
+}
+
+#[test]
 fn every_error_code_is_named() {
     for code in ErrorCode::ALL {
         assert_ne!(code.name(), "UNKNOWN_ERROR_CODE");

@@ -235,6 +235,11 @@ impl Log {
         lock(&self.state).epochs.entries().to_vec()
     }
 
+    /// The epoch of the newest batch, if the log records any.
+    pub fn latest_epoch(&self) -> Option<u32> {
+        lock(&self.state).epochs.latest().map(|e| e.epoch)
+    }
+
     /// The epoch at or below `epoch` and its end offset (Kafka's OffsetsForLeaderEpoch).
     pub fn end_offset_for_epoch(&self, epoch: u32) -> Option<(u32, Offset)> {
         let state = lock(&self.state);

@@ -92,6 +92,7 @@ codes! {
     INVALID_RECORD = 87, false, "a batch breaks a broker rule (transactional or control batch, several idempotent batches)";
     INVALID_UPDATE_VERSION = 95, true, "a partition change was decided on a stale partition epoch: decide again";
     DUPLICATE_BROKER_REGISTRATION = 101, true, "another incarnation of this node id is registered and alive";
+    INELIGIBLE_REPLICA = 107, false, "a replica may not join the ISR (its broker is fenced or not registered)";
 
 }
 

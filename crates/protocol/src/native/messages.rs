@@ -51,11 +51,13 @@ pub enum ApiKey {
     DescribeCluster = 18,
     /// Grow topics to more partitions.
     CreatePartitions = 19,
+    /// A follower broker copies its leader's log.
+    ReplicaFetch = 20,
 }
 
 impl ApiKey {
     /// All APIs.
-    pub const ALL: [ApiKey; 20] = [
+    pub const ALL: [ApiKey; 21] = [
         ApiKey::ApiVersions,
         ApiKey::Metadata,
         ApiKey::CreateTopics,
@@ -76,6 +78,7 @@ impl ApiKey {
         ApiKey::DeleteGroups,
         ApiKey::DescribeCluster,
         ApiKey::CreatePartitions,
+        ApiKey::ReplicaFetch,
     ];
 
     /// The API with this key.
@@ -106,6 +109,7 @@ impl ApiKey {
             ApiKey::DeleteGroups => "delete_groups",
             ApiKey::DescribeCluster => "describe_cluster",
             ApiKey::CreatePartitions => "create_partitions",
+            ApiKey::ReplicaFetch => "replica_fetch",
         }
     }
 
@@ -523,6 +527,96 @@ wire_struct! {
     }
 }
 
+wire_struct! {
+    /// One partition a follower copies.
+    pub struct ReplicaFetchPartition {
+        /// Partition index.
+        pub partition: u32,
+        /// The leader epoch the follower follows: the leader refuses another one.
+        pub current_leader_epoch: u32,
+        /// The follower's log end: where to read.
+        pub fetch_offset: u64,
+        /// The epoch of the last batch the follower holds, or -1 (an empty log).
+        pub last_fetched_epoch: i32,
+        /// The offset below which the follower's log is durable.
+        pub flushed_offset: u64,
+        /// Most bytes for this partition (at least one batch is returned regardless).
+        pub partition_max_bytes: u32,
+    }
+}
+
+wire_struct! {
+    /// Partitions of one topic a follower copies.
+    pub struct ReplicaFetchTopic {
+        /// Topic name.
+        pub name: String,
+        /// Its partitions.
+        pub partitions: Vec<ReplicaFetchPartition>,
+    }
+}
+
+wire_struct! {
+    /// ReplicaFetch request: a follower's long poll to its leader.
+    pub struct ReplicaFetchRequest {
+        /// The follower's node id.
+        pub replica_id: u32,
+        /// The follower's broker epoch (its registration).
+        pub broker_epoch: u64,
+        /// Longest wait for `min_bytes` to accumulate.
+        pub max_wait_ms: u32,
+        /// Answer as soon as this many bytes are available.
+        pub min_bytes: u32,
+        /// Most bytes in the whole response.
+        pub max_bytes: u32,
+        /// What to fetch.
+        pub topics: Vec<ReplicaFetchTopic>,
+    }
+}
+
+wire_struct! {
+    /// The leader's answer for one partition.
+    pub struct ReplicaFetchPartitionResponse {
+        /// Partition index.
+        pub partition: u32,
+        /// Error.
+        pub error_code: i16,
+        /// The leader's high watermark.
+        pub high_watermark: u64,
+        /// The leader's log start.
+        pub log_start_offset: u64,
+        /// The leader's log end.
+        pub log_end_offset: u64,
+        /// Whether the follower's log diverges from the leader's: truncate before fetching again.
+        pub diverging: bool,
+        /// If diverging: the newest epoch at or below the follower's last fetched epoch that the
+        /// leader holds, or -1 (none).
+        pub diverging_epoch: i32,
+        /// If diverging: where that epoch ends on the leader.
+        pub diverging_end_offset: u64,
+        /// Whole batches from `fetch_offset`, with their offsets and epochs (empty if none, or
+        /// if diverging).
+        pub records: Bytes,
+    }
+}
+
+wire_struct! {
+    /// The leader's answer for one topic.
+    pub struct ReplicaFetchTopicResponse {
+        /// Topic name.
+        pub name: String,
+        /// Its partitions.
+        pub partitions: Vec<ReplicaFetchPartitionResponse>,
+    }
+}
+
+wire_struct! {
+    /// ReplicaFetch response.
+    pub struct ReplicaFetchResponse {
+        /// By topic.
+        pub topics: Vec<ReplicaFetchTopicResponse>,
+    }
+}
+
 /// `ListOffsetsPartition::timestamp` asking for the log end offset.
 pub const LATEST_TIMESTAMP: i64 = -1;
 /// `ListOffsetsPartition::timestamp` asking for the log start offset.
@@ -693,6 +787,7 @@ pub enum Request {
     DeleteGroups(DeleteGroupsRequest),
     DescribeCluster(DescribeClusterRequest),
     CreatePartitions(CreatePartitionsRequest),
+    ReplicaFetch(ReplicaFetchRequest),
 }
 
 impl Request {
@@ -719,6 +814,7 @@ impl Request {
             Request::DeleteGroups(_) => ApiKey::DeleteGroups,
             Request::DescribeCluster(_) => ApiKey::DescribeCluster,
             Request::CreatePartitions(_) => ApiKey::CreatePartitions,
+            Request::ReplicaFetch(_) => ApiKey::ReplicaFetch,
         }
     }
 
@@ -745,6 +841,7 @@ impl Request {
             Request::DeleteGroups(r) => r.encode(out),
             Request::DescribeCluster(r) => r.encode(out),
             Request::CreatePartitions(r) => r.encode(out),
+            Request::ReplicaFetch(r) => r.encode(out),
         }
     }
 
@@ -772,6 +869,7 @@ impl Request {
             ApiKey::DeleteGroups => Request::DeleteGroups(d(body)?),
             ApiKey::DescribeCluster => Request::DescribeCluster(d(body)?),
             ApiKey::CreatePartitions => Request::CreatePartitions(d(body)?),
+            ApiKey::ReplicaFetch => Request::ReplicaFetch(d(body)?),
         })
     }
 }
