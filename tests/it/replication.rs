@@ -10,11 +10,16 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use cairn_client::{
-    Acks, Admin, Consumer, ConsumerConfig, Position, Producer, ProducerConfig, ProducerRecord,
+    Acks, Admin, Connection, Consumer, ConsumerConfig, Position, Producer, ProducerConfig,
+    ProducerRecord,
+};
+use cairn_protocol::batch::{BatchBuilder, Compression};
+use cairn_protocol::native::{
+    ErrorCode, ProducePartition, ProduceRequest, ProduceResponse, ProduceTopic, Request,
 };
 
 use crate::broker::runtime;
-use crate::cluster::{TestCluster, tail};
+use crate::cluster::{Roles, TestCluster, tail};
 
 /// What the producer saw: (value number, offset, when acknowledged), and failed sends.
 #[derive(Default)]
@@ -70,10 +75,17 @@ fn produce_steadily(
 
 /// Partition 0's leader and ISR, from any broker that answers.
 async fn leader_and_isr(cluster: &TestCluster, topic: &str) -> (Option<u32>, Vec<u32>) {
-    let Ok(admin) = Admin::connect(&cluster.bootstrap_except(None)).await else {
-        return (None, Vec::new());
+    leader_and_isr_at(&cluster.bootstrap_except(None), topic).await
+}
+
+/// Partition 0's leader and ISR, asking `bootstrap` (give up after 2 s: a paused broker accepts
+/// connections but never answers).
+async fn leader_and_isr_at(bootstrap: &str, topic: &str) -> (Option<u32>, Vec<u32>) {
+    let ask = async {
+        let admin = Admin::connect(bootstrap).await.ok()?;
+        admin.metadata(&[topic.to_string()]).await.ok()
     };
-    let Ok(metadata) = admin.metadata(&[topic.to_string()]).await else {
+    let Ok(Some(metadata)) = tokio::time::timeout(Duration::from_secs(2), ask).await else {
         return (None, Vec::new());
     };
     let Some(p) = metadata.topics.first().and_then(|t| t.partitions.first()) else {
@@ -234,5 +246,240 @@ fn acknowledged_records_survive_the_leader_killed_twenty_times_in_a_row() {
     assert!(
         p99 <= Duration::from_secs(3),
         "failover p99 {p99:?} over 3 s: {failovers:?}"
+    );
+}
+
+/// Produces one record to partition 0 of `topic` at `addr` with `acks`, directly (no client
+/// retries): the error code and how long the answer took.
+async fn produce_once(addr: &str, topic: &str, acks: i8, value: &str) -> (ErrorCode, Duration) {
+    let produce = produce_once_unbounded(addr, topic, acks, value);
+    tokio::time::timeout(Duration::from_secs(20), produce)
+        .await
+        .expect("no answer to a produce within 20 s")
+}
+
+async fn produce_once_unbounded(
+    addr: &str,
+    topic: &str,
+    acks: i8,
+    value: &str,
+) -> (ErrorCode, Duration) {
+    let conn = Connection::connect(addr, "probe").await.unwrap();
+    let mut builder = BatchBuilder::new(Compression::None);
+    builder.push(0, None, Some(value.as_bytes()), &[]);
+    let started = Instant::now();
+    let response: ProduceResponse = conn
+        .call(&Request::Produce(ProduceRequest {
+            acks,
+            timeout_ms: 10_000,
+            topics: vec![ProduceTopic {
+                name: topic.into(),
+                partitions: vec![ProducePartition {
+                    partition: 0,
+                    records: builder.build().unwrap(),
+                }],
+            }],
+        }))
+        .await
+        .unwrap();
+    (
+        ErrorCode(response.topics[0].partitions[0].error_code),
+        started.elapsed(),
+    )
+}
+
+/// Waits until partition 0's ISR (as `bootstrap` tells it) has `n` members; returns how long it
+/// took.
+fn wait_isr(bootstrap: &str, rt: &tokio::runtime::Runtime, topic: &str, n: usize) -> Duration {
+    let started = Instant::now();
+    loop {
+        let (_, isr) = rt.block_on(leader_and_isr_at(bootstrap, topic));
+        if isr.len() == n {
+            return started.elapsed();
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "ISR {isr:?} did not reach {n} members"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn a_stalled_follower_leaves_the_isr_and_below_min_insync_acks_all_fails_fast() {
+    const TOPIC: &str = "stalls";
+    // A dedicated controller (pausing brokers must not pause the quorum), a long session (the
+    // controller keeps the paused brokers registered), a short lag limit (the leader drops them
+    // from the ISR itself).
+    let cluster = TestCluster::start_roles(
+        &[
+            Roles::Controller,
+            Roles::Broker,
+            Roles::Broker,
+            Roles::Broker,
+        ],
+        "broker_session_timeout_ms = 60000\nbroker_heartbeat_interval_ms = 1000\nreplica_lag_time_max_ms = 1500\n",
+    );
+    let rt = runtime();
+    rt.block_on(async {
+        let admin = Admin::connect(&cluster.bootstrap_except(None))
+            .await
+            .unwrap();
+        admin
+            .create_topic_replicated(TOPIC, 1, Some(3), &[])
+            .await
+            .unwrap();
+    });
+    wait_isr(&cluster.bootstrap_except(None), &rt, TOPIC, 3);
+    let (leader, _) = rt.block_on(leader_and_isr(&cluster, TOPIC));
+    let leader = leader.unwrap();
+    let leader_addr = cluster.node(leader).native.clone();
+    let followers: Vec<u32> = (2..=4).filter(|n| *n != leader).collect();
+    let mut acked = Vec::new();
+    let (code, _) = rt.block_on(produce_once(&leader_addr, TOPIC, -1, "before"));
+    assert_eq!(code, ErrorCode::NONE);
+    acked.push("before".to_string());
+
+    // One follower stalls: it leaves the ISR; acks=all goes on with two in sync.
+    cluster.process(followers[0]).signal("STOP");
+    let shrunk = wait_isr(&leader_addr, &rt, TOPIC, 2);
+    let (code, took) = rt.block_on(produce_once(&leader_addr, TOPIC, -1, "two-in-sync"));
+    assert_eq!(
+        code,
+        ErrorCode::NONE,
+        "acks=all with the ISR at min.insync.replicas"
+    );
+    acked.push("two-in-sync".to_string());
+
+    // The second stalls: the ISR is the leader alone, below min.insync.replicas 2. acks=all is
+    // refused at once; acks=1 is still taken.
+    cluster.process(followers[1]).signal("STOP");
+    wait_isr(&leader_addr, &rt, TOPIC, 1);
+    let (code, refused_in) = rt.block_on(produce_once(&leader_addr, TOPIC, -1, "refused"));
+    assert_eq!(code, ErrorCode::NOT_ENOUGH_REPLICAS);
+    assert!(
+        refused_in < Duration::from_secs(1),
+        "refused after {refused_in:?}"
+    );
+    let (code, _) = rt.block_on(produce_once(&leader_addr, TOPIC, 1, "acks-one"));
+    assert_eq!(code, ErrorCode::NONE, "acks=1 goes on");
+
+    // Healed: both catch up and return to the ISR; acks=all works again.
+    cluster.process(followers[0]).signal("CONT");
+    cluster.process(followers[1]).signal("CONT");
+    let returned = wait_isr(&leader_addr, &rt, TOPIC, 3);
+    let (code, _) = rt.block_on(produce_once(&leader_addr, TOPIC, -1, "after"));
+    assert_eq!(code, ErrorCode::NONE);
+    acked.push("after".to_string());
+    println!(
+        "stalled follower out of the ISR after {shrunk:?} (lag limit 1.5 s); acks=all with one \
+         in-sync replica refused in {refused_in:?}; acks=all with two took {took:?}; both back in \
+         the ISR {returned:?} after resuming"
+    );
+    // Every replica holds the same log: read it from each broker as leader would be costly;
+    // the leader's log has every acknowledged record, and a follower's log end equals it.
+    let read = read_partition(&cluster, &rt, TOPIC);
+    for value in &acked {
+        assert!(read.values().any(|v| v == value), "{value} lost: {read:?}");
+    }
+}
+
+/// Partition 0 of `topic` read to its high watermark by a fresh consumer: offset -> value.
+fn read_partition(
+    cluster: &TestCluster,
+    rt: &tokio::runtime::Runtime,
+    topic: &str,
+) -> std::collections::BTreeMap<u64, String> {
+    rt.block_on(async {
+        let mut consumer =
+            Consumer::connect(&cluster.bootstrap_except(None), ConsumerConfig::default())
+                .await
+                .unwrap();
+        consumer
+            .assign(topic, Some(vec![0]), Position::Earliest)
+            .await
+            .unwrap();
+        let end = consumer.end_offset(topic, 0).await.unwrap();
+        let mut log = std::collections::BTreeMap::new();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while consumer.position(topic, 0).unwrap_or(0) < end {
+            assert!(Instant::now() < deadline, "could not read to {end}");
+            for record in consumer.poll().await.unwrap() {
+                let value = String::from_utf8(record.value.unwrap().to_vec()).unwrap();
+                log.insert(record.offset, value);
+            }
+        }
+        log
+    })
+}
+
+#[test]
+fn a_killed_follower_catches_up_and_the_whole_cluster_killed_keeps_every_acknowledged_record() {
+    const TOPIC: &str = "restarts";
+    let mut cluster = TestCluster::start(3, "");
+    let rt = runtime();
+    rt.block_on(async {
+        let admin = Admin::connect(&cluster.bootstrap_except(None))
+            .await
+            .unwrap();
+        admin
+            .create_topic_replicated(TOPIC, 1, Some(3), &[])
+            .await
+            .unwrap();
+    });
+    wait_isr(&cluster.bootstrap_except(None), &rt, TOPIC, 3);
+    let history = Arc::new(Mutex::new(History::default()));
+    let stop = Arc::new(AtomicBool::new(false));
+    let producer = produce_steadily(
+        cluster.bootstrap_except(None),
+        TOPIC,
+        Arc::clone(&history),
+        Arc::clone(&stop),
+    );
+    let acked = || history.lock().unwrap().acked.len();
+    let wait_acked = |n: usize| {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while acked() < n {
+            assert!(Instant::now() < deadline, "only {} acknowledged", acked());
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    };
+    wait_acked(200);
+    let (leader, _) = rt.block_on(leader_and_isr(&cluster, TOPIC));
+    let follower = (1..=3).find(|n| Some(*n) != leader).unwrap();
+    cluster.kill9(follower);
+    wait_isr(&cluster.bootstrap_except(None), &rt, TOPIC, 2);
+    let at_kill = acked();
+    wait_acked(at_kill + 300);
+    cluster.start_node(follower);
+    cluster.wait_ready(follower);
+    let caught_up = wait_isr(&cluster.bootstrap_except(None), &rt, TOPIC, 3);
+    wait_acked(acked() + 100);
+    stop.store(true, Ordering::Relaxed);
+    producer.join().unwrap();
+
+    // Every broker killed at once, then restarted.
+    for id in 1..=3 {
+        cluster.kill9(id);
+    }
+    for id in 1..=3 {
+        cluster.start_node(id);
+    }
+    for id in 1..=3 {
+        cluster.wait_ready(id);
+    }
+    let log = read_partition(&cluster, &rt, TOPIC);
+    let history = history.lock().unwrap();
+    for (i, offset, _) in &history.acked {
+        assert_eq!(
+            log.get(offset),
+            Some(&format!("v{i}")),
+            "acknowledged v{i} at {offset}"
+        );
+    }
+    println!(
+        "a killed follower restarted and rejoined the ISR {caught_up:?} after it was ready; \
+         {} acknowledged records all read back after every broker was killed and restarted",
+        history.acked.len()
     );
 }
