@@ -19,7 +19,7 @@ use cairn_protocol::native::{
 };
 
 use crate::broker::runtime;
-use crate::cluster::{Roles, TestCluster, tail};
+use crate::cluster::{Roles, TestCluster, metric, tail};
 
 /// What the producer saw: (value number, offset, when acknowledged), and failed sends.
 #[derive(Default)]
@@ -363,6 +363,14 @@ fn a_stalled_follower_leaves_the_isr_and_below_min_insync_acks_all_fails_fast() 
     );
     let (code, _) = rt.block_on(produce_once(&leader_addr, TOPIC, 1, "acks-one"));
     assert_eq!(code, ErrorCode::NONE, "acks=1 goes on");
+    let (_, stalled) = cluster.process(leader).http_get("/metrics");
+    assert_eq!(metric(&stalled, "cairn_under_replicated_partitions"), 1);
+    assert_eq!(metric(&stalled, "cairn_under_min_isr_partitions"), 1);
+    assert!(
+        metric(&stalled, "cairn_isr_shrinks_total") >= 2,
+        "{stalled}"
+    );
+    assert!(metric(&stalled, "cairn_replica_max_lag_seconds") >= 1);
 
     // Healed: both catch up and return to the ISR; acks=all works again.
     cluster.process(followers[0]).signal("CONT");
@@ -371,6 +379,11 @@ fn a_stalled_follower_leaves_the_isr_and_below_min_insync_acks_all_fails_fast() 
     let (code, _) = rt.block_on(produce_once(&leader_addr, TOPIC, -1, "after"));
     assert_eq!(code, ErrorCode::NONE);
     acked.push("after".to_string());
+    let (_, healed) = cluster.process(leader).http_get("/metrics");
+    assert_eq!(metric(&healed, "cairn_under_replicated_partitions"), 0);
+    assert_eq!(metric(&healed, "cairn_under_min_isr_partitions"), 0);
+    assert!(metric(&healed, "cairn_isr_expands_total") >= 1, "{healed}");
+    assert!(metric(&healed, "cairn_replica_fetch_bytes_total") > 0);
     println!(
         "stalled follower out of the ISR after {shrunk:?} (lag limit 1.5 s); acks=all with one \
          in-sync replica refused in {refused_in:?}; acks=all with two took {took:?}; both back in \

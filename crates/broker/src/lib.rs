@@ -307,9 +307,11 @@ impl BrokerBuilder {
             Arc::clone(&offsets),
             shutdown.clone(),
         ));
+        let metrics = Metrics::new()?;
         tasks.spawn(replica::run_fetchers(
             Arc::clone(&manager),
             Arc::clone(&cluster),
+            metrics.clone(),
             replica::FetcherConfig {
                 node_id: config.node_id,
                 wait_max: std::time::Duration::from_millis(config.replica_fetch_wait_max_ms),
@@ -321,6 +323,7 @@ impl BrokerBuilder {
         tasks.spawn(replica::run_isr_changes(
             Arc::clone(&manager),
             Arc::clone(&cluster),
+            metrics.clone(),
             shutdown.clone(),
         ));
         let killed = CancellationToken::new();
@@ -344,7 +347,7 @@ impl BrokerBuilder {
             config: config.clone(),
             clock: Arc::clone(&clock),
             manager,
-            metrics: Metrics::new()?,
+            metrics,
             shutdown: shutdown.clone(),
             producer_ids: Arc::new(ProducerIds::new(config.node_id, client)),
             offsets,

@@ -34,6 +34,14 @@ pub struct Metrics {
     pub log_size_bytes: IntGaugeVec,
     pub log_segments: IntGaugeVec,
     pub under_replicated_partitions: IntGauge,
+    pub under_min_isr_partitions: IntGauge,
+    pub offline_partitions: IntGauge,
+    pub isr_shrinks: IntCounter,
+    pub isr_expands: IntCounter,
+    pub replica_max_lag: IntGauge,
+    pub replica_max_lag_seconds: prometheus::Gauge,
+    /// Record bytes this broker fetched as a follower.
+    pub follower_fetch_bytes: IntCounter,
     pub group_lag: IntGaugeVec,
     pub group_members: IntGaugeVec,
     pub group_generation: IntGaugeVec,
@@ -182,6 +190,45 @@ impl Metrics {
             "Partitions with fewer in-sync replicas than replicas.",
         )?;
         registry.register(Box::new(under_replicated_partitions.clone()))?;
+        let gauge = |name: &str, help: &str| -> Result<IntGauge, prometheus::Error> {
+            let metric = IntGauge::new(name, help)?;
+            registry.register(Box::new(metric.clone()))?;
+            Ok(metric)
+        };
+        let counter = |name: &str, help: &str| -> Result<IntCounter, prometheus::Error> {
+            let metric = IntCounter::new(name, help)?;
+            registry.register(Box::new(metric.clone()))?;
+            Ok(metric)
+        };
+        let under_min_isr_partitions = gauge(
+            "cairn_under_min_isr_partitions",
+            "Partitions this broker leads whose ISR is smaller than min.insync.replicas (acks=all writes are refused).",
+        )?;
+        let offline_partitions = gauge(
+            "cairn_offline_partitions",
+            "Partitions of the cluster without a leader, as this broker's metadata says.",
+        )?;
+        let isr_shrinks = counter(
+            "cairn_isr_shrinks_total",
+            "ISR shrinks this broker's leaderships committed (a follower fell behind).",
+        )?;
+        let isr_expands = counter(
+            "cairn_isr_expands_total",
+            "ISR expansions this broker's leaderships committed (a follower caught up).",
+        )?;
+        let replica_max_lag = gauge(
+            "cairn_replica_max_lag",
+            "The largest lag, in offsets, of a follower behind a partition this broker leads.",
+        )?;
+        let replica_max_lag_seconds = prometheus::Gauge::new(
+            "cairn_replica_max_lag_seconds",
+            "The longest time a follower of a partition this broker leads has not been caught up.",
+        )?;
+        registry.register(Box::new(replica_max_lag_seconds.clone()))?;
+        let follower_fetch_bytes = counter(
+            "cairn_follower_fetch_bytes_total",
+            "Record bytes this broker copied from leaders as a follower.",
+        )?;
         let group_lag = gauge_vec(
             "cairn_consumergroup_lag",
             "Log end offset minus the group's committed offset (Kafka exporters' kafka_consumergroup_lag).",
@@ -224,6 +271,13 @@ impl Metrics {
             log_size_bytes,
             log_segments,
             under_replicated_partitions,
+            under_min_isr_partitions,
+            offline_partitions,
+            isr_shrinks,
+            isr_expands,
+            replica_max_lag,
+            replica_max_lag_seconds,
+            follower_fetch_bytes,
             group_lag,
             group_members,
             group_generation,
@@ -311,8 +365,9 @@ impl Metrics {
         String::from_utf8(out).unwrap_or_default()
     }
 
-    /// This broker's under-replicated partitions (those it leads with a replica out of the
-    /// ISR), and the cluster gauges.
+    /// This broker's under-replicated and under-min-ISR partitions (those it leads with a
+    /// replica out of the ISR, or fewer in sync than min.insync.replicas), its followers' largest
+    /// lag, and the cluster gauges.
     fn render_cluster(&self, handler: &Handler) {
         let image = handler.manager.image();
         let node = handler.config.node_id;
@@ -322,6 +377,28 @@ impl Metrics {
             .count();
         self.under_replicated_partitions
             .set(i64::try_from(under_replicated).unwrap_or(i64::MAX));
+        self.offline_partitions
+            .set(i64::try_from(image.offline_partitions()).unwrap_or(i64::MAX));
+        let (mut under_min_isr, mut max_lag, mut max_lag_ms) = (0i64, 0u64, 0i64);
+        for topic in handler.manager.topics() {
+            let min_insync = topic.config.min_insync_replicas(topic.replication_factor);
+            for partition in topic.local() {
+                if partition.role() != crate::partition::Role::Leader {
+                    continue;
+                }
+                if partition.isr_len() < min_insync {
+                    under_min_isr += 1;
+                }
+                for (_, offsets, ms) in partition.follower_lags() {
+                    max_lag = max_lag.max(offsets);
+                    max_lag_ms = max_lag_ms.max(ms);
+                }
+            }
+        }
+        self.under_min_isr_partitions.set(under_min_isr);
+        self.replica_max_lag
+            .set(i64::try_from(max_lag).unwrap_or(i64::MAX));
+        self.replica_max_lag_seconds.set(max_lag_ms as f64 / 1000.0);
         let applied = *handler.manager.applied().borrow();
         self.cluster
             .update(&image, applied, handler.cluster.client.local_node());

@@ -31,6 +31,7 @@ use crate::cluster::Cluster;
 use crate::error::BrokerError;
 use crate::handler::Handler;
 use crate::manager::TopicManager;
+use crate::metrics::Metrics;
 use crate::partition::{Fetched4Follower, Isolation, Partition};
 
 /// One partition's answer before encoding.
@@ -258,6 +259,7 @@ pub(crate) struct FetcherConfig {
 pub(crate) async fn run_fetchers(
     manager: Arc<TopicManager>,
     cluster: Arc<Cluster>,
+    metrics: Metrics,
     config: FetcherConfig,
     shutdown: CancellationToken,
 ) {
@@ -279,6 +281,7 @@ pub(crate) async fn run_fetchers(
                     leader,
                     Arc::clone(&manager),
                     Arc::clone(&cluster),
+                    metrics.clone(),
                     config,
                     stop.clone(),
                 ));
@@ -314,6 +317,7 @@ async fn fetch_from(
     leader: u32,
     manager: Arc<TopicManager>,
     cluster: Arc<Cluster>,
+    metrics: Metrics,
     config: FetcherConfig,
     stop: CancellationToken,
 ) {
@@ -370,6 +374,13 @@ async fn fetch_from(
                 continue;
             }
         };
+        let bytes: usize = response
+            .topics
+            .iter()
+            .flat_map(|t| &t.partitions)
+            .map(|p| p.records.len())
+            .sum();
+        metrics.follower_fetch_bytes.inc_by(bytes as u64);
         let progressed = apply_response(&parts, response).await;
         if progressed {
             backoff = Duration::from_millis(50);
@@ -490,6 +501,7 @@ async fn apply_response(
 pub(crate) async fn run_isr_changes(
     manager: Arc<TopicManager>,
     cluster: Arc<Cluster>,
+    metrics: Metrics,
     shutdown: CancellationToken,
 ) {
     let mut tick = tokio::time::interval(Duration::from_millis(200));
@@ -517,9 +529,16 @@ pub(crate) async fn run_isr_changes(
                     isr: proposal.change.isr.clone(),
                 };
                 let (cluster, partition) = (Arc::clone(&cluster), Arc::clone(partition));
+                let before = partition.isr_len();
+                let metrics = metrics.clone();
                 tokio::spawn(async move {
                     match cluster.client.execute(command).await {
                         Ok(Reply::PartitionChanged { .. }) => {
+                            if proposal.change.isr.len() < before {
+                                metrics.isr_shrinks.inc();
+                            } else {
+                                metrics.isr_expands.inc();
+                            }
                             tracing::info!(topic = %proposal.topic, partition = proposal.partition, isr = ?proposal.change.isr, "ISR change committed");
                         }
                         Err(CommandError::Rejected(rejected))
