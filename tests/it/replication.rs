@@ -496,3 +496,68 @@ fn a_killed_follower_catches_up_and_the_whole_cluster_killed_keeps_every_acknowl
         history.acked.len()
     );
 }
+
+#[test]
+fn committed_offsets_survive_their_coordinator_killed() {
+    let mut cluster = TestCluster::start(3, "");
+    let rt = runtime();
+    let group = "survivors";
+    let offsets: Vec<(String, u32, u64)> = (0..3)
+        .map(|p| ("orders".to_string(), p, 100 + u64::from(p)))
+        .collect();
+    let coordinator = rt.block_on(async {
+        let admin = Admin::connect(&cluster.bootstrap_except(None))
+            .await
+            .unwrap();
+        admin
+            .create_topic_replicated("orders", 3, Some(3), &[])
+            .await
+            .unwrap();
+        // The first commit creates the (replicated) offsets topic through FindCoordinator.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while let Err(err) = admin.commit_offsets(group, &offsets).await {
+            assert!(Instant::now() < deadline, "commit: {err}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let conn = Connection::connect(&cluster.node(1).native, "probe")
+            .await
+            .unwrap();
+        let found: cairn_protocol::native::FindCoordinatorResponse = conn
+            .call(&Request::FindCoordinator(
+                cairn_protocol::native::FindCoordinatorRequest {
+                    group_id: group.into(),
+                },
+            ))
+            .await
+            .unwrap();
+        assert_eq!(found.error_code, 0);
+        found.node_id
+    });
+    cluster.kill9(coordinator);
+    let bootstrap = cluster.bootstrap_except(Some(coordinator));
+    let started = Instant::now();
+    let committed = rt.block_on(async {
+        let admin = Admin::connect(&bootstrap).await.unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            match admin.committed_offsets(group).await {
+                Ok(committed) if !committed.is_empty() => return committed,
+                other => {
+                    assert!(Instant::now() < deadline, "no committed offsets: {other:?}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+    });
+    let mut committed = committed;
+    committed.sort();
+    assert_eq!(
+        committed, offsets,
+        "the new coordinator serves what was committed"
+    );
+    println!(
+        "coordinator {coordinator} killed: the group's committed offsets served by its new \
+         coordinator after {:?}",
+        started.elapsed()
+    );
+}

@@ -199,17 +199,44 @@ pub(crate) async fn apply_images(
     client: ControllerClient,
     manager: Arc<TopicManager>,
     offsets: Arc<OffsetStore>,
+    groups: Arc<crate::groups::Coordinator>,
     shutdown: CancellationToken,
 ) {
     let mut feed = client.subscribe();
+    // The leader epoch at which each offsets partition led here was loaded.
+    let loaded: Arc<std::sync::Mutex<std::collections::HashMap<u32, u32>>> = Arc::default();
     loop {
         let image = Arc::clone(&feed.borrow_and_update());
         if image.offset > *manager.applied().borrow() || image.offset == 0 {
             let (manager, offsets) = (Arc::clone(&manager), Arc::clone(&offsets));
+            let (loaded, groups) = (Arc::clone(&loaded), Arc::clone(&groups));
             let applied = tokio::task::spawn_blocking(move || {
                 for partition in manager.apply(image) {
                     if &**partition.topic() == OFFSETS_TOPIC {
                         offsets.load(&partition);
+                    }
+                }
+                // A group's coordinator moved here: its commits copied as a follower are loaded
+                // before it serves the group.
+                let Some(topic) = manager.topic(OFFSETS_TOPIC) else {
+                    return;
+                };
+                let mut loaded = loaded.lock().unwrap_or_else(|e| e.into_inner());
+                let n = topic.n_partitions();
+                let of = |index: u32| {
+                    move |group: &str| {
+                        cairn_protocol::partitioner::partition_for_key(group.as_bytes(), n) == index
+                    }
+                };
+                for partition in topic.local() {
+                    let (index, epoch) = (partition.index(), partition.leader_epoch());
+                    let leads = partition.role() == crate::partition::Role::Leader;
+                    if leads && loaded.get(&index) != Some(&epoch) {
+                        groups.unload(of(index));
+                        offsets.reload(partition, n);
+                        loaded.insert(index, epoch);
+                    } else if !leads && loaded.remove(&index).is_some() {
+                        groups.unload(of(index));
                     }
                 }
             });

@@ -960,6 +960,28 @@ impl Coordinator {
         groups.clear();
     }
 
+    /// Forgets the groups `moved` names (their coordinator moved to another broker, or came
+    /// back here and must not serve an old membership): waiting JoinGroups and SyncGroups get
+    /// NOT_COORDINATOR, so their members find the coordinator again.
+    pub fn unload(&self, moved: impl Fn(&str) -> bool) {
+        let mut groups = self.lock();
+        groups.retain(|name, group| {
+            if !moved(name) {
+                return true;
+            }
+            for (id, member) in &mut group.members {
+                if let Some(join) = member.join.take() {
+                    let _ = join.send(fail_join(ErrorCode::NOT_COORDINATOR, id.clone()));
+                }
+                if let Some(sync) = member.sync.take() {
+                    let _ = sync.send(fail_sync(ErrorCode::NOT_COORDINATOR));
+                }
+            }
+            tracing::info!(group = %name, "group unloaded: its coordinator moved");
+            false
+        });
+    }
+
     /// Expires members past their session timeout and completes due rebalances.
     pub fn tick(&self) {
         let now = self.clock.now();

@@ -301,10 +301,21 @@ impl BrokerBuilder {
         ));
         let shutdown = CancellationToken::new();
         let tasks = TaskTracker::new();
+        let groups = Arc::new(groups::Coordinator::new(
+            Arc::clone(&clock),
+            std::time::Duration::from_millis(config.group_initial_rebalance_delay_ms),
+            groups::GroupLimits {
+                groups_max: config.groups_max,
+                members_max: config.group_members_max,
+                member_bytes_max: config.group_member_bytes_max,
+                total_bytes_max: config.groups_bytes_max,
+            },
+        ));
         tasks.spawn(cluster::apply_images(
             client.clone(),
             Arc::clone(&manager),
             Arc::clone(&offsets),
+            Arc::clone(&groups),
             shutdown.clone(),
         ));
         let metrics = Metrics::new()?;
@@ -351,16 +362,7 @@ impl BrokerBuilder {
             shutdown: shutdown.clone(),
             producer_ids: Arc::new(ProducerIds::new(config.node_id, client)),
             offsets,
-            groups: Arc::new(groups::Coordinator::new(
-                Arc::clone(&clock),
-                std::time::Duration::from_millis(config.group_initial_rebalance_delay_ms),
-                groups::GroupLimits {
-                    groups_max: config.groups_max,
-                    members_max: config.group_members_max,
-                    member_bytes_max: config.group_member_bytes_max,
-                    total_bytes_max: config.groups_bytes_max,
-                },
-            )),
+            groups,
             cluster: Arc::clone(&cluster),
         });
         let tracker = TaskTracker::new();

@@ -50,6 +50,46 @@ pub struct Committed {
 
 type Cache = HashMap<String, BTreeMap<(String, u32), Committed>>;
 
+/// Loads what one partition of `__consumer_offsets` holds into `cache` (blocking).
+fn load_into(cache: &mut Cache, partition: &Partition) {
+    let log = partition.log();
+    let mut n = 0usize;
+    let mut at = log.log_start_offset();
+    let end = log.log_end_offset();
+    while at < end {
+        let Ok(fetched) = log.read(at, 8 << 20) else {
+            break;
+        };
+        if fetched.bytes.is_empty() {
+            break;
+        }
+        for batch in Batches::new(fetched.bytes, u32::MAX) {
+            let Ok(batch) = batch else { break };
+            at = Offset(batch.header().last_offset().max(0) as u64 + 1);
+            let Ok(records) = batch.records(cairn_protocol::limits::DECOMPRESSED_BYTES_MAX) else {
+                continue;
+            };
+            for record in records {
+                let Some(key) = record.key.and_then(decode_key) else {
+                    continue;
+                };
+                let log_offset = record.offset.max(0) as u64;
+                match record.value.and_then(|v| decode_value(v, log_offset)) {
+                    Some(committed) => cache_insert(cache, key, committed),
+                    None => cache_remove(cache, &key),
+                }
+                n += 1;
+            }
+        }
+    }
+    tracing::info!(
+        partition = partition.index(),
+        records = n,
+        groups = cache.len(),
+        "committed offsets loaded"
+    );
+}
+
 fn cache_insert(cache: &mut Cache, key: OffsetKey, committed: Committed) {
     let (group, topic, partition) = key;
     cache
@@ -158,44 +198,20 @@ impl OffsetStore {
 
     /// Loads what one partition of `__consumer_offsets` holds (blocking).
     pub fn load(&self, partition: &Partition) {
-        let log = partition.log();
         let mut cache = self.write();
-        let mut n = 0usize;
-        let mut at = log.log_start_offset();
-        let end = log.log_end_offset();
-        while at < end {
-            let Ok(fetched) = log.read(at, 8 << 20) else {
-                break;
-            };
-            if fetched.bytes.is_empty() {
-                break;
-            }
-            for batch in Batches::new(fetched.bytes, u32::MAX) {
-                let Ok(batch) = batch else { break };
-                at = Offset(batch.header().last_offset().max(0) as u64 + 1);
-                let Ok(records) = batch.records(cairn_protocol::limits::DECOMPRESSED_BYTES_MAX)
-                else {
-                    continue;
-                };
-                for record in records {
-                    let Some(key) = record.key.and_then(decode_key) else {
-                        continue;
-                    };
-                    let log_offset = record.offset.max(0) as u64;
-                    match record.value.and_then(|v| decode_value(v, log_offset)) {
-                        Some(committed) => cache_insert(&mut cache, key, committed),
-                        None => cache_remove(&mut cache, &key),
-                    }
-                    n += 1;
-                }
-            }
-        }
-        tracing::info!(
-            partition = partition.index(),
-            records = n,
-            groups = cache.len(),
-            "committed offsets loaded"
-        );
+        load_into(&mut cache, partition);
+    }
+
+    /// Replaces the cached offsets of every group of this partition of `__consumer_offsets` by
+    /// what its log holds (blocking): when this broker becomes the partition's leader (its
+    /// groups' coordinator), its cache may lack commits it copied as a follower.
+    pub fn reload(&self, partition: &Partition, n_partitions: u32) {
+        let mut cache = self.write();
+        cache.retain(|group, _| {
+            cairn_protocol::partitioner::partition_for_key(group.as_bytes(), n_partitions)
+                != partition.index()
+        });
+        load_into(&mut cache, partition);
     }
 
     fn write(&self) -> std::sync::RwLockWriteGuard<'_, Cache> {
@@ -255,9 +271,31 @@ impl OffsetStore {
                 ErrorCode::UNKNOWN_SERVER_ERROR,
                 "a blocking append did nothing".to_string(),
             ))?;
-        partition
-            .flush_blocking(Offset(appended.last.0 + 1))
-            .map_err(refused)?;
+        let end = Offset(appended.last.0 + 1);
+        if topic.replication_factor > 1 {
+            // Committed like an acks=all write: once every in-sync replica holds it.
+            let min_insync = topic.config.min_insync_replicas(topic.replication_factor);
+            let committed = partition.wait_committed(end, appended.leader_epoch, min_insync);
+            let handle = tokio::runtime::Handle::try_current().map_err(|_| {
+                (
+                    ErrorCode::UNKNOWN_SERVER_ERROR,
+                    "no runtime to wait for replication".to_string(),
+                )
+            })?;
+            handle
+                .block_on(async {
+                    tokio::time::timeout(std::time::Duration::from_secs(10), committed).await
+                })
+                .map_err(|_| {
+                    (
+                        ErrorCode::REQUEST_TIMED_OUT,
+                        "the commit was not replicated within 10 s".to_string(),
+                    )
+                })?
+                .map_err(refused)?;
+        } else {
+            partition.flush_blocking(end).map_err(refused)?;
+        }
         Ok(appended)
     }
 
