@@ -152,6 +152,14 @@ impl TestCluster {
         }
     }
 
+    /// A graceful stop (SIGTERM: controlled shutdown), waiting for the process to exit.
+    pub(crate) fn stop(&mut self, id: u32) {
+        if let Some(process) = self.nodes[id as usize - 1].process.take() {
+            let status = process.terminate();
+            assert!(status.success(), "node {id} exited with {status}");
+        }
+    }
+
     pub(crate) fn kill9(&mut self, id: u32) {
         if let Some(process) = self.nodes[id as usize - 1].process.take() {
             process.kill9();

@@ -561,3 +561,164 @@ fn committed_offsets_survive_their_coordinator_killed() {
         started.elapsed()
     );
 }
+
+#[test]
+fn a_rolling_restart_under_acks_all_load_fails_no_write_and_leaders_return_to_their_preferred_replicas()
+ {
+    const TOPIC: &str = "rolling";
+    let mut cluster = TestCluster::start(3, "leader_imbalance_check_interval_ms = 1000\n");
+    let rt = runtime();
+    rt.block_on(async {
+        let admin = Admin::connect(&cluster.bootstrap_except(None))
+            .await
+            .unwrap();
+        admin
+            .create_topic_replicated(TOPIC, 1, Some(3), &[])
+            .await
+            .unwrap();
+    });
+    wait_isr(&cluster.bootstrap_except(None), &rt, TOPIC, 3);
+    let history = Arc::new(Mutex::new(History::default()));
+    let stop = Arc::new(AtomicBool::new(false));
+    let producer = produce_steadily(
+        cluster.bootstrap_except(None),
+        TOPIC,
+        Arc::clone(&history),
+        Arc::clone(&stop),
+    );
+    let mut longest_gap = Duration::ZERO;
+    for id in 1..=3 {
+        let before = history.lock().unwrap().acked.len();
+        cluster.stop(id);
+        cluster.start_node(id);
+        cluster.wait_ready(id);
+        wait_isr(&cluster.bootstrap_except(None), &rt, TOPIC, 3);
+        let history = history.lock().unwrap();
+        assert!(
+            history.acked.len() > before,
+            "writes flowed while node {id} restarted"
+        );
+        let gap = history.acked[before.saturating_sub(1)..]
+            .windows(2)
+            .map(|w| w[1].2 - w[0].2)
+            .max()
+            .unwrap_or_default();
+        longest_gap = longest_gap.max(gap);
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    stop.store(true, Ordering::Relaxed);
+    producer.join().unwrap();
+    let history = history.lock().unwrap();
+    assert!(
+        history.failed.is_empty(),
+        "writes failed during the rolling restart: {:?}",
+        &history.failed[..history.failed.len().min(5)]
+    );
+    let log = read_partition(&cluster, &rt, TOPIC);
+    for (i, offset, _) in &history.acked {
+        assert_eq!(log.get(offset), Some(&format!("v{i}")));
+    }
+    // Leadership goes back to the preferred replica (the first) once it is in sync.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let preferred = rt.block_on(async {
+        loop {
+            let admin = Admin::connect(&cluster.bootstrap_except(None))
+                .await
+                .unwrap();
+            let metadata = admin.metadata(&[TOPIC.to_string()]).await.unwrap();
+            let p = &metadata.topics[0].partitions[0];
+            if p.leader == p.replicas[0] {
+                return p.leader;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "leader {} is not the preferred {}",
+                p.leader,
+                p.replicas[0]
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    });
+    println!(
+        "rolling restart of 3 brokers under acks=all: {} writes acknowledged, none failed, longest \
+         pause between acknowledgements {longest_gap:?}; leadership back on preferred replica \
+         {preferred}",
+        history.acked.len()
+    );
+}
+
+#[test]
+fn an_unclean_election_happens_only_where_the_topic_allows_it_and_is_counted() {
+    let mut cluster = TestCluster::start_roles(
+        &[
+            Roles::Controller,
+            Roles::Broker,
+            Roles::Broker,
+            Roles::Broker,
+        ],
+        "",
+    );
+    let rt = runtime();
+    rt.block_on(async {
+        let admin = Admin::connect(&cluster.bootstrap_except(None))
+            .await
+            .unwrap();
+        admin
+            .create_topic_replicated(
+                "unclean",
+                1,
+                Some(3),
+                &[("unclean.leader.election.enable".into(), "true".into())],
+            )
+            .await
+            .unwrap();
+        admin
+            .create_topic_replicated("clean", 1, Some(3), &[])
+            .await
+            .unwrap();
+    });
+    for topic in ["unclean", "clean"] {
+        wait_isr(&cluster.bootstrap_except(None), &rt, topic, 3);
+    }
+    // Both topics' partitions: replicas on brokers 2, 3, 4 in some order. Kill two followers of
+    // "unclean", then its leader: the ISR is the dead leader alone.
+    let (leader, _) = rt.block_on(leader_and_isr(&cluster, "unclean"));
+    let leader = leader.unwrap();
+    let followers: Vec<u32> = (2..=4).filter(|n| *n != leader).collect();
+    for f in &followers {
+        cluster.kill9(*f);
+    }
+    wait_isr(&cluster.node(leader).native.clone(), &rt, "unclean", 1);
+    cluster.kill9(leader);
+    // A follower comes back: "unclean" takes it as leader; "clean" stays offline unless its
+    // last in-sync replica was this one.
+    cluster.start_node(followers[0]);
+    cluster.wait_ready(followers[0]);
+    let bootstrap = cluster.node(followers[0]).native.clone();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let (l, isr) = rt.block_on(leader_and_isr_at(&bootstrap, "unclean"));
+        if l == Some(followers[0]) {
+            assert_eq!(isr, vec![followers[0]]);
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no unclean election: {l:?} {isr:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let (clean_leader, clean_isr) = rt.block_on(leader_and_isr_at(&bootstrap, "clean"));
+    if !clean_isr.contains(&followers[0]) {
+        assert_eq!(
+            clean_leader, None,
+            "a clean topic never elects outside its ISR"
+        );
+    }
+    let (_, metrics) = cluster.process(1).http_get("/metrics");
+    assert_eq!(
+        metric(&metrics, "cairn_controller_unclean_leader_elections_total"),
+        1,
+        "{metrics}"
+    );
+}

@@ -86,6 +86,12 @@ pub struct BrokerConfig {
     /// Most bytes in one fetch response to a follower (Kafka
     /// `replica.fetch.response.max.bytes`); at most the protocol's fetch limit.
     pub replica_fetch_response_max_bytes: u32,
+    /// Whether the controller moves leadership back to each partition's preferred replica once
+    /// it is in sync again (Kafka `auto.leader.rebalance.enable`).
+    pub auto_leader_rebalance_enable: bool,
+    /// How often it does, in milliseconds (Kafka `leader.imbalance.check.interval.seconds`,
+    /// 300 s there; 30 s here: a restarted Cairn broker catches up in seconds).
+    pub leader_imbalance_check_interval_ms: u64,
     /// Largest frame on the controller wire (Raft entries and snapshot chunks).
     pub controller_frame_bytes_max: u32,
     /// Largest request frame accepted; a larger one closes the connection.
@@ -162,6 +168,8 @@ impl Default for BrokerConfig {
             replica_fetch_wait_max_ms: 500,
             replica_fetch_max_bytes: 1 << 20,
             replica_fetch_response_max_bytes: 10 << 20,
+            auto_leader_rebalance_enable: true,
+            leader_imbalance_check_interval_ms: 30_000,
             controller_frame_bytes_max: 64 << 20,
             frame_bytes_max: 16 * 1024 * 1024,
             connections_max: 10_000,
@@ -312,6 +320,12 @@ impl BrokerConfig {
             self.broker_heartbeat_interval_ms,
             50,
             self.broker_session_timeout_ms / 3,
+        )?;
+        check(
+            "leader_imbalance_check_interval_ms",
+            self.leader_imbalance_check_interval_ms,
+            100,
+            86_400_000,
         )?;
         check(
             "replica_lag_time_max_ms",

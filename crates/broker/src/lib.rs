@@ -492,6 +492,9 @@ fn controller_config(
         frame_bytes_max: config.controller_frame_bytes_max,
         partitions_max: config.partitions_max,
         partitions_per_topic_max: topic::PARTITIONS_PER_TOPIC_MAX,
+        leader_rebalance_interval: config
+            .auto_leader_rebalance_enable
+            .then(|| std::time::Duration::from_millis(config.leader_imbalance_check_interval_ms)),
         ..cairn_controller::ControllerConfig::default()
     }
 }

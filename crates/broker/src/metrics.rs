@@ -64,6 +64,7 @@ pub struct ClusterMetrics {
     pub fenced_brokers: IntGauge,
     pub offline_partitions: IntGauge,
     pub leader_elections: IntCounter,
+    pub unclean_leader_elections: IntCounter,
     /// One update at a time (the election counter is topped up to the image's total).
     update_lock: std::sync::Arc<std::sync::Mutex<()>>,
 }
@@ -442,6 +443,11 @@ impl ClusterMetrics {
             "Partition leader elections in the metadata log; reported by the active controller.",
         )?;
         registry.register(Box::new(leader_elections.clone()))?;
+        let unclean_leader_elections = IntCounter::new(
+            "cairn_controller_unclean_leader_elections_total",
+            "Leader elections that took a replica outside the ISR (topics with unclean.leader.election.enable): records may have been lost.",
+        )?;
+        registry.register(Box::new(unclean_leader_elections.clone()))?;
         Ok(ClusterMetrics {
             metadata_applied_offset,
             controller_active,
@@ -450,6 +456,7 @@ impl ClusterMetrics {
             fenced_brokers,
             offline_partitions,
             leader_elections,
+            unclean_leader_elections,
             update_lock: Default::default(),
         })
     }
@@ -480,6 +487,11 @@ impl ClusterMetrics {
                 image
                     .leader_elections
                     .saturating_sub(self.leader_elections.get()),
+            );
+            self.unclean_leader_elections.inc_by(
+                image
+                    .unclean_leader_elections
+                    .saturating_sub(self.unclean_leader_elections.get()),
             );
         }
     }

@@ -108,6 +108,7 @@ pub const TOPIC_CONFIG_KEYS: &[&str] = &[
     "retention.ms",
     "segment.bytes",
     "segment.ms",
+    "unclean.leader.election.enable",
 ];
 
 /// `min.insync.replicas` of a topic without the override: two copies where there are two
@@ -198,6 +199,7 @@ impl TopicConfig {
                     min_insync_replicas_default(replication_factor).to_string()
                 }
                 "replication.durability" => "fsync".into(),
+                "unclean.leader.election.enable" => "false".into(),
                 _ => String::new(),
             }
         };
@@ -288,6 +290,16 @@ impl TopicConfig {
             BATCH_BYTES_MAX.into(),
         )?;
         int("min.insync.replicas", 1, 1, i64::from(i16::MAX))?;
+        if let Some(unclean) = self.overrides.get("unclean.leader.election.enable")
+            && !matches!(
+                unclean.trim().to_ascii_lowercase().as_str(),
+                "true" | "false"
+            )
+        {
+            return Err(format!(
+                "unclean.leader.election.enable {unclean:?} is not true or false"
+            ));
+        }
         if let Some(durability) = self.overrides.get("replication.durability")
             && !matches!(durability.trim(), "fsync" | "memory")
         {

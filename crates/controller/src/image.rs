@@ -84,6 +84,9 @@ pub struct MetadataImage {
     /// other than the one it had (including its first after being offline).
     #[serde(default)]
     pub leader_elections: u64,
+    /// The unclean ones among them: the new leader was not in the ISR (records may be lost).
+    #[serde(default)]
+    pub unclean_leader_elections: u64,
 }
 
 impl MetadataImage {
@@ -257,8 +260,10 @@ impl MetadataImage {
                 let next = changed(state, target);
                 check_state(topic, &next)?;
                 let elected = next.leader.is_some() && next.leader != state.leader;
+                let unclean = next.leader.is_some_and(|l| !state.isr.contains(&l));
                 *state = next;
                 self.leader_elections += u64::from(elected);
+                self.unclean_leader_elections += u64::from(elected && unclean);
                 Ok(())
             }
             MetadataRecord::TopicDeleted { name, topic_id } => match self.topics.get(name) {

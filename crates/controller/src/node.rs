@@ -56,6 +56,9 @@ pub struct ControllerConfig {
     pub producer_id_block: u32,
     /// How long a proposal may wait for the quorum.
     pub commit_timeout: Duration,
+    /// How often leadership moves back to each partition's preferred replica (the first) where
+    /// it is live and in sync (Kafka's auto leader rebalance); `None` turns it off.
+    pub leader_rebalance_interval: Option<Duration>,
 }
 
 impl Default for ControllerConfig {
@@ -73,6 +76,7 @@ impl Default for ControllerConfig {
             partitions_per_topic_max: 10_000,
             producer_id_block: 1000,
             commit_timeout: Duration::from_millis(2500),
+            leader_rebalance_interval: Some(Duration::from_secs(30)),
         }
     }
 }
@@ -795,6 +799,7 @@ impl ControllerNode {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut seen_leader = None;
         let mut unreachable_since: BTreeMap<u64, Instant> = BTreeMap::new();
+        let mut rebalanced = Instant::now();
         loop {
             tokio::select! {
                 _ = tick.tick() => {}
@@ -876,17 +881,44 @@ impl ControllerNode {
                 }
             }
             let image = self.image();
-            let elections = partition_changes(&image, |state| {
+            let elections = partition_changes_by_topic(&image, |topic, state| {
                 if state.leader.is_some() {
                     return None;
                 }
-                let leader = placement::elect_leader(state, |r| image.is_live(r))?;
-                placement::on_unfenced(state, leader, |r| image.is_live(r))
+                match placement::elect_leader(state, |r| image.is_live(r)) {
+                    Some(leader) => placement::on_unfenced(state, leader, |r| image.is_live(r)),
+                    // No live in-sync replica: only a topic that allows it takes another.
+                    None if unclean_allowed(topic) => {
+                        placement::elect_unclean(state, |r| image.is_live(r))
+                    }
+                    None => None,
+                }
             });
             if !elections.is_empty()
                 && let Err(err) = self.commit(elections).await
             {
                 tracing::debug!(error = %err, "electing leaders failed; retrying");
+            }
+            if let Some(interval) = self.inner.config.leader_rebalance_interval
+                && rebalanced.elapsed() >= interval
+            {
+                rebalanced = Instant::now();
+                let image = self.image();
+                let moves = partition_changes(&image, |state| {
+                    placement::preferred_leader(state, |r| image.is_live(r))
+                });
+                let n = moves.len();
+                if n > 0 {
+                    match self.commit(moves).await {
+                        Ok(_) => tracing::info!(
+                            partitions = n,
+                            "leadership moved back to preferred replicas"
+                        ),
+                        Err(err) => {
+                            tracing::debug!(error = %err, "preferred leader election failed")
+                        }
+                    }
+                }
             }
         }
     }
@@ -1015,17 +1047,45 @@ fn partition_changes(
     image: &MetadataImage,
     decide: impl Fn(&PartitionState) -> Option<crate::records::PartitionTarget>,
 ) -> Vec<MetadataRecord> {
+    partition_changes_by_topic(image, |_, state| decide(state))
+}
+
+/// As [`partition_changes`], deciding with the partition's topic at hand (its config).
+fn partition_changes_by_topic(
+    image: &MetadataImage,
+    decide: impl Fn(
+        &crate::image::TopicImage,
+        &PartitionState,
+    ) -> Option<crate::records::PartitionTarget>,
+) -> Vec<MetadataRecord> {
     image
-        .partitions()
-        .filter_map(|(topic, partition, state)| {
-            Some(MetadataRecord::PartitionChanged {
-                topic: topic.to_string(),
-                partition,
-                expected_partition_epoch: state.partition_epoch,
-                target: decide(state)?,
-            })
+        .topics
+        .values()
+        .flat_map(|topic| {
+            topic
+                .partitions
+                .iter()
+                .enumerate()
+                .filter_map(|(partition, state)| {
+                    Some(MetadataRecord::PartitionChanged {
+                        topic: topic.name.clone(),
+                        partition: partition as u32,
+                        expected_partition_epoch: state.partition_epoch,
+                        target: decide(topic, state)?,
+                    })
+                })
+                .collect::<Vec<_>>()
         })
         .collect()
+}
+
+/// Whether a topic allows electing a replica outside the ISR when no in-sync replica is live
+/// (`unclean.leader.election.enable`, off by default: it can lose acknowledged records).
+fn unclean_allowed(topic: &crate::image::TopicImage) -> bool {
+    topic
+        .config
+        .get("unclean.leader.election.enable")
+        .is_some_and(|v| v.trim().eq_ignore_ascii_case("true"))
 }
 
 /// Fencing `node`: the record and every leadership and ISR membership it loses.

@@ -167,6 +167,33 @@ pub fn on_unfenced(
     target_if_changed(state, state.isr.clone(), leader)
 }
 
+/// Leadership back to the preferred replica (the first), if it is live, in the ISR and does not
+/// lead already (Kafka's preferred leader election).
+pub fn preferred_leader(
+    state: &PartitionState,
+    live: impl Fn(NodeId) -> bool,
+) -> Option<PartitionTarget> {
+    let preferred = *state.replicas.first()?;
+    if state.leader == Some(preferred) || !state.isr.contains(&preferred) || !live(preferred) {
+        return None;
+    }
+    target_if_changed(state, state.isr.clone(), Some(preferred))
+}
+
+/// An unclean election: an offline partition none of whose in-sync replicas is live gets the
+/// first live replica as leader, and the ISR becomes that replica alone. Records the ISR had and
+/// it lacks are lost; only topics with `unclean.leader.election.enable` take it.
+pub fn elect_unclean(
+    state: &PartitionState,
+    live: impl Fn(NodeId) -> bool,
+) -> Option<PartitionTarget> {
+    if state.leader.is_some() || state.isr.iter().any(|r| live(*r)) {
+        return None;
+    }
+    let leader = state.replicas.iter().copied().find(|r| live(*r))?;
+    target_if_changed(state, vec![leader], Some(leader))
+}
+
 fn target_if_changed(
     state: &PartitionState,
     isr: Vec<NodeId>,
@@ -192,6 +219,44 @@ mod tests {
                 rack: r.map(str::to_string),
             })
             .collect()
+    }
+
+    #[test]
+    fn leadership_returns_to_the_preferred_replica_only_when_it_is_in_sync() {
+        let state = PartitionState {
+            replicas: vec![1, 2, 3],
+            isr: vec![2, 3],
+            leader: Some(2),
+            leader_epoch: 4,
+            partition_epoch: 7,
+        };
+        assert_eq!(preferred_leader(&state, |_| true), None, "1 is not in sync");
+        let synced = PartitionState {
+            isr: vec![2, 3, 1],
+            ..state.clone()
+        };
+        let target = preferred_leader(&synced, |_| true).unwrap();
+        assert_eq!((target.leader, target.isr), (Some(1), vec![2, 3, 1]));
+        assert_eq!(preferred_leader(&synced, |r| r != 1), None, "1 is fenced");
+    }
+
+    #[test]
+    fn an_unclean_election_takes_a_live_replica_outside_the_isr() {
+        let offline = PartitionState {
+            replicas: vec![1, 2, 3],
+            isr: vec![1],
+            leader: None,
+            leader_epoch: 4,
+            partition_epoch: 7,
+        };
+        assert_eq!(
+            elect_unclean(&offline, |_| true),
+            None,
+            "1 is live: a clean election"
+        );
+        let target = elect_unclean(&offline, |r| r != 1).unwrap();
+        assert_eq!((target.leader, target.isr), (Some(2), vec![2]));
+        assert_eq!(elect_unclean(&offline, |_| false), None);
     }
 
     #[test]
