@@ -24,7 +24,8 @@ use crate::cluster::{Roles, TestCluster, metric, tail};
 /// What the producer saw: (value number, offset, when acknowledged), and failed sends.
 #[derive(Default)]
 struct History {
-    acked: Vec<(u64, u64, Instant)>,
+    /// (value number, offset, when sent, when acknowledged).
+    acked: Vec<(u64, u64, Instant, Instant)>,
     failed: Vec<String>,
 }
 
@@ -43,7 +44,7 @@ fn produce_steadily(
                 retries: 10_000,
                 retry_backoff: Duration::from_millis(20),
                 retry_backoff_max: Duration::from_millis(100),
-                request_timeout: Duration::from_secs(5),
+                request_timeout: Duration::from_secs(2),
                 linger: Duration::ZERO,
                 ..ProducerConfig::default()
             };
@@ -54,13 +55,14 @@ fn produce_steadily(
                     partition: Some(0),
                     ..ProducerRecord::new(topic, format!("v{i}"))
                 };
+                let sent_at = Instant::now();
                 let sent = match producer.send(record).await {
                     Ok(delivery) => delivery.await,
                     Err(err) => Err(err),
                 };
                 match sent {
                     Ok(meta) => {
-                        let at = (i, meta.offset.unwrap(), Instant::now());
+                        let at = (i, meta.offset.unwrap(), sent_at, Instant::now());
                         history.lock().unwrap().acked.push(at);
                     }
                     Err(err) => history.lock().unwrap().failed.push(format!("v{i}: {err}")),
@@ -94,6 +96,79 @@ async fn leader_and_isr_at(bootstrap: &str, topic: &str) -> (Option<u32>, Vec<u3
     ((p.leader != u32::MAX).then_some(p.leader), p.isr.clone())
 }
 
+/// When the first write sent after `t` was acknowledged, if one was.
+fn acked_after(history: &Mutex<History>, t: Instant) -> Option<Instant> {
+    history
+        .lock()
+        .unwrap()
+        .acked
+        .iter()
+        .rev()
+        .take_while(|(_, _, sent, _)| *sent > t)
+        .last()
+        .map(|(_, _, _, at)| *at)
+}
+
+/// `rounds` times: waits for a healthy partition 0 (three in sync, writes flowing), applies
+/// `fault` to its leader, waits for the next acknowledged write, then `heal`s the leader. Returns
+/// the times from each fault to the next acknowledgement, sorted.
+fn chase_leader(
+    cluster: &mut TestCluster,
+    rt: &tokio::runtime::Runtime,
+    topic: &str,
+    history: &Mutex<History>,
+    rounds: usize,
+    mut fault: impl FnMut(&mut TestCluster, u32),
+    mut heal: impl FnMut(&mut TestCluster, u32),
+) -> Vec<Duration> {
+    let mut failovers = Vec::new();
+    for round in 0..rounds {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let leader = loop {
+            let (leader, isr) = rt.block_on(leader_and_isr(cluster, topic));
+            let flowing =
+                acked_after(history, Instant::now() - Duration::from_millis(500)).is_some();
+            if let Some(leader) = leader.filter(|_| isr.len() == 3 && flowing) {
+                break leader;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "round {round}: partition not healthy: leader {leader:?}, ISR {isr:?}; failures {:?}",
+                history.lock().unwrap().failed
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        fault(cluster, leader);
+        let faulted = Instant::now();
+        let deadline = faulted + Duration::from_secs(30);
+        let recovered = loop {
+            if let Some(at) = acked_after(history, faulted) {
+                break at;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "round {round}: no write acknowledged 30 s after leader {leader}'s fault\n{}",
+                (1..=3)
+                    .filter(|n| *n != leader)
+                    .map(|n| tail(&cluster.process(n).log))
+                    .collect::<Vec<_>>()
+                    .join("\n---\n")
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        };
+        failovers.push(recovered - faulted);
+        heal(cluster, leader);
+    }
+    failovers.sort();
+    failovers
+}
+
+/// p50 and p99 of sorted durations.
+fn percentiles(sorted: &[Duration]) -> (Duration, Duration) {
+    let n = sorted.len();
+    (sorted[n / 2], sorted[(n * 99).div_ceil(100) - 1])
+}
+
 #[test]
 fn acknowledged_records_survive_the_leader_killed_twenty_times_in_a_row() {
     const TOPIC: &str = "failover";
@@ -120,62 +195,21 @@ fn acknowledged_records_survive_the_leader_killed_twenty_times_in_a_row() {
         Arc::clone(&history),
         Arc::clone(&stop),
     );
-    let acked_after = |t: Instant| {
-        history
-            .lock()
-            .unwrap()
-            .acked
-            .iter()
-            .rev()
-            .take_while(|(_, _, at)| *at > t)
-            .last()
-            .map(|(_, _, at)| *at)
-    };
-    let mut failovers = Vec::new();
-    for round in 0..kills {
-        // Wait for a healthy partition: all three in sync, writes flowing.
-        let deadline = Instant::now() + Duration::from_secs(60);
-        let leader = loop {
-            let (leader, isr) = rt.block_on(leader_and_isr(&cluster, TOPIC));
-            let flowing = acked_after(Instant::now() - Duration::from_millis(500)).is_some();
-            if let Some(leader) = leader.filter(|_| isr.len() == 3 && flowing) {
-                break leader;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "round {round}: partition not healthy: leader {leader:?}, ISR {isr:?}; failures {:?}",
-                history.lock().unwrap().failed
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        };
-        cluster.kill9(leader);
-        let killed = Instant::now();
-        let deadline = killed + Duration::from_secs(30);
-        let recovered = loop {
-            if let Some(at) = acked_after(killed) {
-                break at;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "round {round}: no write acknowledged 30 s after leader {leader} was killed\n{}",
-                (1..=3)
-                    .filter(|n| *n != leader)
-                    .map(|n| tail(&cluster.process(n).log))
-                    .collect::<Vec<_>>()
-                    .join("\n---\n")
-            );
-            std::thread::sleep(Duration::from_millis(5));
-        };
-        failovers.push(recovered - killed);
-        cluster.start_node(leader);
-        cluster.wait_ready(leader);
-    }
+    let failovers = chase_leader(
+        &mut cluster,
+        &rt,
+        TOPIC,
+        &history,
+        kills,
+        |cluster, leader| cluster.kill9(leader),
+        |cluster, leader| {
+            cluster.start_node(leader);
+            cluster.wait_ready(leader);
+        },
+    );
     stop.store(true, Ordering::Relaxed);
     producer.join().unwrap();
-
-    failovers.sort();
-    let p50 = failovers[kills / 2];
-    let p99 = failovers[(kills * 99).div_ceil(100) - 1];
+    let (p50, p99) = percentiles(&failovers);
     let history = history.lock().unwrap();
     println!(
         "partition leader killed {kills} times: next acks=all write after p50 {p50:?}, p99 {p99:?}, \
@@ -187,29 +221,9 @@ fn acknowledged_records_survive_the_leader_killed_twenty_times_in_a_row() {
 
     // A fresh consumer reads the partition to its high watermark: every acknowledged record is
     // at the offset it was acknowledged with.
-    let log = rt.block_on(async {
-        let mut consumer =
-            Consumer::connect(&cluster.bootstrap_except(None), ConsumerConfig::default())
-                .await
-                .unwrap();
-        consumer
-            .assign(TOPIC, Some(vec![0]), Position::Earliest)
-            .await
-            .unwrap();
-        let end = consumer.end_offset(TOPIC, 0).await.unwrap();
-        let mut log = std::collections::BTreeMap::new();
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while consumer.position(TOPIC, 0).unwrap_or(0) < end {
-            assert!(Instant::now() < deadline, "could not read to {end}");
-            for record in consumer.poll().await.unwrap() {
-                let value = String::from_utf8(record.value.unwrap().to_vec()).unwrap();
-                log.insert(record.offset, value);
-            }
-        }
-        log
-    });
+    let log = read_partition(&cluster, &rt, TOPIC);
     let mut lost = Vec::new();
-    for (i, offset, _) in &history.acked {
+    for (i, offset, _, _) in &history.acked {
         if log.get(offset) != Some(&format!("v{i}")) {
             lost.push((i, offset, log.get(offset)));
         }
@@ -228,7 +242,7 @@ fn acknowledged_records_survive_the_leader_killed_twenty_times_in_a_row() {
     let acked: std::collections::BTreeSet<String> = history
         .acked
         .iter()
-        .map(|(i, _, _)| format!("v{i}"))
+        .map(|(i, _, _, _)| format!("v{i}"))
         .collect();
     let duplicates = log.values().filter(|v| acked.contains(*v)).count() - acked.len();
     println!(
@@ -412,7 +426,18 @@ fn read_partition(
             .assign(topic, Some(vec![0]), Position::Earliest)
             .await
             .unwrap();
-        let end = consumer.end_offset(topic, 0).await.unwrap();
+        // Writes have stopped: wait until the high watermark settles (a new leader learns its
+        // followers' positions from their next fetches).
+        let mut end = consumer.end_offset(topic, 0).await.unwrap();
+        let settle = Instant::now() + Duration::from_secs(10);
+        loop {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            let now = consumer.end_offset(topic, 0).await.unwrap();
+            if now == end || Instant::now() > settle {
+                break;
+            }
+            end = now;
+        }
         let mut log = std::collections::BTreeMap::new();
         let deadline = Instant::now() + Duration::from_secs(60);
         while consumer.position(topic, 0).unwrap_or(0) < end {
@@ -483,7 +508,7 @@ fn a_killed_follower_catches_up_and_the_whole_cluster_killed_keeps_every_acknowl
     }
     let log = read_partition(&cluster, &rt, TOPIC);
     let history = history.lock().unwrap();
-    for (i, offset, _) in &history.acked {
+    for (i, offset, _, _) in &history.acked {
         assert_eq!(
             log.get(offset),
             Some(&format!("v{i}")),
@@ -600,7 +625,7 @@ fn a_rolling_restart_under_acks_all_load_fails_no_write_and_leaders_return_to_th
         );
         let gap = history.acked[before.saturating_sub(1)..]
             .windows(2)
-            .map(|w| w[1].2 - w[0].2)
+            .map(|w| w[1].3 - w[0].3)
             .max()
             .unwrap_or_default();
         longest_gap = longest_gap.max(gap);
@@ -615,7 +640,7 @@ fn a_rolling_restart_under_acks_all_load_fails_no_write_and_leaders_return_to_th
         &history.failed[..history.failed.len().min(5)]
     );
     let log = read_partition(&cluster, &rt, TOPIC);
-    for (i, offset, _) in &history.acked {
+    for (i, offset, _, _) in &history.acked {
         assert_eq!(log.get(offset), Some(&format!("v{i}")));
     }
     // Leadership goes back to the preferred replica (the first) once it is in sync.
@@ -808,5 +833,95 @@ fn an_idempotent_kafka_producer_writes_each_record_once_across_five_leader_kills
         "confluent-kafka idempotent producer across 5 leader kills: {} acknowledged, each once, \
          in order",
         acked.len()
+    );
+}
+
+#[test]
+fn a_paused_leader_is_replaced_within_its_session_and_three_seconds() {
+    const TOPIC: &str = "paused";
+    const SESSION_MS: u64 = 2000;
+    let rounds = 5;
+    let mut cluster = TestCluster::start(
+        3,
+        &format!("broker_session_timeout_ms = {SESSION_MS}\nbroker_heartbeat_interval_ms = 300\n"),
+    );
+    let rt = runtime();
+    rt.block_on(async {
+        let admin = Admin::connect(&cluster.bootstrap_except(None))
+            .await
+            .unwrap();
+        admin
+            .create_topic_replicated(TOPIC, 1, Some(3), &[])
+            .await
+            .unwrap();
+    });
+    let history = Arc::new(Mutex::new(History::default()));
+    let stop = Arc::new(AtomicBool::new(false));
+    let producer = produce_steadily(
+        cluster.bootstrap_except(None),
+        TOPIC,
+        Arc::clone(&history),
+        Arc::clone(&stop),
+    );
+    let failovers = chase_leader(
+        &mut cluster,
+        &rt,
+        TOPIC,
+        &history,
+        rounds,
+        |cluster, leader| cluster.process(leader).signal("STOP"),
+        |cluster, leader| {
+            cluster.process(leader).signal("CONT");
+            cluster.wait_ready(leader);
+        },
+    );
+    stop.store(true, Ordering::Relaxed);
+    producer.join().unwrap();
+    let (p50, p99) = percentiles(&failovers);
+    println!(
+        "partition leader paused (SIGSTOP) {rounds} times, session {SESSION_MS} ms, producer \
+         request timeout 2 s: next acks=all write after p50 {p50:?}, p99 {p99:?}"
+    );
+    let history = history.lock().unwrap();
+    let log = read_partition(&cluster, &rt, TOPIC);
+    let events = || {
+        (1..=3)
+            .map(|n| {
+                let text = std::fs::read_to_string(&cluster.process(n).log).unwrap_or_default();
+                text.lines()
+                    .filter(|l| {
+                        ["truncated", "fenced", "lease", "ISR", "unfenced", "elect"]
+                            .iter()
+                            .any(|k| l.contains(k))
+                    })
+                    .map(|l| format!("node {n}: {}", &l[..l.len().min(220)]))
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    for (i, offset, _, _) in &history.acked {
+        if log.get(offset) != Some(&format!("v{i}")) {
+            eprintln!("{}", events());
+        }
+        assert_eq!(
+            log.get(offset),
+            Some(&format!("v{i}")),
+            "acknowledged v{i} at {offset}; acked around: {:?}; log around: {:?}; log end {:?}",
+            history
+                .acked
+                .iter()
+                .filter(|a| a.1 + 5 >= *offset && a.1 <= offset + 5)
+                .map(|a| (a.0, a.1))
+                .collect::<Vec<_>>(),
+            log.range(offset.saturating_sub(5)..offset + 5)
+                .collect::<Vec<_>>(),
+            log.keys().last()
+        );
+    }
+    assert!(
+        p99 <= Duration::from_millis(SESSION_MS) + Duration::from_secs(3),
+        "p99 {p99:?}: {failovers:?}"
     );
 }

@@ -3,7 +3,6 @@
 //! controller has not answered for a session), applies every new metadata image to its topics,
 //! and at shutdown asks the controller to move its leaderships first.
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -13,7 +12,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::manager::TopicManager;
+use crate::manager::{Lease, TopicManager};
 use crate::offsets::{OFFSETS_TOPIC, OffsetStore};
 
 /// The broker's side of the cluster.
@@ -23,7 +22,7 @@ pub struct Cluster {
     pub client: ControllerClient,
     /// What this broker registers as.
     pub info: BrokerInfo,
-    lease: Arc<AtomicBool>,
+    lease: Arc<Lease>,
     session_timeout: Duration,
     heartbeat_interval: Duration,
     /// The current registration's broker epoch.
@@ -37,11 +36,11 @@ impl Cluster {
     pub fn new(
         client: ControllerClient,
         info: BrokerInfo,
-        lease: Arc<AtomicBool>,
+        lease: Arc<Lease>,
         session_timeout: Duration,
         heartbeat_interval: Duration,
     ) -> Cluster {
-        lease.store(false, Ordering::Release);
+        lease.revoke();
         let (ready, _) = watch::channel(false);
         Cluster {
             client,
@@ -64,8 +63,16 @@ impl Cluster {
         self.ready.subscribe()
     }
 
-    fn set_lease(&self, may_lead: bool) {
-        let was = self.lease.swap(may_lead, Ordering::AcqRel);
+    /// Grants the lease for one session from `sent` (when the answered heartbeat was sent), or
+    /// revokes it.
+    fn set_lease(&self, may_lead: bool, sent: Instant) {
+        let was = self.lease.granted();
+        if may_lead {
+            self.lease
+                .grant_until(sent.into_std() + self.session_timeout);
+        } else {
+            self.lease.revoke();
+        }
         if was != may_lead {
             tracing::info!(
                 node = self.info.node_id,
@@ -104,7 +111,7 @@ impl Cluster {
                 tokio::select! {
                     _ = tick.tick() => {}
                     // Caught up: say so at once (unfencing waits for it).
-                    _ = applied.changed(), if !self.lease.load(Ordering::Acquire) => {}
+                    _ = applied.changed(), if !self.lease.granted() => {}
                     () = shutdown.cancelled() => {
                         if !killed.is_cancelled() {
                             self.controlled_shutdown(broker_epoch, &manager).await;
@@ -124,7 +131,7 @@ impl Cluster {
                 match answer.await {
                     Ok(Ok(Reply::Heartbeat { fenced })) => {
                         last_ok = sent;
-                        self.set_lease(!fenced);
+                        self.set_lease(!fenced, sent);
                     }
                     Ok(Err(CommandError::Rejected(rejected)))
                         if rejected.error_code() == ErrorCode::STALE_BROKER_EPOCH =>
@@ -133,7 +140,7 @@ impl Cluster {
                             node = self.info.node_id,
                             "registration no longer known; registering again"
                         );
-                        self.set_lease(false);
+                        self.set_lease(false, sent);
                         continue 'register;
                     }
                     Ok(other) => {
@@ -141,7 +148,7 @@ impl Cluster {
                     }
                     Err(_) => tracing::debug!("heartbeat timed out"),
                 }
-                if last_ok.elapsed() >= self.session_timeout && self.lease.load(Ordering::Acquire) {
+                if last_ok.elapsed() >= self.session_timeout && self.lease.granted() {
                     // The controller may have fenced us and moved our leaderships: stop serving
                     // them rather than acknowledge writes a new leader will not have.
                     tracing::warn!(
@@ -149,7 +156,7 @@ impl Cluster {
                         silent_ms = last_ok.elapsed().as_millis() as u64,
                         "no heartbeat answered within the session: no longer leading"
                     );
-                    self.set_lease(false);
+                    self.set_lease(false, sent);
                 }
             }
         }
@@ -183,7 +190,7 @@ impl Cluster {
             metadata_offset: *manager.applied().borrow(),
             shutting_down: true,
         };
-        self.set_lease(false);
+        self.set_lease(false, Instant::now());
         let answer = tokio::time::timeout(Duration::from_secs(2), self.client.execute(heartbeat));
         match answer.await {
             Ok(Ok(_)) => tracing::info!(node = self.info.node_id, "leaderships moved for shutdown"),

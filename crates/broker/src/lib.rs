@@ -214,7 +214,7 @@ impl BrokerBuilder {
             why,
         })?;
         let dir_id = node_identity(&*fs, &config)?;
-        let lease = Arc::new(AtomicBool::new(false));
+        let lease = Arc::new(manager::Lease::default());
         let host = Host {
             fs: Arc::clone(&fs),
             clock: Arc::clone(&clock),

@@ -28,9 +28,9 @@ pub struct Host {
     /// This broker's node id.
     pub node_id: u32,
     /// Whether this broker may act as a leader: it is registered, unfenced, and has heard from
-    /// the controller within its session. While false, every partition answers
+    /// the controller within its session. While not, every partition answers
     /// NOT_LEADER_OR_FOLLOWER instead of serving a leadership the cluster may have moved.
-    pub lease: Arc<AtomicBool>,
+    pub lease: Arc<Lease>,
     /// `replica_lag_time_max_ms`: a follower not caught up for this long leaves the ISR.
     pub replica_lag_max_ms: i64,
 }
@@ -38,7 +38,58 @@ pub struct Host {
 impl Host {
     /// Whether this broker may lead now.
     pub fn may_lead(&self) -> bool {
-        self.lease.load(Ordering::Acquire)
+        self.lease.valid()
+    }
+}
+
+/// The right to lead, granted by the controller's answer to a heartbeat until one session after
+/// that heartbeat was sent (the controller fences a broker one session after it last heard from
+/// it, which is later). Checked against the time at every use: a process that was paused past
+/// its session (SIGSTOP, a VM freeze, a long GC-like stall) holds no lease when it resumes, even
+/// before its next heartbeat is answered, so it cannot serve the leadership its stale metadata
+/// names. Real time (`std::time::Instant`), as the controller's session is.
+#[derive(Debug)]
+pub struct Lease {
+    granted: AtomicBool,
+    /// Nanoseconds after `origin` until which the grant holds.
+    until: std::sync::atomic::AtomicU64,
+    origin: std::time::Instant,
+}
+
+impl Default for Lease {
+    fn default() -> Self {
+        Lease {
+            granted: AtomicBool::new(false),
+            until: std::sync::atomic::AtomicU64::new(0),
+            origin: std::time::Instant::now(),
+        }
+    }
+}
+
+impl Lease {
+    fn nanos(&self, at: std::time::Instant) -> u64 {
+        u64::try_from(at.saturating_duration_since(self.origin).as_nanos()).unwrap_or(u64::MAX)
+    }
+
+    /// Grants the lease until `until`.
+    pub fn grant_until(&self, until: std::time::Instant) {
+        self.until.store(self.nanos(until), Ordering::Release);
+        self.granted.store(true, Ordering::Release);
+    }
+
+    /// Takes it away (fenced, shutting down, registering again).
+    pub fn revoke(&self) {
+        self.granted.store(false, Ordering::Release);
+    }
+
+    /// Whether it is granted (however old the grant).
+    pub fn granted(&self) -> bool {
+        self.granted.load(Ordering::Acquire)
+    }
+
+    /// Whether it is granted and has not run out.
+    pub fn valid(&self) -> bool {
+        self.granted() && self.nanos(std::time::Instant::now()) < self.until.load(Ordering::Acquire)
     }
 }
 

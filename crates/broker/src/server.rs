@@ -247,7 +247,9 @@ impl HttpState for BrokerHttp {
     }
 
     fn ready(&self) -> bool {
-        self.ready.load(Ordering::Relaxed)
+        // The lease is checked against the time: a broker paused past its session is not ready
+        // the moment it resumes, before its next heartbeat says so.
+        self.ready.load(Ordering::Relaxed) && self.handler.manager.host().may_lead()
     }
 }
 

@@ -61,10 +61,24 @@ struct State {
     /// Topics whose routes are known to be stale.
     stale: std::collections::HashSet<String>,
     controller_id: Option<u32>,
+    /// Addresses that recently failed to answer, and when: asked last for a while.
+    failing: HashMap<String, std::time::Instant>,
 }
+
+/// How long an address that failed to answer is asked last.
+const FAILING_FOR: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// How long requests avoid a leader whose broker just failed to answer, refreshing the metadata
+/// instead: a paused or cut-off leader is replaced within its session, and the metadata a client
+/// fetches right after its request timed out may still name it.
+const AVOID_FOR: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Any connection: the bootstrap one or a fixed one.
 const ANY: u32 = u32::MAX;
+
+/// How long a broker may take to answer a metadata request before another is asked (metadata is
+/// small and served from memory: a broker that does not answer in this time is down or paused).
+const METADATA_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3);
 
 /// A cluster as a client sees it. Cheap to clone; clones share the cache and connections.
 #[derive(Clone)]
@@ -204,14 +218,36 @@ impl Cluster {
 
     /// A connection to any broker: for metadata and requests any broker answers.
     pub async fn any(&self) -> Result<Connection, ClientError> {
-        if let Some(conn) = self.state().conns.values().next().cloned() {
+        self.any_but(&[]).await
+    }
+
+    /// A connection to any broker whose address is not in `avoid` (brokers that just failed to
+    /// answer), or to any at all if every one is.
+    async fn any_but(&self, avoid: &[String]) -> Result<Connection, ClientError> {
+        let mut avoid = avoid.to_vec();
+        {
+            let mut state = self.state();
+            state.failing.retain(|_, at| at.elapsed() < FAILING_FOR);
+            avoid.extend(state.failing.keys().cloned());
+        }
+        let cached = {
+            let state = self.state();
+            let mut conns: Vec<Connection> = state.conns.values().cloned().collect();
+            conns.sort_by_key(|c| avoid.iter().any(|a| a == c.addr()));
+            conns.into_iter().next()
+        };
+        if let Some(conn) = cached.filter(|c| !avoid.iter().any(|a| a == c.addr())) {
             return Ok(conn);
         }
         let candidates: Vec<String> = match &self.inner.mode {
             Mode::Fixed(_) => vec![String::new()],
             Mode::Routed { bootstrap, .. } => {
                 let known: Vec<String> = self.state().brokers.values().cloned().collect();
-                known.into_iter().chain(bootstrap.iter().cloned()).collect()
+                let mut all: Vec<String> =
+                    known.into_iter().chain(bootstrap.iter().cloned()).collect();
+                // Brokers that just failed last.
+                all.sort_by_key(|a| avoid.contains(a));
+                all
             }
         };
         let mut last = None;
@@ -265,12 +301,28 @@ impl Cluster {
     /// every route stale.
     pub fn forget(&self, node: u32) {
         let mut state = self.state();
-        state.conns.remove(&node);
+        if let Some(conn) = state.conns.remove(&node) {
+            // The same broker may also be the connection for requests any broker answers.
+            let addr = conn.addr().to_string();
+            state.conns.retain(|_, c| c.addr() != addr);
+            state.failing.insert(addr, std::time::Instant::now());
+        }
         if !self.is_routed() {
             state.conns.remove(&ANY);
         }
         let topics: Vec<String> = state.topics.keys().cloned().collect();
         state.stale.extend(topics);
+    }
+
+    /// Whether broker `node` failed to answer within the last second: its partitions' requests
+    /// wait for fresher metadata rather than go to it again at once.
+    pub fn avoid(&self, node: u32) -> bool {
+        let state = self.state();
+        state
+            .brokers
+            .get(&node)
+            .and_then(|addr| state.failing.get(addr))
+            .is_some_and(|at| at.elapsed() < AVOID_FOR)
     }
 
     /// Marks `topic`'s routes stale: the next lookup refreshes them.
@@ -320,20 +372,32 @@ impl Cluster {
             allow_auto_create,
         });
         let mut last = None;
-        // A broker that just died: try another once.
+        // A broker that just died, or is paused (it accepts connections but never answers):
+        // try others.
+        let mut failed = Vec::new();
         for _ in 0..3 {
-            let conn = self.any().await?;
-            match conn.call::<MetadataResponse>(&request).await {
-                Ok(metadata) => {
+            let conn = self.any_but(&failed).await?;
+            let answer =
+                tokio::time::timeout(METADATA_TIMEOUT, conn.call::<MetadataResponse>(&request));
+            let err = match answer.await {
+                Ok(Ok(metadata)) => {
+                    self.state().failing.remove(conn.addr());
                     self.cache(&metadata);
                     return Ok(metadata);
                 }
-                Err(err @ ClientError::Connection { .. }) => {
-                    self.state().conns.retain(|_, c| c.addr() != conn.addr());
-                    last = Some(err);
-                }
-                Err(err) => return Err(err),
+                Ok(Err(err @ ClientError::Connection { .. })) => err,
+                Ok(Err(err)) => return Err(err),
+                Err(_) => ClientError::Timeout(format!("metadata from {}", conn.addr())),
+            };
+            {
+                let mut state = self.state();
+                state.conns.retain(|_, c| c.addr() != conn.addr());
+                state
+                    .failing
+                    .insert(conn.addr().to_string(), std::time::Instant::now());
             }
+            failed.push(conn.addr().to_string());
+            last = Some(err);
         }
         Err(last.unwrap_or(ClientError::Closed))
     }

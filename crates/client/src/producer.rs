@@ -661,7 +661,9 @@ impl Sender {
                     .min(u32::MAX as u128) as u32,
                 topics,
             });
-            let deadline = self.config.request_timeout + Duration::from_secs(5);
+            // The broker answers by `timeout_ms` itself (REQUEST_TIMED_OUT); a second more is
+            // for the network. Past that the broker is down or paused: its connection goes.
+            let deadline = self.config.request_timeout + Duration::from_secs(1);
             // Submitted now, in dispatch order: the broker applies requests in that order.
             let future: InFlight = match acks {
                 Acks::None => {
@@ -689,7 +691,7 @@ impl Sender {
         match self.cluster.route(topic, partition) {
             Some(Route {
                 leader: Some(node), ..
-            }) => {
+            }) if !self.cluster.avoid(node) => {
                 if self.cluster.cached(node).is_some() {
                     return Some(node);
                 }
@@ -719,9 +721,14 @@ impl Sender {
                         if let Err(err) = &refreshed {
                             tracing::debug!(error = %err, "metadata refresh failed");
                         }
-                        // Still no leader (an election under way) or no answer: ask again after
-                        // a backoff, not in a tight loop.
-                        if refreshed.is_err() || cluster.route(&topic, 0).is_none() {
+                        // Still no leader (an election under way), a leader that just failed
+                        // to answer, or no answer: ask again after a backoff, not in a tight
+                        // loop.
+                        let usable = cluster
+                            .route(&topic, partition)
+                            .and_then(|route| route.leader)
+                            .is_some_and(|node| !cluster.avoid(node));
+                        if refreshed.is_err() || !usable {
                             tokio::time::sleep(backoff).await;
                         }
                         key
@@ -741,7 +748,10 @@ impl Sender {
         let response = match result {
             Ok(response) => response,
             Err(err) => {
-                if matches!(err, ClientError::Connection { .. }) {
+                if matches!(
+                    err,
+                    ClientError::Connection { .. } | ClientError::Timeout(_)
+                ) {
                     self.cluster.forget(node);
                 }
                 for run in sent {

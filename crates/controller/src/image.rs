@@ -26,6 +26,11 @@ pub struct BrokerState {
     pub epoch: u64,
     /// Whether it may not lead (it has not caught up since registering, or went silent).
     pub fenced: bool,
+    /// The offset of the record that fenced it last (its registration, or a fence): it is
+    /// unfenced only once it has applied that record, so it never leads on metadata older than
+    /// the leadership changes its fencing made.
+    #[serde(default)]
+    pub fenced_at: u64,
 }
 
 /// A topic.
@@ -169,6 +174,7 @@ impl MetadataImage {
                         info: broker.clone(),
                         epoch: index,
                         fenced: true,
+                        fenced_at: index,
                     },
                 );
                 Ok(())
@@ -176,11 +182,11 @@ impl MetadataImage {
             MetadataRecord::BrokerFenced {
                 node_id,
                 broker_epoch,
-            } => self.set_fenced(*node_id, *broker_epoch, true),
+            } => self.set_fenced(*node_id, *broker_epoch, Some(index)),
             MetadataRecord::BrokerUnfenced {
                 node_id,
                 broker_epoch,
-            } => self.set_fenced(*node_id, *broker_epoch, false),
+            } => self.set_fenced(*node_id, *broker_epoch, None),
             MetadataRecord::TopicCreated {
                 name,
                 config,
@@ -305,10 +311,19 @@ impl MetadataImage {
         }
     }
 
-    fn set_fenced(&mut self, node: NodeId, epoch: u64, fenced: bool) -> Result<(), Rejected> {
+    /// Fences (at the record of offset `fenced_at`) or, with `None`, unfences a registration.
+    fn set_fenced(
+        &mut self,
+        node: NodeId,
+        epoch: u64,
+        fenced_at: Option<u64>,
+    ) -> Result<(), Rejected> {
         match self.brokers.get_mut(&node) {
             Some(broker) if broker.epoch == epoch => {
-                broker.fenced = fenced;
+                broker.fenced = fenced_at.is_some();
+                if let Some(at) = fenced_at {
+                    broker.fenced_at = at;
+                }
                 Ok(())
             }
             _ => Err(Rejected::new(

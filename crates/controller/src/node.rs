@@ -566,8 +566,10 @@ impl ControllerNode {
             }
             return Ok(Reply::Heartbeat { fenced: true });
         }
-        // Caught up once it has applied its own registration.
-        if broker.fenced && metadata_offset > broker_epoch {
+        // Caught up once it has applied the record that fenced it (its registration, or the
+        // fence with the leadership changes that came with it): a broker fenced while cut off
+        // must not lead again on the metadata it had then.
+        if broker.fenced && metadata_offset > broker.fenced_at.max(broker_epoch) {
             let mut records = vec![MetadataRecord::BrokerUnfenced {
                 node_id: node,
                 broker_epoch,
