@@ -377,6 +377,16 @@ fn a_stalled_follower_leaves_the_isr_and_below_min_insync_acks_all_fails_fast() 
     );
     let (code, _) = rt.block_on(produce_once(&leader_addr, TOPIC, 1, "acks-one"));
     assert_eq!(code, ErrorCode::NONE, "acks=1 goes on");
+    // `cairn topic describe` shows the ISR and how far each follower is behind.
+    let described = crate::broker_process::cairn_ok(
+        &leader_addr,
+        &["topic", "describe", TOPIC, "--output", "json"],
+        "",
+    );
+    let described: serde_json::Value = serde_json::from_str(&described).unwrap();
+    let p = &described["partitions"][0];
+    assert_eq!(p["isr"], serde_json::json!([leader]), "{p}");
+    assert_eq!(p["follower_lag"].as_array().unwrap().len(), 2, "{p}");
     let (_, stalled) = cluster.process(leader).http_get("/metrics");
     assert_eq!(metric(&stalled, "cairn_under_replicated_partitions"), 1);
     assert_eq!(metric(&stalled, "cairn_under_min_isr_partitions"), 1);

@@ -12,8 +12,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::{Context, bail};
 use bytes::Bytes;
 use cairn_client::{
-    Acks, Admin, Compression, Connection, Consumer, ConsumerConfig, Position, Producer,
-    ProducerConfig, ProducerRecord,
+    Acks, Admin, Compression, Consumer, ConsumerConfig, Position, Producer, ProducerConfig,
+    ProducerRecord,
 };
 use clap::{Args, ValueEnum};
 use hdrhistogram::Histogram;
@@ -68,6 +68,13 @@ pub struct BenchArgs {
     /// Topic to use [default: a fresh cairn-bench-<time> topic].
     #[arg(long)]
     topic: Option<String>,
+    /// Replicas per partition of the fresh topic [default: the cluster's, min(3, brokers)].
+    #[arg(long, short = 'r')]
+    replication_factor: Option<u16>,
+    /// Topic configs of the fresh topic, KEY=VALUE (repeatable), e.g.
+    /// `replication.durability=memory`.
+    #[arg(long = "topic-config", value_name = "KEY=VALUE")]
+    topic_configs: Vec<String>,
     /// Skip the baseline measurement.
     #[arg(long)]
     no_baseline: bool,
@@ -100,13 +107,19 @@ struct Target {
 }
 
 impl Target {
-    async fn connect(&self, client_id: &str) -> anyhow::Result<Connection> {
-        let conn = if self.kafka {
-            cairn_kafka_client::connect(&self.addr, client_id).await
+    /// The cluster behind the bootstrap address, routing each partition to its leader.
+    async fn cluster(&self, client_id: &str) -> anyhow::Result<cairn_client::Cluster> {
+        let cluster = if self.kafka {
+            cairn_client::Cluster::connect_with_dialect(
+                &self.addr,
+                client_id,
+                std::sync::Arc::new(cairn_kafka_client::KafkaDialect),
+            )
+            .await
         } else {
-            Connection::connect(&self.addr, client_id).await
+            cairn_client::Cluster::connect(&self.addr, client_id).await
         };
-        conn.with_context(|| format!("connecting to {} ({})", self.addr, self.name))
+        cluster.with_context(|| format!("connecting to {} ({})", self.addr, self.name))
     }
 }
 
@@ -204,9 +217,20 @@ async fn run_workload(
         .topic
         .clone()
         .unwrap_or_else(|| format!("cairn-bench-{}-{}", now_ms(), target.name));
-    let admin = Admin::with_connection(target.connect("cairn-bench-admin").await?);
+    let admin = Admin::with_cluster(target.cluster("cairn-bench-admin").await?);
     if args.topic.is_none() {
-        admin.create_topic(&topic, args.partitions, &[]).await?;
+        let configs = args
+            .topic_configs
+            .iter()
+            .map(|kv| {
+                kv.split_once('=')
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .ok_or_else(|| anyhow::anyhow!("--topic-config {kv:?} is not KEY=VALUE"))
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        admin
+            .create_topic_replicated(&topic, args.partitions, args.replication_factor, &configs)
+            .await?;
     }
     let progress = progress_bar(output, args.records);
     progress.set_message(target.name);
@@ -384,7 +408,7 @@ async fn produce(
             client_id: format!("cairn-bench-{k}"),
             ..ProducerConfig::default()
         };
-        let producer = Producer::with_connection(target.connect(&config.client_id).await?, config)?;
+        let producer = Producer::with_cluster(target.cluster(&config.client_id).await?, config)?;
         let (topic, value, progress) = (topic.to_string(), value.clone(), progress.clone());
         let per_record = rate_mb.map(|mb| {
             Duration::from_secs_f64(
@@ -416,9 +440,13 @@ async fn produce(
                         ..Default::default()
                     })
                     .await?;
-                tx.send((Instant::now(), delivery))
-                    .await
-                    .map_err(|_| anyhow::anyhow!("acknowledgement task stopped"))?;
+                if tx.send((Instant::now(), delivery)).await.is_err() {
+                    // The acknowledgement task stopped at a failed delivery: report that.
+                    return match acker.await? {
+                        Err(err) => Err(err.context("a record was not acknowledged")),
+                        Ok(_) => Err(anyhow::anyhow!("acknowledgement task stopped")),
+                    };
+                }
             }
             drop(tx);
             producer.flush().await?;
@@ -445,8 +473,8 @@ async fn consume(
     args: &BenchArgs,
     progress: &indicatif::ProgressBar,
 ) -> anyhow::Result<Measured> {
-    let mut consumer = Consumer::with_connection(
-        target.connect("cairn-bench").await?,
+    let mut consumer = Consumer::with_cluster(
+        target.cluster("cairn-bench").await?,
         ConsumerConfig {
             client_id: "cairn-bench".into(),
             ..ConsumerConfig::default()
@@ -482,8 +510,8 @@ async fn e2e(
     progress: &indicatif::ProgressBar,
 ) -> anyhow::Result<Measured> {
     let origin = Instant::now();
-    let mut consumer = Consumer::with_connection(
-        target.connect("cairn-bench-e2e").await?,
+    let mut consumer = Consumer::with_cluster(
+        target.cluster("cairn-bench-e2e").await?,
         ConsumerConfig {
             client_id: "cairn-bench-e2e".into(),
             fetch_max_wait: Duration::from_millis(100),
@@ -516,7 +544,7 @@ async fn e2e(
         client_id: "cairn-bench-e2e".into(),
         ..ProducerConfig::default()
     };
-    let producer = Producer::with_connection(target.connect(&config.client_id).await?, config)?;
+    let producer = Producer::with_cluster(target.cluster(&config.client_id).await?, config)?;
     let per_record = Duration::from_secs_f64(args.record_bytes as f64 / (rate_mb * 1e6));
     let started = Instant::now();
     let sent = Arc::new(AtomicU64::new(0));

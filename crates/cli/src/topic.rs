@@ -112,6 +112,39 @@ pub async fn run(bootstrap: &str, output: Output, command: TopicCommand) -> anyh
             let Some(topic) = topics.into_iter().next() else {
                 bail!("topic {name} not found")
             };
+            // Each follower's lag behind its leader's log end, in offsets.
+            let replicas: Vec<(u32, Vec<u32>)> = topic
+                .partitions
+                .iter()
+                .map(|p| (p.partition, p.replicas.clone()))
+                .collect();
+            let ends = admin.replica_log_ends(&name, &replicas).await;
+            let lags = |p: &cairn_protocol::native::DescribedPartition| -> Vec<(u32, Option<u64>)> {
+                p.replicas
+                    .iter()
+                    .filter(|r| **r != p.leader)
+                    .map(|r| {
+                        let lag = ends
+                            .get(&(p.partition, *r))
+                            .map(|end| p.log_end_offset.saturating_sub(*end));
+                        (*r, lag)
+                    })
+                    .collect()
+            };
+            let lag_text = |p: &cairn_protocol::native::DescribedPartition| -> String {
+                let text: Vec<String> = lags(p)
+                    .into_iter()
+                    .map(|(r, lag)| match lag {
+                        Some(lag) => format!("{r}:{lag}"),
+                        None => format!("{r}:?"),
+                    })
+                    .collect();
+                if text.is_empty() {
+                    "-".into()
+                } else {
+                    text.join(",")
+                }
+            };
             match output {
                 Output::Table => {
                     writeln!(out, "topic {}", topic.name)?;
@@ -138,7 +171,7 @@ pub async fn run(bootstrap: &str, output: Output, command: TopicCommand) -> anyh
                     }
                     writeln!(
                         out,
-                        "\n{:>9} {:>6} {:>5} {:<12} {:<12} {:>12} {:>12} {:>12} {:>14} {:>8}",
+                        "\n{:>9} {:>6} {:>5} {:<12} {:<12} {:>12} {:>12} {:>12} {:>14} {:>8}  FOLLOWER-LAG",
                         "PARTITION",
                         "LEADER",
                         "EPOCH",
@@ -148,7 +181,7 @@ pub async fn run(bootstrap: &str, output: Output, command: TopicCommand) -> anyh
                         "LOG-END",
                         "HIGH-WATER",
                         "SIZE-BYTES",
-                        "SEGMENTS"
+                        "SEGMENTS",
                     )?;
                     for p in &topic.partitions {
                         let leader = if p.leader == u32::MAX {
@@ -158,7 +191,7 @@ pub async fn run(bootstrap: &str, output: Output, command: TopicCommand) -> anyh
                         };
                         writeln!(
                             out,
-                            "{:>9} {:>6} {:>5} {:<12} {:<12} {:>12} {:>12} {:>12} {:>14} {:>8}",
+                            "{:>9} {:>6} {:>5} {:<12} {:<12} {:>12} {:>12} {:>12} {:>14} {:>8}  {}",
                             p.partition,
                             leader,
                             p.leader_epoch,
@@ -168,7 +201,8 @@ pub async fn run(bootstrap: &str, output: Output, command: TopicCommand) -> anyh
                             p.log_end_offset,
                             p.high_watermark,
                             p.size_bytes,
-                            p.n_segments
+                            p.n_segments,
+                            lag_text(p)
                         )?;
                     }
                 }
@@ -189,6 +223,7 @@ pub async fn run(bootstrap: &str, output: Output, command: TopicCommand) -> anyh
                                 "replicas": p.replicas, "isr": p.isr,
                                 "log_start_offset": p.log_start_offset, "log_end_offset": p.log_end_offset,
                                 "high_watermark": p.high_watermark, "size_bytes": p.size_bytes, "segments": p.n_segments,
+                                "follower_lag": lags(p).into_iter().map(|(r, lag)| json!({"node": r, "offsets": lag})).collect::<Vec<_>>(),
                             })
                         })
                         .collect();

@@ -163,30 +163,69 @@ impl Admin {
         if !self.cluster.is_routed() {
             return Ok(response.topics);
         }
-        // Partitions the answering broker does not host: ask each leader once.
+        // Each partition as its leader sees it (the answering broker may host only a follower,
+        // whose log end and high watermark lag): ask each leader once.
         let leaders: std::collections::BTreeSet<u32> = response
             .topics
             .iter()
             .flat_map(|t| &t.partitions)
-            .filter(|p| p.error_code != 0 && p.leader != u32::MAX)
+            .filter(|p| p.leader != u32::MAX)
             .map(|p| p.leader)
             .collect();
         for leader in leaders {
-            let Ok(conn) = self.cluster.connection(leader).await else {
-                continue;
+            let ask = async {
+                let conn = self.cluster.connection(leader).await.ok()?;
+                conn.call::<DescribeTopicsResponse>(&request).await.ok()
             };
-            let Ok(theirs) = conn.call::<DescribeTopicsResponse>(&request).await else {
+            let Ok(Some(theirs)) =
+                tokio::time::timeout(std::time::Duration::from_secs(2), ask).await
+            else {
                 continue;
             };
             for (mine, theirs) in response.topics.iter_mut().zip(theirs.topics) {
                 for (p, q) in mine.partitions.iter_mut().zip(theirs.partitions) {
-                    if p.error_code != 0 && q.error_code == 0 && q.partition == p.partition {
+                    if p.leader == leader && q.error_code == 0 && q.partition == p.partition {
                         *p = q;
                     }
                 }
             }
         }
         Ok(response.topics)
+    }
+
+    /// Each replica's log end offset for `topic`'s partitions, asking every broker that hosts
+    /// one: (partition, node) to log end. Replicas whose broker does not answer are left out.
+    pub async fn replica_log_ends(
+        &self,
+        topic: &str,
+        partitions: &[TopicPartitionReplicas],
+    ) -> std::collections::BTreeMap<(u32, u32), u64> {
+        let request = Request::DescribeTopics(DescribeTopicsRequest {
+            names: vec![topic.to_string()],
+        });
+        let nodes: std::collections::BTreeSet<u32> = partitions
+            .iter()
+            .flat_map(|(_, r)| r.iter().copied())
+            .collect();
+        let mut ends = std::collections::BTreeMap::new();
+        for node in nodes {
+            // A broker that is down or paused must not hold the answer up.
+            let ask = async {
+                let conn = self.cluster.connection(node).await.ok()?;
+                conn.call::<DescribeTopicsResponse>(&request).await.ok()
+            };
+            let Ok(Some(theirs)) =
+                tokio::time::timeout(std::time::Duration::from_secs(2), ask).await
+            else {
+                continue;
+            };
+            for p in theirs.topics.iter().flat_map(|t| &t.partitions) {
+                if p.error_code == 0 && p.replicas.contains(&node) {
+                    ends.insert((p.partition, node), p.log_end_offset);
+                }
+            }
+        }
+        ends
     }
 
     /// The metadata for `topics` (all if empty): brokers, the active controller, partitions
@@ -207,6 +246,9 @@ pub type GroupInfo = DescribedGroup;
 
 /// A committed offset: (topic, partition, offset).
 pub type CommittedOffset = (String, u32, u64);
+
+/// A partition and its replicas.
+pub type TopicPartitionReplicas = (u32, Vec<u32>);
 
 impl Admin {
     /// A connection to `group`'s coordinator (the broker that leads its offsets partition).

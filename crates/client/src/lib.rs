@@ -36,7 +36,9 @@ mod group;
 mod partitioner;
 mod producer;
 
-pub use admin::{Admin, CommittedOffset, GroupInfo, PartitionInfo, TopicInfo};
+pub use admin::{
+    Admin, CommittedOffset, GroupInfo, PartitionInfo, TopicInfo, TopicPartitionReplicas,
+};
 pub use cairn_protocol::batch::Compression;
 pub use cairn_protocol::native::ErrorCode;
 pub use cluster::{Cluster, Connector, Route, tcp_connector};
