@@ -935,3 +935,123 @@ fn a_paused_leader_is_replaced_within_its_session_and_three_seconds() {
         "p99 {p99:?}: {failovers:?}"
     );
 }
+
+#[test]
+fn leaders_return_to_preferred_replicas_when_an_operator_asks() {
+    const TOPIC: &str = "elections";
+    let mut cluster = TestCluster::start(3, "auto_leader_rebalance_enable = false\n");
+    let rt = runtime();
+    rt.block_on(async {
+        let admin = Admin::connect(&cluster.bootstrap_except(None))
+            .await
+            .unwrap();
+        admin
+            .create_topic_replicated(TOPIC, 3, Some(3), &[])
+            .await
+            .unwrap();
+    });
+    // Nodes 2 and 3 stay up: ask them.
+    let bootstrap = format!("{},{}", cluster.node(2).native, cluster.node(3).native);
+    let placement = || {
+        rt.block_on(async {
+            let admin = Admin::connect(&bootstrap).await.unwrap();
+            let metadata = admin.metadata(&[TOPIC.to_string()]).await.unwrap();
+            metadata.topics[0]
+                .partitions
+                .iter()
+                .map(|p| (p.leader, p.replicas[0], p.isr.len()))
+                .collect::<Vec<_>>()
+        })
+    };
+    // Every broker knows the topic and every replica is in sync.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let p = placement();
+        if p.len() == 3 && p.iter().all(|(_, _, isr)| *isr == 3) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{p:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Node 1 restarts: what it led moves away and, with auto rebalance off, stays away.
+    cluster.kill9(1);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while placement().iter().any(|(l, _, _)| *l == 1) {
+        assert!(
+            Instant::now() < deadline,
+            "node 1 still leads: {:?}",
+            placement()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    cluster.start_node(1);
+    cluster.wait_ready(1);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while placement().iter().any(|(_, _, isr)| *isr < 3) {
+        assert!(
+            Instant::now() < deadline,
+            "ISR not full again: {:?}",
+            placement()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let before = placement();
+    let moved = before.iter().filter(|(l, pref, _)| l != pref).count();
+    assert_eq!(moved, 1, "node 1 preferred-led one partition: {before:?}");
+
+    // confluent-kafka's AdminClient.elect_leaders (Kafka's ElectLeaders) moves it back.
+    let out = std::process::Command::new(crate::kafka::python())
+        .arg(crate::kafka::script("elect.py"))
+        .args(["--bootstrap", &cluster.node(2).kafka, "--topic", TOPIC])
+        .args(["--partitions", "3"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let results: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let elected = results
+        .as_object()
+        .unwrap()
+        .values()
+        .filter(|v| v.is_null())
+        .count();
+    let not_needed = results
+        .as_object()
+        .unwrap()
+        .values()
+        .filter(|v| v.as_str() == Some("ELECTION_NOT_NEEDED"))
+        .count();
+    assert_eq!((elected, not_needed), (1, 2), "{results}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while placement().iter().any(|(l, pref, _)| l != pref) {
+        assert!(Instant::now() < deadline, "{:?}", placement());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    // `cairn leader elect` over every partition: nothing left to do.
+    let out = crate::broker_process::cairn_ok(
+        &cluster.node(3).native,
+        &["leader", "elect", "--preferred"],
+        "",
+    );
+    assert!(out.contains("no election needed"), "{out}");
+    // An unclean election where every partition has a leader: not needed either.
+    let out = crate::broker_process::cairn_ok(
+        &cluster.node(3).native,
+        &[
+            "leader",
+            "elect",
+            "--unclean",
+            "--topic",
+            TOPIC,
+            "--partition",
+            "0",
+        ],
+        "",
+    );
+    assert!(out.contains("ELECTION_NOT_NEEDED"), "{out}");
+}

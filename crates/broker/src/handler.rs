@@ -44,6 +44,9 @@ pub(crate) fn ready(outcome: Outcome) -> Deferred {
     Box::pin(std::future::ready(outcome))
 }
 
+/// One partition's election: topic, partition, and the outcome (an error code and why).
+pub(crate) type Elected = (String, u32, Result<(), (ErrorCode, String)>);
+
 /// A produce request after its appends, waiting for its commits (acks=-1).
 pub(crate) struct Appended {
     results: PerPartition<Produced>,
@@ -257,6 +260,31 @@ impl Handler {
             validate_only,
         };
         self.command(command, topic).await.map(|_| ())
+    }
+
+    /// Leader elections (Kafka's ElectLeaders) through the active controller: per partition,
+    /// in the controller's order, whether it was elected and why not. `partitions` `None`: all.
+    pub(crate) async fn elect_leaders(
+        &self,
+        unclean: bool,
+        partitions: Option<Vec<(String, u32)>>,
+    ) -> Result<Vec<Elected>, BrokerError> {
+        let command = cairn_controller::Command::ElectLeaders {
+            unclean,
+            partitions,
+        };
+        match self.command(command, "").await? {
+            cairn_controller::Reply::Elected(results) => Ok(results
+                .into_iter()
+                .map(|(topic, partition, result)| {
+                    let result = result.map_err(|r| (r.error_code(), r.message));
+                    (topic, partition, result)
+                })
+                .collect()),
+            other => Err(BrokerError::Internal(format!(
+                "unexpected answer to ElectLeaders: {other:?}"
+            ))),
+        }
     }
 
     /// Creates topics; per topic, in request order, the outcome.

@@ -351,6 +351,10 @@ impl Handler {
                 let response = self.kafka_create_partitions(r).await;
                 ready(finish(respond("CreatePartitionsResponse", &response)))
             }
+            Request::ElectLeaders(r) => {
+                let response = self.kafka_elect_leaders(r).await;
+                ready(finish(respond("ElectLeadersResponse", &response)))
+            }
             Request::DescribeCluster(r) => {
                 let response = self.kafka_describe_cluster(&r);
                 ready(finish(respond("DescribeClusterResponse", &response)))
@@ -909,6 +913,48 @@ impl Handler {
             })
             .collect();
         kp::OffsetForLeaderEpochResponse::default().with_topics(topics)
+    }
+
+    async fn kafka_elect_leaders(&self, r: kreq::ElectLeadersRequest) -> kp::ElectLeadersResponse {
+        let partitions = r.topics.map(|topics| {
+            topics
+                .into_iter()
+                .flat_map(|(name, partitions)| {
+                    partitions
+                        .into_iter()
+                        .map(move |p| (name.clone(), partition_index(p)))
+                })
+                .collect()
+        });
+        let mut results: Vec<kp::elect_leaders_response::ReplicaElectionResult> = Vec::new();
+        match self.elect_leaders(r.election_type == 1, partitions).await {
+            Ok(elected) => {
+                for (topic, partition, result) in elected {
+                    let (code, message) = match result {
+                        Ok(()) => (0, None),
+                        Err((code, message)) => (code.0, Some(s(message))),
+                    };
+                    let part = kp::elect_leaders_response::PartitionResult::default()
+                        .with_partition_id(partition as i32)
+                        .with_error_code(code)
+                        .with_error_message(message);
+                    match results.last_mut().filter(|t| *t.topic == *topic) {
+                        Some(t) => t.partition_result.push(part),
+                        None => results.push(
+                            kp::elect_leaders_response::ReplicaElectionResult::default()
+                                .with_topic(topic_name(topic))
+                                .with_partition_result(vec![part]),
+                        ),
+                    }
+                }
+                kp::ElectLeadersResponse::default().with_replica_election_results(results)
+            }
+            Err(err) => {
+                self.metrics
+                    .count_error(Api::ELECT_LEADERS.label, err.code());
+                kp::ElectLeadersResponse::default().with_error_code(err.code().0)
+            }
+        }
     }
 
     async fn kafka_create_partitions(

@@ -175,6 +175,26 @@ impl Handler {
                     }))
                 })
             }
+            Request::ElectLeaders(r) => {
+                let this = Arc::clone(self);
+                Box::pin(async move {
+                    let partitions = (!r.topics.is_empty()).then(|| {
+                        r.topics
+                            .iter()
+                            .flat_map(|t| t.partitions.iter().map(|p| (t.name.clone(), *p)))
+                            .collect()
+                    });
+                    let outcome = match this.elect_leaders(r.election_type == 1, partitions).await {
+                        Ok(results) => respond(&elected_response(results)),
+                        Err(err) => Outcome::Respond(encode_error_response(
+                            corr,
+                            err.code(),
+                            &err.to_string(),
+                        )),
+                    };
+                    finish(outcome)
+                })
+            }
             Request::ReplicaFetch(r) => {
                 let this = Arc::clone(self);
                 Box::pin(async move {
@@ -228,6 +248,30 @@ impl Handler {
             .collect();
         DescribeTopicsResponse { topics }
     }
+}
+
+/// ElectLeaders' answer, grouped by topic in the order the results came.
+fn elected_response(results: Vec<crate::handler::Elected>) -> ElectLeadersResponse {
+    let mut topics: Vec<ElectedTopic> = Vec::new();
+    for (topic, partition, result) in results {
+        let (error_code, error_message) = match result {
+            Ok(()) => (ErrorCode::NONE.0, String::new()),
+            Err((code, message)) => (code.0, message),
+        };
+        let elected = ElectedPartition {
+            partition,
+            error_code,
+            error_message,
+        };
+        match topics.last_mut().filter(|t| t.name == topic) {
+            Some(t) => t.partitions.push(elected),
+            None => topics.push(ElectedTopic {
+                name: topic,
+                partitions: vec![elected],
+            }),
+        }
+    }
+    ElectLeadersResponse { topics }
 }
 
 impl Handler {

@@ -21,6 +21,81 @@ pub enum ClusterCommand {
 }
 
 #[derive(Debug, Subcommand)]
+pub enum LeaderCommand {
+    /// Elect partition leaders: the preferred replica (the first; where it is live and in
+    /// sync), or with `--unclean` any live replica for partitions without a leader (records
+    /// only the lost replicas held are gone).
+    Elect(ElectArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ElectArgs {
+    /// Preferred-replica election (the default).
+    #[arg(long, conflicts_with = "unclean")]
+    preferred: bool,
+    /// Unclean election for partitions without a leader, whatever the topic's
+    /// unclean.leader.election.enable.
+    #[arg(long)]
+    unclean: bool,
+    /// Only this topic's partitions (every partition of the cluster without it).
+    #[arg(long)]
+    topic: Option<String>,
+    /// Only this partition of `--topic`.
+    #[arg(long, requires = "topic")]
+    partition: Option<u32>,
+}
+
+/// `cairn leader elect`.
+pub async fn elect(bootstrap: &str, output: Output, args: ElectArgs) -> anyhow::Result<()> {
+    let admin = Admin::connect(bootstrap).await?;
+    let partitions: Option<Vec<(String, u32)>> = match (&args.topic, args.partition) {
+        (None, _) => None,
+        (Some(topic), Some(p)) => Some(vec![(topic.clone(), p)]),
+        (Some(topic), None) => {
+            let described = admin.describe_topics(std::slice::from_ref(topic)).await?;
+            let n = described.first().map_or(0, |t| t.partitions.len() as u32);
+            Some((0..n).map(|p| (topic.clone(), p)).collect())
+        }
+    };
+    let results = admin
+        .elect_leaders(args.unclean, partitions.as_deref())
+        .await?;
+    let mut out = std::io::stdout().lock();
+    match output {
+        Output::Table => {
+            if results.is_empty() {
+                writeln!(out, "no election needed")?;
+            }
+            for (topic, partition, code, message) in &results {
+                if code.0 == 0 {
+                    writeln!(out, "{topic}-{partition}: elected")?;
+                } else {
+                    writeln!(out, "{topic}-{partition}: {} {message}", code.name())?;
+                }
+            }
+        }
+        Output::Json => {
+            let list: Vec<_> = results
+                .iter()
+                .map(|(topic, partition, code, message)| {
+                    serde_json::json!({"topic": topic, "partition": partition,
+                        "error": (code.0 != 0).then(|| code.name()), "message": message})
+                })
+                .collect();
+            writeln!(out, "{}", serde_json::Value::Array(list))?;
+        }
+    }
+    let failed = results
+        .iter()
+        .filter(|(_, _, code, _)| code.0 != 0 && code.name() != "ELECTION_NOT_NEEDED")
+        .count();
+    if failed > 0 {
+        anyhow::bail!("{failed} partition(s) could not be elected");
+    }
+    Ok(())
+}
+
+#[derive(Debug, Subcommand)]
 pub enum DevCommand {
     /// Run N brokers on loopback in this process, each a controller voter too: a cluster for
     /// development and tests. Ports are printed; Ctrl-C stops them all.

@@ -61,6 +61,9 @@ enum Command {
     /// The cluster: brokers, controller quorum, partition health.
     #[command(subcommand)]
     Cluster(cluster::ClusterCommand),
+    /// Partition leadership: elections.
+    #[command(subcommand)]
+    Leader(cluster::LeaderCommand),
     /// Development tools: a local cluster in one command.
     #[command(subcommand)]
     Dev(cluster::DevCommand),
@@ -104,6 +107,9 @@ pub fn main() -> ExitCode {
             Command::Bench(args) => bench::run(&cli.bootstrap, cli.output, args).await,
             Command::Cluster(cluster::ClusterCommand::Status) => {
                 cluster::status(&cli.bootstrap, cli.output).await
+            }
+            Command::Leader(cluster::LeaderCommand::Elect(args)) => {
+                cluster::elect(&cli.bootstrap, cli.output, args).await
             }
             Command::Dev(cluster::DevCommand::Cluster(args)) => cluster::dev_cluster(args).await,
         }

@@ -138,6 +138,49 @@ impl Admin {
         Ok(())
     }
 
+    /// Leader elections: preferred (leadership to each partition's first replica where it is
+    /// live and in sync) or unclean (any live replica, for partitions without a leader). `None`
+    /// asks for every partition; per partition the outcome (NONE, ELECTION_NOT_NEEDED,
+    /// PREFERRED_LEADER_NOT_AVAILABLE, ELIGIBLE_LEADERS_NOT_AVAILABLE, ...).
+    pub async fn elect_leaders(
+        &self,
+        unclean: bool,
+        partitions: Option<&[(String, u32)]>,
+    ) -> Result<Vec<(String, u32, ErrorCode, String)>, ClientError> {
+        let mut topics: Vec<ElectTopic> = Vec::new();
+        for (name, partition) in partitions.unwrap_or_default() {
+            match topics.iter_mut().find(|t| &t.name == name) {
+                Some(t) => t.partitions.push(*partition),
+                None => topics.push(ElectTopic {
+                    name: name.clone(),
+                    partitions: vec![*partition],
+                }),
+            }
+        }
+        let request = Request::ElectLeaders(ElectLeadersRequest {
+            election_type: u8::from(unclean),
+            topics,
+        });
+        let response: ElectLeadersResponse = self.call_any(&request).await?;
+        for topic in &response.topics {
+            self.cluster.invalidate(&topic.name);
+        }
+        Ok(response
+            .topics
+            .into_iter()
+            .flat_map(|t| {
+                t.partitions.into_iter().map(move |p| {
+                    (
+                        t.name.clone(),
+                        p.partition,
+                        ErrorCode(p.error_code),
+                        p.error_message,
+                    )
+                })
+            })
+            .collect())
+    }
+
     /// Names of all topics.
     pub async fn list_topics(&self) -> Result<Vec<String>, ClientError> {
         let response = self.metadata(&[]).await?;

@@ -407,6 +407,10 @@ impl ControllerNode {
                 count,
                 validate_only,
             } => self.create_partitions(&topic, count, validate_only).await,
+            Command::ElectLeaders {
+                unclean,
+                partitions,
+            } => self.elect_leaders(unclean, partitions).await,
             Command::AlterPartition {
                 node_id,
                 broker_epoch,
@@ -584,6 +588,83 @@ impl ControllerNode {
         Ok(Reply::Heartbeat {
             fenced: broker.fenced,
         })
+    }
+
+    /// Elections an operator asked for, each committed on its own (one may fail while another
+    /// succeeds). Asking for every partition reports only those that were elected or could not
+    /// be (partitions already led as asked are skipped).
+    async fn elect_leaders(
+        &self,
+        unclean: bool,
+        partitions: Option<Vec<(String, u32)>>,
+    ) -> Result<Reply, CommandError> {
+        let image = self.image();
+        let all = partitions.is_none();
+        let wanted: Vec<(String, u32)> = partitions.unwrap_or_else(|| {
+            image
+                .partitions()
+                .map(|(t, p, _)| (t.to_string(), p))
+                .collect()
+        });
+        let mut results = Vec::with_capacity(wanted.len());
+        for (topic, partition) in wanted {
+            let image = self.image();
+            let Some(state) = image.partition(&topic, partition) else {
+                results.push((
+                    topic.clone(),
+                    partition,
+                    Err(Rejected {
+                        code: ErrorCode::UNKNOWN_TOPIC_OR_PARTITION.0,
+                        message: format!("{topic}-{partition} does not exist"),
+                    }),
+                ));
+                continue;
+            };
+            let live = |r: NodeId| image.is_live(r);
+            let target = if unclean {
+                match state.leader {
+                    Some(_) => Err((ErrorCode::ELECTION_NOT_NEEDED, "it has a leader")),
+                    None => placement::on_unfenced_any(state, live)
+                        .or_else(|| placement::elect_unclean(state, live))
+                        .ok_or((
+                            ErrorCode::ELIGIBLE_LEADERS_NOT_AVAILABLE,
+                            "no replica is live",
+                        )),
+                }
+            } else if state.replicas.first().copied() == state.leader {
+                Err((
+                    ErrorCode::ELECTION_NOT_NEEDED,
+                    "its preferred replica leads",
+                ))
+            } else {
+                placement::preferred_leader(state, live).ok_or((
+                    ErrorCode::PREFERRED_LEADER_NOT_AVAILABLE,
+                    "its preferred replica is not live and in sync",
+                ))
+            };
+            let result = match target {
+                Err((code, _)) if all && code == ErrorCode::ELECTION_NOT_NEEDED => continue,
+                Err((code, why)) => Err(Rejected {
+                    code: code.0,
+                    message: format!("{topic}-{partition}: {why}"),
+                }),
+                Ok(target) => {
+                    let record = MetadataRecord::PartitionChanged {
+                        topic: topic.clone(),
+                        partition,
+                        expected_partition_epoch: state.partition_epoch,
+                        target,
+                    };
+                    match self.commit(vec![record]).await {
+                        Ok(_) => Ok(()),
+                        Err(CommandError::Rejected(rejected)) => Err(rejected),
+                        Err(other) => return Err(other),
+                    }
+                }
+            };
+            results.push((topic, partition, result));
+        }
+        Ok(Reply::Elected(results))
     }
 
     /// A leader's ISR change: refused if the leader, its registration or either epoch is no

@@ -180,6 +180,18 @@ pub fn preferred_leader(
     target_if_changed(state, state.isr.clone(), Some(preferred))
 }
 
+/// A clean election for an offline partition: the first live replica of its ISR.
+pub fn on_unfenced_any(
+    state: &PartitionState,
+    live: impl Fn(NodeId) -> bool,
+) -> Option<PartitionTarget> {
+    if state.leader.is_some() {
+        return None;
+    }
+    let leader = elect_leader(state, &live)?;
+    target_if_changed(state, state.isr.clone(), Some(leader))
+}
+
 /// An unclean election: an offline partition none of whose in-sync replicas is live gets the
 /// first live replica as leader, and the ISR becomes that replica alone. Records the ISR had and
 /// it lacks are lost; only topics with `unclean.leader.election.enable` take it.

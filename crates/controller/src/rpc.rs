@@ -74,6 +74,14 @@ pub enum Command {
         /// The broker.
         node_id: NodeId,
     },
+    /// Leader elections an operator asked for (Kafka's ElectLeaders): the preferred replica
+    /// where it is live and in sync, or (unclean) any live replica for partitions with no leader.
+    ElectLeaders {
+        /// Unclean (any live replica, for offline partitions) rather than preferred.
+        unclean: bool,
+        /// The partitions; `None`: every partition.
+        partitions: Option<Vec<(String, u32)>>,
+    },
     /// A partition leader's ISR change (Kafka's AlterPartition): applied only if the leader and
     /// both epochs are still current, and every replica joining the ISR is a live broker.
     AlterPartition {
@@ -122,6 +130,9 @@ pub enum Reply {
     Deleted(Vec<(String, Result<(), Rejected>)>),
     /// Partitions created (or would be).
     PartitionsCreated,
+    /// Per partition asked for (or, for all, per partition that was elected or failed), in
+    /// order: what happened.
+    Elected(Vec<(String, u32, Result<(), Rejected>)>),
     /// The partition's state after an AlterPartition.
     PartitionChanged {
         /// Its new partition epoch.

@@ -66,6 +66,7 @@ apis! {
     DESCRIBE_CONFIGS = 32, "DescribeConfigs", 1..=4, served from 1, flexible from 4;
     CREATE_PARTITIONS = 37, "CreatePartitions", 0..=3, served from 0, flexible from 2;
     DELETE_GROUPS = 42, "DeleteGroups", 0..=2, served from 0, flexible from 2;
+    ELECT_LEADERS = 43, "ElectLeaders", 0..=2, served from 0, flexible from 2;
     DESCRIBE_CLUSTER = 60, "DescribeCluster", 0..=1, served from 0, flexible from 0;
 }
 
@@ -146,6 +147,7 @@ pub enum Request {
     InitProducerId(InitProducerIdRequest),
     OffsetForLeaderEpoch(OffsetForLeaderEpochRequest),
     CreatePartitions(CreatePartitionsRequest),
+    ElectLeaders(ElectLeadersRequest),
     DescribeCluster(DescribeClusterRequest),
 }
 
@@ -171,6 +173,17 @@ pub struct CreatePartitionsRequest {
     pub timeout_ms: i32,
     /// Check only.
     pub validate_only: bool,
+}
+
+/// ElectLeaders.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ElectLeadersRequest {
+    /// 0: preferred, 1: unclean (v1+; v0 is preferred).
+    pub election_type: i8,
+    /// Per topic, its partitions; `None`: every partition.
+    pub topics: Option<Vec<(String, Vec<i32>)>>,
+    /// How long to wait.
+    pub timeout_ms: i32,
 }
 
 /// DescribeCluster.
@@ -594,6 +607,7 @@ fn decode_body(api: Api, v: i16, r: &mut Reader) -> Result<Request, DecodeError>
         23 => Request::OffsetForLeaderEpoch(offset_for_leader_epoch(v, r)?),
         32 => Request::DescribeConfigs(describe_configs(v, r)?),
         37 => Request::CreatePartitions(create_partitions(r)?),
+        43 => Request::ElectLeaders(elect_leaders(v, r)?),
         60 => {
             let include = r.bool("include_cluster_authorized_operations")?;
             let endpoint_type = if v >= 1 { r.i8("endpoint_type")? } else { 1 };
@@ -1074,6 +1088,22 @@ fn create_partitions(r: &mut Reader) -> Result<CreatePartitionsRequest, DecodeEr
         topics,
         timeout_ms: r.i32("timeout_ms")?,
         validate_only: r.bool("validate_only")?,
+    })
+}
+
+fn elect_leaders(v: i16, r: &mut Reader) -> Result<ElectLeadersRequest, DecodeError> {
+    let election_type = if v >= 1 { r.i8("election_type")? } else { 0 };
+    let topic_min = string_min(r) + array_min(r) + tags_min(r);
+    let topics = r.nullable_array("topic_partitions", topic_min, |r| {
+        let name = r.string("topic_partitions.topic")?;
+        let partitions = r.array("partitions", 4, |r| r.i32("partition"))?;
+        r.tagged_fields("topic_partitions")?;
+        Ok((name, partitions))
+    })?;
+    Ok(ElectLeadersRequest {
+        election_type,
+        topics,
+        timeout_ms: r.i32("timeout_ms")?,
     })
 }
 

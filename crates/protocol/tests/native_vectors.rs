@@ -1031,6 +1031,57 @@ fn replica_fetch() {
 }
 
 #[test]
+fn elect_leaders() {
+    let req = Request::ElectLeaders(ElectLeadersRequest {
+        election_type: 0,
+        topics: vec![ElectTopic {
+            name: "orders".into(),
+            partitions: vec![0, 2],
+        }],
+    });
+    let payload = encode_request(24, "golden", &req);
+    let spec = B::req(21, 24)
+        .u8(0)
+        .count(1)
+        .string("orders")
+        .count(2)
+        .u32(0)
+        .u32(2);
+    check("elect_leaders_request", payload.clone(), spec);
+    round_trip_request(&payload, &req);
+    let resp = ElectLeadersResponse {
+        topics: vec![ElectedTopic {
+            name: "orders".into(),
+            partitions: vec![
+                ElectedPartition {
+                    partition: 0,
+                    error_code: 0,
+                    error_message: String::new(),
+                },
+                ElectedPartition {
+                    partition: 2,
+                    error_code: 84,
+                    error_message: "orders-2: its preferred replica leads".into(),
+                },
+            ],
+        }],
+    };
+    let payload = encode_response(24, &resp);
+    let spec = B::resp(24)
+        .count(1)
+        .string("orders")
+        .count(2)
+        .u32(0)
+        .i16(0)
+        .string("")
+        .u32(2)
+        .i16(84)
+        .string("orders-2: its preferred replica leads");
+    check("elect_leaders_response", payload.clone(), spec);
+    round_trip_response(&payload, &resp);
+}
+
+#[test]
 fn every_error_code_is_named() {
     for code in ErrorCode::ALL {
         assert_ne!(code.name(), "UNKNOWN_ERROR_CODE");

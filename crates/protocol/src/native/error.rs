@@ -83,6 +83,9 @@ codes! {
     KAFKA_STORAGE_ERROR = 56, true, "the partition's log is offline after an I/O error";
     NON_EMPTY_GROUP = 68, false, "the group has members: it cannot be deleted";
     GROUP_ID_NOT_FOUND = 69, false, "no such group";
+    PREFERRED_LEADER_NOT_AVAILABLE = 80, true, "the preferred replica is not live or not in sync: it cannot lead now";
+    ELIGIBLE_LEADERS_NOT_AVAILABLE = 83, true, "no live replica can lead the partition";
+    ELECTION_NOT_NEEDED = 84, false, "the partition already has the leader the election would give it";
     FENCED_LEADER_EPOCH = 74, true, "the request's leader epoch is older than the partition's: refresh metadata";
     UNKNOWN_LEADER_EPOCH = 75, true, "the request's leader epoch is newer than this broker knows: retry after a backoff";
     STALE_BROKER_EPOCH = 77, false, "the broker's registration epoch is not its current one: it must register again";

@@ -53,11 +53,13 @@ pub enum ApiKey {
     CreatePartitions = 19,
     /// A follower broker copies its leader's log.
     ReplicaFetch = 20,
+    /// Elect partition leaders (preferred replicas, or unclean for offline partitions).
+    ElectLeaders = 21,
 }
 
 impl ApiKey {
     /// All APIs.
-    pub const ALL: [ApiKey; 21] = [
+    pub const ALL: [ApiKey; 22] = [
         ApiKey::ApiVersions,
         ApiKey::Metadata,
         ApiKey::CreateTopics,
@@ -79,6 +81,7 @@ impl ApiKey {
         ApiKey::DescribeCluster,
         ApiKey::CreatePartitions,
         ApiKey::ReplicaFetch,
+        ApiKey::ElectLeaders,
     ];
 
     /// The API with this key.
@@ -110,6 +113,7 @@ impl ApiKey {
             ApiKey::DescribeCluster => "describe_cluster",
             ApiKey::CreatePartitions => "create_partitions",
             ApiKey::ReplicaFetch => "replica_fetch",
+            ApiKey::ElectLeaders => "elect_leaders",
         }
     }
 
@@ -617,6 +621,58 @@ wire_struct! {
     }
 }
 
+wire_struct! {
+    /// Partitions of one topic to elect leaders for.
+    pub struct ElectTopic {
+        /// Topic name.
+        pub name: String,
+        /// Partition indexes.
+        pub partitions: Vec<u32>,
+    }
+}
+
+wire_struct! {
+    /// ElectLeaders request.
+    pub struct ElectLeadersRequest {
+        /// 0: preferred (the first replica, where live and in sync); 1: unclean (any live
+        /// replica, for partitions without a leader).
+        pub election_type: u8,
+        /// The partitions; empty: every partition.
+        pub topics: Vec<ElectTopic>,
+    }
+}
+
+wire_struct! {
+    /// One partition's election.
+    pub struct ElectedPartition {
+        /// Partition index.
+        pub partition: u32,
+        /// NONE, ELECTION_NOT_NEEDED, PREFERRED_LEADER_NOT_AVAILABLE,
+        /// ELIGIBLE_LEADERS_NOT_AVAILABLE, UNKNOWN_TOPIC_OR_PARTITION, ...
+        pub error_code: i16,
+        /// Human text for an error.
+        pub error_message: String,
+    }
+}
+
+wire_struct! {
+    /// One topic's elections.
+    pub struct ElectedTopic {
+        /// Topic name.
+        pub name: String,
+        /// Its partitions.
+        pub partitions: Vec<ElectedPartition>,
+    }
+}
+
+wire_struct! {
+    /// ElectLeaders response.
+    pub struct ElectLeadersResponse {
+        /// By topic.
+        pub topics: Vec<ElectedTopic>,
+    }
+}
+
 /// `ListOffsetsPartition::timestamp` asking for the log end offset.
 pub const LATEST_TIMESTAMP: i64 = -1;
 /// `ListOffsetsPartition::timestamp` asking for the log start offset.
@@ -788,6 +844,7 @@ pub enum Request {
     DescribeCluster(DescribeClusterRequest),
     CreatePartitions(CreatePartitionsRequest),
     ReplicaFetch(ReplicaFetchRequest),
+    ElectLeaders(ElectLeadersRequest),
 }
 
 impl Request {
@@ -815,6 +872,7 @@ impl Request {
             Request::DescribeCluster(_) => ApiKey::DescribeCluster,
             Request::CreatePartitions(_) => ApiKey::CreatePartitions,
             Request::ReplicaFetch(_) => ApiKey::ReplicaFetch,
+            Request::ElectLeaders(_) => ApiKey::ElectLeaders,
         }
     }
 
@@ -842,6 +900,7 @@ impl Request {
             Request::DescribeCluster(r) => r.encode(out),
             Request::CreatePartitions(r) => r.encode(out),
             Request::ReplicaFetch(r) => r.encode(out),
+            Request::ElectLeaders(r) => r.encode(out),
         }
     }
 
@@ -870,6 +929,7 @@ impl Request {
             ApiKey::DescribeCluster => Request::DescribeCluster(d(body)?),
             ApiKey::CreatePartitions => Request::CreatePartitions(d(body)?),
             ApiKey::ReplicaFetch => Request::ReplicaFetch(d(body)?),
+            ApiKey::ElectLeaders => Request::ElectLeaders(d(body)?),
         })
     }
 }
