@@ -39,7 +39,7 @@ pub(crate) enum Roles {
 pub(crate) struct Node {
     id: u32,
     roles: Roles,
-    dir: PathBuf,
+    pub(crate) dir: PathBuf,
     pub(crate) native: String,
     pub(crate) kafka: String,
     controller: String,

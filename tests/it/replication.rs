@@ -1055,3 +1055,129 @@ fn leaders_return_to_preferred_replicas_when_an_operator_asks() {
     );
     assert!(out.contains("ELECTION_NOT_NEEDED"), "{out}");
 }
+
+/// Waits until partition 0 of `topic` has exactly `replicas` (in any order), all in sync, and no
+/// reassignment under way; returns how long it took.
+fn wait_replicas(
+    bootstrap: &str,
+    rt: &tokio::runtime::Runtime,
+    topic: &str,
+    replicas: &[u32],
+) -> Duration {
+    let started = Instant::now();
+    let mut want = replicas.to_vec();
+    want.sort_unstable();
+    loop {
+        let state = rt.block_on(async {
+            let admin = Admin::connect(bootstrap).await.ok()?;
+            let metadata = admin.metadata(&[topic.to_string()]).await.ok()?;
+            let ongoing = admin.list_reassignments(&[topic.to_string()]).await.ok()?;
+            let p = metadata.topics.first()?.partitions.first()?.clone();
+            Some((p, ongoing.len()))
+        });
+        if let Some((p, ongoing)) = &state {
+            let (mut have, mut isr) = (p.replicas.clone(), p.isr.clone());
+            have.sort_unstable();
+            isr.sort_unstable();
+            if *ongoing == 0 && have == want && isr == want {
+                return started.elapsed();
+            }
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "replicas did not become {replicas:?}: {state:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn replicas_move_between_brokers_under_acks_all_load_and_nothing_is_lost() {
+    const TOPIC: &str = "moving";
+    let cluster = TestCluster::start_roles(
+        &[
+            Roles::Combined,
+            Roles::Combined,
+            Roles::Combined,
+            Roles::Broker,
+        ],
+        "",
+    );
+    let rt = runtime();
+    let bootstrap = cluster.bootstrap_except(None);
+    rt.block_on(async {
+        let admin = Admin::connect(&bootstrap).await.unwrap();
+        admin
+            .create_topic_replicated(TOPIC, 1, Some(3), &[])
+            .await
+            .unwrap();
+    });
+    wait_isr(&bootstrap, &rt, TOPIC, 3);
+    let history = Arc::new(Mutex::new(History::default()));
+    let stop = Arc::new(AtomicBool::new(false));
+    let producer = produce_steadily(
+        bootstrap.clone(),
+        TOPIC,
+        Arc::clone(&history),
+        Arc::clone(&stop),
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    // Move the partition off its leader, onto the broker that holds no replica.
+    let (leader, isr) = rt.block_on(leader_and_isr(&cluster, TOPIC));
+    let leader = leader.unwrap();
+    let spare = (1..=4).find(|n| !isr.contains(n)).unwrap();
+    let followers: Vec<u32> = isr.iter().copied().filter(|n| *n != leader).collect();
+    let target = [spare, followers[0], followers[1]];
+    let target_text = target.map(|n| n.to_string()).join(",");
+    let out = crate::broker_process::cairn_ok(
+        &cluster.node(1).native,
+        &[
+            "partition",
+            "reassign",
+            TOPIC,
+            "--partition",
+            "0",
+            "--replicas",
+            &target_text,
+        ],
+        "",
+    );
+    assert!(out.contains("reassignment started"), "{out}");
+    let moved_in = wait_replicas(&bootstrap, &rt, TOPIC, &target);
+    // The old leader no longer holds the partition.
+    let dir = cluster.node(leader).dir.join(format!("{TOPIC}-0"));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while dir.exists() {
+        assert!(Instant::now() < deadline, "{} still there", dir.display());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Decommission one of the remaining replicas: it moves to the old leader, the only
+    // broker left without one.
+    let out = crate::broker_process::cairn_ok(
+        &cluster.node(2).native,
+        &["broker", "decommission", &followers[0].to_string()],
+        "",
+    );
+    assert!(out.contains("reassignment started"), "{out}");
+    let decommissioned_in = wait_replicas(&bootstrap, &rt, TOPIC, &[spare, followers[1], leader]);
+    std::thread::sleep(Duration::from_millis(300));
+    stop.store(true, Ordering::Relaxed);
+    producer.join().unwrap();
+    let history = history.lock().unwrap();
+    assert!(
+        history.failed.is_empty(),
+        "writes failed during the moves: {:?}",
+        &history.failed[..history.failed.len().min(5)]
+    );
+    let log = read_partition(&cluster, &rt, TOPIC);
+    for (i, offset, _, _) in &history.acked {
+        assert_eq!(log.get(offset), Some(&format!("v{i}")), "acknowledged v{i}");
+    }
+    println!(
+        "partition moved off its leader to {target:?} in {moved_in:?}, then broker {} \
+         decommissioned in {decommissioned_in:?}, under acks=all load: {} writes acknowledged, \
+         none failed or lost",
+        followers[0],
+        history.acked.len()
+    );
+}

@@ -287,6 +287,46 @@ impl Handler {
         }
     }
 
+    /// Starts or cancels partition reassignments through the active controller: per
+    /// reassignment, in order, the outcome.
+    pub(crate) async fn reassign(
+        &self,
+        reassignments: Vec<(String, u32, Option<Vec<u32>>)>,
+    ) -> Result<Vec<Elected>, BrokerError> {
+        let command = cairn_controller::Command::AlterPartitionReassignments { reassignments };
+        match self.command(command, "").await? {
+            cairn_controller::Reply::Reassignments(results) => Ok(results
+                .into_iter()
+                .map(|(topic, partition, result)| {
+                    (
+                        topic,
+                        partition,
+                        result.map_err(|r| (r.error_code(), r.message)),
+                    )
+                })
+                .collect()),
+            other => Err(BrokerError::Internal(format!(
+                "unexpected answer to AlterPartitionReassignments: {other:?}"
+            ))),
+        }
+    }
+
+    /// The reassignments under way (of `topics`, or all): topic, partition and its state
+    /// (replicas, adding, removing).
+    pub(crate) fn reassignments(
+        &self,
+        topics: &[String],
+    ) -> Vec<(String, u32, cairn_controller::PartitionState)> {
+        let image = self.manager.image();
+        image
+            .partitions()
+            .filter(|(t, _, p)| {
+                p.reassigning() && (topics.is_empty() || topics.iter().any(|n| n == t))
+            })
+            .map(|(t, i, p)| (t.to_string(), i, p.clone()))
+            .collect()
+    }
+
     /// Creates topics; per topic, in request order, the outcome.
     pub(crate) async fn create_topics(
         &self,

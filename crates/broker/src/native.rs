@@ -195,6 +195,57 @@ impl Handler {
                     finish(outcome)
                 })
             }
+            Request::AlterPartitionReassignments(r) => {
+                let this = Arc::clone(self);
+                Box::pin(async move {
+                    let asked = r
+                        .reassignments
+                        .into_iter()
+                        .map(|a| (a.topic, a.partition, (!a.cancel).then_some(a.replicas)))
+                        .collect();
+                    let outcome = match this.reassign(asked).await {
+                        Ok(results) => respond(&AlterPartitionReassignmentsResponse {
+                            results: results
+                                .into_iter()
+                                .map(|(topic, partition, result)| {
+                                    let (error_code, error_message) = match result {
+                                        Ok(()) => (0, String::new()),
+                                        Err((code, message)) => (code.0, message),
+                                    };
+                                    ReassignmentResult {
+                                        topic,
+                                        partition,
+                                        error_code,
+                                        error_message,
+                                    }
+                                })
+                                .collect(),
+                        }),
+                        Err(err) => Outcome::Respond(encode_error_response(
+                            corr,
+                            err.code(),
+                            &err.to_string(),
+                        )),
+                    };
+                    finish(outcome)
+                })
+            }
+            Request::ListPartitionReassignments(r) => {
+                let reassignments = self
+                    .reassignments(&r.topics)
+                    .into_iter()
+                    .map(|(topic, partition, state)| OngoingReassignment {
+                        topic,
+                        partition,
+                        replicas: state.replicas,
+                        adding: state.adding,
+                        removing: state.removing,
+                    })
+                    .collect();
+                ready(finish(respond(&ListPartitionReassignmentsResponse {
+                    reassignments,
+                })))
+            }
             Request::ReplicaFetch(r) => {
                 let this = Arc::clone(self);
                 Box::pin(async move {

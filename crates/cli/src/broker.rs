@@ -5,10 +5,26 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use cairn_broker::{Broker, BrokerConfig};
-use clap::Args;
+use clap::{Args, Subcommand};
+
+/// What `cairn broker` does besides running a broker.
+#[derive(Debug, Subcommand)]
+pub enum BrokerAction {
+    /// Move every replica off broker N (to the least loaded live brokers), so that it can be
+    /// stopped; watch `cairn partition reassignments` until they complete.
+    Decommission {
+        /// The broker's node id.
+        node: u32,
+    },
+}
 
 #[derive(Debug, Args)]
+#[command(args_conflicts_with_subcommands = true)]
 pub struct BrokerArgs {
+    /// An operation on a broker of the cluster (`--bootstrap` names the cluster) instead of
+    /// running one.
+    #[command(subcommand)]
+    pub action: Option<BrokerAction>,
     /// Data directory [default: ./cairn-data].
     #[arg(long, env = "CAIRN_DATA_DIR")]
     data_dir: Option<PathBuf>,

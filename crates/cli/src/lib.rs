@@ -7,6 +7,7 @@ mod broker;
 mod cluster;
 mod consume;
 mod group;
+mod partition;
 mod produce;
 mod topic;
 
@@ -61,6 +62,9 @@ enum Command {
     /// The cluster: brokers, controller quorum, partition health.
     #[command(subcommand)]
     Cluster(cluster::ClusterCommand),
+    /// Partition replicas: reassignments.
+    #[command(subcommand)]
+    Partition(partition::PartitionCommand),
     /// Partition leadership: elections.
     #[command(subcommand)]
     Leader(cluster::LeaderCommand),
@@ -99,7 +103,15 @@ pub fn main() -> ExitCode {
     };
     let result = runtime.block_on(async move {
         match cli.command {
-            Command::Broker(args) => broker::run(args).await,
+            Command::Broker(args) => match args.action {
+                Some(broker::BrokerAction::Decommission { node }) => {
+                    partition::decommission(&cli.bootstrap, cli.output, node).await
+                }
+                None => broker::run(args).await,
+            },
+            Command::Partition(command) => {
+                partition::run(&cli.bootstrap, cli.output, command).await
+            }
             Command::Topic(command) => topic::run(&cli.bootstrap, cli.output, command).await,
             Command::Produce(args) => produce::run(&cli.bootstrap, cli.output, args).await,
             Command::Consume(args) => consume::run(&cli.bootstrap, cli.output, args).await,

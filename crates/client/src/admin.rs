@@ -181,6 +181,53 @@ impl Admin {
             .collect())
     }
 
+    /// Starts (replicas given) or cancels (`None`) partition reassignments; per reassignment,
+    /// in order: (topic, partition, error code, message).
+    pub async fn reassign(
+        &self,
+        reassignments: &[(String, u32, Option<Vec<u32>>)],
+    ) -> Result<Vec<(String, u32, ErrorCode, String)>, ClientError> {
+        let request = Request::AlterPartitionReassignments(AlterPartitionReassignmentsRequest {
+            reassignments: reassignments
+                .iter()
+                .map(|(topic, partition, replicas)| Reassignment {
+                    topic: topic.clone(),
+                    partition: *partition,
+                    replicas: replicas.clone().unwrap_or_default(),
+                    cancel: replicas.is_none(),
+                })
+                .collect(),
+        });
+        let response: AlterPartitionReassignmentsResponse = self.call_any(&request).await?;
+        for (topic, _, _) in reassignments {
+            self.cluster.invalidate(topic);
+        }
+        Ok(response
+            .results
+            .into_iter()
+            .map(|r| {
+                (
+                    r.topic,
+                    r.partition,
+                    ErrorCode(r.error_code),
+                    r.error_message,
+                )
+            })
+            .collect())
+    }
+
+    /// The reassignments under way, of `topics` (all if empty).
+    pub async fn list_reassignments(
+        &self,
+        topics: &[String],
+    ) -> Result<Vec<OngoingReassignment>, ClientError> {
+        let request = Request::ListPartitionReassignments(ListPartitionReassignmentsRequest {
+            topics: topics.to_vec(),
+        });
+        let response: ListPartitionReassignmentsResponse = self.call_any(&request).await?;
+        Ok(response.reassignments)
+    }
+
     /// Names of all topics.
     pub async fn list_topics(&self) -> Result<Vec<String>, ClientError> {
         let response = self.metadata(&[]).await?;

@@ -353,6 +353,8 @@ pub fn changed(state: &PartitionState, target: &PartitionTarget) -> PartitionSta
         leader: target.leader,
         leader_epoch: state.leader_epoch + u32::from(leader_changed),
         partition_epoch: state.partition_epoch + 1,
+        adding: target.adding.clone(),
+        removing: target.removing.clone(),
     }
 }
 
@@ -373,6 +375,15 @@ fn check_state(topic: &str, state: &PartitionState) -> Result<(), Rejected> {
         return invalid(format!(
             "{topic}: ISR {:?} is not a non-empty subset of the replicas {:?}",
             state.isr, state.replicas
+        ));
+    }
+    let moving = state.adding.iter().chain(&state.removing);
+    if moving.clone().any(|r| !state.replicas.contains(r))
+        || state.adding.iter().any(|r| state.removing.contains(r))
+    {
+        return invalid(format!(
+            "{topic}: reassignment adding {:?}, removing {:?} does not fit the replicas {:?}",
+            state.adding, state.removing, state.replicas
         ));
     }
     if let Some(leader) = state.leader
@@ -460,6 +471,7 @@ mod tests {
                 replicas: vec![1],
                 isr: vec![1],
                 leader,
+                ..Default::default()
             },
         };
         image.apply(8, &one(change(0, None))).unwrap();
@@ -520,6 +532,7 @@ mod tests {
                     leader,
                     leader_epoch: 0,
                     partition_epoch: 0,
+                    ..Default::default()
                 }],
             };
             assert_eq!(

@@ -411,6 +411,18 @@ impl ControllerNode {
                 unclean,
                 partitions,
             } => self.elect_leaders(unclean, partitions).await,
+            Command::AlterPartitionReassignments { reassignments } => {
+                let mut results = Vec::with_capacity(reassignments.len());
+                for (topic, partition, target) in reassignments {
+                    let result = match self.reassign(&topic, partition, target).await {
+                        Ok(()) => Ok(()),
+                        Err(CommandError::Rejected(rejected)) => Err(rejected),
+                        Err(other) => return Err(other),
+                    };
+                    results.push((topic, partition, result));
+                }
+                Ok(Reply::Reassignments(results))
+            }
             Command::AlterPartition {
                 node_id,
                 broker_epoch,
@@ -590,6 +602,64 @@ impl ControllerNode {
         })
     }
 
+    /// Starts or cancels one partition's reassignment. A reassignment that only removes or
+    /// reorders in-sync replicas completes at once; one that adds replicas completes (in the
+    /// duty loop) once they are all in sync.
+    async fn reassign(
+        &self,
+        topic: &str,
+        partition: u32,
+        target: Option<Vec<NodeId>>,
+    ) -> Result<(), CommandError> {
+        let image = self.image();
+        let Some(state) = image.partition(topic, partition) else {
+            return Err(rejected(
+                ErrorCode::UNKNOWN_TOPIC_OR_PARTITION,
+                format!("{topic}-{partition} does not exist"),
+            ));
+        };
+        let live = |r: NodeId| image.is_live(r);
+        let change = match target {
+            None => placement::cancel_reassignment(state, live).ok_or_else(|| {
+                rejected(
+                    ErrorCode::NO_REASSIGNMENT_IN_PROGRESS,
+                    format!("{topic}-{partition} is not being reassigned"),
+                )
+            })?,
+            Some(target) => {
+                if let Some(unknown) = target.iter().find(|r| !image.brokers.contains_key(r)) {
+                    return Err(rejected(
+                        ErrorCode::INVALID_REPLICA_ASSIGNMENT,
+                        format!("broker {unknown} is not registered"),
+                    ));
+                }
+                let started = placement::start_reassignment(state, &target).map_err(|why| {
+                    let code = if state.reassigning() {
+                        ErrorCode::REASSIGNMENT_IN_PROGRESS
+                    } else {
+                        ErrorCode::INVALID_REPLICA_ASSIGNMENT
+                    };
+                    rejected(code, format!("{topic}-{partition}: {why}"))
+                })?;
+                let Some(started) = started else {
+                    return Ok(());
+                };
+                // Nothing to add: it may complete in the same step.
+                let next = crate::image::changed(state, &started);
+                placement::complete_reassignment(&next, live).unwrap_or(started)
+            }
+        };
+        let record = MetadataRecord::PartitionChanged {
+            topic: topic.to_string(),
+            partition,
+            expected_partition_epoch: state.partition_epoch,
+            target: change,
+        };
+        self.commit(vec![record]).await?;
+        tracing::info!(topic, partition, "reassignment changed");
+        Ok(())
+    }
+
     /// Elections an operator asked for, each committed on its own (one may fail while another
     /// succeeds). Asking for every partition reports only those that were elected or could not
     /// be (partitions already led as asked are skipped).
@@ -728,11 +798,7 @@ impl ControllerNode {
             topic: topic.to_string(),
             partition,
             expected_partition_epoch: partition_epoch,
-            target: crate::records::PartitionTarget {
-                replicas: state.replicas.clone(),
-                isr: isr.clone(),
-                leader: Some(node),
-            },
+            target: state.with(isr.clone(), Some(node)),
         };
         self.commit(vec![record]).await?;
         tracing::info!(topic, partition, ?isr, "ISR changed");
@@ -981,6 +1047,18 @@ impl ControllerNode {
                 && let Err(err) = self.commit(elections).await
             {
                 tracing::debug!(error = %err, "electing leaders failed; retrying");
+            }
+            // Reassignments whose new replicas are all in sync complete.
+            let image = self.image();
+            let completed = partition_changes(&image, |state| {
+                placement::complete_reassignment(state, |r| image.is_live(r))
+            });
+            if !completed.is_empty() {
+                let n = completed.len();
+                match self.commit(completed).await {
+                    Ok(_) => tracing::info!(partitions = n, "reassignments completed"),
+                    Err(err) => tracing::debug!(error = %err, "completing reassignments failed"),
+                }
             }
             if let Some(interval) = self.inner.config.leader_rebalance_interval
                 && rebalanced.elapsed() >= interval

@@ -180,6 +180,118 @@ pub fn preferred_leader(
     target_if_changed(state, state.isr.clone(), Some(preferred))
 }
 
+/// Starts moving a partition to `target` replicas (KIP-455): the new replicas are added (they
+/// copy the log and join the ISR), the old ones stay until then; the target's first replica is
+/// the new preferred leader. `Ok(None)`: the partition already has exactly these replicas.
+pub fn start_reassignment(
+    state: &PartitionState,
+    target: &[NodeId],
+) -> Result<Option<PartitionTarget>, String> {
+    let mut distinct = target.to_vec();
+    distinct.sort_unstable();
+    distinct.dedup();
+    if target.is_empty() || distinct.len() != target.len() {
+        return Err(format!("replicas {target:?} are not distinct node ids"));
+    }
+    if state.reassigning() {
+        return Err("a reassignment is under way: cancel it first".into());
+    }
+    if target == state.replicas.as_slice() {
+        return Ok(None);
+    }
+    let adding: Vec<NodeId> = target
+        .iter()
+        .copied()
+        .filter(|r| !state.replicas.contains(r))
+        .collect();
+    let removing: Vec<NodeId> = state
+        .replicas
+        .iter()
+        .copied()
+        .filter(|r| !target.contains(r))
+        .collect();
+    let mut replicas = target.to_vec();
+    replicas.extend(&removing);
+    Ok(Some(PartitionTarget {
+        replicas,
+        isr: state.isr.clone(),
+        leader: state.leader,
+        adding,
+        removing,
+    }))
+}
+
+/// Completes a reassignment whose target replicas are all in sync: the removed replicas go
+/// (from the ISR too), and leadership moves into the target if it was outside.
+pub fn complete_reassignment(
+    state: &PartitionState,
+    live: impl Fn(NodeId) -> bool,
+) -> Option<PartitionTarget> {
+    if !state.reassigning() {
+        return None;
+    }
+    let target = state.target_replicas();
+    if !target.iter().all(|r| state.isr.contains(r)) {
+        return None;
+    }
+    let isr: Vec<NodeId> = state
+        .isr
+        .iter()
+        .copied()
+        .filter(|r| target.contains(r))
+        .collect();
+    let leader = match state.leader {
+        Some(leader) if target.contains(&leader) => Some(leader),
+        _ => target.iter().copied().find(|r| isr.contains(r) && live(*r)),
+    };
+    Some(PartitionTarget {
+        replicas: target,
+        isr,
+        leader,
+        adding: Vec::new(),
+        removing: Vec::new(),
+    })
+}
+
+/// Cancels a reassignment: the replicas being added go, the original ones stay.
+pub fn cancel_reassignment(
+    state: &PartitionState,
+    live: impl Fn(NodeId) -> bool,
+) -> Option<PartitionTarget> {
+    if !state.reassigning() {
+        return None;
+    }
+    let original: Vec<NodeId> = state
+        .replicas
+        .iter()
+        .copied()
+        .filter(|r| !state.adding.contains(r))
+        .collect();
+    let isr: Vec<NodeId> = state
+        .isr
+        .iter()
+        .copied()
+        .filter(|r| original.contains(r))
+        .collect();
+    if isr.is_empty() {
+        return None;
+    }
+    let leader = match state.leader {
+        Some(leader) if original.contains(&leader) => Some(leader),
+        _ => original
+            .iter()
+            .copied()
+            .find(|r| isr.contains(r) && live(*r)),
+    };
+    Some(PartitionTarget {
+        replicas: original,
+        isr,
+        leader,
+        adding: Vec::new(),
+        removing: Vec::new(),
+    })
+}
+
 /// A clean election for an offline partition: the first live replica of its ISR.
 pub fn on_unfenced_any(
     state: &PartitionState,
@@ -211,11 +323,7 @@ fn target_if_changed(
     isr: Vec<NodeId>,
     leader: Option<NodeId>,
 ) -> Option<PartitionTarget> {
-    (isr != state.isr || leader != state.leader).then(|| PartitionTarget {
-        replicas: state.replicas.clone(),
-        isr,
-        leader,
-    })
+    (isr != state.isr || leader != state.leader).then(|| state.with(isr, leader))
 }
 
 #[cfg(test)]
@@ -241,6 +349,7 @@ mod tests {
             leader: Some(2),
             leader_epoch: 4,
             partition_epoch: 7,
+            ..Default::default()
         };
         assert_eq!(preferred_leader(&state, |_| true), None, "1 is not in sync");
         let synced = PartitionState {
@@ -253,6 +362,46 @@ mod tests {
     }
 
     #[test]
+    fn a_reassignment_adds_first_and_removes_once_the_target_is_in_sync() {
+        let state = PartitionState {
+            replicas: vec![1, 2, 3],
+            isr: vec![1, 2, 3],
+            leader: Some(1),
+            ..Default::default()
+        };
+        let started = start_reassignment(&state, &[2, 3, 4]).unwrap().unwrap();
+        assert_eq!(started.replicas, vec![2, 3, 4, 1]);
+        assert_eq!(
+            (started.adding.clone(), started.removing.clone()),
+            (vec![4], vec![1])
+        );
+        let moving = crate::image::changed(&state, &started);
+        assert_eq!(
+            complete_reassignment(&moving, |_| true),
+            None,
+            "4 is not in sync yet"
+        );
+        assert!(start_reassignment(&moving, &[4]).is_err(), "one at a time");
+        let synced = PartitionState {
+            isr: vec![1, 2, 3, 4],
+            ..moving.clone()
+        };
+        let done = complete_reassignment(&synced, |_| true).unwrap();
+        assert_eq!(
+            (done.replicas, done.isr, done.leader),
+            (vec![2, 3, 4], vec![2, 3, 4], Some(2))
+        );
+        assert!(done.adding.is_empty() && done.removing.is_empty());
+        let cancelled = cancel_reassignment(&moving, |_| true).unwrap();
+        assert_eq!(
+            (cancelled.replicas, cancelled.leader),
+            (vec![2, 3, 1], Some(1))
+        );
+        assert_eq!(start_reassignment(&state, &[1, 2, 3]), Ok(None));
+        assert!(start_reassignment(&state, &[1, 1]).is_err());
+    }
+
+    #[test]
     fn an_unclean_election_takes_a_live_replica_outside_the_isr() {
         let offline = PartitionState {
             replicas: vec![1, 2, 3],
@@ -260,6 +409,7 @@ mod tests {
             leader: None,
             leader_epoch: 4,
             partition_epoch: 7,
+            ..Default::default()
         };
         assert_eq!(
             elect_unclean(&offline, |_| true),
@@ -334,6 +484,7 @@ mod tests {
             leader: Some(1),
             leader_epoch: 4,
             partition_epoch: 9,
+            ..Default::default()
         };
         let all = |_| true;
         let t = on_fenced(&state, 1, all).unwrap();

@@ -50,7 +50,7 @@ pub struct BrokerInfo {
 }
 
 /// A partition's replicas, leader and in-sync replicas.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct PartitionState {
     /// The replicas, the preferred leader first.
     pub replicas: Vec<NodeId>,
@@ -63,6 +63,13 @@ pub struct PartitionState {
     pub leader_epoch: u32,
     /// The state's generation: +1 at every change (leader, ISR or replicas).
     pub partition_epoch: u32,
+    /// A reassignment under way (KIP-455): replicas being added (they copy the log and join the
+    /// ISR; `replicas` already lists them).
+    #[serde(default)]
+    pub adding: Vec<NodeId>,
+    /// Replicas to drop once every target replica is in sync (`replicas` still lists them).
+    #[serde(default)]
+    pub removing: Vec<NodeId>,
 }
 
 impl PartitionState {
@@ -76,12 +83,14 @@ impl PartitionState {
             leader,
             leader_epoch: 0,
             partition_epoch: 0,
+            adding: Vec::new(),
+            removing: Vec::new(),
         }
     }
 }
 
 /// The state a partition should move to (the epochs follow from the change).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PartitionTarget {
     /// The replicas.
     pub replicas: Vec<NodeId>,
@@ -89,6 +98,39 @@ pub struct PartitionTarget {
     pub isr: Vec<NodeId>,
     /// The leader.
     pub leader: Option<NodeId>,
+    /// Replicas being added by a reassignment.
+    #[serde(default)]
+    pub adding: Vec<NodeId>,
+    /// Replicas being removed by a reassignment.
+    #[serde(default)]
+    pub removing: Vec<NodeId>,
+}
+
+impl PartitionState {
+    /// The target replicas of a reassignment under way, or the replicas.
+    pub fn target_replicas(&self) -> Vec<NodeId> {
+        self.replicas
+            .iter()
+            .copied()
+            .filter(|r| !self.removing.contains(r))
+            .collect()
+    }
+
+    /// Whether a reassignment is under way.
+    pub fn reassigning(&self) -> bool {
+        !self.adding.is_empty() || !self.removing.is_empty()
+    }
+
+    /// This state as a target with another ISR and leader (the reassignment kept).
+    pub fn with(&self, isr: Vec<NodeId>, leader: Option<NodeId>) -> PartitionTarget {
+        PartitionTarget {
+            replicas: self.replicas.clone(),
+            isr,
+            leader,
+            adding: self.adding.clone(),
+            removing: self.removing.clone(),
+        }
+    }
 }
 
 /// One change of the cluster's state.

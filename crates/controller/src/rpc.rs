@@ -82,6 +82,12 @@ pub enum Command {
         /// The partitions; `None`: every partition.
         partitions: Option<Vec<(String, u32)>>,
     },
+    /// Start (replicas given) or cancel (`None`) partition reassignments (Kafka's
+    /// AlterPartitionReassignments, KIP-455).
+    AlterPartitionReassignments {
+        /// (topic, partition, target replicas or `None` to cancel).
+        reassignments: Vec<(String, u32, Option<Vec<NodeId>>)>,
+    },
     /// A partition leader's ISR change (Kafka's AlterPartition): applied only if the leader and
     /// both epochs are still current, and every replica joining the ISR is a live broker.
     AlterPartition {
@@ -133,6 +139,8 @@ pub enum Reply {
     /// Per partition asked for (or, for all, per partition that was elected or failed), in
     /// order: what happened.
     Elected(Vec<(String, u32, Result<(), Rejected>)>),
+    /// Per reassignment asked for, in order: whether it started (or was cancelled).
+    Reassignments(Vec<(String, u32, Result<(), Rejected>)>),
     /// The partition's state after an AlterPartition.
     PartitionChanged {
         /// Its new partition epoch.

@@ -75,6 +75,7 @@ fn record() -> impl Strategy<Value = MetadataRecord> {
                         isr: replicas[..1].to_vec(),
                         leader: lead.then(|| replicas[0]),
                         replicas,
+                        ..Default::default()
                     },
                 }
             }),

@@ -1082,6 +1082,95 @@ fn elect_leaders() {
 }
 
 #[test]
+fn partition_reassignments() {
+    let req = Request::AlterPartitionReassignments(AlterPartitionReassignmentsRequest {
+        reassignments: vec![Reassignment {
+            topic: "orders".into(),
+            partition: 1,
+            replicas: vec![2, 3, 4],
+            cancel: false,
+        }],
+    });
+    let payload = encode_request(25, "golden", &req);
+    let spec = B::req(22, 25)
+        .count(1)
+        .string("orders")
+        .u32(1)
+        .count(3)
+        .u32(2)
+        .u32(3)
+        .u32(4)
+        .u8(0);
+    check(
+        "alter_partition_reassignments_request",
+        payload.clone(),
+        spec,
+    );
+    round_trip_request(&payload, &req);
+    let resp = AlterPartitionReassignmentsResponse {
+        results: vec![ReassignmentResult {
+            topic: "orders".into(),
+            partition: 1,
+            error_code: 60,
+            error_message: "busy".into(),
+        }],
+    };
+    let payload = encode_response(25, &resp);
+    let spec = B::resp(25)
+        .count(1)
+        .string("orders")
+        .u32(1)
+        .i16(60)
+        .string("busy");
+    check(
+        "alter_partition_reassignments_response",
+        payload.clone(),
+        spec,
+    );
+    round_trip_response(&payload, &resp);
+    let req = Request::ListPartitionReassignments(ListPartitionReassignmentsRequest {
+        topics: vec!["orders".into()],
+    });
+    let payload = encode_request(26, "golden", &req);
+    let spec = B::req(23, 26).count(1).string("orders");
+    check(
+        "list_partition_reassignments_request",
+        payload.clone(),
+        spec,
+    );
+    round_trip_request(&payload, &req);
+    let resp = ListPartitionReassignmentsResponse {
+        reassignments: vec![OngoingReassignment {
+            topic: "orders".into(),
+            partition: 1,
+            replicas: vec![2, 3, 4, 1],
+            adding: vec![4],
+            removing: vec![1],
+        }],
+    };
+    let payload = encode_response(26, &resp);
+    let spec = B::resp(26)
+        .count(1)
+        .string("orders")
+        .u32(1)
+        .count(4)
+        .u32(2)
+        .u32(3)
+        .u32(4)
+        .u32(1)
+        .count(1)
+        .u32(4)
+        .count(1)
+        .u32(1);
+    check(
+        "list_partition_reassignments_response",
+        payload.clone(),
+        spec,
+    );
+    round_trip_response(&payload, &resp);
+}
+
+#[test]
 fn every_error_code_is_named() {
     for code in ErrorCode::ALL {
         assert_ne!(code.name(), "UNKNOWN_ERROR_CODE");

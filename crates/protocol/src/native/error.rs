@@ -83,6 +83,9 @@ codes! {
     KAFKA_STORAGE_ERROR = 56, true, "the partition's log is offline after an I/O error";
     NON_EMPTY_GROUP = 68, false, "the group has members: it cannot be deleted";
     GROUP_ID_NOT_FOUND = 69, false, "no such group";
+    INVALID_REPLICA_ASSIGNMENT = 39, false, "the replica list is not valid (empty, duplicated, or naming unknown brokers)";
+    REASSIGNMENT_IN_PROGRESS = 60, false, "a reassignment of the partition is under way: cancel it first";
+    NO_REASSIGNMENT_IN_PROGRESS = 85, false, "no reassignment of the partition is under way";
     PREFERRED_LEADER_NOT_AVAILABLE = 80, true, "the preferred replica is not live or not in sync: it cannot lead now";
     ELIGIBLE_LEADERS_NOT_AVAILABLE = 83, true, "no live replica can lead the partition";
     ELECTION_NOT_NEEDED = 84, false, "the partition already has the leader the election would give it";

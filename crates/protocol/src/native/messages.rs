@@ -55,11 +55,15 @@ pub enum ApiKey {
     ReplicaFetch = 20,
     /// Elect partition leaders (preferred replicas, or unclean for offline partitions).
     ElectLeaders = 21,
+    /// Move partitions' replicas to other brokers (or cancel a move).
+    AlterPartitionReassignments = 22,
+    /// Reassignments under way.
+    ListPartitionReassignments = 23,
 }
 
 impl ApiKey {
     /// All APIs.
-    pub const ALL: [ApiKey; 22] = [
+    pub const ALL: [ApiKey; 24] = [
         ApiKey::ApiVersions,
         ApiKey::Metadata,
         ApiKey::CreateTopics,
@@ -82,6 +86,8 @@ impl ApiKey {
         ApiKey::CreatePartitions,
         ApiKey::ReplicaFetch,
         ApiKey::ElectLeaders,
+        ApiKey::AlterPartitionReassignments,
+        ApiKey::ListPartitionReassignments,
     ];
 
     /// The API with this key.
@@ -114,6 +120,8 @@ impl ApiKey {
             ApiKey::CreatePartitions => "create_partitions",
             ApiKey::ReplicaFetch => "replica_fetch",
             ApiKey::ElectLeaders => "elect_leaders",
+            ApiKey::AlterPartitionReassignments => "alter_partition_reassignments",
+            ApiKey::ListPartitionReassignments => "list_partition_reassignments",
         }
     }
 
@@ -673,6 +681,82 @@ wire_struct! {
     }
 }
 
+wire_struct! {
+    /// One partition to move.
+    pub struct Reassignment {
+        /// Topic name.
+        pub topic: String,
+        /// Partition index.
+        pub partition: u32,
+        /// The target replicas, the new preferred leader first (ignored when cancelling).
+        pub replicas: Vec<u32>,
+        /// Cancel the reassignment under way instead.
+        pub cancel: bool,
+    }
+}
+
+wire_struct! {
+    /// AlterPartitionReassignments request.
+    pub struct AlterPartitionReassignmentsRequest {
+        /// The partitions to move.
+        pub reassignments: Vec<Reassignment>,
+    }
+}
+
+wire_struct! {
+    /// One partition's outcome.
+    pub struct ReassignmentResult {
+        /// Topic name.
+        pub topic: String,
+        /// Partition index.
+        pub partition: u32,
+        /// Error.
+        pub error_code: i16,
+        /// Human text for an error.
+        pub error_message: String,
+    }
+}
+
+wire_struct! {
+    /// AlterPartitionReassignments response.
+    pub struct AlterPartitionReassignmentsResponse {
+        /// Per reassignment, in request order.
+        pub results: Vec<ReassignmentResult>,
+    }
+}
+
+wire_struct! {
+    /// ListPartitionReassignments request.
+    pub struct ListPartitionReassignmentsRequest {
+        /// Topics to look at; empty: all.
+        pub topics: Vec<String>,
+    }
+}
+
+wire_struct! {
+    /// A reassignment under way.
+    pub struct OngoingReassignment {
+        /// Topic name.
+        pub topic: String,
+        /// Partition index.
+        pub partition: u32,
+        /// Every replica now (the target's first).
+        pub replicas: Vec<u32>,
+        /// Replicas being added.
+        pub adding: Vec<u32>,
+        /// Replicas being removed.
+        pub removing: Vec<u32>,
+    }
+}
+
+wire_struct! {
+    /// ListPartitionReassignments response.
+    pub struct ListPartitionReassignmentsResponse {
+        /// The reassignments under way.
+        pub reassignments: Vec<OngoingReassignment>,
+    }
+}
+
 /// `ListOffsetsPartition::timestamp` asking for the log end offset.
 pub const LATEST_TIMESTAMP: i64 = -1;
 /// `ListOffsetsPartition::timestamp` asking for the log start offset.
@@ -845,6 +929,8 @@ pub enum Request {
     CreatePartitions(CreatePartitionsRequest),
     ReplicaFetch(ReplicaFetchRequest),
     ElectLeaders(ElectLeadersRequest),
+    AlterPartitionReassignments(AlterPartitionReassignmentsRequest),
+    ListPartitionReassignments(ListPartitionReassignmentsRequest),
 }
 
 impl Request {
@@ -873,6 +959,8 @@ impl Request {
             Request::CreatePartitions(_) => ApiKey::CreatePartitions,
             Request::ReplicaFetch(_) => ApiKey::ReplicaFetch,
             Request::ElectLeaders(_) => ApiKey::ElectLeaders,
+            Request::AlterPartitionReassignments(_) => ApiKey::AlterPartitionReassignments,
+            Request::ListPartitionReassignments(_) => ApiKey::ListPartitionReassignments,
         }
     }
 
@@ -901,6 +989,8 @@ impl Request {
             Request::CreatePartitions(r) => r.encode(out),
             Request::ReplicaFetch(r) => r.encode(out),
             Request::ElectLeaders(r) => r.encode(out),
+            Request::AlterPartitionReassignments(r) => r.encode(out),
+            Request::ListPartitionReassignments(r) => r.encode(out),
         }
     }
 
@@ -930,6 +1020,8 @@ impl Request {
             ApiKey::CreatePartitions => Request::CreatePartitions(d(body)?),
             ApiKey::ReplicaFetch => Request::ReplicaFetch(d(body)?),
             ApiKey::ElectLeaders => Request::ElectLeaders(d(body)?),
+            ApiKey::AlterPartitionReassignments => Request::AlterPartitionReassignments(d(body)?),
+            ApiKey::ListPartitionReassignments => Request::ListPartitionReassignments(d(body)?),
         })
     }
 }
