@@ -355,6 +355,20 @@ impl Handler {
                 let response = self.kafka_elect_leaders(r).await;
                 ready(finish(respond("ElectLeadersResponse", &response)))
             }
+            Request::AlterPartitionReassignments(r) => {
+                let response = self.kafka_alter_reassignments(r).await;
+                ready(finish(respond(
+                    "AlterPartitionReassignmentsResponse",
+                    &response,
+                )))
+            }
+            Request::ListPartitionReassignments(r) => {
+                let response = self.kafka_list_reassignments(r);
+                ready(finish(respond(
+                    "ListPartitionReassignmentsResponse",
+                    &response,
+                )))
+            }
             Request::DescribeCluster(r) => {
                 let response = self.kafka_describe_cluster(&r);
                 ready(finish(respond("DescribeClusterResponse", &response)))
@@ -955,6 +969,112 @@ impl Handler {
                 kp::ElectLeadersResponse::default().with_error_code(err.code().0)
             }
         }
+    }
+
+    async fn kafka_alter_reassignments(
+        &self,
+        r: kreq::AlterPartitionReassignmentsRequest,
+    ) -> kp::AlterPartitionReassignmentsResponse {
+        use kp::alter_partition_reassignments_response as resp;
+        let mut asked = Vec::new();
+        let mut invalid = Vec::new();
+        for (topic, partitions) in r.topics {
+            for (index, replicas) in partitions {
+                let replicas = replicas.map(|rs| {
+                    rs.into_iter()
+                        .map(u32::try_from)
+                        .collect::<Result<Vec<u32>, _>>()
+                });
+                match replicas {
+                    Some(Err(_)) => invalid.push((topic.clone(), index)),
+                    Some(Ok(rs)) => asked.push((topic.clone(), partition_index(index), Some(rs))),
+                    None => asked.push((topic.clone(), partition_index(index), None)),
+                }
+            }
+        }
+        let mut topics: Vec<resp::ReassignableTopicResponse> = Vec::new();
+        let mut push = |topic: String, index: i32, code: i16, message: Option<String>| {
+            let part = resp::ReassignablePartitionResponse::default()
+                .with_partition_index(index)
+                .with_error_code(code)
+                .with_error_message(message.map(s));
+            match topics.iter_mut().find(|t| *t.name == *topic) {
+                Some(t) => t.partitions.push(part),
+                None => topics.push(
+                    resp::ReassignableTopicResponse::default()
+                        .with_name(topic_name(topic))
+                        .with_partitions(vec![part]),
+                ),
+            }
+        };
+        for (topic, index) in invalid {
+            let message = "a replica id is negative".to_string();
+            push(
+                topic,
+                index,
+                ErrorCode::INVALID_REPLICA_ASSIGNMENT.0,
+                Some(message),
+            );
+        }
+        match self.reassign(asked).await {
+            Ok(results) => {
+                for (topic, partition, result) in results {
+                    let (code, message) = match result {
+                        Ok(()) => (0, None),
+                        Err((code, message)) => (code.0, Some(message)),
+                    };
+                    push(topic, partition as i32, code, message);
+                }
+                kp::AlterPartitionReassignmentsResponse::default().with_responses(topics)
+            }
+            Err(err) => kp::AlterPartitionReassignmentsResponse::default()
+                .with_error_code(err.code().0)
+                .with_error_message(Some(s(err.to_string()))),
+        }
+    }
+
+    fn kafka_list_reassignments(
+        &self,
+        r: kreq::ListPartitionReassignmentsRequest,
+    ) -> kp::ListPartitionReassignmentsResponse {
+        use kp::list_partition_reassignments_response as resp;
+        let names: Vec<String> = r
+            .topics
+            .iter()
+            .flatten()
+            .map(|(name, _)| name.clone())
+            .collect();
+        let wanted = |topic: &str, partition: u32| match &r.topics {
+            None => true,
+            Some(topics) => topics
+                .iter()
+                .any(|(t, ps)| t == topic && ps.contains(&(partition as i32))),
+        };
+        let ids = |v: &[u32]| {
+            v.iter()
+                .map(|r| kp::BrokerId(*r as i32))
+                .collect::<Vec<_>>()
+        };
+        let mut topics: Vec<resp::OngoingTopicReassignment> = Vec::new();
+        for (topic, partition, state) in self.reassignments(&names) {
+            if !wanted(&topic, partition) {
+                continue;
+            }
+            let part = resp::OngoingPartitionReassignment::default()
+                .with_partition_index(partition as i32)
+                .with_replicas(ids(&state.replicas))
+                .with_adding_replicas(ids(&state.adding))
+                .with_removing_replicas(ids(&state.removing));
+            match topics.iter_mut().find(|t| *t.name == *topic) {
+                Some(t) => t.partitions.push(part),
+                None => topics.push(
+                    resp::OngoingTopicReassignment::default()
+                        .with_name(topic_name(topic))
+                        .with_partitions(vec![part]),
+                ),
+            }
+        }
+        kp::ListPartitionReassignmentsResponse::default().with_topics(topics)
     }
 
     async fn kafka_create_partitions(

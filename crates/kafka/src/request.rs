@@ -67,6 +67,8 @@ apis! {
     CREATE_PARTITIONS = 37, "CreatePartitions", 0..=3, served from 0, flexible from 2;
     DELETE_GROUPS = 42, "DeleteGroups", 0..=2, served from 0, flexible from 2;
     ELECT_LEADERS = 43, "ElectLeaders", 0..=2, served from 0, flexible from 2;
+    ALTER_PARTITION_REASSIGNMENTS = 45, "AlterPartitionReassignments", 0..=1, served from 0, flexible from 0;
+    LIST_PARTITION_REASSIGNMENTS = 46, "ListPartitionReassignments", 0..=0, served from 0, flexible from 0;
     DESCRIBE_CLUSTER = 60, "DescribeCluster", 0..=1, served from 0, flexible from 0;
 }
 
@@ -148,6 +150,8 @@ pub enum Request {
     OffsetForLeaderEpoch(OffsetForLeaderEpochRequest),
     CreatePartitions(CreatePartitionsRequest),
     ElectLeaders(ElectLeadersRequest),
+    AlterPartitionReassignments(AlterPartitionReassignmentsRequest),
+    ListPartitionReassignments(ListPartitionReassignmentsRequest),
     DescribeCluster(DescribeClusterRequest),
 }
 
@@ -184,6 +188,27 @@ pub struct ElectLeadersRequest {
     pub topics: Option<Vec<(String, Vec<i32>)>>,
     /// How long to wait.
     pub timeout_ms: i32,
+}
+
+/// AlterPartitionReassignments.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct AlterPartitionReassignmentsRequest {
+    /// How long to wait.
+    pub timeout_ms: i32,
+    /// Per topic: (name, its partitions).
+    pub topics: Vec<(String, Vec<PartitionMove>)>,
+}
+
+/// A partition and its target replicas (`None`: cancel its reassignment).
+pub type PartitionMove = (i32, Option<Vec<i32>>);
+
+/// ListPartitionReassignments.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ListPartitionReassignmentsRequest {
+    /// How long to wait.
+    pub timeout_ms: i32,
+    /// Per topic, the partitions asked about; `None`: all.
+    pub topics: Option<Vec<(String, Vec<i32>)>>,
 }
 
 /// DescribeCluster.
@@ -608,6 +633,43 @@ fn decode_body(api: Api, v: i16, r: &mut Reader) -> Result<Request, DecodeError>
         32 => Request::DescribeConfigs(describe_configs(v, r)?),
         37 => Request::CreatePartitions(create_partitions(r)?),
         43 => Request::ElectLeaders(elect_leaders(v, r)?),
+        45 => {
+            let timeout_ms = r.i32("timeout_ms")?;
+            if v >= 1 {
+                r.bool("allow_replication_factor_change")?;
+            }
+            let partition_min = 4 + array_min(r) + tags_min(r);
+            let topic_min = string_min(r) + array_min(r) + tags_min(r);
+            let topics = r.array("topics", topic_min, |r| {
+                let name = r.string("topics.name")?;
+                let partitions = r.array("partitions", partition_min, |r| {
+                    let index = r.i32("partition_index")?;
+                    let replicas = r.nullable_array("replicas", 4, |r| r.i32("replica"))?;
+                    r.tagged_fields("partitions")?;
+                    Ok((index, replicas))
+                })?;
+                r.tagged_fields("topics")?;
+                Ok((name, partitions))
+            })?;
+            Request::AlterPartitionReassignments(AlterPartitionReassignmentsRequest {
+                timeout_ms,
+                topics,
+            })
+        }
+        46 => {
+            let timeout_ms = r.i32("timeout_ms")?;
+            let topic_min = string_min(r) + array_min(r) + tags_min(r);
+            let topics = r.nullable_array("topics", topic_min, |r| {
+                let name = r.string("topics.name")?;
+                let partitions = r.array("partition_indexes", 4, |r| r.i32("partition_index"))?;
+                r.tagged_fields("topics")?;
+                Ok((name, partitions))
+            })?;
+            Request::ListPartitionReassignments(ListPartitionReassignmentsRequest {
+                timeout_ms,
+                topics,
+            })
+        }
         60 => {
             let include = r.bool("include_cluster_authorized_operations")?;
             let endpoint_type = if v >= 1 { r.i8("endpoint_type")? } else { 1 };

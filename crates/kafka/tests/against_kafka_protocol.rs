@@ -430,6 +430,79 @@ fn cluster_apis_at_every_served_version() {
 }
 
 #[test]
+fn replication_admin_apis_at_every_served_version() {
+    for v in served(Api::ELECT_LEADERS) {
+        let body = ElectLeadersRequest::default()
+            .with_election_type(if v >= 1 { 1 } else { 0 })
+            .with_topic_partitions(Some(vec![
+                elect_leaders_request::TopicPartitions::default()
+                    .with_topic(topic("orders"))
+                    .with_partitions(vec![0, 2]),
+            ]))
+            .with_timeout_ms(5_000);
+        let Request::ElectLeaders(got) =
+            decoded(Api::ELECT_LEADERS, v, frame(Api::ELECT_LEADERS, v, &body))
+        else {
+            panic!()
+        };
+        assert_eq!(got.election_type, if v >= 1 { 1 } else { 0 }, "v{v}");
+        assert_eq!(got.topics, Some(vec![("orders".to_string(), vec![0, 2])]));
+        let all = ElectLeadersRequest::default().with_topic_partitions(None);
+        let Request::ElectLeaders(got) =
+            decoded(Api::ELECT_LEADERS, v, frame(Api::ELECT_LEADERS, v, &all))
+        else {
+            panic!()
+        };
+        assert_eq!(got.topics, None, "v{v}: null means every partition");
+    }
+    for v in served(Api::ALTER_PARTITION_REASSIGNMENTS) {
+        let body = AlterPartitionReassignmentsRequest::default()
+            .with_timeout_ms(7_000)
+            .with_topics(vec![
+                alter_partition_reassignments_request::ReassignableTopic::default()
+                    .with_name(topic("orders"))
+                    .with_partitions(vec![
+                        alter_partition_reassignments_request::ReassignablePartition::default()
+                            .with_partition_index(1)
+                            .with_replicas(Some(vec![BrokerId(2), BrokerId(3), BrokerId(4)])),
+                        alter_partition_reassignments_request::ReassignablePartition::default()
+                            .with_partition_index(2)
+                            .with_replicas(None),
+                    ]),
+            ]);
+        let api = Api::ALTER_PARTITION_REASSIGNMENTS;
+        let Request::AlterPartitionReassignments(got) = decoded(api, v, frame(api, v, &body))
+        else {
+            panic!()
+        };
+        assert_eq!(got.timeout_ms, 7_000);
+        assert_eq!(
+            got.topics,
+            vec![(
+                "orders".to_string(),
+                vec![(1, Some(vec![2, 3, 4])), (2, None)]
+            )],
+            "v{v}"
+        );
+    }
+    for v in served(Api::LIST_PARTITION_REASSIGNMENTS) {
+        let body = ListPartitionReassignmentsRequest::default()
+            .with_timeout_ms(1_000)
+            .with_topics(Some(vec![
+                list_partition_reassignments_request::ListPartitionReassignmentsTopics::default()
+                    .with_name(topic("orders"))
+                    .with_partition_indexes(vec![1]),
+            ]));
+        let api = Api::LIST_PARTITION_REASSIGNMENTS;
+        let Request::ListPartitionReassignments(got) = decoded(api, v, frame(api, v, &body))
+        else {
+            panic!()
+        };
+        assert_eq!(got.topics, Some(vec![("orders".to_string(), vec![1])]), "v{v}");
+    }
+}
+
+#[test]
 fn unserved_apis_and_versions_are_reported_with_their_correlation_id() {
     let body = MetadataRequest::default();
     let mut bytes = BytesMut::from(&frame(Api::METADATA, 9, &body)[..]);
