@@ -494,11 +494,14 @@ fn replication_admin_apis_at_every_served_version() {
                     .with_partition_indexes(vec![1]),
             ]));
         let api = Api::LIST_PARTITION_REASSIGNMENTS;
-        let Request::ListPartitionReassignments(got) = decoded(api, v, frame(api, v, &body))
-        else {
+        let Request::ListPartitionReassignments(got) = decoded(api, v, frame(api, v, &body)) else {
             panic!()
         };
-        assert_eq!(got.topics, Some(vec![("orders".to_string(), vec![1])]), "v{v}");
+        assert_eq!(
+            got.topics,
+            Some(vec![("orders".to_string(), vec![1])]),
+            "v{v}"
+        );
     }
 }
 
