@@ -204,7 +204,19 @@ impl Drop for BrokerProcess {
 }
 
 /// A loopback address with a port that was free a moment ago.
+/// A loopback address with a port free now, below the kernel's ephemeral range (32768 and up on
+/// Linux): a port from that range can be taken by any outgoing connection between now and the
+/// moment a restarted broker binds it again; ports below it are only taken by listeners.
 pub fn free_port() -> String {
+    use std::hash::{BuildHasher, Hasher};
+    for _ in 0..1000 {
+        let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+        hasher.write_u32(std::process::id());
+        let port = 20_000 + (hasher.finish() % 12_000) as u16;
+        if let Ok(listener) = std::net::TcpListener::bind(("127.0.0.1", port)) {
+            return listener.local_addr().unwrap().to_string();
+        }
+    }
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     listener.local_addr().unwrap().to_string()
 }

@@ -109,7 +109,15 @@ struct Liveness {
     /// heartbeated since, with the term it closed in: fenced at the next duty tick instead of
     /// after their session.
     disconnected: HashMap<(NodeId, u64), u64>,
+    /// Brokers heard from (a heartbeat or registration) since this term began.
+    heard: std::collections::HashSet<NodeId>,
 }
+
+/// How long a voter the active controller cannot replicate to, whose broker it has not heard from
+/// in its term, waits before that broker is fenced: a node that held both roles and died (its
+/// connections closed on a controller that died with it) is fenced in about this time, not after
+/// a whole session.
+const DEAD_VOTER_FENCE: Duration = Duration::from_millis(1000);
 
 /// A running controller. Cheap to clone.
 #[derive(Clone)]
@@ -486,6 +494,7 @@ impl ControllerNode {
     fn saw(&self, node: NodeId, epoch: u64) {
         let mut liveness = self.liveness();
         liveness.seen.insert(node, (epoch, Instant::now()));
+        liveness.heard.insert(node);
         liveness.disconnected.retain(|(n, _), _| *n != node);
     }
 
@@ -989,6 +998,7 @@ impl ControllerNode {
                     // Closes seen while leading an earlier term are stale; those of this term
                     // (seen before this first tick) count.
                     liveness.disconnected.retain(|_, t| *t == term);
+                    liveness.heard.clear();
                     let now = Instant::now();
                     liveness.seen = image
                         .brokers
@@ -997,12 +1007,22 @@ impl ControllerNode {
                         .collect();
                 }
                 let session = self.inner.config.broker_session_timeout;
+                // A voter this controller cannot reach, whose broker has not spoken to it in
+                // this term: the whole node is down (it may have been the previous controller,
+                // so no closed connection told anyone).
+                let node_down = |node: NodeId| {
+                    !liveness.heard.contains(&node)
+                        && unreachable_since
+                            .get(&u64::from(node))
+                            .is_some_and(|since| since.elapsed() >= DEAD_VOTER_FENCE)
+                };
                 image
                     .live_brokers()
                     .filter(|b| {
-                        liveness
-                            .disconnected
-                            .contains_key(&(b.info.node_id, b.epoch))
+                        node_down(b.info.node_id)
+                            || liveness
+                                .disconnected
+                                .contains_key(&(b.info.node_id, b.epoch))
                             || liveness
                                 .seen
                                 .get(&b.info.node_id)
@@ -1021,6 +1041,8 @@ impl ControllerNode {
                     .is_some()
                 {
                     "its controller connection closed"
+                } else if unreachable_since.contains_key(&u64::from(node)) {
+                    "its node is unreachable and silent since this controller took over"
                 } else {
                     "silent past its session"
                 };
