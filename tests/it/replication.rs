@@ -75,6 +75,35 @@ fn produce_steadily(
     })
 }
 
+/// Creates `topic` with `partitions` partitions and three replicas.
+fn create_topic(cluster: &TestCluster, rt: &tokio::runtime::Runtime, topic: &str, partitions: u32) {
+    rt.block_on(async {
+        let admin = Admin::connect(&cluster.bootstrap_except(None))
+            .await
+            .unwrap();
+        admin
+            .create_topic_replicated(topic, partitions, Some(3), &[])
+            .await
+            .unwrap();
+    });
+}
+
+/// A steady acks=all producer on partition 0 of `topic` ([`produce_steadily`]): its history,
+/// its stop flag and its thread.
+fn start_producing(
+    bootstrap: String,
+    topic: &'static str,
+) -> (
+    Arc<Mutex<History>>,
+    Arc<AtomicBool>,
+    std::thread::JoinHandle<()>,
+) {
+    let history = Arc::new(Mutex::new(History::default()));
+    let stop = Arc::new(AtomicBool::new(false));
+    let producer = produce_steadily(bootstrap, topic, Arc::clone(&history), Arc::clone(&stop));
+    (history, stop, producer)
+}
+
 /// Partition 0's leader and ISR, from any broker that answers.
 async fn leader_and_isr(cluster: &TestCluster, topic: &str) -> (Option<u32>, Vec<u32>) {
     leader_and_isr_at(&cluster.bootstrap_except(None), topic).await
@@ -178,23 +207,8 @@ fn acknowledged_records_survive_the_leader_killed_twenty_times_in_a_row() {
         .map_or(20, |n: usize| n.max(20));
     let mut cluster = TestCluster::start(3, "");
     let rt = runtime();
-    rt.block_on(async {
-        let admin = Admin::connect(&cluster.bootstrap_except(None))
-            .await
-            .unwrap();
-        admin
-            .create_topic_replicated(TOPIC, 1, Some(3), &[])
-            .await
-            .unwrap();
-    });
-    let history = Arc::new(Mutex::new(History::default()));
-    let stop = Arc::new(AtomicBool::new(false));
-    let producer = produce_steadily(
-        cluster.bootstrap_except(None),
-        TOPIC,
-        Arc::clone(&history),
-        Arc::clone(&stop),
-    );
+    create_topic(&cluster, &rt, TOPIC, 1);
+    let (history, stop, producer) = start_producing(cluster.bootstrap_except(None), TOPIC);
     let failovers = chase_leader(
         &mut cluster,
         &rt,
@@ -353,15 +367,7 @@ fn a_stalled_follower_leaves_the_isr_and_below_min_insync_acks_all_fails_fast() 
         "broker_session_timeout_ms = 60000\nbroker_heartbeat_interval_ms = 1000\nreplica_lag_time_max_ms = 1500\n",
     );
     let rt = runtime();
-    rt.block_on(async {
-        let admin = Admin::connect(&cluster.bootstrap_except(None))
-            .await
-            .unwrap();
-        admin
-            .create_topic_replicated(TOPIC, 1, Some(3), &[])
-            .await
-            .unwrap();
-    });
+    create_topic(&cluster, &rt, TOPIC, 1);
     wait_isr(&cluster.bootstrap_except(None), &rt, TOPIC, 3);
     let (leader, _) = rt.block_on(leader_and_isr(&cluster, TOPIC));
     let leader = leader.unwrap();
@@ -484,24 +490,9 @@ fn a_killed_follower_catches_up_and_the_whole_cluster_killed_keeps_every_acknowl
     const TOPIC: &str = "restarts";
     let mut cluster = TestCluster::start(3, "");
     let rt = runtime();
-    rt.block_on(async {
-        let admin = Admin::connect(&cluster.bootstrap_except(None))
-            .await
-            .unwrap();
-        admin
-            .create_topic_replicated(TOPIC, 1, Some(3), &[])
-            .await
-            .unwrap();
-    });
+    create_topic(&cluster, &rt, TOPIC, 1);
     wait_isr(&cluster.bootstrap_except(None), &rt, TOPIC, 3);
-    let history = Arc::new(Mutex::new(History::default()));
-    let stop = Arc::new(AtomicBool::new(false));
-    let producer = produce_steadily(
-        cluster.bootstrap_except(None),
-        TOPIC,
-        Arc::clone(&history),
-        Arc::clone(&stop),
-    );
+    let (history, stop, producer) = start_producing(cluster.bootstrap_except(None), TOPIC);
     let acked = || history.lock().unwrap().acked.len();
     let wait_acked = |n: usize| {
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -621,24 +612,9 @@ fn a_rolling_restart_under_acks_all_load_fails_no_write_and_leaders_return_to_th
     const TOPIC: &str = "rolling";
     let mut cluster = TestCluster::start(3, "leader_imbalance_check_interval_ms = 1000\n");
     let rt = runtime();
-    rt.block_on(async {
-        let admin = Admin::connect(&cluster.bootstrap_except(None))
-            .await
-            .unwrap();
-        admin
-            .create_topic_replicated(TOPIC, 1, Some(3), &[])
-            .await
-            .unwrap();
-    });
+    create_topic(&cluster, &rt, TOPIC, 1);
     wait_isr(&cluster.bootstrap_except(None), &rt, TOPIC, 3);
-    let history = Arc::new(Mutex::new(History::default()));
-    let stop = Arc::new(AtomicBool::new(false));
-    let producer = produce_steadily(
-        cluster.bootstrap_except(None),
-        TOPIC,
-        Arc::clone(&history),
-        Arc::clone(&stop),
-    );
+    let (history, stop, producer) = start_producing(cluster.bootstrap_except(None), TOPIC);
     let mut longest_gap = Duration::ZERO;
     for id in 1..=3 {
         let before = history.lock().unwrap().acked.len();
@@ -786,15 +762,7 @@ fn an_idempotent_kafka_producer_writes_each_record_once_across_five_leader_kills
     const TOPIC: &str = "failover-kafka";
     let mut cluster = TestCluster::start(3, "");
     let rt = runtime();
-    rt.block_on(async {
-        let admin = Admin::connect(&cluster.bootstrap_except(None))
-            .await
-            .unwrap();
-        admin
-            .create_topic_replicated(TOPIC, 1, Some(3), &[])
-            .await
-            .unwrap();
-    });
+    create_topic(&cluster, &rt, TOPIC, 1);
     wait_isr(&cluster.bootstrap_except(None), &rt, TOPIC, 3);
     let kafka_bootstrap = (1..=3)
         .map(|n| cluster.node(n).kafka.clone())
@@ -879,23 +847,8 @@ fn a_paused_leader_is_replaced_within_its_session_and_three_seconds() {
         &format!("broker_session_timeout_ms = {SESSION_MS}\nbroker_heartbeat_interval_ms = 300\n"),
     );
     let rt = runtime();
-    rt.block_on(async {
-        let admin = Admin::connect(&cluster.bootstrap_except(None))
-            .await
-            .unwrap();
-        admin
-            .create_topic_replicated(TOPIC, 1, Some(3), &[])
-            .await
-            .unwrap();
-    });
-    let history = Arc::new(Mutex::new(History::default()));
-    let stop = Arc::new(AtomicBool::new(false));
-    let producer = produce_steadily(
-        cluster.bootstrap_except(None),
-        TOPIC,
-        Arc::clone(&history),
-        Arc::clone(&stop),
-    );
+    create_topic(&cluster, &rt, TOPIC, 1);
+    let (history, stop, producer) = start_producing(cluster.bootstrap_except(None), TOPIC);
     let failovers = chase_leader(
         &mut cluster,
         &rt,
@@ -964,15 +917,7 @@ fn leaders_return_to_preferred_replicas_when_an_operator_asks() {
     const TOPIC: &str = "elections";
     let mut cluster = TestCluster::start(3, "auto_leader_rebalance_enable = false\n");
     let rt = runtime();
-    rt.block_on(async {
-        let admin = Admin::connect(&cluster.bootstrap_except(None))
-            .await
-            .unwrap();
-        admin
-            .create_topic_replicated(TOPIC, 3, Some(3), &[])
-            .await
-            .unwrap();
-    });
+    create_topic(&cluster, &rt, TOPIC, 3);
     // Nodes 2 and 3 stay up: ask them.
     let bootstrap = format!("{},{}", cluster.node(2).native, cluster.node(3).native);
     let placement = || {
@@ -1128,22 +1073,9 @@ fn replicas_move_between_brokers_under_acks_all_load_and_nothing_is_lost() {
     );
     let rt = runtime();
     let bootstrap = cluster.bootstrap_except(None);
-    rt.block_on(async {
-        let admin = Admin::connect(&bootstrap).await.unwrap();
-        admin
-            .create_topic_replicated(TOPIC, 1, Some(3), &[])
-            .await
-            .unwrap();
-    });
+    create_topic(&cluster, &rt, TOPIC, 1);
     wait_isr(&bootstrap, &rt, TOPIC, 3);
-    let history = Arc::new(Mutex::new(History::default()));
-    let stop = Arc::new(AtomicBool::new(false));
-    let producer = produce_steadily(
-        bootstrap.clone(),
-        TOPIC,
-        Arc::clone(&history),
-        Arc::clone(&stop),
-    );
+    let (history, stop, producer) = start_producing(bootstrap.clone(), TOPIC);
     std::thread::sleep(Duration::from_millis(500));
     // Move the partition off its leader, onto the broker that holds no replica.
     let (leader, isr) = rt.block_on(leader_and_isr(&cluster, TOPIC));
