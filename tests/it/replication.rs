@@ -876,9 +876,18 @@ fn a_paused_leader_is_replaced_within_its_session_and_three_seconds() {
                 let text = std::fs::read_to_string(&cluster.process(n).log).unwrap_or_default();
                 text.lines()
                     .filter(|l| {
-                        ["truncated", "fenced", "lease", "ISR", "unfenced", "elect"]
-                            .iter()
-                            .any(|k| l.contains(k))
+                        [
+                            "truncated",
+                            "fenced",
+                            "lease",
+                            "ISR",
+                            "unfenced",
+                            "elect",
+                            "leading",
+                            "following",
+                        ]
+                        .iter()
+                        .any(|k| l.contains(k))
                     })
                     .map(|l| format!("node {n}: {}", &l[..l.len().min(220)]))
                     .collect::<Vec<_>>()

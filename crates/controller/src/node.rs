@@ -606,9 +606,27 @@ impl ControllerNode {
             tracing::info!(node, broker_epoch, "broker unfenced");
             return Ok(Reply::Heartbeat { fenced: false });
         }
+        // Nothing to commit: confirm with a quorum that this node still leads before the answer
+        // grants a lease. A deposed controller that does not know it yet (paused, cut off) would
+        // otherwise answer from its stale image, and a broker, itself included, would lead on it.
+        self.confirm_leadership().await?;
         Ok(Reply::Heartbeat {
             fenced: broker.fenced,
         })
+    }
+
+    /// Checks with a quorum of voters that this node is still the leader.
+    async fn confirm_leadership(&self) -> Result<(), CommandError> {
+        let check = self.inner.raft.ensure_linearizable();
+        match tokio::time::timeout(self.inner.config.commit_timeout, check).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(_)) => Err(CommandError::NotController {
+                leader: self.leader_hint(),
+            }),
+            Err(_) => Err(CommandError::Unavailable(
+                "leadership not confirmed by a quorum in time".into(),
+            )),
+        }
     }
 
     /// Starts or cancels one partition's reassignment. A reassignment that only removes or
