@@ -221,12 +221,9 @@ impl Partition {
         let producers = Mutex::new(rebuild_producers(&log, host.clock.unix_ms()));
         let (log_end, _) = watch::channel(log.log_end_offset().0);
         let start = log.log_start_offset().0;
-        let committed_from = if state.replicas.len() > 1 {
-            start
-        } else {
-            log.flushed_offset().0
-        };
-        let (committed, _) = watch::channel(committed_from);
+        // One replica's meaning; set_replica_state below switches it to the high watermark if
+        // the partition is replicated.
+        let (committed, _) = watch::channel(log.flushed_offset().0);
         let partition = Partition {
             topic,
             index,

@@ -15,7 +15,6 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use cairn_client::Connection;
 use cairn_controller::{Command, CommandError, Reply};
 use cairn_protocol::Offset;
@@ -174,17 +173,12 @@ fn encode(topics: Vec<(String, Vec<Answer>)>) -> ReplicaFetchResponse {
     }
 }
 
+/// A partition's answer with nothing in it (no divergence, no records).
 fn failed(partition: u32) -> ReplicaFetchPartitionResponse {
     ReplicaFetchPartitionResponse {
         partition,
-        error_code: ErrorCode::NONE.0,
-        high_watermark: 0,
-        log_start_offset: 0,
-        log_end_offset: 0,
-        diverging: false,
         diverging_epoch: -1,
-        diverging_end_offset: 0,
-        records: Bytes::new(),
+        ..ReplicaFetchPartitionResponse::default()
     }
 }
 

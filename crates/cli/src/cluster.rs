@@ -60,39 +60,16 @@ pub async fn elect(bootstrap: &str, output: Output, args: ElectArgs) -> anyhow::
     let results = admin
         .elect_leaders(args.unclean, partitions.as_deref())
         .await?;
-    let mut out = std::io::stdout().lock();
-    match output {
-        Output::Table => {
-            if results.is_empty() {
-                writeln!(out, "no election needed")?;
-            }
-            for (topic, partition, code, message) in &results {
-                if code.0 == 0 {
-                    writeln!(out, "{topic}-{partition}: elected")?;
-                } else {
-                    writeln!(out, "{topic}-{partition}: {} {message}", code.name())?;
-                }
-            }
-        }
-        Output::Json => {
-            let list: Vec<_> = results
-                .iter()
-                .map(|(topic, partition, code, message)| {
-                    serde_json::json!({"topic": topic, "partition": partition,
-                        "error": (code.0 != 0).then(|| code.name()), "message": message})
-                })
-                .collect();
-            writeln!(out, "{}", serde_json::Value::Array(list))?;
-        }
-    }
-    let failed = results
-        .iter()
-        .filter(|(_, _, code, _)| code.0 != 0 && code.name() != "ELECTION_NOT_NEEDED")
-        .count();
-    if failed > 0 {
-        anyhow::bail!("{failed} partition(s) could not be elected");
-    }
-    Ok(())
+    crate::partition::report(
+        output,
+        &results,
+        &crate::partition::Outcomes {
+            done: "elected",
+            none: Some("no election needed"),
+            harmless: Some(cairn_protocol::native::ErrorCode::ELECTION_NOT_NEEDED),
+            failed: "partition(s) could not be elected",
+        },
+    )
 }
 
 #[derive(Debug, Subcommand)]

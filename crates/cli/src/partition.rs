@@ -65,7 +65,7 @@ pub async fn run(bootstrap: &str, output: Output, command: PartitionCommand) -> 
                 }
                 (None, None) => bail!("give a topic with --partition and --replicas, or --plan"),
             };
-            report(output, &admin.reassign(&asked).await?)
+            report(output, &admin.reassign(&asked).await?, &REASSIGNED)
         }
         PartitionCommand::Reassignments { topics } => {
             let ongoing = admin.list_reassignments(&topics).await?;
@@ -136,16 +136,33 @@ fn plan(path: &std::path::Path) -> anyhow::Result<Vec<Move>> {
         .collect()
 }
 
-fn report(
+/// How per-partition outcomes of an operation are reported.
+pub(crate) struct Outcomes<'a> {
+    /// Said of a partition that succeeded.
+    pub(crate) done: &'a str,
+    /// Said when nothing was reported.
+    pub(crate) none: Option<&'a str>,
+    /// An error that is not a failure (nothing needed doing).
+    pub(crate) harmless: Option<cairn_protocol::native::ErrorCode>,
+    /// The end of the error message when some failed ("partition(s) ...").
+    pub(crate) failed: &'a str,
+}
+
+/// Prints per-partition outcomes (table or JSON) and fails if any partition failed.
+pub(crate) fn report(
     output: Output,
     results: &[(String, u32, cairn_protocol::native::ErrorCode, String)],
+    how: &Outcomes<'_>,
 ) -> anyhow::Result<()> {
     let mut out = std::io::stdout().lock();
     match output {
         Output::Table => {
+            if let (true, Some(none)) = (results.is_empty(), how.none) {
+                writeln!(out, "{none}")?;
+            }
             for (topic, partition, code, message) in results {
                 if code.0 == 0 {
-                    writeln!(out, "{topic}-{partition}: reassignment started")?;
+                    writeln!(out, "{topic}-{partition}: {}", how.done)?;
                 } else {
                     writeln!(out, "{topic}-{partition}: {} {message}", code.name())?;
                 }
@@ -162,12 +179,22 @@ fn report(
             writeln!(out, "{}", serde_json::Value::Array(list))?;
         }
     }
-    let failed = results.iter().filter(|(_, _, code, _)| code.0 != 0).count();
+    let failed = results
+        .iter()
+        .filter(|(_, _, code, _)| code.0 != 0 && Some(*code) != how.harmless)
+        .count();
     if failed > 0 {
-        bail!("{failed} reassignment(s) refused");
+        bail!("{failed} {}", how.failed);
     }
     Ok(())
 }
+
+const REASSIGNED: Outcomes<'static> = Outcomes {
+    done: "reassignment started",
+    none: None,
+    harmless: None,
+    failed: "reassignment(s) refused",
+};
 
 /// `cairn broker decommission N`: moves every replica off broker N (each to the live broker
 /// holding the fewest replicas among those the partition does not use yet), so that it can be
@@ -220,5 +247,5 @@ pub async fn decommission(bootstrap: &str, output: Output, node: u32) -> anyhow:
         writeln!(std::io::stdout(), "broker {node} holds no replicas")?;
         return Ok(());
     }
-    report(output, &admin.reassign(&asked).await?)
+    report(output, &admin.reassign(&asked).await?, &REASSIGNED)
 }
