@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Runs Cairn's whole test suite from a fresh clone: formatting, lints, every test.
 # It installs what it needs: cargo-nextest if missing, the Kafka clients the Kafka-protocol tests
-# run (confluent-kafka, kafka-python and its codecs) into a virtualenv, and kcat from Debian when
-# run as root. Usage: scripts/test.sh
+# run (confluent-kafka, kafka-python and its codecs) into a virtualenv, and kcat, iptables and
+# iproute2 from Debian when run as root. Usage: scripts/test.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -25,16 +25,20 @@ if ! "$CAIRN_PYTHON" -c 'import confluent_kafka, kafka, lz4, snappy, zstandard, 
   python3 -m venv "$CAIRN_VENV"
   "$CAIRN_VENV/bin/pip" install --quiet --disable-pip-version-check -r tests/kafka/requirements.txt
 fi
-if ! command -v kcat >/dev/null 2>&1; then
+# kcat for its client test; iptables and iproute2 for the network-fault tests (network
+# namespaces, as root).
+for tool in kcat:kcat iptables:iptables ip:iproute2; do
+  command -v "${tool%%:*}" >/dev/null 2>&1 && continue
+  package="${tool##*:}"
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-    step "installing kcat (Debian)"
-    apt-get install -y -qq kcat >/dev/null 2>&1 \
-      || { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq kcat >/dev/null 2>&1; } \
-      || echo "kcat could not be installed: its test will print that it skipped"
+    step "installing $package (Debian)"
+    apt-get install -y -qq "$package" >/dev/null 2>&1 \
+      || { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq "$package" >/dev/null 2>&1; } \
+      || echo "$package could not be installed: the tests that need it print that they skipped"
   else
-    echo "kcat is not installed and this is not root: its test will print that it skipped"
+    echo "$package is not installed and this is not root: the tests that need it print that they skipped"
   fi
-fi
+done
 
 step "cargo fmt --check"
 cargo fmt --all --check

@@ -51,8 +51,25 @@ impl BrokerProcess {
         kafka_listen: &str,
         extra: &[String],
     ) -> BrokerProcess {
+        BrokerProcess::start_in(None, data_dir, toml, listen, kafka_listen, extra)
+    }
+
+    /// [`BrokerProcess::start_with`] inside network namespace `netns` (`None`: this process's),
+    /// its HTTP listener on the native listener's host.
+    pub fn start_in(
+        netns: Option<&str>,
+        data_dir: &Path,
+        toml: &str,
+        listen: &str,
+        kafka_listen: &str,
+        extra: &[String],
+    ) -> BrokerProcess {
         let args = ["--listen", listen, "--kafka-listen", kafka_listen];
-        BrokerProcess::spawn(data_dir, toml, &args, extra, |line| {
+        let host = listen
+            .rsplit_once(':')
+            .map_or("127.0.0.1", |(host, _)| host);
+        let http = format!("{host}:0");
+        BrokerProcess::spawn(netns, &http, data_dir, toml, &args, extra, |line| {
             let addr = line
                 .strip_prefix("cairn broker listening on ")?
                 .split(' ')
@@ -66,8 +83,14 @@ impl BrokerProcess {
 
     /// Starts a controller-only node (`extra` carries `--roles controller`, its id, the quorum
     /// and its controller listener); `addr` is its controller address.
-    pub fn start_controller(data_dir: &Path, toml: &str, extra: &[String]) -> BrokerProcess {
-        BrokerProcess::spawn(data_dir, toml, &[], extra, |line| {
+    pub fn start_controller(
+        netns: Option<&str>,
+        http: &str,
+        data_dir: &Path,
+        toml: &str,
+        extra: &[String],
+    ) -> BrokerProcess {
+        BrokerProcess::spawn(netns, http, data_dir, toml, &[], extra, |line| {
             let addr = line
                 .strip_prefix("cairn controller listening on ")?
                 .split(' ')
@@ -76,11 +99,14 @@ impl BrokerProcess {
         })
     }
 
-    /// Runs `cairn broker` and waits for the line saying where it listens; `parse` reads the
-    /// (address, Kafka address) from it.
+    /// Runs `cairn broker` (in network namespace `netns`, through `ip netns exec`, which execs it:
+    /// the child is the broker itself) with its HTTP listener on `http`, and waits for the line
+    /// saying where it listens; `parse` reads the (address, Kafka address) from it.
     // The child is waited for by `kill9`, `terminate` or `Drop`.
     #[allow(clippy::zombie_processes)]
     fn spawn(
+        netns: Option<&str>,
+        http: &str,
         data_dir: &Path,
         toml: &str,
         args: &[&str],
@@ -94,8 +120,16 @@ impl BrokerProcess {
             std::process::id() ^ rand::random::<u32>()
         ));
         let stderr = std::fs::File::create(&log).unwrap();
-        let child = Command::new(cairn_bin())
-            .args(["broker", "--http-listen", "127.0.0.1:0"])
+        let mut command = match netns {
+            Some(ns) => {
+                let mut command = Command::new("ip");
+                command.args(["netns", "exec", ns, cairn_bin()]);
+                command
+            }
+            None => Command::new(cairn_bin()),
+        };
+        let child = command
+            .args(["broker", "--http-listen", http])
             .args(args)
             .arg("--data-dir")
             .arg(data_dir)

@@ -23,6 +23,7 @@ use cairn_testkit::{FaultFs, Faults};
 
 use crate::broker::runtime;
 use crate::broker_process::{BrokerProcess, free_port};
+use crate::netns::Netns;
 
 /// What a node of a test cluster is.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -51,6 +52,8 @@ pub(crate) struct TestCluster {
     nodes: Vec<Node>,
     quorum: String,
     toml: String,
+    /// Each node's network namespace, when the cluster runs in [`Netns`] namespaces.
+    netns: Option<Vec<String>>,
     _dir: tempfile::TempDir,
 }
 
@@ -63,17 +66,40 @@ impl TestCluster {
 
     /// Starts nodes 1.. with `roles`, node 1 first (it must be a voter).
     pub(crate) fn start_roles(roles: &[Roles], toml: &str) -> TestCluster {
+        TestCluster::start_roles_in(None, roles, toml)
+    }
+
+    /// [`TestCluster::start_roles`], each node in its own namespace of `netns` at its own
+    /// address (the caller has entered the clients' namespace).
+    pub(crate) fn start_roles_in(
+        netns: Option<&Netns>,
+        roles: &[Roles],
+        toml: &str,
+    ) -> TestCluster {
         let n = roles.len() as u32;
         let dir = tempfile::tempdir().unwrap();
         let nodes: Vec<Node> = (1..=n)
-            .map(|id| Node {
-                id,
-                roles: roles[id as usize - 1],
-                dir: dir.path().join(format!("node-{id}")),
-                native: free_port(),
-                kafka: free_port(),
-                controller: free_port(),
-                process: None,
+            .map(|id| {
+                let (native, kafka, controller) = match netns {
+                    Some(_) => {
+                        let host = Netns::host(id);
+                        (
+                            format!("{host}:9092"),
+                            format!("{host}:9093"),
+                            format!("{host}:9094"),
+                        )
+                    }
+                    None => (free_port(), free_port(), free_port()),
+                };
+                Node {
+                    id,
+                    roles: roles[id as usize - 1],
+                    dir: dir.path().join(format!("node-{id}")),
+                    native,
+                    kafka,
+                    controller,
+                    process: None,
+                }
             })
             .collect();
         let voters = nodes.iter().filter(|n| n.roles != Roles::Broker);
@@ -86,6 +112,7 @@ impl TestCluster {
             nodes,
             quorum,
             toml: toml.to_string(),
+            netns: netns.map(|netns| (1..=n).map(|id| netns.ns(id)).collect()),
             _dir: dir,
         };
         cluster.start_node(1);
@@ -117,6 +144,10 @@ impl TestCluster {
     pub(crate) fn start_node(&mut self, id: u32) {
         let quorum = self.quorum.clone();
         let toml = self.toml.clone();
+        let netns = self
+            .netns
+            .as_ref()
+            .map(|names| names[id as usize - 1].clone());
         let node = &mut self.nodes[id as usize - 1];
         let mut extra = vec![
             "--node-id".to_string(),
@@ -129,9 +160,21 @@ impl TestCluster {
         }
         node.process = Some(if node.roles == Roles::Controller {
             extra.extend(["--roles".to_string(), "controller".to_string()]);
-            BrokerProcess::start_controller(&node.dir, &toml, &extra)
+            let host = node
+                .controller
+                .rsplit_once(':')
+                .map_or("127.0.0.1", |(h, _)| h);
+            let http = format!("{host}:0");
+            BrokerProcess::start_controller(netns.as_deref(), &http, &node.dir, &toml, &extra)
         } else {
-            BrokerProcess::start_with(&node.dir, &toml, &node.native, &node.kafka, &extra)
+            BrokerProcess::start_in(
+                netns.as_deref(),
+                &node.dir,
+                &toml,
+                &node.native,
+                &node.kafka,
+                &extra,
+            )
         });
     }
 

@@ -157,6 +157,41 @@ fn truncation_survives_reopen_and_keeps_epochs_consistent() {
     assert!(read_values(&log, Offset(0)).is_empty());
 }
 
+#[test]
+fn a_log_reset_to_a_later_offset_starts_there_empty_and_stays_so_after_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = Log::open(dir.path(), small_config(ReadMode::Mmap)).unwrap();
+    fill(&log, 60, 4, 1_000);
+    assert!(log.n_segments() > 1);
+    // A reader holding bytes from before the reset keeps them.
+    let before = log.read(Offset(0), 4096).unwrap();
+    log.reset_to(Offset(5_000)).unwrap();
+    assert_eq!(log.log_start_offset(), Offset(5_000));
+    assert_eq!(log.log_end_offset(), Offset(5_000));
+    assert_eq!(log.n_segments(), 1);
+    assert!(log.leader_epochs().is_empty());
+    assert!(matches!(
+        log.read(Offset(0), 100),
+        Err(ReadError::OffsetOutOfRange { .. })
+    ));
+    let kept: usize = batch::Batches::new(before.bytes.clone(), u32::MAX)
+        .map(|b| b.unwrap().records(1 << 20).unwrap().len())
+        .sum();
+    assert!(kept > 0);
+    // A follower's next batches land at the leader's offsets, with their epoch.
+    let mut batch = tagged_batch(5_000, 4, 100, 3_000);
+    batch::stamp(&mut batch, 5_000, 7).unwrap();
+    log.append_replicated(&batch).unwrap();
+    log.flush_all().unwrap();
+    assert_eq!(log.log_end_offset(), Offset(5_004));
+    drop(log);
+    let log = Log::open(dir.path(), small_config(ReadMode::Mmap)).unwrap();
+    assert_eq!(log.log_start_offset(), Offset(5_000));
+    assert_eq!(log.log_end_offset(), Offset(5_004));
+    assert_eq!(log.end_offset_for_epoch(7), Some((7, Offset(5_004))));
+    assert_eq!(read_values(&log, Offset(5_000)).len(), 4);
+}
+
 fn fill_epoch(log: &Log, n_batches: u64, epoch: u32) {
     for _ in 0..n_batches {
         let tag = log.log_end_offset().0;

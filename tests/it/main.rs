@@ -1,5 +1,6 @@
 //! Cairn's integration tests: one binary, a module per concern. They use real files, real child
-//! processes killed with SIGKILL, and a fault-injecting file system for power loss.
+//! processes killed with SIGKILL, network faults between processes in network namespaces, and a
+//! fault-injecting file system for power loss.
 #![forbid(unsafe_code)]
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
@@ -13,6 +14,7 @@ mod kafka;
 mod kill9;
 mod log_basics;
 mod log_model;
+mod netns;
 mod power_loss;
 mod recovery_fixtures;
 mod replication;

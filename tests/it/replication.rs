@@ -3,7 +3,8 @@
 //! chasing each new leader, while a producer writes at a steady rate; afterwards a fresh
 //! consumer reads the partition to its high watermark and every acknowledged record is there, at
 //! the offset it was acknowledged with, in order. The time from each kill to the next
-//! acknowledged write is measured (p99 of at least 20 kills within 3 s).
+//! acknowledged write is measured (p99 of at least 20 kills within 3 s). The producer is Cairn's
+//! idempotent one: every record is in the log exactly once, in the order it was sent.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -20,6 +21,7 @@ use cairn_protocol::native::{
 
 use crate::broker::runtime;
 use crate::cluster::{Roles, TestCluster, metric, tail};
+use crate::netns::Netns;
 
 /// What the producer saw: (value number, offset, when acknowledged), and failed sends.
 #[derive(Default)]
@@ -233,38 +235,13 @@ fn acknowledged_records_survive_the_leader_killed_twenty_times_in_a_row() {
         history.failed.len()
     );
 
-    // A fresh consumer reads the partition to its high watermark: every acknowledged record is
-    // at the offset it was acknowledged with.
+    // A fresh consumer reads the partition to its high watermark.
     let log = read_partition(&cluster, &rt, TOPIC);
-    let mut lost = Vec::new();
-    for (i, offset, _, _) in &history.acked {
-        if log.get(offset) != Some(&format!("v{i}")) {
-            lost.push((i, offset, log.get(offset)));
-        }
-    }
-    assert!(
-        lost.is_empty(),
-        "{} acknowledged records lost, e.g. {:?}",
-        lost.len(),
-        &lost[..lost.len().min(5)]
-    );
-    // In order: acknowledged values have increasing offsets.
-    assert!(
-        history.acked.windows(2).all(|w| w[0].1 < w[1].1),
-        "acknowledged offsets not increasing"
-    );
-    let acked: std::collections::BTreeSet<String> = history
-        .acked
-        .iter()
-        .map(|(i, _, _, _)| format!("v{i}"))
-        .collect();
-    let duplicates = log.values().filter(|v| acked.contains(*v)).count() - acked.len();
+    assert_exactly_once_in_order(&history, &log);
     println!(
-        "{} records in the log, {} acknowledged all present; {duplicates} duplicates of \
-         acknowledged records (retries of writes whose answer was lost: Cairn's client is not \
-         idempotent)",
+        "{} records in the log, {} acknowledged: each exactly once, in order",
         log.len(),
-        acked.len()
+        history.acked.len()
     );
     assert!(
         history.failed.is_empty(),
@@ -351,13 +328,71 @@ fn wait_isr(bootstrap: &str, rt: &tokio::runtime::Runtime, topic: &str, n: usize
     }
 }
 
+/// How a test takes a follower away from its leader, and gives it back.
+#[derive(Clone, Copy)]
+enum FollowerFault<'a> {
+    /// SIGSTOP / SIGCONT: the process stops; its connections stay open.
+    Pause,
+    /// Every packet between the follower and the leader dropped (iptables in the follower's
+    /// namespace); the follower still reaches the controller.
+    Cut(&'a Netns),
+}
+
+impl FollowerFault<'_> {
+    fn apply(self, cluster: &TestCluster, follower: u32, leader: u32) {
+        match self {
+            FollowerFault::Pause => cluster.process(follower).signal("STOP"),
+            FollowerFault::Cut(netns) => netns.cut(follower, leader),
+        }
+    }
+
+    fn heal(self, cluster: &TestCluster, follower: u32) {
+        match self {
+            FollowerFault::Pause => cluster.process(follower).signal("CONT"),
+            FollowerFault::Cut(netns) => netns.heal(follower),
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            FollowerFault::Pause => "paused (SIGSTOP)",
+            FollowerFault::Cut(_) => "cut off from the leader (packets dropped)",
+        }
+    }
+}
+
 #[test]
 fn a_stalled_follower_leaves_the_isr_and_below_min_insync_acks_all_fails_fast() {
+    followers_leave_the_isr_and_return(FollowerFault::Pause);
+}
+
+#[test]
+fn a_follower_cut_off_from_its_leader_leaves_the_isr_and_returns_when_the_network_heals() {
+    let netns = match Netns::create(4) {
+        Ok(netns) => netns,
+        Err(why) => {
+            println!("SKIPPED: network namespaces are not available here ({why})");
+            return;
+        }
+    };
+    netns.enter_client();
+    followers_leave_the_isr_and_return(FollowerFault::Cut(&netns));
+}
+
+/// Both followers of a partition taken away one after the other by `fault`: each leaves the ISR
+/// on the leader's lag rule; at min.insync.replicas acks=all goes on, below it acks=all is refused
+/// at once and acks=1 goes on; healed, both return to the ISR and nothing acknowledged is lost.
+fn followers_leave_the_isr_and_return(fault: FollowerFault) {
     const TOPIC: &str = "stalls";
-    // A dedicated controller (pausing brokers must not pause the quorum), a long session (the
-    // controller keeps the paused brokers registered), a short lag limit (the leader drops them
-    // from the ISR itself).
-    let cluster = TestCluster::start_roles(
+    // A dedicated controller (faults on brokers must not touch the quorum), a long session (the
+    // controller keeps the brokers registered), a short lag limit (the leader drops them from the
+    // ISR itself).
+    let netns = match fault {
+        FollowerFault::Cut(netns) => Some(netns),
+        FollowerFault::Pause => None,
+    };
+    let cluster = TestCluster::start_roles_in(
+        netns,
         &[
             Roles::Controller,
             Roles::Broker,
@@ -378,8 +413,8 @@ fn a_stalled_follower_leaves_the_isr_and_below_min_insync_acks_all_fails_fast() 
     assert_eq!(code, ErrorCode::NONE);
     acked.push("before".to_string());
 
-    // One follower stalls: it leaves the ISR; acks=all goes on with two in sync.
-    cluster.process(followers[0]).signal("STOP");
+    // One follower goes away: it leaves the ISR; acks=all goes on with two in sync.
+    fault.apply(&cluster, followers[0], leader);
     let shrunk = wait_isr(&leader_addr, &rt, TOPIC, 2);
     let (code, took) = rt.block_on(produce_once(&leader_addr, TOPIC, -1, "two-in-sync"));
     assert_eq!(
@@ -389,9 +424,9 @@ fn a_stalled_follower_leaves_the_isr_and_below_min_insync_acks_all_fails_fast() 
     );
     acked.push("two-in-sync".to_string());
 
-    // The second stalls: the ISR is the leader alone, below min.insync.replicas 2. acks=all is
+    // The second goes: the ISR is the leader alone, below min.insync.replicas 2. acks=all is
     // refused at once; acks=1 is still taken.
-    cluster.process(followers[1]).signal("STOP");
+    fault.apply(&cluster, followers[1], leader);
     wait_isr(&leader_addr, &rt, TOPIC, 1);
     let (code, refused_in) = rt.block_on(produce_once(&leader_addr, TOPIC, -1, "refused"));
     assert_eq!(code, ErrorCode::NOT_ENOUGH_REPLICAS);
@@ -421,8 +456,8 @@ fn a_stalled_follower_leaves_the_isr_and_below_min_insync_acks_all_fails_fast() 
     assert!(metric(&stalled, "cairn_replica_max_lag_seconds") >= 1);
 
     // Healed: both catch up and return to the ISR; acks=all works again.
-    cluster.process(followers[0]).signal("CONT");
-    cluster.process(followers[1]).signal("CONT");
+    fault.heal(&cluster, followers[0]);
+    fault.heal(&cluster, followers[1]);
     let returned = wait_isr(&leader_addr, &rt, TOPIC, 3);
     let (code, _) = rt.block_on(produce_once(&leader_addr, TOPIC, -1, "after"));
     assert_eq!(code, ErrorCode::NONE);
@@ -433,9 +468,10 @@ fn a_stalled_follower_leaves_the_isr_and_below_min_insync_acks_all_fails_fast() 
     assert!(metric(&healed, "cairn_isr_expands_total") >= 1, "{healed}");
     assert!(metric(&healed, "cairn_replica_fetch_bytes_total") > 0);
     println!(
-        "stalled follower out of the ISR after {shrunk:?} (lag limit 1.5 s); acks=all with one \
+        "follower {} out of the ISR after {shrunk:?} (lag limit 1.5 s); acks=all with one \
          in-sync replica refused in {refused_in:?}; acks=all with two took {took:?}; both back in \
-         the ISR {returned:?} after resuming"
+         the ISR {returned:?} after healing",
+        fault.name()
     );
     // Every replica holds the same log: read it from each broker as leader would be costly;
     // the leader's log has every acknowledged record, and a follower's log end equals it.
@@ -443,6 +479,63 @@ fn a_stalled_follower_leaves_the_isr_and_below_min_insync_acks_all_fails_fast() 
     for value in &acked {
         assert!(read.values().any(|v| v == value), "{value} lost: {read:?}");
     }
+}
+
+/// What the idempotent producer promises, checked against the partition read back: every
+/// acknowledged record is at the offset it was acknowledged with, acknowledged offsets rise with
+/// the values, and no value is in the log twice (retries after lost answers and leader changes
+/// were recognised as duplicates).
+fn assert_exactly_once_in_order(history: &History, log: &std::collections::BTreeMap<u64, String>) {
+    assert_exactly_once_in_order_of("v", &history.acked, log);
+}
+
+/// [`assert_exactly_once_in_order`] for values `{prefix}{i}`, acknowledged as `acked` (value
+/// number, offset, ...).
+fn assert_exactly_once_in_order_of<T>(
+    prefix: &str,
+    acked: &[(u64, u64, T, T)],
+    log: &std::collections::BTreeMap<u64, String>,
+) {
+    let lost: Vec<_> = acked
+        .iter()
+        .filter(|(i, offset, _, _)| log.get(offset) != Some(&format!("{prefix}{i}")))
+        .map(|(i, offset, _, _)| (i, offset, log.get(offset)))
+        .collect();
+    assert!(
+        lost.is_empty(),
+        "{} acknowledged records lost, e.g. {:?}",
+        lost.len(),
+        &lost[..lost.len().min(5)]
+    );
+    let mut offsets: Vec<_> = acked.iter().map(|a| (a.0, a.1)).collect();
+    offsets.sort_unstable();
+    assert!(
+        offsets.windows(2).all(|w| w[0].1 < w[1].1),
+        "acknowledged offsets do not rise with the values"
+    );
+    let mut seen = std::collections::HashMap::new();
+    let duplicates: Vec<_> = log
+        .iter()
+        .filter_map(|(offset, value)| {
+            seen.insert(value, *offset)
+                .map(|first| (value, first, offset))
+        })
+        .collect();
+    assert!(
+        duplicates.is_empty(),
+        "{} values written twice (value, first offset, again at), e.g. {:?}",
+        duplicates.len(),
+        &duplicates[..duplicates.len().min(5)]
+    );
+    // In order: values (sent one after another) appear with rising numbers.
+    let numbers: Vec<u64> = log
+        .values()
+        .filter_map(|v| v.strip_prefix(prefix)?.parse().ok())
+        .collect();
+    assert!(
+        numbers.windows(2).all(|w| w[0] < w[1]),
+        "values out of order in the log"
+    );
 }
 
 /// Partition 0 of `topic` read to its high watermark by a fresh consumer: offset -> value.
@@ -527,13 +620,7 @@ fn a_killed_follower_catches_up_and_the_whole_cluster_killed_keeps_every_acknowl
     }
     let log = read_partition(&cluster, &rt, TOPIC);
     let history = history.lock().unwrap();
-    for (i, offset, _, _) in &history.acked {
-        assert_eq!(
-            log.get(offset),
-            Some(&format!("v{i}")),
-            "acknowledged v{i} at {offset}"
-        );
-    }
+    assert_exactly_once_in_order(&history, &log);
     println!(
         "a killed follower restarted and rejoined the ISR {caught_up:?} after it was ready; \
          {} acknowledged records all read back after every broker was killed and restarted",
@@ -649,9 +736,7 @@ fn a_rolling_restart_under_acks_all_load_fails_no_write_and_leaders_return_to_th
         &history.failed[..history.failed.len().min(5)]
     );
     let log = read_partition(&cluster, &rt, TOPIC);
-    for (i, offset, _, _) in &history.acked {
-        assert_eq!(log.get(offset), Some(&format!("v{i}")));
-    }
+    assert_exactly_once_in_order(&history, &log);
     // Leadership goes back to the preferred replica (the first) once it is in sync.
     let deadline = Instant::now() + Duration::from_secs(15);
     let preferred = rt.block_on(async {
@@ -758,7 +843,7 @@ fn an_unclean_election_happens_only_where_the_topic_allows_it_and_is_counted() {
 }
 
 #[test]
-fn an_idempotent_kafka_producer_writes_each_record_once_across_five_leader_kills() {
+fn an_idempotent_kafka_producer_writes_each_record_once_across_leader_follower_and_cluster_kills() {
     const TOPIC: &str = "failover-kafka";
     let mut cluster = TestCluster::start(3, "");
     let rt = runtime();
@@ -796,7 +881,29 @@ fn an_idempotent_kafka_producer_writes_each_record_once_across_five_leader_kills
         cluster.start_node(leader);
         cluster.wait_ready(leader);
     }
-    std::thread::sleep(Duration::from_secs(1));
+    // A follower killed and restarted: it catches up into the ISR.
+    wait_isr(&cluster.bootstrap_except(None), &rt, TOPIC, 3);
+    let (leader, _) = rt.block_on(leader_and_isr(&cluster, TOPIC));
+    let follower = (1..=3).find(|n| Some(*n) != leader).unwrap();
+    cluster.kill9(follower);
+    std::thread::sleep(Duration::from_millis(1000));
+    cluster.start_node(follower);
+    cluster.wait_ready(follower);
+    wait_isr(&cluster.bootstrap_except(None), &rt, TOPIC, 3);
+    // Every broker killed at once while the producer writes, then restarted.
+    std::thread::sleep(Duration::from_millis(500));
+    for id in 1..=3 {
+        cluster.kill9(id);
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    for id in 1..=3 {
+        cluster.start_node(id);
+    }
+    for id in 1..=3 {
+        cluster.wait_ready(id);
+    }
+    wait_isr(&cluster.bootstrap_except(None), &rt, TOPIC, 3);
+    std::thread::sleep(Duration::from_secs(2));
     std::fs::write(&stop, b"").unwrap();
     let out = producer.wait_with_output().unwrap();
     assert!(
@@ -808,32 +915,19 @@ fn an_idempotent_kafka_producer_writes_each_record_once_across_five_leader_kills
     let result: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let failed = result["failed"].as_array().unwrap();
     assert!(failed.is_empty(), "{failed:?}");
-    let acked: Vec<(u64, u64)> = result["acked"]
+    let acked: Vec<(u64, u64, (), ())> = result["acked"]
         .as_array()
         .unwrap()
         .iter()
-        .map(|pair| (pair[0].as_u64().unwrap(), pair[1].as_u64().unwrap()))
+        .map(|pair| (pair[0].as_u64().unwrap(), pair[1].as_u64().unwrap(), (), ()))
         .collect();
     let log = read_partition(&cluster, &rt, TOPIC);
-    let mut seen = std::collections::BTreeMap::new();
-    for value in log.values() {
-        *seen.entry(value.clone()).or_insert(0u32) += 1;
-    }
-    let duplicates: Vec<_> = seen.iter().filter(|(_, n)| **n > 1).collect();
-    assert!(duplicates.is_empty(), "written twice: {duplicates:?}");
-    for (i, offset) in &acked {
-        assert_eq!(log.get(offset), Some(&format!("c{i}")), "acknowledged c{i}");
-    }
-    // Per producer, the log keeps the order the records were sent in.
-    let order: Vec<u64> = log
-        .values()
-        .map(|v| v[1..].parse::<u64>().unwrap())
-        .collect();
-    assert!(order.windows(2).all(|w| w[0] < w[1]), "out of order");
+    assert_exactly_once_in_order_of("c", &acked, &log);
     println!(
-        "confluent-kafka idempotent producer across 5 leader kills: {} acknowledged, each once, \
-         in order",
-        acked.len()
+        "confluent-kafka idempotent producer across 5 leader kills, a follower kill and the whole \
+         cluster killed: {} acknowledged, {} in the log, each once, in order",
+        acked.len(),
+        log.len()
     );
 }
 
@@ -896,25 +990,14 @@ fn a_paused_leader_is_replaced_within_its_session_and_three_seconds() {
             .collect::<Vec<_>>()
             .join("\n")
     };
-    for (i, offset, _, _) in &history.acked {
-        if log.get(offset) != Some(&format!("v{i}")) {
-            eprintln!("{}", events());
-        }
-        assert_eq!(
-            log.get(offset),
-            Some(&format!("v{i}")),
-            "acknowledged v{i} at {offset}; acked around: {:?}; log around: {:?}; log end {:?}",
-            history
-                .acked
-                .iter()
-                .filter(|a| a.1 + 5 >= *offset && a.1 <= offset + 5)
-                .map(|a| (a.0, a.1))
-                .collect::<Vec<_>>(),
-            log.range(offset.saturating_sub(5)..offset + 5)
-                .collect::<Vec<_>>(),
-            log.keys().last()
-        );
+    if history
+        .acked
+        .iter()
+        .any(|(i, offset, _, _)| log.get(offset) != Some(&format!("v{i}")))
+    {
+        eprintln!("{}", events());
     }
+    assert_exactly_once_in_order(&history, &log);
     assert!(
         p99 <= Duration::from_millis(SESSION_MS) + Duration::from_secs(3),
         "p99 {p99:?}: {failovers:?}"
@@ -1068,18 +1151,23 @@ fn wait_replicas(
     }
 }
 
-#[test]
-fn replicas_move_between_brokers_under_acks_all_load_and_nothing_is_lost() {
-    const TOPIC: &str = "moving";
-    let cluster = TestCluster::start_roles(
+/// Three combined nodes (brokers and voters) and a fourth broker with no replica yet.
+fn three_brokers_and_a_spare(toml: &str) -> TestCluster {
+    TestCluster::start_roles(
         &[
             Roles::Combined,
             Roles::Combined,
             Roles::Combined,
             Roles::Broker,
         ],
-        "",
-    );
+        toml,
+    )
+}
+
+#[test]
+fn replicas_move_between_brokers_under_acks_all_load_and_nothing_is_lost() {
+    const TOPIC: &str = "moving";
+    let cluster = three_brokers_and_a_spare("");
     let rt = runtime();
     let bootstrap = cluster.bootstrap_except(None);
     create_topic(&cluster, &rt, TOPIC, 1);
@@ -1134,14 +1222,123 @@ fn replicas_move_between_brokers_under_acks_all_load_and_nothing_is_lost() {
         &history.failed[..history.failed.len().min(5)]
     );
     let log = read_partition(&cluster, &rt, TOPIC);
-    for (i, offset, _, _) in &history.acked {
-        assert_eq!(log.get(offset), Some(&format!("v{i}")), "acknowledged v{i}");
-    }
+    assert_exactly_once_in_order(&history, &log);
     println!(
         "partition moved off its leader to {target:?} in {moved_in:?}, then broker {} \
          decommissioned in {decommissioned_in:?}, under acks=all load: {} writes acknowledged, \
-         none failed or lost",
+         none failed, each exactly once and in order",
         followers[0],
         history.acked.len()
+    );
+}
+
+#[test]
+fn a_new_replica_of_a_partition_trimmed_by_retention_starts_at_the_leaders_log_start() {
+    const TOPIC: &str = "trimmed";
+    let cluster = three_brokers_and_a_spare("retention_check_interval_ms = 100\n");
+    let rt = runtime();
+    let bootstrap = cluster.bootstrap_except(None);
+    // Small segments and a small size limit: retention deletes the first segments soon.
+    rt.block_on(async {
+        let admin = Admin::connect(&bootstrap).await.unwrap();
+        let configs = [
+            ("segment.bytes".to_string(), "4096".to_string()),
+            ("retention.bytes".to_string(), "16384".to_string()),
+        ];
+        admin
+            .create_topic_replicated(TOPIC, 1, Some(3), &configs)
+            .await
+            .unwrap();
+    });
+    wait_isr(&bootstrap, &rt, TOPIC, 3);
+    let acked: Vec<(u64, u64)> = rt.block_on(async {
+        let config = ProducerConfig {
+            linger: Duration::ZERO,
+            ..ProducerConfig::default()
+        };
+        let producer = Producer::connect(&bootstrap, config).await.unwrap();
+        let mut acked = Vec::new();
+        for i in 0..400u64 {
+            let record =
+                ProducerRecord::new(TOPIC, format!("r{i}-{}", "x".repeat(200))).partition(0);
+            let meta = producer.send(record).await.unwrap().await.unwrap();
+            acked.push((i, meta.offset.unwrap()));
+        }
+        producer.close().await.unwrap();
+        acked
+    });
+    let log_start = |node: Option<u32>| {
+        rt.block_on(async {
+            let addr = node.map_or(bootstrap.clone(), |n| cluster.node(n).native.clone());
+            let admin = Admin::connect(&addr).await.unwrap();
+            let topics = admin.describe_topics(&[TOPIC.to_string()]).await.unwrap();
+            topics[0].partitions[0].log_start_offset
+        })
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let leader_start = loop {
+        let start = log_start(None);
+        if start > 0 {
+            break start;
+        }
+        assert!(Instant::now() < deadline, "retention deleted nothing");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    // A replica on the spare broker: its log must begin where the leader's now does.
+    let (leader, isr) = rt.block_on(leader_and_isr(&cluster, TOPIC));
+    let leader = leader.unwrap();
+    let spare = (1..=4).find(|n| !isr.contains(n)).unwrap();
+    let kept: Vec<u32> = isr.iter().copied().filter(|n| *n != leader).collect();
+    let target = [spare, kept[0], kept[1]];
+    let results = rt.block_on(async {
+        let admin = Admin::connect(&bootstrap).await.unwrap();
+        admin
+            .reassign(&[(TOPIC.to_string(), 0, Some(target.to_vec()))])
+            .await
+            .unwrap()
+    });
+    assert_eq!(results[0].2, ErrorCode::NONE, "{results:?}");
+    let moved_in = wait_replicas(&bootstrap, &rt, TOPIC, &target);
+    let spare_log = std::fs::read_to_string(&cluster.process(spare).log).unwrap();
+    assert!(
+        spare_log.contains("starts again at the leader's log start"),
+        "the new replica never started over at the leader's log start:\n{}",
+        tail(&cluster.process(spare).log)
+    );
+    // The spare leads once asked (it is the preferred replica now), and serves every record
+    // from its log start on.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        rt.block_on(async {
+            let admin = Admin::connect(&bootstrap).await.unwrap();
+            let _ = admin
+                .elect_leaders(false, Some(&[(TOPIC.to_string(), 0)]))
+                .await;
+        });
+        if rt.block_on(leader_and_isr(&cluster, TOPIC)).0 == Some(spare) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "broker {spare} never led");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let spare_start = log_start(Some(spare));
+    assert!(
+        spare_start >= leader_start,
+        "the new replica starts at {spare_start}, below the old leader's log start {leader_start}"
+    );
+    let log = read_partition(&cluster, &rt, TOPIC);
+    let first = *log.keys().next().unwrap();
+    assert_eq!(first, spare_start);
+    for (i, offset) in acked.iter().filter(|(_, o)| *o >= spare_start) {
+        let value = log
+            .get(offset)
+            .unwrap_or_else(|| panic!("r{i} at {offset} missing"));
+        assert!(value.starts_with(&format!("r{i}-")), "{offset}: {value}");
+    }
+    println!(
+        "a new replica of a partition whose leader starts at {leader_start} (retention) caught up \
+         into the ISR in {moved_in:?} from {spare_start}, and as leader serves the {} records \
+         from there",
+        log.len()
     );
 }

@@ -262,6 +262,21 @@ impl Handler {
         self.command(command, topic).await.map(|_| ())
     }
 
+    /// A producer id and epoch for an idempotent producer: the next epoch of `current` when the
+    /// producer knows its id (KIP-360: it bumps its epoch to restart its sequences after a batch
+    /// failed for good), otherwise a new id from this broker's block.
+    pub(crate) async fn init_producer_id(
+        &self,
+        current: Option<(i64, i16)>,
+    ) -> Result<(i64, i16), BrokerError> {
+        match current {
+            Some((id, epoch)) if id >= 0 && (0..i16::MAX - 1).contains(&epoch) => {
+                Ok((id, epoch + 1))
+            }
+            _ => Ok((self.producer_ids.allocate().await?, 0)),
+        }
+    }
+
     /// Leader elections (Kafka's ElectLeaders) through the active controller: per partition,
     /// in the controller's order, whether it was elected and why not. `partitions` `None`: all.
     pub(crate) async fn elect_leaders(

@@ -1169,16 +1169,13 @@ impl Handler {
                 .with_producer_id(kp::ProducerId(-1))
                 .with_producer_epoch(-1);
         }
-        // KIP-360: a producer that knows its id asks for the next epoch.
-        if r.producer_id >= 0 && r.producer_epoch >= 0 && r.producer_epoch < i16::MAX - 1 {
-            return response
-                .with_producer_id(kp::ProducerId(r.producer_id))
-                .with_producer_epoch(r.producer_epoch + 1);
-        }
-        match self.producer_ids.allocate().await {
-            Ok(id) => response
+        match self
+            .init_producer_id(Some((r.producer_id, r.producer_epoch)))
+            .await
+        {
+            Ok((id, epoch)) => response
                 .with_producer_id(kp::ProducerId(id))
-                .with_producer_epoch(0),
+                .with_producer_epoch(epoch),
             Err(err) => {
                 tracing::warn!(error = %err, "cannot allocate a producer id");
                 response

@@ -230,6 +230,30 @@ impl Handler {
                     finish(outcome)
                 })
             }
+            Request::InitProducerId(r) => {
+                let this = Arc::clone(self);
+                Box::pin(async move {
+                    let current = Some((r.producer_id, r.producer_epoch));
+                    let response = match this.init_producer_id(current).await {
+                        Ok((producer_id, producer_epoch)) => InitProducerIdResponse {
+                            error_code: 0,
+                            error_message: String::new(),
+                            producer_id,
+                            producer_epoch,
+                        },
+                        Err(err) => {
+                            tracing::warn!(error = %err, "cannot allocate a producer id");
+                            InitProducerIdResponse {
+                                error_code: err.code().0,
+                                error_message: err.to_string(),
+                                producer_id: -1,
+                                producer_epoch: -1,
+                            }
+                        }
+                    };
+                    finish(respond(&response))
+                })
+            }
             Request::ListPartitionReassignments(r) => {
                 let reassignments = self
                     .reassignments(&r.topics)

@@ -132,6 +132,9 @@ pub(crate) enum Fetched4Follower {
     Diverging(DivergingEpoch),
     /// The fetch offset is past the leader's log end.
     PastEnd { leader_log_end: u64 },
+    /// The fetch offset is below the leader's log start: the records this replica needs next
+    /// are gone (retention), so it starts over, empty, at the leader's log start.
+    BeforeStart { leader_log_start: u64 },
 }
 
 /// The storage log as the replication state machines read it.
@@ -702,9 +705,32 @@ impl Partition {
                 _ => return Ok(false),
             },
             Fetched4Follower::PastEnd { leader_log_end } => leader_log_end,
+            Fetched4Follower::BeforeStart { leader_log_start } => {
+                self.reset_as_follower(Offset(leader_log_start))?;
+                return Ok(true);
+            }
         };
         self.truncate_as_follower(Offset(truncate_to))?;
         Ok(false)
+    }
+
+    /// Empties the log and starts it at the leader's log start (blocking): what this replica
+    /// would fetch next was deleted on the leader. Nothing it drops is needed: a follower's
+    /// records below the leader's log start are past every retention the leader applied, and
+    /// none of them is above the high watermark the leader knows.
+    fn reset_as_follower(&self, leader_log_start: Offset) -> Result<(), BrokerError> {
+        let mut producers = lock(&self.producers);
+        self.log
+            .reset_to(leader_log_start)
+            .map_err(|err| BrokerError::storage(&err))?;
+        *producers = rebuild_producers(&self.log, self.host.clock.unix_ms());
+        drop(producers);
+        if let Replica::Follower(f) = &mut *lock(&self.replica) {
+            f.on_truncated(&LogView(&self.log));
+        }
+        tracing::info!(topic = %self.topic, partition = self.index, log_start = leader_log_start.0, "follower log emptied: it starts again at the leader's log start");
+        self.notify_appended();
+        Ok(())
     }
 
     /// Removes what the leader does not have (blocking), and rebuilds the idempotent producers'

@@ -226,11 +226,14 @@ fn answer_follower(
             diverging_end_offset: d.end_offset,
             ..base
         })),
-        FetchCheck::OutOfRange { log_start, log_end } => Err(BrokerError::OffsetOutOfRange {
-            offset: p.fetch_offset as i64,
-            log_start: Offset(log_start),
-            log_end: Offset(log_end),
-        }),
+        // With the leader's log start and end, so the follower knows where to go: truncate to
+        // the end, or start over at the start.
+        FetchCheck::OutOfRange { log_start, log_end } => Ok(Some(ReplicaFetchPartitionResponse {
+            error_code: ErrorCode::OFFSET_OUT_OF_RANGE.0,
+            log_start_offset: log_start,
+            log_end_offset: log_end,
+            ..base
+        })),
         FetchCheck::NotReplica => Err(BrokerError::NotLeaderOrFollower {
             node: replica,
             topic: partition.topic().to_string(),
@@ -307,6 +310,9 @@ fn followed(manager: &TopicManager) -> BTreeMap<u32, Vec<(Arc<Partition>, u32, F
 }
 
 /// Copies every partition led by `leader` that this broker follows, until `stop`.
+/// How long a follower waits for its leader to accept a connection.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+
 async fn fetch_from(
     leader: u32,
     manager: Arc<TopicManager>,
@@ -338,7 +344,17 @@ async fn fetch_from(
                     continue;
                 };
                 let client_id = format!("replica-{}", config.node_id);
-                match Connection::connect(&addr, &client_id).await {
+                // Bounded: a leader behind a network cut drops the SYNs, and the kernel would
+                // retry them for minutes.
+                let connect =
+                    tokio::time::timeout(CONNECT_TIMEOUT, Connection::connect(&addr, &client_id));
+                let connected = tokio::select! {
+                    connected = connect => connected.unwrap_or_else(|_| {
+                        Err(cairn_client::ClientError::Timeout(format!("connecting to {addr}")))
+                    }),
+                    () = stop.cancelled() => return,
+                };
+                match connected {
                     Ok(conn) => connection.insert(conn),
                     Err(err) => {
                         tracing::debug!(leader, %addr, error = %err, "cannot reach the leader");
@@ -468,6 +484,12 @@ async fn apply_response(
             {
                 Fetched4Follower::PastEnd {
                     leader_log_end: answer.log_end_offset,
+                }
+            } else if code == ErrorCode::OFFSET_OUT_OF_RANGE
+                && position.offset < answer.log_start_offset
+            {
+                Fetched4Follower::BeforeStart {
+                    leader_log_start: answer.log_start_offset,
                 }
             } else {
                 tracing::debug!(topic = %topic.name, partition = answer.partition, error = %code, "replica fetch refused");

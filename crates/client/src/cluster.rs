@@ -371,23 +371,36 @@ impl Cluster {
             topics: topics.to_vec(),
             allow_auto_create,
         });
+        let metadata: MetadataResponse = self.call_any(&request, METADATA_TIMEOUT).await?;
+        self.cache(&metadata);
+        Ok(metadata)
+    }
+
+    /// Sends `request`, which any broker answers, to one broker after another until one answers
+    /// within `timeout` (at most three): a broker that just died, or is paused (it accepts
+    /// connections but never answers), is dropped and asked last for a while.
+    pub async fn call_any<T: Wire + Send + 'static>(
+        &self,
+        request: &Request,
+        timeout: Duration,
+    ) -> Result<T, ClientError> {
         let mut last = None;
-        // A broker that just died, or is paused (it accepts connections but never answers):
-        // try others.
         let mut failed = Vec::new();
         for _ in 0..3 {
             let conn = self.any_but(&failed).await?;
-            let answer =
-                tokio::time::timeout(METADATA_TIMEOUT, conn.call::<MetadataResponse>(&request));
+            let answer = tokio::time::timeout(timeout, conn.call::<T>(request));
             let err = match answer.await {
-                Ok(Ok(metadata)) => {
+                Ok(Ok(answer)) => {
                     self.state().failing.remove(conn.addr());
-                    self.cache(&metadata);
-                    return Ok(metadata);
+                    return Ok(answer);
                 }
                 Ok(Err(err @ ClientError::Connection { .. })) => err,
                 Ok(Err(err)) => return Err(err),
-                Err(_) => ClientError::Timeout(format!("metadata from {}", conn.addr())),
+                Err(_) => ClientError::Timeout(format!(
+                    "{} from {}",
+                    request.api_key().name(),
+                    conn.addr()
+                )),
             };
             {
                 let mut state = self.state();

@@ -2,9 +2,18 @@
 //! sends them with bounded requests in flight, retries retriable errors with exponential backoff
 //! and jitter, and resolves a future per record with its offset.
 //!
-//! Ordering: records of one partition are sent in order. With `max_in_flight > 1` a retried batch
-//! can land after a later one (as in Kafka without idempotence); set `max_in_flight = 1` for strict
-//! per-partition order under failures.
+//! Idempotence (on by default with `Acks::All`, as in Kafka): the producer gets a producer id from
+//! the cluster (InitProducerId) and numbers each partition's batches. A batch retried after a lost
+//! answer or a leader change is recognised by the leader (which keeps the state of the batches it
+//! replicated) and answered with its first offsets: every record is written once and, with up to
+//! five requests in flight, in order. A batch that fails for good (its error is not retriable, or
+//! its retries ran out) leaves a gap in the numbering: once nothing is in flight the producer bumps
+//! its epoch (KIP-360) and renumbers what is still queued from 0.
+//!
+//! Without idempotence (`Acks::Leader`, `Acks::None`, or `idempotent: false`) records of one
+//! partition are still sent in order, but with `max_in_flight > 1` a retried batch can land after a
+//! later one and a retry can write a batch twice; set `max_in_flight = 1` for strict per-partition
+//! order under failures.
 
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
@@ -13,7 +22,7 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::{Bytes, BytesMut};
-use cairn_protocol::batch::{BatchBuilder, Compression};
+use cairn_protocol::batch::{BatchBuilder, Compression, restamp_producer};
 use cairn_protocol::native::*;
 use futures::StreamExt;
 use futures::stream::FuturesUnordered;
@@ -76,8 +85,13 @@ pub struct ProducerConfig {
     /// Records buffered before `send` waits (backpressure).
     pub buffer_records_max: usize,
     /// Most record bytes one produce request carries for one partition (consecutive ready
-    /// batches are sent together up to this).
+    /// batches are sent together up to this; an idempotent producer sends one batch per partition
+    /// per request, as the broker requires).
     pub request_bytes_max: usize,
+    /// Exactly-once, in-order delivery per partition across retries and leader changes (see the
+    /// module documentation). Applies with `Acks::All` (Kafka turns idempotence off for lower
+    /// acks); needs `max_in_flight <= 5`, the batches a broker remembers per producer.
+    pub idempotent: bool,
 }
 
 impl Default for ProducerConfig {
@@ -96,6 +110,7 @@ impl Default for ProducerConfig {
             partitioner: Partitioner::default(),
             buffer_records_max: 65_536,
             request_bytes_max: 1024 * 1024,
+            idempotent: true,
         }
     }
 }
@@ -203,6 +218,10 @@ impl std::fmt::Debug for Command {
 /// Most queued commands the sender takes in one go before dispatching.
 const COMMANDS_PER_WAKE: usize = 1024;
 
+/// Most requests in flight for an idempotent producer: the batches a broker remembers per
+/// producer and partition to recognise a retry (Kafka's limit too).
+pub const IN_FLIGHT_MAX: usize = 5;
+
 impl Producer {
     /// Connects to a cluster through `bootstrap` (one or more `host:port`, comma-separated):
     /// each partition's batches go to its leader.
@@ -226,6 +245,13 @@ impl Producer {
             return Err(ClientError::InvalidArgument(
                 "batch_bytes, max_in_flight and buffer_records_max must be positive".into(),
             ));
+        }
+        if config.idempotent && config.acks == Acks::All && config.max_in_flight > IN_FLIGHT_MAX {
+            return Err(ClientError::InvalidArgument(format!(
+                "an idempotent producer allows at most {IN_FLIGHT_MAX} requests in flight \
+                 (max_in_flight is {}); set idempotent: false for more",
+                config.max_in_flight
+            )));
         }
         let (commands, rx) = mpsc::channel(config.buffer_records_max);
         let task = tokio::spawn(Sender::new(cluster, config).run(rx));
@@ -270,6 +296,15 @@ struct Batch {
     created: Instant,
 }
 
+/// An idempotent batch's place in its producer's numbering.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Stamp {
+    /// The producer id and epoch it carries.
+    id: (i64, i16),
+    /// Its first sequence, not wrapped (the wire carries it modulo 2^31).
+    seq: u64,
+}
+
 struct Ready {
     topic: String,
     partition: u32,
@@ -277,6 +312,66 @@ struct Ready {
     deliveries: Vec<Delivery>,
     attempts: u32,
     not_before: Instant,
+    /// Seal order (over every partition): a partition's batches keep it in the queue.
+    ordinal: u64,
+    /// Set when the batch carries an idempotent producer's id and sequence.
+    stamp: Option<Stamp>,
+}
+
+impl Ready {
+    fn n_records(&self) -> u64 {
+        self.deliveries.len() as u64
+    }
+}
+
+type AskId = Pin<Box<dyn Future<Output = Result<(i64, i16), ClientError>> + Send>>;
+
+/// An idempotent producer's identity and numbering.
+#[derive(Default)]
+struct Idempotence {
+    /// The producer id and epoch, once a broker gave them.
+    id: Option<(i64, i16)>,
+    /// Per topic and partition under `id`: the next batch's first sequence, and the sequence after
+    /// the last acknowledged batch.
+    seqs: HashMap<String, HashMap<u32, Seqs>>,
+    /// A batch failed for good: its sequence is a gap, so once nothing is in flight the epoch is
+    /// bumped and the queued batches are renumbered.
+    bump: bool,
+    /// The InitProducerId request under way.
+    asking: Option<AskId>,
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+struct Seqs {
+    next: u64,
+    acked: u64,
+}
+
+impl Idempotence {
+    fn seqs(&mut self, topic: &str, partition: u32) -> &mut Seqs {
+        if !self.seqs.contains_key(topic) {
+            self.seqs.insert(topic.to_string(), HashMap::new());
+        }
+        self.seqs
+            .get_mut(topic)
+            .map(|by_partition| by_partition.entry(partition).or_default())
+            .unwrap_or_else(|| unreachable!("inserted above"))
+    }
+
+    /// The stamp for the next `n` records of a partition, if the producer has its id and is not
+    /// about to renumber.
+    fn next_stamp(&mut self, topic: &str, partition: u32, n: u64) -> Option<Stamp> {
+        let id = self.id.filter(|_| !self.bump)?;
+        let seqs = self.seqs(topic, partition);
+        let seq = seqs.next;
+        seqs.next += n;
+        Some(Stamp { id, seq })
+    }
+}
+
+/// The wire form of a sequence (Kafka's wraps at 2^31).
+fn wire_seq(seq: u64) -> i32 {
+    (seq % (1 << 31)) as i32
 }
 
 /// The broker a request went to, its runs of batches per partition, and the request's result.
@@ -310,6 +405,10 @@ struct Sender {
     routing: FuturesUnordered<Pin<Box<dyn Future<Output = RoutingKey> + Send>>>,
     /// What `routing` is doing, so nothing is asked twice.
     routing_for: std::collections::HashSet<RoutingKey>,
+    /// Set for an idempotent producer.
+    idempotence: Option<Idempotence>,
+    /// The next sealed batch's `Ready::ordinal`.
+    next_ordinal: u64,
 }
 
 fn now_ms() -> i64 {
@@ -322,7 +421,6 @@ impl Sender {
     fn new(cluster: Cluster, config: ProducerConfig) -> Sender {
         Sender {
             cluster,
-            config,
             partitions: HashMap::new(),
             sticky: HashMap::new(),
             round_robin: PartitionerState::default(),
@@ -332,6 +430,9 @@ impl Sender {
             flushes: Vec::new(),
             routing: FuturesUnordered::new(),
             routing_for: std::collections::HashSet::new(),
+            idempotence: (config.idempotent && config.acks == Acks::All).then(Idempotence::default),
+            config,
+            next_ordinal: 0,
         }
     }
 
@@ -374,6 +475,7 @@ impl Sender {
                 Some(key) = self.routing.next(), if !self.routing.is_empty() => {
                     self.routing_for.remove(&key);
                 }
+                id = ask_id(&mut self.idempotence) => self.got_producer_id(id),
                 () = tokio::time::sleep_until(wake.into()) => self.seal_lingering(),
             }
         }
@@ -406,7 +508,17 @@ impl Sender {
             .map(|b| b.created + self.config.linger)
             .min()
             .unwrap_or(far);
-        let retry = self.ready.iter().map(|r| r.not_before).min().unwrap_or(far);
+        // Only retries still backing off: a batch already due was offered to `dispatch` just
+        // now and waits for something with its own wake-up (a routing answer, a request
+        // completing, the producer id); waking for it would spin.
+        let now = Instant::now();
+        let retry = self
+            .ready
+            .iter()
+            .map(|r| r.not_before)
+            .filter(|at| *at > now)
+            .min()
+            .unwrap_or(far);
         linger.min(retry)
     }
 
@@ -529,16 +641,34 @@ impl Sender {
             let next = (batch.partition + 1 + rand::rng().random_range(0..n - 1)) % n;
             self.sticky.insert(batch.topic.clone(), next);
         }
-        match batch.builder.build() {
-            Ok(bytes) => self.ready.push_back(Ready {
-                topic: batch.topic,
-                partition: batch.partition,
-                bytes,
-                deliveries: batch.deliveries,
-                attempts: 0,
-                not_before: Instant::now(),
-            }),
+        let n = batch.deliveries.len() as u64;
+        let stamp = self
+            .idempotence
+            .as_mut()
+            .and_then(|idem| idem.next_stamp(&batch.topic, batch.partition, n));
+        let builder = match stamp {
+            Some(Stamp { id, seq }) => batch.builder.producer(id.0, id.1, wire_seq(seq)),
+            None => batch.builder,
+        };
+        match builder.build() {
+            Ok(bytes) => {
+                self.ready.push_back(Ready {
+                    topic: batch.topic,
+                    partition: batch.partition,
+                    bytes,
+                    deliveries: batch.deliveries,
+                    attempts: 0,
+                    not_before: Instant::now(),
+                    ordinal: self.next_ordinal,
+                    stamp,
+                });
+                self.next_ordinal += 1;
+            }
             Err(err) => {
+                // The numbers it took are handed back: no gap.
+                if let (Some(idem), Some(_)) = (self.idempotence.as_mut(), stamp) {
+                    idem.seqs(&batch.topic, batch.partition).next -= n;
+                }
                 for delivery in batch.deliveries {
                     let _ = delivery.send(Err(ClientError::InvalidArgument(format!(
                         "building a batch: {err}"
@@ -574,6 +704,10 @@ impl Sender {
     /// example for an fsync) share the next append and sync. A batch whose leader is not known,
     /// or whose leader's connection is not open yet, waits while that is found out.
     fn dispatch(&mut self) {
+        if !self.numbering_ready() {
+            return;
+        }
+        let one_batch_per_partition = self.idempotence.is_some();
         let now = Instant::now();
         while self.in_flight.len() < self.config.max_in_flight {
             // Runs by leader.
@@ -602,8 +736,9 @@ impl Sender {
                     .iter_mut()
                     .find(|(_, run)| run.first().is_some_and(same));
                 let fits = |run: &Vec<Ready>| {
-                    run.iter().map(|r| r.bytes.len()).sum::<usize>() + ready.bytes.len()
-                        <= self.config.request_bytes_max
+                    !one_batch_per_partition
+                        && run.iter().map(|r| r.bytes.len()).sum::<usize>() + ready.bytes.len()
+                            <= self.config.request_bytes_max
                 };
                 match run {
                     Some((_, run)) if fits(run) => run.push(ready),
@@ -682,6 +817,77 @@ impl Sender {
                 }
             };
             self.in_flight.push(future);
+        }
+    }
+
+    /// Whether batches may be sent: an idempotent producer needs its id first, and renumbers
+    /// under a new epoch only once nothing is in flight (so no batch of the old numbering can
+    /// land after one of the new). Starts asking for the id when it is needed.
+    fn numbering_ready(&mut self) -> bool {
+        let Some(idem) = self.idempotence.as_mut() else {
+            return true;
+        };
+        if idem.id.is_some() && !idem.bump {
+            return true;
+        }
+        if idem.asking.is_none() && self.in_flight.is_empty() && !self.ready.is_empty() {
+            let current = idem.id.filter(|_| idem.bump);
+            idem.asking = Some(ask_producer_id(
+                self.cluster.clone(),
+                current,
+                self.config.retry_backoff,
+                self.config.request_timeout,
+            ));
+        }
+        false
+    }
+
+    /// The answer to InitProducerId: every queued batch is numbered under the new id, in queue
+    /// order (which is each partition's order); nothing is in flight.
+    fn got_producer_id(&mut self, result: Result<(i64, i16), ClientError>) {
+        let Some(idem) = self.idempotence.as_mut() else {
+            return;
+        };
+        idem.asking = None;
+        let id = match result {
+            Ok(id) => id,
+            Err(err) if err.is_retriable() => {
+                // Asked again at the next dispatch (the request already waited a backoff).
+                tracing::debug!(error = %err, "no producer id yet");
+                return;
+            }
+            Err(err) => {
+                tracing::warn!(error = %err, "cannot get a producer id");
+                for ready in std::mem::take(&mut self.ready) {
+                    for delivery in ready.deliveries {
+                        let _ = delivery.send(Err(err.clone()));
+                    }
+                }
+                return;
+            }
+        };
+        tracing::debug!(
+            producer_id = id.0,
+            epoch = id.1,
+            "idempotent producer numbering"
+        );
+        idem.id = Some(id);
+        idem.bump = false;
+        idem.seqs.clear();
+        for ready in &mut self.ready {
+            let stamp = idem.next_stamp(&ready.topic, ready.partition, ready.n_records());
+            if let Some(stamp) = stamp {
+                let mut bytes = BytesMut::from(&ready.bytes[..]);
+                let (pid, epoch) = stamp.id;
+                match restamp_producer(&mut bytes, pid, epoch, wire_seq(stamp.seq)) {
+                    Ok(()) => {
+                        ready.bytes = bytes.freeze();
+                        ready.stamp = Some(stamp);
+                    }
+                    // A batch this producer built always has its header.
+                    Err(err) => tracing::error!(error = %err, "cannot number a batch"),
+                }
+            }
         }
     }
 
@@ -787,6 +993,12 @@ impl Sender {
                     // The run's batches were appended back to back: offsets follow one another.
                     let mut offset = p.base_offset;
                     for ready in run {
+                        if let (Some(idem), Some(stamp)) = (self.idempotence.as_mut(), ready.stamp)
+                            && idem.id == Some(stamp.id)
+                        {
+                            let seqs = idem.seqs(&topic, partition);
+                            seqs.acked = seqs.acked.max(stamp.seq + ready.n_records());
+                        }
                         for delivery in ready.deliveries {
                             let _ = delivery.send(Ok(RecordMetadata {
                                 topic: topic.clone(),
@@ -816,13 +1028,44 @@ impl Sender {
     }
 
     fn retry_or_fail_run(&mut self, run: Vec<Ready>, err: &ClientError) {
-        // Re-queued at the front in reverse, so the run keeps its order ahead of later batches.
-        for ready in run.into_iter().rev() {
+        for ready in run {
             self.retry_or_fail(ready, err.clone());
         }
     }
 
+    /// Puts a batch back in the queue ahead of every other batch, except its partition's earlier
+    /// ones: a partition's batches stay in seal order.
+    fn requeue(&mut self, ready: Ready) {
+        let same = |r: &Ready| r.topic == ready.topic && r.partition == ready.partition;
+        let at = match self
+            .ready
+            .iter()
+            .position(|r| same(r) && r.ordinal > ready.ordinal)
+        {
+            Some(later) => later,
+            None => self.ready.iter().rposition(same).map_or(0, |last| last + 1),
+        };
+        self.ready.insert(at, ready);
+    }
+
     fn retry_or_fail(&mut self, mut ready: Ready, err: ClientError) {
+        if err.code() == Some(ErrorCode::OUT_OF_ORDER_SEQUENCE_NUMBER)
+            && let (Some(idem), Some(stamp)) = (self.idempotence.as_mut(), ready.stamp)
+            && idem.id == Some(stamp.id)
+        {
+            if stamp.seq > idem.seqs(&ready.topic, ready.partition).acked {
+                // An earlier batch of the partition is still on its way (retried after a leader
+                // change): this one goes again after it, without spending an attempt.
+                ready.not_before = Instant::now() + jitter(self.config.retry_backoff);
+            } else {
+                // The leader does not know the batches before this one (its producer state is
+                // gone: an unclean election, or expired): renumber under a new epoch.
+                tracing::debug!(topic = %ready.topic, partition = ready.partition, error = %err, "renumbering");
+                idem.bump = true;
+            }
+            self.requeue(ready);
+            return;
+        }
         if err.is_retriable() && ready.attempts < self.config.retries {
             let backoff = self
                 .config
@@ -838,14 +1081,58 @@ impl Sender {
             if err.is_stale_metadata() {
                 self.cluster.invalidate(&ready.topic);
             }
-            // Ahead of later batches of the same partition, to keep their order.
-            self.ready.push_front(ready);
+            self.requeue(ready);
         } else {
+            // A gap in the numbering: later batches would be refused as out of sequence.
+            if let (Some(idem), Some(_)) = (self.idempotence.as_mut(), ready.stamp) {
+                idem.bump = true;
+            }
             for delivery in ready.deliveries {
                 let _ = delivery.send(Err(err.clone()));
             }
         }
     }
+}
+
+/// Waits for the InitProducerId answer under way, if any (never resolves otherwise).
+async fn ask_id(idempotence: &mut Option<Idempotence>) -> Result<(i64, i16), ClientError> {
+    match idempotence.as_mut().and_then(|idem| idem.asking.as_mut()) {
+        Some(asking) => asking.await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Asks any broker for a producer id (`current`: the next epoch of that one). A failure waits a
+/// backoff before it is reported, so asking again is not a tight loop.
+fn ask_producer_id(
+    cluster: Cluster,
+    current: Option<(i64, i16)>,
+    backoff: Duration,
+    timeout: Duration,
+) -> AskId {
+    Box::pin(async move {
+        let (producer_id, producer_epoch) = current.unwrap_or((-1, -1));
+        let request = Request::InitProducerId(InitProducerIdRequest {
+            producer_id,
+            producer_epoch,
+        });
+        let result = async {
+            let response: InitProducerIdResponse = cluster.call_any(&request, timeout).await?;
+            if response.error_code != 0 {
+                return Err(ClientError::broker(
+                    "InitProducerId",
+                    response.error_code,
+                    response.error_message,
+                ));
+            }
+            Ok((response.producer_id, response.producer_epoch))
+        }
+        .await;
+        if result.is_err() {
+            tokio::time::sleep(jitter(backoff)).await;
+        }
+        result
+    })
 }
 
 /// `base` scaled by a random factor in [0.5, 1.5): retries from many producers spread out.

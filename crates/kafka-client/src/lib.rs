@@ -1,7 +1,7 @@
 //! The Kafka protocol as a [`cairn_client::Dialect`]: Cairn's producer, consumer and admin
 //! client speak it to any Kafka-compatible broker (`cairn bench --protocol kafka`). Requests are
-//! encoded at fixed versions every broker since Kafka 2.4 serves (Metadata v9, Produce v9, Fetch
-//! v12, ListOffsets v6, CreateTopics v5, DeleteTopics v4); responses are decoded by
+//! encoded at fixed versions every broker since Kafka 2.5 serves (Metadata v9, Produce v9, Fetch
+//! v12, ListOffsets v6, CreateTopics v5, DeleteTopics v4, InitProducerId v3); responses are decoded by
 //! `kafka-protocol` straight into the native response types (fetched records stay slices of the
 //! response frame).
 //!
@@ -26,6 +26,7 @@ const FETCH: i16 = 12;
 const LIST_OFFSETS: i16 = 6;
 const CREATE_TOPICS: i16 = 5;
 const DELETE_TOPICS: i16 = 4;
+const INIT_PRODUCER_ID: i16 = 3;
 
 /// The Kafka wire protocol for Cairn's clients.
 #[derive(Debug, Default, Clone, Copy)]
@@ -234,6 +235,14 @@ impl Dialect for KafkaDialect {
                     );
                 encode(2, LIST_OFFSETS, c, id, &body)
             }
+            Request::InitProducerId(r) => {
+                let body = kp::InitProducerIdRequest::default()
+                    .with_transactional_id(None)
+                    .with_transaction_timeout_ms(-1)
+                    .with_producer_id(kp::ProducerId(r.producer_id))
+                    .with_producer_epoch(r.producer_epoch);
+                encode(22, INIT_PRODUCER_ID, c, id, &body)
+            }
             // Group membership and administration are not translated (the group consumer speaks
             // the native protocol, whose heartbeats are long polls).
             _ => Err(unsupported(request.api_key())),
@@ -404,6 +413,15 @@ impl Dialect for KafkaDialect {
                                 .collect(),
                         })
                         .collect(),
+                })
+            }
+            ApiKey::InitProducerId => {
+                let r = kp::InitProducerIdResponse::decode(p, INIT_PRODUCER_ID).map_err(err)?;
+                Box::new(native::InitProducerIdResponse {
+                    error_code: r.error_code,
+                    error_message: String::new(),
+                    producer_id: r.producer_id.0,
+                    producer_epoch: r.producer_epoch,
                 })
             }
             _ => return Err(unsupported(api)),

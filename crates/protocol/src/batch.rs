@@ -475,6 +475,36 @@ pub fn stamp(
     Ok(())
 }
 
+/// Rewrites the idempotent producer fields (`producerId`, `producerEpoch`, `baseSequence`) of the
+/// batch at the front of `batch` and its CRC-32C, which covers them. A producer that restarts its
+/// sequences under a new epoch re-sends already built batches this way.
+pub fn restamp_producer(
+    batch: &mut [u8],
+    producer_id: i64,
+    producer_epoch: i16,
+    base_sequence: i32,
+) -> Result<(), BatchError> {
+    let (_, length) = peek_offset_and_length(batch).ok_or(BatchError::Truncated {
+        needed: BATCH_LENGTH_OVERHEAD,
+        available: batch.len(),
+    })?;
+    let n_bytes = BATCH_LENGTH_OVERHEAD as u64 + u64::try_from(length).unwrap_or(0);
+    let available = batch.len();
+    let batch = batch
+        .get_mut(..n_bytes as usize)
+        .filter(|b| b.len() >= BATCH_HEADER_BYTES)
+        .ok_or(BatchError::Truncated {
+            needed: (n_bytes as usize).max(BATCH_HEADER_BYTES),
+            available,
+        })?;
+    write_at(batch, field::PRODUCER_ID, producer_id.to_be_bytes());
+    write_at(batch, field::PRODUCER_EPOCH, producer_epoch.to_be_bytes());
+    write_at(batch, field::BASE_SEQUENCE, base_sequence.to_be_bytes());
+    let crc = compute_crc(batch);
+    write_at(batch, field::CRC, crc.to_be_bytes());
+    Ok(())
+}
+
 /// One header of a record.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Header {
@@ -966,6 +996,29 @@ mod tests {
             .records(DECOMPRESSED_BYTES_MAX)
             .unwrap();
         assert_eq!(records[1].offset, 42_001);
+    }
+
+    #[test]
+    fn restamping_the_producer_gives_the_batch_a_valid_crc() {
+        let built = sample(Compression::Zstd);
+        let mut bytes = built.to_vec();
+        restamp_producer(&mut bytes, 4_096, 3, 0).unwrap();
+        let header = validate(&bytes, BATCH_BYTES_MAX).unwrap();
+        assert_eq!(
+            (
+                header.producer_id,
+                header.producer_epoch,
+                header.base_sequence
+            ),
+            (4_096, 3, 0)
+        );
+        assert_eq!(header.records_count, 3);
+        // Everything but the producer fields and the CRC is unchanged.
+        assert_eq!(bytes[BATCH_HEADER_BYTES..], built[BATCH_HEADER_BYTES..]);
+        assert!(restamp_producer(&mut bytes[..40], 1, 1, 1).is_err());
+        let mut cut = built.to_vec();
+        cut.truncate(built.len() - 1);
+        assert!(restamp_producer(&mut cut, 1, 1, 1).is_err());
     }
 
     #[test]

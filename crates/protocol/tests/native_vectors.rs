@@ -1171,6 +1171,28 @@ fn partition_reassignments() {
 }
 
 #[test]
+fn init_producer_id() {
+    let req = Request::InitProducerId(InitProducerIdRequest {
+        producer_id: 4096,
+        producer_epoch: 2,
+    });
+    let payload = encode_request(27, "golden", &req);
+    let spec = B::req(24, 27).i64(4096).i16(2);
+    check("init_producer_id_request", payload.clone(), spec);
+    round_trip_request(&payload, &req);
+    let resp = InitProducerIdResponse {
+        error_code: 0,
+        error_message: String::new(),
+        producer_id: 4096,
+        producer_epoch: 3,
+    };
+    let payload = encode_response(27, &resp);
+    let spec = B::resp(27).i16(0).string("").i64(4096).i16(3);
+    check("init_producer_id_response", payload.clone(), spec);
+    round_trip_response(&payload, &resp);
+}
+
+#[test]
 fn every_error_code_is_named() {
     for code in ErrorCode::ALL {
         assert_ne!(code.name(), "UNKNOWN_ERROR_CODE");

@@ -1068,6 +1068,51 @@ impl Log {
         Ok(Offset(log_end))
     }
 
+    /// Empties the log and starts it again, empty, at `offset` (Kafka's `truncateFullyAndStartAt`):
+    /// a follower so far behind its leader that the leader has deleted the records it would need
+    /// next, or a new replica of a partition whose beginning retention removed. Every segment
+    /// goes, then one empty segment is created at `offset`; the log start, end and recovery point
+    /// move there and the leader-epoch cache is emptied (the next batches bring their epochs).
+    /// Readers holding earlier results keep valid bytes (their maps outlive the unlinked files).
+    /// A crash midway leaves an empty log or one that starts at `offset`: either way the follower
+    /// asks its leader again.
+    pub fn reset_to(&self, offset: Offset) -> Result<(), Fatal> {
+        // No compaction pass meanwhile; below `offset` there is nothing left to clean.
+        let mut compaction_checkpoint = lock(&self.compaction_lock);
+        *compaction_checkpoint = offset.0;
+        let _no_flush_in_flight = lock(&self.flush_lock);
+        let mut guard = lock(&self.state);
+        let state = &mut *guard;
+        self.check_poisoned(state)?;
+        let (dir, fs) = (&self.dir, &*self.fs);
+        while let Some((_, segment)) = state.segments.pop_first() {
+            if let Err(source) = segment.remove_files(fs, dir) {
+                let path = segment.log_path(dir);
+                return Err(self.poison(state, "delete segment", path, source));
+            }
+        }
+        let segment = match Segment::create(fs, dir, offset.0, &self.config) {
+            Ok(segment) => segment,
+            Err(source) => {
+                let path = dir.join(segment::file_name(offset.0, segment::LOG_SUFFIX));
+                return Err(self.poison(state, "create segment", path, source));
+            }
+        };
+        state.segments.insert(offset.0, segment);
+        state.log_start = offset.0;
+        state.log_end = offset.0;
+        state.flushed = offset.0;
+        if let Err(source) = fs.sync_dir(dir) {
+            return Err(self.poison(state, "sync directory", dir.clone(), source));
+        }
+        state.dir_unsynced = false;
+        state.epochs = LeaderEpochCache::default();
+        self.write_epochs(state)?;
+        tracing::info!(dir = %dir.display(), offset = offset.0, "log emptied and restarted");
+        drop(guard);
+        self.checkpoint_flushed()
+    }
+
     /// The base offsets of all segments, oldest first.
     pub fn segment_bases(&self) -> Vec<Offset> {
         lock(&self.state)

@@ -59,11 +59,13 @@ pub enum ApiKey {
     AlterPartitionReassignments = 22,
     /// Reassignments under way.
     ListPartitionReassignments = 23,
+    /// A producer id (and epoch) for an idempotent producer.
+    InitProducerId = 24,
 }
 
 impl ApiKey {
     /// All APIs.
-    pub const ALL: [ApiKey; 24] = [
+    pub const ALL: [ApiKey; 25] = [
         ApiKey::ApiVersions,
         ApiKey::Metadata,
         ApiKey::CreateTopics,
@@ -88,6 +90,7 @@ impl ApiKey {
         ApiKey::ElectLeaders,
         ApiKey::AlterPartitionReassignments,
         ApiKey::ListPartitionReassignments,
+        ApiKey::InitProducerId,
     ];
 
     /// The API with this key.
@@ -122,6 +125,7 @@ impl ApiKey {
             ApiKey::ElectLeaders => "elect_leaders",
             ApiKey::AlterPartitionReassignments => "alter_partition_reassignments",
             ApiKey::ListPartitionReassignments => "list_partition_reassignments",
+            ApiKey::InitProducerId => "init_producer_id",
         }
     }
 
@@ -757,6 +761,30 @@ wire_struct! {
     }
 }
 
+wire_struct! {
+    /// InitProducerId request: a new producer id, or the next epoch of a known one (KIP-360).
+    pub struct InitProducerIdRequest {
+        /// The producer's current id, or -1 for a new one.
+        pub producer_id: i64,
+        /// The producer's current epoch, or -1 for a new id.
+        pub producer_epoch: i16,
+    }
+}
+
+wire_struct! {
+    /// InitProducerId response.
+    pub struct InitProducerIdResponse {
+        /// Error.
+        pub error_code: i16,
+        /// Human text for an error.
+        pub error_message: String,
+        /// The producer id to stamp on batches (-1 on error).
+        pub producer_id: i64,
+        /// Its epoch (-1 on error).
+        pub producer_epoch: i16,
+    }
+}
+
 /// `ListOffsetsPartition::timestamp` asking for the log end offset.
 pub const LATEST_TIMESTAMP: i64 = -1;
 /// `ListOffsetsPartition::timestamp` asking for the log start offset.
@@ -931,6 +959,7 @@ pub enum Request {
     ElectLeaders(ElectLeadersRequest),
     AlterPartitionReassignments(AlterPartitionReassignmentsRequest),
     ListPartitionReassignments(ListPartitionReassignmentsRequest),
+    InitProducerId(InitProducerIdRequest),
 }
 
 impl Request {
@@ -961,6 +990,7 @@ impl Request {
             Request::ElectLeaders(_) => ApiKey::ElectLeaders,
             Request::AlterPartitionReassignments(_) => ApiKey::AlterPartitionReassignments,
             Request::ListPartitionReassignments(_) => ApiKey::ListPartitionReassignments,
+            Request::InitProducerId(_) => ApiKey::InitProducerId,
         }
     }
 
@@ -991,6 +1021,7 @@ impl Request {
             Request::ElectLeaders(r) => r.encode(out),
             Request::AlterPartitionReassignments(r) => r.encode(out),
             Request::ListPartitionReassignments(r) => r.encode(out),
+            Request::InitProducerId(r) => r.encode(out),
         }
     }
 
@@ -1022,6 +1053,7 @@ impl Request {
             ApiKey::ElectLeaders => Request::ElectLeaders(d(body)?),
             ApiKey::AlterPartitionReassignments => Request::AlterPartitionReassignments(d(body)?),
             ApiKey::ListPartitionReassignments => Request::ListPartitionReassignments(d(body)?),
+            ApiKey::InitProducerId => Request::InitProducerId(d(body)?),
         })
     }
 }
