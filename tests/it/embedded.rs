@@ -29,13 +29,12 @@ fn embedded_broker_with_in_process_clients() {
             .create_topic("events", 2, &[])
             .await
             .unwrap();
-        // Tiny batches and many in flight: order must still hold per partition (idempotent: at
-        // most five requests in flight).
+        // Tiny batches and many in flight: order must still hold per partition.
         let config = ProducerConfig {
             acks: Acks::All,
             linger: Duration::ZERO,
             batch_bytes: 64,
-            max_in_flight: 5,
+            max_in_flight: 8,
             ..ProducerConfig::default()
         };
         let producer = Producer::with_connection(broker.connection("producer"), config).unwrap();

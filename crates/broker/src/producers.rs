@@ -12,9 +12,11 @@ use std::sync::Mutex;
 use crate::error::BrokerError;
 use cairn_protocol::batch::BatchHeader;
 
-/// How many batches per producer and partition are remembered (Kafka: 5, the most in-flight
-/// requests an idempotent producer may have).
-pub const BATCHES_REMEMBERED: usize = 5;
+/// How many batches per producer and partition are remembered: the most requests an idempotent
+/// producer may have in flight. Kafka remembers 5 (its clients' limit, which they keep here);
+/// Cairn's client may pipeline up to 16 (`cairn_client::producer::IN_FLIGHT_MAX`), for
+/// replicated acks=all writes whose round trip includes the followers' fetches and fsyncs.
+pub const BATCHES_REMEMBERED: usize = 16;
 
 /// One remembered batch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -273,9 +275,10 @@ mod tests {
     }
 
     #[test]
-    fn only_the_last_five_batches_are_remembered_and_sequences_wrap() {
+    fn only_the_last_batches_are_remembered_and_sequences_wrap() {
         let mut s = ProducerStates::default();
-        for i in 0..7 {
+        let n = BATCHES_REMEMBERED as i32 + 2;
+        for i in 0..n {
             s.record(&header(1, 0, i, 1), i as u64, i as u64, 0);
         }
         assert!(matches!(

@@ -59,6 +59,10 @@ pub struct BenchArgs {
     /// Producer linger, milliseconds.
     #[arg(long, default_value_t = 1)]
     linger_ms: u64,
+    /// Produce requests in flight per producer (idempotent with acks=all: at most 16, or 5
+    /// against Apache Kafka).
+    #[arg(long, default_value_t = 5)]
+    max_in_flight: usize,
     /// Target rate, MB/s (e2e defaults to 50; others unlimited).
     #[arg(long)]
     rate: Option<f64>,
@@ -406,6 +410,7 @@ async fn produce(
             batch_bytes: args.batch_bytes,
             linger: Duration::from_millis(args.linger_ms),
             client_id: format!("cairn-bench-{k}"),
+            max_in_flight: args.max_in_flight,
             ..ProducerConfig::default()
         };
         let producer = Producer::with_cluster(target.cluster(&config.client_id).await?, config)?;
@@ -541,6 +546,7 @@ async fn e2e(
         compression,
         batch_bytes: args.batch_bytes,
         linger: Duration::from_millis(args.linger_ms),
+        max_in_flight: args.max_in_flight,
         client_id: "cairn-bench-e2e".into(),
         ..ProducerConfig::default()
     };

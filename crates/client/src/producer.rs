@@ -6,7 +6,7 @@
 //! the cluster (InitProducerId) and numbers each partition's batches. A batch retried after a lost
 //! answer or a leader change is recognised by the leader (which keeps the state of the batches it
 //! replicated) and answered with its first offsets: every record is written once and, with up to
-//! five requests in flight, in order. A batch that fails for good (its error is not retriable, or
+//! [`IN_FLIGHT_MAX`] requests in flight, in order. A batch that fails for good (its error is not retriable, or
 //! its retries ran out) leaves a gap in the numbering: once nothing is in flight the producer bumps
 //! its epoch (KIP-360) and renumbers what is still queued from 0.
 //!
@@ -90,7 +90,8 @@ pub struct ProducerConfig {
     pub request_bytes_max: usize,
     /// Exactly-once, in-order delivery per partition across retries and leader changes (see the
     /// module documentation). Applies with `Acks::All` (Kafka turns idempotence off for lower
-    /// acks); needs `max_in_flight <= 5`, the batches a broker remembers per producer.
+    /// acks); needs `max_in_flight <= IN_FLIGHT_MAX` (16), the batches a broker remembers per
+    /// producer and partition.
     pub idempotent: bool,
 }
 
@@ -218,9 +219,10 @@ impl std::fmt::Debug for Command {
 /// Most queued commands the sender takes in one go before dispatching.
 const COMMANDS_PER_WAKE: usize = 1024;
 
-/// Most requests in flight for an idempotent producer: the batches a broker remembers per
-/// producer and partition to recognise a retry (Kafka's limit too).
-pub const IN_FLIGHT_MAX: usize = 5;
+/// Most requests in flight for an idempotent producer: the batches a Cairn broker remembers per
+/// producer and partition to recognise a retry. Apache Kafka remembers 5: through the Kafka
+/// dialect to a Kafka broker, keep `max_in_flight` at 5 or below.
+pub const IN_FLIGHT_MAX: usize = 16;
 
 impl Producer {
     /// Connects to a cluster through `bootstrap` (one or more `host:port`, comma-separated):
