@@ -309,10 +309,10 @@ fn followed(manager: &TopicManager) -> BTreeMap<u32, Vec<(Arc<Partition>, u32, F
     by_leader
 }
 
-/// Copies every partition led by `leader` that this broker follows, until `stop`.
 /// How long a follower waits for its leader to accept a connection.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// Copies every partition led by `leader` that this broker follows, until `stop`.
 async fn fetch_from(
     leader: u32,
     manager: Arc<TopicManager>,
