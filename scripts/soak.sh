@@ -16,3 +16,5 @@ cargo nextest run --release -p cairn-tests --no-fail-fast \
   -E 'test(log_model) | test(power_loss) | test(kill9) | test(compaction) | test(/produces_consumes/) | test(kcat_) | test(/group|static_member|rebalance_time/)'
 # The replication simulation: 1,000 durable and 500 in-memory seeds in CI; here m x 1,000 each.
 CAIRN_SIM_SEEDS=$((1000 * m)) cargo nextest run --release -p cairn-replication --test simulation
+# The fault scenarios judged by the history checker, 70 s each.
+scripts/chaos.sh all --seconds 70

@@ -6,6 +6,7 @@
 
 mod broker;
 mod broker_process;
+mod chaos;
 mod cluster;
 mod compaction;
 mod embedded;

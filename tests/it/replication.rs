@@ -31,6 +31,19 @@ struct History {
     failed: Vec<String>,
 }
 
+/// A producer for writing through faults: acks=all (idempotent), retrying for as long as the
+/// test runs, quickly, and giving up on an unanswered request after 2 s (a paused broker).
+pub(crate) fn patient_producer() -> ProducerConfig {
+    ProducerConfig {
+        acks: Acks::All,
+        retries: 10_000,
+        retry_backoff: Duration::from_millis(20),
+        retry_backoff_max: Duration::from_millis(200),
+        request_timeout: Duration::from_secs(2),
+        ..ProducerConfig::default()
+    }
+}
+
 /// Produces `v0, v1, ...` to partition 0 of `topic` with acks=all, one at a time, until `stop`.
 fn produce_steadily(
     bootstrap: String,
@@ -41,14 +54,10 @@ fn produce_steadily(
     std::thread::spawn(move || {
         runtime().block_on(async move {
             let config = ProducerConfig {
-                acks: Acks::All,
                 max_in_flight: 1,
-                retries: 10_000,
-                retry_backoff: Duration::from_millis(20),
                 retry_backoff_max: Duration::from_millis(100),
-                request_timeout: Duration::from_secs(2),
                 linger: Duration::ZERO,
-                ..ProducerConfig::default()
+                ..patient_producer()
             };
             let producer = Producer::connect(&bootstrap, config).await.unwrap();
             let mut i = 0u64;
@@ -78,7 +87,12 @@ fn produce_steadily(
 }
 
 /// Creates `topic` with `partitions` partitions and three replicas.
-fn create_topic(cluster: &TestCluster, rt: &tokio::runtime::Runtime, topic: &str, partitions: u32) {
+pub(crate) fn create_topic(
+    cluster: &TestCluster,
+    rt: &tokio::runtime::Runtime,
+    topic: &str,
+    partitions: u32,
+) {
     rt.block_on(async {
         let admin = Admin::connect(&cluster.bootstrap_except(None))
             .await
@@ -107,7 +121,7 @@ fn start_producing(
 }
 
 /// Partition 0's leader and ISR, from any broker that answers.
-async fn leader_and_isr(cluster: &TestCluster, topic: &str) -> (Option<u32>, Vec<u32>) {
+pub(crate) async fn leader_and_isr(cluster: &TestCluster, topic: &str) -> (Option<u32>, Vec<u32>) {
     leader_and_isr_at(&cluster.bootstrap_except(None), topic).await
 }
 
@@ -313,7 +327,12 @@ async fn produce_once_unbounded(
 
 /// Waits until partition 0's ISR (as `bootstrap` tells it) has `n` members; returns how long it
 /// took.
-fn wait_isr(bootstrap: &str, rt: &tokio::runtime::Runtime, topic: &str, n: usize) -> Duration {
+pub(crate) fn wait_isr(
+    bootstrap: &str,
+    rt: &tokio::runtime::Runtime,
+    topic: &str,
+    n: usize,
+) -> Duration {
     let started = Instant::now();
     loop {
         let (_, isr) = rt.block_on(leader_and_isr_at(bootstrap, topic));

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Fault scenarios judged by the history checker, on demand with longer windows than CI's 20 s.
+# Each starts 3 brokers (RF 3, min ISR 2), runs idempotent acks=all producers and a consumer,
+# injects its fault again and again, heals, drains every partition and runs cairn-check on the
+# history; the history and the verdict are kept in $CARGO_TARGET_DIR/tmp/chaos/.
+# Usage: scripts/chaos.sh [kill-leader|kill-follower|pause-leader|isolate-leader|all] [--seconds N]
+# (network scenarios need root, ip and iptables: scripts/test.sh installs them)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/cairn-target}"
+scenario="all"
+seconds=70
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --seconds) seconds="$2"; shift 2 ;;
+    -h|--help) sed -n '2,8p' "$0"; exit 0 ;;
+    *) scenario="$1"; shift ;;
+  esac
+done
+case "$scenario" in
+  all) filter='test(/^chaos::chaos_/)' ;;
+  kill-leader|kill-follower|pause-leader|isolate-leader) filter="test(=chaos::chaos_${scenario//-/_})" ;;
+  *) echo "unknown scenario $scenario (kill-leader, kill-follower, pause-leader, isolate-leader, all)" >&2; exit 2 ;;
+esac
+export CAIRN_CHAOS_SECONDS="$seconds"
+cargo nextest run -p cairn-tests --no-fail-fast --no-capture -E "$filter"
+echo "histories and verdicts: $CARGO_TARGET_DIR/tmp/chaos/"
