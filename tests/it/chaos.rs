@@ -23,7 +23,7 @@ use serde_json::json;
 use crate::broker::runtime;
 use crate::cluster::TestCluster;
 use crate::netns::Netns;
-use crate::replication::{create_topic, leader_and_isr, patient_producer, wait_isr};
+use crate::replication::{leader_and_isr, patient_producer, wait_isr};
 
 const TOPIC: &str = "chaos";
 const PARTITIONS: u32 = 3;
@@ -200,6 +200,10 @@ enum Nemesis {
     IsolateLeader,
     /// kill -9 a follower of partition 0, restart it after a second.
     KillFollower,
+    /// kill -9 a follower of partition 0; 2 s later the leader and the other follower; restart
+    /// the stale follower alone for 3 s (only an unclean election could make it lead), then the
+    /// other two. Runs with a dedicated controller, so the quorum survives.
+    Cascade,
 }
 
 impl Nemesis {
@@ -209,7 +213,13 @@ impl Nemesis {
             Nemesis::PauseLeader => "pause-leader",
             Nemesis::IsolateLeader => "isolate-leader",
             Nemesis::KillFollower => "kill-follower",
+            Nemesis::Cascade => "cascade",
         }
+    }
+
+    /// Whether the scenario needs a controller of its own (it kills most brokers at once).
+    fn dedicated_controller(self) -> bool {
+        matches!(self, Nemesis::Cascade)
     }
 
     fn needs_netns(self) -> bool {
@@ -217,31 +227,116 @@ impl Nemesis {
     }
 }
 
-/// Runs one scenario and checks its history.
+/// Runs one scenario and requires a clean verdict.
 fn run(nemesis: Nemesis) {
+    let Some(verdict) = run_scenario(nemesis, None, "", &[]) else {
+        return;
+    };
+    assert!(
+        verdict.valid,
+        "{}",
+        serde_json::to_string_pretty(&verdict).unwrap()
+    );
+}
+
+/// Runs one scenario with a broken safety rule (`control`, a broker setting of test builds):
+/// the checker must find `expected`, or the harness could not tell a broken broker from a
+/// sound one. A fault does not always hit the broken rule's window (a kill between a batch's
+/// append and its acknowledgement, say): up to three runs, the first red one ends it. A sound
+/// broker is never red, so retrying cannot hide a defect.
+fn run_control(
+    nemesis: Nemesis,
+    control: &str,
+    toml: &str,
+    configs: &[(&str, &str)],
+    expected: &str,
+) {
+    let toml = format!("{toml}negative_control = \"{control}\"\n");
+    for attempt in 1..=3 {
+        let Some(verdict) = run_scenario(nemesis, Some(control), &toml, configs) else {
+            return;
+        };
+        let found = verdict.anomalies.get(expected).copied().unwrap_or(0);
+        if found > 0 {
+            println!(
+                "negative control {control} turned the {} scenario red (run {attempt}): {found} \
+                 {expected}",
+                nemesis.name()
+            );
+            return;
+        }
+        println!(
+            "negative control {control}: run {attempt} found no {expected}: {}",
+            serde_json::to_string(&verdict.anomalies).unwrap()
+        );
+    }
+    panic!("negative control {control}: three runs and the checker never found {expected}");
+}
+
+/// Runs one scenario and checks its history: the verdict (`None`: skipped, the scenario needs
+/// network namespaces and this machine has none).
+fn run_scenario(
+    nemesis: Nemesis,
+    control: Option<&str>,
+    extra_toml: &str,
+    configs: &[(&str, &str)],
+) -> Option<cairn_check::Verdict> {
     let netns = if nemesis.needs_netns() {
-        match Netns::create(3) {
+        match Netns::create(if nemesis.dedicated_controller() { 4 } else { 3 }) {
             Ok(netns) => {
                 netns.enter_client();
                 Some(netns)
             }
             Err(why) => {
                 println!(
-                    "SKIPPED {}: network namespaces are not available ({why})",
+                    "SKIPPED {}: network namespaces are not available ({why}); run as root with \
+                     ip and iptables (scripts/test.sh installs them)",
                     nemesis.name()
                 );
-                return;
+                return None;
             }
         }
     } else {
         None
     };
     let total = seconds();
-    let toml = "broker_session_timeout_ms = 3000\nbroker_heartbeat_interval_ms = 500\nreplica_lag_time_max_ms = 3000\n";
-    let roles = [crate::cluster::Roles::Combined; 3];
-    let mut cluster = TestCluster::start_roles_in(netns.as_ref(), &roles, toml);
+    let toml = format!(
+        "broker_session_timeout_ms = 3000\nbroker_heartbeat_interval_ms = 500\n{}",
+        if extra_toml.contains("replica_lag_time_max_ms") {
+            extra_toml.to_string()
+        } else {
+            format!("replica_lag_time_max_ms = 3000\n{extra_toml}")
+        }
+    );
+    use crate::cluster::Roles;
+    let (roles, brokers): (Vec<Roles>, Vec<u32>) = if nemesis.dedicated_controller() {
+        (
+            vec![
+                Roles::Controller,
+                Roles::Broker,
+                Roles::Broker,
+                Roles::Broker,
+            ],
+            vec![2, 3, 4],
+        )
+    } else {
+        (vec![Roles::Combined; 3], vec![1, 2, 3])
+    };
+    let mut cluster = TestCluster::start_roles_in(netns.as_ref(), &roles, &toml);
     let rt = runtime();
-    create_topic(&cluster, &rt, TOPIC, PARTITIONS);
+    rt.block_on(async {
+        let admin = cairn_client::Admin::connect(&cluster.bootstrap_except(None))
+            .await
+            .unwrap();
+        let configs: Vec<(String, String)> = configs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        admin
+            .create_topic_replicated(TOPIC, PARTITIONS, Some(3), &configs)
+            .await
+            .unwrap();
+    });
     let bootstrap = cluster.bootstrap_except(None);
     wait_isr(&bootstrap, &rt, TOPIC, 3);
     let history = Arc::new(History {
@@ -277,7 +372,11 @@ fn run(nemesis: Nemesis) {
             continue;
         };
         let target = match nemesis {
-            Nemesis::KillFollower => (1..=3).find(|n| *n != leader).unwrap_or(leader),
+            Nemesis::KillFollower | Nemesis::Cascade => brokers
+                .iter()
+                .copied()
+                .find(|n| *n != leader)
+                .unwrap_or(leader),
             _ => leader,
         };
         let what = format!("{} node {target}", nemesis.name());
@@ -289,6 +388,25 @@ fn run(nemesis: Nemesis) {
                 cluster.start_node(target);
                 cluster.wait_ready(target);
             }
+            Nemesis::Cascade => {
+                let other = brokers
+                    .iter()
+                    .copied()
+                    .find(|n| *n != leader && *n != target)
+                    .unwrap_or(leader);
+                cluster.kill9(target);
+                std::thread::sleep(Duration::from_secs(2));
+                cluster.kill9(leader);
+                cluster.kill9(other);
+                std::thread::sleep(Duration::from_millis(500));
+                cluster.start_node(target);
+                cluster.wait_ready(target);
+                std::thread::sleep(Duration::from_secs(3));
+                cluster.start_node(leader);
+                cluster.start_node(other);
+                cluster.wait_ready(leader);
+                cluster.wait_ready(other);
+            }
             Nemesis::PauseLeader => {
                 cluster.process(leader).signal("STOP");
                 std::thread::sleep(Duration::from_secs(4));
@@ -296,7 +414,7 @@ fn run(nemesis: Nemesis) {
             }
             Nemesis::IsolateLeader => {
                 let netns = netns.as_ref().unwrap();
-                for other in (1..=3).filter(|n| *n != leader) {
+                for other in brokers.iter().copied().filter(|n| *n != leader) {
                     netns.cut(leader, other);
                 }
                 std::thread::sleep(Duration::from_secs(5));
@@ -314,7 +432,13 @@ fn run(nemesis: Nemesis) {
     for worker in workers {
         worker.join().unwrap();
     }
-    wait_isr(&bootstrap, &rt, TOPIC, 3);
+    // A sound cluster heals: every replica back in sync. One with a broken rule may not (its
+    // replicas disagree); its drain reads what the leader serves.
+    if control.is_none() {
+        wait_isr(&bootstrap, &rt, TOPIC, 3);
+    } else {
+        std::thread::sleep(Duration::from_secs(3));
+    }
     drain(&bootstrap, &history);
 
     let lines = std::mem::take(&mut *history.lines.lock().unwrap());
@@ -322,19 +446,21 @@ fn run(nemesis: Nemesis) {
     let verdict = cairn_check::check_reader(text.as_bytes()).unwrap();
     let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("chaos");
     std::fs::create_dir_all(&dir).unwrap();
-    let history_path = dir.join(format!("{}.jsonl", nemesis.name()));
+    let name = match control {
+        Some(control) => format!("{}-{control}", nemesis.name()),
+        None => nemesis.name().to_string(),
+    };
+    let history_path = dir.join(format!("{name}.jsonl"));
     std::fs::write(&history_path, &text).unwrap();
     let verdict_text = serde_json::to_string_pretty(&verdict).unwrap();
-    let mut file =
-        std::fs::File::create(dir.join(format!("{}.verdict.json", nemesis.name()))).unwrap();
+    let mut file = std::fs::File::create(dir.join(format!("{name}.verdict.json"))).unwrap();
     file.write_all(verdict_text.as_bytes()).unwrap();
     let s = &verdict.stats;
     let a = &verdict.availability;
     println!(
-        "{}: {rounds} faults in {total} s; {} sends, {} acknowledged, {} unknown, {} failed; {} \
+        "{name}: {rounds} faults in {total} s; {} sends, {} acknowledged, {} unknown, {} failed; {} \
          polled, {} drained; recovery after a fault p50 {:?} ms, p99 {:?} ms, max {:?} ms; \
          anomalies: {}; history {}",
-        nemesis.name(),
         s.sends,
         s.acknowledged,
         s.unknown,
@@ -353,7 +479,7 @@ fn run(nemesis: Nemesis) {
     );
     assert!(rounds > 0, "no fault was injected");
     assert!(s.acknowledged > 0 && s.drained > 0);
-    assert!(verdict.valid, "{verdict_text}");
+    Some(verdict)
 }
 
 #[test]
@@ -367,6 +493,11 @@ fn chaos_kill_follower() {
 }
 
 #[test]
+fn chaos_cascade() {
+    run(Nemesis::Cascade);
+}
+
+#[test]
 fn chaos_pause_leader() {
     run(Nemesis::PauseLeader);
 }
@@ -374,4 +505,45 @@ fn chaos_pause_leader() {
 #[test]
 fn chaos_isolate_leader() {
     run(Nemesis::IsolateLeader);
+}
+
+#[test]
+fn negative_control_acks_on_the_leaders_log_end_loses_acknowledged_records() {
+    run_control(Nemesis::IsolateLeader, "acks-on-log-end", "", &[], "lost");
+}
+
+#[test]
+fn negative_control_followers_forgetting_producers_duplicate_retried_records() {
+    run_control(
+        Nemesis::KillLeader,
+        "followers-forget-producers",
+        "",
+        &[],
+        "duplicate",
+    );
+}
+
+#[test]
+fn negative_control_unclean_elections_by_default_lose_acknowledged_records() {
+    run_control(
+        Nemesis::Cascade,
+        "unclean-election-by-default",
+        "",
+        &[],
+        "lost",
+    );
+}
+
+#[test]
+fn negative_control_an_isr_shrink_without_the_controller_loses_acknowledged_records() {
+    // Kafka's own defaults: min.insync.replicas 1 (the controller-gated ISR is what protects
+    // acks=all then), and a lag limit shorter than the session, so the isolated leader drops
+    // its followers while its lease still holds.
+    run_control(
+        Nemesis::IsolateLeader,
+        "isr-shrink-without-controller",
+        "replica_lag_time_max_ms = 1000\n",
+        &[("min.insync.replicas", "1")],
+        "lost",
+    );
 }

@@ -146,6 +146,11 @@ pub struct BrokerConfig {
     pub checkpoint_interval_ms: u64,
     /// How long shutdown waits for in-flight requests, in milliseconds.
     pub shutdown_timeout_ms: u64,
+    /// A safety rule to break on purpose, for the test suite's negative controls; exists only
+    /// in builds with the `negative-controls` feature.
+    #[cfg(feature = "negative-controls")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub negative_control: Option<crate::controls::NegativeControl>,
 }
 
 impl Default for BrokerConfig {
@@ -191,6 +196,8 @@ impl Default for BrokerConfig {
             compaction_interval_ms: 15_000,
             checkpoint_interval_ms: 60_000,
             shutdown_timeout_ms: 10_000,
+            #[cfg(feature = "negative-controls")]
+            negative_control: None,
         }
     }
 }
@@ -213,6 +220,18 @@ pub enum ConfigError {
 }
 
 impl BrokerConfig {
+    /// The negative control this broker runs with (always `None` without the feature).
+    pub fn negative_control(&self) -> Option<crate::controls::NegativeControl> {
+        #[cfg(feature = "negative-controls")]
+        {
+            self.negative_control
+        }
+        #[cfg(not(feature = "negative-controls"))]
+        {
+            None
+        }
+    }
+
     /// Checks every limit, topic defaults included.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let check = cairn_protocol::limits::check_limit;

@@ -110,7 +110,16 @@ impl Handler {
         validate_only: bool,
     ) -> Result<(), BrokerError> {
         crate::topic::validate_topic_name(&topic.name).map_err(BrokerError::InvalidTopic)?;
-        let overrides: BTreeMap<String, String> = topic.configs.into_iter().collect();
+        let mut overrides: BTreeMap<String, String> = topic.configs.into_iter().collect();
+        if self
+            .manager
+            .host()
+            .breaks(crate::controls::NegativeControl::UncleanElectionByDefault)
+        {
+            overrides
+                .entry("unclean.leader.election.enable".into())
+                .or_insert_with(|| "true".into());
+        }
         let config = crate::topic::TopicConfig::new(overrides, self.manager.defaults())
             .map_err(BrokerError::InvalidConfig)?;
         let partitions = topic

@@ -26,6 +26,7 @@ mod clock;
 mod cluster;
 mod config;
 mod controller_only;
+pub mod controls;
 mod embedded;
 mod error;
 mod group_api;
@@ -221,7 +222,14 @@ impl BrokerBuilder {
             node_id: config.node_id,
             lease: Arc::clone(&lease),
             replica_lag_max_ms: i64::try_from(config.replica_lag_time_max_ms).unwrap_or(i64::MAX),
+            negative_control: config.negative_control(),
         };
+        if let Some(control) = host.negative_control {
+            tracing::error!(
+                ?control,
+                "NEGATIVE CONTROL ON: this broker breaks a safety rule on purpose (test builds only)"
+            );
+        }
         let (data_dir, defaults) = (config.data_dir.clone(), config.topic_defaults.clone());
         let (manager, metadata_log) = {
             let (host, fs) = (host.clone(), Arc::clone(&fs));

@@ -33,6 +33,15 @@ pub struct Host {
     pub lease: Arc<Lease>,
     /// `replica_lag_time_max_ms`: a follower not caught up for this long leaves the ISR.
     pub replica_lag_max_ms: i64,
+    /// A safety rule broken on purpose (test builds only: `controls.rs`).
+    pub negative_control: Option<crate::controls::NegativeControl>,
+}
+
+impl Host {
+    /// Whether `control` is on.
+    pub(crate) fn breaks(&self, control: crate::controls::NegativeControl) -> bool {
+        cfg!(feature = "negative-controls") && self.negative_control == Some(control)
+    }
 }
 
 impl Host {

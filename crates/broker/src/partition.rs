@@ -20,6 +20,7 @@ use cairn_replication::{
 use cairn_storage::{AppendError, AppendInfo, Fetched, Log, LogConfig, ReadError, RecoveryReport};
 use tokio::sync::watch;
 
+use crate::controls::NegativeControl;
 use crate::error::{BrokerError, error_chain};
 use crate::manager::Host;
 use crate::producers::{ProducerStates, SequenceCheck};
@@ -646,7 +647,9 @@ impl Partition {
             .log
             .append_replicated(batches)
             .map_err(|err| append_error(err, n_bytes))?;
-        producers.rebuild(batches, self.host.clock.unix_ms());
+        if !self.host.breaks(NegativeControl::FollowersForgetProducers) {
+            producers.rebuild(batches, self.host.clock.unix_ms());
+        }
         drop(producers);
         self.notify_appended();
         Ok(info)
@@ -813,6 +816,30 @@ impl Partition {
         })
     }
 
+    /// Negative control only: takes a proposed ISR change as if the controller had committed
+    /// it, so a leader cut off from the cluster can shrink its ISR to itself.
+    pub(crate) fn adopt_isr_unilaterally(&self, change: &IsrChange) {
+        if !self
+            .host
+            .breaks(NegativeControl::IsrShrinkWithoutController)
+        {
+            return;
+        }
+        let now_ms = self.host.clock.unix_ms();
+        if let Replica::Leader(state) = &mut *lock(&self.replica) {
+            let view = PartitionView {
+                leader: Some(self.host.node_id),
+                leader_epoch: change.leader_epoch,
+                partition_epoch: change.partition_epoch + 1,
+                replicas: state.replicas().to_vec(),
+                isr: change.isr.clone(),
+            };
+            state.update_view(&view, now_ms);
+            tracing::error!(topic = %self.topic, partition = self.index, isr = ?change.isr, "NEGATIVE CONTROL: ISR changed without the controller");
+        }
+        self.update_high_watermark();
+    }
+
     /// The controller refused the pending ISR change for good: decide again.
     pub(crate) fn isr_change_refused(&self) {
         if let Replica::Leader(state) = &mut *lock(&self.replica) {
@@ -889,7 +916,7 @@ impl Partition {
                 if !leads {
                     return Err(self.not_leader());
                 }
-                if hw >= end.0 {
+                if hw >= end.0 || self.host.breaks(NegativeControl::AcksOnLogEnd) {
                     let isr = self.isr_len();
                     if isr < min_insync {
                         return Err(BrokerError::NotEnoughReplicasAfterAppend(format!(

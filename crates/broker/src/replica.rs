@@ -535,6 +535,7 @@ pub(crate) async fn run_isr_changes(
                 let Some(proposal) = partition.isr_proposal(1000) else {
                     continue;
                 };
+                partition.adopt_isr_unilaterally(&proposal.change);
                 let command = Command::AlterPartition {
                     node_id: cluster.info.node_id,
                     broker_epoch,
