@@ -6,8 +6,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# Repeated runs are incremental: build outside the clone unless told otherwise.
+# Repeated runs are incremental: build outside the clone unless told otherwise. Without
+# rustc's incremental caches, which only speed up edit-compile loops and otherwise grow by
+# gigabytes per run until the disk is full (seen: 17 GB after a few sessions).
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/cairn-target}"
+export CARGO_INCREMENTAL="${CARGO_INCREMENTAL:-0}"
 export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
 
 step() { printf '\n==> %s\n' "$*"; }

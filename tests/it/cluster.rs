@@ -415,8 +415,12 @@ fn every_client_reaches_every_leader_through_any_one_broker() {
             let stdout = String::from_utf8_lossy(&out.stdout);
             assert!(
                 out.status.success(),
-                "{client}: {stdout}\n{}",
-                String::from_utf8_lossy(&out.stderr)
+                "{client}: {stdout}\n{}\nbroker logs:\n{}",
+                String::from_utf8_lossy(&out.stderr),
+                (1..=3)
+                    .map(|n| tail(&cluster.process(n).log))
+                    .collect::<Vec<_>>()
+                    .join("\n---\n")
             );
             let summary: serde_json::Value =
                 serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
