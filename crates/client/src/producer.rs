@@ -6,9 +6,9 @@
 //! the cluster (InitProducerId) and numbers each partition's batches. A batch retried after a lost
 //! answer or a leader change is recognised by the leader (which keeps the state of the batches it
 //! replicated) and answered with its first offsets: every record is written once and, with up to
-//! [`IN_FLIGHT_MAX`] requests in flight, in order. A batch that fails for good (its error is not retriable, or
-//! its retries ran out) leaves a gap in the numbering: once nothing is in flight the producer bumps
-//! its epoch (KIP-360) and renumbers what is still queued from 0.
+//! [`IN_FLIGHT_MAX`] requests in flight, in order. A batch that fails for good (its error is not
+//! retriable, or its retries ran out) leaves a gap in the numbering: once nothing is in flight the
+//! producer bumps its epoch (KIP-360) and renumbers what is still queued from 0.
 //!
 //! Without idempotence (`Acks::Leader`, `Acks::None`, or `idempotent: false`) records of one
 //! partition are still sent in order, but with `max_in_flight > 1` a retried batch can land after a
