@@ -361,7 +361,7 @@ pub(crate) fn frame(payload: &[u8]) -> Vec<u8> {
 }
 
 /// The top-level error code of the first response frame in `bytes`.
-fn response_error(bytes: &[u8]) -> Option<i16> {
+pub(crate) fn response_error(bytes: &[u8]) -> Option<i16> {
     let payload = bytes.get(4..)?;
     let mut buf = Bytes::copy_from_slice(payload);
     ResponseHeader::decode(&mut buf, "header")

@@ -43,7 +43,7 @@ pub(crate) struct Node {
     pub(crate) dir: PathBuf,
     pub(crate) native: String,
     pub(crate) kafka: String,
-    controller: String,
+    pub(crate) controller: String,
     process: Option<BrokerProcess>,
 }
 
@@ -1054,4 +1054,185 @@ fn a_quorum_of_one_keeps_every_committed_topic_and_record_through_power_losses()
             "negative control (no-op fsync): {lost} of {seeds} power losses lost committed data"
         );
     });
+}
+
+/// Decodes a native response frame (`raw_exchange`'s reply) as `T`, after its header.
+fn decode_reply<T: cairn_protocol::native::Wire>(reply: &[u8]) -> T {
+    let mut buf = bytes::Bytes::copy_from_slice(&reply[4..]);
+    let header = ResponseHeader::decode(&mut buf, "header").unwrap();
+    assert_eq!(header.error_code, 0, "{header:?}");
+    decode_exact::<T>(buf).unwrap()
+}
+
+#[test]
+fn the_cluster_requests_and_the_controller_listener_refuse_bad_input_and_keep_serving() {
+    let cluster = TestCluster::start(1, "");
+    let rt = runtime();
+    let addr = cluster.node(1).native.clone();
+    let control = {
+        let addr = addr.clone();
+        rt.spawn(async move {
+            Admin::connect(&addr)
+                .await
+                .unwrap()
+                .create_topic("control", 1, &[])
+                .await
+                .unwrap();
+            let producer = Producer::connect(
+                &addr,
+                ProducerConfig {
+                    linger: Duration::ZERO,
+                    ..ProducerConfig::default()
+                },
+            )
+            .await
+            .unwrap();
+            crate::broker::produce_acknowledged_until(&producer, Duration::from_secs(6)).await
+        })
+    };
+    std::thread::sleep(Duration::from_millis(500));
+    let b = addr.as_str();
+    use crate::broker::{frame, raw_exchange, response_error};
+
+    // Each request the cluster added, truncated: INVALID_REQUEST, the connection answered.
+    for key in [20u8, 21, 22, 23, 24] {
+        let truncated = [0u8, key, 0, 0, 0, 0, 0, 7, 0, 0, 0xff];
+        assert_eq!(
+            response_error(&raw_exchange(b, &frame(&truncated))),
+            Some(ErrorCode::INVALID_REQUEST.0),
+            "api key {key}"
+        );
+    }
+    // A replica fetch from a broker that is not a replica, asking for everything at the end of
+    // time: refused per partition at once (no 60 s long poll, nothing allocated for u32::MAX).
+    let fetch = |topic: &str, current_leader_epoch: u32| {
+        encode_request(
+            7,
+            "bad",
+            &Request::ReplicaFetch(ReplicaFetchRequest {
+                replica_id: 42,
+                broker_epoch: u64::MAX,
+                max_wait_ms: u32::MAX,
+                min_bytes: u32::MAX,
+                max_bytes: u32::MAX,
+                topics: vec![ReplicaFetchTopic {
+                    name: topic.into(),
+                    partitions: vec![ReplicaFetchPartition {
+                        partition: 0,
+                        current_leader_epoch,
+                        fetch_offset: u64::MAX,
+                        last_fetched_epoch: i32::MAX,
+                        flushed_offset: u64::MAX,
+                        partition_max_bytes: u32::MAX,
+                    }],
+                }],
+            }),
+        )
+    };
+    let started = Instant::now();
+    for (topic, epoch, expected) in [
+        ("control", u32::MAX, ErrorCode::UNKNOWN_LEADER_EPOCH),
+        ("control", 0, ErrorCode::NOT_LEADER_OR_FOLLOWER),
+        ("missing", 0, ErrorCode::UNKNOWN_TOPIC_OR_PARTITION),
+    ] {
+        let reply: ReplicaFetchResponse =
+            decode_reply(&raw_exchange(b, &frame(&fetch(topic, epoch))));
+        let p = &reply.topics[0].partitions[0];
+        assert_eq!(ErrorCode(p.error_code), expected, "{topic} epoch {epoch}");
+        assert!(p.records.is_empty());
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
+    // Reassignments to brokers that do not exist, twice the same, or of a missing topic.
+    let reassign = encode_request(
+        8,
+        "bad",
+        &Request::AlterPartitionReassignments(AlterPartitionReassignmentsRequest {
+            reassignments: vec![
+                Reassignment {
+                    topic: "control".into(),
+                    partition: 0,
+                    replicas: vec![999],
+                    cancel: false,
+                },
+                Reassignment {
+                    topic: "control".into(),
+                    partition: 0,
+                    replicas: vec![1, 1],
+                    cancel: false,
+                },
+                Reassignment {
+                    topic: "missing".into(),
+                    partition: 0,
+                    replicas: vec![1],
+                    cancel: false,
+                },
+            ],
+        }),
+    );
+    let reply: AlterPartitionReassignmentsResponse =
+        decode_reply(&raw_exchange(b, &frame(&reassign)));
+    let codes: Vec<ErrorCode> = reply
+        .results
+        .iter()
+        .map(|r| ErrorCode(r.error_code))
+        .collect();
+    assert_eq!(
+        codes,
+        [
+            ErrorCode::INVALID_REPLICA_ASSIGNMENT,
+            ErrorCode::INVALID_REPLICA_ASSIGNMENT,
+            ErrorCode::UNKNOWN_TOPIC_OR_PARTITION
+        ],
+        "{reply:?}"
+    );
+    // InitProducerId with a nonsense id and epoch: a fresh id.
+    let init = encode_request(
+        9,
+        "bad",
+        &Request::InitProducerId(InitProducerIdRequest {
+            producer_id: -7,
+            producer_epoch: -3,
+        }),
+    );
+    let reply: InitProducerIdResponse = decode_reply(&raw_exchange(b, &frame(&init)));
+    assert_eq!(
+        (reply.error_code, reply.producer_epoch),
+        (0, 0),
+        "{reply:?}"
+    );
+    assert!(reply.producer_id >= 0);
+
+    // The controller listener (length-prefixed JSON): empty, oversized, not JSON, the wrong
+    // shape, nested past any parser's depth: each closes the connection.
+    let c = cluster.node(1).controller.clone();
+    let nested = "[".repeat(100_000);
+    for (what, bytes) in [
+        ("empty frame", frame(b"")),
+        ("oversized length", u32::MAX.to_be_bytes().to_vec()),
+        ("not JSON", frame(&[0xff; 64])),
+        ("wrong shape", frame(br#"{"NoSuchRequest": 7}"#)),
+        ("nested", frame(nested.as_bytes())),
+    ] {
+        assert!(raw_exchange(&c, &bytes).is_empty(), "{what}: answered");
+    }
+
+    // Everyone else was served throughout, and the controller still works.
+    let n = rt.block_on(control).unwrap();
+    assert!(
+        n > 20,
+        "the control producer kept going ({n} acks=all records)"
+    );
+    rt.block_on(async {
+        Admin::connect(b)
+            .await
+            .unwrap()
+            .create_topic("after", 2, &[])
+            .await
+            .unwrap();
+    });
+    assert!(cluster.process(1).http_get("/ready").0.contains("200"));
 }
