@@ -200,6 +200,10 @@ enum Nemesis {
     IsolateLeader,
     /// kill -9 a follower of partition 0, restart it after a second.
     KillFollower,
+    /// kill -9 the active controller (a broker too), restart it after a second.
+    KillController,
+    /// kill -9 every broker at once, restart them all after a second.
+    KillAll,
     /// kill -9 a follower of partition 0; 2 s later the leader and the other follower; restart
     /// the stale follower alone for 3 s (only an unclean election could make it lead), then the
     /// other two. Runs with a dedicated controller, so the quorum survives.
@@ -214,6 +218,8 @@ impl Nemesis {
             Nemesis::IsolateLeader => "isolate-leader",
             Nemesis::KillFollower => "kill-follower",
             Nemesis::Cascade => "cascade",
+            Nemesis::KillController => "kill-controller",
+            Nemesis::KillAll => "kill-all",
         }
     }
 
@@ -372,6 +378,12 @@ fn run_scenario(
             continue;
         };
         let target = match nemesis {
+            Nemesis::KillController => rt.block_on(async {
+                let admin = cairn_client::Admin::connect(&cluster.bootstrap_except(None))
+                    .await
+                    .unwrap();
+                crate::cluster::active_controller(&admin).await
+            }),
             Nemesis::KillFollower | Nemesis::Cascade => brokers
                 .iter()
                 .copied()
@@ -382,11 +394,23 @@ fn run_scenario(
         let what = format!("{} node {target}", nemesis.name());
         history.log(json!({"type": "info", "f": "fault", "value": what}));
         match nemesis {
-            Nemesis::KillLeader | Nemesis::KillFollower => {
+            Nemesis::KillLeader | Nemesis::KillFollower | Nemesis::KillController => {
                 cluster.kill9(target);
                 std::thread::sleep(Duration::from_secs(1));
                 cluster.start_node(target);
                 cluster.wait_ready(target);
+            }
+            Nemesis::KillAll => {
+                for &id in &brokers {
+                    cluster.kill9(id);
+                }
+                std::thread::sleep(Duration::from_secs(1));
+                for &id in &brokers {
+                    cluster.start_node(id);
+                }
+                for &id in &brokers {
+                    cluster.wait_ready(id);
+                }
             }
             Nemesis::Cascade => {
                 let other = brokers
@@ -490,6 +514,16 @@ fn chaos_kill_leader() {
 #[test]
 fn chaos_kill_follower() {
     run(Nemesis::KillFollower);
+}
+
+#[test]
+fn chaos_kill_controller() {
+    run(Nemesis::KillController);
+}
+
+#[test]
+fn chaos_kill_all() {
+    run(Nemesis::KillAll);
 }
 
 #[test]
