@@ -4,7 +4,7 @@
 # injects its fault again and again, heals, drains every partition and runs cairn-check on the
 # history; the history and the verdict are kept in $CARGO_TARGET_DIR/tmp/chaos/.
 # Usage: scripts/chaos.sh [kill-leader|kill-follower|kill-controller|kill-all|pause-leader|
-#   isolate-leader|cascade|all] [--seconds N]
+#   isolate-leader|one-way-leader|bridge|loss|cascade|all] [--seconds N]
 # (network scenarios need root, ip and iptables: scripts/test.sh installs them)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -20,8 +20,8 @@ while [ $# -gt 0 ]; do
 done
 case "$scenario" in
   all) filter='test(/^chaos::chaos_/)' ;;
-  kill-leader|kill-follower|kill-controller|kill-all|pause-leader|isolate-leader|cascade) filter="test(=chaos::chaos_${scenario//-/_})" ;;
-  *) echo "unknown scenario $scenario (kill-leader, kill-follower, kill-controller, kill-all, pause-leader, isolate-leader, cascade, all)" >&2; exit 2 ;;
+  kill-leader|kill-follower|kill-controller|kill-all|pause-leader|isolate-leader|one-way-leader|bridge|loss|cascade) filter="test(=chaos::chaos_${scenario//-/_})" ;;
+  *) echo "unknown scenario $scenario (kill-leader, kill-follower, kill-controller, kill-all, pause-leader, isolate-leader, one-way-leader, bridge, loss, cascade, all)" >&2; exit 2 ;;
 esac
 export CAIRN_CHAOS_SECONDS="$seconds"
 cargo nextest run -p cairn-tests --no-fail-fast --no-capture -E "$filter"

@@ -200,6 +200,14 @@ enum Nemesis {
     IsolateLeader,
     /// kill -9 a follower of partition 0, restart it after a second.
     KillFollower,
+    /// The leader of partition 0 can no longer send to the other brokers (they still hear it)
+    /// for 5 s.
+    OneWayLeader,
+    /// The leader of partition 0 and one follower cut from each other for 5 s, both still
+    /// reaching the third broker (a bridge).
+    Bridge,
+    /// 30% of the packets between brokers dropped, on every link, for 8 s.
+    Loss,
     /// kill -9 the active controller (a broker too), restart it after a second.
     KillController,
     /// kill -9 every broker at once, restart them all after a second.
@@ -218,6 +226,9 @@ impl Nemesis {
             Nemesis::IsolateLeader => "isolate-leader",
             Nemesis::KillFollower => "kill-follower",
             Nemesis::Cascade => "cascade",
+            Nemesis::OneWayLeader => "one-way-leader",
+            Nemesis::Bridge => "bridge",
+            Nemesis::Loss => "loss",
             Nemesis::KillController => "kill-controller",
             Nemesis::KillAll => "kill-all",
         }
@@ -229,7 +240,10 @@ impl Nemesis {
     }
 
     fn needs_netns(self) -> bool {
-        matches!(self, Nemesis::IsolateLeader)
+        matches!(
+            self,
+            Nemesis::IsolateLeader | Nemesis::OneWayLeader | Nemesis::Bridge | Nemesis::Loss
+        )
     }
 }
 
@@ -384,7 +398,7 @@ fn run_scenario(
                     .unwrap();
                 crate::cluster::active_controller(&admin).await
             }),
-            Nemesis::KillFollower | Nemesis::Cascade => brokers
+            Nemesis::KillFollower | Nemesis::Cascade | Nemesis::Bridge => brokers
                 .iter()
                 .copied()
                 .find(|n| *n != leader)
@@ -394,6 +408,32 @@ fn run_scenario(
         let what = format!("{} node {target}", nemesis.name());
         history.log(json!({"type": "info", "f": "fault", "value": what}));
         match nemesis {
+            Nemesis::OneWayLeader => {
+                let netns = netns.as_ref().unwrap();
+                for other in brokers.iter().copied().filter(|n| *n != leader) {
+                    netns.cut_one_way(leader, other);
+                }
+                std::thread::sleep(Duration::from_secs(5));
+                netns.heal(leader);
+            }
+            Nemesis::Bridge => {
+                let netns = netns.as_ref().unwrap();
+                netns.cut(leader, target);
+                netns.cut(target, leader);
+                std::thread::sleep(Duration::from_secs(5));
+                netns.heal(leader);
+                netns.heal(target);
+            }
+            Nemesis::Loss => {
+                let netns = netns.as_ref().unwrap();
+                for &id in &brokers {
+                    netns.lossy(id, 0.3);
+                }
+                std::thread::sleep(Duration::from_secs(8));
+                for &id in &brokers {
+                    netns.heal(id);
+                }
+            }
             Nemesis::KillLeader | Nemesis::KillFollower | Nemesis::KillController => {
                 cluster.kill9(target);
                 std::thread::sleep(Duration::from_secs(1));
@@ -514,6 +554,21 @@ fn chaos_kill_leader() {
 #[test]
 fn chaos_kill_follower() {
     run(Nemesis::KillFollower);
+}
+
+#[test]
+fn chaos_one_way_leader() {
+    run(Nemesis::OneWayLeader);
+}
+
+#[test]
+fn chaos_bridge() {
+    run(Nemesis::Bridge);
+}
+
+#[test]
+fn chaos_loss() {
+    run(Nemesis::Loss);
 }
 
 #[test]

@@ -133,6 +133,38 @@ impl Netns {
         }
     }
 
+    /// Node `a` can no longer send to node `b` (its packets to `b` are dropped); `b`'s packets
+    /// still reach `a`. TCP needs both directions, so connections between them hang either way,
+    /// but datagrams and the order in which each side notices differ from a full cut.
+    pub(crate) fn cut_one_way(&self, a: u32, b: u32) {
+        let peer = Netns::host(b);
+        self.iptables(a, &["-A", "OUTPUT", "-d", &peer, "-j", "DROP"])
+            .unwrap();
+    }
+
+    /// Drops each packet node `id` receives from the other nodes with probability `p`.
+    pub(crate) fn lossy(&self, id: u32, p: f64) {
+        let probability = format!("{p}");
+        self.iptables(
+            id,
+            &[
+                "-A",
+                "INPUT",
+                "-s",
+                "10.77.0.0/24",
+                "-m",
+                "statistic",
+                "--mode",
+                "random",
+                "--probability",
+                &probability,
+                "-j",
+                "DROP",
+            ],
+        )
+        .unwrap();
+    }
+
     /// Removes every rule in node `id`'s namespace: its links are whole again.
     pub(crate) fn heal(&self, id: u32) {
         self.iptables(id, &["-F"]).unwrap();
