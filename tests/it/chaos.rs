@@ -9,15 +9,12 @@
 //! them for 70): warm-up, faults, recovery, drain. Scenarios that cut the network run the
 //! brokers in network namespaces (root, `ip`, `iptables`); without them they say they skipped.
 
-use std::collections::VecDeque;
 use std::io::Write;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use cairn_client::{
-    Consumer, ConsumerConfig, DeliveryFuture, Position, Producer, ProducerConfig, ProducerRecord,
-};
+use cairn_client::{Consumer, ConsumerConfig, Position, Producer, ProducerConfig, ProducerRecord};
 use serde_json::json;
 
 use crate::broker::runtime;
@@ -53,13 +50,15 @@ fn seconds() -> u64 {
 }
 
 /// A producer sending `{process}-{i}` round-robin over the partitions, up to 32 sends
-/// outstanding, logging invoke and outcome.
+/// outstanding, logging invoke and, the moment each resolves, its outcome (a send blocked on one
+/// partition does not hold up the others' acknowledgements).
 fn produce(
     bootstrap: String,
     process: u64,
     history: Arc<History>,
     stop: Arc<AtomicBool>,
 ) -> std::thread::JoinHandle<()> {
+    const OUTSTANDING: u32 = 32;
     std::thread::spawn(move || {
         runtime().block_on(async move {
             let config = ProducerConfig {
@@ -67,8 +66,8 @@ fn produce(
                 ..patient_producer()
             };
             let producer = Producer::connect(&bootstrap, config).await.unwrap();
-            let mut pending: VecDeque<(String, DeliveryFuture)> = VecDeque::new();
-            let settle = |value: String, outcome| {
+            let outstanding = Arc::new(tokio::sync::Semaphore::new(OUTSTANDING as usize));
+            let settle = move |history: &History, value: String, outcome| {
                 let event = match outcome {
                     Ok(meta) => {
                         let meta: cairn_client::RecordMetadata = meta;
@@ -76,6 +75,7 @@ fn produce(
                                "topic": TOPIC, "partition": meta.partition, "offset": meta.offset})
                     }
                     Err(err) => {
+                        let err: cairn_client::ClientError = err;
                         json!({"type": "info", "f": "send", "process": process, "value": value,
                                "error": format!("{err}")})
                     }
@@ -84,26 +84,27 @@ fn produce(
             };
             let mut i = 0u64;
             while !stop.load(Ordering::Relaxed) {
+                let permit = Arc::clone(&outstanding).acquire_owned().await.unwrap();
                 let value = format!("{process}-{i}");
                 let partition = (i % u64::from(PARTITIONS)) as u32;
                 history.log(json!({"type": "invoke", "f": "send", "process": process,
                                    "value": value, "topic": TOPIC, "partition": partition}));
                 let record = ProducerRecord::new(TOPIC, value.clone()).partition(partition);
                 match producer.send(record).await {
-                    Ok(delivery) => pending.push_back((value, delivery)),
-                    Err(err) => settle(value, Err(err)),
-                }
-                while pending.len() >= 32 {
-                    if let Some((value, delivery)) = pending.pop_front() {
-                        settle(value, delivery.await);
+                    Ok(delivery) => {
+                        let history = Arc::clone(&history);
+                        tokio::spawn(async move {
+                            settle(&history, value, delivery.await);
+                            drop(permit);
+                        });
                     }
+                    Err(err) => settle(&history, value, Err(err)),
                 }
                 i += 1;
                 tokio::time::sleep(Duration::from_millis(2)).await;
             }
-            while let Some((value, delivery)) = pending.pop_front() {
-                settle(value, delivery.await);
-            }
+            // Every send settled before the history is judged.
+            let _all = outstanding.acquire_many(OUTSTANDING).await.unwrap();
             let _ = producer.close().await;
         });
     })
@@ -406,13 +407,21 @@ fn run_scenario(
             _ => leader,
         };
         let what = format!("{} node {target}", nemesis.name());
-        history.log(json!({"type": "info", "f": "fault", "value": what}));
+        // Logged once the fault is in effect (rules installed, process killed or stopped): the
+        // recovery time runs from there.
+        let in_effect = || {
+            history.log(
+                json!({"type": "info", "f": "fault", "value": what, "topic": TOPIC,
+                               "partition": 0}),
+            );
+        };
         match nemesis {
             Nemesis::OneWayLeader => {
                 let netns = netns.as_ref().unwrap();
                 for other in brokers.iter().copied().filter(|n| *n != leader) {
                     netns.cut_one_way(leader, other);
                 }
+                in_effect();
                 std::thread::sleep(Duration::from_secs(5));
                 netns.heal(leader);
             }
@@ -420,6 +429,7 @@ fn run_scenario(
                 let netns = netns.as_ref().unwrap();
                 netns.cut(leader, target);
                 netns.cut(target, leader);
+                in_effect();
                 std::thread::sleep(Duration::from_secs(5));
                 netns.heal(leader);
                 netns.heal(target);
@@ -429,6 +439,7 @@ fn run_scenario(
                 for &id in &brokers {
                     netns.lossy(id, 0.3);
                 }
+                in_effect();
                 std::thread::sleep(Duration::from_secs(8));
                 for &id in &brokers {
                     netns.heal(id);
@@ -436,6 +447,7 @@ fn run_scenario(
             }
             Nemesis::KillLeader | Nemesis::KillFollower | Nemesis::KillController => {
                 cluster.kill9(target);
+                in_effect();
                 std::thread::sleep(Duration::from_secs(1));
                 cluster.start_node(target);
                 cluster.wait_ready(target);
@@ -444,6 +456,7 @@ fn run_scenario(
                 for &id in &brokers {
                     cluster.kill9(id);
                 }
+                in_effect();
                 std::thread::sleep(Duration::from_secs(1));
                 for &id in &brokers {
                     cluster.start_node(id);
@@ -462,6 +475,7 @@ fn run_scenario(
                 std::thread::sleep(Duration::from_secs(2));
                 cluster.kill9(leader);
                 cluster.kill9(other);
+                in_effect();
                 std::thread::sleep(Duration::from_millis(500));
                 cluster.start_node(target);
                 cluster.wait_ready(target);
@@ -473,6 +487,7 @@ fn run_scenario(
             }
             Nemesis::PauseLeader => {
                 cluster.process(leader).signal("STOP");
+                in_effect();
                 std::thread::sleep(Duration::from_secs(4));
                 cluster.process(leader).signal("CONT");
             }
@@ -481,6 +496,7 @@ fn run_scenario(
                 for other in brokers.iter().copied().filter(|n| *n != leader) {
                     netns.cut(leader, other);
                 }
+                in_effect();
                 std::thread::sleep(Duration::from_secs(5));
                 netns.heal(leader);
             }

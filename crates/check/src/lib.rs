@@ -180,7 +180,8 @@ pub struct Availability {
     /// Acknowledged sends in each second since the first event.
     pub acknowledged_per_second: Vec<u64>,
     /// Per fault: its time (ms since the first event), what it was, and how long until the first
-    /// acknowledgement of a send invoked after it (ms; `null` if none came).
+    /// acknowledgement of a send invoked after it (ms; `null` if none came), to the fault's
+    /// partition when its event names one (`topic`, `partition`), else to any.
     pub faults: Vec<FaultRecovery>,
     /// Of the recovery times: p50, p99, max (ms).
     pub recovery_p50_ms: Option<f64>,
@@ -307,7 +308,8 @@ struct Checker {
     drain: HashMap<Tp, BTreeMap<u64, String>>,
     polled: u64,
     drained: u64,
-    faults: Vec<(f64, String)>,
+    /// (time, description, the partition it aims at, if the event names one).
+    faults: Vec<(f64, String, Option<Tp>)>,
     counts: BTreeMap<&'static str, u64>,
     examples: BTreeMap<&'static str, Vec<Value>>,
     next_order: u64,
@@ -448,9 +450,13 @@ impl Checker {
                 self.last_polled.retain(|(p, _), _| *p != process);
             }
             (Op::Fault, _) => {
+                let tp = match (&event.topic, event.partition) {
+                    (Some(_), Some(_)) => Some(self.tp(event)?),
+                    _ => None,
+                };
                 let at = event.time;
                 self.faults
-                    .push((at, event.value.clone().unwrap_or_default()));
+                    .push((at, event.value.clone().unwrap_or_default(), tp));
             }
             // Poll invokes, failed polls, commits and heals carry nothing to check yet.
             _ => {}
@@ -644,15 +650,18 @@ impl Checker {
     }
 
     fn availability(&self) -> Availability {
-        let mut acks: Vec<(f64, f64)> = self
+        let mut acks: Vec<(f64, f64, Option<Tp>)> = self
             .sends
             .values()
             .filter(|s| s.outcome == Outcome::Ok)
-            .map(|s| (self.since_start(s.invoked_ms), self.since_start(s.done_ms)))
+            .map(|s| {
+                let (invoked, done) = (self.since_start(s.invoked_ms), self.since_start(s.done_ms));
+                (invoked, done, s.tp)
+            })
             .collect();
         acks.sort_by(|a, b| a.1.total_cmp(&b.1));
         let mut per_second: Vec<u64> = Vec::new();
-        for &(_, done) in &acks {
+        for &(_, done, _) in &acks {
             let second = (done.max(0.0) / 1000.0) as usize;
             if per_second.len() <= second {
                 per_second.resize(second + 1, 0);
@@ -664,12 +673,13 @@ impl Checker {
         let faults: Vec<FaultRecovery> = self
             .faults
             .iter()
-            .map(|(time, fault)| {
+            .map(|(time, fault, aimed)| {
                 let at = self.since_start(*time);
+                // A fault that names its partition recovers when that partition acknowledges.
                 let recovered = acks
                     .iter()
-                    .filter(|(invoked, _)| *invoked >= at)
-                    .map(|(_, done)| done - at)
+                    .filter(|(invoked, _, tp)| *invoked >= at && (aimed.is_none() || tp == aimed))
+                    .map(|(_, done, _)| done - at)
                     .min_by(f64::total_cmp);
                 FaultRecovery {
                     at_ms: at,

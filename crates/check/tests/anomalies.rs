@@ -300,6 +300,34 @@ fn availability_counts_acknowledgements_per_second_and_recovery_after_faults() {
 }
 
 #[test]
+fn a_fault_that_names_its_partition_recovers_when_that_partition_acknowledges() {
+    let mut h = H::default();
+    h.sent(1, "a", 0);
+    let mut fault = event(Type::Info, Op::Fault, 0, 100.0);
+    fault.value = Some("kill -9 the leader of t-0".into());
+    fault.topic = Some("t".into());
+    fault.partition = Some(0);
+    h.events.push(fault);
+    // Partition 1 acknowledges at once; partition 0 only 900 ms after the fault.
+    h.now = 150.0;
+    h.push(Type::Invoke, Op::Send, 1, "b", None);
+    h.push(Type::Ok, Op::Send, 1, "b", Some((1, 0)));
+    h.push(Type::Invoke, Op::Send, 1, "c", None);
+    h.now = 999.0;
+    h.push(Type::Ok, Op::Send, 1, "c", Some((0, 1)));
+    h.drain("a", 0);
+    h.push(Type::Ok, Op::Drain, 99, "c", Some((0, 1)));
+    h.push(Type::Ok, Op::Drain, 99, "b", Some((1, 0)));
+    let verdict = h.check();
+    assert_only(&verdict, &[]);
+    // Times count from the first event (1 ms).
+    assert_eq!(
+        verdict.availability.faults[0].recovered_after_ms,
+        Some(900.0)
+    );
+}
+
+#[test]
 fn a_broken_history_is_refused_with_its_line() {
     let text = "{\"type\":\"invoke\",\"f\":\"send\",\"process\":1,\"time\":1,\"value\":\"a\"}\n\n{\"type\":\"ok\",\"f\":\"send\"";
     let err = check_reader(text.as_bytes()).unwrap_err();
