@@ -319,6 +319,30 @@ fn acks_all_records_survive_kill_9() {
 /// included), or nothing if the broker closes the connection instead. Fails after 5 s.
 /// A control producer: one record to `control`-0 at a time, each awaited, for `run`; returns how
 /// many were acknowledged (a failure panics).
+/// A producer writing acks=all records to a new topic `control` (with `configs`) for 6 s, one
+/// at a time, while a test throws bad input at the broker: how many were acknowledged.
+pub(crate) fn start_control_producer(
+    rt: &tokio::runtime::Runtime,
+    addr: &str,
+    configs: &[(String, String)],
+) -> tokio::task::JoinHandle<u64> {
+    let (addr, configs) = (addr.to_string(), configs.to_vec());
+    rt.spawn(async move {
+        Admin::connect(&addr)
+            .await
+            .unwrap()
+            .create_topic("control", 1, &configs)
+            .await
+            .unwrap();
+        let config = ProducerConfig {
+            linger: Duration::ZERO,
+            ..ProducerConfig::default()
+        };
+        let producer = Producer::connect(&addr, config).await.unwrap();
+        produce_acknowledged_until(&producer, Duration::from_secs(6)).await
+    })
+}
+
 pub(crate) async fn produce_acknowledged_until(producer: &Producer, run: Duration) -> u64 {
     let mut n = 0u64;
     let deadline = std::time::Instant::now() + run;
@@ -401,30 +425,12 @@ fn malformed_input_gets_an_error_or_a_clean_close_while_others_are_served() {
     let dir = tempfile::tempdir().unwrap();
     let broker = BrokerProcess::start(&dir.path().join("data"));
     let rt = runtime();
-    let addr = broker.addr.clone();
     // A control producer keeps producing acks=all through everything below.
-    let control = rt.spawn(async move {
-        Admin::connect(&addr)
-            .await
-            .unwrap()
-            .create_topic(
-                "control",
-                1,
-                &[("max.message.bytes".into(), "10000".into())],
-            )
-            .await
-            .unwrap();
-        let producer = Producer::connect(
-            &addr,
-            ProducerConfig {
-                linger: Duration::ZERO,
-                ..ProducerConfig::default()
-            },
-        )
-        .await
-        .unwrap();
-        produce_acknowledged_until(&producer, Duration::from_secs(6)).await
-    });
+    let control = start_control_producer(
+        &rt,
+        &broker.addr,
+        &[("max.message.bytes".into(), "10000".into())],
+    );
     std::thread::sleep(Duration::from_millis(300));
     let b = broker.addr.as_str();
 

@@ -1069,27 +1069,7 @@ fn the_cluster_requests_and_the_controller_listener_refuse_bad_input_and_keep_se
     let cluster = TestCluster::start(1, "");
     let rt = runtime();
     let addr = cluster.node(1).native.clone();
-    let control = {
-        let addr = addr.clone();
-        rt.spawn(async move {
-            Admin::connect(&addr)
-                .await
-                .unwrap()
-                .create_topic("control", 1, &[])
-                .await
-                .unwrap();
-            let producer = Producer::connect(
-                &addr,
-                ProducerConfig {
-                    linger: Duration::ZERO,
-                    ..ProducerConfig::default()
-                },
-            )
-            .await
-            .unwrap();
-            crate::broker::produce_acknowledged_until(&producer, Duration::from_secs(6)).await
-        })
-    };
+    let control = crate::broker::start_control_producer(&rt, &addr, &[]);
     std::thread::sleep(Duration::from_millis(500));
     let b = addr.as_str();
     use crate::broker::{frame, raw_exchange, response_error};

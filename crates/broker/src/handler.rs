@@ -47,6 +47,17 @@ pub(crate) fn ready(outcome: Outcome) -> Deferred {
 /// One partition's election: topic, partition, and the outcome (an error code and why).
 pub(crate) type Elected = (String, u32, Result<(), (ErrorCode, String)>);
 
+/// The controller's per-partition outcomes with its refusals as wire codes and messages.
+fn outcomes(results: Vec<(String, u32, Result<(), cairn_controller::Rejected>)>) -> Vec<Elected> {
+    results
+        .into_iter()
+        .map(|(topic, partition, result)| {
+            let result = result.map_err(|r| (r.error_code(), r.message));
+            (topic, partition, result)
+        })
+        .collect()
+}
+
 /// A produce request after its appends, waiting for its commits (acks=-1).
 pub(crate) struct Appended {
     results: PerPartition<Produced>,
@@ -298,13 +309,7 @@ impl Handler {
             partitions,
         };
         match self.command(command, "").await? {
-            cairn_controller::Reply::Elected(results) => Ok(results
-                .into_iter()
-                .map(|(topic, partition, result)| {
-                    let result = result.map_err(|r| (r.error_code(), r.message));
-                    (topic, partition, result)
-                })
-                .collect()),
+            cairn_controller::Reply::Elected(results) => Ok(outcomes(results)),
             other => Err(BrokerError::Internal(format!(
                 "unexpected answer to ElectLeaders: {other:?}"
             ))),
@@ -319,16 +324,7 @@ impl Handler {
     ) -> Result<Vec<Elected>, BrokerError> {
         let command = cairn_controller::Command::AlterPartitionReassignments { reassignments };
         match self.command(command, "").await? {
-            cairn_controller::Reply::Reassignments(results) => Ok(results
-                .into_iter()
-                .map(|(topic, partition, result)| {
-                    (
-                        topic,
-                        partition,
-                        result.map_err(|r| (r.error_code(), r.message)),
-                    )
-                })
-                .collect()),
+            cairn_controller::Reply::Reassignments(results) => Ok(outcomes(results)),
             other => Err(BrokerError::Internal(format!(
                 "unexpected answer to AlterPartitionReassignments: {other:?}"
             ))),

@@ -722,36 +722,35 @@ impl Partition {
     /// records below the leader's log start are past every retention the leader applied, and
     /// none of them is above the high watermark the leader knows.
     fn reset_as_follower(&self, leader_log_start: Offset) -> Result<(), BrokerError> {
-        let mut producers = lock(&self.producers);
-        self.log
-            .reset_to(leader_log_start)
-            .map_err(|err| BrokerError::storage(&err))?;
-        *producers = rebuild_producers(&self.log, self.host.clock.unix_ms());
-        drop(producers);
-        if let Replica::Follower(f) = &mut *lock(&self.replica) {
-            f.on_truncated(&LogView(&self.log));
-        }
+        self.rewrite_as_follower(|log| log.reset_to(leader_log_start))?;
         tracing::info!(topic = %self.topic, partition = self.index, log_start = leader_log_start.0, "follower log emptied: it starts again at the leader's log start");
-        self.notify_appended();
         Ok(())
     }
 
     /// Removes what the leader does not have (blocking), and rebuilds the idempotent producers'
     /// state from what stays.
     fn truncate_as_follower(&self, offset: Offset) -> Result<(), BrokerError> {
+        let end = self.rewrite_as_follower(|log| log.truncate_to(offset))?;
+        tracing::info!(topic = %self.topic, partition = self.index, to = offset.0, log_end = end.0, "follower log truncated to the leader's");
+        Ok(())
+    }
+
+    /// Changes the log's past as a follower (blocking): `rewrite` under the producers' lock,
+    /// then the idempotent producers' state rebuilt from what stays and the follower's position
+    /// moved to the new log end.
+    fn rewrite_as_follower<T>(
+        &self,
+        rewrite: impl FnOnce(&Log) -> Result<T, cairn_storage::Fatal>,
+    ) -> Result<T, BrokerError> {
         let mut producers = lock(&self.producers);
-        let end = self
-            .log
-            .truncate_to(offset)
-            .map_err(|err| BrokerError::storage(&err))?;
+        let done = rewrite(&self.log).map_err(|err| BrokerError::storage(&err))?;
         *producers = rebuild_producers(&self.log, self.host.clock.unix_ms());
         drop(producers);
         if let Replica::Follower(f) = &mut *lock(&self.replica) {
             f.on_truncated(&LogView(&self.log));
         }
-        tracing::info!(topic = %self.topic, partition = self.index, to = offset.0, log_end = end.0, "follower log truncated to the leader's");
         self.notify_appended();
-        Ok(())
+        Ok(done)
     }
 
     /// The leader's side of a follower's fetch: checks the leader epoch and the follower's

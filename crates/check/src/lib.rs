@@ -137,6 +137,10 @@ pub const ANOMALIES: [&str; 10] = [
 /// Examples kept per anomaly.
 const EXAMPLES: usize = 8;
 
+/// Longest history accepted, in ms from its first event (the per-second counts are allocated
+/// over the span, so a time from a broken file must not size them).
+pub const SPAN_MS_MAX: f64 = 30.0 * 24.0 * 3600.0 * 1000.0;
+
 /// The checker's verdict.
 #[derive(Debug, Clone, Serialize)]
 pub struct Verdict {
@@ -358,7 +362,13 @@ impl Checker {
 
     fn add(&mut self, event: &Event, line: u64) -> Result<(), String> {
         self.events += 1;
-        self.first_ms.get_or_insert(event.time);
+        let first = *self.first_ms.get_or_insert(event.time);
+        if !event.time.is_finite() || (event.time - first).abs() > SPAN_MS_MAX {
+            return Err(format!(
+                "time {} is not within 30 days of the first event's ({first})",
+                event.time
+            ));
+        }
         let value = || {
             event
                 .value
@@ -431,7 +441,9 @@ impl Checker {
                             json!({"process": c.process_name(process), "partition": c.tp_json(tp), "offset": offset, "after_offset": last, "time_ms": time, "line": line})
                         });
                     }
-                    Some(last) if offset > last + 1 => self.gaps.push((process, tp, last, offset)),
+                    Some(last) if offset > last.saturating_add(1) => {
+                        self.gaps.push((process, tp, last, offset));
+                    }
                     _ => {}
                 }
             }

@@ -339,6 +339,14 @@ fn a_broken_history_is_refused_with_its_line() {
         "{\"type\":\"ok\",\"f\":\"drain\",\"topic\":\"t\",\"partition\":0,\"value\":\"a\"}\n";
     let err = check_reader(no_offset.as_bytes()).unwrap_err();
     assert!(err.message.contains("offset"), "{err}");
+    // A time far from the others (a broken file) is refused rather than sizing the
+    // per-second counts; so is an offset at the very end of the range next to a read before it.
+    let far = "{\"type\":\"invoke\",\"f\":\"send\",\"time\":0,\"value\":\"a\"}\n{\"type\":\"ok\",\"f\":\"send\",\"time\":1e300,\"value\":\"a\",\"topic\":\"t\",\"partition\":0,\"offset\":0}\n";
+    let err = check_reader(far.as_bytes()).unwrap_err();
+    assert_eq!(err.line, 2, "{err}");
+    let mut h = H::default();
+    h.poll(2, "x", u64::MAX - 1).poll(2, "y", u64::MAX);
+    assert_eq!(h.check().anomalies["nonmonotonic-poll"], 0);
     // Names work as processes too.
     let named = "{\"type\":\"invoke\",\"f\":\"send\",\"process\":\"producer-1\",\"value\":\"a\"}\n{\"type\":\"ok\",\"f\":\"send\",\"process\":\"producer-1\",\"value\":\"a\",\"topic\":\"t\",\"partition\":0,\"offset\":0}\n";
     let verdict = check_reader(named.as_bytes()).unwrap();

@@ -576,13 +576,7 @@ impl Log {
                 return Err(self.poison(state, "seal segment", path, source));
             }
         }
-        let segment = match Segment::create(fs, dir, base, &self.config) {
-            Ok(segment) => segment,
-            Err(source) => {
-                let path = dir.join(segment::file_name(base, segment::LOG_SUFFIX));
-                return Err(self.poison(state, "create segment", path, source));
-            }
-        };
+        let segment = self.create_segment(state, base)?;
         // A record acknowledged in the new segment must not vanish because the file's directory
         // entry never reached the disk: the next flush syncs the directory too.
         state.dir_unsynced = true;
@@ -594,6 +588,14 @@ impl Log {
             state.log_start = base;
         }
         Ok(())
+    }
+
+    /// A new empty segment at `base`; a failure poisons the log.
+    fn create_segment(&self, state: &mut State, base: u64) -> Result<Segment, Fatal> {
+        Segment::create(&*self.fs, &self.dir, base, &self.config).map_err(|source| {
+            let path = self.dir.join(segment::file_name(base, segment::LOG_SUFFIX));
+            self.poison(state, "create segment", path, source)
+        })
     }
 
     /// Writes the flushed offset as the recovery point. Callers hold `flush_lock` (one writer of
@@ -1091,13 +1093,7 @@ impl Log {
                 return Err(self.poison(state, "delete segment", path, source));
             }
         }
-        let segment = match Segment::create(fs, dir, offset.0, &self.config) {
-            Ok(segment) => segment,
-            Err(source) => {
-                let path = dir.join(segment::file_name(offset.0, segment::LOG_SUFFIX));
-                return Err(self.poison(state, "create segment", path, source));
-            }
-        };
+        let segment = self.create_segment(state, offset.0)?;
         state.segments.insert(offset.0, segment);
         state.log_start = offset.0;
         state.log_end = offset.0;
