@@ -18,3 +18,4 @@ cargo nextest run --release -p cairn-tests --no-fail-fast \
 CAIRN_SIM_SEEDS=$((1000 * m)) cargo nextest run --release -p cairn-replication --test simulation
 # The fault scenarios judged by the history checker, 70 s each.
 scripts/chaos.sh all --seconds 70
+scripts/chaos.sh all --seconds 70 --client confluent

@@ -5,6 +5,11 @@
 //! watermark, and `cairn-check` must find no anomaly. Every event goes to a JSON-lines history
 //! kept under `target/chaos/` with the verdict.
 //!
+//! The workload is Cairn's client, or with `CAIRN_CHAOS_CLIENT=confluent` (and in the
+//! `chaos_confluent_*` tests) confluent-kafka's: `tests/kafka/chaos.py`, an idempotent producer
+//! and a consumer group of two members that commit, writing their own history on the same clock
+//! (CLOCK_MONOTONIC), merged with the harness's.
+//!
 //! Each scenario runs about `CAIRN_CHAOS_SECONDS` (default 20 in CI; `scripts/chaos.sh` runs
 //! them for 70): warm-up, faults, recovery, drain. Scenarios that cut the network run the
 //! brokers in network namespaces (root, `ip`, `iptables`); without them they say they skipped.
@@ -26,17 +31,125 @@ const TOPIC: &str = "chaos";
 const PARTITIONS: u32 = 3;
 const PRODUCERS: u64 = 2;
 
-/// The history, shared by every workload thread; times in ms since `origin`.
+/// The history, shared by every workload thread; times in ms since `origin` (CLOCK_MONOTONIC,
+/// the clock a workload in another process logs with too).
 struct History {
-    origin: Instant,
+    origin_ns: i128,
     lines: Mutex<Vec<String>>,
 }
 
+fn monotonic_ns() -> i128 {
+    let now = rustix::time::clock_gettime(rustix::time::ClockId::Monotonic);
+    i128::from(now.tv_sec) * 1_000_000_000 + i128::from(now.tv_nsec)
+}
+
 impl History {
+    fn new() -> History {
+        History {
+            origin_ns: monotonic_ns(),
+            lines: Mutex::new(Vec::new()),
+        }
+    }
+
     fn log(&self, mut event: serde_json::Value) {
-        event["time"] = json!(self.origin.elapsed().as_secs_f64() * 1000.0);
+        event["time"] = json!((monotonic_ns() - self.origin_ns) as f64 / 1e6);
         let line = event.to_string();
         self.lines.lock().unwrap().push(line);
+    }
+
+    /// Adds another process's history (JSON lines on the same clock) and orders everything by
+    /// time (stable: one process's events keep their order).
+    fn merge(&self, other: &str) {
+        let mut lines = self.lines.lock().unwrap();
+        lines.extend(
+            other
+                .lines()
+                .filter(|l| !l.trim().is_empty())
+                .map(str::to_string),
+        );
+        let time = |line: &String| {
+            serde_json::from_str::<serde_json::Value>(line)
+                .ok()
+                .and_then(|v| v["time"].as_f64())
+                .unwrap_or(0.0)
+        };
+        let mut timed: Vec<(f64, String)> = lines.drain(..).map(|l| (time(&l), l)).collect();
+        timed.sort_by(|a, b| a.0.total_cmp(&b.0));
+        lines.extend(timed.into_iter().map(|(_, l)| l));
+    }
+}
+
+/// Who produces and consumes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Client {
+    /// Two idempotent Cairn producers and a Cairn consumer reading every partition.
+    Cairn,
+    /// `tests/kafka/chaos.py`: librdkafka's idempotent producer and a group of two consumers
+    /// that commit.
+    Confluent,
+}
+
+impl Client {
+    /// The default workload: Cairn's, unless `CAIRN_CHAOS_CLIENT=confluent`.
+    fn from_env() -> Client {
+        match std::env::var("CAIRN_CHAOS_CLIENT").as_deref() {
+            Ok("confluent") => Client::Confluent,
+            _ => Client::Cairn,
+        }
+    }
+}
+
+/// The confluent-kafka workload, a child process writing its own history until `stop` exists.
+struct ConfluentWorkload {
+    child: std::process::Child,
+    history: tempfile::NamedTempFile,
+    stop: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl ConfluentWorkload {
+    fn start(kafka_bootstrap: &str, history: &History) -> ConfluentWorkload {
+        let dir = tempfile::tempdir().unwrap();
+        let stop = dir.path().join("stop");
+        let file = tempfile::NamedTempFile::new_in(dir.path()).unwrap();
+        let child = std::process::Command::new(crate::kafka::python())
+            .arg(crate::kafka::script("chaos.py"))
+            .args(["--bootstrap", kafka_bootstrap, "--topic", TOPIC])
+            .args([
+                "--partitions",
+                &PARTITIONS.to_string(),
+                "--group",
+                "chaos-group",
+            ])
+            .args(["--origin-ns", &history.origin_ns.to_string()])
+            .arg("--history")
+            .arg(file.path())
+            .arg("--stop")
+            .arg(&stop)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        ConfluentWorkload {
+            child,
+            history: file,
+            stop,
+            _dir: dir,
+        }
+    }
+
+    /// Stops it (it flushes what it holds and reads its group's committed offsets) and merges
+    /// its history.
+    fn finish(self, history: &History) {
+        std::fs::write(&self.stop, b"").unwrap();
+        let out = self.child.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "chaos.py failed\n{}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        history.merge(&std::fs::read_to_string(self.history.path()).unwrap());
     }
 }
 
@@ -191,7 +304,7 @@ fn drain(bootstrap: &str, history: &History) {
 }
 
 /// What a scenario does to the cluster, round after round.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Nemesis {
     /// kill -9 the leader of partition 0, restart it after a second.
     KillLeader,
@@ -213,6 +326,13 @@ enum Nemesis {
     KillController,
     /// kill -9 every broker at once, restart them all after a second.
     KillAll,
+    /// Cut a follower of partition 0 off from every other node for 5 s.
+    IsolateFollower,
+    /// Cut the active controller (a broker too) off from every other node for 5 s.
+    IsolateController,
+    /// Add a fourth broker, then again and again move partition 0's replicas: the broker not
+    /// holding one gets a replica, the leader's is removed (KIP-455 reassignment under load).
+    MovePartition,
     /// kill -9 a follower of partition 0; 2 s later the leader and the other follower; restart
     /// the stale follower alone for 3 s (only an unclean election could make it lead), then the
     /// other two. Runs with a dedicated controller, so the quorum survives.
@@ -232,6 +352,9 @@ impl Nemesis {
             Nemesis::Loss => "loss",
             Nemesis::KillController => "kill-controller",
             Nemesis::KillAll => "kill-all",
+            Nemesis::IsolateFollower => "isolate-follower",
+            Nemesis::IsolateController => "isolate-controller",
+            Nemesis::MovePartition => "move-partition",
         }
     }
 
@@ -243,14 +366,24 @@ impl Nemesis {
     fn needs_netns(self) -> bool {
         matches!(
             self,
-            Nemesis::IsolateLeader | Nemesis::OneWayLeader | Nemesis::Bridge | Nemesis::Loss
+            Nemesis::IsolateLeader
+                | Nemesis::IsolateFollower
+                | Nemesis::IsolateController
+                | Nemesis::OneWayLeader
+                | Nemesis::Bridge
+                | Nemesis::Loss
         )
     }
 }
 
-/// Runs one scenario and requires a clean verdict.
+/// Runs one scenario with the default workload and requires a clean verdict.
 fn run(nemesis: Nemesis) {
-    let Some(verdict) = run_scenario(nemesis, None, "", &[]) else {
+    run_with(nemesis, Client::from_env());
+}
+
+/// Runs one scenario with `client`'s workload and requires a clean verdict.
+fn run_with(nemesis: Nemesis, client: Client) {
+    let Some(verdict) = run_scenario(nemesis, client, None, "", &[]) else {
         return;
     };
     assert!(
@@ -274,7 +407,8 @@ fn run_control(
 ) {
     let toml = format!("{toml}negative_control = \"{control}\"\n");
     for attempt in 1..=3 {
-        let Some(verdict) = run_scenario(nemesis, Some(control), &toml, configs) else {
+        let Some(verdict) = run_scenario(nemesis, Client::Cairn, Some(control), &toml, configs)
+        else {
             return;
         };
         let found = verdict.anomalies.get(expected).copied().unwrap_or(0);
@@ -298,6 +432,7 @@ fn run_control(
 /// network namespaces and this machine has none).
 fn run_scenario(
     nemesis: Nemesis,
+    client: Client,
     control: Option<&str>,
     extra_toml: &str,
     configs: &[(&str, &str)],
@@ -340,10 +475,15 @@ fn run_scenario(
             ],
             vec![2, 3, 4],
         )
+    } else if nemesis == Nemesis::MovePartition {
+        // The fourth broker joins at the first round.
+        let mut roles = vec![Roles::Combined; 3];
+        roles.push(Roles::Broker);
+        (roles, vec![1, 2, 3, 4])
     } else {
         (vec![Roles::Combined; 3], vec![1, 2, 3])
     };
-    let mut cluster = TestCluster::start_roles_in(netns.as_ref(), &roles, &toml);
+    let mut cluster = TestCluster::start_first_in(netns.as_ref(), &roles, &toml, 3);
     let rt = runtime();
     rt.block_on(async {
         let admin = cairn_client::Admin::connect(&cluster.bootstrap_except(None))
@@ -360,26 +500,35 @@ fn run_scenario(
     });
     let bootstrap = cluster.bootstrap_except(None);
     wait_isr(&bootstrap, &rt, TOPIC, 3);
-    let history = Arc::new(History {
-        origin: Instant::now(),
-        lines: Mutex::new(Vec::new()),
-    });
+    let history = Arc::new(History::new());
     let stop = Arc::new(AtomicBool::new(false));
     let mut workers = Vec::new();
-    for p in 1..=PRODUCERS {
-        workers.push(produce(
-            bootstrap.clone(),
-            p,
-            Arc::clone(&history),
-            Arc::clone(&stop),
-        ));
+    let mut confluent = None;
+    match client {
+        Client::Cairn => {
+            for p in 1..=PRODUCERS {
+                workers.push(produce(
+                    bootstrap.clone(),
+                    p,
+                    Arc::clone(&history),
+                    Arc::clone(&stop),
+                ));
+            }
+            workers.push(consume(
+                bootstrap.clone(),
+                100,
+                Arc::clone(&history),
+                Arc::clone(&stop),
+            ));
+        }
+        Client::Confluent => {
+            let kafka: Vec<String> = brokers
+                .iter()
+                .map(|&n| cluster.node(n).kafka.clone())
+                .collect();
+            confluent = Some(ConfluentWorkload::start(&kafka.join(","), &history));
+        }
     }
-    workers.push(consume(
-        bootstrap.clone(),
-        100,
-        Arc::clone(&history),
-        Arc::clone(&stop),
-    ));
 
     // Warm-up, then faults for about half the time, then recovery.
     let started = Instant::now();
@@ -393,13 +542,16 @@ fn run_scenario(
             continue;
         };
         let target = match nemesis {
-            Nemesis::KillController => rt.block_on(async {
+            Nemesis::KillController | Nemesis::IsolateController => rt.block_on(async {
                 let admin = cairn_client::Admin::connect(&cluster.bootstrap_except(None))
                     .await
                     .unwrap();
                 crate::cluster::active_controller(&admin).await
             }),
-            Nemesis::KillFollower | Nemesis::Cascade | Nemesis::Bridge => brokers
+            Nemesis::KillFollower
+            | Nemesis::IsolateFollower
+            | Nemesis::Cascade
+            | Nemesis::Bridge => brokers
                 .iter()
                 .copied()
                 .find(|n| *n != leader)
@@ -491,14 +643,45 @@ fn run_scenario(
                 std::thread::sleep(Duration::from_secs(4));
                 cluster.process(leader).signal("CONT");
             }
-            Nemesis::IsolateLeader => {
+            Nemesis::IsolateLeader | Nemesis::IsolateFollower | Nemesis::IsolateController => {
                 let netns = netns.as_ref().unwrap();
-                for other in brokers.iter().copied().filter(|n| *n != leader) {
-                    netns.cut(leader, other);
+                for other in (1..=roles.len() as u32).filter(|n| *n != target) {
+                    netns.cut(target, other);
                 }
                 in_effect();
                 std::thread::sleep(Duration::from_secs(5));
-                netns.heal(leader);
+                netns.heal(target);
+            }
+            Nemesis::MovePartition => {
+                let all = cluster.bootstrap_except(None);
+                if !cluster.running(4) {
+                    cluster.start_node(4);
+                    cluster.wait_ready(4);
+                }
+                let replicas = rt.block_on(async {
+                    let admin = cairn_client::Admin::connect(&all).await.unwrap();
+                    let metadata = admin.metadata(&[TOPIC.to_string()]).await.unwrap();
+                    metadata.topics[0].partitions[0].replicas.clone()
+                });
+                let spare = brokers.iter().copied().find(|n| !replicas.contains(n));
+                let target: Vec<u32> = replicas
+                    .iter()
+                    .map(|&r| if r == leader { spare.unwrap_or(r) } else { r })
+                    .collect();
+                let results = rt.block_on(async {
+                    let admin = cairn_client::Admin::connect(&all).await.unwrap();
+                    admin
+                        .reassign(&[(TOPIC.to_string(), 0, Some(target.clone()))])
+                        .await
+                        .unwrap()
+                });
+                assert_eq!(
+                    results[0].2,
+                    cairn_protocol::native::ErrorCode::NONE,
+                    "{replicas:?} -> {target:?}: {results:?}"
+                );
+                in_effect();
+                crate::replication::wait_replicas(&all, &rt, TOPIC, &target);
             }
         }
         history.log(json!({"type": "info", "f": "heal", "value": what}));
@@ -511,6 +694,9 @@ fn run_scenario(
     stop.store(true, Ordering::Relaxed);
     for worker in workers {
         worker.join().unwrap();
+    }
+    if let Some(confluent) = confluent {
+        confluent.finish(&history);
     }
     // A sound cluster heals: every replica back in sync. One with a broken rule may not (its
     // replicas disagree); its drain reads what the leader serves.
@@ -526,10 +712,13 @@ fn run_scenario(
     let verdict = cairn_check::check_reader(text.as_bytes()).unwrap();
     let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("chaos");
     std::fs::create_dir_all(&dir).unwrap();
-    let name = match control {
+    let mut name = match control {
         Some(control) => format!("{}-{control}", nemesis.name()),
         None => nemesis.name().to_string(),
     };
+    if client == Client::Confluent {
+        name.push_str("-confluent");
+    }
     let history_path = dir.join(format!("{name}.jsonl"));
     std::fs::write(&history_path, &text).unwrap();
     let verdict_text = serde_json::to_string_pretty(&verdict).unwrap();
@@ -539,7 +728,7 @@ fn run_scenario(
     let a = &verdict.availability;
     println!(
         "{name}: {rounds} faults in {total} s; {} sends, {} acknowledged, {} unknown, {} failed; {} \
-         polled, {} drained; recovery after a fault p50 {:?} ms, p99 {:?} ms, max {:?} ms; \
+         polled, {} drained, {} commits; recovery after a fault p50 {:?} ms, p99 {:?} ms, max {:?} ms; \
          anomalies: {}; history {}",
         s.sends,
         s.acknowledged,
@@ -547,6 +736,7 @@ fn run_scenario(
         s.failed,
         s.polled,
         s.drained,
+        s.commits,
         a.recovery_p50_ms.map(|v| v.round()),
         a.recovery_p99_ms.map(|v| v.round()),
         a.recovery_max_ms.map(|v| v.round()),
@@ -559,6 +749,9 @@ fn run_scenario(
     );
     assert!(rounds > 0, "no fault was injected");
     assert!(s.acknowledged > 0 && s.drained > 0);
+    if client == Client::Confluent {
+        assert!(s.commits > 0, "the group committed nothing");
+    }
     Some(verdict)
 }
 
@@ -613,6 +806,31 @@ fn chaos_isolate_leader() {
 }
 
 #[test]
+fn chaos_isolate_follower() {
+    run(Nemesis::IsolateFollower);
+}
+
+#[test]
+fn chaos_isolate_controller() {
+    run(Nemesis::IsolateController);
+}
+
+#[test]
+fn chaos_move_partition() {
+    run(Nemesis::MovePartition);
+}
+
+#[test]
+fn chaos_confluent_kill_leader() {
+    run_with(Nemesis::KillLeader, Client::Confluent);
+}
+
+#[test]
+fn chaos_confluent_isolate_leader() {
+    run_with(Nemesis::IsolateLeader, Client::Confluent);
+}
+
+#[test]
 fn negative_control_acks_on_the_leaders_log_end_loses_acknowledged_records() {
     run_control(Nemesis::IsolateLeader, "acks-on-log-end", "", &[], "lost");
 }
@@ -636,6 +854,20 @@ fn negative_control_unclean_elections_by_default_lose_acknowledged_records() {
         "",
         &[],
         "lost",
+    );
+}
+
+#[test]
+fn negative_control_followers_keeping_divergent_logs_serve_inconsistent_offsets() {
+    // The isolated leader appends records its followers never get; once healed it follows the
+    // new leader without truncating them, and leads again in the next round (it is the
+    // preferred replica): its stale records sit at offsets that hold other values elsewhere.
+    run_control(
+        Nemesis::IsolateLeader,
+        "followers-keep-divergent-logs",
+        "",
+        &[],
+        "inconsistent-offset",
     );
 }
 

@@ -76,6 +76,17 @@ impl TestCluster {
         roles: &[Roles],
         toml: &str,
     ) -> TestCluster {
+        TestCluster::start_first_in(netns, roles, toml, roles.len() as u32)
+    }
+
+    /// [`TestCluster::start_roles_in`], starting only nodes `1..=running` (the others can be
+    /// added later with [`TestCluster::start_node`]).
+    pub(crate) fn start_first_in(
+        netns: Option<&Netns>,
+        roles: &[Roles],
+        toml: &str,
+        running: u32,
+    ) -> TestCluster {
         let n = roles.len() as u32;
         let dir = tempfile::tempdir().unwrap();
         let nodes: Vec<Node> = (1..=n)
@@ -124,10 +135,10 @@ impl TestCluster {
                 "a voter alone in a quorum of {n_voters} says it is ready: {status}"
             );
         }
-        for id in 2..=n {
+        for id in 2..=running {
             cluster.start_node(id);
         }
-        for id in 1..=n {
+        for id in 1..=running {
             cluster.wait_ready(id);
         }
         cluster
@@ -135,6 +146,11 @@ impl TestCluster {
 
     pub(crate) fn node(&self, id: u32) -> &Node {
         &self.nodes[id as usize - 1]
+    }
+
+    /// Whether node `id`'s process runs (started, not killed or stopped).
+    pub(crate) fn running(&self, id: u32) -> bool {
+        self.node(id).process.is_some()
     }
 
     pub(crate) fn process(&self, id: u32) -> &BrokerProcess {

@@ -1137,7 +1137,7 @@ fn leaders_return_to_preferred_replicas_when_an_operator_asks() {
 
 /// Waits until partition 0 of `topic` has exactly `replicas` (in any order), all in sync, and no
 /// reassignment under way; returns how long it took.
-fn wait_replicas(
+pub(crate) fn wait_replicas(
     bootstrap: &str,
     rt: &tokio::runtime::Runtime,
     topic: &str,

@@ -19,4 +19,8 @@ pub enum NegativeControl {
     /// Topics created without `unclean.leader.election.enable` get it on (as if that were the
     /// default).
     UncleanElectionByDefault,
+    /// Followers never truncate where their log diverges from the leader's: each fetch claims
+    /// its log ends in the leader's current epoch, so the leader's divergence check passes and
+    /// the follower appends the leader's records after its own stale ones (KIP-101's bug).
+    FollowersKeepDivergentLogs,
 }

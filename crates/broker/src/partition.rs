@@ -659,11 +659,17 @@ impl Partition {
     /// (leader, leader epoch, position).
     pub(crate) fn follower_position(&self) -> Option<(u32, u32, FetchPosition)> {
         match &*lock(&self.replica) {
-            Replica::Follower(f) => Some((
-                f.leader(),
-                f.leader_epoch(),
-                f.position(&LogView(&self.log)),
-            )),
+            Replica::Follower(f) => {
+                let mut position = f.position(&LogView(&self.log));
+                if position.last_fetched_epoch.is_some()
+                    && self
+                        .host
+                        .breaks(NegativeControl::FollowersKeepDivergentLogs)
+                {
+                    position.last_fetched_epoch = Some(f.leader_epoch());
+                }
+                Some((f.leader(), f.leader_epoch(), position))
+            }
             _ => None,
         }
     }

@@ -22,6 +22,10 @@
 //! - **nonmonotonic-poll**: one consumer reading a partition's offsets out of order (since its
 //!   last `assign`);
 //! - **poll-skip**: one consumer jumping over offsets the drain holds;
+//! - **group-skip**: a record below an offset its consumer group committed (acknowledged) that
+//!   no member of the group received: the group moved past a record it never processed;
+//! - **lost-commit**: a group's committed offset, read after the faults healed (`committed`),
+//!   below one it committed with an acknowledgement;
 //!
 //! plus availability: acknowledged sends per second, and the time from each fault to the first
 //! acknowledgement of a send invoked after it.
@@ -55,8 +59,11 @@ pub enum Op {
     Send,
     /// One record a consumer received.
     Poll,
-    /// A consumer's offset commit (recorded; not checked yet).
+    /// A consumer group's offset commit: `offset` is the next offset to read (Kafka's
+    /// convention), `group` the group.
     Commit,
+    /// A group's committed offset, read after the faults healed.
+    Committed,
     /// One record of the final read after the faults healed.
     Drain,
     /// A consumer's new assignment or seek: its order checks start over.
@@ -118,10 +125,13 @@ pub struct Event {
     /// An error, for fail and info.
     #[serde(default)]
     pub error: Option<String>,
+    /// The consumer group of a poll, commit or committed event.
+    #[serde(default)]
+    pub group: Option<String>,
 }
 
 /// Every anomaly the checker knows, in report order.
-pub const ANOMALIES: [&str; 10] = [
+pub const ANOMALIES: [&str; 12] = [
     "lost",
     "lost-write",
     "duplicate",
@@ -132,6 +142,8 @@ pub const ANOMALIES: [&str; 10] = [
     "nonmonotonic-send",
     "nonmonotonic-poll",
     "poll-skip",
+    "group-skip",
+    "lost-commit",
 ];
 
 /// Examples kept per anomaly.
@@ -173,6 +185,8 @@ pub struct Stats {
     pub polled: u64,
     /// Records the final read holds.
     pub drained: u64,
+    /// Offset commits acknowledged.
+    pub commits: u64,
     /// Whether a final read is in the history (without one, lost and read-then-lost cannot be
     /// judged and are not reported).
     pub has_drain: bool,
@@ -312,6 +326,18 @@ struct Checker {
     drain: HashMap<Tp, BTreeMap<u64, String>>,
     polled: u64,
     drained: u64,
+    acknowledged_commits: u64,
+    /// Consumer groups, interned.
+    groups: HashMap<String, u32>,
+    group_names: Vec<String>,
+    /// Per group and partition, the offsets its members received.
+    group_polled: HashMap<(u32, Tp), Vec<u64>>,
+    /// Per group and partition, the highest acknowledged commit: (offset, line).
+    commits: HashMap<(u32, Tp), (u64, u64)>,
+    /// Per group and partition, the committed offset read after healing.
+    committed: HashMap<(u32, Tp), u64>,
+    /// Groups whose committed offsets were read after healing.
+    committed_read: Vec<u32>,
     /// (time, description, the partition it aims at, if the event names one).
     faults: Vec<(f64, String, Option<Tp>)>,
     counts: BTreeMap<&'static str, u64>,
@@ -330,6 +356,17 @@ impl Checker {
             self.process_names.push(name);
             next
         })
+    }
+
+    fn group(&mut self, event: &Event) -> Option<u32> {
+        let name = event.group.as_ref()?;
+        if let Some(&id) = self.groups.get(name) {
+            return Some(id);
+        }
+        let id = self.group_names.len() as u32;
+        self.groups.insert(name.clone(), id);
+        self.group_names.push(name.clone());
+        Some(id)
     }
 
     fn tp(&mut self, event: &Event) -> Result<Tp, String> {
@@ -429,6 +466,12 @@ impl Checker {
                 let (value, offset, tp) = (value()?, offset()?, self.tp(event)?);
                 let process = self.process(&event.process);
                 self.polled += 1;
+                if let Some(group) = self.group(event) {
+                    self.group_polled
+                        .entry((group, tp))
+                        .or_default()
+                        .push(offset);
+                }
                 self.reads
                     .entry(value)
                     .or_default()
@@ -457,6 +500,27 @@ impl Checker {
                     .push((tp, offset));
                 self.drain.entry(tp).or_default().insert(offset, value);
             }
+            (Op::Commit, Type::Ok) | (Op::Committed, Type::Ok) => {
+                let (offset, tp) = (offset()?, self.tp(event)?);
+                let Some(group) = self.group(event) else {
+                    return Err(format!(
+                        "a {:?} {:?} event needs a group",
+                        event.kind, event.f
+                    ));
+                };
+                if event.f == Op::Commit {
+                    self.acknowledged_commits += 1;
+                    let highest = self.commits.entry((group, tp)).or_insert((offset, line));
+                    if offset > highest.0 {
+                        *highest = (offset, line);
+                    }
+                } else {
+                    if !self.committed_read.contains(&group) {
+                        self.committed_read.push(group);
+                    }
+                    self.committed.insert((group, tp), offset);
+                }
+            }
             (Op::Assign, _) => {
                 let process = self.process(&event.process);
                 self.last_polled.retain(|(p, _), _| *p != process);
@@ -470,7 +534,8 @@ impl Checker {
                 self.faults
                     .push((at, event.value.clone().unwrap_or_default(), tp));
             }
-            // Poll invokes, failed polls, commits and heals carry nothing to check yet.
+            // Poll invokes, failed polls, unacknowledged commits and heals carry nothing to
+            // check.
             _ => {}
         }
         Ok(())
@@ -509,6 +574,7 @@ impl Checker {
             sends: self.sends.len() as u64,
             polled: self.polled,
             drained: self.drained,
+            commits: self.acknowledged_commits,
             has_drain,
             ..Stats::default()
         };
@@ -643,6 +709,7 @@ impl Checker {
                 ));
             }
         }
+        self.check_groups(&mut found);
         for (anomaly, example) in found {
             self.flag(anomaly, move |_| example);
         }
@@ -658,6 +725,48 @@ impl Checker {
             examples: self.examples,
             stats,
             availability,
+        }
+    }
+
+    /// group-skip and lost-commit.
+    fn check_groups(&mut self, found: &mut Vec<(&'static str, Value)>) {
+        for polled in self.group_polled.values_mut() {
+            polled.sort_unstable();
+            polled.dedup();
+        }
+        let mut commits: Vec<((u32, Tp), (u64, u64))> =
+            self.commits.iter().map(|(k, v)| (*k, *v)).collect();
+        commits.sort_unstable();
+        for ((group, tp), (commit, line)) in commits {
+            let name = self
+                .group_names
+                .get(group as usize)
+                .map_or("?", String::as_str);
+            let polled = self
+                .group_polled
+                .get(&(group, tp))
+                .map_or(&[][..], Vec::as_slice);
+            if let Some(drain) = self.drain.get(&tp) {
+                for (&offset, value) in drain.range(..commit) {
+                    if polled.binary_search(&offset).is_err() {
+                        found.push((
+                            "group-skip",
+                            json!({"group": name, "partition": self.tp_json(tp), "offset": offset,
+                                   "value": value, "committed": commit, "commit_line": line}),
+                        ));
+                    }
+                }
+            }
+            if self.committed_read.contains(&group) {
+                let read = self.committed.get(&(group, tp)).copied();
+                if read.is_none_or(|read| read < commit) {
+                    found.push((
+                        "lost-commit",
+                        json!({"group": name, "partition": self.tp_json(tp), "acknowledged": commit,
+                               "commit_line": line, "committed_after_healing": read}),
+                    ));
+                }
+            }
         }
     }
 

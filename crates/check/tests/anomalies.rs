@@ -18,6 +18,7 @@ fn event(kind: Type, f: Op, process: u64, time: f64) -> Event {
         producer_id: None,
         sequence: None,
         error: None,
+        group: None,
     }
 }
 
@@ -84,6 +85,26 @@ impl H {
         self.now += 1.0;
         self.events
             .push(event(Type::Info, Op::Assign, process, self.now));
+        self
+    }
+
+    /// A member of group "g" receiving `value` at `offset` of partition 0.
+    fn group_poll(&mut self, process: u64, value: &str, offset: u64) -> &mut Self {
+        self.poll(process, value, offset);
+        self.events.last_mut().unwrap().group = Some("g".into());
+        self
+    }
+
+    /// Group "g" committing `offset` (the next to read) of partition 0: `f` is `Commit` (by
+    /// `process`, with `kind` its outcome) or `Committed` (read after healing).
+    fn commit(&mut self, f: Op, kind: Type, process: u64, offset: u64) -> &mut Self {
+        self.now += 1.0;
+        let mut e = event(kind, f, process, self.now);
+        e.topic = Some("t".into());
+        e.partition = Some(0);
+        e.offset = Some(offset);
+        e.group = Some("g".into());
+        self.events.push(e);
         self
     }
 
@@ -269,6 +290,63 @@ fn poll_skip_a_consumer_jumping_over_a_record() {
     h.poll(2, "a", 0).poll(2, "c", 2);
     h.drain("a", 0).drain("c", 2);
     assert_only(&h.check(), &[]);
+}
+
+#[test]
+fn group_skip_a_group_committing_past_a_record_no_member_received() {
+    let base = || {
+        let mut h = H::default();
+        h.sent(1, "a", 0).sent(1, "b", 1).sent(1, "c", 2);
+        // Two members: one read a, the partition moved, the other read c. Nobody read b.
+        h.group_poll(2, "a", 0)
+            .commit(Op::Commit, Type::Ok, 2, 1)
+            .group_poll(3, "c", 2);
+        h.drain("a", 0).drain("b", 1).drain("c", 2);
+        h
+    };
+    // Committed up to a: nothing skipped yet; a commit that failed or is unknown says nothing.
+    assert_only(&base().check(), &[]);
+    let mut h = base();
+    h.commit(Op::Commit, Type::Invoke, 3, 3)
+        .commit(Op::Commit, Type::Fail, 3, 3);
+    assert_only(&h.check(), &[]);
+    // Acknowledged past b: the group skipped it.
+    let mut h = base();
+    h.commit(Op::Commit, Type::Invoke, 3, 3)
+        .commit(Op::Commit, Type::Ok, 3, 3);
+    let verdict = h.check();
+    assert_only(&verdict, &[("group-skip", 1)]);
+    assert_eq!(verdict.examples["group-skip"][0]["value"], "b");
+    // Had the first member read b too, nothing is skipped.
+    let mut h = base();
+    h.group_poll(2, "b", 1).commit(Op::Commit, Type::Ok, 3, 3);
+    assert_only(&h.check(), &[]);
+}
+
+#[test]
+fn lost_commit_a_committed_offset_below_an_acknowledged_commit() {
+    let base = || {
+        let mut h = clean();
+        h.group_poll(4, "a", 0)
+            .group_poll(4, "b", 1)
+            .commit(Op::Commit, Type::Ok, 4, 2);
+        h
+    };
+    // Not read after healing: not judged.
+    assert_only(&base().check(), &[]);
+    let mut h = base();
+    h.commit(Op::Committed, Type::Ok, 0, 2);
+    assert_only(&h.check(), &[]);
+    let mut h = base();
+    h.commit(Op::Committed, Type::Ok, 0, 1);
+    let verdict = h.check();
+    assert_only(&verdict, &[("lost-commit", 1)]);
+    assert_eq!(verdict.examples["lost-commit"][0]["acknowledged"], 2);
+    // A group whose committed offsets were read, missing this partition's: lost too.
+    let mut h = base();
+    h.commit(Op::Committed, Type::Ok, 0, 2);
+    h.events.last_mut().unwrap().partition = Some(7);
+    assert_only(&h.check(), &[("lost-commit", 1)]);
 }
 
 #[test]

@@ -40,10 +40,16 @@ struct Options {
     power_loss: bool,
     /// The negative control: the high watermark on the leader's log end alone.
     broken_hw: bool,
+    /// The negative control: followers claim their log ends in the leader's epoch, so they
+    /// never truncate where they diverge.
+    broken_truncation: bool,
 }
 
 impl Options {
     fn mode(&self) -> &'static str {
+        if self.broken_truncation {
+            return "no-truncation";
+        }
         match (self.durability, self.power_loss, self.broken_hw) {
             (_, _, true) => "leader-alone",
             (Durability::Flushed, _, _) => "durable",
@@ -58,12 +64,14 @@ impl Options {
             "in-memory" => (Durability::InMemory, false, false),
             "in-memory-power-loss" => (Durability::InMemory, true, false),
             "leader-alone" => (Durability::Flushed, false, true),
+            "no-truncation" => (Durability::Flushed, false, false),
             other => panic!("unknown mode {other}"),
         };
         Options {
             durability,
             power_loss,
             broken_hw,
+            broken_truncation: mode == "no-truncation",
         }
     }
 }
@@ -539,13 +547,17 @@ impl Sim {
                 if stale {
                     self.seq += 1;
                     node.fetching = Some((self.seq, now));
+                    let mut position = f.position(&node.log);
+                    if self.options.broken_truncation && position.last_fetched_epoch.is_some() {
+                        position.last_fetched_epoch = Some(f.leader_epoch());
+                    }
                     out.push((
                         f.leader(),
                         Msg::Fetch {
                             from: id,
                             epoch: f.leader_epoch(),
                             seq: self.seq,
-                            position: f.position(&node.log),
+                            position,
                         },
                     ));
                 }
@@ -954,6 +966,11 @@ fn must_fail(options: Options, n: u64) {
 #[test]
 fn negative_control_a_high_watermark_on_the_leader_alone_loses_acknowledged_records() {
     must_fail(Options::from_mode("leader-alone"), 50);
+}
+
+#[test]
+fn negative_control_followers_that_never_truncate_break_the_committed_log() {
+    must_fail(Options::from_mode("no-truncation"), 100);
 }
 
 #[test]
