@@ -303,6 +303,53 @@ fn drain(bootstrap: &str, history: &History) {
     });
 }
 
+/// A size-limited tmpfs mounted on a broker's data directory (root only): a real full disk.
+struct Tmpfs {
+    dir: std::path::PathBuf,
+}
+
+impl Tmpfs {
+    const FILL: &str = "chaos-fill";
+
+    fn mount(dir: &std::path::Path, bytes: u64) -> Result<Tmpfs, String> {
+        std::fs::create_dir_all(dir).map_err(|e| e.to_string())?;
+        let out = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={bytes}"), "tmpfs"])
+            .arg(dir)
+            .output()
+            .map_err(|e| e.to_string())?;
+        if !out.status.success() {
+            return Err(String::from_utf8_lossy(&out.stderr).trim().to_string());
+        }
+        Ok(Tmpfs {
+            dir: dir.to_path_buf(),
+        })
+    }
+
+    /// Takes all but `leave` bytes of what is available with a file of reserved blocks.
+    fn fill_to(&self, leave: u64) {
+        let stat = rustix::fs::statvfs(&self.dir).unwrap();
+        let available = stat.f_bavail * stat.f_frsize;
+        let file = std::fs::File::create(self.dir.join(Self::FILL)).unwrap();
+        let len = available.saturating_sub(leave);
+        rustix::fs::fallocate(&file, rustix::fs::FallocateFlags::empty(), 0, len).unwrap();
+    }
+
+    fn free(&self) {
+        std::fs::remove_file(self.dir.join(Self::FILL)).unwrap();
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        // Lazily: the broker may still hold files open until the cluster is dropped.
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.dir)
+            .status();
+    }
+}
+
 /// What a scenario does to the cluster, round after round.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Nemesis {
@@ -333,6 +380,9 @@ enum Nemesis {
     /// Add a fourth broker, then again and again move partition 0's replicas: the broker not
     /// holding one gets a replica, the leader's is removed (KIP-455 reassignment under load).
     MovePartition,
+    /// Fill the leader's disk (each broker's data directory is a 512 MiB tmpfs) to below its
+    /// `storage_min_free_bytes` (32 MiB) for 5 s, then free the space.
+    DiskFull,
     /// kill -9 a follower of partition 0; 2 s later the leader and the other follower; restart
     /// the stale follower alone for 3 s (only an unclean election could make it lead), then the
     /// other two. Runs with a dedicated controller, so the quorum survives.
@@ -355,6 +405,7 @@ impl Nemesis {
             Nemesis::IsolateFollower => "isolate-follower",
             Nemesis::IsolateController => "isolate-controller",
             Nemesis::MovePartition => "move-partition",
+            Nemesis::DiskFull => "disk-full",
         }
     }
 
@@ -483,7 +534,27 @@ fn run_scenario(
     } else {
         (vec![Roles::Combined; 3], vec![1, 2, 3])
     };
-    let mut cluster = TestCluster::start_first_in(netns.as_ref(), &roles, &toml, 3);
+    let toml = if nemesis == Nemesis::DiskFull {
+        format!("{toml}storage_min_free_bytes = {}\n", 32 << 20)
+    } else {
+        toml
+    };
+    let mut cluster = TestCluster::plan(netns.as_ref(), &roles, &toml);
+    // Each broker's data directory on a file system of its own, for disk-full (declared after
+    // the cluster: unmounted before its directories are removed).
+    let mut disks = Vec::new();
+    if nemesis == Nemesis::DiskFull {
+        for &id in &brokers {
+            match Tmpfs::mount(&cluster.node(id).dir, 512 << 20) {
+                Ok(disk) => disks.push(disk),
+                Err(why) => {
+                    println!("SKIPPED disk-full: cannot mount a tmpfs ({why}); run as root");
+                    return None;
+                }
+            }
+        }
+    }
+    cluster.start_planned(3);
     let rt = runtime();
     rt.block_on(async {
         let admin = cairn_client::Admin::connect(&cluster.bootstrap_except(None))
@@ -652,6 +723,16 @@ fn run_scenario(
                 std::thread::sleep(Duration::from_secs(5));
                 netns.heal(target);
             }
+            Nemesis::DiskFull => {
+                let disk = disks
+                    .iter()
+                    .find(|d| d.dir == cluster.node(leader).dir)
+                    .unwrap();
+                disk.fill_to(16 << 20);
+                in_effect();
+                std::thread::sleep(Duration::from_secs(5));
+                disk.free();
+            }
             Nemesis::MovePartition => {
                 let all = cluster.bootstrap_except(None);
                 if !cluster.running(4) {
@@ -818,6 +899,107 @@ fn chaos_isolate_controller() {
 #[test]
 fn chaos_move_partition() {
     run(Nemesis::MovePartition);
+}
+
+#[test]
+fn chaos_disk_full() {
+    run(Nemesis::DiskFull);
+}
+
+/// A single broker whose data directory fills up: appends are refused with a retriable
+/// KAFKA_STORAGE_ERROR and nothing is written, reads go on, and appends resume by themselves once
+/// space is freed (no restart: the log was never poisoned).
+#[test]
+fn a_full_disk_refuses_appends_keeps_serving_reads_and_resumes_once_space_is_freed() {
+    use cairn_protocol::native::ErrorCode;
+
+    use crate::replication::produce_once;
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let disk = match Tmpfs::mount(&data, 128 << 20) {
+        Ok(disk) => disk,
+        Err(why) => {
+            println!("SKIPPED: cannot mount a tmpfs ({why}); run as root");
+            return;
+        }
+    };
+    let broker = crate::broker_process::BrokerProcess::start_with_config(
+        &data,
+        &format!("storage_min_free_bytes = {}\n", 32 << 20),
+    );
+    let rt = runtime();
+    let (code, _) = rt.block_on(produce_once(&broker.addr, "full", 1, "before"));
+    assert_eq!(code, ErrorCode::NONE);
+    disk.fill_to(16 << 20);
+    let refused_after = Instant::now();
+    // Accepted until the guard's next look at the disk (at most 100 ms), then refused.
+    let mut attempt = 0;
+    let refused = loop {
+        attempt += 1;
+        let value = format!("try-{attempt}");
+        let (code, _) = rt.block_on(produce_once(&broker.addr, "full", 1, &value));
+        if code == ErrorCode::KAFKA_STORAGE_ERROR {
+            break value;
+        }
+        assert_eq!(code, ErrorCode::NONE);
+        assert!(
+            refused_after.elapsed() < Duration::from_secs(2),
+            "appends still accepted with 16 MiB free"
+        );
+    };
+    let refused_in = refused_after.elapsed();
+    // Reads go on.
+    let values = rt.block_on(async {
+        let mut consumer = Consumer::connect(&broker.addr, ConsumerConfig::default())
+            .await
+            .unwrap();
+        consumer
+            .assign("full", Some(vec![0]), Position::Earliest)
+            .await
+            .unwrap();
+        let mut values = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        // The last value accepted: everything before the refusal is there once it is.
+        let last = match attempt {
+            1 => "before".to_string(),
+            n => format!("try-{}", n - 1),
+        };
+        while !values.contains(&last) && Instant::now() < deadline {
+            for record in consumer.poll().await.unwrap() {
+                values.push(
+                    String::from_utf8_lossy(record.value.as_deref().unwrap_or_default())
+                        .to_string(),
+                );
+            }
+        }
+        values
+    });
+    assert!(
+        !values.contains(&refused),
+        "a refused append was written: {values:?}"
+    );
+    assert!(values.iter().any(|v| v == "before"), "{values:?}");
+    disk.free();
+    let freed = Instant::now();
+    loop {
+        let (code, _) = rt.block_on(produce_once(&broker.addr, "full", 1, "after"));
+        if code == ErrorCode::NONE {
+            break;
+        }
+        assert_eq!(code, ErrorCode::KAFKA_STORAGE_ERROR);
+        assert!(
+            freed.elapsed() < Duration::from_secs(2),
+            "appends still refused after the space was freed"
+        );
+    }
+    let log = std::fs::read_to_string(&broker.log).unwrap();
+    assert!(log.contains("disk almost full"), "{log}");
+    assert!(!log.contains("poisoned"), "{log}");
+    println!(
+        "full disk: appends refused {refused_in:?} after the disk filled, accepted again {:?} \
+         after it was freed",
+        freed.elapsed()
+    );
 }
 
 #[test]

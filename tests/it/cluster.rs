@@ -87,6 +87,14 @@ impl TestCluster {
         toml: &str,
         running: u32,
     ) -> TestCluster {
+        let mut cluster = TestCluster::plan(netns, roles, toml);
+        cluster.start_planned(running);
+        cluster
+    }
+
+    /// The nodes of [`TestCluster::start_roles_in`], none started yet (a test may prepare their
+    /// data directories first): start them with [`TestCluster::start_planned`].
+    pub(crate) fn plan(netns: Option<&Netns>, roles: &[Roles], toml: &str) -> TestCluster {
         let n = roles.len() as u32;
         let dir = tempfile::tempdir().unwrap();
         let nodes: Vec<Node> = (1..=n)
@@ -114,18 +122,28 @@ impl TestCluster {
             })
             .collect();
         let voters = nodes.iter().filter(|n| n.roles != Roles::Broker);
-        let n_voters = voters.clone().count();
         let quorum = voters
             .map(|n| format!("{}@{}", n.id, n.controller))
             .collect::<Vec<_>>()
             .join(",");
-        let mut cluster = TestCluster {
+        TestCluster {
             nodes,
             quorum,
             toml: toml.to_string(),
             netns: netns.map(|netns| (1..=n).map(|id| netns.ns(id)).collect()),
             _dir: dir,
-        };
+        }
+    }
+
+    /// Starts planned nodes `1..=running`, node 1 first (it must be a voter), and waits until
+    /// each is ready. Without a quorum node 1 must not say it is ready.
+    pub(crate) fn start_planned(&mut self, running: u32) {
+        let n_voters = self
+            .nodes
+            .iter()
+            .filter(|n| n.roles != Roles::Broker)
+            .count();
+        let cluster = self;
         cluster.start_node(1);
         if n_voters > 1 {
             std::thread::sleep(Duration::from_millis(500));
@@ -141,7 +159,6 @@ impl TestCluster {
         for id in 1..=running {
             cluster.wait_ready(id);
         }
-        cluster
     }
 
     pub(crate) fn node(&self, id: u32) -> &Node {

@@ -354,6 +354,55 @@ fn a_failed_sync_poisons_the_log_until_reopened() {
     fill(&log, 1, 2, 0);
 }
 
+#[test]
+fn a_full_file_system_refuses_an_append_whole_and_the_log_goes_on_once_there_is_room() {
+    let fs = FaultFs::new();
+    let dir = std::path::Path::new("/log");
+    let config = small_config(ReadMode::Pread);
+    let log = Log::open_with(Arc::new(fs.clone()), dir, config.clone()).unwrap();
+    fill(&log, 3, 2, 0);
+    fs.set_faults(Faults {
+        no_space: true,
+        ..Faults::default()
+    });
+    // Appends fill what the segment has reserved, then one needs more room and is refused.
+    let mut refused = None;
+    for _ in 0..100 {
+        let tag = log.log_end_offset().0;
+        match log.append(&mut tagged_batch(tag, 2, 100, 0), 0) {
+            Ok(_) => {}
+            Err(err) => {
+                refused = Some((err, tag));
+                break;
+            }
+        }
+    }
+    let (err, end) = refused.expect("the file system never ran out");
+    assert!(matches!(err, AppendError::NoSpace { .. }), "{err}");
+    assert_eq!(log.log_end_offset(), Offset(end), "nothing of it written");
+    // Not poisoned: reads and flushes go on, and appends succeed once there is room again.
+    assert!(log.read(Offset(0), 100).is_ok());
+    log.flush(Offset(end)).unwrap();
+    fs.set_faults(Faults::default());
+    fill(&log, 40, 2, 0);
+    assert_eq!(log.log_end_offset(), Offset(end + 80));
+    drop(log);
+    let log = Log::open_with(Arc::new(fs.clone()), dir, config).unwrap();
+    assert_eq!(log.log_end_offset(), Offset(end + 80));
+    let mut next = 0;
+    let mut offset = Offset(0);
+    while offset < log.log_end_offset() {
+        let read = log.read(offset, 1 << 20).unwrap();
+        for batch in batch::Batches::new(read.bytes, u32::MAX) {
+            let header = *batch.unwrap().header();
+            assert_eq!(header.base_offset as u64, next, "offsets without a gap");
+            next = header.last_offset() as u64 + 1;
+        }
+        offset = Offset(next);
+    }
+    assert_eq!(next, end + 80);
+}
+
 /// Real files whose data syncs take at least a millisecond, as on a disk rather than a page
 /// cache that acknowledges `fdatasync` in microseconds (which leaves writers nothing to share).
 #[derive(Debug)]

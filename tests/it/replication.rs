@@ -288,7 +288,12 @@ fn acknowledged_records_survive_the_leader_killed_twenty_times_in_a_row() {
 
 /// Produces one record to partition 0 of `topic` at `addr` with `acks`, directly (no client
 /// retries): the error code and how long the answer took.
-async fn produce_once(addr: &str, topic: &str, acks: i8, value: &str) -> (ErrorCode, Duration) {
+pub(crate) async fn produce_once(
+    addr: &str,
+    topic: &str,
+    acks: i8,
+    value: &str,
+) -> (ErrorCode, Duration) {
     let produce = produce_once_unbounded(addr, topic, acks, value);
     tokio::time::timeout(Duration::from_secs(20), produce)
         .await

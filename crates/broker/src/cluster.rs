@@ -120,11 +120,19 @@ impl Cluster {
                     }
                 }
                 let sent = Instant::now();
+                // A broker that cannot write asks to be fenced: its leaderships move to
+                // replicas that can, until its disk has room again.
+                let want_fence = manager
+                    .host()
+                    .disk
+                    .as_ref()
+                    .is_some_and(|disk| disk.below_margin());
                 let heartbeat = Command::Heartbeat {
                     node_id: self.info.node_id,
                     broker_epoch,
                     metadata_offset: *applied.borrow(),
                     shutting_down: false,
+                    want_fence,
                 };
                 let answer =
                     tokio::time::timeout(self.session_timeout, self.client.execute(heartbeat));
@@ -189,6 +197,7 @@ impl Cluster {
             broker_epoch,
             metadata_offset: *manager.applied().borrow(),
             shutting_down: true,
+            want_fence: false,
         };
         self.set_lease(false, Instant::now());
         let answer = tokio::time::timeout(Duration::from_secs(2), self.client.execute(heartbeat));

@@ -111,6 +111,10 @@ pub struct BrokerConfig {
     pub frame_read_timeout_ms: u64,
     /// Most partitions across all topics.
     pub partitions_max: u32,
+    /// While less than this is available on the data directory's file system, appends are
+    /// refused with KAFKA_STORAGE_ERROR (retriable) and nothing is written; 0 turns the guard
+    /// off (Redpanda `storage_min_free_bytes`). See `disk.rs`.
+    pub storage_min_free_bytes: u64,
     /// Partitions of the internal `__consumer_offsets` topic, fixed when it is first created
     /// (Kafka `offsets.topic.num.partitions`).
     pub offsets_topic_partitions: u32,
@@ -183,6 +187,7 @@ impl Default for BrokerConfig {
             connection_idle_timeout_ms: 600_000,
             frame_read_timeout_ms: 30_000,
             partitions_max: 10_000,
+            storage_min_free_bytes: 256 << 20,
             offsets_topic_partitions: 8,
             group_initial_rebalance_delay_ms: 3_000,
             groups_max: 10_000,

@@ -27,6 +27,7 @@ mod cluster;
 mod config;
 mod controller_only;
 pub mod controls;
+pub mod disk;
 mod embedded;
 mod error;
 mod group_api;
@@ -223,6 +224,11 @@ impl BrokerBuilder {
             lease: Arc::clone(&lease),
             replica_lag_max_ms: i64::try_from(config.replica_lag_time_max_ms).unwrap_or(i64::MAX),
             negative_control: config.negative_control(),
+            disk: Some(Arc::new(disk::DiskGuard::new(
+                Arc::clone(&fs),
+                config.data_dir.clone(),
+                config.storage_min_free_bytes,
+            ))),
         };
         if let Some(control) = host.negative_control {
             tracing::error!(

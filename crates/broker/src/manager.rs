@@ -35,6 +35,8 @@ pub struct Host {
     pub replica_lag_max_ms: i64,
     /// A safety rule broken on purpose (test builds only: `controls.rs`).
     pub negative_control: Option<crate::controls::NegativeControl>,
+    /// The data directory's free space (`storage_min_free_bytes`); `None`: unguarded.
+    pub disk: Option<Arc<crate::disk::DiskGuard>>,
 }
 
 impl Host {
@@ -45,6 +47,15 @@ impl Host {
 }
 
 impl Host {
+    /// Admits an append of `n_bytes` if the data directory has room for it above
+    /// `storage_min_free_bytes` ([`crate::disk`]).
+    pub(crate) fn admit_append(&self, n_bytes: u64) -> Result<(), BrokerError> {
+        match &self.disk {
+            Some(disk) => disk.admit(n_bytes),
+            None => Ok(()),
+        }
+    }
+
     /// Whether this broker may lead now.
     pub fn may_lead(&self) -> bool {
         self.lease.valid()

@@ -535,6 +535,7 @@ impl Partition {
         if self.log.config().compacted {
             require_keys(buf, self.log.config().batch_bytes_max)?;
         }
+        self.host.admit_append(n_bytes)?;
         let log = &self.log;
         let append = |buf: &mut [u8]| -> Result<Option<AppendInfo>, BrokerError> {
             let result = if may_block {
@@ -642,6 +643,7 @@ impl Partition {
     /// reaching this broker once it leads is recognised. Blocking.
     pub fn append_as_follower(&self, batches: &[u8]) -> Result<AppendInfo, BrokerError> {
         let n_bytes = batches.len() as u64;
+        self.host.admit_append(n_bytes)?;
         let mut producers = lock(&self.producers);
         let info = self
             .log
@@ -1077,6 +1079,7 @@ fn append_error(err: AppendError, n_bytes: u64) -> BrokerError {
             max,
         },
         AppendError::Fatal(err) => BrokerError::storage(&err),
+        err @ AppendError::NoSpace { .. } => BrokerError::storage(&err),
         err @ AppendError::Empty => BrokerError::InvalidRequest(error_chain(&err)),
         err => BrokerError::CorruptMessage(error_chain(&err)),
     }

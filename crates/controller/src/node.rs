@@ -365,9 +365,19 @@ impl ControllerNode {
                 broker_epoch,
                 metadata_offset,
                 shutting_down,
+                want_fence,
             } => {
-                self.heartbeat(node_id, broker_epoch, metadata_offset, shutting_down)
-                    .await
+                // A broker that cannot write is fenced only if another can take its
+                // leaderships: alone, it is better to keep serving reads.
+                let image = self.image();
+                let others = image.live_brokers().any(|b| b.info.node_id != node_id);
+                self.heartbeat(
+                    node_id,
+                    broker_epoch,
+                    metadata_offset,
+                    shutting_down || (want_fence && others),
+                )
+                .await
             }
             Command::CreateTopics {
                 topics,
@@ -573,7 +583,7 @@ impl ControllerNode {
         node: NodeId,
         broker_epoch: u64,
         metadata_offset: u64,
-        shutting_down: bool,
+        wants_fence: bool,
     ) -> Result<Reply, CommandError> {
         let image = self.image();
         let Some(broker) = image.brokers.get(&node).filter(|b| b.epoch == broker_epoch) else {
@@ -583,11 +593,15 @@ impl ControllerNode {
             ));
         };
         self.saw(node, broker_epoch);
-        if shutting_down {
+        if wants_fence {
             if !broker.fenced {
                 self.commit(fence_records(&image, node, broker_epoch))
                     .await?;
-                tracing::info!(node, "broker shutting down: fenced, leaderships moved");
+                tracing::info!(
+                    node,
+                    "broker asked to be fenced (shutting down, or its disk is full): fenced, \
+                     leaderships moved"
+                );
             }
             return Ok(Reply::Heartbeat { fenced: true });
         }

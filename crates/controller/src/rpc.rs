@@ -47,6 +47,11 @@ pub enum Command {
         metadata_offset: u64,
         /// It is shutting down: move its leaderships away now.
         shutting_down: bool,
+        /// It cannot write (its data directory is below `storage_min_free_bytes`): fence it and
+        /// move its leaderships away, and keep it fenced while it asks (Kafka's BrokerHeartbeat
+        /// `WantFence`). Absent from older brokers' heartbeats: false.
+        #[serde(default)]
+        want_fence: bool,
     },
     /// Create topics (each on its own: one may fail while another is created).
     CreateTopics {

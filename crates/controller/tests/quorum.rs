@@ -67,6 +67,7 @@ async fn join(client: &ControllerClient, node: NodeId) -> u64 {
             broker_epoch,
             metadata_offset: client.image().offset,
             shutting_down: false,
+            want_fence: false,
         })
         .await
         .unwrap();
@@ -310,6 +311,7 @@ async fn a_silent_broker_is_fenced_and_its_leaderships_move() {
                             broker_epoch: epochs[&node],
                             metadata_offset: client.image().offset,
                             shutting_down: false,
+                            want_fence: false,
                         })
                         .await;
                 }
@@ -348,6 +350,7 @@ async fn a_silent_broker_is_fenced_and_its_leaderships_move() {
             broker_epoch: epochs[&1],
             metadata_offset: client.image().offset,
             shutting_down: false,
+            want_fence: false,
         })
         .await
         .unwrap();

@@ -114,6 +114,16 @@ pub enum AppendError {
     /// An empty append.
     #[error("no record batch to append")]
     Empty,
+    /// The file system had no room for the batches: nothing was written and the log stays
+    /// usable (the append may be retried once space is freed).
+    #[error("no space left to append to {path}")]
+    NoSpace {
+        /// The segment that could not grow.
+        path: PathBuf,
+        /// The error (ENOSPC, EDQUOT).
+        #[source]
+        source: io::Error,
+    },
     /// The log is unusable.
     #[error(transparent)]
     Fatal(#[from] Fatal),

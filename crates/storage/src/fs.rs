@@ -68,6 +68,12 @@ pub trait Fs: Send + Sync + fmt::Debug {
     /// Takes an exclusive lock on the directory, held until the returned guard drops;
     /// `WouldBlock` if another holder has it.
     fn lock_dir(&self, path: &Path) -> io::Result<Box<dyn Any + Send + Sync>>;
+    /// Bytes an unprivileged writer may still allocate on the file system holding `path`
+    /// (`statvfs`'s available blocks). A file system that cannot say answers `u64::MAX`.
+    fn available_bytes(&self, path: &Path) -> io::Result<u64> {
+        let _ = path;
+        Ok(u64::MAX)
+    }
 }
 
 /// The real file system.
@@ -184,5 +190,10 @@ impl Fs for StdFs {
             Err(std::fs::TryLockError::WouldBlock) => Err(io::ErrorKind::WouldBlock.into()),
             Err(std::fs::TryLockError::Error(err)) => Err(err),
         }
+    }
+
+    fn available_bytes(&self, path: &Path) -> io::Result<u64> {
+        let stat = rustix::fs::statvfs(path)?;
+        Ok(stat.f_bavail.saturating_mul(stat.f_frsize))
     }
 }

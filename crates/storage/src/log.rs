@@ -336,6 +336,7 @@ impl Log {
                     latest: latest.epoch,
                 });
             }
+            self.reserve_active(&mut state, batches.len(), &headers, false)?;
             let base_offset = state.log_end;
             // All offsets must fit an i64 before anything is written.
             headers
@@ -376,6 +377,60 @@ impl Log {
             self.flush_after_append(info.last_offset)?;
         }
         Ok(Some(info))
+    }
+
+    /// Reserves room for `n_bytes` of batches in the active segment before any is written, when
+    /// they all go there (no roll): a full file system then fails the append whole, with nothing
+    /// written and the log still usable ([`AppendError::NoSpace`]), where a failure halfway
+    /// would poison it. `stamped`: the headers carry their final offsets (a replica's), else
+    /// they are judged at the log end. An append that rolls reserves as it goes (a failure
+    /// there poisons the log; the broker's free-space margin keeps it from happening).
+    fn reserve_active(
+        &self,
+        state: &mut State,
+        n_bytes: usize,
+        headers: &[BatchHeader],
+        stamped: bool,
+    ) -> Result<(), AppendError> {
+        let rolls = headers.iter().any(|header| {
+            let at = if stamped {
+                *header
+            } else {
+                BatchHeader {
+                    base_offset: state.log_end as i64,
+                    ..*header
+                }
+            };
+            self.should_roll(state, n_bytes, &at)
+        });
+        let Ok(n_bytes) = u32::try_from(n_bytes) else {
+            return Ok(()); // beyond any segment: it rolls
+        };
+        if rolls {
+            return Ok(());
+        }
+        let (dir, config) = (&self.dir, &self.config);
+        let Some(active) = state.segments.values_mut().next_back() else {
+            return Ok(());
+        };
+        match active.reserve(n_bytes, config) {
+            Ok(()) => Ok(()),
+            Err(source)
+                if matches!(
+                    source.kind(),
+                    io::ErrorKind::StorageFull | io::ErrorKind::QuotaExceeded
+                ) =>
+            {
+                Err(AppendError::NoSpace {
+                    path: active.log_path(dir),
+                    source,
+                })
+            }
+            Err(source) => {
+                let path = active.log_path(dir);
+                Err(self.poison(state, "reserve", path, source).into())
+            }
+        }
     }
 
     /// Whether appending `headers` (`n_bytes` in all) would roll a segment or sync: work that
@@ -425,6 +480,7 @@ impl Log {
                 }
                 expected = header.last_offset() as u64 + 1;
             }
+            self.reserve_active(&mut state, batches.len(), &headers, true)?;
             let mut pos = 0;
             let mut max_timestamp = i64::MIN;
             for header in &headers {

@@ -12,7 +12,7 @@
 //! page cache (unsynced writes included) lives on.
 //!
 //! Faults on demand: syncs that silently do nothing (the negative control of a power-loss test),
-//! and `EIO` from writes or syncs (to test poisoning).
+//! `EIO` from writes or syncs (to test poisoning), and a full file system (`ENOSPC`).
 //!
 //! Simplifications: directories themselves are durable once created; there is no mmap (logs on
 //! this file system read with `pread`).
@@ -36,6 +36,9 @@ pub struct Faults {
     pub fail_sync: bool,
     /// Writes fail with `EIO`.
     pub fail_write: bool,
+    /// The file system is full: allocations that would grow a file fail with `ENOSPC`, and it
+    /// says it has no bytes available.
+    pub no_space: bool,
 }
 
 #[derive(Debug)]
@@ -309,6 +312,9 @@ impl FsFile for FaultFile {
 
     fn allocate(&self, len: u64) -> io::Result<()> {
         if self.file_len()? < len {
+            if self.with(|_, faults| Ok(faults.no_space))? {
+                return Err(io::ErrorKind::StorageFull.into());
+            }
             self.set_len(len)?;
         }
         Ok(())
@@ -353,6 +359,14 @@ impl Drop for LockGuard {
 }
 
 impl Fs for FaultFs {
+    fn available_bytes(&self, _path: &Path) -> io::Result<u64> {
+        Ok(if self.lock().faults.no_space {
+            0
+        } else {
+            u64::MAX
+        })
+    }
+
     fn create_dir_all(&self, path: &Path) -> io::Result<()> {
         let mut state = self.lock();
         for ancestor in path.ancestors() {
