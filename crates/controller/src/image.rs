@@ -60,7 +60,8 @@ pub struct Rejected {
 }
 
 impl Rejected {
-    fn new(code: ErrorCode, message: impl Into<String>) -> Rejected {
+    /// A refusal with `code` and why.
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Rejected {
         Rejected {
             code: code.0,
             message: message.into(),

@@ -4,7 +4,8 @@
 //! partitions they host, lead the ones they lead) and report the offset they applied.
 //!
 //! - [`records`]: the records and proposals; [`image`]: the image and the deterministic apply.
-//! - [`placement`]: replica placement and leader elections, pure.
+//! - [`placement`]: replica placement and leader elections, pure; [`decide`]: the records the
+//!   active controller commits for registrations, fencing and ISR changes, pure.
 //! - [`raft`]: openraft's log storage and state machine, over a [`RaftStore`] the broker
 //!   implements on the storage engine (this crate never depends on storage).
 //! - [`node`]: a voter: Raft, the controller wire, and the active controller's duties (commands,
@@ -35,6 +36,7 @@
 )]
 
 pub mod client;
+pub mod decide;
 pub mod image;
 pub mod network;
 pub mod node;

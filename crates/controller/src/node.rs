@@ -17,6 +17,7 @@ use tokio::time::Instant;
 
 use cairn_protocol::native::ErrorCode;
 
+use crate::decide;
 use crate::image::{MetadataImage, Rejected};
 use crate::placement::{self, Candidate};
 use crate::raft::{Applied, LogStore, Raft, StateMachine};
@@ -566,12 +567,7 @@ impl ControllerNode {
                 ));
             }
         }
-        // The new incarnation starts fenced: whatever the old one led moves now.
-        let mut records = vec![MetadataRecord::BrokerRegistered { broker: info }];
-        records.extend(partition_changes(&image, |state| {
-            placement::on_fenced(state, node, |r| r != node && image.is_live(r))
-        }));
-        let offset = self.commit(records).await?;
+        let offset = self.commit(decide::register(&image, info)).await?;
         let broker_epoch = offset.saturating_sub(1);
         self.saw(node, broker_epoch);
         tracing::info!(node, broker_epoch, "broker registered");
@@ -595,7 +591,7 @@ impl ControllerNode {
         self.saw(node, broker_epoch);
         if wants_fence {
             if !broker.fenced {
-                self.commit(fence_records(&image, node, broker_epoch))
+                self.commit(decide::fence(&image, node, broker_epoch))
                     .await?;
                 tracing::info!(
                     node,
@@ -608,14 +604,7 @@ impl ControllerNode {
         // Caught up once it has applied the record that fenced it (its registration, or the
         // fence with the leadership changes that came with it): a broker fenced while cut off
         // must not lead again on the metadata it had then.
-        if broker.fenced && metadata_offset > broker.fenced_at.max(broker_epoch) {
-            let mut records = vec![MetadataRecord::BrokerUnfenced {
-                node_id: node,
-                broker_epoch,
-            }];
-            records.extend(partition_changes(&image, |state| {
-                placement::on_unfenced(state, node, |r| r == node || image.is_live(r))
-            }));
+        if let Some(records) = decide::unfence(&image, node, broker_epoch, metadata_offset) {
             self.commit(records).await?;
             tracing::info!(node, broker_epoch, "broker unfenced");
             return Ok(Reply::Heartbeat { fenced: false });
@@ -792,55 +781,16 @@ impl ControllerNode {
         isr: Vec<NodeId>,
     ) -> Result<Reply, CommandError> {
         let image = self.image();
-        if image
-            .brokers
-            .get(&node)
-            .is_none_or(|b| b.epoch != broker_epoch || b.fenced)
-        {
-            return Err(rejected(
-                ErrorCode::STALE_BROKER_EPOCH,
-                format!("broker {node} has no live registration with epoch {broker_epoch}"),
-            ));
-        }
-        let Some(state) = image.partition(topic, partition) else {
-            return Err(rejected(
-                ErrorCode::UNKNOWN_TOPIC_OR_PARTITION,
-                format!("{topic}-{partition} does not exist"),
-            ));
-        };
-        if state.leader != Some(node) || state.leader_epoch != leader_epoch {
-            return Err(rejected(
-                ErrorCode::FENCED_LEADER_EPOCH,
-                format!(
-                    "{topic}-{partition} is led by {:?} in epoch {}, not by {node} in epoch {leader_epoch}",
-                    state.leader, state.leader_epoch
-                ),
-            ));
-        }
-        if state.partition_epoch != partition_epoch {
-            return Err(rejected(
-                ErrorCode::INVALID_UPDATE_VERSION,
-                format!(
-                    "{topic}-{partition} is at partition epoch {}, the change was decided on {partition_epoch}",
-                    state.partition_epoch
-                ),
-            ));
-        }
-        if let Some(ineligible) = isr
-            .iter()
-            .find(|r| !state.isr.contains(r) && !image.is_live(**r))
-        {
-            return Err(rejected(
-                ErrorCode::INELIGIBLE_REPLICA,
-                format!("replica {ineligible} of {topic}-{partition} is not a live broker"),
-            ));
-        }
-        let record = MetadataRecord::PartitionChanged {
-            topic: topic.to_string(),
+        let record = decide::alter_partition(
+            &image,
+            node,
+            broker_epoch,
+            topic,
             partition,
-            expected_partition_epoch: partition_epoch,
-            target: state.with(isr.clone(), Some(node)),
-        };
+            (leader_epoch, partition_epoch),
+            &isr,
+        )
+        .map_err(CommandError::Rejected)?;
         self.commit(vec![record]).await?;
         tracing::info!(topic, partition, ?isr, "ISR changed");
         Ok(Reply::PartitionChanged {
@@ -1078,13 +1028,13 @@ impl ControllerNode {
                 } else {
                     "silent past its session"
                 };
-                match self.commit(fence_records(&image, node, epoch)).await {
+                match self.commit(decide::fence(&image, node, epoch)).await {
                     Ok(_) => tracing::warn!(node, why, "broker fenced"),
                     Err(err) => tracing::debug!(node, error = %err, "fencing failed; retrying"),
                 }
             }
             let image = self.image();
-            let elections = partition_changes_by_topic(&image, |topic, state| {
+            let elections = decide::partition_changes_by_topic(&image, |topic, state| {
                 if state.leader.is_some() {
                     return None;
                 }
@@ -1104,7 +1054,7 @@ impl ControllerNode {
             }
             // Reassignments whose new replicas are all in sync complete.
             let image = self.image();
-            let completed = partition_changes(&image, |state| {
+            let completed = decide::partition_changes(&image, |state| {
                 placement::complete_reassignment(state, |r| image.is_live(r))
             });
             if !completed.is_empty() {
@@ -1119,7 +1069,7 @@ impl ControllerNode {
             {
                 rebalanced = Instant::now();
                 let image = self.image();
-                let moves = partition_changes(&image, |state| {
+                let moves = decide::partition_changes(&image, |state| {
                     placement::preferred_leader(state, |r| image.is_live(r))
                 });
                 let n = moves.len();
@@ -1257,43 +1207,6 @@ fn candidates(image: &MetadataImage) -> Vec<Candidate> {
         .collect()
 }
 
-/// A `PartitionChanged` record for every partition `decide` wants to change.
-fn partition_changes(
-    image: &MetadataImage,
-    decide: impl Fn(&PartitionState) -> Option<crate::records::PartitionTarget>,
-) -> Vec<MetadataRecord> {
-    partition_changes_by_topic(image, |_, state| decide(state))
-}
-
-/// As [`partition_changes`], deciding with the partition's topic at hand (its config).
-fn partition_changes_by_topic(
-    image: &MetadataImage,
-    decide: impl Fn(
-        &crate::image::TopicImage,
-        &PartitionState,
-    ) -> Option<crate::records::PartitionTarget>,
-) -> Vec<MetadataRecord> {
-    image
-        .topics
-        .values()
-        .flat_map(|topic| {
-            topic
-                .partitions
-                .iter()
-                .enumerate()
-                .filter_map(|(partition, state)| {
-                    Some(MetadataRecord::PartitionChanged {
-                        topic: topic.name.clone(),
-                        partition: partition as u32,
-                        expected_partition_epoch: state.partition_epoch,
-                        target: decide(topic, state)?,
-                    })
-                })
-                .collect::<Vec<_>>()
-        })
-        .collect()
-}
-
 /// Whether a topic allows electing a replica outside the ISR when no in-sync replica is live
 /// (`unclean.leader.election.enable`, off by default: it can lose acknowledged records).
 fn unclean_allowed(topic: &crate::image::TopicImage) -> bool {
@@ -1301,16 +1214,4 @@ fn unclean_allowed(topic: &crate::image::TopicImage) -> bool {
         .config
         .get("unclean.leader.election.enable")
         .is_some_and(|v| v.trim().eq_ignore_ascii_case("true"))
-}
-
-/// Fencing `node`: the record and every leadership and ISR membership it loses.
-fn fence_records(image: &MetadataImage, node: NodeId, epoch: u64) -> Vec<MetadataRecord> {
-    let mut records = vec![MetadataRecord::BrokerFenced {
-        node_id: node,
-        broker_epoch: epoch,
-    }];
-    records.extend(partition_changes(image, |state| {
-        placement::on_fenced(state, node, |r| r != node && image.is_live(r))
-    }));
-    records
 }
