@@ -76,19 +76,8 @@ impl TestCluster {
         roles: &[Roles],
         toml: &str,
     ) -> TestCluster {
-        TestCluster::start_first_in(netns, roles, toml, roles.len() as u32)
-    }
-
-    /// [`TestCluster::start_roles_in`], starting only nodes `1..=running` (the others can be
-    /// added later with [`TestCluster::start_node`]).
-    pub(crate) fn start_first_in(
-        netns: Option<&Netns>,
-        roles: &[Roles],
-        toml: &str,
-        running: u32,
-    ) -> TestCluster {
         let mut cluster = TestCluster::plan(netns, roles, toml);
-        cluster.start_planned(running);
+        cluster.start_planned(roles.len() as u32);
         cluster
     }
 
@@ -1099,7 +1088,7 @@ fn decode_reply<T: cairn_protocol::native::Wire>(reply: &[u8]) -> T {
 
 #[test]
 fn the_cluster_requests_and_the_controller_listener_refuse_bad_input_and_keep_serving() {
-    let cluster = TestCluster::start(1, "");
+    let cluster = TestCluster::start(1, "frame_read_timeout_ms = 1000\n");
     let rt = runtime();
     let addr = cluster.node(1).native.clone();
     let control = crate::broker::start_control_producer(&rt, &addr, &[]);
@@ -1232,6 +1221,31 @@ fn the_cluster_requests_and_the_controller_listener_refuse_bad_input_and_keep_se
     ] {
         assert!(raw_exchange(&c, &bytes).is_empty(), "{what}: answered");
     }
+    // 64 connections at once, each claiming a 60 MiB frame and stalling after 100 bytes: each
+    // is closed once the frame stalls past frame_read_timeout_ms (1 s here), and nothing is
+    // allocated for the claimed lengths (the buffer grows with what arrives).
+    let started = Instant::now();
+    let stalled: Vec<_> = (0..64)
+        .map(|_| {
+            let c = c.clone();
+            std::thread::spawn(move || {
+                let mut bytes = (60u32 << 20).to_be_bytes().to_vec();
+                bytes.extend_from_slice(&[b'['; 100]);
+                raw_exchange(&c, &bytes)
+            })
+        })
+        .collect();
+    for connection in stalled {
+        assert!(
+            connection.join().unwrap().is_empty(),
+            "a stalled frame was answered"
+        );
+    }
+    let closed_in = started.elapsed();
+    assert!(
+        closed_in < Duration::from_secs(4),
+        "stalled frames held for {closed_in:?}"
+    );
 
     // Everyone else was served throughout, and the controller still works.
     let n = rt.block_on(control).unwrap();

@@ -1366,3 +1366,100 @@ fn a_new_replica_of_a_partition_trimmed_by_retention_starts_at_the_leaders_log_s
         log.len()
     );
 }
+
+/// A broker whose log an I/O error poisons (ENOSPC while rolling a segment, with the free-space
+/// margin off) asks the controller to fence it: its leaderships move to replicas that can write,
+/// the producer goes on, and after a restart the broker recovers its log and rejoins the ISR.
+/// Nothing acknowledged is lost or duplicated. Needs root (a tmpfs per broker).
+#[test]
+fn a_broker_whose_log_fails_is_fenced_and_its_leaderships_move() {
+    const TOPIC: &str = "poisoned";
+    let roles = [
+        Roles::Controller,
+        Roles::Broker,
+        Roles::Broker,
+        Roles::Broker,
+    ];
+    let toml = "storage_min_free_bytes = 0\nbroker_session_timeout_ms = 3000\n\
+                broker_heartbeat_interval_ms = 500\n";
+    let mut cluster = TestCluster::plan(None, &roles, toml);
+    let mut disks = Vec::new();
+    for id in 2..=4 {
+        match crate::chaos::Tmpfs::mount(&cluster.node(id).dir, 64 << 20) {
+            Ok(disk) => disks.push((id, disk)),
+            Err(why) => {
+                println!("SKIPPED: cannot mount a tmpfs ({why}); run as root");
+                return;
+            }
+        }
+    }
+    cluster.start_planned(4);
+    let rt = runtime();
+    let bootstrap = cluster.bootstrap_except(None);
+    rt.block_on(async {
+        let admin = Admin::connect(&bootstrap).await.unwrap();
+        // Small segments: the leader rolls (creates files) every 64 KiB.
+        let configs = [("segment.bytes".to_string(), "65536".to_string())];
+        admin
+            .create_topic_replicated(TOPIC, 1, Some(3), &configs)
+            .await
+            .unwrap();
+    });
+    wait_isr(&bootstrap, &rt, TOPIC, 3);
+    let (history, stop, producer) = start_producing(bootstrap.clone(), TOPIC);
+    std::thread::sleep(Duration::from_secs(1));
+    let (leader, _) = rt.block_on(leader_and_isr(&cluster, TOPIC));
+    let leader = leader.unwrap();
+    let disk = &disks.iter().find(|(id, _)| *id == leader).unwrap().1;
+    disk.fill_to(0);
+    let filled = Instant::now();
+    // The next roll fails: the log is poisoned, the broker asks to be fenced, another leads.
+    let moved = loop {
+        let (now, _) = rt.block_on(leader_and_isr(&cluster, TOPIC));
+        if now.is_some_and(|l| l != leader) {
+            break filled.elapsed();
+        }
+        assert!(
+            filled.elapsed() < Duration::from_secs(30),
+            "leadership never left the broker with the full disk:\n{}",
+            tail(&cluster.process(leader).log)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let log = std::fs::read_to_string(&cluster.process(leader).log).unwrap();
+    assert!(
+        log.contains("poisoned"),
+        "{}",
+        tail(&cluster.process(leader).log)
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    let acked_since = |t: Instant| {
+        history
+            .lock()
+            .unwrap()
+            .acked
+            .iter()
+            .filter(|(_, _, sent, _)| *sent > t)
+            .count()
+    };
+    let moved_at = Instant::now();
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(acked_since(moved_at) > 0, "the producer did not go on");
+    // Space back and a restart: the log is reopened and recovered, and the replica catches up.
+    disk.free();
+    cluster.kill9(leader);
+    cluster.start_node(leader);
+    cluster.wait_ready(leader);
+    wait_isr(&bootstrap, &rt, TOPIC, 3);
+    stop.store(true, Ordering::Relaxed);
+    producer.join().unwrap();
+    let history = history.lock().unwrap();
+    assert!(history.failed.is_empty(), "{:?}", history.failed);
+    let log = read_partition(&cluster, &rt, TOPIC);
+    assert_exactly_once_in_order(&history, &log);
+    println!(
+        "a poisoned log: leadership moved {moved:?} after the leader's disk filled; {} \
+         acknowledged, each once, in order",
+        history.acked.len()
+    );
+}

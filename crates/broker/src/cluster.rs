@@ -121,12 +121,17 @@ impl Cluster {
                 }
                 let sent = Instant::now();
                 // A broker that cannot write asks to be fenced: its leaderships move to
-                // replicas that can, until its disk has room again.
+                // replicas that can, until its disk has room again (or, for a log an I/O
+                // error poisoned, until it restarts: Kafka's offline log directory).
                 let want_fence = manager
                     .host()
                     .disk
                     .as_ref()
-                    .is_some_and(|disk| disk.below_margin());
+                    .is_some_and(|disk| disk.below_margin())
+                    || manager
+                        .topics()
+                        .iter()
+                        .any(|topic| topic.local().any(|p| p.log().is_poisoned()));
                 let heartbeat = Command::Heartbeat {
                     node_id: self.info.node_id,
                     broker_epoch,

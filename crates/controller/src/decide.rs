@@ -46,6 +46,16 @@ pub fn partition_changes_by_topic(
         .collect()
 }
 
+/// The broker epoch of `info`'s registration if this very incarnation is registered already (a
+/// retry of a registration that took effect: answered again, nothing committed).
+pub fn existing_registration(image: &MetadataImage, info: &BrokerInfo) -> Option<u64> {
+    image
+        .brokers
+        .get(&info.node_id)
+        .filter(|b| b.info.incarnation == info.incarnation)
+        .map(|b| b.epoch)
+}
+
 /// A broker (a new incarnation, or one restarted) registers: it starts fenced, and whatever its
 /// node led or was in sync for moves now (the new process may have lost what the old one had).
 pub fn register(image: &MetadataImage, info: BrokerInfo) -> Vec<MetadataRecord> {

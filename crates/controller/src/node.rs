@@ -47,6 +47,9 @@ pub struct ControllerConfig {
     pub frame_bytes_max: u32,
     /// Most connections the controller listener serves at once.
     pub connections_max: u32,
+    /// A frame whose first byte arrived must be complete within this (a stalled or trickled
+    /// frame closes the connection).
+    pub frame_read_timeout: Duration,
     /// A snapshot is taken after this many entries (it bounds the log and replay at start).
     pub snapshot_entries: u64,
     /// Most partitions in the cluster.
@@ -72,6 +75,7 @@ impl Default for ControllerConfig {
             raft_election_timeout: (Duration::from_millis(300), Duration::from_millis(600)),
             frame_bytes_max: 64 << 20,
             connections_max: 1024,
+            frame_read_timeout: Duration::from_secs(30),
             snapshot_entries: 10_000,
             partitions_max: 10_000,
             partitions_per_topic_max: 10_000,
@@ -542,14 +546,12 @@ impl ControllerNode {
     async fn register(&self, info: crate::records::BrokerInfo) -> Result<Reply, CommandError> {
         let node = info.node_id;
         let image = self.image();
+        if let Some(broker_epoch) = decide::existing_registration(&image, &info) {
+            // A retry of a registration that took effect.
+            self.saw(node, broker_epoch);
+            return Ok(Reply::Registered { broker_epoch });
+        }
         if let Some(existing) = image.brokers.get(&node) {
-            if existing.info.incarnation == info.incarnation {
-                // A retry of a registration that took effect.
-                self.saw(node, existing.epoch);
-                return Ok(Reply::Registered {
-                    broker_epoch: existing.epoch,
-                });
-            }
             let session = self.inner.config.broker_session_timeout;
             let restarted = !info.dir_id.is_empty() && existing.info.dir_id == info.dir_id;
             let alive = !existing.fenced
@@ -1135,9 +1137,12 @@ impl ControllerNode {
 
     /// Requests and responses on connection `id` until it closes.
     async fn exchange(&self, mut stream: tokio::net::TcpStream, id: u64) -> std::io::Result<()> {
-        let max = self.inner.config.frame_bytes_max;
+        let (max, stall) = (
+            self.inner.config.frame_bytes_max,
+            self.inner.config.frame_read_timeout,
+        );
         loop {
-            let Some(request) = read_frame::<Request>(&mut stream, max).await? else {
+            let Some(request) = read_frame::<Request>(&mut stream, max, stall).await? else {
                 return Ok(());
             };
             let broker = match &request {

@@ -268,26 +268,48 @@ pub enum RpcError {
     },
 }
 
-/// Reads one frame, refusing lengths above `max` before allocating.
+/// Bytes a frame's buffer starts with; it grows only as bytes arrive, so a length claimed by a
+/// peer that then sends nothing costs nothing.
+const FRAME_BUFFER_START: usize = 64 * 1024;
+
+/// Reads one frame, refusing lengths above `max` before reading the body. Waiting for a frame
+/// may take any time (an idle connection); once its first byte has arrived the whole frame must
+/// within `stall` (a peer that stalls mid-frame, or trickles it, is cut off instead of holding a
+/// connection and a buffer). The body's buffer grows as bytes arrive, never to a claimed length.
 pub async fn read_frame<T: for<'de> Deserialize<'de>>(
     stream: &mut (impl AsyncReadExt + Unpin),
     max: u32,
+    stall: Duration,
 ) -> std::io::Result<Option<T>> {
     let mut len = [0u8; 4];
-    match stream.read_exact(&mut len).await {
-        Ok(_) => {}
-        Err(err) if err.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
-        Err(err) => return Err(err),
+    if stream.read(&mut len[..1]).await? == 0 {
+        return Ok(None);
     }
-    let len = u32::from_be_bytes(len);
-    if len > max {
-        return Err(std::io::Error::new(
-            std::io::ErrorKind::InvalidData,
-            format!("frame of {len} bytes exceeds {max}"),
-        ));
-    }
-    let mut buf = vec![0u8; len as usize];
-    stream.read_exact(&mut buf).await?;
+    let body = async {
+        stream.read_exact(&mut len[1..]).await?;
+        let len = u32::from_be_bytes(len);
+        if len > max {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("frame of {len} bytes exceeds {max}"),
+            ));
+        }
+        let mut buf = Vec::with_capacity((len as usize).min(FRAME_BUFFER_START));
+        (&mut *stream)
+            .take(u64::from(len))
+            .read_to_end(&mut buf)
+            .await?;
+        if buf.len() != len as usize {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        Ok(buf)
+    };
+    let buf = tokio::time::timeout(stall, body).await.map_err(|_| {
+        std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!("a frame did not complete within {stall:?}"),
+        )
+    })??;
     serde_json::from_slice(&buf)
         .map(Some)
         .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
@@ -359,7 +381,7 @@ impl RpcClient {
             write_frame(stream, request, self.frame_bytes_max)
                 .await
                 .map_err(io)?;
-            match read_frame(stream, self.frame_bytes_max).await {
+            match read_frame(stream, self.frame_bytes_max, timeout).await {
                 Ok(Some(response)) => Ok(response),
                 Ok(None) => Err(io(std::io::ErrorKind::UnexpectedEof.into())),
                 Err(err) if err.kind() == std::io::ErrorKind::InvalidData => {

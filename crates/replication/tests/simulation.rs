@@ -1,8 +1,14 @@
-//! Replication in a seeded simulation: three replicas of one partition over in-memory logs, a
-//! model controller (ISR-only elections, AlterPartition with the partition epoch, fencing of
-//! brokers it cannot see), a network that delays, reorders and drops every message, producers
-//! with acks=all and min.insync.replicas 2, and faults: process crashes, power losses (a log keeps
-//! only what was flushed), false suspicion by the controller, and isolated nodes.
+//! The controller and replication together in a seeded simulation: three replicas of one
+//! partition over in-memory logs; the controller's own decisions (`cairn_controller::decide`:
+//! registration, fencing, unfencing once a broker applied its fence, AlterPartition checked
+//! against the leader, its broker epoch and the partition epoch) committed to the controller's
+//! own metadata image (`MetadataImage::apply`, which refuses a stale decision), the brokers
+//! following that image as it reaches them; a network that delays, reorders and drops every
+//! message; producers with acks=all and min.insync.replicas 2; and faults: process crashes, power
+//! losses (a log keeps only what was flushed), false suspicion by the controller, isolated nodes,
+//! and failovers of the active controller (messages to it lost for a while; the committed image
+//! kept, as Raft keeps it). Raft itself is openraft's, tested by its authors; what is simulated
+//! here is everything Cairn decides on top of it.
 //!
 //! Invariants checked after every step: no acknowledged record is missing from the current
 //! leader's log; every replica's log below its high watermark equals the committed log; a
@@ -18,6 +24,10 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use cairn_controller::decide;
+use cairn_controller::image::MetadataImage;
+use cairn_controller::records::{BrokerInfo, Endpoint, MetadataRecord, PartitionState, Proposal};
+use cairn_protocol::native::ErrorCode;
 use cairn_replication::memlog::MemLog;
 use cairn_replication::{
     DivergingEpoch, Durability, FetchCheck, FetchPosition, FollowerState, IsrChange, LeaderConfig,
@@ -32,6 +42,7 @@ const MIN_ISR: usize = 2;
 const FAULT_MS: i64 = 2500;
 const TOTAL_MS: i64 = 5000;
 const FETCH_MAX: usize = 4;
+const TOPIC: &str = "t";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Options {
@@ -100,21 +111,30 @@ enum Msg {
     },
     Alter {
         from: NodeId,
+        broker_epoch: u64,
         change: IsrChange,
     },
     /// The controller's answer: applied, or refused (`definitive`: the state it was decided on
     /// is still current, so it will not be applied).
-    AlterResponse {
-        definitive_refusal: bool,
-    },
-    View(PartitionView),
-    /// The controller lost (or regained) sight of a node.
+    AlterResponse { definitive_refusal: bool },
+    /// The partition's state in the controller's image, and the image's offset.
+    View(PartitionView, u64),
+    /// The controller lost sight of a node (its connection closed, or it went silent).
     Down(NodeId),
-    Up(NodeId),
-    /// A restarted node registers: whatever it led moves to a new epoch, and it follows only
-    /// states from that epoch on (the broker's registration and fencing).
-    Register(NodeId),
+    /// A node's heartbeat: its registration and the metadata it has applied.
+    Heartbeat {
+        node: NodeId,
+        broker_epoch: u64,
+        offset: u64,
+    },
+    /// The heartbeat's registration is unknown: register again.
+    StaleRegistration,
+    /// A (re)started node registers, as incarnation `life`: whatever it led moves to a new
+    /// epoch, it is fenced until it has applied that, and it follows only states from that
+    /// epoch on.
+    Register(NodeId, u32),
     Registered {
+        broker_epoch: u64,
         leader_epoch: u32,
     },
 }
@@ -147,6 +167,10 @@ struct Node {
     isolated_until: i64,
     /// The oldest leader epoch it may act on (`None`: restarted, not registered yet).
     registered: Option<u32>,
+    /// Its registration (`None`: not registered yet).
+    broker_epoch: Option<u64>,
+    /// The controller image's offset it has applied.
+    metadata_offset: u64,
     last_hw: u64,
 }
 
@@ -160,9 +184,28 @@ impl Node {
     }
 }
 
+/// The active controller: its committed metadata image (Raft's state machine) and the next
+/// Raft index.
 struct Controller {
-    view: PartitionView,
-    live: BTreeSet<NodeId>,
+    image: MetadataImage,
+    index: u64,
+    /// Until when the active controller is away (a failover under way): messages to it are lost.
+    away_until: i64,
+}
+
+/// What node `node` says about itself when it registers as incarnation `life`.
+fn broker_info(node: NodeId, life: u32) -> BrokerInfo {
+    BrokerInfo {
+        node_id: node,
+        incarnation: format!("{node}-{life}"),
+        dir_id: format!("dir-{node}"),
+        native: Endpoint {
+            host: "sim".into(),
+            port: node as u16,
+        },
+        kafka: None,
+        rack: None,
+    }
 }
 
 struct Sim {
@@ -189,19 +232,13 @@ struct Stats {
     truncations: u64,
     isr_changes: u64,
     crashes: u64,
+    controller_failovers: u64,
 }
 
 type Check = Result<(), String>;
 
 impl Sim {
     fn new(seed: u64, options: Options) -> Sim {
-        let view = PartitionView {
-            leader: Some(1),
-            leader_epoch: 0,
-            partition_epoch: 0,
-            replicas: NODES.to_vec(),
-            isr: vec![1],
-        };
         let nodes = NODES
             .iter()
             .map(|&id| {
@@ -218,6 +255,8 @@ impl Sim {
                         altering: None,
                         isolated_until: 0,
                         registered: Some(0),
+                        broker_epoch: None,
+                        metadata_offset: 0,
                         last_hw: 0,
                     },
                 )
@@ -229,8 +268,9 @@ impl Sim {
             now: 0,
             nodes,
             controller: Controller {
-                view,
-                live: NODES.iter().copied().collect(),
+                image: MetadataImage::default(),
+                index: 0,
+                away_until: 0,
             },
             net: Vec::new(),
             seq: 0,
@@ -241,6 +281,28 @@ impl Sim {
             leaders: BTreeMap::new(),
             stats: Stats::default(),
         };
+        // Three brokers registered and unfenced, the topic created with one replica in sync.
+        for id in NODES {
+            let epoch = sim
+                .commit_image(decide::register(&sim.controller.image, broker_info(id, 0)))
+                .unwrap();
+            sim.commit_image(vec![MetadataRecord::BrokerUnfenced {
+                node_id: id,
+                broker_epoch: epoch,
+            }])
+            .unwrap();
+            sim.nodes.get_mut(&id).unwrap().broker_epoch = Some(epoch);
+        }
+        sim.commit_image(vec![MetadataRecord::TopicCreated {
+            name: TOPIC.into(),
+            config: Default::default(),
+            created_ms: 0,
+            partitions: vec![PartitionState {
+                isr: vec![1],
+                ..PartitionState::new(NODES.to_vec(), Some(1))
+            }],
+        }])
+        .unwrap();
         sim.broadcast_view();
         sim
     }
@@ -281,110 +343,129 @@ impl Sim {
 
     // ---- the controller ----
 
+    /// Partition 0 as the controller's image has it, and the image's offset.
+    fn view(&self) -> (PartitionView, u64) {
+        let image = &self.controller.image;
+        let state = image.partition(TOPIC, 0).expect("the partition exists");
+        let view = PartitionView {
+            leader: state.leader,
+            leader_epoch: state.leader_epoch,
+            partition_epoch: state.partition_epoch,
+            replicas: state.replicas.clone(),
+            isr: state.isr.clone(),
+        };
+        (view, image.offset)
+    }
+
     fn broadcast_view(&mut self) {
-        let view = self.controller.view.clone();
+        let (view, offset) = self.view();
         for id in NODES {
-            self.send(CONTROLLER, id, Msg::View(view.clone()));
+            self.send(CONTROLLER, id, Msg::View(view.clone(), offset));
         }
     }
 
-    fn change_view(&mut self, isr: Vec<NodeId>, leader: Option<NodeId>) {
-        let view = &mut self.controller.view;
-        if isr == view.isr && leader == view.leader {
-            return;
+    /// Applies one Raft entry of `records` to the image (all or none: a decision made on a
+    /// state that changed since is refused); returns its index.
+    fn commit_image(&mut self, records: Vec<MetadataRecord>) -> Result<u64, String> {
+        let index = self.controller.index;
+        self.controller.index += 1;
+        self.controller
+            .image
+            .apply(index, &Proposal { records })
+            .map_err(|r| r.message)?;
+        Ok(index)
+    }
+
+    /// [`Sim::commit_image`], then the brokers hear of what changed.
+    fn commit(&mut self, records: Vec<MetadataRecord>) -> Result<u64, String> {
+        let before = self.view().0;
+        let index = self.commit_image(records)?;
+        let after = self.view().0;
+        if after.leader != before.leader && after.leader.is_some() {
+            self.stats.elections += 1;
         }
-        if leader != view.leader {
-            view.leader_epoch += 1;
-            if leader.is_some() {
-                self.stats.elections += 1;
-            }
-        }
-        view.partition_epoch += 1;
-        view.isr = isr;
-        view.leader = leader;
         self.broadcast_view();
-    }
-
-    fn elect(&self, isr: &[NodeId], exclude: Option<NodeId>) -> Option<NodeId> {
-        let view = &self.controller.view;
-        view.replicas
-            .iter()
-            .copied()
-            .find(|r| isr.contains(r) && Some(*r) != exclude && self.controller.live.contains(r))
+        Ok(index)
     }
 
     fn controller_receive(&mut self, from: NodeId, msg: Msg) {
+        if self.now < self.controller.away_until {
+            return; // the active controller is moving: lost
+        }
+        let image = &self.controller.image;
         match msg {
             Msg::Down(node) => {
-                if !self.controller.live.remove(&node) {
-                    return;
+                if let Some(broker) = image.brokers.get(&node).filter(|b| !b.fenced) {
+                    let records = decide::fence(image, node, broker.epoch);
+                    let _ = self.commit(records);
                 }
-                let view = self.controller.view.clone();
-                let mut isr: Vec<NodeId> =
-                    view.isr.iter().copied().filter(|r| *r != node).collect();
-                if isr.is_empty() {
-                    isr = view.isr.clone();
+            }
+            Msg::Heartbeat {
+                node,
+                broker_epoch,
+                offset,
+            } => {
+                if image
+                    .brokers
+                    .get(&node)
+                    .is_none_or(|b| b.epoch != broker_epoch)
+                {
+                    self.send(CONTROLLER, node, Msg::StaleRegistration);
+                } else if let Some(records) = decide::unfence(image, node, broker_epoch, offset) {
+                    let _ = self.commit(records);
                 }
-                let leader = if view.leader == Some(node) || view.leader.is_none() {
-                    self.elect(&isr, Some(node))
-                } else {
-                    view.leader
+            }
+            Msg::Register(node, life) => {
+                let info = broker_info(node, life);
+                let broker_epoch = match decide::existing_registration(image, &info) {
+                    Some(epoch) => epoch, // a retry of a registration that took effect
+                    None => {
+                        let records = decide::register(image, info);
+                        match self.commit(records) {
+                            Ok(epoch) => epoch,
+                            Err(_) => return,
+                        }
+                    }
                 };
-                self.change_view(isr, leader);
-            }
-            Msg::Up(node) => {
-                if !self.controller.live.insert(node) {
-                    return;
-                }
-                let view = self.controller.view.clone();
-                if view.leader.is_none() {
-                    let leader = self.elect(&view.isr, None);
-                    self.change_view(view.isr.clone(), leader);
-                }
-            }
-            Msg::Register(node) => {
-                // A new incarnation: fenced (leadership moves, even back to it, in a new
-                // epoch), then live.
-                self.controller.live.insert(node);
-                self.controller_receive(node, Msg::Down(node));
-                self.controller_receive(node, Msg::Up(node));
-                let leader_epoch = self.controller.view.leader_epoch;
-                self.send(CONTROLLER, node, Msg::Registered { leader_epoch });
+                let leader_epoch = self.view().0.leader_epoch;
+                self.send(
+                    CONTROLLER,
+                    node,
+                    Msg::Registered {
+                        broker_epoch,
+                        leader_epoch,
+                    },
+                );
             }
             Msg::Alter {
                 from: leader,
+                broker_epoch,
                 change,
             } => {
-                let view = self.controller.view.clone();
-                let stale = view.leader != Some(leader)
-                    || view.leader_epoch != change.leader_epoch
-                    || view.partition_epoch != change.partition_epoch;
-                let valid = change.isr.contains(&leader)
-                    && change
-                        .isr
-                        .iter()
-                        .all(|r| view.isr.contains(r) || self.controller.live.contains(r));
-                if stale || !valid {
-                    self.send(
-                        CONTROLLER,
-                        from,
-                        Msg::AlterResponse {
-                            definitive_refusal: !stale,
-                        },
-                    );
-                    // The leader may be behind: tell it the current state.
-                    self.send(CONTROLLER, from, Msg::View(view));
-                    return;
-                }
-                self.stats.isr_changes += 1;
-                self.change_view(change.isr, view.leader);
-                self.send(
-                    CONTROLLER,
-                    from,
-                    Msg::AlterResponse {
-                        definitive_refusal: false,
-                    },
+                let decided = decide::alter_partition(
+                    image,
+                    leader,
+                    broker_epoch,
+                    TOPIC,
+                    0,
+                    (change.leader_epoch, change.partition_epoch),
+                    &change.isr,
                 );
+                let definitive_refusal = match decided {
+                    Ok(record) => {
+                        let applied = self.commit(vec![record]);
+                        assert!(applied.is_ok(), "decided on the current image: {applied:?}");
+                        self.stats.isr_changes += 1;
+                        false
+                    }
+                    // Decided on a state that is no longer current: the leader learns the new
+                    // one and decides again. An ineligible replica stays refused.
+                    Err(rejected) => ErrorCode(rejected.code) == ErrorCode::INELIGIBLE_REPLICA,
+                };
+                self.send(CONTROLLER, from, Msg::AlterResponse { definitive_refusal });
+                // The leader may be behind: tell it the current state.
+                let (view, offset) = self.view();
+                self.send(CONTROLLER, from, Msg::View(view, offset));
             }
             _ => {}
         }
@@ -392,10 +473,11 @@ impl Sim {
 
     // ---- the nodes ----
 
-    fn adopt_view(&mut self, id: NodeId, view: PartitionView) {
+    fn adopt_view(&mut self, id: NodeId, view: PartitionView, offset: u64) {
         let config = self.leader_config();
         let now = self.now;
         let node = self.nodes.get_mut(&id).unwrap();
+        node.metadata_offset = node.metadata_offset.max(offset);
         if node.registered.is_none_or(|e| view.leader_epoch < e) {
             return;
         }
@@ -434,12 +516,21 @@ impl Sim {
     fn node_receive(&mut self, id: NodeId, from: NodeId, msg: Msg) -> Check {
         let now = self.now;
         match msg {
-            Msg::View(view) => self.adopt_view(id, view),
-            Msg::Registered { leader_epoch } => {
+            Msg::View(view, offset) => self.adopt_view(id, view, offset),
+            Msg::Registered {
+                broker_epoch,
+                leader_epoch,
+            } => {
                 let node = self.nodes.get_mut(&id).unwrap();
                 if node.registered.is_none() {
                     node.registered = Some(leader_epoch);
+                    node.broker_epoch = Some(broker_epoch);
                 }
+            }
+            Msg::StaleRegistration => {
+                let node = self.nodes.get_mut(&id).unwrap();
+                node.registered = None;
+                node.broker_epoch = None;
             }
             Msg::Fetch {
                 from: follower,
@@ -564,6 +655,9 @@ impl Sim {
             }
             Role::Leader(state) => {
                 state.update(&node.log);
+                let Some(broker_epoch) = node.broker_epoch else {
+                    return;
+                };
                 if node.altering.is_some_and(|at| now - at > 100) {
                     node.altering = None;
                     if let Some(change) = state.pending() {
@@ -571,6 +665,7 @@ impl Sim {
                             CONTROLLER,
                             Msg::Alter {
                                 from: id,
+                                broker_epoch,
                                 change: change.clone(),
                             },
                         ));
@@ -579,7 +674,14 @@ impl Sim {
                 } else if node.altering.is_none()
                     && let Some(change) = state.isr_change(now)
                 {
-                    out.push((CONTROLLER, Msg::Alter { from: id, change }));
+                    out.push((
+                        CONTROLLER,
+                        Msg::Alter {
+                            from: id,
+                            broker_epoch,
+                            change,
+                        },
+                    ));
                     node.altering = Some(now);
                 }
             }
@@ -656,6 +758,8 @@ impl Sim {
         node.altering = None;
         node.last_hw = 0;
         node.registered = None;
+        node.broker_epoch = None;
+        node.metadata_offset = 0;
         if power {
             node.log.lose_unflushed();
         }
@@ -676,7 +780,8 @@ impl Sim {
             return;
         }
         node.alive = true;
-        self.send(id, CONTROLLER, Msg::Register(id));
+        let life = node.life;
+        self.send(id, CONTROLLER, Msg::Register(id, life));
     }
 
     fn faults(&mut self) {
@@ -698,22 +803,17 @@ impl Sim {
         } else if roll < 0.006 {
             self.restart(id);
         } else if roll < 0.007 {
-            // The controller suspects a live node, then hears from it again.
+            // The controller suspects a live node (it is fenced), then its heartbeats unfence
+            // it once it has applied the fence.
             self.net.push(Envelope {
                 at: self.now,
                 to: CONTROLLER,
                 from: id,
                 msg: Msg::Down(id),
             });
-            let back = self.now + self.rng.random_range(50..400);
-            self.net.push(Envelope {
-                at: back,
-                to: CONTROLLER,
-                from: id,
-                msg: Msg::Up(id),
-            });
         } else if roll < 0.008 {
-            // Cut off from everyone for a while (the controller fences it, then sees it again).
+            // Cut off from everyone for a while: the controller fences it; once back, its
+            // heartbeats unfence it.
             let until = self.now + self.rng.random_range(50..600);
             let node = self.nodes.get_mut(&id).unwrap();
             if node.alive {
@@ -724,13 +824,13 @@ impl Sim {
                     from: id,
                     msg: Msg::Down(id),
                 });
-                self.net.push(Envelope {
-                    at: until,
-                    to: CONTROLLER,
-                    from: id,
-                    msg: Msg::Up(id),
-                });
             }
+        } else if roll < 0.0085 {
+            // The active controller fails over: what was on its way to it is lost, and it
+            // hears nothing for a while; the committed image survives (Raft).
+            self.controller.away_until = self.now + self.rng.random_range(50..300);
+            self.net.retain(|e| e.to != CONTROLLER);
+            self.stats.controller_failovers += 1;
         }
     }
 
@@ -760,10 +860,14 @@ impl Sim {
             for id in NODES {
                 let node = &self.nodes[&id];
                 if node.alive {
-                    let msg = if node.registered.is_some() {
-                        Msg::Up(id)
-                    } else {
-                        Msg::Register(id) // its registration was lost: again
+                    let msg = match node.broker_epoch {
+                        Some(broker_epoch) => Msg::Heartbeat {
+                            node: id,
+                            broker_epoch,
+                            offset: node.metadata_offset,
+                        },
+                        // Its registration was lost: again.
+                        None => Msg::Register(id, node.life),
                     };
                     self.send(id, CONTROLLER, msg);
                 }
@@ -795,7 +899,7 @@ impl Sim {
     }
 
     fn check(&mut self) -> Check {
-        let controller_epoch = self.controller.view.leader_epoch;
+        let controller_epoch = self.view().0.leader_epoch;
         for node in self.nodes.values_mut() {
             if !node.alive {
                 continue;
@@ -856,7 +960,7 @@ impl Sim {
         let leader = self
             .nodes
             .values()
-            .find(|n| matches!(&n.role, Role::Leader(s) if s.leader_epoch() == self.controller.view.leader_epoch))
+            .find(|n| matches!(&n.role, Role::Leader(s) if s.leader_epoch() == self.view().0.leader_epoch))
             .ok_or("no leader after healing")?;
         for node in self.nodes.values() {
             if node.log.records != leader.log.records {
@@ -911,6 +1015,7 @@ fn run_seeds(options: Options, n: u64) -> (Stats, Vec<(u64, String)>) {
                 total.truncations += stats.truncations;
                 total.isr_changes += stats.isr_changes;
                 total.crashes += stats.crashes;
+                total.controller_failovers += stats.controller_failovers;
             }
             Err(err) => failures.push((seed, err)),
         }
@@ -935,6 +1040,10 @@ fn must_pass(options: Options, n: u64) {
     assert!(stats.elections > n, "leaders changed: {stats:?}");
     assert!(stats.truncations > 0, "some follower diverged: {stats:?}");
     assert!(stats.isr_changes > n, "the ISR changed: {stats:?}");
+    assert!(
+        stats.controller_failovers > n / 2,
+        "the active controller failed over: {stats:?}"
+    );
 }
 
 #[test]

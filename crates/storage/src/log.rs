@@ -266,6 +266,11 @@ impl Log {
         }
     }
 
+    /// Whether an I/O failure has poisoned the log (it refuses appends until reopened).
+    pub fn is_poisoned(&self) -> bool {
+        lock(&self.state).poisoned.is_some()
+    }
+
     pub(crate) fn check_poisoned(&self, state: &State) -> Result<(), Fatal> {
         match &state.poisoned {
             Some(cause) => Err(Fatal::PreviousIo {
