@@ -5,7 +5,7 @@
 # history; the history and the verdict are kept in $CARGO_TARGET_DIR/tmp/chaos/.
 # Usage: scripts/chaos.sh [kill-leader|restart-leader|kill-follower|kill-controller|kill-all|pause-leader|
 #   isolate-leader|isolate-follower|isolate-controller|one-way-leader|bridge|loss|cascade|
-#   move-partition|disk-full|all] [--seconds N] [--client cairn|confluent]
+#   move-partition|disk-full|slow-leader|proxy-drop-leader|proxy-hold-leader-answers|all] [--seconds N] [--client cairn|confluent]
 # --client confluent runs confluent-kafka's workload (tests/kafka/chaos.py: an idempotent
 # producer and a consumer group that commits) instead of Cairn's client.
 # (network scenarios need root, ip and iptables: scripts/test.sh installs them)
@@ -25,8 +25,8 @@ while [ $# -gt 0 ]; do
 done
 case "$scenario" in
   all) filter='test(/^chaos::chaos_/)' ;;
-  kill-leader|restart-leader|kill-follower|kill-controller|kill-all|pause-leader|isolate-leader|isolate-follower|isolate-controller|one-way-leader|bridge|loss|cascade|move-partition|disk-full) filter="test(=chaos::chaos_${scenario//-/_})" ;;
-  *) echo "unknown scenario $scenario (kill-leader, restart-leader, kill-follower, kill-controller, kill-all, pause-leader, isolate-leader, isolate-follower, isolate-controller, one-way-leader, bridge, loss, cascade, move-partition, disk-full, all)" >&2; exit 2 ;;
+  kill-leader|restart-leader|kill-follower|kill-controller|kill-all|pause-leader|isolate-leader|isolate-follower|isolate-controller|one-way-leader|bridge|loss|cascade|move-partition|disk-full|slow-leader|proxy-drop-leader|proxy-hold-leader-answers) filter="test(=chaos::chaos_${scenario//-/_})" ;;
+  *) echo "unknown scenario $scenario (kill-leader, restart-leader, kill-follower, kill-controller, kill-all, pause-leader, isolate-leader, isolate-follower, isolate-controller, one-way-leader, bridge, loss, cascade, move-partition, disk-full, slow-leader, proxy-drop-leader, proxy-hold-leader-answers, all)" >&2; exit 2 ;;
 esac
 case "$client" in
   cairn) ;;

@@ -24,6 +24,7 @@ use cairn_testkit::{FaultFs, Faults};
 use crate::broker::runtime;
 use crate::broker_process::{BrokerProcess, free_port};
 use crate::netns::Netns;
+use crate::proxy::FaultProxy;
 
 /// What a node of a test cluster is.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -45,6 +46,9 @@ pub(crate) struct Node {
     pub(crate) kafka: String,
     pub(crate) controller: String,
     process: Option<BrokerProcess>,
+    /// Fault-injecting proxies in front of its native and Kafka listeners, which it advertises
+    /// ([`TestCluster::proxy_all`]).
+    proxies: Option<(FaultProxy, FaultProxy)>,
 }
 
 /// Nodes 1..=N: brokers, controller voters, or both.
@@ -85,7 +89,12 @@ impl TestCluster {
     /// data directories first): start them with [`TestCluster::start_planned`].
     pub(crate) fn plan(netns: Option<&Netns>, roles: &[Roles], toml: &str) -> TestCluster {
         let n = roles.len() as u32;
-        let dir = tempfile::tempdir().unwrap();
+        let mut dir = tempfile::tempdir().unwrap();
+        // CAIRN_TEST_KEEP=1 keeps the nodes' directories and logs for a look afterwards.
+        if std::env::var_os("CAIRN_TEST_KEEP").is_some() {
+            dir.disable_cleanup(true);
+            println!("cluster directories kept in {}", dir.path().display());
+        }
         let nodes: Vec<Node> = (1..=n)
             .map(|id| {
                 let (native, kafka, controller) = match netns {
@@ -107,6 +116,7 @@ impl TestCluster {
                     kafka,
                     controller,
                     process: None,
+                    proxies: None,
                 }
             })
             .collect();
@@ -154,6 +164,28 @@ impl TestCluster {
         &self.nodes[id as usize - 1]
     }
 
+    /// Puts a fault-injecting proxy ([`crate::proxy`]) in front of every broker's native and
+    /// Kafka listeners and has the broker advertise it, so that clients and followers reach it
+    /// only through the proxy. Before the nodes start.
+    pub(crate) fn proxy_all(&mut self) {
+        for node in &mut self.nodes {
+            if node.roles != Roles::Controller {
+                node.proxies = Some((
+                    FaultProxy::start(&node.native),
+                    FaultProxy::start(&node.kafka),
+                ));
+            }
+        }
+    }
+
+    /// Switches the fault of node `id`'s proxies (both listeners).
+    pub(crate) fn proxy_fault(&self, id: u32, mode: crate::proxy::Mode) {
+        if let Some((native, kafka)) = &self.node(id).proxies {
+            native.set(mode);
+            kafka.set(mode);
+        }
+    }
+
     /// Whether node `id`'s process runs (started, not killed or stopped).
     pub(crate) fn running(&self, id: u32) -> bool {
         self.node(id).process.is_some()
@@ -179,6 +211,14 @@ impl TestCluster {
         ];
         if node.roles != Roles::Broker {
             extra.extend(["--controller-listen".to_string(), node.controller.clone()]);
+        }
+        if let Some((native, kafka)) = &node.proxies {
+            extra.extend([
+                "--advertised".to_string(),
+                native.addr.clone(),
+                "--kafka-advertised".to_string(),
+                kafka.addr.clone(),
+            ]);
         }
         node.process = Some(if node.roles == Roles::Controller {
             extra.extend(["--roles".to_string(), "controller".to_string()]);
@@ -1088,7 +1128,10 @@ fn decode_reply<T: cairn_protocol::native::Wire>(reply: &[u8]) -> T {
 
 #[test]
 fn the_cluster_requests_and_the_controller_listener_refuse_bad_input_and_keep_serving() {
-    let cluster = TestCluster::start(1, "frame_read_timeout_ms = 1000\n");
+    let cluster = TestCluster::start(
+        1,
+        "frame_read_timeout_ms = 1000\nconnection_idle_timeout_ms = 1500\n",
+    );
     let rt = runtime();
     let addr = cluster.node(1).native.clone();
     let control = crate::broker::start_control_producer(&rt, &addr, &[]);
@@ -1245,6 +1288,16 @@ fn the_cluster_requests_and_the_controller_listener_refuse_bad_input_and_keep_se
     assert!(
         closed_in < Duration::from_secs(4),
         "stalled frames held for {closed_in:?}"
+    );
+    // A connection that sends nothing is closed once idle past connection_idle_timeout_ms.
+    let mut idle = std::net::TcpStream::connect(&c).unwrap();
+    idle.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let started = Instant::now();
+    let read = std::io::Read::read(&mut idle, &mut [0u8; 1]);
+    assert!(
+        matches!(read, Ok(0)) && started.elapsed() < Duration::from_secs(4),
+        "an idle controller connection: {read:?} after {:?}",
+        started.elapsed()
     );
 
     // Everyone else was served throughout, and the controller still works.

@@ -17,6 +17,7 @@ mod log_basics;
 mod log_model;
 mod netns;
 mod power_loss;
+mod proxy;
 mod recovery_fixtures;
 mod replication;
 mod support;

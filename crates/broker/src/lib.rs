@@ -505,6 +505,9 @@ fn controller_config(
         broker_session_timeout: std::time::Duration::from_millis(config.broker_session_timeout_ms),
         frame_bytes_max: config.controller_frame_bytes_max,
         frame_read_timeout: std::time::Duration::from_millis(config.frame_read_timeout_ms),
+        connection_idle_timeout: std::time::Duration::from_millis(
+            config.connection_idle_timeout_ms,
+        ),
         partitions_max: config.partitions_max,
         partitions_per_topic_max: topic::PARTITIONS_PER_TOPIC_MAX,
         leader_rebalance_interval: config

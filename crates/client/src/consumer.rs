@@ -1,7 +1,7 @@
 //! Reading assigned partitions from chosen positions: one fetch in flight per partition leader,
 //! sent before `poll` returns, so the next records are on their way while the caller works.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -94,8 +94,9 @@ pub struct Consumer {
     assigned: Vec<Assignment>,
     /// One fetch per leader, each for the assigned partitions it leads.
     fetches: FuturesUnordered<InFlightFetch>,
-    /// The partitions those fetches cover.
-    fetching: HashSet<(Arc<str>, u32)>,
+    /// The partitions those fetches cover, each with the leader its fetch went to: when that
+    /// fetch ends, however it ends, they are free to be fetched again.
+    fetching: HashMap<(Arc<str>, u32), u32>,
 }
 
 impl std::fmt::Debug for Consumer {
@@ -130,7 +131,7 @@ impl Consumer {
             config,
             assigned: Vec::new(),
             fetches: FuturesUnordered::new(),
-            fetching: HashSet::new(),
+            fetching: HashMap::new(),
         }
     }
 
@@ -277,8 +278,18 @@ impl Consumer {
         let unrouted: Vec<String> = self
             .assigned
             .iter()
-            .filter(|a| !self.fetching.contains(&(Arc::clone(&a.topic), a.partition)))
-            .filter(|a| self.cluster.route(&a.topic, a.partition).is_none())
+            .filter(|a| {
+                !self
+                    .fetching
+                    .contains_key(&(Arc::clone(&a.topic), a.partition))
+            })
+            // Unknown, stale, or without a leader when last asked (offline for an election):
+            // ask again, or a partition offline once would be left unfetched for good.
+            .filter(|a| {
+                self.cluster
+                    .route(&a.topic, a.partition)
+                    .is_none_or(|r| r.leader.is_none())
+            })
             .map(|a| a.topic.to_string())
             .collect::<std::collections::BTreeSet<_>>()
             .into_iter()
@@ -292,7 +303,7 @@ impl Consumer {
             std::collections::BTreeMap::new();
         for a in &self.assigned {
             let key = (Arc::clone(&a.topic), a.partition);
-            if self.fetching.contains(&key) {
+            if self.fetching.contains_key(&key) {
                 continue;
             }
             let Some(crate::cluster::Route {
@@ -329,7 +340,8 @@ impl Consumer {
             for topic in &topics {
                 let name: Arc<str> = Arc::from(topic.name.as_str());
                 for p in &topic.partitions {
-                    self.fetching.insert((Arc::clone(&name), p.partition));
+                    self.fetching
+                        .insert((Arc::clone(&name), p.partition), leader);
                 }
             }
             let request = Request::Fetch(FetchRequest {
@@ -378,6 +390,10 @@ impl Consumer {
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
             };
+            // That leader's fetch is over: its partitions may be fetched again (from whoever
+            // leads them by then). Routes are not the key: a broken connection marks them all
+            // stale, and a stale route names no leader.
+            self.fetching.retain(|_, l| *l != leader);
             let response = match result {
                 Ok(response) => response,
                 Err(err) => {
@@ -385,9 +401,6 @@ impl Consumer {
                     // again at the next round.
                     tracing::debug!(leader, error = %err, "fetch failed");
                     self.cluster.forget(leader);
-                    self.fetching.retain(|(topic, partition)| {
-                        self.cluster.route(topic, *partition).and_then(|r| r.leader) != Some(leader)
-                    });
                     if !err.is_retriable() {
                         return Err(err);
                     }
@@ -422,8 +435,6 @@ impl Consumer {
         let mut first_error = None;
         for topic in response.topics {
             for part in topic.partitions {
-                let name: Arc<str> = Arc::from(topic.name.as_str());
-                self.fetching.remove(&(Arc::clone(&name), part.partition));
                 let Some(assignment) = self
                     .assigned
                     .iter_mut()

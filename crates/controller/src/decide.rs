@@ -107,6 +107,58 @@ pub fn unfence(
     Some(records)
 }
 
+/// What a broker's heartbeat decides.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Heartbeat {
+    /// Fence it (it is shutting down, or cannot write): commit these records.
+    Fence(Vec<MetadataRecord>),
+    /// It has caught up with its fence: unfence it with these records.
+    Unfence(Vec<MetadataRecord>),
+    /// Nothing to commit; it stays fenced or not.
+    Unchanged {
+        /// Whether it is fenced.
+        fenced: bool,
+    },
+}
+
+/// A heartbeat of `node`'s registration `broker_epoch`, having applied the metadata up to
+/// `metadata_offset`. `shutting_down`: fence it now (controlled shutdown). `want_fence`: it
+/// cannot write (a full disk, a log an I/O error poisoned: Kafka's `WantFence`); fenced too,
+/// but only if another broker is live to take its leaderships (alone, it had better keep
+/// serving reads). Refused if the registration is not the current one.
+pub fn heartbeat(
+    image: &MetadataImage,
+    node: NodeId,
+    broker_epoch: u64,
+    metadata_offset: u64,
+    shutting_down: bool,
+    want_fence: bool,
+) -> Result<Heartbeat, Rejected> {
+    let Some(broker) = image.brokers.get(&node).filter(|b| b.epoch == broker_epoch) else {
+        return Err(Rejected::new(
+            ErrorCode::STALE_BROKER_EPOCH,
+            format!("broker {node} has no registration with epoch {broker_epoch}"),
+        ));
+    };
+    let others = image.live_brokers().any(|b| b.info.node_id != node);
+    if shutting_down || (want_fence && others) {
+        return Ok(if broker.fenced {
+            Heartbeat::Unchanged { fenced: true }
+        } else {
+            Heartbeat::Fence(fence(image, node, broker_epoch))
+        });
+    }
+    // Caught up once it has applied the record that fenced it (its registration, or the fence
+    // with the leadership changes that came with it): a broker fenced while cut off must not
+    // lead again on the metadata it had then.
+    Ok(match unfence(image, node, broker_epoch, metadata_offset) {
+        Some(records) => Heartbeat::Unfence(records),
+        None => Heartbeat::Unchanged {
+            fenced: broker.fenced,
+        },
+    })
+}
+
 /// A partition leader's ISR change (Kafka's AlterPartition), decided in `(leader_epoch,
 /// partition_epoch)`: accepted only from the live registration of the current leader, on the
 /// current partition epoch, and adding only live brokers (a replica may leave the ISR whatever

@@ -50,6 +50,9 @@ pub struct ControllerConfig {
     /// A frame whose first byte arrived must be complete within this (a stalled or trickled
     /// frame closes the connection).
     pub frame_read_timeout: Duration,
+    /// A connection with no request for this long is closed (its peer reconnects when it needs
+    /// to), so idle connections cannot hold every one of `connections_max`.
+    pub connection_idle_timeout: Duration,
     /// A snapshot is taken after this many entries (it bounds the log and replay at start).
     pub snapshot_entries: u64,
     /// Most partitions in the cluster.
@@ -76,6 +79,7 @@ impl Default for ControllerConfig {
             frame_bytes_max: 64 << 20,
             connections_max: 1024,
             frame_read_timeout: Duration::from_secs(30),
+            connection_idle_timeout: Duration::from_secs(600),
             snapshot_entries: 10_000,
             partitions_max: 10_000,
             partitions_per_topic_max: 10_000,
@@ -372,15 +376,11 @@ impl ControllerNode {
                 shutting_down,
                 want_fence,
             } => {
-                // A broker that cannot write is fenced only if another can take its
-                // leaderships: alone, it is better to keep serving reads.
-                let image = self.image();
-                let others = image.live_brokers().any(|b| b.info.node_id != node_id);
                 self.heartbeat(
                     node_id,
                     broker_epoch,
                     metadata_offset,
-                    shutting_down || (want_fence && others),
+                    (shutting_down, want_fence),
                 )
                 .await
             }
@@ -581,43 +581,45 @@ impl ControllerNode {
         node: NodeId,
         broker_epoch: u64,
         metadata_offset: u64,
-        wants_fence: bool,
+        (shutting_down, want_fence): (bool, bool),
     ) -> Result<Reply, CommandError> {
         let image = self.image();
-        let Some(broker) = image.brokers.get(&node).filter(|b| b.epoch == broker_epoch) else {
-            return Err(rejected(
-                ErrorCode::STALE_BROKER_EPOCH,
-                format!("broker {node} has no registration with epoch {broker_epoch}"),
-            ));
-        };
+        let decided = decide::heartbeat(
+            &image,
+            node,
+            broker_epoch,
+            metadata_offset,
+            shutting_down,
+            want_fence,
+        )
+        .map_err(CommandError::Rejected)?;
         self.saw(node, broker_epoch);
-        if wants_fence {
-            if !broker.fenced {
-                self.commit(decide::fence(&image, node, broker_epoch))
-                    .await?;
+        match decided {
+            decide::Heartbeat::Fence(records) => {
+                self.commit(records).await?;
                 tracing::info!(
                     node,
-                    "broker asked to be fenced (shutting down, or its disk is full): fenced, \
+                    shutting_down,
+                    want_fence,
+                    "broker asked to be fenced (shutting down, or it cannot write): fenced, \
                      leaderships moved"
                 );
+                Ok(Reply::Heartbeat { fenced: true })
             }
-            return Ok(Reply::Heartbeat { fenced: true });
+            decide::Heartbeat::Unfence(records) => {
+                self.commit(records).await?;
+                tracing::info!(node, broker_epoch, "broker unfenced");
+                Ok(Reply::Heartbeat { fenced: false })
+            }
+            decide::Heartbeat::Unchanged { fenced } => {
+                // Nothing to commit: confirm with a quorum that this node still leads before
+                // the answer grants a lease. A deposed controller that does not know it yet
+                // (paused, cut off) would otherwise answer from its stale image, and a broker,
+                // itself included, would lead on it.
+                self.confirm_leadership().await?;
+                Ok(Reply::Heartbeat { fenced })
+            }
         }
-        // Caught up once it has applied the record that fenced it (its registration, or the
-        // fence with the leadership changes that came with it): a broker fenced while cut off
-        // must not lead again on the metadata it had then.
-        if let Some(records) = decide::unfence(&image, node, broker_epoch, metadata_offset) {
-            self.commit(records).await?;
-            tracing::info!(node, broker_epoch, "broker unfenced");
-            return Ok(Reply::Heartbeat { fenced: false });
-        }
-        // Nothing to commit: confirm with a quorum that this node still leads before the answer
-        // grants a lease. A deposed controller that does not know it yet (paused, cut off) would
-        // otherwise answer from its stale image, and a broker, itself included, would lead on it.
-        self.confirm_leadership().await?;
-        Ok(Reply::Heartbeat {
-            fenced: broker.fenced,
-        })
     }
 
     /// Checks with a quorum of voters that this node is still the leader.
@@ -1141,8 +1143,13 @@ impl ControllerNode {
             self.inner.config.frame_bytes_max,
             self.inner.config.frame_read_timeout,
         );
+        let idle = self.inner.config.connection_idle_timeout;
         loop {
-            let Some(request) = read_frame::<Request>(&mut stream, max, stall).await? else {
+            let next = read_frame::<Request>(&mut stream, max, stall);
+            let Ok(request) = tokio::time::timeout(idle, next).await else {
+                return Ok(()); // idle: closed
+            };
+            let Some(request) = request? else {
                 return Ok(());
             };
             let broker = match &request {

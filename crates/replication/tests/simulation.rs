@@ -5,8 +5,10 @@
 //! own metadata image (`MetadataImage::apply`, which refuses a stale decision), the brokers
 //! following that image as it reaches them; a network that delays, reorders and drops every
 //! message; producers with acks=all and min.insync.replicas 2; and faults: process crashes, power
-//! losses (a log keeps only what was flushed), false suspicion by the controller, isolated nodes,
-//! and failovers of the active controller (messages to it lost for a while; the committed image
+//! losses (a log keeps only what was flushed), EIO from fsync (the log is poisoned: no more
+//! appends or flushes, and the broker asks to be fenced until it restarts; what was not synced
+//! may be gone, as after Linux's fsync errors), false suspicion by the controller, isolated
+//! nodes, and failovers of the active controller (messages to it lost for a while; the committed image
 //! kept, as Raft keeps it). Raft itself is openraft's, tested by its authors; what is simulated
 //! here is everything Cairn decides on top of it.
 //!
@@ -126,6 +128,8 @@ enum Msg {
         node: NodeId,
         broker_epoch: u64,
         offset: u64,
+        /// It cannot write (its log is poisoned): fence it.
+        want_fence: bool,
     },
     /// The heartbeat's registration is unknown: register again.
     StaleRegistration,
@@ -171,6 +175,8 @@ struct Node {
     broker_epoch: Option<u64>,
     /// The controller image's offset it has applied.
     metadata_offset: u64,
+    /// An fsync failed (EIO): the log takes no more appends or flushes until the node restarts.
+    poisoned: bool,
     last_hw: u64,
 }
 
@@ -233,6 +239,9 @@ struct Stats {
     isr_changes: u64,
     crashes: u64,
     controller_failovers: u64,
+    /// fsync failures injected, and fences they led to.
+    eio: u64,
+    fenced_for_eio: u64,
 }
 
 type Check = Result<(), String>;
@@ -257,6 +266,7 @@ impl Sim {
                         registered: Some(0),
                         broker_epoch: None,
                         metadata_offset: 0,
+                        poisoned: false,
                         last_hw: 0,
                     },
                 )
@@ -404,17 +414,17 @@ impl Sim {
                 node,
                 broker_epoch,
                 offset,
-            } => {
-                if image
-                    .brokers
-                    .get(&node)
-                    .is_none_or(|b| b.epoch != broker_epoch)
-                {
-                    self.send(CONTROLLER, node, Msg::StaleRegistration);
-                } else if let Some(records) = decide::unfence(image, node, broker_epoch, offset) {
+                want_fence,
+            } => match decide::heartbeat(image, node, broker_epoch, offset, false, want_fence) {
+                Err(_) => self.send(CONTROLLER, node, Msg::StaleRegistration),
+                Ok(decide::Heartbeat::Fence(records) | decide::Heartbeat::Unfence(records)) => {
+                    if want_fence {
+                        self.stats.fenced_for_eio += 1;
+                    }
                     let _ = self.commit(records);
                 }
-            }
+                Ok(decide::Heartbeat::Unchanged { .. }) => {}
+            },
             Msg::Register(node, life) => {
                 let info = broker_info(node, life);
                 let broker_epoch = match decide::existing_registration(image, &info) {
@@ -586,6 +596,9 @@ impl Sim {
                     return Ok(());
                 }
                 node.fetching = None;
+                if node.poisoned {
+                    return Ok(()); // its appends fail
+                }
                 match response {
                     Response::Records { records, hw } => {
                         for (epoch, value) in records {
@@ -709,6 +722,9 @@ impl Sim {
         let Role::Leader(state) = &mut node.role else {
             return;
         };
+        if node.poisoned {
+            return; // KAFKA_STORAGE_ERROR
+        }
         if state.isr().len() < MIN_ISR {
             return; // NOT_ENOUGH_REPLICAS
         }
@@ -760,9 +776,11 @@ impl Sim {
         node.registered = None;
         node.broker_epoch = None;
         node.metadata_offset = 0;
-        if power {
+        // After an fsync error the page cache may have dropped what was not synced.
+        if power || node.poisoned {
             node.log.lose_unflushed();
         }
+        node.poisoned = false;
         // A dead process closes its connections: the controller notices soon.
         self.net.retain(|e| e.to != id);
         let delay = self.rng.random_range(1..40);
@@ -831,6 +849,16 @@ impl Sim {
             self.controller.away_until = self.now + self.rng.random_range(50..300);
             self.net.retain(|e| e.to != CONTROLLER);
             self.stats.controller_failovers += 1;
+        } else if roll < 0.009 && self.options.power_loss {
+            // An fsync fails (EIO): the node's log is poisoned until it restarts, and what it
+            // had not synced may be gone then: a power loss of its own as far as the data goes,
+            // so only where power losses are simulated (Kafka's in-memory rule does not survive
+            // them, by design).
+            let node = self.nodes.get_mut(&id).unwrap();
+            if node.alive && !node.poisoned {
+                node.poisoned = true;
+                self.stats.eio += 1;
+            }
         }
     }
 
@@ -865,6 +893,7 @@ impl Sim {
                             node: id,
                             broker_epoch,
                             offset: node.metadata_offset,
+                            want_fence: node.poisoned,
                         },
                         // Its registration was lost: again.
                         None => Msg::Register(id, node.life),
@@ -876,7 +905,7 @@ impl Sim {
         for id in NODES {
             if self.rng.random_bool(0.05) {
                 let node = self.nodes.get_mut(&id).unwrap();
-                if node.alive {
+                if node.alive && !node.poisoned {
                     node.log.flush();
                 }
             }
@@ -887,8 +916,12 @@ impl Sim {
         }
         self.faults();
         if !self.faulty() {
-            // Healing: everyone back.
+            // Healing: everyone back; a node with a poisoned log is restarted (its supervisor,
+            // or an operator, after the disk is dealt with).
             for id in NODES {
+                if self.nodes[&id].poisoned {
+                    self.crash(id, false);
+                }
                 if !self.nodes[&id].alive {
                     self.restart(id);
                 }
@@ -1016,6 +1049,8 @@ fn run_seeds(options: Options, n: u64) -> (Stats, Vec<(u64, String)>) {
                 total.isr_changes += stats.isr_changes;
                 total.crashes += stats.crashes;
                 total.controller_failovers += stats.controller_failovers;
+                total.eio += stats.eio;
+                total.fenced_for_eio += stats.fenced_for_eio;
             }
             Err(err) => failures.push((seed, err)),
         }
@@ -1043,6 +1078,10 @@ fn must_pass(options: Options, n: u64) {
     assert!(
         stats.controller_failovers > n / 2,
         "the active controller failed over: {stats:?}"
+    );
+    assert!(
+        !options.power_loss || (stats.eio > n / 4 && stats.fenced_for_eio > 0),
+        "fsyncs failed and brokers asked to be fenced: {stats:?}"
     );
 }
 
