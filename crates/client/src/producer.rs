@@ -8,7 +8,10 @@
 //! replicated) and answered with its first offsets: every record is written once and, with up to
 //! [`IN_FLIGHT_MAX`] requests in flight, in order. A batch that fails for good (its error is not
 //! retriable, or its retries ran out) leaves a gap in the numbering: once nothing is in flight the
-//! producer bumps its epoch (KIP-360) and renumbers what is still queued from 0.
+//! producer bumps its epoch (KIP-360) and renumbers what is still queued from 0. A retried batch
+//! the leader answers OUT_OF_ORDER_SEQUENCE_NUMBER although a later batch was already
+//! acknowledged was most likely written (its answer lost, the leader past it): it resolves with
+//! an "outcome unknown" error and is never sent again, since under a new epoch it would be new.
 //!
 //! Without idempotence (`Acks::Leader`, `Acks::None`, or `idempotent: false`) records of one
 //! partition are still sent in order, but with `max_in_flight > 1` a retried batch can land after a
@@ -1055,13 +1058,35 @@ impl Sender {
             && let (Some(idem), Some(stamp)) = (self.idempotence.as_mut(), ready.stamp)
             && idem.id == Some(stamp.id)
         {
-            if stamp.seq > idem.seqs(&ready.topic, ready.partition).acked {
+            let acked = idem.seqs(&ready.topic, ready.partition).acked;
+            if stamp.seq < acked {
+                // A later batch of this numbering was acknowledged, so the leader has moved
+                // past this one, which it no longer remembers among the last batches it keeps:
+                // most likely it was written and its answer lost, but a leader that lost the
+                // producer's state takes any sequence, so that is not certain. Its outcome is
+                // unknown: reported as such, never sent again (under a new epoch it could be
+                // written twice), and the numbering goes on (nothing is missing from it).
+                tracing::debug!(topic = %ready.topic, partition = ready.partition, "a retried batch's outcome is unknown");
+                let unknown = ClientError::broker(
+                    format!("produce to {}-{}", ready.topic, ready.partition),
+                    ErrorCode::OUT_OF_ORDER_SEQUENCE_NUMBER.0,
+                    "outcome unknown: the leader no longer remembers this retried batch and \
+                     took later ones (it was most likely written)"
+                        .to_string(),
+                );
+                for delivery in ready.deliveries {
+                    let _ = delivery.send(Err(unknown.clone()));
+                }
+                return;
+            }
+            if stamp.seq > acked {
                 // An earlier batch of the partition is still on its way (retried after a leader
                 // change): this one goes again after it, without spending an attempt.
                 ready.not_before = Instant::now() + jitter(self.config.retry_backoff);
             } else {
-                // The leader does not know the batches before this one (its producer state is
-                // gone: an unclean election, or expired): renumber under a new epoch.
+                // The leader refuses the very batch it should take next: it does not know the
+                // batches before it (its producer state is gone: an unclean election, or
+                // expired): renumber under a new epoch.
                 tracing::debug!(topic = %ready.topic, partition = ready.partition, error = %err, "renumbering");
                 idem.bump = true;
             }
