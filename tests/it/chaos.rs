@@ -274,8 +274,7 @@ fn consume(
                     };
                     for record in records {
                         let value =
-                            String::from_utf8_lossy(record.value.as_deref().unwrap_or_default())
-                                .to_string();
+                            value_of(&record);
                         history.log(json!({"type": "ok", "f": "poll", "process": process,
                                            "value": value, "topic": TOPIC,
                                            "partition": record.partition, "offset": record.offset}));
@@ -288,6 +287,11 @@ fn consume(
             0 // nothing left unresolved: a consumer's reads are logged as they come
         })
     })
+}
+
+/// A record's value as the history logs it.
+fn value_of(record: &cairn_client::ConsumerRecord) -> String {
+    String::from_utf8_lossy(record.value.as_deref().unwrap_or_default()).into_owned()
 }
 
 /// A fresh consumer reads every partition from its start to its high watermark (`strict`: it
@@ -324,8 +328,7 @@ fn drain(bootstrap: &str, history: &History, strict: bool) {
                 Err(err) => panic!("drain: {err}"),
             };
             for record in records {
-                let value = String::from_utf8_lossy(record.value.as_deref().unwrap_or_default())
-                    .to_string();
+                let value = value_of(&record);
                 history.log(json!({"type": "ok", "f": "drain", "process": "drain",
                                    "value": value, "topic": TOPIC,
                                    "partition": record.partition, "offset": record.offset}));
@@ -1078,10 +1081,7 @@ fn a_full_disk_refuses_appends_keeps_serving_reads_and_resumes_once_space_is_fre
         };
         while !values.contains(&last) && Instant::now() < deadline {
             for record in consumer.poll().await.unwrap() {
-                values.push(
-                    String::from_utf8_lossy(record.value.as_deref().unwrap_or_default())
-                        .to_string(),
-                );
+                values.push(value_of(&record));
             }
         }
         values

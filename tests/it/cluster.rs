@@ -142,21 +142,20 @@ impl TestCluster {
             .iter()
             .filter(|n| n.roles != Roles::Broker)
             .count();
-        let cluster = self;
-        cluster.start_node(1);
+        self.start_node(1);
         if n_voters > 1 {
             std::thread::sleep(Duration::from_millis(500));
-            let (status, _) = cluster.process(1).http_get("/ready");
+            let (status, _) = self.process(1).http_get("/ready");
             assert!(
                 !status.contains("200"),
                 "a voter alone in a quorum of {n_voters} says it is ready: {status}"
             );
         }
         for id in 2..=running {
-            cluster.start_node(id);
+            self.start_node(id);
         }
         for id in 1..=running {
-            cluster.wait_ready(id);
+            self.wait_ready(id);
         }
     }
 

@@ -312,10 +312,8 @@ struct Reads {
 struct Checker {
     events: u64,
     first_ms: Option<f64>,
-    processes: HashMap<String, u32>,
-    process_names: Vec<String>,
-    tps: HashMap<(String, u32), Tp>,
-    tp_names: Vec<(String, u32)>,
+    processes: Interned<String>,
+    tps: Interned<(String, u32)>,
     sends: HashMap<String, Send>,
     reads: HashMap<String, Reads>,
     /// Per consumer and partition, the last offset polled (reset by `assign`).
@@ -327,17 +325,13 @@ struct Checker {
     polled: u64,
     drained: u64,
     acknowledged_commits: u64,
-    /// Consumer groups, interned.
-    groups: HashMap<String, u32>,
-    group_names: Vec<String>,
+    groups: Interned<String>,
     /// Per group and partition, the offsets its members received.
     group_polled: HashMap<(u32, Tp), Vec<u64>>,
     /// Per group and partition, the highest acknowledged commit: (offset, line).
     commits: HashMap<(u32, Tp), (u64, u64)>,
     /// Per group and partition, the committed offset read after healing.
     committed: HashMap<(u32, Tp), u64>,
-    /// Groups whose committed offsets were read after healing.
-    committed_read: Vec<u32>,
     /// (time, description, the partition it aims at, if the event names one).
     faults: Vec<(f64, String, Option<Tp>)>,
     counts: BTreeMap<&'static str, u64>,
@@ -345,28 +339,54 @@ struct Checker {
     next_order: u64,
 }
 
+/// Names (processes, partitions, groups) numbered in the order first seen, so that the
+/// per-event bookkeeping keys on small numbers.
+#[derive(Debug)]
+struct Interned<K> {
+    ids: HashMap<K, u32>,
+    names: Vec<K>,
+}
+
+impl<K> Default for Interned<K> {
+    fn default() -> Self {
+        Interned {
+            ids: HashMap::new(),
+            names: Vec::new(),
+        }
+    }
+}
+
+impl<K: std::hash::Hash + Eq + Clone> Interned<K> {
+    /// The number of `name`, given one if it is new (`name` is cloned only then).
+    fn id<Q>(&mut self, name: &Q) -> u32
+    where
+        K: std::borrow::Borrow<Q>,
+        Q: std::hash::Hash + Eq + ToOwned<Owned = K> + ?Sized,
+    {
+        if let Some(&id) = self.ids.get(name) {
+            return id;
+        }
+        let id = self.names.len() as u32;
+        self.ids.insert(name.to_owned(), id);
+        self.names.push(name.to_owned());
+        id
+    }
+
+    fn name(&self, id: u32) -> Option<&K> {
+        self.names.get(id as usize)
+    }
+}
+
 impl Checker {
     fn process(&mut self, process: &Process) -> u32 {
-        let name = match process {
-            Process::Number(n) => n.to_string(),
-            Process::Name(s) => s.clone(),
-        };
-        let next = self.process_names.len() as u32;
-        *self.processes.entry(name.clone()).or_insert_with(|| {
-            self.process_names.push(name);
-            next
-        })
+        match process {
+            Process::Number(n) => self.processes.id(n.to_string().as_str()),
+            Process::Name(s) => self.processes.id(s.as_str()),
+        }
     }
 
     fn group(&mut self, event: &Event) -> Option<u32> {
-        let name = event.group.as_ref()?;
-        if let Some(&id) = self.groups.get(name) {
-            return Some(id);
-        }
-        let id = self.group_names.len() as u32;
-        self.groups.insert(name.clone(), id);
-        self.group_names.push(name.clone());
-        Some(id)
+        Some(self.groups.id(event.group.as_deref()?))
     }
 
     fn tp(&mut self, event: &Event) -> Result<Tp, String> {
@@ -376,13 +396,7 @@ impl Checker {
                 event.kind, event.f
             ));
         };
-        if let Some(&tp) = self.tps.get(&(topic.clone(), partition)) {
-            return Ok(tp);
-        }
-        let tp = self.tp_names.len() as u32;
-        self.tps.insert((topic.clone(), partition), tp);
-        self.tp_names.push((topic.clone(), partition));
-        Ok(tp)
+        Ok(self.tps.id(&(topic.clone(), partition)))
     }
 
     fn flag(&mut self, anomaly: &'static str, example: impl FnOnce(&Checker) -> Value) {
@@ -515,9 +529,6 @@ impl Checker {
                         *highest = (offset, line);
                     }
                 } else {
-                    if !self.committed_read.contains(&group) {
-                        self.committed_read.push(group);
-                    }
                     self.committed.insert((group, tp), offset);
                 }
             }
@@ -542,16 +553,14 @@ impl Checker {
     }
 
     fn tp_json(&self, tp: Tp) -> Value {
-        match self.tp_names.get(tp as usize) {
+        match self.tps.name(tp) {
             Some((topic, partition)) => json!(format!("{topic}-{partition}")),
             None => Value::Null,
         }
     }
 
     fn process_name(&self, process: u32) -> &str {
-        self.process_names
-            .get(process as usize)
-            .map_or("?", String::as_str)
+        self.processes.name(process).map_or("?", String::as_str)
     }
 
     fn send_json(&self, value: &str, send: &Send) -> Value {
@@ -734,14 +743,14 @@ impl Checker {
             polled.sort_unstable();
             polled.dedup();
         }
+        // Groups whose committed offsets were read after healing (only they are judged).
+        let read_back: std::collections::HashSet<u32> =
+            self.committed.keys().map(|(group, _)| *group).collect();
         let mut commits: Vec<((u32, Tp), (u64, u64))> =
             self.commits.iter().map(|(k, v)| (*k, *v)).collect();
         commits.sort_unstable();
         for ((group, tp), (commit, line)) in commits {
-            let name = self
-                .group_names
-                .get(group as usize)
-                .map_or("?", String::as_str);
+            let name = self.groups.name(group).map_or("?", String::as_str);
             let polled = self
                 .group_polled
                 .get(&(group, tp))
@@ -757,7 +766,7 @@ impl Checker {
                     }
                 }
             }
-            if self.committed_read.contains(&group) {
+            if read_back.contains(&group) {
                 let read = self.committed.get(&(group, tp)).copied();
                 if read.is_none_or(|read| read < commit) {
                     found.push((

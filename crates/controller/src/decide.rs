@@ -60,20 +60,30 @@ pub fn existing_registration(image: &MetadataImage, info: &BrokerInfo) -> Option
 /// node led or was in sync for moves now (the new process may have lost what the old one had).
 pub fn register(image: &MetadataImage, info: BrokerInfo) -> Vec<MetadataRecord> {
     let node = info.node_id;
-    let mut records = vec![MetadataRecord::BrokerRegistered { broker: info }];
-    records.extend(partition_changes(image, |state| {
-        placement::on_fenced(state, node, |r| r != node && image.is_live(r))
-    }));
-    records
+    with_leaderships_lost(
+        image,
+        node,
+        MetadataRecord::BrokerRegistered { broker: info },
+    )
 }
 
 /// Fencing `node`'s registration `epoch`: the record and every leadership and ISR membership it
 /// loses.
 pub fn fence(image: &MetadataImage, node: NodeId, epoch: u64) -> Vec<MetadataRecord> {
-    let mut records = vec![MetadataRecord::BrokerFenced {
+    let fenced = MetadataRecord::BrokerFenced {
         node_id: node,
         broker_epoch: epoch,
-    }];
+    };
+    with_leaderships_lost(image, node, fenced)
+}
+
+/// `record`, then every leadership and ISR membership `node` loses by it.
+fn with_leaderships_lost(
+    image: &MetadataImage,
+    node: NodeId,
+    record: MetadataRecord,
+) -> Vec<MetadataRecord> {
+    let mut records = vec![record];
     records.extend(partition_changes(image, |state| {
         placement::on_fenced(state, node, |r| r != node && image.is_live(r))
     }));

@@ -47,7 +47,8 @@ pub enum Command {
         metadata_offset: u64,
         /// It is shutting down: move its leaderships away now.
         shutting_down: bool,
-        /// It cannot write (its data directory is below `storage_min_free_bytes`): fence it and
+        /// It cannot write (its data directory is below `storage_min_free_bytes`, or an I/O
+        /// error poisoned one of its logs): fence it and
         /// move its leaderships away, and keep it fenced while it asks (Kafka's BrokerHeartbeat
         /// `WantFence`). Absent from older brokers' heartbeats: false.
         #[serde(default)]
@@ -274,7 +275,7 @@ const FRAME_BUFFER_START: usize = 64 * 1024;
 
 /// Reads one frame, refusing lengths above `max` before reading the body. Waiting for a frame
 /// may take any time (an idle connection); once its first byte has arrived the whole frame must
-/// within `stall` (a peer that stalls mid-frame, or trickles it, is cut off instead of holding a
+/// arrive within `stall` (a peer that stalls mid-frame, or trickles it, is cut off instead of holding a
 /// connection and a buffer). The body's buffer grows as bytes arrive, never to a claimed length.
 pub async fn read_frame<T: for<'de> Deserialize<'de>>(
     stream: &mut (impl AsyncReadExt + Unpin),

@@ -387,9 +387,9 @@ impl Log {
     /// Reserves room for `n_bytes` of batches in the active segment before any is written, when
     /// they all go there (no roll): a full file system then fails the append whole, with nothing
     /// written and the log still usable ([`AppendError::NoSpace`]), where a failure halfway
-    /// would poison it. `stamped`: the headers carry their final offsets (a replica's), else
-    /// they are judged at the log end. An append that rolls reserves as it goes (a failure
-    /// there poisons the log; the broker's free-space margin keeps it from happening).
+    /// would poison it (`stamped` as for [`Log::any_rolls`]). An append that rolls reserves as it
+    /// goes (a failure there poisons the log; the broker's free-space margin keeps it from
+    /// happening).
     fn reserve_active(
         &self,
         state: &mut State,
@@ -397,28 +397,17 @@ impl Log {
         headers: &[BatchHeader],
         stamped: bool,
     ) -> Result<(), AppendError> {
-        let rolls = headers.iter().any(|header| {
-            let at = if stamped {
-                *header
-            } else {
-                BatchHeader {
-                    base_offset: state.log_end as i64,
-                    ..*header
-                }
-            };
-            self.should_roll(state, n_bytes, &at)
-        });
-        let Ok(n_bytes) = u32::try_from(n_bytes) else {
+        let Ok(reserve) = u32::try_from(n_bytes) else {
             return Ok(()); // beyond any segment: it rolls
         };
-        if rolls {
+        if self.any_rolls(state, n_bytes, headers, stamped) {
             return Ok(());
         }
         let (dir, config) = (&self.dir, &self.config);
         let Some(active) = state.segments.values_mut().next_back() else {
             return Ok(());
         };
-        match active.reserve(n_bytes, config) {
+        match active.reserve(reserve, config) {
             Ok(()) => Ok(()),
             Err(source)
                 if matches!(
@@ -449,15 +438,29 @@ impl Log {
             }
             FlushPolicy::Os => false,
         };
-        sync_due
-            || headers.iter().any(|header| {
-                // Offsets are not stamped yet: judge the batch at the log end.
-                let at_end = BatchHeader {
+        sync_due || self.any_rolls(state, n_bytes, headers, false)
+    }
+
+    /// Whether appending `headers` (`n_bytes` in all) rolls a segment. `stamped`: the headers
+    /// carry their final offsets (a replica's); else they are judged at the log end.
+    fn any_rolls(
+        &self,
+        state: &State,
+        n_bytes: usize,
+        headers: &[BatchHeader],
+        stamped: bool,
+    ) -> bool {
+        headers.iter().any(|header| {
+            let at = if stamped {
+                *header
+            } else {
+                BatchHeader {
                     base_offset: state.log_end as i64,
                     ..*header
-                };
-                self.should_roll(state, n_bytes, &at_end)
-            })
+                }
+            };
+            self.should_roll(state, n_bytes, &at)
+        })
     }
 
     /// Appends batches that already carry their offsets and leader epochs (a follower copying its
