@@ -16,12 +16,16 @@ the checker (crates/check, docs/reliability.md) while the nemesis breaks the clu
 - When FILE exists everything stops; the producer flushes what it still holds, the consumers
   leave, and a fresh consumer of the group reads its committed offsets (`committed`).
 
+With CAIRN_CHAOS_RDKAFKA_DEBUG set (librdkafka's `debug` contexts, e.g. `cgrp,protocol`) the
+consumers log librdkafka's debug lines to CAIRN_CHAOS_RDKAFKA_LOG (default chaos-rdkafka.log).
+
 Times are CLOCK_MONOTONIC nanoseconds since NS, in ms: the same clock the Rust harness logs
 faults with. Events are appended to the history as JSON lines.
 """
 
 import argparse
 import json
+import logging
 import os
 import threading
 import time
@@ -98,8 +102,21 @@ def produce(args, history, stop):
         print(f"{left} sends still unresolved after 90 s", flush=True)
 
 
+def debugged(config, name):
+    """`config` with librdkafka's debug log to a file, when CAIRN_CHAOS_RDKAFKA_DEBUG asks."""
+    contexts = os.environ.get("CAIRN_CHAOS_RDKAFKA_DEBUG")
+    if not contexts:
+        return config
+    logger = logging.getLogger(name)
+    logger.setLevel(logging.DEBUG)
+    handler = logging.FileHandler(os.environ.get("CAIRN_CHAOS_RDKAFKA_LOG", "chaos-rdkafka.log"))
+    handler.setFormatter(logging.Formatter("%(created).3f %(name)s %(message)s"))
+    logger.addHandler(handler)
+    return dict(config, debug=contexts, logger=logger)
+
+
 def consume(args, name, history, stop):
-    consumer = Consumer(
+    consumer = Consumer(debugged(
         {
             "bootstrap.servers": args.bootstrap,
             "group.id": args.group,
@@ -108,8 +125,9 @@ def consume(args, name, history, stop):
             "session.timeout.ms": 6000,
             "heartbeat.interval.ms": 500,
             "topic.metadata.refresh.interval.ms": 1000,
-        }
-    )
+        },
+        name,
+    ))
 
     def assigned(_consumer, partitions):
         history.log(type="info", f="assign", process=name, group=args.group,
