@@ -33,6 +33,8 @@ rows = [
     ("sequential read, mmap", "read", "mmap", "memcpy", 0.50),
     ("sequential read, pread", "read", "pread", "memcpy", None),
     ("compaction pass (input bytes)", "compaction", "compact", "copy_fsync", None),
+    ("producer send, 1 KB records", "producer", "send", "copy_crc", None),
+    ("producer send_batch, 1 KB", "producer", "send_batch", "copy_crc", None),
 ]
 print(f"{'benchmark':32} {'cairn MB/s':>11} {'baseline MB/s':>14} {'ratio':>6} {'target':>7}")
 for name, group, ours, base, target in rows:

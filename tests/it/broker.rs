@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use cairn_client::{
-    Acks, Admin, ClientError, Consumer, ConsumerConfig, Position, Producer, ProducerConfig,
-    ProducerRecord, partition_for_key,
+    Acks, Admin, BatchRecord, ClientError, Consumer, ConsumerConfig, Position, Producer,
+    ProducerConfig, ProducerRecord, partition_for_key,
 };
 use cairn_protocol::native::*;
 use serde_json::Value;
@@ -234,6 +234,122 @@ fn a_million_records_across_8_partitions_survive_a_restart() {
         "a SIGTERM shutdown is clean:\n{log}"
     );
     read_all(&broker.addr);
+}
+
+/// The batch API beside the per-record one: a batch's records get consecutive offsets after
+/// the records queued before it, one future answers for all of them, a tiny record buffer only
+/// slows sending down, bad batches are refused with a clear error, and a producer dropped with
+/// records queued still delivers them.
+#[test]
+fn batches_and_records_share_a_partition_in_order_under_backpressure() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = BrokerProcess::start(&dir.path().join("data"));
+    runtime().block_on(async {
+        let admin = Admin::connect(&broker.addr).await.unwrap();
+        admin.create_topic("mixed", 2, &[]).await.unwrap();
+        let config = ProducerConfig {
+            acks: Acks::All,
+            buffer_records_max: 10,
+            batch_bytes: 512,
+            ..ProducerConfig::default()
+        };
+        let producer = Producer::connect(&broker.addr, config).await.unwrap();
+        let topic: std::sync::Arc<str> = "mixed".into();
+        let mut expected = Vec::new();
+        let mut singles = Vec::new();
+        let mut batches = Vec::new();
+        for round in 0..20u32 {
+            for i in 0..7u32 {
+                let value = format!("r{round}-{i}");
+                expected.push(value.clone());
+                singles.push(
+                    producer
+                        .send(ProducerRecord::new(&topic, value).partition(1))
+                        .await
+                        .unwrap(),
+                );
+            }
+            let records: Vec<BatchRecord> = (0..25u32)
+                .map(|i| {
+                    let value = format!("b{round}-{i}");
+                    expected.push(value.clone());
+                    BatchRecord::new(value).key(i.to_be_bytes().to_vec())
+                })
+                .collect();
+            batches.push(producer.send_batch("mixed", 1, &records).await.unwrap());
+        }
+        // Nothing was lost to the 10-record buffer; offsets follow send order.
+        let mut offsets = Vec::new();
+        for delivery in singles {
+            let metadata = delivery.await.unwrap();
+            assert_eq!((&*metadata.topic, metadata.partition), ("mixed", 1));
+            offsets.push(metadata.offset.unwrap());
+        }
+        for batch in batches {
+            let metadata = batch.await.unwrap();
+            assert_eq!((&*metadata.topic, metadata.partition), ("mixed", 1));
+            assert_eq!(metadata.records, 25);
+            let base = metadata.base_offset.unwrap();
+            offsets.extend(base..base + 25);
+        }
+        offsets.sort_unstable();
+        assert_eq!(offsets, (0..expected.len() as u64).collect::<Vec<_>>());
+
+        // Refused with a clear error, nothing sent.
+        let empty = producer.send_batch("mixed", 0, &[]).await.unwrap_err();
+        assert!(matches!(empty, ClientError::InvalidArgument(_)), "{empty}");
+        let missing = producer
+            .send_batch("mixed", 2, &[BatchRecord::new("x")])
+            .await
+            .unwrap_err();
+        assert!(missing.to_string().contains("does not exist"), "{missing}");
+        let huge = vec![BatchRecord::new(vec![0u8; 600 * 1024]); 2];
+        let too_big = producer.send_batch("mixed", 0, &huge).await.unwrap_err();
+        assert!(
+            too_big.to_string().contains("request_bytes_max"),
+            "{too_big}"
+        );
+
+        // Dropped with records queued (a long linger holds them): they are still sent.
+        let lingering = Producer::connect(
+            &broker.addr,
+            ProducerConfig {
+                linger: Duration::from_secs(1),
+                ..ProducerConfig::default()
+            },
+        )
+        .await
+        .unwrap();
+        let last = lingering
+            .send(ProducerRecord::new("mixed", "after-drop").partition(0))
+            .await
+            .unwrap();
+        drop(lingering);
+        let metadata = tokio::time::timeout(Duration::from_secs(10), last)
+            .await
+            .expect("a dropped producer still sends what it holds")
+            .unwrap();
+        assert_eq!(metadata.offset, Some(0));
+        producer.close().await.unwrap();
+
+        let mut consumer = Consumer::connect(&broker.addr, ConsumerConfig::default())
+            .await
+            .unwrap();
+        consumer
+            .assign("mixed", Some(vec![1]), Position::Earliest)
+            .await
+            .unwrap();
+        let mut read = Vec::new();
+        while read.len() < expected.len() {
+            for record in consumer.poll().await.unwrap() {
+                read.push(String::from_utf8(record.value.unwrap().to_vec()).unwrap());
+            }
+        }
+        assert_eq!(
+            read, expected,
+            "partition 1 holds the records in send order"
+        );
+    });
 }
 
 #[test]

@@ -11,7 +11,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::handler::{Handler, Outcome};
 
-type Submitted = (Vec<u8>, oneshot::Sender<Result<Bytes, ClientError>>);
+type Submitted = (Vec<Bytes>, oneshot::Sender<Result<Bytes, ClientError>>);
 
 /// An in-process connection to a running broker.
 #[derive(Debug)]
@@ -33,7 +33,12 @@ impl LocalTransport {
                     },
                     () = shutdown.cancelled() => return,
                 };
-                let deferred = handler.begin(Bytes::from(payload)).await;
+                // One chunk as it is; several joined (the handler reads one frame).
+                let frame = match <[Bytes; 1]>::try_from(payload) {
+                    Ok([only]) => only,
+                    Err(chunks) => Bytes::from(chunks.concat()),
+                };
+                let deferred = handler.begin(frame).await;
                 tokio::spawn(async move {
                     let result = match deferred.await {
                         Outcome::Respond(payload) => Ok(Bytes::from(payload)),
@@ -53,7 +58,7 @@ impl LocalTransport {
 }
 
 impl Transport for LocalTransport {
-    fn submit(&self, payload: Vec<u8>, _expects_response: bool) -> Reply {
+    fn submit(&self, payload: Vec<Bytes>, _expects_response: bool) -> Reply {
         let (tx, rx) = oneshot::channel();
         if let Err(mpsc::error::SendError((_, tx))) = self.frames.send((payload, tx)) {
             let _ = tx.send(Err(ClientError::Connection {

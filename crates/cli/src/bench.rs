@@ -12,13 +12,13 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::{Context, bail};
 use bytes::Bytes;
 use cairn_client::{
-    Acks, Admin, Compression, Consumer, ConsumerConfig, Position, Producer, ProducerConfig,
-    ProducerRecord,
+    Acks, Admin, BatchRecord, Compression, Consumer, ConsumerConfig, Position, Producer,
+    ProducerConfig, ProducerRecord,
 };
 use clap::{Args, ValueEnum};
+use futures::FutureExt as _;
 use hdrhistogram::Histogram;
 use serde_json::json;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 
 use crate::Output;
@@ -56,6 +56,10 @@ pub struct BenchArgs {
     /// Producer batch size.
     #[arg(long, default_value_t = 65_536)]
     batch_bytes: usize,
+    /// Records per `send_batch` call (the batch API, one future per batch, partitions in turn);
+    /// 0 sends each record with `send` (one future per record).
+    #[arg(long, default_value_t = 0)]
+    batch_records: usize,
     /// Producer linger, milliseconds.
     #[arg(long, default_value_t = 1)]
     linger_ms: u64,
@@ -161,8 +165,12 @@ pub async fn run(bootstrap: &str, output: Output, args: BenchArgs) -> anyhow::Re
     let total_bytes = args.records * args.record_bytes as u64;
     let (baseline, baseline_name) = match args.workload {
         _ if args.no_baseline => (None, ""),
+        Workload::Produce if acks == Acks::All => (
+            Some(produce_baseline(total_bytes, true).await?),
+            "loopback TCP + file write + fdatasync",
+        ),
         Workload::Produce => (
-            Some(produce_baseline(total_bytes).await?),
+            Some(produce_baseline(total_bytes, false).await?),
             "loopback TCP + file write",
         ),
         Workload::Consume => (
@@ -294,12 +302,42 @@ struct Measured {
     bytes: u64,
     elapsed: Duration,
     latency_us: Histogram<u64>,
+    /// CPU time (user, system) this process spent on the run: the client's cost.
+    cpu: Option<(Duration, Duration)>,
+}
+
+/// This process's CPU time so far (user, system), from `/proc/self/stat` (Linux; 10 ms ticks).
+fn process_cpu() -> Option<(Duration, Duration)> {
+    cpu_of("/proc/self/stat")
+}
+
+/// User and system CPU time from a `stat` file of /proc.
+fn cpu_of(path: &str) -> Option<(Duration, Duration)> {
+    let stat = std::fs::read_to_string(path).ok()?;
+    // Fields after the command name (which may hold spaces) in parentheses: utime and stime
+    // are the 12th and 13th.
+    let mut fields = stat.rsplit_once(')')?.1.split_whitespace().skip(11);
+    let tick = |t: &str| t.parse::<u64>().ok().map(|t| Duration::from_millis(t * 10));
+    Some((tick(fields.next()?)?, tick(fields.next()?)?))
+}
+
+/// Process CPU spent since `before` (from [`process_cpu`]).
+fn cpu_since(before: Option<(Duration, Duration)>) -> Option<(Duration, Duration)> {
+    cpu_delta(before, process_cpu())
+}
+
+fn cpu_delta(
+    before: Option<(Duration, Duration)>,
+    after: Option<(Duration, Duration)>,
+) -> Option<(Duration, Duration)> {
+    let ((u0, s0), (u1, s1)) = (before?, after?);
+    Some((u1.saturating_sub(u0), s1.saturating_sub(s0)))
 }
 
 struct Report<'a> {
     result: &'a Measured,
     protocol: &'a str,
-    baseline: Option<f64>,
+    baseline: Option<Baseline>,
     baseline_name: &'static str,
 }
 
@@ -322,7 +360,12 @@ impl Report<'_> {
                 h.value_at_quantile(q)
             }
         };
-        let ratio = self.baseline.map(|b| mb_per_sec / b);
+        let ratio = self.baseline.map(|b| mb_per_sec / b.mb_per_sec);
+        let gb = self.result.bytes as f64 / 1e9;
+        let cpu_per_gb = self
+            .result
+            .cpu
+            .map(|(user, sys)| (user.as_secs_f64() / gb, sys.as_secs_f64() / gb));
         match output {
             Output::Json => writeln!(
                 out,
@@ -334,8 +377,12 @@ impl Report<'_> {
                     "producers": args.producers, "acks": args.acks, "batch_bytes": args.batch_bytes, "compression": args.compression,
                     "seconds": secs, "records_per_sec": records_per_sec, "mb_per_sec": mb_per_sec,
                     "latency_us": {"p50": q(0.5), "p95": q(0.95), "p99": q(0.99), "p99_9": q(0.999), "max": if h.is_empty() { 0 } else { h.max() }},
-                    "baseline": self.baseline.map(|b| json!({"name": self.baseline_name, "mb_per_sec": b})),
+                    "baseline": self.baseline.map(|b| json!({
+                        "name": self.baseline_name, "mb_per_sec": b.mb_per_sec,
+                        "client_cpu_s_per_gb": b.client_cpu.map(|(u, s)| json!({"user": u.as_secs_f64() / gb, "sys": s.as_secs_f64() / gb})),
+                    })),
                     "ratio_to_baseline": ratio,
+                    "client_cpu_s_per_gb": cpu_per_gb.map(|(u, s)| json!({"user": u, "sys": s, "total": u + s})),
                 })
             )?,
             Output::Table => {
@@ -367,12 +414,27 @@ impl Report<'_> {
                         h.max()
                     )?;
                 }
+                if let Some((user, sys)) = cpu_per_gb {
+                    writeln!(
+                        out,
+                        "  client CPU  {:.2} s/GB ({user:.2} user + {sys:.2} sys)",
+                        user + sys
+                    )?;
+                }
                 if let (Some(baseline), Some(ratio)) = (self.baseline, ratio) {
                     writeln!(
                         out,
                         "  baseline    {:>9.1} MB/s ({}), ratio {ratio:.2}",
-                        baseline, self.baseline_name
+                        baseline.mb_per_sec, self.baseline_name
                     )?;
+                    if let Some((user, sys)) = baseline.client_cpu {
+                        let (user, sys) = (user.as_secs_f64() / gb, sys.as_secs_f64() / gb);
+                        writeln!(
+                            out,
+                            "  baseline client CPU {:.2} s/GB ({user:.2} user + {sys:.2} sys)",
+                            user + sys
+                        )?;
+                    }
                 }
             }
         }
@@ -384,7 +446,17 @@ fn histogram() -> anyhow::Result<Histogram<u64>> {
     Histogram::new_with_bounds(1, 60_000_000, 3).context("creating a histogram")
 }
 
-/// Sends `args.records` records; latency is from `send` to acknowledgement.
+/// A send awaiting its acknowledgement.
+enum Pending {
+    Record(cairn_client::DeliveryFuture),
+    Batch(cairn_client::BatchFuture),
+}
+
+/// Sends handed to the acknowledgement task at once: one channel hop per chunk, not per record.
+const ACK_CHUNK: usize = 256;
+
+/// Sends `args.records` records (one `send` each, or `send_batch` calls of
+/// `--batch-records`); latency is from the send to its acknowledgement.
 async fn produce(
     target: &Target,
     topic: &str,
@@ -399,6 +471,7 @@ async fn produce(
             .map(|i| (i * 31 % 251) as u8)
             .collect::<Vec<u8>>(),
     );
+    let cpu_before = process_cpu();
     let started = Instant::now();
     let mut tasks = Vec::new();
     for k in 0..u64::from(args.producers) {
@@ -414,43 +487,92 @@ async fn produce(
             ..ProducerConfig::default()
         };
         let producer = Producer::with_cluster(target.cluster(&config.client_id).await?, config)?;
-        let (topic, value, progress) = (topic.to_string(), value.clone(), progress.clone());
+        let (topic, value, progress) = (Arc::<str>::from(topic), value.clone(), progress.clone());
         let per_record = rate_mb.map(|mb| {
             Duration::from_secs_f64(
                 args.record_bytes as f64 * f64::from(args.producers) / (mb * 1e6),
             )
         });
+        let (batch_records, partitions) = (args.batch_records as u64, args.partitions);
         tasks.push(tokio::spawn(async move {
-            let (tx, mut rx) = mpsc::channel(50_000);
+            // Chunks of sends, each with the time of its first send (a chunk of 256 fills in
+            // well under a millisecond; paced runs send chunks of one).
+            let (tx, mut rx) = mpsc::channel::<(Instant, Vec<(u64, Pending)>)>(256);
             let acker = tokio::spawn(async move {
                 let mut latency = histogram()?;
-                while let Some((sent, delivery)) = rx.recv().await {
-                    let delivery: cairn_client::DeliveryFuture = delivery;
-                    delivery.await?;
-                    let _ = latency.record((Instant::elapsed(&sent).as_micros() as u64).max(1));
-                    progress.inc(1);
+                while let Some((sent, chunk)) = rx.recv().await {
+                    let mut acked = 0;
+                    // The clock is read again only after waiting.
+                    let mut now = Instant::now();
+                    for (records, pending) in chunk {
+                        let waited = match pending {
+                            Pending::Record(mut delivery) => match (&mut delivery).now_or_never() {
+                                Some(done) => done.map(|_| false)?,
+                                None => delivery.await.map(|_| true)?,
+                            },
+                            Pending::Batch(mut batch) => match (&mut batch).now_or_never() {
+                                Some(done) => done.map(|_| false)?,
+                                None => batch.await.map(|_| true)?,
+                            },
+                        };
+                        if waited {
+                            now = Instant::now();
+                        }
+                        let _ = latency.record_n((now - sent).as_micros().max(1) as u64, records);
+                        acked += records;
+                    }
+                    progress.inc(acked);
                 }
                 anyhow::Ok(latency)
             });
+            let batch: Vec<BatchRecord> = (0..batch_records)
+                .map(|_| BatchRecord {
+                    value: Some(value.clone()),
+                    ..BatchRecord::default()
+                })
+                .collect();
+            let chunk_len = if per_record.is_some() { 1 } else { ACK_CHUNK };
+            let mut chunk = Vec::with_capacity(chunk_len);
+            let mut chunk_sent = Instant::now();
             let begin = Instant::now();
-            for i in 0..n {
+            let mut i = 0u64;
+            let mut calls = 0u64;
+            while i < n {
                 if let Some(per_record) = per_record {
                     let due = begin + per_record.mul_f64(i as f64);
                     tokio::time::sleep_until(due.into()).await;
                 }
-                let delivery = producer
-                    .send(ProducerRecord {
-                        topic: topic.clone(),
-                        value: Some(value.clone()),
-                        ..Default::default()
-                    })
-                    .await?;
-                if tx.send((Instant::now(), delivery)).await.is_err() {
-                    // The acknowledgement task stopped at a failed delivery: report that.
-                    return match acker.await? {
-                        Err(err) => Err(err.context("a record was not acknowledged")),
-                        Ok(_) => Err(anyhow::anyhow!("acknowledgement task stopped")),
-                    };
+                if chunk.is_empty() {
+                    chunk_sent = Instant::now();
+                }
+                let (records, pending) = if batch_records == 0 {
+                    let delivery = producer
+                        .send(ProducerRecord {
+                            topic: Arc::clone(&topic),
+                            value: Some(value.clone()),
+                            ..Default::default()
+                        })
+                        .await?;
+                    (1, Pending::Record(delivery))
+                } else {
+                    let records = batch_records.min(n - i);
+                    let partition = ((k + calls) % u64::from(partitions)) as u32;
+                    let slice = batch.get(..records as usize).unwrap_or_default();
+                    let future = producer.send_batch(&topic, partition, slice).await?;
+                    calls += 1;
+                    (records, Pending::Batch(future))
+                };
+                i += records;
+                chunk.push((records, pending));
+                if chunk.len() == chunk_len || i == n {
+                    let full = std::mem::replace(&mut chunk, Vec::with_capacity(chunk_len));
+                    if tx.send((chunk_sent, full)).await.is_err() {
+                        // The acknowledgement task stopped at a failed delivery: report that.
+                        return match acker.await? {
+                            Err(err) => Err(err.context("a record was not acknowledged")),
+                            Ok(_) => Err(anyhow::anyhow!("acknowledgement task stopped")),
+                        };
+                    }
                 }
             }
             drop(tx);
@@ -469,6 +591,7 @@ async fn produce(
         bytes: args.records * args.record_bytes as u64,
         elapsed: started.elapsed(),
         latency_us,
+        cpu: cpu_since(cpu_before),
     })
 }
 
@@ -486,6 +609,7 @@ async fn consume(
         },
     );
     consumer.assign(topic, None, Position::Earliest).await?;
+    let cpu_before = process_cpu();
     let started = Instant::now();
     let (mut records, mut bytes) = (0u64, 0u64);
     while records < args.records {
@@ -500,6 +624,7 @@ async fn consume(
         bytes,
         elapsed: started.elapsed(),
         latency_us: histogram()?,
+        cpu: cpu_since(cpu_before),
     })
 }
 
@@ -562,7 +687,7 @@ async fn e2e(
         }
         producer
             .send(ProducerRecord {
-                topic: topic.to_string(),
+                topic: topic.into(),
                 value: Some(Bytes::copy_from_slice(&filler)),
                 ..Default::default()
             })
@@ -579,88 +704,131 @@ async fn e2e(
         bytes: n * args.record_bytes as u64,
         elapsed: started.elapsed(),
         latency_us,
+        cpu: None,
     })
 }
 
-/// MB/s of sending `total` bytes over loopback TCP to a receiver that writes them to a file.
-async fn produce_baseline(total: u64) -> anyhow::Result<f64> {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let addr = listener.local_addr()?;
-    let dir = tempfile::tempdir()?;
-    let path = dir.path().join("baseline");
-    let receiver = tokio::spawn(async move {
-        let (mut socket, _) = listener.accept().await?;
-        let mut file = tokio::fs::File::create(&path).await?;
-        let mut buf = vec![0u8; 64 * 1024];
-        loop {
-            let n = socket.read(&mut buf).await?;
-            if n == 0 {
-                break;
-            }
-            file.write_all(buf.get(..n).unwrap_or_default()).await?;
-        }
-        file.flush().await?;
-        anyhow::Ok(())
-    });
-    let started = Instant::now();
-    let mut socket = tokio::net::TcpStream::connect(addr).await?;
-    socket.set_nodelay(true)?;
-    let chunk = vec![7u8; 64 * 1024];
-    let mut sent = 0u64;
-    while sent < total {
-        let n = (total - sent).min(chunk.len() as u64) as usize;
-        socket.write_all(chunk.get(..n).unwrap_or_default()).await?;
-        sent += n as u64;
-    }
-    socket.shutdown().await?;
-    receiver.await??;
-    Ok(total as f64 / started.elapsed().as_secs_f64() / 1e6)
+/// A baseline's figures.
+#[derive(Debug, Clone, Copy)]
+struct Baseline {
+    mb_per_sec: f64,
+    /// CPU (user, system) of its client side: the thread that sends (produce) or receives
+    /// (consume), the floor for a client's CPU.
+    client_cpu: Option<(Duration, Duration)>,
 }
 
-/// MB/s of reading a page-cached file of `total` bytes and sending it over loopback TCP.
-async fn consume_baseline(total: u64) -> anyhow::Result<f64> {
-    let dir = tempfile::tempdir()?;
-    let path = dir.path().join("baseline");
-    {
-        let mut file = tokio::fs::File::create(&path).await?;
-        let chunk = vec![7u8; 1 << 20];
-        let mut written = 0u64;
-        while written < total {
-            let n = (total - written).min(chunk.len() as u64) as usize;
-            file.write_all(chunk.get(..n).unwrap_or_default()).await?;
-            written += n as u64;
+/// The calling thread's CPU time so far (user, system), from `/proc/thread-self/stat`.
+fn thread_cpu() -> Option<(Duration, Duration)> {
+    cpu_of("/proc/thread-self/stat")
+}
+
+/// Buffer size of the baselines: large, so system calls cost little.
+const BASELINE_CHUNK: usize = 1 << 20;
+
+/// MB/s of sending `total` bytes over loopback TCP to a receiver that writes them to a file
+/// (and, with `sync`, makes them durable with one fdatasync at the end): the fastest simple
+/// program for what a broker does with produced bytes, blocking I/O on two threads with 1 MiB
+/// buffers.
+async fn produce_baseline(total: u64, sync: bool) -> anyhow::Result<Baseline> {
+    tokio::task::spawn_blocking(move || {
+        use std::io::{Read, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+        let addr = listener.local_addr()?;
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("baseline");
+        let receiver = std::thread::spawn(move || {
+            let (mut socket, _) = listener.accept()?;
+            let mut file = std::fs::File::create(&path)?;
+            let mut buf = vec![0u8; BASELINE_CHUNK];
+            loop {
+                let n = socket.read(&mut buf)?;
+                if n == 0 {
+                    break;
+                }
+                file.write_all(buf.get(..n).unwrap_or_default())?;
+            }
+            if sync {
+                file.sync_data()?;
+            }
+            anyhow::Ok(())
+        });
+        let cpu_before = thread_cpu();
+        let started = Instant::now();
+        let mut socket = std::net::TcpStream::connect(addr)?;
+        let chunk = vec![7u8; BASELINE_CHUNK];
+        let mut sent = 0u64;
+        while sent < total {
+            let n = (total - sent).min(chunk.len() as u64) as usize;
+            socket.write_all(chunk.get(..n).unwrap_or_default())?;
+            sent += n as u64;
         }
-        file.flush().await?;
-    }
-    // Warm the page cache, as a broker's recently written segments are.
-    let _ = tokio::fs::read(&path).await?;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let addr = listener.local_addr()?;
-    let receiver = tokio::spawn(async move {
-        let mut socket = tokio::net::TcpStream::connect(addr).await?;
-        let mut buf = vec![0u8; 1 << 20];
-        let mut received = 0u64;
+        socket.shutdown(std::net::Shutdown::Write)?;
+        let client_cpu = cpu_delta(cpu_before, thread_cpu());
+        receiver
+            .join()
+            .map_err(|_| anyhow::anyhow!("baseline receiver panicked"))??;
+        Ok(Baseline {
+            mb_per_sec: total as f64 / started.elapsed().as_secs_f64() / 1e6,
+            client_cpu,
+        })
+    })
+    .await?
+}
+
+/// MB/s of reading a page-cached file of `total` bytes and sending it over loopback TCP to a
+/// receiver: blocking I/O on two threads with 1 MiB buffers.
+async fn consume_baseline(total: u64) -> anyhow::Result<Baseline> {
+    tokio::task::spawn_blocking(move || {
+        use std::io::{Read, Write};
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("baseline");
+        {
+            let mut file = std::fs::File::create(&path)?;
+            let chunk = vec![7u8; BASELINE_CHUNK];
+            let mut written = 0u64;
+            while written < total {
+                let n = (total - written).min(chunk.len() as u64) as usize;
+                file.write_all(chunk.get(..n).unwrap_or_default())?;
+                written += n as u64;
+            }
+        }
+        // Warm the page cache, as a broker's recently written segments are.
+        let _ = std::fs::read(&path)?;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+        let addr = listener.local_addr()?;
+        let receiver = std::thread::spawn(move || {
+            let cpu_before = thread_cpu();
+            let mut socket = std::net::TcpStream::connect(addr)?;
+            let mut buf = vec![0u8; BASELINE_CHUNK];
+            let mut received = 0u64;
+            loop {
+                let n = socket.read(&mut buf)?;
+                if n == 0 {
+                    break;
+                }
+                received += n as u64;
+            }
+            anyhow::Ok((received, cpu_delta(cpu_before, thread_cpu())))
+        });
+        let started = Instant::now();
+        let (mut socket, _) = listener.accept()?;
+        let mut file = std::fs::File::open(&path)?;
+        let mut buf = vec![0u8; BASELINE_CHUNK];
         loop {
-            let n = socket.read(&mut buf).await?;
+            let n = file.read(&mut buf)?;
             if n == 0 {
                 break;
             }
-            received += n as u64;
+            socket.write_all(buf.get(..n).unwrap_or_default())?;
         }
-        anyhow::Ok(received)
-    });
-    let started = Instant::now();
-    let (mut socket, _) = listener.accept().await?;
-    let mut file = tokio::fs::File::open(&path).await?;
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = file.read(&mut buf).await?;
-        if n == 0 {
-            break;
-        }
-        socket.write_all(buf.get(..n).unwrap_or_default()).await?;
-    }
-    socket.shutdown().await?;
-    let received = receiver.await??;
-    Ok(received as f64 / started.elapsed().as_secs_f64() / 1e6)
+        socket.shutdown(std::net::Shutdown::Write)?;
+        let (received, client_cpu) = receiver
+            .join()
+            .map_err(|_| anyhow::anyhow!("baseline receiver panicked"))??;
+        Ok(Baseline {
+            mb_per_sec: received as f64 / started.elapsed().as_secs_f64() / 1e6,
+            client_cpu,
+        })
+    })
+    .await?
 }

@@ -25,9 +25,11 @@ pub type Reply = oneshot::Receiver<Result<Bytes, ClientError>>;
 /// answer each with its response payload (correlation id first), or with an error if the
 /// connection failed. `submit` must not block.
 pub trait Transport: Send + Sync + std::fmt::Debug {
-    /// Queues a request payload (header and body, no length prefix). With `expects_response`
-    /// false (acks=0 produce) no response comes and the reply resolves once the frame is queued.
-    fn submit(&self, payload: Vec<u8>, expects_response: bool) -> Reply;
+    /// Queues a request payload (header and body, no length prefix), as chunks to send back to
+    /// back (a produce request's batches are chunks of their own, never copied into a frame).
+    /// With `expects_response` false (acks=0 produce) no response comes and the reply resolves
+    /// once the frame is queued.
+    fn submit(&self, payload: Vec<Bytes>, expects_response: bool) -> Reply;
     /// Where the transport leads, for messages.
     fn peer(&self) -> &str;
 }
@@ -92,14 +94,16 @@ impl Connection {
         Ok(conn)
     }
 
-    fn encode(&self, correlation_id: u32, request: &Request) -> Result<Vec<u8>, ClientError> {
+    fn encode(&self, correlation_id: u32, request: &Request) -> Result<Vec<Bytes>, ClientError> {
         match &self.dialect {
-            None => Ok(native::encode_request(
+            None => Ok(native::encode_request_chunks(
                 correlation_id,
                 &self.client_id,
                 request,
             )),
-            Some(dialect) => dialect.encode_request(correlation_id, &self.client_id, request),
+            Some(dialect) => dialect
+                .encode_request(correlation_id, &self.client_id, request)
+                .map(|payload| vec![Bytes::from(payload)]),
         }
     }
 
@@ -197,7 +201,7 @@ fn closed(peer: &str) -> ClientError {
 /// Where a response goes.
 type ReplyTo = oneshot::Sender<Result<Bytes, ClientError>>;
 /// A submitted frame: payload, reply, whether a response will come.
-type Submitted = (Vec<u8>, ReplyTo, bool);
+type Submitted = (Vec<Bytes>, ReplyTo, bool);
 /// Replies awaiting responses, in request order, and why the connection failed once it has: a
 /// request submitted after the failure is answered with it at once (the reader that would have
 /// answered it is gone).
@@ -227,7 +231,7 @@ impl TcpTransport {
         stream.set_nodelay(true).map_err(connection_error)?;
         let (mut reader, writer) = stream.into_split();
         let (frames, mut queue) = mpsc::unbounded_channel::<(
-            Vec<u8>,
+            Vec<Bytes>,
             oneshot::Sender<Result<Bytes, ClientError>>,
             bool,
         )>();
@@ -267,10 +271,11 @@ impl TcpTransport {
                     let _ = reply.send(Ok(Bytes::new()));
                 }
                 let written = async {
-                    writer
-                        .write_all(&(payload.len() as u32).to_be_bytes())
-                        .await?;
-                    writer.write_all(&payload).await?;
+                    let len: usize = payload.iter().map(Bytes::len).sum();
+                    writer.write_all(&(len as u32).to_be_bytes()).await?;
+                    for chunk in &payload {
+                        writer.write_all(chunk).await?;
+                    }
                     if queue.is_empty() {
                         writer.flush().await?;
                     }
@@ -335,7 +340,7 @@ impl TcpTransport {
 }
 
 impl Transport for TcpTransport {
-    fn submit(&self, payload: Vec<u8>, expects_response: bool) -> Reply {
+    fn submit(&self, payload: Vec<Bytes>, expects_response: bool) -> Reply {
         let (tx, rx) = oneshot::channel();
         if let Err(mpsc::error::SendError((_, tx, _))) =
             self.frames.send((payload, tx, expects_response))

@@ -49,5 +49,6 @@ pub use group::assignor::{Assignment, Assignor, Subscription, TopicPartition};
 pub use group::{GroupConfig, GroupConsumer, Rebalance};
 pub use partitioner::{Partitioner, murmur2, partition_for_key};
 pub use producer::{
-    Acks, DeliveryFuture, Producer, ProducerConfig, ProducerRecord, RecordMetadata,
+    Acks, BatchFuture, BatchMetadata, BatchRecord, DeliveryFuture, IntoTopic, Producer,
+    ProducerConfig, ProducerRecord, RecordMetadata,
 };

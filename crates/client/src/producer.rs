@@ -21,16 +21,18 @@
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
-use std::task::{Context, Poll};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::{Bytes, BytesMut};
-use cairn_protocol::batch::{BatchBuilder, Compression, restamp_producer};
+use cairn_protocol::batch::{BATCH_HEADER_BYTES, BatchBuilder, Compression, restamp_producer};
 use cairn_protocol::native::*;
 use futures::StreamExt;
 use futures::stream::FuturesUnordered;
 use rand::Rng;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{Notify, oneshot};
 
 use crate::cluster::Cluster;
 use crate::cluster::Route;
@@ -119,11 +121,49 @@ impl Default for ProducerConfig {
     }
 }
 
+/// A topic name as a [`ProducerRecord`] holds it: from a string (one allocation), or an
+/// `Arc<str>` the caller keeps (no allocation per record).
+pub trait IntoTopic {
+    /// The shared name.
+    fn into_topic(self) -> Arc<str>;
+}
+
+impl IntoTopic for Arc<str> {
+    fn into_topic(self) -> Arc<str> {
+        self
+    }
+}
+
+impl IntoTopic for &Arc<str> {
+    fn into_topic(self) -> Arc<str> {
+        Arc::clone(self)
+    }
+}
+
+impl IntoTopic for &str {
+    fn into_topic(self) -> Arc<str> {
+        Arc::from(self)
+    }
+}
+
+impl IntoTopic for String {
+    fn into_topic(self) -> Arc<str> {
+        Arc::from(self)
+    }
+}
+
+impl IntoTopic for &String {
+    fn into_topic(self) -> Arc<str> {
+        Arc::from(self.as_str())
+    }
+}
+
 /// A record to send.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ProducerRecord {
-    /// Destination topic.
-    pub topic: String,
+    /// Destination topic (shared: a producer sending many records to one topic clones an
+    /// `Arc`, not a string, per record).
+    pub topic: Arc<str>,
     /// Destination partition; `None` lets the partitioner choose.
     pub partition: Option<u32>,
     /// Key (used by the partitioner).
@@ -138,9 +178,9 @@ pub struct ProducerRecord {
 
 impl ProducerRecord {
     /// A record with a value.
-    pub fn new(topic: impl Into<String>, value: impl Into<Bytes>) -> ProducerRecord {
+    pub fn new(topic: impl IntoTopic, value: impl Into<Bytes>) -> ProducerRecord {
         ProducerRecord {
-            topic: topic.into(),
+            topic: topic.into_topic(),
             value: Some(value.into()),
             ..ProducerRecord::default()
         }
@@ -175,52 +215,534 @@ impl ProducerRecord {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RecordMetadata {
     /// Topic.
-    pub topic: String,
+    pub topic: Arc<str>,
     /// Partition.
     pub partition: u32,
     /// Offset (`None` with `Acks::None`).
     pub offset: Option<u64>,
 }
 
-type Delivery = oneshot::Sender<Result<RecordMetadata, ClientError>>;
+/// A record of a batch sent with [`Producer::send_batch`] (its topic and partition are the
+/// batch's).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct BatchRecord {
+    /// Key.
+    pub key: Option<Bytes>,
+    /// Value.
+    pub value: Option<Bytes>,
+    /// Headers.
+    pub headers: Vec<(String, Option<Bytes>)>,
+    /// Timestamp (Unix ms); `None` is when the batch is sent.
+    pub timestamp: Option<i64>,
+}
+
+impl BatchRecord {
+    /// A record with a value.
+    pub fn new(value: impl Into<Bytes>) -> BatchRecord {
+        BatchRecord {
+            value: Some(value.into()),
+            ..BatchRecord::default()
+        }
+    }
+
+    /// Sets the key.
+    pub fn key(mut self, key: impl Into<Bytes>) -> Self {
+        self.key = Some(key.into());
+        self
+    }
+}
+
+/// Where a batch sent with [`Producer::send_batch`] landed: its records hold consecutive
+/// offsets from `base_offset`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BatchMetadata {
+    /// Topic.
+    pub topic: Arc<str>,
+    /// Partition.
+    pub partition: u32,
+    /// The first record's offset (`None` with `Acks::None`).
+    pub base_offset: Option<u64>,
+    /// How many records the batch held.
+    pub records: u32,
+}
+
+/// What became of one wire batch: set once, when it is acknowledged or fails for good, and read
+/// by the future of every record in it (one allocation per batch, none per record).
+#[derive(Debug)]
+struct Fate {
+    topic: Arc<str>,
+    partition: u32,
+    state: Mutex<FateState>,
+}
+
+#[derive(Debug, Default)]
+struct FateState {
+    /// The batch's first offset (`None` with acks=0), or why it failed.
+    outcome: Option<Result<Option<u64>, ClientError>>,
+    /// Tasks waiting for the outcome.
+    wakers: Vec<Waker>,
+}
+
+impl Fate {
+    fn lock(&self) -> MutexGuard<'_, FateState> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Sets the outcome if none is set yet, and wakes who waits for it.
+    fn set(&self, outcome: Result<Option<u64>, ClientError>) -> bool {
+        let wakers = {
+            let mut state = self.lock();
+            if state.outcome.is_some() {
+                return false;
+            }
+            state.outcome = Some(outcome);
+            std::mem::take(&mut state.wakers)
+        };
+        for waker in wakers {
+            waker.wake();
+        }
+        true
+    }
+
+    fn poll(&self, cx: &mut Context<'_>) -> Poll<Result<Option<u64>, ClientError>> {
+        let mut state = self.lock();
+        match &state.outcome {
+            Some(outcome) => Poll::Ready(outcome.clone()),
+            None => {
+                if !state.wakers.last().is_some_and(|w| w.will_wake(cx.waker())) {
+                    state.wakers.push(cx.waker().clone());
+                }
+                Poll::Pending
+            }
+        }
+    }
+}
+
+/// The sender's side of a [`Fate`]: resolves it once and gives its records' room in the buffer
+/// back; dropped unresolved (the producer stopped), it resolves it as closed.
+#[derive(Debug)]
+struct Resolver {
+    fate: Arc<Fate>,
+    room: Arc<Room>,
+    records: u32,
+}
+
+impl Resolver {
+    fn new(topic: Arc<str>, partition: u32, room: &Arc<Room>) -> Resolver {
+        Resolver {
+            fate: Arc::new(Fate {
+                topic,
+                partition,
+                state: Mutex::default(),
+            }),
+            room: Arc::clone(room),
+            records: 0,
+        }
+    }
+
+    fn resolve(self, outcome: Result<Option<u64>, ClientError>) {
+        if self.fate.set(outcome) {
+            self.room.release(self.records as usize);
+        }
+    }
+}
+
+impl Drop for Resolver {
+    fn drop(&mut self) {
+        if self.fate.set(Err(ClientError::Closed)) {
+            self.room.release(self.records as usize);
+        }
+    }
+}
+
+/// Records buffered in the producer (accepted, not yet resolved), bounded by
+/// `buffer_records_max`: `send` waits for room.
+#[derive(Debug)]
+struct Room {
+    buffered: AtomicUsize,
+    freed: Notify,
+    max: usize,
+}
+
+impl Room {
+    /// Takes room for `n` records, waiting while the buffer is full (a batch larger than the
+    /// whole buffer goes once the buffer is empty).
+    async fn take(&self, n: usize) {
+        loop {
+            let freed = self.freed.notified();
+            let buffered = self.buffered.load(Ordering::Acquire);
+            if buffered == 0 || buffered + n <= self.max {
+                self.buffered.fetch_add(n, Ordering::AcqRel);
+                return;
+            }
+            freed.await;
+        }
+    }
+
+    fn release(&self, n: usize) {
+        if n > 0 {
+            self.buffered.fetch_sub(n, Ordering::AcqRel);
+            self.freed.notify_waiters();
+        }
+    }
+}
 
 /// Resolves when the record is acknowledged (or failed for good).
 #[derive(Debug)]
-pub struct DeliveryFuture(oneshot::Receiver<Result<RecordMetadata, ClientError>>);
+pub struct DeliveryFuture(Delivery);
+
+#[derive(Debug)]
+enum Delivery {
+    /// Record `index` of a batch.
+    Pending { fate: Arc<Fate>, index: u32 },
+    /// Refused before it joined a batch.
+    Failed(Option<ClientError>),
+}
+
+impl DeliveryFuture {
+    fn failed(err: ClientError) -> DeliveryFuture {
+        DeliveryFuture(Delivery::Failed(Some(err)))
+    }
+}
 
 impl Future for DeliveryFuture {
     type Output = Result<RecordMetadata, ClientError>;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        Pin::new(&mut self.0)
-            .poll(cx)
-            .map(|r| r.unwrap_or(Err(ClientError::Closed)))
+        match &mut self.0 {
+            Delivery::Pending { fate, index } => fate.poll(cx).map(|outcome| {
+                outcome.map(|base| RecordMetadata {
+                    topic: Arc::clone(&fate.topic),
+                    partition: fate.partition,
+                    offset: base.map(|base| base + u64::from(*index)),
+                })
+            }),
+            Delivery::Failed(err) => Poll::Ready(Err(err.take().unwrap_or(ClientError::Closed))),
+        }
     }
 }
 
-enum Command {
-    Send(ProducerRecord, Delivery),
-    Flush(oneshot::Sender<()>),
+/// Resolves when a batch sent with [`Producer::send_batch`] is acknowledged (or failed for
+/// good).
+#[derive(Debug)]
+pub struct BatchFuture {
+    fate: Arc<Fate>,
+    records: u32,
+}
+
+impl Future for BatchFuture {
+    type Output = Result<BatchMetadata, ClientError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let records = self.records;
+        self.fate.poll(cx).map(|outcome| {
+            outcome.map(|base_offset| BatchMetadata {
+                topic: Arc::clone(&self.fate.topic),
+                partition: self.fate.partition,
+                base_offset,
+                records,
+            })
+        })
+    }
+}
+
+/// What `send` and the sender task share: the open batches records are appended to (by the
+/// caller's task, under one short lock, with no allocation or channel hop per record), and the
+/// sealed ones waiting for the sender.
+struct Shared {
+    config: ProducerConfig,
+    cluster: Cluster,
+    acc: Mutex<Accumulator>,
+    /// Wakes the sender: a batch opened (its linger starts) or sealed, a flush, closing.
+    work: Notify,
+    room: Arc<Room>,
+    /// Buffers of acknowledged batches, for new ones (as Kafka's producer pools `batch.size`
+    /// buffers): fresh memory costs a page fault per 4 KiB on first touch.
+    buffers: Mutex<Vec<Vec<u8>>>,
+}
+
+/// Most recycled batch buffers a producer keeps.
+const BUFFERS_KEPT: usize = 8;
+
+impl Shared {
+    /// A batch buffer of at least `capacity` bytes: a recycled one if there is one.
+    fn buffer(&self, capacity: usize) -> Vec<u8> {
+        let recycled = self
+            .buffers
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .pop();
+        match recycled {
+            Some(mut buffer) => {
+                buffer.clear();
+                buffer.reserve(capacity);
+                buffer
+            }
+            None => Vec::with_capacity(capacity),
+        }
+    }
+
+    /// Keeps an acknowledged batch's buffer for a later batch, if nothing else holds it and it
+    /// is of the usual size.
+    fn recycle(&self, bytes: Bytes) {
+        let Ok(bytes) = bytes.try_into_mut() else {
+            return;
+        };
+        let buffer = Vec::from(bytes);
+        let usual = self.config.batch_bytes..=self.config.batch_bytes.saturating_mul(2);
+        if !usual.contains(&buffer.capacity()) {
+            return;
+        }
+        let mut buffers = self.buffers.lock().unwrap_or_else(PoisonError::into_inner);
+        if buffers.len() < BUFFERS_KEPT {
+            buffers.push(buffer);
+        }
+    }
+}
+
+#[derive(Default)]
+struct Accumulator {
+    /// Per topic: its partitions and their open batches (one lookup per record, by borrowed
+    /// name).
+    topics: HashMap<String, TopicState>,
+    round_robin: PartitionerState,
+    /// Sealed batches, in seal order, for the sender to number, encode and send.
+    sealed: Vec<Batch>,
+    flushes: Vec<oneshot::Sender<()>>,
+    closing: bool,
+}
+
+/// What the producer knows of one topic.
+#[derive(Default)]
+struct TopicState {
+    /// Its partition count.
+    partitions: u32,
+    /// The count must be asked again (a broker said the topic or partition is unknown).
+    stale: bool,
+    /// The sticky partitioner's current partition for unkeyed records.
+    sticky: Option<u32>,
+    /// The open batch of each partition, by index.
+    open: Vec<Option<Batch>>,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, Accumulator> {
+        self.acc.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// A topic's partition count, asked of the cluster (with retries) if not known yet.
+    async fn partition_count(&self, topic: &str) -> Result<u32, ClientError> {
+        if let Some(t) = self.lock().topics.get(topic).filter(|t| !t.stale) {
+            return Ok(t.partitions);
+        }
+        let mut backoff = self.config.retry_backoff;
+        for attempt in 0..=self.config.retries {
+            let response = self.cluster.metadata(&[topic.to_string()], true).await;
+            let error = match response {
+                Ok(metadata) => match metadata.topics.into_iter().find(|t| t.name == topic) {
+                    Some(t) if t.error_code == 0 && !t.partitions.is_empty() => {
+                        let n = t.partitions.len() as u32;
+                        let mut acc = self.lock();
+                        let state = acc.topics.entry(topic.to_string()).or_default();
+                        // Partitions only grow; batches of any beyond `n` are sent anyway (and
+                        // fail or retry there).
+                        state.partitions = n;
+                        state.stale = false;
+                        let slots = state.open.len().max(n as usize);
+                        state.open.resize_with(slots, || None);
+                        return Ok(n);
+                    }
+                    Some(t) => ClientError::broker(
+                        format!("metadata for {topic}"),
+                        t.error_code,
+                        String::new(),
+                    ),
+                    None => ClientError::broker(
+                        format!("metadata for {topic}"),
+                        ErrorCode::UNKNOWN_TOPIC_OR_PARTITION.0,
+                        String::new(),
+                    ),
+                },
+                Err(err) => err,
+            };
+            if !error.is_retriable() || attempt == self.config.retries {
+                return Err(error);
+            }
+            tokio::time::sleep(jitter(backoff)).await;
+            backoff = (backoff * 2).min(self.config.retry_backoff_max);
+        }
+        Err(ClientError::Timeout(format!("metadata for {topic}")))
+    }
+}
+
+/// Encodes a record into a batch (no allocation unless it has headers).
+fn push_record(
+    builder: &mut BatchBuilder,
+    timestamp: i64,
+    (key, value): (Option<&[u8]>, Option<&[u8]>),
+    headers: &[(String, Option<Bytes>)],
+) {
+    let headers: Vec<(&str, Option<&[u8]>)> = headers
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_deref()))
+        .collect();
+    builder.push(timestamp, key, value, &headers);
+}
+
+/// A record's encoded size in a batch, about (its fields and their length prefixes).
+fn record_bytes(
+    key: Option<&[u8]>,
+    value: Option<&[u8]>,
+    headers: &[(String, Option<Bytes>)],
+) -> usize {
+    const OVERHEAD: usize = 21; // length, attributes, deltas, key/value lengths, header count
+    let headers: usize = headers
+        .iter()
+        .map(|(k, v)| k.len() + v.as_ref().map_or(0, Bytes::len) + 10)
+        .sum();
+    OVERHEAD + key.map_or(0, <[u8]>::len) + value.map_or(0, <[u8]>::len) + headers
+}
+
+impl TopicState {
+    /// The partition a record goes to, or why none.
+    fn choose_partition(
+        &mut self,
+        record: &ProducerRecord,
+        partitioner: Partitioner,
+        round_robin: &mut PartitionerState,
+    ) -> Result<u32, ClientError> {
+        let n_partitions = self.partitions;
+        Ok(match (record.partition, &record.key, partitioner) {
+            (Some(p), _, _) if p < n_partitions => p,
+            (Some(p), _, _) => {
+                return Err(ClientError::InvalidArgument(format!(
+                    "partition {p} of {} does not exist ({n_partitions} partitions)",
+                    record.topic
+                )));
+            }
+            (None, Some(key), Partitioner::Murmur2Sticky) => partition_for_key(key, n_partitions),
+            (None, None, Partitioner::Murmur2Sticky) => *self
+                .sticky
+                .get_or_insert_with(|| rand::rng().random_range(0..n_partitions)),
+            (None, _, Partitioner::RoundRobin) => round_robin.round_robin(n_partitions),
+        })
+    }
+
+    /// Appends a record to its partition's open batch (sealing the batch first if the record
+    /// would not fit, and after if it is full). Returns the record's delivery and whether the
+    /// sender must look (a batch opened or sealed).
+    fn append(
+        &mut self,
+        shared: &Shared,
+        sealed: &mut Vec<Batch>,
+        record: &ProducerRecord,
+        partition: u32,
+    ) -> (DeliveryFuture, bool) {
+        let config = &shared.config;
+        let size = record_bytes(
+            record.key.as_deref(),
+            record.value.as_deref(),
+            &record.headers,
+        );
+        let mut wake = false;
+        let index = partition as usize;
+        let full = self
+            .open
+            .get(index)
+            .and_then(Option::as_ref)
+            .is_some_and(|b| b.builder.uncompressed_bytes() + size > config.batch_bytes);
+        if full {
+            self.seal(partition, sealed);
+            wake = true;
+        }
+        if self.open.len() <= index {
+            self.open.resize_with(index + 1, || None);
+        }
+        let Some(slot) = self.open.get_mut(index) else {
+            return (DeliveryFuture::failed(ClientError::Closed), wake);
+        };
+        let batch = slot.get_or_insert_with(|| {
+            wake = true;
+            Batch::new(Arc::clone(&record.topic), partition, shared, size)
+        });
+        push_record(
+            &mut batch.builder,
+            record.timestamp.unwrap_or_else(now_ms),
+            (record.key.as_deref(), record.value.as_deref()),
+            &record.headers,
+        );
+        let index = batch.resolver.records;
+        batch.resolver.records += 1;
+        let delivery = DeliveryFuture(Delivery::Pending {
+            fate: Arc::clone(&batch.resolver.fate),
+            index,
+        });
+        if batch.builder.uncompressed_bytes() >= config.batch_bytes {
+            self.seal(partition, sealed);
+            wake = true;
+        }
+        (delivery, wake)
+    }
+
+    /// Moves a partition's open batch to `sealed`.
+    fn seal(&mut self, partition: u32, sealed: &mut Vec<Batch>) {
+        let Some(batch) = self.open.get_mut(partition as usize).and_then(Option::take) else {
+            return;
+        };
+        // A sealed unkeyed batch moves the sticky partition on (KIP-480).
+        let n = self.partitions;
+        if self.sticky == Some(partition) && n > 1 {
+            self.sticky = Some((partition + 1 + rand::rng().random_range(0..n - 1)) % n);
+        }
+        sealed.push(batch);
+    }
+}
+
+impl Accumulator {
+    fn open_batches(&self) -> impl Iterator<Item = &Batch> {
+        self.topics
+            .values()
+            .flat_map(|t| t.open.iter().filter_map(Option::as_ref))
+    }
+
+    /// Seals the open batches `due` picks.
+    fn seal_where(&mut self, due: impl Fn(&Batch) -> bool) {
+        for topic in self.topics.values_mut() {
+            for partition in 0..topic.open.len() as u32 {
+                if topic
+                    .open
+                    .get(partition as usize)
+                    .and_then(Option::as_ref)
+                    .is_some_and(&due)
+                {
+                    topic.seal(partition, &mut self.sealed);
+                }
+            }
+        }
+    }
+
+    /// Seals a topic's partition's open batch, if any.
+    fn seal(&mut self, topic: &str, partition: u32) {
+        if let Some(state) = self.topics.get_mut(topic) {
+            state.seal(partition, &mut self.sealed);
+        }
+    }
 }
 
 /// Sends records to Cairn.
 #[derive(Debug)]
 pub struct Producer {
-    commands: mpsc::Sender<Command>,
-    task: tokio::task::JoinHandle<()>,
+    shared: Arc<Shared>,
+    task: Option<tokio::task::JoinHandle<()>>,
 }
 
-impl std::fmt::Debug for Command {
+impl std::fmt::Debug for Shared {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Command::Send(..) => "Send",
-            Command::Flush(_) => "Flush",
-        })
+        f.debug_struct("Shared")
+            .field("client_id", &self.config.client_id)
+            .finish_non_exhaustive()
     }
 }
-
-/// Most queued commands the sender takes in one go before dispatching.
-const COMMANDS_PER_WAKE: usize = 1024;
 
 /// Most requests in flight for an idempotent producer: the batches a Cairn broker remembers per
 /// producer and partition to recognise a retry. Apache Kafka remembers 5: through the Kafka
@@ -258,47 +780,201 @@ impl Producer {
                 config.max_in_flight
             )));
         }
-        let (commands, rx) = mpsc::channel(config.buffer_records_max);
-        let task = tokio::spawn(Sender::new(cluster, config).run(rx));
-        Ok(Producer { commands, task })
+        let shared = Arc::new(Shared {
+            room: Arc::new(Room {
+                buffered: AtomicUsize::new(0),
+                freed: Notify::new(),
+                max: config.buffer_records_max,
+            }),
+            config,
+            cluster,
+            acc: Mutex::default(),
+            work: Notify::new(),
+            buffers: Mutex::default(),
+        });
+        let task = tokio::spawn(Sender::new(Arc::clone(&shared)).run());
+        Ok(Producer {
+            shared,
+            task: Some(task),
+        })
+    }
+
+    fn check_open(&self) -> Result<(), ClientError> {
+        match &self.task {
+            Some(task) if !task.is_finished() => Ok(()),
+            _ => Err(ClientError::Closed),
+        }
     }
 
     /// Queues a record; the returned future resolves when it is acknowledged. Waits if
     /// `buffer_records_max` records are already queued.
     pub async fn send(&self, record: ProducerRecord) -> Result<DeliveryFuture, ClientError> {
-        let (tx, rx) = oneshot::channel();
-        self.commands
-            .send(Command::Send(record, tx))
-            .await
-            .map_err(|_| ClientError::Closed)?;
-        Ok(DeliveryFuture(rx))
+        self.check_open()?;
+        let shared = &self.shared;
+        shared.room.take(1).await;
+        loop {
+            let appended = {
+                let mut guard = shared.lock();
+                let acc = &mut *guard;
+                match acc.topics.get_mut(&*record.topic) {
+                    Some(topic) if !topic.stale => topic
+                        .choose_partition(&record, shared.config.partitioner, &mut acc.round_robin)
+                        .map(|partition| topic.append(shared, &mut acc.sealed, &record, partition))
+                        .map_err(Some),
+                    _ => Err(None),
+                }
+            };
+            match appended {
+                Ok((delivery, wake)) => {
+                    if wake {
+                        shared.work.notify_one();
+                    }
+                    return Ok(delivery);
+                }
+                Err(Some(err)) => {
+                    shared.room.release(1);
+                    return Ok(DeliveryFuture::failed(err));
+                }
+                // The topic's partition count is not known yet: asked, then appended.
+                Err(None) => {
+                    if let Err(err) = shared.partition_count(&record.topic).await {
+                        shared.room.release(1);
+                        return Ok(DeliveryFuture::failed(err));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Sends `records` to one partition as one batch (one future for all of them; they get
+    /// consecutive offsets). Records already queued for the partition go first. The values are
+    /// not copied before they are encoded into the batch. Fails with `InvalidArgument` if
+    /// `records` is empty, the partition does not exist, or the encoded batch exceeds
+    /// `request_bytes_max`.
+    pub async fn send_batch(
+        &self,
+        topic: &str,
+        partition: u32,
+        records: &[BatchRecord],
+    ) -> Result<BatchFuture, ClientError> {
+        self.check_open()?;
+        let shared = &self.shared;
+        let n_partitions = shared.partition_count(topic).await?;
+        if partition >= n_partitions {
+            return Err(ClientError::InvalidArgument(format!(
+                "partition {partition} of {topic} does not exist ({n_partitions} partitions)"
+            )));
+        }
+        let n = u32::try_from(records.len())
+            .ok()
+            .filter(|n| *n > 0)
+            .ok_or_else(|| {
+                ClientError::InvalidArgument(format!(
+                    "a batch holds 1 to {} records, not {}",
+                    u32::MAX,
+                    records.len()
+                ))
+            })?;
+        let size: usize = records
+            .iter()
+            .map(|r| record_bytes(r.key.as_deref(), r.value.as_deref(), &r.headers))
+            .sum();
+        let mut batch = Batch::new(Arc::from(topic), partition, shared, size);
+        let now = now_ms();
+        for record in records {
+            push_record(
+                &mut batch.builder,
+                record.timestamp.unwrap_or(now),
+                (record.key.as_deref(), record.value.as_deref()),
+                &record.headers,
+            );
+        }
+        if batch.builder.uncompressed_bytes() > shared.config.request_bytes_max {
+            return Err(ClientError::InvalidArgument(format!(
+                "a batch of {} bytes exceeds request_bytes_max ({}); send it in parts",
+                batch.builder.uncompressed_bytes(),
+                shared.config.request_bytes_max
+            )));
+        }
+        shared.room.take(n as usize).await;
+        batch.resolver.records = n;
+        let fate = Arc::clone(&batch.resolver.fate);
+        {
+            let mut acc = shared.lock();
+            acc.seal(topic, partition);
+            acc.sealed.push(batch);
+        }
+        shared.work.notify_one();
+        Ok(BatchFuture { fate, records: n })
     }
 
     /// Sends everything queued now, without waiting for `linger`, and waits until it is
     /// acknowledged or failed.
     pub async fn flush(&self) -> Result<(), ClientError> {
+        self.check_open()?;
         let (tx, rx) = oneshot::channel();
-        self.commands
-            .send(Command::Flush(tx))
-            .await
-            .map_err(|_| ClientError::Closed)?;
+        {
+            let mut acc = self.shared.lock();
+            acc.seal_where(|_| true);
+            acc.flushes.push(tx);
+        }
+        self.shared.work.notify_one();
         rx.await.map_err(|_| ClientError::Closed)
     }
 
     /// Flushes and stops.
-    pub async fn close(self) -> Result<(), ClientError> {
+    pub async fn close(mut self) -> Result<(), ClientError> {
         self.flush().await?;
-        drop(self.commands);
-        self.task.await.map_err(|_| ClientError::Closed)
+        self.stop();
+        match self.task.take() {
+            Some(task) => task.await.map_err(|_| ClientError::Closed),
+            None => Ok(()),
+        }
+    }
+
+    /// Tells the sender to finish what is queued and end.
+    fn stop(&self) {
+        {
+            let mut acc = self.shared.lock();
+            acc.seal_where(|_| true);
+            acc.closing = true;
+        }
+        self.shared.work.notify_one();
     }
 }
 
+impl Drop for Producer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// A batch being filled, or sealed and waiting for the sender.
 struct Batch {
-    topic: String,
+    topic: Arc<str>,
     partition: u32,
     builder: BatchBuilder,
-    deliveries: Vec<Delivery>,
+    /// Its records' fate, and how many it holds.
+    resolver: Resolver,
     created: Instant,
+}
+
+impl Batch {
+    /// An empty batch with room for `batch_bytes` (or one record of `first_record` bytes) without
+    /// reallocation.
+    fn new(topic: Arc<str>, partition: u32, shared: &Shared, first_record: usize) -> Batch {
+        let capacity = shared
+            .config
+            .batch_bytes
+            .max(first_record + BATCH_HEADER_BYTES);
+        Batch {
+            resolver: Resolver::new(Arc::clone(&topic), partition, &shared.room),
+            topic,
+            partition,
+            builder: BatchBuilder::with_buffer(shared.config.compression, shared.buffer(capacity)),
+            created: Instant::now(),
+        }
+    }
 }
 
 /// An idempotent batch's place in its producer's numbering.
@@ -311,10 +987,10 @@ struct Stamp {
 }
 
 struct Ready {
-    topic: String,
+    topic: Arc<str>,
     partition: u32,
     bytes: Bytes,
-    deliveries: Vec<Delivery>,
+    resolver: Resolver,
     attempts: u32,
     not_before: Instant,
     /// Seal order (over every partition): a partition's batches keep it in the queue.
@@ -325,7 +1001,7 @@ struct Ready {
 
 impl Ready {
     fn n_records(&self) -> u64 {
-        self.deliveries.len() as u64
+        u64::from(self.resolver.records)
     }
 }
 
@@ -394,14 +1070,11 @@ enum RoutingKey {
     Connect(u32),
 }
 
+/// The task that numbers, encodes and sends sealed batches, retries, and resolves their fates.
 struct Sender {
+    shared: Arc<Shared>,
+    /// A clone of `shared.cluster`, for brevity.
     cluster: Cluster,
-    config: ProducerConfig,
-    partitions: HashMap<String, u32>,
-    sticky: HashMap<String, u32>,
-    round_robin: PartitionerState,
-    /// Open batches by topic, then partition: a record's lookup borrows its topic name.
-    open: HashMap<String, HashMap<u32, Batch>>,
     ready: VecDeque<Ready>,
     in_flight: FuturesUnordered<InFlight>,
     flushes: Vec<oneshot::Sender<()>>,
@@ -423,30 +1096,42 @@ fn now_ms() -> i64 {
 }
 
 impl Sender {
-    fn new(cluster: Cluster, config: ProducerConfig) -> Sender {
+    fn new(shared: Arc<Shared>) -> Sender {
+        let config = &shared.config;
         Sender {
-            cluster,
-            partitions: HashMap::new(),
-            sticky: HashMap::new(),
-            round_robin: PartitionerState::default(),
-            open: HashMap::new(),
+            cluster: shared.cluster.clone(),
             ready: VecDeque::new(),
             in_flight: FuturesUnordered::new(),
             flushes: Vec::new(),
             routing: FuturesUnordered::new(),
             routing_for: std::collections::HashSet::new(),
             idempotence: (config.idempotent && config.acks == Acks::All).then(Idempotence::default),
-            config,
             next_ordinal: 0,
+            shared,
         }
     }
 
-    async fn run(mut self, mut commands: mpsc::Receiver<Command>) {
-        let mut closing = false;
+    async fn run(mut self) {
+        let shared = Arc::clone(&self.shared);
         loop {
+            // What the callers sealed, asked and opened since the last look.
+            let (sealed, closing, emptied, linger_until) = {
+                let mut acc = shared.lock();
+                self.flushes.append(&mut acc.flushes);
+                let linger = shared.config.linger;
+                (
+                    std::mem::take(&mut acc.sealed),
+                    acc.closing,
+                    acc.open_batches().next().is_none(),
+                    acc.open_batches().map(|b| b.created + linger).min(),
+                )
+            };
+            for batch in sealed {
+                self.seal(batch);
+            }
             self.dispatch();
-            if self.flushes.len() + usize::from(closing) > 0
-                && self.open_batches().next().is_none()
+            if (!self.flushes.is_empty() || closing)
+                && emptied
                 && self.ready.is_empty()
                 && self.in_flight.is_empty()
             {
@@ -457,66 +1142,29 @@ impl Sender {
                     return;
                 }
             }
-            let wake = self.next_wake();
+            let wake = self.next_wake(linger_until);
             tokio::select! {
-                command = commands.recv(), if !closing => {
-                    closing = self.handle(command).await;
-                    // Take what else is queued before the next dispatch: the per-iteration work
-                    // (clock reads, batch scans) is paid once per burst, not once per record.
-                    for _ in 0..COMMANDS_PER_WAKE {
-                        if closing {
-                            break;
-                        }
-                        match commands.try_recv() {
-                            Ok(command) => closing = self.handle(Some(command)).await,
-                            Err(mpsc::error::TryRecvError::Empty) => break,
-                            Err(mpsc::error::TryRecvError::Disconnected) => {
-                                closing = self.handle(None).await;
-                            }
-                        }
-                    }
-                },
+                () = shared.work.notified() => {}
                 Some((node, sent, result)) = self.in_flight.next(), if !self.in_flight.is_empty() => self.complete(node, sent, result),
                 Some(key) = self.routing.next(), if !self.routing.is_empty() => {
                     self.routing_for.remove(&key);
                 }
                 id = ask_id(&mut self.idempotence) => self.got_producer_id(id),
-                () = tokio::time::sleep_until(wake.into()) => self.seal_lingering(),
+                () = tokio::time::sleep_until(wake.into()) => {
+                    let now = Instant::now();
+                    shared.lock().seal_where(|batch| batch.created + shared.config.linger <= now);
+                }
             }
         }
     }
 
-    /// Handles one command; `None` (every handle dropped) starts closing. Returns whether the
-    /// sender is closing.
-    async fn handle(&mut self, command: Option<Command>) -> bool {
-        match command {
-            Some(Command::Send(record, delivery)) => {
-                self.accept(record, delivery).await;
-                false
-            }
-            Some(Command::Flush(done)) => {
-                self.seal_all();
-                self.flushes.push(done);
-                false
-            }
-            None => {
-                self.seal_all();
-                true
-            }
-        }
-    }
-
-    fn next_wake(&self) -> Instant {
-        let far = Instant::now() + Duration::from_secs(3600);
-        let linger = self
-            .open_batches()
-            .map(|b| b.created + self.config.linger)
-            .min()
-            .unwrap_or(far);
+    /// When to wake without news: the first open batch's linger, or a retry's backoff.
+    fn next_wake(&self, linger_until: Option<Instant>) -> Instant {
+        let now = Instant::now();
+        let far = now + Duration::from_secs(3600);
         // Only retries still backing off: a batch already due was offered to `dispatch` just
         // now and waits for something with its own wake-up (a routing answer, a request
         // completing, the producer id); waking for it would spin.
-        let now = Instant::now();
         let retry = self
             .ready
             .iter()
@@ -524,144 +1172,34 @@ impl Sender {
             .filter(|at| *at > now)
             .min()
             .unwrap_or(far);
-        linger.min(retry)
+        linger_until.unwrap_or(far).min(retry)
     }
 
-    async fn partition_count(&mut self, topic: &str) -> Result<u32, ClientError> {
-        if let Some(&n) = self.partitions.get(topic) {
-            return Ok(n);
-        }
-        let mut backoff = self.config.retry_backoff;
-        for attempt in 0..=self.config.retries {
-            let response = self.cluster.metadata(&[topic.to_string()], true).await;
-            let error = match response {
-                Ok(metadata) => match metadata.topics.into_iter().find(|t| t.name == topic) {
-                    Some(t) if t.error_code == 0 && !t.partitions.is_empty() => {
-                        let n = t.partitions.len() as u32;
-                        self.partitions.insert(topic.to_string(), n);
-                        return Ok(n);
-                    }
-                    Some(t) => ClientError::broker(
-                        format!("metadata for {topic}"),
-                        t.error_code,
-                        String::new(),
-                    ),
-                    None => ClientError::broker(
-                        format!("metadata for {topic}"),
-                        ErrorCode::UNKNOWN_TOPIC_OR_PARTITION.0,
-                        String::new(),
-                    ),
-                },
-                Err(err) => err,
-            };
-            if !error.is_retriable() || attempt == self.config.retries {
-                return Err(error);
-            }
-            tokio::time::sleep(jitter(backoff)).await;
-            backoff = (backoff * 2).min(self.config.retry_backoff_max);
-        }
-        Err(ClientError::Timeout(format!("metadata for {topic}")))
-    }
-
-    async fn accept(&mut self, record: ProducerRecord, delivery: Delivery) {
-        let n_partitions = match self.partition_count(&record.topic).await {
-            Ok(n) => n,
-            Err(err) => {
-                let _ = delivery.send(Err(err));
-                return;
-            }
-        };
-        let partition = match (record.partition, &record.key, self.config.partitioner) {
-            (Some(p), _, _) if p < n_partitions => p,
-            (Some(p), _, _) => {
-                let _ = delivery.send(Err(ClientError::InvalidArgument(format!(
-                    "partition {p} of {} does not exist ({n_partitions} partitions)",
-                    record.topic
-                ))));
-                return;
-            }
-            (None, Some(key), Partitioner::Murmur2Sticky) => partition_for_key(key, n_partitions),
-            (None, None, Partitioner::Murmur2Sticky) => {
-                match self.sticky.get(record.topic.as_str()) {
-                    Some(&p) => p,
-                    None => {
-                        let p = rand::rng().random_range(0..n_partitions);
-                        self.sticky.insert(record.topic.clone(), p);
-                        p
-                    }
-                }
-            }
-            (None, _, Partitioner::RoundRobin) => self.round_robin.round_robin(n_partitions),
-        };
-        // No allocation when the partition already has an open batch (the common case).
-        if !self.open.contains_key(record.topic.as_str()) {
-            self.open.insert(record.topic.clone(), HashMap::new());
-        }
-        let compression = self.config.compression;
-        let Some(batches) = self.open.get_mut(record.topic.as_str()) else {
-            return;
-        };
-        let batch = batches.entry(partition).or_insert_with(|| Batch {
-            topic: record.topic.clone(),
+    /// Numbers (if idempotent) and encodes a sealed batch, and queues it.
+    fn seal(&mut self, batch: Batch) {
+        let Batch {
+            topic,
             partition,
-            builder: BatchBuilder::new(compression),
-            deliveries: Vec::new(),
-            created: Instant::now(),
-        });
-        let headers: Vec<(&str, Option<&[u8]>)> = record
-            .headers
-            .iter()
-            .map(|(k, v)| (k.as_str(), v.as_deref()))
-            .collect();
-        batch.builder.push(
-            record.timestamp.unwrap_or_else(now_ms),
-            record.key.as_deref(),
-            record.value.as_deref(),
-            &headers,
-        );
-        batch.deliveries.push(delivery);
-        if batch.builder.uncompressed_bytes() >= self.config.batch_bytes {
-            self.seal(&record.topic, partition);
-        }
-    }
-
-    /// The open batches, every topic and partition.
-    fn open_batches(&self) -> impl Iterator<Item = &Batch> {
-        self.open.values().flat_map(HashMap::values)
-    }
-
-    fn seal(&mut self, topic: &str, partition: u32) {
-        let Some(batch) = self
-            .open
-            .get_mut(topic)
-            .and_then(|batches| batches.remove(&partition))
-        else {
-            return;
-        };
-        // A sealed unkeyed batch moves the sticky partition on (KIP-480).
-        if self.sticky.get(&batch.topic) == Some(&batch.partition)
-            && let Some(&n) = self.partitions.get(&batch.topic)
-            && n > 1
-        {
-            let next = (batch.partition + 1 + rand::rng().random_range(0..n - 1)) % n;
-            self.sticky.insert(batch.topic.clone(), next);
-        }
-        let n = batch.deliveries.len() as u64;
+            builder,
+            resolver,
+            ..
+        } = batch;
+        let n = u64::from(resolver.records);
         let stamp = self
             .idempotence
             .as_mut()
-            .and_then(|idem| idem.next_stamp(&batch.topic, batch.partition, n));
+            .and_then(|idem| idem.next_stamp(&topic, partition, n));
         let builder = match stamp {
-            Some(Stamp { id, seq }) => batch.builder.producer(id.0, id.1, wire_seq(seq)),
-            None => batch.builder,
+            Some(Stamp { id, seq }) => builder.producer(id.0, id.1, wire_seq(seq)),
+            None => builder,
         };
         match builder.build() {
             Ok(bytes) => {
                 self.ready.push_back(Ready {
-                    topic: batch.topic,
-                    partition: batch.partition,
+                    topic,
+                    partition,
                     bytes,
-                    deliveries: batch.deliveries,
+                    resolver,
                     attempts: 0,
                     not_before: Instant::now(),
                     ordinal: self.next_ordinal,
@@ -672,34 +1210,12 @@ impl Sender {
             Err(err) => {
                 // The numbers it took are handed back: no gap.
                 if let (Some(idem), Some(_)) = (self.idempotence.as_mut(), stamp) {
-                    idem.seqs(&batch.topic, batch.partition).next -= n;
+                    idem.seqs(&topic, partition).next -= n;
                 }
-                for delivery in batch.deliveries {
-                    let _ = delivery.send(Err(ClientError::InvalidArgument(format!(
-                        "building a batch: {err}"
-                    ))));
-                }
+                resolver.resolve(Err(ClientError::InvalidArgument(format!(
+                    "building a batch: {err}"
+                ))));
             }
-        }
-    }
-
-    fn seal_all(&mut self) {
-        self.seal_where(|_| true);
-    }
-
-    fn seal_lingering(&mut self) {
-        let (now, linger) = (Instant::now(), self.config.linger);
-        self.seal_where(|batch| batch.created + linger <= now);
-    }
-
-    fn seal_where(&mut self, due: impl Fn(&Batch) -> bool) {
-        let keys: Vec<(String, u32)> = self
-            .open_batches()
-            .filter(|b| due(b))
-            .map(|b| (b.topic.clone(), b.partition))
-            .collect();
-        for (topic, partition) in keys {
-            self.seal(&topic, partition);
         }
     }
 
@@ -714,7 +1230,7 @@ impl Sender {
         }
         let one_batch_per_partition = self.idempotence.is_some();
         let now = Instant::now();
-        while self.in_flight.len() < self.config.max_in_flight {
+        while self.in_flight.len() < self.shared.config.max_in_flight {
             // Runs by leader.
             let mut runs: Vec<(u32, Vec<Ready>)> = Vec::new();
             let mut rest: VecDeque<Ready> = VecDeque::new();
@@ -743,7 +1259,7 @@ impl Sender {
                 let fits = |run: &Vec<Ready>| {
                     !one_batch_per_partition
                         && run.iter().map(|r| r.bytes.len()).sum::<usize>() + ready.bytes.len()
-                            <= self.config.request_bytes_max
+                            <= self.shared.config.request_bytes_max
                 };
                 match run {
                     Some((_, run)) if fits(run) => run.push(ready),
@@ -783,18 +1299,19 @@ impl Sender {
                     partition: first.partition,
                     records,
                 };
-                match topics.iter_mut().find(|t| t.name == first.topic) {
+                match topics.iter_mut().find(|t| *t.name == *first.topic) {
                     Some(topic) => topic.partitions.push(part),
                     None => topics.push(ProduceTopic {
-                        name: first.topic.clone(),
+                        name: first.topic.to_string(),
                         partitions: vec![part],
                     }),
                 }
             }
-            let acks = self.config.acks;
+            let acks = self.shared.config.acks;
             let request = Request::Produce(ProduceRequest {
                 acks: acks.wire(),
                 timeout_ms: self
+                    .shared
                     .config
                     .request_timeout
                     .as_millis()
@@ -803,7 +1320,7 @@ impl Sender {
             });
             // The broker answers by `timeout_ms` itself (REQUEST_TIMED_OUT); a second more is
             // for the network. Past that the broker is down or paused: its connection goes.
-            let deadline = self.config.request_timeout + Duration::from_secs(1);
+            let deadline = self.shared.config.request_timeout + Duration::from_secs(1);
             // Submitted now, in dispatch order: the broker applies requests in that order.
             let future: InFlight = match acks {
                 Acks::None => {
@@ -840,8 +1357,8 @@ impl Sender {
             idem.asking = Some(ask_producer_id(
                 self.cluster.clone(),
                 current,
-                self.config.retry_backoff,
-                self.config.request_timeout,
+                self.shared.config.retry_backoff,
+                self.shared.config.request_timeout,
             ));
         }
         false
@@ -864,9 +1381,7 @@ impl Sender {
             Err(err) => {
                 tracing::warn!(error = %err, "cannot get a producer id");
                 for ready in std::mem::take(&mut self.ready) {
-                    for delivery in ready.deliveries {
-                        let _ = delivery.send(Err(err.clone()));
-                    }
+                    ready.resolver.resolve(Err(err.clone()));
                 }
                 return;
             }
@@ -909,7 +1424,7 @@ impl Sender {
                 let key = RoutingKey::Connect(node);
                 if self.routing_for.insert(key.clone()) {
                     let cluster = self.cluster.clone();
-                    let backoff = self.config.retry_backoff;
+                    let backoff = self.shared.config.retry_backoff;
                     self.routing.push(Box::pin(async move {
                         if let Err(err) = cluster.connection(node).await {
                             tracing::debug!(node, error = %err, "cannot connect to a leader");
@@ -926,7 +1441,7 @@ impl Sender {
                 let key = RoutingKey::Refresh(topic.to_string());
                 if self.routing_for.insert(key.clone()) {
                     let (cluster, topic) = (self.cluster.clone(), topic.to_string());
-                    let backoff = self.config.retry_backoff;
+                    let backoff = self.shared.config.retry_backoff;
                     self.routing.push(Box::pin(async move {
                         let refreshed = cluster.refresh(std::slice::from_ref(&topic)).await;
                         if let Err(err) = &refreshed {
@@ -977,20 +1492,14 @@ impl Sender {
             let Some(response) = &response else {
                 // acks=0: sent is all we know.
                 for ready in run {
-                    for delivery in ready.deliveries {
-                        let _ = delivery.send(Ok(RecordMetadata {
-                            topic: topic.clone(),
-                            partition,
-                            offset: None,
-                        }));
-                    }
+                    ready.resolver.resolve(Ok(None));
                 }
                 continue;
             };
             let found = response
                 .topics
                 .iter()
-                .filter(|t| t.name == topic)
+                .filter(|t| *t.name == *topic)
                 .flat_map(|t| t.partitions.iter())
                 .find(|p| p.partition == partition);
             match found {
@@ -1004,14 +1513,10 @@ impl Sender {
                             let seqs = idem.seqs(&topic, partition);
                             seqs.acked = seqs.acked.max(stamp.seq + ready.n_records());
                         }
-                        for delivery in ready.deliveries {
-                            let _ = delivery.send(Ok(RecordMetadata {
-                                topic: topic.clone(),
-                                partition,
-                                offset: Some(offset),
-                            }));
-                            offset += 1;
-                        }
+                        let n = ready.n_records();
+                        ready.resolver.resolve(Ok(Some(offset)));
+                        self.shared.recycle(ready.bytes);
+                        offset += n;
                     }
                 }
                 Some(p) => {
@@ -1074,15 +1579,13 @@ impl Sender {
                      took later ones (it was most likely written)"
                         .to_string(),
                 );
-                for delivery in ready.deliveries {
-                    let _ = delivery.send(Err(unknown.clone()));
-                }
+                ready.resolver.resolve(Err(unknown));
                 return;
             }
             if stamp.seq > acked {
                 // An earlier batch of the partition is still on its way (retried after a leader
                 // change): this one goes again after it, without spending an attempt.
-                ready.not_before = Instant::now() + jitter(self.config.retry_backoff);
+                ready.not_before = Instant::now() + jitter(self.shared.config.retry_backoff);
             } else {
                 // The leader refuses the very batch it should take next: it does not know the
                 // batches before it (its producer state is gone: an unclean election, or
@@ -1093,17 +1596,20 @@ impl Sender {
             self.requeue(ready);
             return;
         }
-        if err.is_retriable() && ready.attempts < self.config.retries {
+        if err.is_retriable() && ready.attempts < self.shared.config.retries {
             let backoff = self
+                .shared
                 .config
                 .retry_backoff
                 .saturating_mul(1 << ready.attempts.min(16))
-                .min(self.config.retry_backoff_max);
+                .min(self.shared.config.retry_backoff_max);
             ready.attempts += 1;
             ready.not_before = Instant::now() + jitter(backoff);
             tracing::debug!(topic = %ready.topic, partition = ready.partition, attempt = ready.attempts, error = %err, "retrying batch");
-            if err.code() == Some(ErrorCode::UNKNOWN_TOPIC_OR_PARTITION) {
-                self.partitions.remove(&ready.topic);
+            if err.code() == Some(ErrorCode::UNKNOWN_TOPIC_OR_PARTITION)
+                && let Some(topic) = self.shared.lock().topics.get_mut(&*ready.topic)
+            {
+                topic.stale = true;
             }
             if err.is_stale_metadata() {
                 self.cluster.invalidate(&ready.topic);
@@ -1114,9 +1620,7 @@ impl Sender {
             if let (Some(idem), Some(_)) = (self.idempotence.as_mut(), ready.stamp) {
                 idem.bump = true;
             }
-            for delivery in ready.deliveries {
-                let _ = delivery.send(Err(err.clone()));
-            }
+            ready.resolver.resolve(Err(err));
         }
     }
 }

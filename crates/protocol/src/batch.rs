@@ -751,6 +751,8 @@ pub struct BatchBuilder {
     producer_epoch: i16,
     base_sequence: i32,
     transactional: bool,
+    /// The batch being built: room for its header, then the encoded records (uncompressed),
+    /// so an uncompressed batch is finished in place.
     records: Vec<u8>,
     n_records: i32,
     /// The offset delta the next `push` gets (records pushed at explicit deltas move it on).
@@ -764,6 +766,23 @@ pub struct BatchBuilder {
 impl BatchBuilder {
     /// An empty builder for a batch compressed with `compression`.
     pub fn new(compression: Compression) -> BatchBuilder {
+        BatchBuilder::with_capacity(compression, 0)
+    }
+
+    /// An empty builder that holds `bytes` of batch (header included) before it reallocates.
+    pub fn with_capacity(compression: Compression, bytes: usize) -> BatchBuilder {
+        BatchBuilder::with_buffer(
+            compression,
+            Vec::with_capacity(bytes.max(BATCH_HEADER_BYTES)),
+        )
+    }
+
+    /// An empty builder writing into `buffer` (cleared first): a producer recycles the buffers
+    /// of acknowledged batches, so its batches do not fault in fresh memory.
+    pub fn with_buffer(compression: Compression, buffer: Vec<u8>) -> BatchBuilder {
+        let mut records = buffer;
+        records.clear();
+        records.resize(BATCH_HEADER_BYTES, 0);
         BatchBuilder {
             compression,
             partition_leader_epoch: NO_PARTITION_LEADER_EPOCH,
@@ -771,7 +790,7 @@ impl BatchBuilder {
             producer_epoch: NO_PRODUCER_EPOCH,
             base_sequence: NO_SEQUENCE,
             transactional: false,
-            records: Vec::new(),
+            records,
             n_records: 0,
             next_delta: 0,
             cover_delta: -1,
@@ -807,7 +826,7 @@ impl BatchBuilder {
 
     /// Uncompressed size of the batch if built now (an upper bound for most codecs).
     pub fn uncompressed_bytes(&self) -> usize {
-        BATCH_HEADER_BYTES + self.records.len()
+        self.records.len()
     }
 
     /// Makes the batch cover offsets up to `last_offset_delta` even if its records end earlier:
@@ -898,11 +917,18 @@ impl BatchBuilder {
         let Some(first_timestamp) = self.first_timestamp else {
             return Err(BatchError::Empty);
         };
-        let records = match self.compression {
+        let mut out = match self.compression {
             Compression::None => self.records,
-            codec => codec.compress(&self.records)?,
+            codec => {
+                let body = self.records.get(BATCH_HEADER_BYTES..).unwrap_or_default();
+                let compressed = codec.compress(body)?;
+                let mut out = Vec::with_capacity(BATCH_HEADER_BYTES + compressed.len());
+                out.resize(BATCH_HEADER_BYTES, 0);
+                out.extend_from_slice(&compressed);
+                out
+            }
         };
-        let batch_length = BATCH_LENGTH_MIN as usize + records.len();
+        let batch_length = out.len() - BATCH_LENGTH_OVERHEAD;
         let full = BatchError::BuilderFull {
             max: i32::MAX as u32,
             max_records: i32::MAX,
@@ -927,9 +953,9 @@ impl BatchBuilder {
             base_sequence: self.base_sequence,
             records_count: self.n_records,
         };
-        let mut out = Vec::with_capacity(BATCH_HEADER_BYTES + records.len());
-        out.extend_from_slice(&header.encode());
-        out.extend_from_slice(&records);
+        if let Some(room) = out.first_chunk_mut::<BATCH_HEADER_BYTES>() {
+            *room = header.encode();
+        }
         let crc = compute_crc(&out);
         write_at(&mut out, field::CRC, crc.to_be_bytes());
         Ok(Bytes::from(out))

@@ -1074,6 +1074,29 @@ pub fn encode_request(correlation_id: u32, client_id: &str, request: &Request) -
     out
 }
 
+/// Encodes a request frame payload as chunks: a produce request's records by reference (the
+/// client writes its batches to the socket without copying them into a frame).
+pub fn encode_request_chunks(
+    correlation_id: u32,
+    client_id: &str,
+    request: &Request,
+) -> Vec<Bytes> {
+    let api = request.api_key();
+    let mut out = super::wire::Chunks::default();
+    RequestHeader {
+        api_key: api as u16,
+        api_version: api.versions().1,
+        correlation_id,
+        client_id: client_id.to_string(),
+    }
+    .encode(out.buf());
+    match request {
+        Request::Produce(r) => r.encode_chunks(&mut out),
+        other => other.encode_body(out.buf()),
+    }
+    out.finish()
+}
+
 /// Encodes a successful response frame payload.
 pub fn encode_response<T: Wire>(correlation_id: u32, body: &T) -> Vec<u8> {
     let mut out = Vec::new();
