@@ -15,7 +15,7 @@ use tokio::sync::watch;
 
 use crate::clock::Clock;
 use crate::error::BrokerError;
-use crate::partition::{Partition, ReplicaState, ReplicationConfig};
+use crate::partition::{Partition, ReplicaState, ReplicationConfig, Role};
 use crate::topic::{TopicConfig, TopicDefaults};
 
 /// What every partition of this broker shares.
@@ -295,11 +295,17 @@ impl TopicManager {
         }
         let mut next = BTreeMap::new();
         let mut opened = Vec::new();
+        let mut changes = RoleChanges::default();
         for (name, found) in &image.topics {
             let existing = old.get(name).filter(|t| t.id == found.id);
-            let topic = self.topic_from_image(found, existing, node, &mut opened);
+            let topic = self.topic_from_image(found, existing, node, &mut opened, &mut changes);
             next.insert(name.clone(), Arc::new(topic));
         }
+        for partition in &opened {
+            changes.note(partition, None);
+        }
+        changes.log();
+        log_opened(&opened);
         *self.topics.write().unwrap_or_else(|e| e.into_inner()) = next;
         *self.image.write().unwrap_or_else(|e| e.into_inner()) = Arc::clone(&image);
         self.applied.send_replace(image.offset);
@@ -312,6 +318,7 @@ impl TopicManager {
         existing: Option<&Arc<Topic>>,
         node: u32,
         opened: &mut Vec<Arc<Partition>>,
+        changes: &mut RoleChanges,
     ) -> Topic {
         let config = TopicConfig {
             overrides: found.config.clone(),
@@ -339,7 +346,9 @@ impl TopicManager {
                     isr: state.isr.clone(),
                 };
                 if let Some(Some(partition)) = existing.and_then(|t| t.partitions.get(index as usize)) {
+                    let before = partition.role();
                     partition.set_replica_state(replica);
+                    changes.note(partition, Some(before));
                     return Some(Arc::clone(partition));
                 }
                 let replication = ReplicationConfig {
@@ -400,7 +409,9 @@ impl TopicManager {
             self.delete_partition_dir(topic, index);
         }
         let log =
-            Log::open_with(Arc::clone(&self.host.fs), &dir, config.clone()).map_err(open_error)?;
+            // The broker's data-directory lock covers every partition directory.
+            Log::open_in_locked_dir(Arc::clone(&self.host.fs), &dir, config.clone())
+                .map_err(open_error)?;
         if owner != Some(topic_id)
             && let Err(err) = checkpoint::write(
                 fs,
@@ -445,33 +456,56 @@ impl TopicManager {
     }
 
     /// Closes every log cleanly (the next start scans nothing). Logs still shared with in-flight
-    /// requests are flushed instead and recovered at the next start.
+    /// requests are flushed instead and recovered at the next start. A clean close is a few
+    /// fsyncs per log, so [`CLOSE_THREADS`] threads close logs side by side (one after another,
+    /// 10,000 partitions took 19 s to stop).
     pub fn close_all(&self) {
         let topics = std::mem::take(&mut *self.topics.write().unwrap_or_else(|e| e.into_inner()));
-        let mut n_clean = 0;
-        let mut n_flushed = 0;
-        for (_, topic) in topics {
-            let Ok(topic) = Arc::try_unwrap(topic) else {
-                continue;
-            };
-            for partition in topic.partitions.into_iter().flatten() {
-                match Arc::try_unwrap(partition) {
-                    Ok(partition) => match partition.into_log().close() {
-                        Ok(()) => n_clean += 1,
-                        Err(err) => tracing::error!(error = %err, "closing partition log"),
-                    },
-                    Err(shared) => {
-                        if let Err(err) = shared.log().flush_all() {
-                            tracing::error!(error = %err, "flushing partition log");
-                        }
-                        n_flushed += 1;
-                    }
+        let partitions: Vec<Arc<Partition>> = topics
+            .into_values()
+            .filter_map(|topic| Arc::try_unwrap(topic).ok())
+            .flat_map(|topic| topic.partitions.into_iter().flatten())
+            .collect();
+        let queue = std::sync::Mutex::new(partitions);
+        let n_clean = std::sync::atomic::AtomicUsize::new(0);
+        let n_flushed = std::sync::atomic::AtomicUsize::new(0);
+        let close_one = |partition: Arc<Partition>| match Arc::try_unwrap(partition) {
+            Ok(partition) => match partition.into_log().close() {
+                Ok(()) => {
+                    n_clean.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 }
+                Err(err) => tracing::error!(error = %err, "closing partition log"),
+            },
+            Err(shared) => {
+                if let Err(err) = shared.log().flush_all() {
+                    tracing::error!(error = %err, "flushing partition log");
+                }
+                n_flushed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             }
-        }
-        tracing::info!(n_clean, n_flushed, "logs closed");
+        };
+        std::thread::scope(|scope| {
+            for _ in 0..CLOSE_THREADS {
+                scope.spawn(|| {
+                    loop {
+                        let next = queue.lock().unwrap_or_else(|e| e.into_inner()).pop();
+                        match next {
+                            Some(partition) => close_one(partition),
+                            None => return,
+                        }
+                    }
+                });
+            }
+        });
+        tracing::info!(
+            n_clean = n_clean.into_inner(),
+            n_flushed = n_flushed.into_inner(),
+            "logs closed"
+        );
     }
 }
+
+/// Threads closing logs at shutdown: closing waits on fsyncs, which overlap.
+const CLOSE_THREADS: usize = 16;
 
 fn remove_deleted_dirs(fs: &dyn Fs, data_dir: &Path) {
     let Ok(names) = fs.list_dir(data_dir) else {
@@ -482,5 +516,84 @@ fn remove_deleted_dirs(fs: &dyn Fs, data_dir: &Path) {
         if let Err(err) = fs.remove_dir_all(&dir) {
             tracing::warn!(dir = %dir.display(), error = %err, "could not remove deleted partition");
         }
+    }
+}
+
+/// One INFO line for the partitions an image opened here, with what recovering their logs took
+/// (each log's own line is DEBUG unless recovery scanned or cut bytes). `clean` is whether every
+/// log that held data was closed cleanly.
+fn log_opened(opened: &[Arc<Partition>]) {
+    if opened.is_empty() {
+        return;
+    }
+    let (mut unclean, mut scanned, mut truncated) = (0usize, 0u64, 0u64);
+    for partition in opened {
+        let log = partition.log();
+        let report = log.recovery_report();
+        if !report.clean && report.n_bytes_scanned > 0 {
+            unclean += 1;
+        }
+        scanned += report.n_bytes_scanned;
+        truncated += report.n_bytes_truncated;
+    }
+    tracing::info!(
+        opened = opened.len(),
+        clean = unclean == 0,
+        unclean,
+        n_bytes_scanned = scanned,
+        n_bytes_truncated = truncated,
+        "partitions opened"
+    );
+}
+
+/// The partitions whose role here changed while one image was applied: one INFO line per image
+/// (naming them when there are few), not one per partition (a broker opening 10,000 partitions
+/// logs one line). Each change is also logged at DEBUG by the partition.
+#[derive(Default)]
+struct RoleChanges {
+    leading: usize,
+    following: usize,
+    offline: usize,
+    named: Vec<String>,
+}
+
+/// How many changed partitions the INFO line names.
+const ROLE_CHANGES_NAMED: usize = 8;
+
+impl RoleChanges {
+    /// Counts `partition` if its role differs from `before` (`None`: just opened).
+    fn note(&mut self, partition: &Partition, before: Option<Role>) {
+        let now = partition.role();
+        if before == Some(now) {
+            return;
+        }
+        match now {
+            Role::Leader => self.leading += 1,
+            Role::Follower => self.following += 1,
+            Role::None => self.offline += 1,
+        }
+        if self.named.len() < ROLE_CHANGES_NAMED {
+            self.named.push(format!(
+                "{}-{}:{now:?}",
+                partition.topic(),
+                partition.index()
+            ));
+        }
+    }
+
+    fn log(&self) {
+        let total = self.leading + self.following + self.offline;
+        if total == 0 {
+            return;
+        }
+        let more = total.saturating_sub(self.named.len());
+        tracing::info!(
+            leading = self.leading,
+            following = self.following,
+            offline = self.offline,
+            partitions = %self.named.join(" "),
+            more,
+            "partition roles changed"
+        );
     }
 }

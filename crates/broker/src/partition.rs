@@ -329,7 +329,7 @@ impl Partition {
                         config,
                     ));
                     self.isr_sent_ms.store(0, Ordering::Relaxed);
-                    tracing::info!(topic = %self.topic, partition = self.index, leader_epoch = new.leader_epoch, log_end = self.log.log_end_offset().0, high_watermark = hw, isr = ?new.isr, "leading");
+                    tracing::debug!(topic = %self.topic, partition = self.index, leader_epoch = new.leader_epoch, log_end = self.log.log_end_offset().0, high_watermark = hw, isr = ?new.isr, "leading");
                 }
             }
             Some(leader) => {
@@ -337,7 +337,7 @@ impl Partition {
                 if !same {
                     ended = matches!(*replica, Replica::Leader(_));
                     *replica = Replica::Follower(FollowerState::new(leader, new.leader_epoch, hw));
-                    tracing::info!(topic = %self.topic, partition = self.index, leader, leader_epoch = new.leader_epoch, log_end = self.log.log_end_offset().0, high_watermark = hw, "following");
+                    tracing::debug!(topic = %self.topic, partition = self.index, leader, leader_epoch = new.leader_epoch, log_end = self.log.log_end_offset().0, high_watermark = hw, "following");
                 }
             }
             None => {

@@ -65,7 +65,27 @@ pub struct BrokerArgs {
     config: Option<PathBuf>,
 }
 
+/// Raises this process's open-file limit to its hard limit, as brokers do: every partition
+/// holds its active segment and its directory lock open (two descriptors), so the common soft
+/// limit of 1,024 would stop a broker near 500 partitions. Returns the limit in force.
+fn raise_open_files_limit() -> Option<u64> {
+    use rustix::process::{Resource, getrlimit, setrlimit};
+    let mut limit = getrlimit(Resource::Nofile);
+    // An unlimited hard limit still stops at the kernel's nr_open (1,048,576 by default).
+    let target = limit.maximum.unwrap_or(1 << 20);
+    if limit.current.is_some_and(|current| current < target) {
+        limit.current = Some(target);
+        if let Err(err) = setrlimit(Resource::Nofile, limit) {
+            tracing::warn!(error = %err, "cannot raise the open-file limit");
+        }
+    }
+    getrlimit(Resource::Nofile).current
+}
+
 pub async fn run(args: BrokerArgs) -> anyhow::Result<()> {
+    if let Some(limit) = raise_open_files_limit() {
+        tracing::debug!(limit, "open-file limit");
+    }
     let mut config = match &args.config {
         Some(path) => {
             let text = std::fs::read_to_string(path)

@@ -54,7 +54,8 @@ pub struct LogConfig {
     pub retention_age: Option<Duration>,
     /// When appends become durable.
     pub flush: FlushPolicy,
-    /// The active segment grows by this much at a time, with blocks reserved by `fallocate`.
+    /// The active segment grows by up to this much at a time, with blocks reserved by
+    /// `fallocate` (from 4 KiB, doubling: an idle partition costs a page, not a step).
     pub preallocate_bytes: u32,
     /// How reads are served.
     pub read_mode: ReadMode,

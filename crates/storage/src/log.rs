@@ -133,6 +133,26 @@ impl Log {
 
     /// Opens the log through `fs` (tests pass a fault-injecting one).
     pub fn open_with(fs: Arc<dyn Fs>, dir: &Path, config: LogConfig) -> Result<Log, OpenError> {
+        Log::open_locking(fs, dir, config, true)
+    }
+
+    /// Opens the log through `fs` without locking its directory: for a caller that holds a lock
+    /// covering it (a broker locks its data directory, so its thousands of logs do not each
+    /// hold a lock file open). Two logs on one directory would corrupt it.
+    pub fn open_in_locked_dir(
+        fs: Arc<dyn Fs>,
+        dir: &Path,
+        config: LogConfig,
+    ) -> Result<Log, OpenError> {
+        Log::open_locking(fs, dir, config, false)
+    }
+
+    fn open_locking(
+        fs: Arc<dyn Fs>,
+        dir: &Path,
+        config: LogConfig,
+        lock: bool,
+    ) -> Result<Log, OpenError> {
         config.validate()?;
         let io_err = |op, path: &Path| {
             let path = path.to_path_buf();
@@ -140,7 +160,12 @@ impl Log {
         };
         fs.create_dir_all(dir)
             .map_err(io_err("create directory", dir))?;
-        let dir_lock = match fs.lock_dir(dir) {
+        let locked = if lock {
+            fs.lock_dir(dir)
+        } else {
+            Ok(Box::new(()) as Box<dyn Any + Send + Sync>)
+        };
+        let dir_lock = match locked {
             Ok(guard) => guard,
             Err(err) if err.kind() == io::ErrorKind::WouldBlock => {
                 return Err(OpenError::Locked {
@@ -156,17 +181,28 @@ impl Log {
             }
         };
         let (state, recovery) = crate::recovery::recover(&*fs, dir, &config)?;
-        tracing::info!(
-            dir = %dir.display(),
-            clean = recovery.clean,
-            log_start = state.log_start,
-            log_end = state.log_end,
-            n_segments = state.segments.len(),
-            n_segments_scanned = recovery.n_segments_scanned,
-            n_bytes_scanned = recovery.n_bytes_scanned,
-            n_bytes_truncated = recovery.n_bytes_truncated,
-            "log opened"
-        );
+        // A broker opens thousands of logs: INFO only for those recovery had to scan or cut.
+        macro_rules! opened {
+            ($level:expr) => {
+                tracing::event!(
+                    $level,
+                    dir = %dir.display(),
+                    clean = recovery.clean,
+                    log_start = state.log_start,
+                    log_end = state.log_end,
+                    n_segments = state.segments.len(),
+                    n_segments_scanned = recovery.n_segments_scanned,
+                    n_bytes_scanned = recovery.n_bytes_scanned,
+                    n_bytes_truncated = recovery.n_bytes_truncated,
+                    "log opened"
+                )
+            };
+        }
+        if recovery.n_bytes_scanned > 0 || recovery.n_bytes_truncated > 0 {
+            opened!(tracing::Level::INFO);
+        } else {
+            opened!(tracing::Level::DEBUG);
+        }
         Ok(Log {
             dir: dir.to_path_buf(),
             config,
@@ -1247,7 +1283,7 @@ impl Log {
             let mut state = lock(&self.state);
             return Err(self.poison(&mut state, "write clean-shutdown marker", marker, source));
         }
-        tracing::info!(dir = %self.dir.display(), log_end, "log closed cleanly");
+        tracing::debug!(dir = %self.dir.display(), log_end, "log closed cleanly");
         Ok(())
     }
 }
