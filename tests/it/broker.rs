@@ -352,6 +352,167 @@ fn batches_and_records_share_a_partition_in_order_under_backpressure() {
     });
 }
 
+/// A producer at the broker's batch limit across many partitions: a full batch never exceeds
+/// `batch_bytes` (the broker takes 1 MiB batches), and a request never exceeds
+/// `request_bytes_max` however many partitions have batches ready.
+#[test]
+fn full_batches_over_many_partitions_stay_within_the_limits() {
+    const PARTITIONS: u32 = 200;
+    const RECORDS: u64 = 20_000;
+    let dir = tempfile::tempdir().unwrap();
+    let broker = BrokerProcess::start(&dir.path().join("data"));
+    runtime().block_on(async {
+        let admin = Admin::connect(&broker.addr).await.unwrap();
+        admin.create_topic("wide", PARTITIONS, &[]).await.unwrap();
+        let config = ProducerConfig {
+            acks: Acks::Leader,
+            batch_bytes: 1 << 20,
+            linger: Duration::from_millis(50),
+            retries: 0,
+            ..ProducerConfig::default()
+        };
+        let producer = Producer::connect(&broker.addr, config).await.unwrap();
+        let value = vec![7u8; 1000];
+        let mut deliveries = Vec::new();
+        for i in 0..RECORDS {
+            // Most records to partition 0 (full 1 MiB batches), the others spread over all.
+            let record = ProducerRecord::new("wide", value.clone()).partition(if i % 2 == 0 {
+                0
+            } else {
+                (i % u64::from(PARTITIONS)) as u32
+            });
+            deliveries.push(producer.send(record).await.unwrap());
+        }
+        producer.flush().await.unwrap();
+        for delivery in deliveries {
+            delivery.await.expect("every record is acknowledged");
+        }
+        producer.close().await.unwrap();
+    });
+}
+
+/// Bytes the files under `dir` take on their file system (allocated blocks).
+fn allocated_bytes(dir: &std::path::Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let mut total = 0;
+    for entry in std::fs::read_dir(dir).unwrap().flatten() {
+        let Ok(meta) = entry.metadata() else { continue };
+        total += meta.blocks() * 512;
+        if meta.is_dir() {
+            total += allocated_bytes(&entry.path());
+        }
+    }
+    total
+}
+
+/// 10,000 partitions on one broker, in a data directory on a 512 MiB tmpfs when the test may
+/// mount one (else on disk): created, written with keyed records spread over all of them,
+/// described, restarted cleanly and read back. An empty partition takes a few KiB (16 MiB
+/// preallocations would fill the tmpfs at the 32nd partition), and the broker logs a summary,
+/// not a line per partition. Prints how long each step took.
+#[test]
+fn ten_thousand_partitions_on_one_broker() {
+    const PARTITIONS: u32 = 10_000;
+    const RECORDS: u64 = 30_000;
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let _tmpfs = match crate::chaos::Tmpfs::mount(&data, 512 << 20) {
+        Ok(tmpfs) => Some(tmpfs),
+        Err(err) => {
+            eprintln!("no tmpfs ({err}): the data directory is on disk");
+            None
+        }
+    };
+    let config = format!("storage_min_free_bytes = {}\n", 16 << 20);
+    let broker = BrokerProcess::start_with_config(&data, &config);
+    let rt = runtime();
+    let started = std::time::Instant::now();
+    rt.block_on(async {
+        let admin = Admin::connect(&broker.addr).await.unwrap();
+        admin.create_topic("wide", PARTITIONS, &[]).await.unwrap();
+        // The topic is usable once every partition is open and led.
+        loop {
+            let described = admin.describe_topics(&["wide".into()]).await;
+            if described.is_ok_and(|topics| {
+                topics.first().is_some_and(|t| {
+                    t.partitions.len() == PARTITIONS as usize
+                        && t.partitions.iter().all(|p| p.error_code == 0)
+                })
+            }) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    });
+    eprintln!("10,000 partitions created in {:?}", started.elapsed());
+    let allocated = allocated_bytes(&data);
+    eprintln!("data directory: {} KiB allocated", allocated >> 10);
+    assert!(
+        allocated < 160 << 20,
+        "10,000 empty partitions take {allocated} bytes"
+    );
+    let produced = std::time::Instant::now();
+    rt.block_on(async {
+        let producer = Producer::connect(&broker.addr, ProducerConfig::default())
+            .await
+            .unwrap();
+        let mut deliveries = Vec::with_capacity(RECORDS as usize);
+        for i in 0..RECORDS {
+            let record = ProducerRecord::new("wide", format!("v{i}")).key(i.to_be_bytes().to_vec());
+            deliveries.push(producer.send(record).await.unwrap());
+        }
+        for delivery in deliveries {
+            delivery.await.unwrap();
+        }
+        producer.close().await.unwrap();
+        let described = std::time::Instant::now();
+        let admin = Admin::connect(&broker.addr).await.unwrap();
+        let topics = admin.describe_topics(&["wide".into()]).await.unwrap();
+        assert_eq!(topics[0].partitions.len(), PARTITIONS as usize);
+        eprintln!("described 10,000 partitions in {:?}", described.elapsed());
+    });
+    eprintln!(
+        "{RECORDS} keyed records produced in {:?}",
+        produced.elapsed()
+    );
+    let stopped = std::time::Instant::now();
+    assert!(broker.terminate().success());
+    eprintln!("clean shutdown in {:?}", stopped.elapsed());
+    let restarted = std::time::Instant::now();
+    let broker = BrokerProcess::start_with_config(&data, &config);
+    eprintln!("restart (to listening) in {:?}", restarted.elapsed());
+    rt.block_on(async {
+        let mut consumer = Consumer::connect(&broker.addr, ConsumerConfig::default())
+            .await
+            .unwrap();
+        consumer
+            .assign("wide", None, Position::Earliest)
+            .await
+            .unwrap();
+        let mut seen = std::collections::HashSet::new();
+        while (seen.len() as u64) < RECORDS {
+            for record in consumer.poll().await.unwrap() {
+                let key = u64::from_be_bytes(record.key.unwrap()[..].try_into().unwrap());
+                assert_eq!(
+                    record.partition,
+                    partition_for_key(&key.to_be_bytes(), PARTITIONS)
+                );
+                seen.insert(key);
+            }
+        }
+    });
+    eprintln!("read back after the restart in {:?}", restarted.elapsed());
+    let log = std::fs::read_to_string(&broker.log).unwrap();
+    assert!(
+        log.contains("partitions opened opened=10000 clean=true"),
+        "a clean restart opens every partition clean:\n{log}"
+    );
+    assert!(
+        log.lines().count() < 60,
+        "a summary, not a line per partition:\n{log}"
+    );
+}
+
 #[test]
 fn acks_all_records_survive_kill_9() {
     let dir = tempfile::tempdir().unwrap();

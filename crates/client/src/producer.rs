@@ -589,16 +589,20 @@ fn push_record(
     builder.push(timestamp, key, value, &headers);
 }
 
-/// A record's encoded size in a batch, about (its fields and their length prefixes).
+/// A record's encoded size in a batch, at most: its fields and the longest varints of its
+/// length prefixes and deltas, so a batch sealed by this count never exceeds `batch_bytes`
+/// (the broker refuses batches over its `max.message.bytes`).
 fn record_bytes(
     key: Option<&[u8]>,
     value: Option<&[u8]>,
     headers: &[(String, Option<Bytes>)],
 ) -> usize {
-    const OVERHEAD: usize = 21; // length, attributes, deltas, key/value lengths, header count
+    // Length (varint), attributes, timestamp delta (varlong), offset delta, key and value
+    // lengths, header count.
+    const OVERHEAD: usize = 5 + 1 + 10 + 5 + 5 + 5 + 5;
     let headers: usize = headers
         .iter()
-        .map(|(k, v)| k.len() + v.as_ref().map_or(0, Bytes::len) + 10)
+        .map(|(k, v)| 5 + k.len() + 5 + v.as_ref().map_or(0, Bytes::len))
         .sum();
     OVERHEAD + key.map_or(0, <[u8]>::len) + value.map_or(0, <[u8]>::len) + headers
 }
@@ -1220,54 +1224,74 @@ impl Sender {
     }
 
     /// Sends ready batches while requests may be added. A request goes to one broker and
-    /// carries, per partition it leads, a run of consecutive ready batches (up to
-    /// `request_bytes_max`), so batches that became ready while earlier requests waited (for
-    /// example for an fsync) share the next append and sync. A batch whose leader is not known,
-    /// or whose leader's connection is not open yet, waits while that is found out.
+    /// carries, per partition it leads, a run of consecutive ready batches, at most
+    /// `request_bytes_max` in all (Kafka's `max.request.size`), so batches that became ready
+    /// while earlier requests waited (for example for an fsync) share the next append and sync.
+    /// A batch whose leader is not known, or whose leader's connection is not open yet, waits
+    /// while that is found out. Linear in the ready batches looked at.
     fn dispatch(&mut self) {
         if !self.numbering_ready() {
             return;
         }
         let one_batch_per_partition = self.idempotence.is_some();
+        let request_max = self.shared.config.request_bytes_max;
         let now = Instant::now();
         while self.in_flight.len() < self.shared.config.max_in_flight {
-            // Runs by leader.
+            // Runs by partition, in the order their first batch was taken.
             let mut runs: Vec<(u32, Vec<Ready>)> = Vec::new();
+            let mut run_of: HashMap<(Arc<str>, u32), usize> = HashMap::new();
+            // Partitions with a batch left behind: their later batches wait too (order).
+            let mut blocked: std::collections::HashSet<(Arc<str>, u32)> =
+                std::collections::HashSet::new();
             let mut rest: VecDeque<Ready> = VecDeque::new();
             let mut target: Option<u32> = None;
+            let mut request_bytes = 0usize;
             while let Some(ready) = self.ready.pop_front() {
-                let same = |r: &Ready| r.topic == ready.topic && r.partition == ready.partition;
-                // A partition's batches go in order: nothing may jump an earlier one left behind.
-                let blocked = rest.iter().any(same) || ready.not_before > now;
-                let leader = if blocked {
+                if request_bytes >= request_max {
+                    // Full: the rest waits for the next request, in its order.
+                    self.ready.push_front(ready);
+                    break;
+                }
+                let key = (Arc::clone(&ready.topic), ready.partition);
+                let leader = if blocked.contains(&key) || ready.not_before > now {
                     None
                 } else {
                     self.leader_of(&ready.topic, ready.partition)
                 };
-                // One request goes to one broker: the first ready batch's leader.
-                let node = match leader {
-                    Some(node) if target.is_none_or(|t| t == node) => node,
-                    _ => {
-                        rest.push_back(ready);
-                        continue;
+                // One request goes to one broker: the first ready batch's leader. A batch joins
+                // its partition's run if idempotence allows (one batch per partition) and the
+                // request has room (a first batch always goes, even if larger).
+                let len = ready.bytes.len();
+                let fits = request_bytes == 0 || request_bytes + len <= request_max;
+                let joins = match (leader, run_of.get(&key)) {
+                    (Some(node), _) if target.is_some_and(|t| t != node) => None,
+                    (Some(_), Some(_)) if one_batch_per_partition || !fits => None,
+                    (Some(_), None) if !fits => None,
+                    (Some(node), found) => Some((node, found.copied())),
+                    (None, _) => None,
+                };
+                match joins {
+                    Some((node, found)) => {
+                        target = Some(node);
+                        request_bytes += len;
+                        match found.and_then(|i| runs.get_mut(i)) {
+                            Some((_, run)) => run.push(ready),
+                            None => {
+                                run_of.insert(key, runs.len());
+                                runs.push((node, vec![ready]));
+                            }
+                        }
                     }
-                };
-                target = Some(node);
-                let run = runs
-                    .iter_mut()
-                    .find(|(_, run)| run.first().is_some_and(same));
-                let fits = |run: &Vec<Ready>| {
-                    !one_batch_per_partition
-                        && run.iter().map(|r| r.bytes.len()).sum::<usize>() + ready.bytes.len()
-                            <= self.shared.config.request_bytes_max
-                };
-                match run {
-                    Some((_, run)) if fits(run) => run.push(ready),
-                    Some(_) => rest.push_back(ready),
-                    None => runs.push((node, vec![ready])),
+                    None => {
+                        blocked.insert(key);
+                        rest.push_back(ready);
+                    }
                 }
             }
-            self.ready = rest;
+            // What was left behind goes back ahead of what was not looked at.
+            while let Some(ready) = rest.pop_back() {
+                self.ready.push_front(ready);
+            }
             let Some(node) = target else {
                 return;
             };
