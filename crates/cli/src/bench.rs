@@ -56,6 +56,10 @@ pub struct BenchArgs {
     /// Producer batch size.
     #[arg(long, default_value_t = 65_536)]
     batch_bytes: usize,
+    /// Give each record a key (its index, 8 bytes), so the partitioner spreads records over
+    /// every partition (murmur2), instead of filling one partition's batch at a time (sticky).
+    #[arg(long)]
+    keyed: bool,
     /// Records per `send_batch` call (the batch API, one future per batch, partitions in turn);
     /// 0 sends each record with `send` (one future per record).
     #[arg(long, default_value_t = 0)]
@@ -493,7 +497,8 @@ async fn produce(
                 args.record_bytes as f64 * f64::from(args.producers) / (mb * 1e6),
             )
         });
-        let (batch_records, partitions) = (args.batch_records as u64, args.partitions);
+        let (batch_records, partitions, keyed) =
+            (args.batch_records as u64, args.partitions, args.keyed);
         tasks.push(tokio::spawn(async move {
             // Chunks of sends, each with the time of its first send (a chunk of 256 fills in
             // well under a millisecond; paced runs send chunks of one).
@@ -546,9 +551,11 @@ async fn produce(
                     chunk_sent = Instant::now();
                 }
                 let (records, pending) = if batch_records == 0 {
+                    let key = keyed.then(|| Bytes::copy_from_slice(&(k << 48 | i).to_be_bytes()));
                     let delivery = producer
                         .send(ProducerRecord {
                             topic: Arc::clone(&topic),
+                            key,
                             value: Some(value.clone()),
                             ..Default::default()
                         })

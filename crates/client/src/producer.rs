@@ -35,7 +35,6 @@ use rand::Rng;
 use tokio::sync::{Notify, oneshot};
 
 use crate::cluster::Cluster;
-use crate::cluster::Route;
 use crate::connection::Connection;
 use crate::error::ClientError;
 use crate::partitioner::{Partitioner, PartitionerState, partition_for_key};
@@ -461,12 +460,18 @@ struct Shared {
     buffers: Mutex<Vec<Vec<u8>>>,
 }
 
+/// The first size of a batch buffer that is not recycled.
+const BUFFER_BYTES_FIRST: usize = 16 * 1024;
+
 /// Most recycled batch buffers a producer keeps.
 const BUFFERS_KEPT: usize = 8;
 
 impl Shared {
-    /// A batch buffer of at least `capacity` bytes: a recycled one if there is one.
-    fn buffer(&self, capacity: usize) -> Vec<u8> {
+    /// A buffer for a new batch whose first record takes `first` bytes: a recycled full-size
+    /// one if there is one (no reallocation as it fills), else a small one that grows (records
+    /// spread over thousands of partitions make batches of a record or two: a full-size buffer
+    /// each would fault in `batch_bytes` of fresh memory per record).
+    fn buffer(&self, first: usize) -> Vec<u8> {
         let recycled = self
             .buffers
             .lock()
@@ -475,10 +480,10 @@ impl Shared {
         match recycled {
             Some(mut buffer) => {
                 buffer.clear();
-                buffer.reserve(capacity);
+                buffer.reserve(first);
                 buffer
             }
-            None => Vec::with_capacity(capacity),
+            None => Vec::with_capacity(first.max(BUFFER_BYTES_FIRST.min(self.config.batch_bytes))),
         }
     }
 
@@ -964,13 +969,9 @@ struct Batch {
 }
 
 impl Batch {
-    /// An empty batch with room for `batch_bytes` (or one record of `first_record` bytes) without
-    /// reallocation.
+    /// An empty batch with room for at least its first record (see [`Shared::buffer`]).
     fn new(topic: Arc<str>, partition: u32, shared: &Shared, first_record: usize) -> Batch {
-        let capacity = shared
-            .config
-            .batch_bytes
-            .max(first_record + BATCH_HEADER_BYTES);
+        let capacity = first_record + BATCH_HEADER_BYTES;
         Batch {
             resolver: Resolver::new(Arc::clone(&topic), partition, &shared.room),
             topic,
@@ -1052,6 +1053,25 @@ impl Idempotence {
         seqs.next += n;
         Some(Stamp { id, seq })
     }
+}
+
+/// A leader's connection, as `dispatch` found it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Usable {
+    Open,
+    /// Not open yet: being opened.
+    Closed,
+    /// It failed lately: the metadata is asked again.
+    Avoided,
+}
+
+/// A partition's place in the request `dispatch` is building.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Slot {
+    /// Its batches are in this run.
+    Run(usize),
+    /// A batch of it was left behind: the later ones wait too.
+    Blocked,
 }
 
 /// The wire form of a sequence (Kafka's wraps at 2^31).
@@ -1237,12 +1257,12 @@ impl Sender {
         let request_max = self.shared.config.request_bytes_max;
         let now = Instant::now();
         while self.in_flight.len() < self.shared.config.max_in_flight {
-            // Runs by partition, in the order their first batch was taken.
+            // Runs by partition, in the order their first batch was taken; per partition its
+            // run, or that a batch of it was left behind (its later batches wait too: order).
             let mut runs: Vec<(u32, Vec<Ready>)> = Vec::new();
-            let mut run_of: HashMap<(Arc<str>, u32), usize> = HashMap::new();
-            // Partitions with a batch left behind: their later batches wait too (order).
-            let mut blocked: std::collections::HashSet<(Arc<str>, u32)> =
-                std::collections::HashSet::new();
+            let mut slots: HashMap<(Arc<str>, u32), Slot> = HashMap::new();
+            // Each leader's connection, looked at once per pass.
+            let mut usable: Vec<(u32, Usable)> = Vec::new();
             let mut rest: VecDeque<Ready> = VecDeque::new();
             let mut target: Option<u32> = None;
             let mut request_bytes = 0usize;
@@ -1252,38 +1272,44 @@ impl Sender {
                     self.ready.push_front(ready);
                     break;
                 }
-                let key = (Arc::clone(&ready.topic), ready.partition);
-                let leader = if blocked.contains(&key) || ready.not_before > now {
+                let slot = slots.entry((Arc::clone(&ready.topic), ready.partition));
+                let found = match &slot {
+                    std::collections::hash_map::Entry::Occupied(o) => Some(*o.get()),
+                    std::collections::hash_map::Entry::Vacant(_) => None,
+                };
+                let leader = if found == Some(Slot::Blocked) || ready.not_before > now {
                     None
                 } else {
-                    self.leader_of(&ready.topic, ready.partition)
+                    self.leader_of(&ready.topic, ready.partition, &mut usable)
                 };
                 // One request goes to one broker: the first ready batch's leader. A batch joins
                 // its partition's run if idempotence allows (one batch per partition) and the
                 // request has room (a first batch always goes, even if larger).
                 let len = ready.bytes.len();
                 let fits = request_bytes == 0 || request_bytes + len <= request_max;
-                let joins = match (leader, run_of.get(&key)) {
+                let joins = match (leader, found) {
                     (Some(node), _) if target.is_some_and(|t| t != node) => None,
                     (Some(_), Some(_)) if one_batch_per_partition || !fits => None,
                     (Some(_), None) if !fits => None,
-                    (Some(node), found) => Some((node, found.copied())),
+                    (Some(node), found) => Some((node, found)),
                     (None, _) => None,
                 };
                 match joins {
-                    Some((node, found)) => {
+                    Some((node, Some(Slot::Run(i)))) => {
                         target = Some(node);
                         request_bytes += len;
-                        match found.and_then(|i| runs.get_mut(i)) {
-                            Some((_, run)) => run.push(ready),
-                            None => {
-                                run_of.insert(key, runs.len());
-                                runs.push((node, vec![ready]));
-                            }
+                        if let Some((_, run)) = runs.get_mut(i) {
+                            run.push(ready);
                         }
                     }
+                    Some((node, _)) => {
+                        target = Some(node);
+                        request_bytes += len;
+                        slot.insert_entry(Slot::Run(runs.len()));
+                        runs.push((node, vec![ready]));
+                    }
                     None => {
-                        blocked.insert(key);
+                        slot.insert_entry(Slot::Blocked);
                         rest.push_back(ready);
                     }
                 }
@@ -1437,14 +1463,34 @@ impl Sender {
 
     /// The leader of a partition if it is known and its connection open; otherwise starts
     /// finding out (a metadata refresh, or opening the connection) and answers `None`.
-    fn leader_of(&mut self, topic: &str, partition: u32) -> Option<u32> {
-        match self.cluster.route(topic, partition) {
-            Some(Route {
-                leader: Some(node), ..
-            }) if !self.cluster.avoid(node) => {
-                if self.cluster.cached(node).is_some() {
-                    return Some(node);
-                }
+    /// `usable` remembers, within one dispatch pass, what each leader's connection was.
+    fn leader_of(
+        &mut self,
+        topic: &str,
+        partition: u32,
+        usable: &mut Vec<(u32, Usable)>,
+    ) -> Option<u32> {
+        let leader = self
+            .cluster
+            .route(topic, partition)
+            .and_then(|route| route.leader);
+        let state = leader.map(|node| match usable.iter().find(|(n, _)| *n == node) {
+            Some((_, state)) => *state,
+            None => {
+                let state = if self.cluster.avoid(node) {
+                    Usable::Avoided
+                } else if self.cluster.cached(node).is_some() {
+                    Usable::Open
+                } else {
+                    Usable::Closed
+                };
+                usable.push((node, state));
+                state
+            }
+        });
+        match (leader, state) {
+            (Some(node), Some(Usable::Open)) => Some(node),
+            (Some(node), Some(Usable::Closed)) => {
                 let key = RoutingKey::Connect(node);
                 if self.routing_for.insert(key.clone()) {
                     let cluster = self.cluster.clone();
