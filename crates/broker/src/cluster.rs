@@ -127,7 +127,7 @@ impl Cluster {
                     .host()
                     .disk
                     .as_ref()
-                    .is_some_and(|disk| disk.below_margin())
+                    .is_some_and(|disk| disk.wants_fence())
                     || manager
                         .topics()
                         .iter()

@@ -22,6 +22,10 @@ use cairn_storage::Fs;
 
 use crate::error::BrokerError;
 
+/// Free bytes that end an out-of-space episode without a successful append: a segment's full
+/// preallocation step.
+pub const OUT_OF_SPACE_RESUME_BYTES: u64 = 16 << 20;
+
 /// How often the file system is asked, at most, while there is room.
 pub const RECHECK_MS: u64 = 100;
 
@@ -38,6 +42,9 @@ pub struct DiskGuard {
     free: AtomicU64,
     /// Whether appends are being refused (logged once per episode).
     low: AtomicBool,
+    /// An append found the file system full (ENOSPC reserving its room) and none has succeeded
+    /// since: the broker asks to be fenced even with the margin off.
+    out_of_space: AtomicBool,
 }
 
 impl DiskGuard {
@@ -51,6 +58,7 @@ impl DiskGuard {
             checked_at_ms: AtomicU64::new(u64::MAX),
             free: AtomicU64::new(0),
             low: AtomicBool::new(false),
+            out_of_space: AtomicBool::new(false),
         }
     }
 
@@ -100,6 +108,39 @@ impl DiskGuard {
     /// leaderships move to replicas that can write.
     pub fn below_margin(&self) -> bool {
         self.admit(0).is_err()
+    }
+
+    /// Whether the broker should ask the controller to fence it: below the margin, or an append
+    /// found the file system full and none has succeeded since. Its leaderships then move to
+    /// replicas that can write; as a follower it keeps copying, and the first append that
+    /// succeeds (space was freed) ends it.
+    pub fn wants_fence(&self) -> bool {
+        if self.out_of_space.load(Ordering::Relaxed) {
+            // A partition with nothing to copy appends nothing: room for a full preallocation
+            // step ends it too.
+            let now = self.origin.elapsed().as_millis() as u64;
+            if self.refresh(now) < OUT_OF_SPACE_RESUME_BYTES {
+                return true;
+            }
+            self.note_written();
+        }
+        self.below_margin()
+    }
+
+    /// An append failed for want of space.
+    pub fn note_no_space(&self) {
+        if !self.out_of_space.swap(true, Ordering::Relaxed) {
+            tracing::warn!(dir = %self.dir.display(), "the file system is full: an append found no space; asking to be fenced until an append succeeds");
+        }
+    }
+
+    /// An append succeeded.
+    pub fn note_written(&self) {
+        if self.out_of_space.load(Ordering::Relaxed)
+            && self.out_of_space.swap(false, Ordering::Relaxed)
+        {
+            tracing::info!(dir = %self.dir.display(), "appends succeed again");
+        }
     }
 
     /// Bytes available at the last check (less what was admitted since).

@@ -56,6 +56,19 @@ impl Host {
         }
     }
 
+    /// Tells the disk guard how an append went: one that found no space (the file system full
+    /// although the margin admitted it, or the margin is off) makes the broker ask to be fenced
+    /// until an append succeeds again.
+    pub(crate) fn note_append<T>(&self, result: &Result<T, cairn_storage::AppendError>) {
+        if let Some(disk) = &self.disk {
+            match result {
+                Err(cairn_storage::AppendError::NoSpace { .. }) => disk.note_no_space(),
+                Ok(_) => disk.note_written(),
+                Err(_) => {}
+            }
+        }
+    }
+
     /// Whether this broker may lead now.
     pub fn may_lead(&self) -> bool {
         self.lease.valid()

@@ -543,6 +543,7 @@ impl Partition {
             } else {
                 log.append_nonblocking(buf, epoch)
             };
+            self.host.note_append(&result);
             result.map_err(|err| append_error(err, n_bytes))
         };
         let written = |info: AppendInfo| Appended {
@@ -645,10 +646,9 @@ impl Partition {
         let n_bytes = batches.len() as u64;
         self.host.admit_append(n_bytes)?;
         let mut producers = lock(&self.producers);
-        let info = self
-            .log
-            .append_replicated(batches)
-            .map_err(|err| append_error(err, n_bytes))?;
+        let result = self.log.append_replicated(batches);
+        self.host.note_append(&result);
+        let info = result.map_err(|err| append_error(err, n_bytes))?;
         if !self.host.breaks(NegativeControl::FollowersForgetProducers) {
             producers.rebuild(batches, self.host.clock.unix_ms());
         }
