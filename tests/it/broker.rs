@@ -504,7 +504,8 @@ fn ten_thousand_partitions_on_one_broker() {
     eprintln!("read back after the restart in {:?}", restarted.elapsed());
     let log = std::fs::read_to_string(&broker.log).unwrap();
     assert!(
-        log.contains("partitions opened opened=10000 clean=true"),
+        log.contains("partitions opened opened=10000 topics=1")
+            && log.contains("clean=true unclean=0"),
         "a clean restart opens every partition clean:\n{log}"
     );
     assert!(

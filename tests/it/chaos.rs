@@ -199,7 +199,17 @@ fn produce(
             };
             let mut i = 0u64;
             while !stop.load(Ordering::Relaxed) {
-                let permit = Arc::clone(&outstanding).acquire_owned().await.unwrap();
+                // A cluster that stopped acknowledging (a broken one's livelock) holds every
+                // permit: the wait for one ends with the run.
+                let permit = loop {
+                    let acquire = Arc::clone(&outstanding).acquire_owned();
+                    match tokio::time::timeout(Duration::from_millis(100), acquire).await {
+                        Ok(permit) => break Some(permit.unwrap()),
+                        Err(_) if stop.load(Ordering::Relaxed) => break None,
+                        Err(_) => {}
+                    }
+                };
+                let Some(permit) = permit else { break };
                 let value = format!("{process}-{i}");
                 let partition = (i % u64::from(PARTITIONS)) as u32;
                 history.log(json!({"type": "invoke", "f": "send", "process": process,

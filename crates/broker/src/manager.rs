@@ -280,6 +280,7 @@ impl TopicManager {
     /// that cannot be opened is left out (logged) and tried again at the next image.
     pub fn apply(&self, image: Arc<MetadataImage>) -> Vec<Arc<Partition>> {
         let _one = self.applying.lock().unwrap_or_else(|e| e.into_inner());
+        let started = std::time::Instant::now();
         let node = self.host.node_id;
         let old = self
             .topics
@@ -318,7 +319,7 @@ impl TopicManager {
             changes.note(partition, None);
         }
         changes.log();
-        log_opened(&opened);
+        log_opened(&opened, started.elapsed());
         *self.topics.write().unwrap_or_else(|e| e.into_inner()) = next;
         *self.image.write().unwrap_or_else(|e| e.into_inner()) = Arc::clone(&image);
         self.applied.send_replace(image.offset);
@@ -342,7 +343,12 @@ impl TopicManager {
         });
         let name: Arc<str> =
             existing.map_or_else(|| Arc::from(found.name.as_str()), |t| Arc::clone(&t.name));
-        let partitions = found
+        let replication = ReplicationConfig {
+            durability: config.durability(),
+            replica_lag_max_ms: self.host.replica_lag_max_ms,
+        };
+        let mut to_open = Vec::new();
+        let mut partitions: Vec<Option<Arc<Partition>>> = found
             .partitions
             .iter()
             .enumerate()
@@ -358,29 +364,45 @@ impl TopicManager {
                     replicas: state.replicas.clone(),
                     isr: state.isr.clone(),
                 };
-                if let Some(Some(partition)) = existing.and_then(|t| t.partitions.get(index as usize)) {
+                if let Some(Some(partition)) =
+                    existing.and_then(|t| t.partitions.get(index as usize))
+                {
                     let before = partition.role();
                     partition.set_replica_state(replica);
                     changes.note(partition, Some(before));
                     return Some(Arc::clone(partition));
                 }
-                let replication = ReplicationConfig {
-                    durability: config.durability(),
-                    replica_lag_max_ms: self.host.replica_lag_max_ms,
-                };
-                match self.open_partition(&name, found.id, index, &log_config, replica, replication) {
-                    Ok(partition) => {
-                        let partition = Arc::new(partition);
-                        opened.push(Arc::clone(&partition));
-                        Some(partition)
-                    }
-                    Err(err) => {
-                        tracing::error!(topic = %found.name, partition = index, error = %crate::error::error_chain(&err), "cannot open partition");
-                        None
-                    }
-                }
+                to_open.push((index, replica));
+                None
             })
             .collect();
+        // Opening a log is a few file-system calls and fsyncs: thousands of partitions (a
+        // start, a large topic) open side by side.
+        let results = std::sync::Mutex::new(Vec::with_capacity(to_open.len()));
+        in_parallel(to_open, OPEN_THREADS, |(index, replica)| {
+            let result =
+                self.open_partition(&name, found.id, index, &log_config, replica, replication);
+            results
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push((index, result));
+        });
+        let mut results = results.into_inner().unwrap_or_else(|e| e.into_inner());
+        results.sort_unstable_by_key(|(index, _)| *index);
+        for (index, result) in results {
+            match result {
+                Ok(partition) => {
+                    let partition = Arc::new(partition);
+                    opened.push(Arc::clone(&partition));
+                    if let Some(slot) = partitions.get_mut(index as usize) {
+                        *slot = Some(partition);
+                    }
+                }
+                Err(err) => {
+                    tracing::error!(topic = %found.name, partition = index, error = %crate::error::error_chain(&err), "cannot open partition");
+                }
+            }
+        }
         Topic {
             name,
             id: found.id,
@@ -474,41 +496,34 @@ impl TopicManager {
     /// 10,000 partitions took 19 s to stop).
     pub fn close_all(&self) {
         let topics = std::mem::take(&mut *self.topics.write().unwrap_or_else(|e| e.into_inner()));
+        // A topic still shared with a request: its partitions are flushed, not skipped.
         let partitions: Vec<Arc<Partition>> = topics
             .into_values()
-            .filter_map(|topic| Arc::try_unwrap(topic).ok())
-            .flat_map(|topic| topic.partitions.into_iter().flatten())
+            .flat_map(|topic| match Arc::try_unwrap(topic) {
+                Ok(topic) => topic.partitions.into_iter().flatten().collect::<Vec<_>>(),
+                Err(shared) => shared.partitions.iter().flatten().cloned().collect(),
+            })
             .collect();
-        let queue = std::sync::Mutex::new(partitions);
         let n_clean = std::sync::atomic::AtomicUsize::new(0);
         let n_flushed = std::sync::atomic::AtomicUsize::new(0);
-        let close_one = |partition: Arc<Partition>| match Arc::try_unwrap(partition) {
-            Ok(partition) => match partition.into_log().close() {
-                Ok(()) => {
-                    n_clean.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                }
-                Err(err) => tracing::error!(error = %err, "closing partition log"),
-            },
-            Err(shared) => {
-                if let Err(err) = shared.log().flush_all() {
-                    tracing::error!(error = %err, "flushing partition log");
-                }
-                n_flushed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            }
-        };
-        std::thread::scope(|scope| {
-            for _ in 0..CLOSE_THREADS {
-                scope.spawn(|| {
-                    loop {
-                        let next = queue.lock().unwrap_or_else(|e| e.into_inner()).pop();
-                        match next {
-                            Some(partition) => close_one(partition),
-                            None => return,
-                        }
+        in_parallel(
+            partitions,
+            CLOSE_THREADS,
+            |partition| match Arc::try_unwrap(partition) {
+                Ok(partition) => match partition.into_log().close() {
+                    Ok(()) => {
+                        n_clean.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     }
-                });
-            }
-        });
+                    Err(err) => tracing::error!(error = %err, "closing partition log"),
+                },
+                Err(shared) => {
+                    if let Err(err) = shared.log().flush_all() {
+                        tracing::error!(error = %err, "flushing partition log");
+                    }
+                    n_flushed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+            },
+        );
         tracing::info!(
             n_clean = n_clean.into_inner(),
             n_flushed = n_flushed.into_inner(),
@@ -519,6 +534,33 @@ impl TopicManager {
 
 /// Threads closing logs at shutdown: closing waits on fsyncs, which overlap.
 const CLOSE_THREADS: usize = 16;
+
+/// Threads opening logs: opening waits on the file system (and fsyncs for new ones).
+const OPEN_THREADS: usize = 8;
+
+/// Runs `work` on each item, on up to `threads` scoped threads taking items in turn (inline
+/// for a single item).
+fn in_parallel<T: Send>(items: Vec<T>, threads: usize, work: impl Fn(T) + Sync) {
+    if items.len() <= 1 {
+        items.into_iter().for_each(work);
+        return;
+    }
+    let threads = threads.min(items.len());
+    let queue = std::sync::Mutex::new(items);
+    std::thread::scope(|scope| {
+        for _ in 0..threads {
+            scope.spawn(|| {
+                loop {
+                    let next = queue.lock().unwrap_or_else(|e| e.into_inner()).pop();
+                    match next {
+                        Some(item) => work(item),
+                        None => return,
+                    }
+                }
+            });
+        }
+    });
+}
 
 fn remove_deleted_dirs(fs: &dyn Fs, data_dir: &Path) {
     let Ok(names) = fs.list_dir(data_dir) else {
@@ -532,16 +574,20 @@ fn remove_deleted_dirs(fs: &dyn Fs, data_dir: &Path) {
     }
 }
 
-/// One INFO line for the partitions an image opened here, with what recovering their logs took
+/// One INFO line for the partitions an image opened here (at start, all of them): how many, of
+/// how many topics, their bytes, how long opening them took, and what recovering their logs took
 /// (each log's own line is DEBUG unless recovery scanned or cut bytes). `clean` is whether every
 /// log that held data was closed cleanly.
-fn log_opened(opened: &[Arc<Partition>]) {
+fn log_opened(opened: &[Arc<Partition>], took: std::time::Duration) {
     if opened.is_empty() {
         return;
     }
-    let (mut unclean, mut scanned, mut truncated) = (0usize, 0u64, 0u64);
+    let (mut unclean, mut scanned, mut truncated, mut bytes) = (0usize, 0u64, 0u64, 0u64);
+    let mut topics = std::collections::HashSet::new();
     for partition in opened {
+        topics.insert(partition.topic());
         let log = partition.log();
+        bytes += log.size_bytes();
         let report = log.recovery_report();
         if !report.clean && report.n_bytes_scanned > 0 {
             unclean += 1;
@@ -551,6 +597,9 @@ fn log_opened(opened: &[Arc<Partition>]) {
     }
     tracing::info!(
         opened = opened.len(),
+        topics = topics.len(),
+        bytes,
+        elapsed_ms = took.as_millis() as u64,
         clean = unclean == 0,
         unclean,
         n_bytes_scanned = scanned,

@@ -1556,22 +1556,27 @@ impl Sender {
                 return;
             }
         };
+        // Each partition's answer, looked up by hash: a request may carry thousands.
+        let answers: HashMap<(&str, u32), &ProducePartitionResponse> = response
+            .iter()
+            .flat_map(|r| r.topics.iter())
+            .flat_map(|t| {
+                t.partitions
+                    .iter()
+                    .map(|p| ((t.name.as_str(), p.partition), p))
+            })
+            .collect();
         for run in sent {
             let Some(first) = run.first() else { continue };
             let (topic, partition) = (first.topic.clone(), first.partition);
-            let Some(response) = &response else {
+            if response.is_none() {
                 // acks=0: sent is all we know.
                 for ready in run {
                     ready.resolver.resolve(Ok(None));
                 }
                 continue;
-            };
-            let found = response
-                .topics
-                .iter()
-                .filter(|t| *t.name == *topic)
-                .flat_map(|t| t.partitions.iter())
-                .find(|p| p.partition == partition);
+            }
+            let found = answers.get(&(&*topic, partition)).copied();
             match found {
                 Some(p) if p.error_code == 0 => {
                     // The run's batches were appended back to back: offsets follow one another.
