@@ -329,9 +329,10 @@ impl Handler {
         label: &'static str,
         join: Join,
     ) -> impl std::future::Future<Output = JoinResult> + Send + 'static {
-        let answer = self
-            .check_coordinator(&join.group_id)
-            .map(|()| self.groups.join(join));
+        let answer = self.check_coordinator(&join.group_id).map(|()| {
+            let committed = self.offsets.has_group(&join.group_id);
+            self.groups.join_group(join, committed)
+        });
         let this = Arc::clone(self);
         async move {
             let result = match answer {

@@ -559,7 +559,18 @@ impl Coordinator {
 
     /// A JoinGroup: an immediate answer (an error, or MEMBER_ID_REQUIRED with a new id), or a
     /// channel answered when the rebalance completes.
+    #[cfg(test)]
     pub fn join(&self, request: Join) -> Answer<JoinResult> {
+        self.join_group(request, false)
+    }
+
+    /// A JoinGroup for a group that has committed offsets here (`committed`). If this
+    /// coordinator holds no members for it, the group is not forming for the first time: its
+    /// coordinator moved here (group membership is not persisted) or every member restarted, and
+    /// it rebalances without the initial delay (Kafka loads such a group from its log and does
+    /// not rebalance at all; waiting 3 s after each coordinator move kept a group from ever
+    /// settling while its coordinator was killed every few seconds).
+    pub fn join_group(&self, request: Join, committed: bool) -> Answer<JoinResult> {
         let Join {
             group_id,
             member_id,
@@ -711,7 +722,12 @@ impl Coordinator {
             let _ = old.send(fail_join(ErrorCode::REBALANCE_IN_PROGRESS, String::new()));
         }
         group.protocol_type = Some(protocol_type.to_string());
-        group.prepare(now, self.initial_delay);
+        let initial_delay = if committed {
+            Duration::ZERO
+        } else {
+            self.initial_delay
+        };
+        group.prepare(now, initial_delay);
         group.maybe_complete_join(now);
         Answer::Later(rx)
     }
