@@ -557,14 +557,15 @@ impl Coordinator {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// A JoinGroup: an immediate answer (an error, or MEMBER_ID_REQUIRED with a new id), or a
-    /// channel answered when the rebalance completes.
+    /// A JoinGroup for a group without committed offsets (tests).
     #[cfg(test)]
     pub fn join(&self, request: Join) -> Answer<JoinResult> {
         self.join_group(request, false)
     }
 
-    /// A JoinGroup for a group that has committed offsets here (`committed`). If this
+    /// A JoinGroup: an immediate answer (an error, or MEMBER_ID_REQUIRED with a new id), or a
+    /// channel answered when the rebalance completes. `committed`: the group has committed
+    /// offsets here. If this
     /// coordinator holds no members for it, the group is not forming for the first time: its
     /// coordinator moved here (group membership is not persisted) or every member restarted, and
     /// it rebalances without the initial delay (Kafka loads such a group from its log and does
@@ -1192,6 +1193,40 @@ mod tests {
             join_group("c").get(lost).await.error,
             ErrorCode::POLICY_VIOLATION
         );
+    }
+
+    /// A group with committed offsets but no members here (its coordinator moved) forms at
+    /// once; a new group waits the initial delay.
+    #[tokio::test]
+    async fn a_group_with_committed_offsets_skips_the_initial_delay() {
+        let c = std::sync::Arc::new(Coordinator::new(
+            std::sync::Arc::new(crate::clock::SystemClock),
+            Duration::from_secs(3),
+            limits(10, 10),
+        ));
+        let ticker = {
+            let c = std::sync::Arc::clone(&c);
+            tokio::spawn(async move {
+                loop {
+                    c.tick();
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            })
+        };
+        let lost = || fail_join(ErrorCode::UNKNOWN_MEMBER_ID, String::new());
+        for (group, committed) in [("moved", true), ("new", false)] {
+            let started = std::time::Instant::now();
+            let first = c.join_group(consumer(group, "", false), committed);
+            let joined = first.get(lost).await;
+            assert_eq!(joined.error, ErrorCode::NONE, "{group}");
+            let took = started.elapsed();
+            if committed {
+                assert!(took < Duration::from_secs(1), "{group}: {took:?}");
+            } else {
+                assert!(took >= Duration::from_millis(2900), "{group}: {took:?}");
+            }
+        }
+        ticker.abort();
     }
 
     #[tokio::test]
