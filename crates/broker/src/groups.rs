@@ -1126,9 +1126,16 @@ mod tests {
     /// A coordinator whose 100 ms initial delay lets members starting together into the first
     /// generation, and a task ticking it as the broker's timer does (abort it at the end).
     fn ticking() -> (std::sync::Arc<Coordinator>, tokio::task::JoinHandle<()>) {
+        ticking_with(Duration::from_millis(100))
+    }
+
+    /// A coordinator with this initial delay, ticked every 10 ms.
+    fn ticking_with(
+        initial_delay: Duration,
+    ) -> (std::sync::Arc<Coordinator>, tokio::task::JoinHandle<()>) {
         let c = std::sync::Arc::new(Coordinator::new(
             std::sync::Arc::new(crate::clock::SystemClock),
-            Duration::from_millis(100),
+            initial_delay,
             limits(10, 10),
         ));
         let ticker = {
@@ -1199,20 +1206,7 @@ mod tests {
     /// once; a new group waits the initial delay.
     #[tokio::test]
     async fn a_group_with_committed_offsets_skips_the_initial_delay() {
-        let c = std::sync::Arc::new(Coordinator::new(
-            std::sync::Arc::new(crate::clock::SystemClock),
-            Duration::from_secs(3),
-            limits(10, 10),
-        ));
-        let ticker = {
-            let c = std::sync::Arc::clone(&c);
-            tokio::spawn(async move {
-                loop {
-                    c.tick();
-                    tokio::time::sleep(Duration::from_millis(10)).await;
-                }
-            })
-        };
+        let (c, ticker) = ticking_with(Duration::from_secs(3));
         let lost = || fail_join(ErrorCode::UNKNOWN_MEMBER_ID, String::new());
         for (group, committed) in [("moved", true), ("new", false)] {
             let started = std::time::Instant::now();

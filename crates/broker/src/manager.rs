@@ -378,17 +378,11 @@ impl TopicManager {
             .collect();
         // Opening a log is a few file-system calls and fsyncs: thousands of partitions (a
         // start, a large topic) open side by side.
-        let results = std::sync::Mutex::new(Vec::with_capacity(to_open.len()));
-        in_parallel(to_open, OPEN_THREADS, |(index, replica)| {
+        let results = parallel_map(to_open, OPEN_THREADS, |(index, replica)| {
             let result =
                 self.open_partition(&name, found.id, index, &log_config, replica, replication);
-            results
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .push((index, result));
+            (index, result)
         });
-        let mut results = results.into_inner().unwrap_or_else(|e| e.into_inner());
-        results.sort_unstable_by_key(|(index, _)| *index);
         for (index, result) in results {
             match result {
                 Ok(partition) => {
@@ -504,31 +498,29 @@ impl TopicManager {
                 Err(shared) => shared.partitions.iter().flatten().cloned().collect(),
             })
             .collect();
-        let n_clean = std::sync::atomic::AtomicUsize::new(0);
-        let n_flushed = std::sync::atomic::AtomicUsize::new(0);
-        in_parallel(
+        // Per log: closed cleanly, or flushed (still shared with a request), or failed.
+        let closed = parallel_map(
             partitions,
             CLOSE_THREADS,
             |partition| match Arc::try_unwrap(partition) {
                 Ok(partition) => match partition.into_log().close() {
-                    Ok(()) => {
-                        n_clean.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    Ok(()) => Some(true),
+                    Err(err) => {
+                        tracing::error!(error = %err, "closing partition log");
+                        None
                     }
-                    Err(err) => tracing::error!(error = %err, "closing partition log"),
                 },
                 Err(shared) => {
                     if let Err(err) = shared.log().flush_all() {
                         tracing::error!(error = %err, "flushing partition log");
                     }
-                    n_flushed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    Some(false)
                 }
             },
         );
-        tracing::info!(
-            n_clean = n_clean.into_inner(),
-            n_flushed = n_flushed.into_inner(),
-            "logs closed"
-        );
+        let n_clean = closed.iter().filter(|c| **c == Some(true)).count();
+        let n_flushed = closed.iter().filter(|c| **c == Some(false)).count();
+        tracing::info!(n_clean, n_flushed, "logs closed");
     }
 }
 
@@ -538,28 +530,37 @@ const CLOSE_THREADS: usize = 16;
 /// Threads opening logs: opening waits on the file system (and fsyncs for new ones).
 const OPEN_THREADS: usize = 8;
 
-/// Runs `work` on each item, on up to `threads` scoped threads taking items in turn (inline
-/// for a single item).
-fn in_parallel<T: Send>(items: Vec<T>, threads: usize, work: impl Fn(T) + Sync) {
+/// `work` applied to each item, on up to `threads` scoped threads taking items in turn (inline
+/// for a single item); the results in the items' order.
+fn parallel_map<T: Send, R: Send>(
+    items: Vec<T>,
+    threads: usize,
+    work: impl Fn(T) -> R + Sync,
+) -> Vec<R> {
     if items.len() <= 1 {
-        items.into_iter().for_each(work);
-        return;
+        return items.into_iter().map(work).collect();
     }
-    let threads = threads.min(items.len());
-    let queue = std::sync::Mutex::new(items);
+    let n = items.len();
+    let threads = threads.min(n);
+    let queue = std::sync::Mutex::new(items.into_iter().enumerate());
+    let done = std::sync::Mutex::new(Vec::with_capacity(n));
     std::thread::scope(|scope| {
         for _ in 0..threads {
             scope.spawn(|| {
                 loop {
-                    let next = queue.lock().unwrap_or_else(|e| e.into_inner()).pop();
-                    match next {
-                        Some(item) => work(item),
-                        None => return,
-                    }
+                    let next = queue.lock().unwrap_or_else(|e| e.into_inner()).next();
+                    let Some((i, item)) = next else { return };
+                    let result = work(item);
+                    done.lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .push((i, result));
                 }
             });
         }
     });
+    let mut done = done.into_inner().unwrap_or_else(|e| e.into_inner());
+    done.sort_unstable_by_key(|(i, _)| *i);
+    done.into_iter().map(|(_, result)| result).collect()
 }
 
 fn remove_deleted_dirs(fs: &dyn Fs, data_dir: &Path) {

@@ -960,10 +960,8 @@ impl Drop for Producer {
 
 /// A batch being filled, or sealed and waiting for the sender.
 struct Batch {
-    topic: Arc<str>,
-    partition: u32,
     builder: BatchBuilder,
-    /// Its records' fate, and how many it holds.
+    /// Its records' fate (which names its topic and partition), and how many it holds.
     resolver: Resolver,
     created: Instant,
 }
@@ -973,9 +971,7 @@ impl Batch {
     fn new(topic: Arc<str>, partition: u32, shared: &Shared, first_record: usize) -> Batch {
         let capacity = first_record + BATCH_HEADER_BYTES;
         Batch {
-            resolver: Resolver::new(Arc::clone(&topic), partition, &shared.room),
-            topic,
-            partition,
+            resolver: Resolver::new(topic, partition, &shared.room),
             builder: BatchBuilder::with_buffer(shared.config.compression, shared.buffer(capacity)),
             created: Instant::now(),
         }
@@ -1202,12 +1198,9 @@ impl Sender {
     /// Numbers (if idempotent) and encodes a sealed batch, and queues it.
     fn seal(&mut self, batch: Batch) {
         let Batch {
-            topic,
-            partition,
-            builder,
-            resolver,
-            ..
+            builder, resolver, ..
         } = batch;
+        let (topic, partition) = (Arc::clone(&resolver.fate.topic), resolver.fate.partition);
         let n = u64::from(resolver.records);
         let stamp = self
             .idempotence
