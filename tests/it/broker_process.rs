@@ -237,22 +237,58 @@ impl Drop for BrokerProcess {
     }
 }
 
-/// A loopback address with a port that was free a moment ago.
-/// A loopback address with a port free now, below the kernel's ephemeral range (32768 and up on
-/// Linux): a port from that range can be taken by any outgoing connection between now and the
-/// moment a restarted broker binds it again; ports below it are only taken by listeners.
+/// A loopback address with a port free now and reserved for this test process, below the
+/// kernel's ephemeral range (32768 and up on Linux): a port from that range can be taken by any
+/// outgoing connection between now and the moment a restarted broker binds it again; ports
+/// below it are only taken by listeners. Tests run as parallel processes, so a port is reserved
+/// by a file naming the process (`$TMPDIR/cairn-test-ports/PORT`, created exclusively): no other
+/// test picks it while this one runs, even while its broker is down between a kill and a
+/// restart. A reservation whose process is gone is taken over.
 pub fn free_port() -> String {
     use std::hash::{BuildHasher, Hasher};
-    for _ in 0..1000 {
+    let dir = std::env::temp_dir().join("cairn-test-ports");
+    let _ = std::fs::create_dir_all(&dir);
+    let pid = std::process::id();
+    for attempt in 0..1000u32 {
         let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
-        hasher.write_u32(std::process::id());
+        hasher.write_u32(pid ^ attempt);
         let port = 20_000 + (hasher.finish() % 12_000) as u16;
+        if !reserve_port(&dir, port, pid) {
+            continue;
+        }
         if let Ok(listener) = std::net::TcpListener::bind(("127.0.0.1", port)) {
             return listener.local_addr().unwrap().to_string();
         }
     }
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     listener.local_addr().unwrap().to_string()
+}
+
+/// Reserves `port` for process `pid` (see [`free_port`]): true if it is now this process's.
+fn reserve_port(dir: &Path, port: u16, pid: u32) -> bool {
+    let path = dir.join(port.to_string());
+    for _ in 0..2 {
+        match std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&path)
+        {
+            Ok(mut file) => return file.write_all(pid.to_string().as_bytes()).is_ok(),
+            Err(_) => {
+                let owner = std::fs::read_to_string(&path).unwrap_or_default();
+                let alive = owner.trim().parse::<u32>().is_ok_and(|owner| {
+                    owner == pid || Path::new(&format!("/proc/{owner}")).exists()
+                });
+                if alive || owner.trim().is_empty() {
+                    // In use (or being written by its new owner right now).
+                    return false;
+                }
+                // Its process is gone: take it over (whoever removes it first).
+                let _ = std::fs::remove_file(&path);
+            }
+        }
+    }
+    false
 }
 
 /// Runs `cairn ARGS` against `broker`, feeding `stdin`.

@@ -652,6 +652,163 @@ fn a_killed_follower_catches_up_and_the_whole_cluster_killed_keeps_every_acknowl
     );
 }
 
+/// The node coordinating `group` (FindCoordinator through node `via`).
+fn coordinator_of(cluster: &TestCluster, via: u32, group: &str) -> u32 {
+    runtime().block_on(async {
+        let conn = Connection::connect(&cluster.node(via).native, "probe")
+            .await
+            .unwrap();
+        let found: cairn_protocol::native::FindCoordinatorResponse = conn
+            .call(&Request::FindCoordinator(
+                cairn_protocol::native::FindCoordinatorRequest {
+                    group_id: group.into(),
+                },
+            ))
+            .await
+            .unwrap();
+        assert_eq!(found.error_code, 0);
+        found.node_id
+    })
+}
+
+/// What a group member's polling task saw: every (generation, member id, partitions) it was in,
+/// and the values it read.
+#[derive(Default, Debug)]
+struct MemberView {
+    generations: Vec<(i32, String, Vec<u32>)>,
+    values: std::collections::BTreeSet<String>,
+}
+
+#[test]
+fn a_group_keeps_its_members_and_generation_when_its_coordinator_is_killed() {
+    const TOPIC: &str = "steady";
+    const GROUP: &str = "keepers";
+    let mut cluster = TestCluster::start(3, "");
+    let rt = runtime();
+    create_topic(&cluster, &rt, TOPIC, 2);
+    let bootstrap = cluster.bootstrap_except(None);
+    let stop = Arc::new(AtomicBool::new(false));
+    let views: Vec<Arc<Mutex<MemberView>>> = (0..2).map(|_| Arc::default()).collect();
+    let members: Vec<_> = views
+        .iter()
+        .enumerate()
+        .map(|(i, view)| {
+            let (bootstrap, view, stop) = (bootstrap.clone(), Arc::clone(view), Arc::clone(&stop));
+            std::thread::spawn(move || {
+                runtime().block_on(async move {
+                    let mut config = cairn_client::GroupConfig::new(GROUP, &[TOPIC]);
+                    config.reset = Position::Earliest;
+                    config.consumer.client_id = format!("member-{i}");
+                    let mut member = cairn_client::GroupConsumer::connect(&bootstrap, config)
+                        .await
+                        .unwrap();
+                    while !stop.load(Ordering::Relaxed) {
+                        let polled = member.poll().await;
+                        let mut view = view.lock().unwrap();
+                        let mut owned: Vec<u32> =
+                            member.assignment().iter().map(|(_, p)| *p).collect();
+                        owned.sort();
+                        let now = (member.generation(), member.member_id().to_string(), owned);
+                        if member.generation() > 0 && view.generations.last() != Some(&now) {
+                            view.generations.push(now);
+                        }
+                        for record in polled.unwrap_or_default() {
+                            if let Some(value) = record.value {
+                                view.values
+                                    .insert(String::from_utf8_lossy(&value).into_owned());
+                            }
+                        }
+                    }
+                    member.close().await.unwrap();
+                })
+            })
+        })
+        .collect();
+    let settled = |views: &[Arc<Mutex<MemberView>>]| -> Option<i32> {
+        let seen: Vec<(i32, usize)> = views
+            .iter()
+            .filter_map(|v| {
+                let v = v.lock().unwrap();
+                v.generations.last().map(|(g, _, p)| (*g, p.len()))
+            })
+            .collect();
+        (seen.len() == 2 && seen[0].0 == seen[1].0 && seen.iter().all(|(_, n)| *n == 1))
+            .then(|| seen[0].0)
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let generation = loop {
+        if let Some(g) = settled(&views) {
+            break g;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the group did not settle: {views:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let coordinator = coordinator_of(&cluster, 1, GROUP);
+    cluster.kill9(coordinator);
+    let killed = Instant::now();
+    // Records written after the kill reach the same members, in the same generation.
+    let sent: Vec<String> = (0..200).map(|i| format!("after-{i}")).collect();
+    rt.block_on(async {
+        let producer = Producer::connect(
+            &cluster.bootstrap_except(Some(coordinator)),
+            patient_producer(),
+        )
+        .await
+        .unwrap();
+        for (i, value) in sent.iter().enumerate() {
+            let record =
+                ProducerRecord::new(TOPIC, value.clone().into_bytes()).partition(i as u32 % 2);
+            producer.send(record).await.unwrap().await.unwrap();
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let read: usize = views
+            .iter()
+            .map(|v| {
+                let v = v.lock().unwrap();
+                sent.iter().filter(|s| v.values.contains(*s)).count()
+            })
+            .sum();
+        if read == sent.len() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{read} of {} records read after the coordinator was killed: {views:?}",
+            sent.len()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let new_coordinator = coordinator_of(&cluster, (coordinator % 3) + 1, GROUP);
+    println!(
+        "coordinator {coordinator} killed; node {new_coordinator} took the group over; \
+         everything read again after {:?}",
+        killed.elapsed()
+    );
+    // Before the members leave (the first to go rebalances the other).
+    let seen: Vec<Vec<(i32, String, Vec<u32>)>> = views
+        .iter()
+        .map(|v| v.lock().unwrap().generations.clone())
+        .collect();
+    stop.store(true, Ordering::Relaxed);
+    for member in members {
+        member.join().unwrap();
+    }
+    for generations in seen {
+        assert_eq!(
+            generations.len(),
+            1,
+            "a member rejoined although only the coordinator moved: {generations:?}"
+        );
+        assert_eq!(generations[0].0, generation);
+    }
+    assert_ne!(new_coordinator, coordinator);
+}
+
 #[test]
 fn committed_offsets_survive_their_coordinator_killed() {
     let mut cluster = TestCluster::start(3, "");
@@ -660,7 +817,7 @@ fn committed_offsets_survive_their_coordinator_killed() {
     let offsets: Vec<(String, u32, u64)> = (0..3)
         .map(|p| ("orders".to_string(), p, 100 + u64::from(p)))
         .collect();
-    let coordinator = rt.block_on(async {
+    rt.block_on(async {
         let admin = Admin::connect(&cluster.bootstrap_except(None))
             .await
             .unwrap();
@@ -674,20 +831,8 @@ fn committed_offsets_survive_their_coordinator_killed() {
             assert!(Instant::now() < deadline, "commit: {err}");
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        let conn = Connection::connect(&cluster.node(1).native, "probe")
-            .await
-            .unwrap();
-        let found: cairn_protocol::native::FindCoordinatorResponse = conn
-            .call(&Request::FindCoordinator(
-                cairn_protocol::native::FindCoordinatorRequest {
-                    group_id: group.into(),
-                },
-            ))
-            .await
-            .unwrap();
-        assert_eq!(found.error_code, 0);
-        found.node_id
     });
+    let coordinator = coordinator_of(&cluster, 1, group);
     cluster.kill9(coordinator);
     let bootstrap = cluster.bootstrap_except(Some(coordinator));
     let started = Instant::now();

@@ -224,39 +224,44 @@ pub(crate) async fn apply_images(
     shutdown: CancellationToken,
 ) {
     let mut feed = client.subscribe();
-    // The leader epoch at which each offsets partition led here was loaded.
-    let loaded: Arc<std::sync::Mutex<std::collections::HashMap<u32, u32>>> = Arc::default();
     loop {
         let image = Arc::clone(&feed.borrow_and_update());
         if image.offset > *manager.applied().borrow() || image.offset == 0 {
             let (manager, offsets) = (Arc::clone(&manager), Arc::clone(&offsets));
-            let (loaded, groups) = (Arc::clone(&loaded), Arc::clone(&groups));
+            let groups = Arc::clone(&groups);
             let applied = tokio::task::spawn_blocking(move || {
                 for partition in manager.apply(image) {
                     if &**partition.topic() == OFFSETS_TOPIC {
                         offsets.load(&partition);
                     }
                 }
-                // A group's coordinator moved here: its commits copied as a follower are loaded
-                // before it serves the group.
+                // A group's coordinator moved here: its commits copied as a follower and its
+                // stored membership are loaded before it serves the group (until then it answers
+                // COORDINATOR_LOAD_IN_PROGRESS, heartbeats NONE).
                 let Some(topic) = manager.topic(OFFSETS_TOPIC) else {
                     return;
                 };
-                let mut loaded = loaded.lock().unwrap_or_else(|e| e.into_inner());
                 let n = topic.n_partitions();
                 let of = |index: u32| {
                     move |group: &str| {
                         cairn_protocol::partitioner::partition_for_key(group.as_bytes(), n) == index
                     }
                 };
+                let node = manager.host().node_id;
                 for partition in topic.local() {
-                    let (index, epoch) = (partition.index(), partition.leader_epoch());
-                    let leads = partition.role() == crate::partition::Role::Leader;
-                    if leads && loaded.get(&index) != Some(&epoch) {
+                    // Named leader by the image, whether or not this broker holds its lease yet
+                    // (at a restart the images come first): the partition's role flips to
+                    // leader with the lease, without a new image, and must find it loaded.
+                    let state = partition.replica_state();
+                    let (index, epoch) = (partition.index(), state.leader_epoch);
+                    let leads = state.leader == Some(node);
+                    let loaded = offsets.loaded_epoch(index);
+                    if leads && loaded != Some(epoch) {
                         groups.unload(of(index));
-                        offsets.reload(partition, n);
-                        loaded.insert(index, epoch);
-                    } else if !leads && loaded.remove(&index).is_some() {
+                        groups.restore(offsets.reload(partition, n));
+                        offsets.set_loaded(index, Some(epoch));
+                    } else if !leads && loaded.is_some() {
+                        offsets.set_loaded(index, None);
                         groups.unload(of(index));
                     }
                 }

@@ -309,16 +309,33 @@ impl Handler {
     }
 
     /// NOT_COORDINATOR if another broker coordinates `group` (leads its offsets partition);
-    /// before the offsets topic exists every broker may answer (there is no group state yet).
+    /// COORDINATOR_LOAD_IN_PROGRESS while this broker, its new coordinator, still loads its
+    /// offsets and membership (clients retry, as with Kafka). Before the offsets topic exists
+    /// every broker may answer (there is no group state yet).
     pub(crate) fn check_coordinator(&self, group: &str) -> Result<(), ErrorCode> {
         let Some((index, _)) = crate::offsets::OffsetStore::partition_of(&self.manager, group)
         else {
             return Ok(());
         };
         match self.manager.partition(crate::offsets::OFFSETS_TOPIC, index) {
-            Some(p) if p.role() == crate::partition::Role::Leader => Ok(()),
+            Some(p) if p.role() == crate::partition::Role::Leader => {
+                if self.offsets.loaded_epoch(index) == Some(p.leader_epoch()) {
+                    Ok(())
+                } else {
+                    Err(ErrorCode::COORDINATOR_LOAD_IN_PROGRESS)
+                }
+            }
             _ => Err(ErrorCode::NOT_COORDINATOR),
         }
+    }
+
+    /// [`Handler::check_coordinator`] for a Heartbeat, which Kafka answers NONE while the group
+    /// loads (`Err(NONE)`): its member is not known here yet and must not rejoin for that.
+    pub(crate) fn check_heartbeat_coordinator(&self, group: &str) -> Result<(), ErrorCode> {
+        self.check_coordinator(group).map_err(|code| match code {
+            ErrorCode::COORDINATOR_LOAD_IN_PROGRESS => ErrorCode::NONE,
+            code => code,
+        })
     }
 
     /// A JoinGroup from either listener: the coordinator takes it now (in the connection's
@@ -474,7 +491,7 @@ impl Handler {
                 }
                 Request::Heartbeat(r) => {
                     let wait = Duration::from_millis(u64::from(r.max_wait_ms));
-                    let code = match this.check_coordinator(&r.group_id) {
+                    let code = match this.check_heartbeat_coordinator(&r.group_id) {
                         Err(code) => code,
                         Ok(()) => tokio::select! {
                             code = this.groups.heartbeat_wait(&r.group_id, r.generation, &r.member_id, wait) => code,
@@ -544,6 +561,13 @@ impl Handler {
                         this.metrics.count_error(name, ErrorCode::INVALID_GROUP_ID);
                         return respond(&OffsetFetchResponse {
                             error_code: ErrorCode::INVALID_GROUP_ID.0,
+                            topics: Vec::new(),
+                        });
+                    }
+                    if let Err(code) = this.check_coordinator(&r.group_id) {
+                        this.metrics.count_error(name, code);
+                        return respond(&OffsetFetchResponse {
+                            error_code: code.0,
                             topics: Vec::new(),
                         });
                     }

@@ -9,8 +9,13 @@
 //! rebalance. JoinGroup and SyncGroup answers wait on channels, so the connection's other requests
 //! go on meanwhile; a timer (`tick`) drives timeouts and delayed joins.
 //!
-//! Membership lives in memory: after a broker restart members are unknown, get
-//! UNKNOWN_MEMBER_ID, and rejoin (committed offsets are durable, in `offsets.rs`).
+//! Membership lives in memory and, as in Kafka, in `__consumer_offsets` (`offsets.rs`): when a
+//! rebalance completes, the group's membership (generation, members, subscriptions,
+//! assignments) is written there before the members get their assignments (the `Outbox`, drained
+//! by the broker's group store task, which reports back through [`Coordinator::stored`]); when a
+//! group empties, a tombstone. A broker that becomes a group's coordinator (a failover, a
+//! restart) restores the stored generation ([`Coordinator::restore`]): its members go on
+//! heartbeating and committing without a rebalance.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -19,7 +24,9 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use cairn_protocol::native::ErrorCode;
-use tokio::sync::{oneshot, watch};
+use tokio::sync::{Notify, oneshot, watch};
+
+use crate::offsets::{StoredGroup, StoredMember};
 
 /// An answer now, or one that comes when the group gets there.
 #[derive(Debug)]
@@ -223,8 +230,34 @@ impl Member {
     }
 }
 
+/// Group records waiting to be written to `__consumer_offsets`: per group, the membership to
+/// store (`Some`) or a tombstone (`None`); a later record replaces one not yet taken.
+#[derive(Debug, Default)]
+struct Outbox {
+    /// Off (unit tests, tools): rebalances complete without storing anything.
+    enabled: std::sync::atomic::AtomicBool,
+    pending: Mutex<HashMap<String, Option<StoredGroup>>>,
+    ready: Notify,
+}
+
+impl Outbox {
+    fn enabled(&self) -> bool {
+        self.enabled.load(Ordering::Relaxed)
+    }
+
+    fn put(&self, group: &str, record: Option<StoredGroup>) {
+        self.pending
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(group.to_string(), record);
+        self.ready.notify_one();
+    }
+}
+
 #[derive(Debug)]
 struct Group {
+    /// The group's id (records in the outbox are keyed by it).
+    name: String,
     state: GroupState,
     generation: i32,
     protocol_type: Option<String>,
@@ -243,6 +276,12 @@ struct Group {
     rebalances: watch::Sender<u64>,
     /// The coordinator's count of completed rebalances (for the metric).
     completed: Arc<AtomicU64>,
+    /// Where the group's membership records go.
+    outbox: Arc<Outbox>,
+    /// A membership record of this group may be in the log (so emptying it writes a tombstone).
+    persisted: bool,
+    /// The leader's assignment is being stored: SyncGroups are answered once it is.
+    storing: bool,
     /// The group's own bytes (name, state) in the coordinator's total.
     _charge: Charge,
 }
@@ -277,6 +316,8 @@ pub struct Coordinator {
     next_id: AtomicU64,
     /// Rebalances completed (join phases that handed out a generation with members).
     completed: Arc<AtomicU64>,
+    /// Membership records on their way to `__consumer_offsets`.
+    outbox: Arc<Outbox>,
 }
 
 /// Session timeouts accepted (Kafka `group.min/max.session.timeout.ms`, with a lower minimum).
@@ -299,8 +340,14 @@ fn fail_sync(error: ErrorCode) -> SyncResult {
 }
 
 impl Group {
-    fn new(now: Instant, completed: Arc<AtomicU64>, charge: Charge) -> Group {
+    fn new(
+        name: &str,
+        now: Instant,
+        (completed, outbox): (Arc<AtomicU64>, Arc<Outbox>),
+        charge: Charge,
+    ) -> Group {
         Group {
+            name: name.to_string(),
             state: GroupState::Empty,
             generation: 0,
             protocol_type: None,
@@ -313,7 +360,69 @@ impl Group {
             not_before: now,
             rebalances: watch::Sender::new(0),
             completed,
+            outbox,
+            persisted: false,
+            storing: false,
             _charge: charge,
+        }
+    }
+
+    /// The group has no members left: Empty, and a tombstone for its stored membership.
+    fn emptied(&mut self) {
+        self.state = GroupState::Empty;
+        self.protocol = None;
+        self.leader = None;
+        self.storing = false;
+        if self.persisted && self.outbox.enabled() {
+            self.outbox.put(&self.name, None);
+        }
+        self.persisted = false;
+    }
+
+    /// The membership to store: the current generation with every member's subscription for the
+    /// chosen protocol and assignment.
+    fn snapshot(&self) -> StoredGroup {
+        let protocol = self.protocol.clone().unwrap_or_default();
+        StoredGroup {
+            protocol_type: self.protocol_type.clone().unwrap_or_default(),
+            generation: self.generation,
+            protocol: protocol.clone(),
+            leader: self.leader.clone().unwrap_or_default(),
+            members: self
+                .members
+                .iter()
+                .map(|(id, m)| StoredMember {
+                    id: id.clone(),
+                    instance_id: m.instance_id.clone(),
+                    client_id: m.client_id.clone(),
+                    session_ms: m.session.as_millis().try_into().unwrap_or(u32::MAX),
+                    rebalance_ms: m.rebalance.as_millis().try_into().unwrap_or(u32::MAX),
+                    subscription: m
+                        .protocols
+                        .iter()
+                        .find(|(n, _)| *n == protocol)
+                        .map(|(_, b)| b.clone())
+                        .unwrap_or_default(),
+                    assignment: m.assignment.clone(),
+                })
+                .collect(),
+        }
+    }
+
+    /// The leader's assignment is in (and stored, if the coordinator stores): Stable, and every
+    /// member waiting in SyncGroup gets its assignment.
+    fn stabilize(&mut self) {
+        self.state = GroupState::Stable;
+        self.storing = false;
+        for member in self.members.values_mut() {
+            if let Some(sync) = member.sync.take() {
+                let _ = sync.send(SyncResult {
+                    error: ErrorCode::NONE,
+                    protocol_type: self.protocol_type.clone(),
+                    protocol_name: self.protocol.clone(),
+                    assignment: member.assignment.clone(),
+                });
+            }
         }
     }
 
@@ -322,6 +431,8 @@ impl Group {
         if self.state == GroupState::PreparingRebalance {
             return;
         }
+        // A store under way completes for nothing: this rebalance supersedes its generation.
+        self.storing = false;
         // Members waiting in SyncGroup must rejoin.
         for member in self.members.values_mut() {
             if let Some(sync) = member.sync.take() {
@@ -360,9 +471,7 @@ impl Group {
         }
         self.generation += 1;
         if self.members.is_empty() {
-            self.state = GroupState::Empty;
-            self.protocol = None;
-            self.leader = None;
+            self.emptied();
             return;
         }
         // The first assignor of the leader's list that every member supports.
@@ -389,7 +498,7 @@ impl Group {
                 }
             }
             self.statics.clear();
-            self.state = GroupState::Empty;
+            self.emptied();
             return;
         };
         self.protocol = Some(chosen.clone());
@@ -506,10 +615,8 @@ impl Group {
                 let _ = sync.send(fail_sync(ErrorCode::UNKNOWN_MEMBER_ID));
             }
             if self.members.is_empty() {
-                self.state = GroupState::Empty;
                 self.generation += 1;
-                self.protocol = None;
-                self.leader = None;
+                self.emptied();
             } else {
                 self.prepare(now, initial_delay);
                 self.maybe_complete_join(now);
@@ -537,6 +644,130 @@ impl Coordinator {
             held: Arc::default(),
             next_id: AtomicU64::new(1),
             completed: Arc::default(),
+            outbox: Arc::default(),
+        }
+    }
+
+    /// From now on, memberships are stored in `__consumer_offsets` as rebalances complete:
+    /// whoever calls this drains [`Coordinator::take_records`] and reports each outcome to
+    /// [`Coordinator::stored`].
+    pub fn enable_store(&self) {
+        self.outbox.enabled.store(true, Ordering::Relaxed);
+    }
+
+    /// Waits until records are waiting to be stored.
+    pub async fn records_ready(&self) {
+        self.outbox.ready.notified().await;
+    }
+
+    /// Takes the records waiting to be stored.
+    pub fn take_records(&self) -> Vec<(String, Option<StoredGroup>)> {
+        let mut pending = self
+            .outbox
+            .pending
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        pending.drain().collect()
+    }
+
+    /// A stored membership's outcome. If the group still waits for it (same generation, no
+    /// rebalance since), its members get their assignments; if the write failed because this
+    /// broker cannot coordinate the group, they get `error` and the group rebalances (Kafka
+    /// does the same). Other failures (a membership too large for a record) are logged and the
+    /// group goes on in memory.
+    pub fn stored(
+        &self,
+        group_id: &str,
+        generation: i32,
+        outcome: Result<(), (ErrorCode, String)>,
+    ) {
+        let now = self.clock.now();
+        let mut groups = self.lock();
+        let Some(group) = groups.get_mut(group_id) else {
+            return;
+        };
+        if !group.storing
+            || group.generation != generation
+            || group.state != GroupState::CompletingRebalance
+        {
+            return;
+        }
+        let error = match outcome {
+            Ok(()) => None,
+            Err((code, message)) => {
+                tracing::warn!(group = %group_id, generation, error = %message, "storing the group's membership failed");
+                match code {
+                    ErrorCode::NOT_COORDINATOR => Some(ErrorCode::NOT_COORDINATOR),
+                    ErrorCode::MESSAGE_TOO_LARGE
+                    | ErrorCode::RECORD_LIST_TOO_LARGE
+                    | ErrorCode::INVALID_RECORD
+                    | ErrorCode::CORRUPT_MESSAGE => None,
+                    _ => Some(ErrorCode::COORDINATOR_NOT_AVAILABLE),
+                }
+            }
+        };
+        match error {
+            None => group.stabilize(),
+            Some(code) => {
+                for member in group.members.values_mut() {
+                    if let Some(sync) = member.sync.take() {
+                        let _ = sync.send(fail_sync(code));
+                    }
+                }
+                group.prepare(now, Duration::ZERO);
+            }
+        }
+    }
+
+    /// Takes over groups whose memberships a newly led offsets partition stores (after
+    /// [`Coordinator::unload`] forgot what was in memory): each is Stable at its stored
+    /// generation, its members' sessions starting now. A group already here is left alone.
+    pub fn restore(&self, stored: Vec<(String, StoredGroup)>) {
+        let now = self.clock.now();
+        let mut groups = self.lock();
+        for (name, record) in stored {
+            if groups.contains_key(&name) || record.members.is_empty() {
+                continue;
+            }
+            let mut group = Group::new(
+                &name,
+                now,
+                (Arc::clone(&self.completed), Arc::clone(&self.outbox)),
+                Charge::new(&self.held, GROUP_OVERHEAD + 2 * name.len()),
+            );
+            group.state = GroupState::Stable;
+            group.generation = record.generation;
+            group.protocol = Some(record.protocol.clone());
+            group.leader = Some(record.leader);
+            group.protocol_type = Some(record.protocol_type.clone());
+            group.persisted = true;
+            for m in record.members {
+                if let Some(iid) = &m.instance_id {
+                    group.statics.insert(iid.clone(), m.id.clone());
+                }
+                let fixed = member_fixed(
+                    &m.client_id,
+                    m.instance_id.as_deref(),
+                    &record.protocol_type,
+                );
+                let mut member = Member {
+                    instance_id: m.instance_id,
+                    client_id: m.client_id,
+                    session: Duration::from_millis(u64::from(m.session_ms)),
+                    rebalance: Duration::from_millis(u64::from(m.rebalance_ms)),
+                    protocols: vec![(record.protocol.clone(), m.subscription)],
+                    last_seen: now,
+                    join: None,
+                    sync: None,
+                    assignment: m.assignment,
+                    fixed,
+                    charge: Charge::new(&self.held, 0),
+                };
+                member.recount();
+                group.members.insert(m.id, member);
+            }
+            tracing::info!(group = %name, generation = group.generation, members = group.members.len(), "group taken over from its stored membership");
+            groups.insert(name, group);
         }
     }
 
@@ -600,7 +831,7 @@ impl Coordinator {
         }
         let now = self.clock.now();
         let mut groups = self.lock();
-        let group_cost = GROUP_OVERHEAD + group_id.len();
+        let group_cost = GROUP_OVERHEAD + 2 * group_id.len();
         if !groups.contains_key(group_id)
             && (groups.len() >= self.groups_max || !self.affordable(0, group_cost))
         {
@@ -608,8 +839,9 @@ impl Coordinator {
         }
         let group = groups.entry(group_id.to_string()).or_insert_with(|| {
             Group::new(
+                group_id,
                 now,
-                Arc::clone(&self.completed),
+                (Arc::clone(&self.completed), Arc::clone(&self.outbox)),
                 Charge::new(&self.held, group_cost),
             )
         });
@@ -660,6 +892,11 @@ impl Coordinator {
         if let (Some(old), Some(iid)) = (takeover, instance_id.as_deref()) {
             let new = self.fresh_id(client_id);
             if let Some(answer) = group.take_over(&old, &new, iid, &protocols, now) {
+                if self.outbox.enabled() {
+                    // The new member id replaces the old one in the stored membership too.
+                    group.persisted = true;
+                    self.outbox.put(group_id, Some(group.snapshot()));
+                }
                 tracing::info!(group = %group_id, instance = %iid, member = %new, "static member rejoined without a rebalance");
                 return Answer::Ready(answer);
             }
@@ -779,7 +1016,7 @@ impl Coordinator {
                     member.sync = Some(tx);
                     member.last_seen = self.clock.now();
                 }
-                if group.leader.as_deref() == Some(member_id) {
+                if group.leader.as_deref() == Some(member_id) && !group.storing {
                     if assignments
                         .iter()
                         .any(|(_, a)| a.len() > self.member_bytes_max)
@@ -797,11 +1034,14 @@ impl Coordinator {
                             member.set_assignment(Bytes::copy_from_slice(&assignment));
                         }
                     }
-                    group.state = GroupState::Stable;
-                    for member in group.members.values_mut() {
-                        if let Some(sync) = member.sync.take() {
-                            let _ = sync.send(answer(member.assignment.clone()));
-                        }
+                    if self.outbox.enabled() {
+                        // Stored first (Kafka's order): a coordinator taking the group over
+                        // serves no generation its members were not told of.
+                        group.storing = true;
+                        group.persisted = true;
+                        self.outbox.put(group_id, Some(group.snapshot()));
+                    } else {
+                        group.stabilize();
                     }
                 }
                 Answer::Later(rx)
@@ -1223,6 +1463,31 @@ mod tests {
         ticker.abort();
     }
 
+    /// The SyncGroups of a follower and of a leader assigning "L" to itself and "F" to the
+    /// follower (the follower's first): (the leader's answer, the follower's).
+    fn sync_both(
+        c: &Coordinator,
+        leader: &JoinResult,
+        follower: &JoinResult,
+    ) -> (Answer<SyncResult>, Answer<SyncResult>) {
+        let fs = c.sync(
+            "g",
+            follower.generation,
+            (&follower.member_id, None),
+            vec![],
+        );
+        let ls = c.sync(
+            "g",
+            leader.generation,
+            (&leader.member_id, None),
+            vec![
+                (leader.member_id.clone(), Bytes::from_static(b"L")),
+                (follower.member_id.clone(), Bytes::from_static(b"F")),
+            ],
+        );
+        (ls, fs)
+    }
+
     #[tokio::test]
     async fn two_members_join_sync_and_rebalance_when_one_leaves() {
         let (c, ticker) = ticking();
@@ -1239,21 +1504,7 @@ mod tests {
         assert_eq!(leader.members.len(), 2);
         let follower = if ja.members.is_empty() { &ja } else { &jb };
         let lost_sync = || fail_sync(ErrorCode::UNKNOWN_MEMBER_ID);
-        let fs = c.sync(
-            "g",
-            follower.generation,
-            (&follower.member_id, None),
-            vec![],
-        );
-        let ls = c.sync(
-            "g",
-            leader.generation,
-            (&leader.member_id, None),
-            vec![
-                (leader.member_id.clone(), Bytes::from_static(b"L")),
-                (follower.member_id.clone(), Bytes::from_static(b"F")),
-            ],
-        );
+        let (ls, fs) = sync_both(&c, leader, follower);
         assert_eq!(&ls.get(lost_sync).await.assignment[..], b"L");
         assert_eq!(&fs.get(lost_sync).await.assignment[..], b"F");
         assert_eq!(
@@ -1279,10 +1530,136 @@ mod tests {
         ticker.abort();
     }
 
+    /// Two members through their first generation on `c` (storing on): the leader's assignment
+    /// is stored before either SyncGroup is answered. Returns (leader, follower) JoinResults
+    /// and the stored record.
+    async fn stored_generation(c: &Coordinator) -> (JoinResult, JoinResult, StoredGroup) {
+        let lost = || fail_join(ErrorCode::UNKNOWN_MEMBER_ID, String::new());
+        let a = join(c, "").get(lost).await;
+        let b = join(c, "").get(lost).await;
+        let (ja, jb) = (join(c, &a.member_id), join(c, &b.member_id));
+        let (ja, jb) = (ja.get(lost).await, jb.get(lost).await);
+        let (leader, follower) = if ja.members.is_empty() {
+            (jb, ja)
+        } else {
+            (ja, jb)
+        };
+        let (ls, fs) = sync_both(c, &leader, &follower);
+        let mut records = c.take_records();
+        assert_eq!(records.len(), 1, "one membership record to store");
+        let (name, record) = records.pop().unwrap();
+        let record = record.unwrap();
+        assert_eq!((name.as_str(), record.generation), ("g", leader.generation));
+        assert_eq!(record.members.len(), 2);
+        // Nobody has an assignment before it is stored.
+        let (Answer::Later(mut ls), Answer::Later(mut fs)) = (ls, fs) else {
+            panic!("SyncGroups answered before the membership was stored");
+        };
+        assert!(ls.try_recv().is_err() && fs.try_recv().is_err());
+        c.stored("g", record.generation, Ok(()));
+        assert_eq!(&ls.await.unwrap().assignment[..], b"L");
+        assert_eq!(&fs.await.unwrap().assignment[..], b"F");
+        (leader, follower, record)
+    }
+
+    #[tokio::test]
+    async fn a_stored_membership_is_taken_over_by_a_new_coordinator_without_a_rebalance() {
+        let (c, ticker) = ticking();
+        c.enable_store();
+        let (leader, follower, record) = stored_generation(&c).await;
+        // The coordinator moves: another broker restores what was stored.
+        let (moved, moved_ticker) = ticking();
+        moved.enable_store();
+        moved.restore(vec![("g".to_string(), record)]);
+        let info = moved.describe("g").unwrap();
+        assert_eq!((info.state, info.generation), ("Stable", leader.generation));
+        for m in [&leader, &follower] {
+            assert_eq!(
+                moved.heartbeat("g", m.generation, (&m.member_id, None)),
+                ErrorCode::NONE
+            );
+            assert_eq!(
+                moved.check_commit("g", m.generation, (&m.member_id, None)),
+                ErrorCode::NONE
+            );
+        }
+        // A follower asking for its assignment again gets the stored one.
+        let again = moved
+            .sync(
+                "g",
+                follower.generation,
+                (&follower.member_id, None),
+                vec![],
+            )
+            .get(|| fail_sync(ErrorCode::UNKNOWN_MEMBER_ID))
+            .await;
+        assert_eq!(&again.assignment[..], b"F");
+        assert_eq!(moved.rebalances(), 0, "taking the group over rebalanced it");
+        // Both leave: the group empties and its stored membership gets a tombstone.
+        moved.leave(
+            "g",
+            &[
+                (leader.member_id.clone(), None),
+                (follower.member_id.clone(), None),
+            ],
+        );
+        let records = moved.take_records();
+        assert_eq!(records, vec![("g".to_string(), None)]);
+        ticker.abort();
+        moved_ticker.abort();
+    }
+
+    /// The lone member `joined` syncs with assignment "L", and its membership's write ends
+    /// with `outcome`: the SyncGroup's answer.
+    async fn sync_stored_as(
+        c: &Coordinator,
+        joined: &JoinResult,
+        outcome: Result<(), (ErrorCode, String)>,
+    ) -> SyncResult {
+        let sync = c.sync(
+            "g",
+            joined.generation,
+            (&joined.member_id, None),
+            vec![(joined.member_id.clone(), Bytes::from_static(b"L"))],
+        );
+        let (name, record) = c.take_records().pop().unwrap();
+        c.stored(&name, record.unwrap().generation, outcome);
+        sync.get(|| fail_sync(ErrorCode::UNKNOWN_MEMBER_ID)).await
+    }
+
+    #[tokio::test]
+    async fn a_membership_that_cannot_be_stored_fails_its_syncs_and_the_group_rebalances() {
+        let (c, ticker) = ticking();
+        c.enable_store();
+        let lost = || fail_join(ErrorCode::UNKNOWN_MEMBER_ID, String::new());
+        let a = join(&c, "").get(lost).await;
+        let ja = join(&c, &a.member_id).get(lost).await;
+        let too_few = Err((ErrorCode::NOT_ENOUGH_REPLICAS, "too few replicas".into()));
+        let answer = sync_stored_as(&c, &ja, too_few).await;
+        assert_eq!(answer.error, ErrorCode::COORDINATOR_NOT_AVAILABLE);
+        assert_eq!(
+            c.heartbeat("g", ja.generation, (&ja.member_id, None)),
+            ErrorCode::REBALANCE_IN_PROGRESS
+        );
+        // A late outcome for a generation the group left behind changes nothing.
+        c.stored("g", ja.generation, Ok(()));
+        assert_eq!(c.describe("g").unwrap().state, "PreparingRebalance");
+        // A membership too large for a record: the group goes on in memory.
+        let again = join(&c, &ja.member_id).get(lost).await;
+        let too_large = Err((ErrorCode::MESSAGE_TOO_LARGE, "too large".into()));
+        let answer = sync_stored_as(&c, &again, too_large).await;
+        assert_eq!(
+            (answer.error, &answer.assignment[..]),
+            (ErrorCode::NONE, &b"L"[..])
+        );
+        ticker.abort();
+    }
+
     #[tokio::test]
     async fn subscription_bytes_are_bounded_per_member_and_in_total_and_given_back() {
-        // What a one-letter group and a member with an n-byte "range" subscription cost.
-        let group = GROUP_OVERHEAD + 1;
+        // What a one-letter group (its name held twice: as the map's key and by the group) and
+        // a member with an n-byte "range" subscription cost.
+        let group = GROUP_OVERHEAD + 2;
         let member = |n: usize| member_fixed("client", None, "consumer") + "range".len() + n;
         let c = Coordinator::new(
             std::sync::Arc::new(crate::clock::SystemClock),
@@ -1356,21 +1733,7 @@ mod tests {
         let (a, b) = (a.get(lost).await, b.get(lost).await);
         assert_eq!((a.error, b.error), (ErrorCode::NONE, ErrorCode::NONE));
         let (leader, follower) = if a.members.is_empty() { (b, a) } else { (a, b) };
-        let fs = c.sync(
-            "g",
-            follower.generation,
-            (&follower.member_id, None),
-            vec![],
-        );
-        let ls = c.sync(
-            "g",
-            leader.generation,
-            (&leader.member_id, None),
-            vec![
-                (leader.member_id.clone(), Bytes::from_static(b"L")),
-                (follower.member_id.clone(), Bytes::from_static(b"F")),
-            ],
-        );
+        let (ls, fs) = sync_both(&c, &leader, &follower);
         assert_eq!(&fs.get(lost_sync).await.assignment[..], b"F");
         assert_eq!(&ls.get(lost_sync).await.assignment[..], b"L");
         let info = c.describe("g").unwrap();

@@ -290,7 +290,7 @@ impl Handler {
                 })
             }
             Request::Heartbeat(r) => {
-                let code = match self.check_coordinator(&r.group_id) {
+                let code = match self.check_heartbeat_coordinator(&r.group_id) {
                     Err(code) => code,
                     Ok(()) => self.groups.heartbeat(
                         &r.group_id,
@@ -845,26 +845,41 @@ impl Handler {
         if r.group_id.is_empty() {
             return response.with_error_code(ErrorCode::INVALID_GROUP_ID.0);
         }
-        let partition = |p: i32, committed: Option<crate::offsets::Committed>| match committed {
-            Some(c) => OffsetFetchResponsePartition::default()
-                .with_partition_index(p)
-                .with_committed_offset(c.offset)
-                .with_committed_leader_epoch(c.leader_epoch)
-                .with_metadata(Some(s(c.metadata))),
-            None => OffsetFetchResponsePartition::default()
-                .with_partition_index(p)
-                .with_committed_offset(-1)
-                .with_committed_leader_epoch(-1)
-                .with_metadata(Some(s(""))),
+        // Only the coordinator answers, once it has loaded the group: top-level error for v2+,
+        // per partition for v0-1 (which have no top-level code).
+        let refused = self.check_coordinator(&r.group_id).err();
+        let partition = |p: i32, committed: Option<crate::offsets::Committed>| {
+            let answer = match committed {
+                Some(c) => OffsetFetchResponsePartition::default()
+                    .with_partition_index(p)
+                    .with_committed_offset(c.offset)
+                    .with_committed_leader_epoch(c.leader_epoch)
+                    .with_metadata(Some(s(c.metadata))),
+                None => OffsetFetchResponsePartition::default()
+                    .with_partition_index(p)
+                    .with_committed_offset(-1)
+                    .with_committed_leader_epoch(-1)
+                    .with_metadata(Some(s(""))),
+            };
+            answer.with_error_code(refused.map_or(0, |code| code.0))
         };
-        let wanted = r.topics.map(|topics| {
+        let wanted: Option<Vec<(String, Vec<i64>)>> = r.topics.map(|topics| {
             topics
                 .into_iter()
                 .map(|(name, partitions)| (name, partitions.into_iter().map(i64::from).collect()))
                 .collect()
         });
-        let topics: Vec<OffsetFetchResponseTopic> = self
-            .committed_offsets(&r.group_id, wanted)
+        let found = match refused {
+            Some(_) => wanted
+                .unwrap_or_default()
+                .into_iter()
+                .map(|(name, partitions)| {
+                    (name, partitions.into_iter().map(|p| (p, None)).collect())
+                })
+                .collect(),
+            None => self.committed_offsets(&r.group_id, wanted),
+        };
+        let topics: Vec<OffsetFetchResponseTopic> = found
             .into_iter()
             .map(|(name, partitions)| {
                 OffsetFetchResponseTopic::default()
@@ -877,7 +892,9 @@ impl Handler {
                     )
             })
             .collect();
-        response.with_topics(topics)
+        response
+            .with_error_code(refused.map_or(0, |code| code.0))
+            .with_topics(topics)
     }
 
     /// Where each asked-for leader epoch ends in each partition's log, as its leader knows it

@@ -420,6 +420,8 @@ impl BrokerBuilder {
         let background = tokio::spawn(background(Arc::clone(&handler), shutdown.clone()));
         let compaction = tokio::spawn(compaction(Arc::clone(&handler), shutdown.clone()));
         tokio::spawn(group_timer(Arc::clone(&handler), shutdown.clone()));
+        handler.groups.enable_store();
+        tokio::spawn(group_store(Arc::clone(&handler), shutdown.clone()));
         tracing::info!(
             native = %native_addr,
             kafka = ?kafka_addr,
@@ -713,6 +715,40 @@ async fn group_timer(handler: Arc<Handler>, shutdown: CancellationToken) {
         tokio::select! {
             _ = timer.tick() => handler.groups.tick(),
             () = shutdown.cancelled() => return,
+        }
+    }
+}
+
+/// Writes group memberships to `__consumer_offsets` as rebalances complete (tombstones as groups
+/// empty), and reports each outcome to the coordinator, whose SyncGroups wait for it. One write
+/// at a time: whatever queues meanwhile goes in the next, one batch per offsets partition.
+async fn group_store(handler: Arc<Handler>, shutdown: CancellationToken) {
+    loop {
+        tokio::select! {
+            () = handler.groups.records_ready() => {}
+            () = shutdown.cancelled() => return,
+        }
+        let records = handler.groups.take_records();
+        if records.is_empty() {
+            continue;
+        }
+        let (offsets, manager) = (Arc::clone(&handler.offsets), Arc::clone(&handler.manager));
+        let now = handler.clock.unix_ms();
+        let outcomes =
+            tokio::task::spawn_blocking(move || offsets.store_groups(&manager, records, now)).await;
+        let Ok(outcomes) = outcomes else {
+            tracing::error!("the group store task panicked");
+            continue;
+        };
+        for (group, record, outcome) in outcomes {
+            match record {
+                Some(record) => handler.groups.stored(&group, record.generation, outcome),
+                None => {
+                    if let Err((_, message)) = outcome {
+                        tracing::warn!(%group, error = %message, "the tombstone of an emptied group was not stored");
+                    }
+                }
+            }
         }
     }
 }

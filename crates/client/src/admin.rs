@@ -377,6 +377,7 @@ impl Admin {
                     let code = ErrorCode(code_of(response));
                     code == ErrorCode::NOT_COORDINATOR
                         || code == ErrorCode::COORDINATOR_NOT_AVAILABLE
+                        || code == ErrorCode::COORDINATOR_LOAD_IN_PROGRESS
                 }
                 Err(err) => err.is_stale_metadata(),
             };

@@ -151,6 +151,8 @@ impl std::fmt::Debug for GroupConsumer {
 }
 
 const RETRY_BACKOFF: Duration = Duration::from_millis(200);
+/// Tries of a call to a coordinator whose connection broke (each after finding it again).
+const COORDINATOR_ATTEMPTS: u32 = 3;
 
 fn membership_gone(code: ErrorCode) -> bool {
     code == ErrorCode::UNKNOWN_MEMBER_ID || code == ErrorCode::ILLEGAL_GENERATION
@@ -346,15 +348,20 @@ impl GroupConsumer {
     pub async fn close(mut self) -> Result<(), ClientError> {
         let mut result = Ok(());
         if self.config.auto_commit && !self.member_id.is_empty() {
+            // A coordinator that just died is replaced within a session timeout or so: the
+            // final commit waits for that (as Kafka's close does, within its timeout).
+            let deadline = Instant::now() + self.config.session_timeout;
             result = self.commit().await;
+            while result.as_ref().is_err_and(coordinator_moved) && Instant::now() < deadline {
+                result = self.commit().await;
+            }
         }
         let owned: Vec<TopicPartition> = std::mem::take(&mut self.owned).into_iter().collect();
         self.notify(Rebalance::Revoked(&owned));
         self.heartbeat.abort();
         if !self.member_id.is_empty() {
             let left: LeaveGroupResponse = self
-                .coordinator
-                .call(&Request::LeaveGroup(LeaveGroupRequest {
+                .call_coordinator(&Request::LeaveGroup(LeaveGroupRequest {
                     group_id: self.config.group_id.clone(),
                     member_id: self.member_id.clone(),
                 }))
@@ -401,24 +408,14 @@ impl GroupConsumer {
         if topics.is_empty() {
             return Ok(());
         }
-        let response: OffsetCommitResponse = match self
-            .coordinator
-            .call(&Request::OffsetCommit(OffsetCommitRequest {
+        let response: OffsetCommitResponse = self
+            .call_coordinator(&Request::OffsetCommit(OffsetCommitRequest {
                 group_id: self.config.group_id.clone(),
                 generation: self.generation,
                 member_id: self.member_id.clone(),
                 topics,
             }))
-            .await
-        {
-            Ok(response) => response,
-            Err(err) => {
-                if coordinator_moved(&err) {
-                    self.reconnect_coordinator().await;
-                }
-                return Err(err);
-            }
-        };
+            .await?;
         let mut first_error = None;
         for topic in response.topics {
             for p in topic.partitions {
@@ -431,11 +428,16 @@ impl GroupConsumer {
                             self.shared.lost.store(true, Ordering::Release);
                         }
                     }
-                    first_error.get_or_insert(ClientError::broker(
+                    let err = ClientError::broker(
                         format!("commit {}-{}", topic.name, p.partition),
                         p.error_code,
                         String::new(),
-                    ));
+                    );
+                    if first_error.is_none() && coordinator_moved(&err) {
+                        // The next commit goes to the new coordinator.
+                        self.reconnect_coordinator().await;
+                    }
+                    first_error.get_or_insert(err);
                 }
             }
         }
@@ -716,24 +718,39 @@ impl GroupConsumer {
         for (topic, p) in added {
             by_topic.entry(topic).or_default().push(*p);
         }
-        let fetched: OffsetFetchResponse = self
-            .coordinator
-            .call(&Request::OffsetFetch(OffsetFetchRequest {
-                group_id: self.config.group_id.clone(),
-                topics: by_topic
-                    .iter()
-                    .map(|(name, partitions)| OffsetFetchTopic {
-                        name: (*name).to_string(),
-                        partitions: partitions.clone(),
-                    })
-                    .collect(),
-            }))
-            .await?;
-        let committed: BTreeMap<TopicPartition, u64> =
-            fetched_offsets(&self.config.group_id, fetched)?
-                .into_iter()
-                .map(|(t, p, o)| ((t, p), o))
-                .collect();
+        let request = Request::OffsetFetch(OffsetFetchRequest {
+            group_id: self.config.group_id.clone(),
+            topics: by_topic
+                .iter()
+                .map(|(name, partitions)| OffsetFetchTopic {
+                    name: (*name).to_string(),
+                    partitions: partitions.clone(),
+                })
+                .collect(),
+        });
+        let mut attempts = 1;
+        let committed: BTreeMap<TopicPartition, u64> = loop {
+            let fetched: OffsetFetchResponse = self.call_coordinator(&request).await?;
+            match fetched_offsets(&self.config.group_id, fetched) {
+                Ok(committed) => {
+                    break committed.into_iter().map(|(t, p, o)| ((t, p), o)).collect();
+                }
+                // The coordinator moved, or just took the group over and loads it.
+                Err(err) if err.is_retriable() && attempts < COORDINATOR_ATTEMPTS => {
+                    attempts += 1;
+                    tokio::time::sleep(RETRY_BACKOFF).await;
+                    if coordinator_moved(&err) {
+                        self.reconnect_coordinator().await;
+                    }
+                }
+                Err(err) => {
+                    if coordinator_moved(&err) {
+                        self.reconnect_coordinator().await;
+                    }
+                    return Err(err);
+                }
+            }
+        };
         for (topic, p) in added {
             let key = (topic.clone(), *p);
             let from = committed
@@ -781,6 +798,26 @@ impl GroupConsumer {
             self.reconnect_coordinator().await;
         }
         Ok(())
+    }
+
+    /// A call to the group's coordinator that finds it again and retries (a few times, backing
+    /// off) when its connection broke, as Kafka's clients do; the caller handles error codes in
+    /// the response.
+    async fn call_coordinator<T: cairn_protocol::native::Wire + Send + 'static>(
+        &mut self,
+        request: &Request,
+    ) -> Result<T, ClientError> {
+        let mut attempts = 1;
+        loop {
+            match self.coordinator.call(request).await {
+                Err(err) if coordinator_moved(&err) && attempts < COORDINATOR_ATTEMPTS => {
+                    attempts += 1;
+                    tokio::time::sleep(RETRY_BACKOFF).await;
+                    self.reconnect_coordinator().await;
+                }
+                other => return other,
+            }
+        }
     }
 
     /// Finds the group's coordinator again (it moves with its offsets partition's leader) and

@@ -56,6 +56,7 @@ codes! {
     MESSAGE_TOO_LARGE = 10, false, "a batch is larger than the topic's max.message.bytes";
     OFFSET_METADATA_TOO_LARGE = 12, false, "a committed offset's metadata exceeds 4096 bytes";
     NETWORK_EXCEPTION = 13, true, "the connection failed before a response";
+    COORDINATOR_LOAD_IN_PROGRESS = 14, true, "the coordinator is loading the group (it just took the group over): retry shortly";
     COORDINATOR_NOT_AVAILABLE = 15, true, "the group coordinator is not available (yet)";
     NOT_COORDINATOR = 16, true, "this broker is not the group's coordinator: find it again";
     INVALID_TOPIC_EXCEPTION = 17, false, "the topic name is not valid";
