@@ -1392,10 +1392,23 @@ fn replicas_move_between_brokers_under_acks_all_load_and_nothing_is_lost() {
     );
     let log = read_partition(&cluster, &rt, TOPIC);
     assert_exactly_once_in_order(&history, &log);
+    // A write the old leader held when its replica moved away is answered at once (and retried
+    // at the new leader), never left to the producer's request timeout.
+    let slowest = history
+        .acked
+        .iter()
+        .map(|(_, _, sent, at)| at.duration_since(*sent))
+        .max()
+        .unwrap_or_default();
+    assert!(
+        slowest < patient_producer().request_timeout,
+        "a write waited {slowest:?} for its acknowledgement: held past the move until the \
+         request timed out"
+    );
     println!(
         "partition moved off its leader to {target:?} in {moved_in:?}, then broker {} \
-         decommissioned in {decommissioned_in:?}, under acks=all load: {} writes acknowledged, \
-         none failed, each exactly once and in order",
+         decommissioned in {decommissioned_in:?}, under acks=all load: {} writes acknowledged \
+         (the slowest in {slowest:?}), none failed, each exactly once and in order",
         followers[0],
         history.acked.len()
     );

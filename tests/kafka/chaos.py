@@ -17,7 +17,8 @@ the checker (crates/check, docs/reliability.md) while the nemesis breaks the clu
   leave, and a fresh consumer of the group reads its committed offsets (`committed`).
 
 With CAIRN_CHAOS_RDKAFKA_DEBUG set (librdkafka's `debug` contexts, e.g. `cgrp,protocol`) the
-consumers log librdkafka's debug lines to CAIRN_CHAOS_RDKAFKA_LOG (default chaos-rdkafka.log).
+producer and the consumers log librdkafka's debug lines to CAIRN_CHAOS_RDKAFKA_LOG (default
+chaos-rdkafka.log).
 
 Times are CLOCK_MONOTONIC nanoseconds since NS, in ms: the same clock the Rust harness logs
 faults with. Events are appended to the history as JSON lines.
@@ -59,7 +60,7 @@ class History:
 
 
 def produce(args, history, stop):
-    producer = Producer(
+    producer = Producer(debugged(
         {
             "bootstrap.servers": args.bootstrap,
             "enable.idempotence": True,
@@ -68,8 +69,9 @@ def produce(args, history, stop):
             "message.timeout.ms": 60000,
             "retry.backoff.ms": 20,
             "topic.metadata.refresh.interval.ms": 1000,
-        }
-    )
+        },
+        "confluent-producer",
+    ))
 
     def delivered(err, msg):
         value = msg.value().decode()

@@ -310,12 +310,15 @@ impl Handler {
 
     /// NOT_COORDINATOR if another broker coordinates `group` (leads its offsets partition);
     /// COORDINATOR_LOAD_IN_PROGRESS while this broker, its new coordinator, still loads its
-    /// offsets and membership (clients retry, as with Kafka). Before the offsets topic exists
-    /// every broker may answer (there is no group state yet).
+    /// offsets and membership (clients retry, as with Kafka). COORDINATOR_NOT_AVAILABLE while
+    /// this broker knows of no offsets topic: none was created yet (FindCoordinator creates it),
+    /// or this broker has not caught up with the metadata since it restarted; serving then would
+    /// answer members of a group stored elsewhere as unknown (after every broker was killed at
+    /// once, a group's members were told UNKNOWN_MEMBER_ID by a broker that had just restarted).
     pub(crate) fn check_coordinator(&self, group: &str) -> Result<(), ErrorCode> {
         let Some((index, _)) = crate::offsets::OffsetStore::partition_of(&self.manager, group)
         else {
-            return Ok(());
+            return Err(ErrorCode::COORDINATOR_NOT_AVAILABLE);
         };
         match self.manager.partition(crate::offsets::OFFSETS_TOPIC, index) {
             Some(p) if p.role() == crate::partition::Role::Leader => {

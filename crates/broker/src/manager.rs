@@ -300,6 +300,7 @@ impl TopicManager {
             let gone = image.topic(&topic.name).is_none_or(|t| t.id != topic.id);
             for partition in topic.local() {
                 if !hosted_in_image(&topic.name, topic.id, partition.index()) {
+                    partition.retire();
                     self.delete_partition_dir(&topic.name, partition.index());
                 }
             }

@@ -366,6 +366,19 @@ impl Partition {
         true
     }
 
+    /// This broker no longer hosts the partition (its replica moved to another broker, or its
+    /// topic was deleted): whatever role it had ends, and everyone waiting on it (acks=all
+    /// produces, long-poll fetches) wakes at once and finds it gone (NOT_LEADER_OR_FOLLOWER)
+    /// instead of waiting for a watermark that will never move here (a producer waited out its
+    /// 30 s request timeout).
+    pub(crate) fn retire(&self) {
+        let mut replica = lock(&self.replica);
+        let hw = replica.high_watermark();
+        *replica = Replica::None { high_watermark: hw };
+        drop(replica);
+        self.committed.send_modify(|_| {});
+    }
+
     /// Whether other brokers hold copies: then the high watermark comes from replication; with
     /// one replica it is the log end, and acks=all waits for the local flush.
     fn replicated(&self) -> bool {
