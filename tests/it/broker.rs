@@ -801,6 +801,26 @@ fn malformed_input_gets_an_error_or_a_clean_close_while_others_are_served() {
         assert_eq!(header.error_code, 0);
         decode_exact::<JoinGroupResponse>(buf).unwrap().error_code
     };
+    // As clients do, the group's coordinator is looked up first (this creates the offsets
+    // topic; before it exists, group requests get COORDINATOR_NOT_AVAILABLE).
+    let reply = raw_exchange(b, &frame(&join(vec![], 10_000, "g")));
+    assert_eq!(join_error(reply), ErrorCode::COORDINATOR_NOT_AVAILABLE.0);
+    let find = encode_request(
+        1,
+        "bad",
+        &Request::FindCoordinator(FindCoordinatorRequest {
+            group_id: "g".into(),
+        }),
+    );
+    let reply = raw_exchange(b, &frame(&find));
+    let mut buf = Bytes::copy_from_slice(&reply[4..]);
+    ResponseHeader::decode(&mut buf, "header").unwrap();
+    assert_eq!(
+        decode_exact::<FindCoordinatorResponse>(buf)
+            .unwrap()
+            .error_code,
+        0
+    );
     let reply = raw_exchange(b, &frame(&join(vec![0; 2 << 20], 10_000, "g")));
     assert_eq!(join_error(reply), ErrorCode::POLICY_VIOLATION.0);
     let reply = raw_exchange(b, &frame(&join(vec![], 10, "g")));
