@@ -348,11 +348,14 @@ impl GroupConsumer {
     pub async fn close(mut self) -> Result<(), ClientError> {
         let mut result = Ok(());
         if self.config.auto_commit && !self.member_id.is_empty() {
-            // A coordinator that just died is replaced within a session timeout or so: the
-            // final commit waits for that (as Kafka's close does, within its timeout).
+            // A coordinator that just died is replaced (and has loaded the group) within a
+            // session timeout or so: the final commit waits for that (as Kafka's close does,
+            // within its timeout).
             let deadline = Instant::now() + self.config.session_timeout;
             result = self.commit().await;
-            while result.as_ref().is_err_and(coordinator_moved) && Instant::now() < deadline {
+            while result.as_ref().is_err_and(ClientError::is_retriable) && Instant::now() < deadline
+            {
+                tokio::time::sleep(RETRY_BACKOFF).await;
                 result = self.commit().await;
             }
         }
