@@ -1,5 +1,6 @@
 //! The group coordinator: Kafka's classic group protocol (JoinGroup, SyncGroup, Heartbeat,
-//! LeaveGroup), for every group (one node coordinates all of them).
+//! LeaveGroup), for the groups this broker coordinates (those whose `__consumer_offsets`
+//! partition it leads).
 //!
 //! A group moves Empty -> PreparingRebalance (members join; existing members learn of it from
 //! their heartbeat and rejoin) -> CompletingRebalance (every member got its JoinGroup answer,
