@@ -673,8 +673,8 @@ impl Coordinator {
 
     /// A stored membership's outcome. If the group still waits for it (same generation, no
     /// rebalance since), its members get their assignments; if the write failed because this
-    /// broker cannot coordinate the group, they get `error` and the group rebalances (Kafka
-    /// does the same). Other failures (a membership too large for a record) are logged and the
+    /// broker cannot coordinate the group, they get NOT_COORDINATOR or
+    /// COORDINATOR_NOT_AVAILABLE and the group rebalances (Kafka does the same). Other failures (a membership too large for a record) are logged and the
     /// group goes on in memory.
     pub fn stored(
         &self,
