@@ -106,7 +106,8 @@ struct ConfluentWorkload {
     child: std::process::Child,
     history: tempfile::NamedTempFile,
     stop: std::path::PathBuf,
-    _dir: tempfile::TempDir,
+    /// Holds the stop file and the workload's output.
+    dir: tempfile::TempDir,
 }
 
 impl ConfluentWorkload {
@@ -114,29 +115,30 @@ impl ConfluentWorkload {
         let dir = tempfile::tempdir().unwrap();
         let stop = dir.path().join("stop");
         let file = tempfile::NamedTempFile::new_in(dir.path()).unwrap();
-        let child = std::process::Command::new(crate::kafka::python())
-            .arg(crate::kafka::script("chaos.py"))
-            .args(["--bootstrap", kafka_bootstrap, "--topic", TOPIC])
-            .args([
-                "--partitions",
-                &PARTITIONS.to_string(),
-                "--group",
-                "chaos-group",
-            ])
-            .args(["--origin-ns", &history.origin_ns.to_string()])
-            .arg("--history")
-            .arg(file.path())
-            .arg("--stop")
-            .arg(&stop)
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
+        let (partitions, origin) = (PARTITIONS.to_string(), history.origin_ns.to_string());
+        let args: Vec<&std::ffi::OsStr> = [
+            "--bootstrap",
+            kafka_bootstrap,
+            "--topic",
+            TOPIC,
+            "--partitions",
+            &partitions,
+            "--group",
+            "chaos-group",
+            "--origin-ns",
+            &origin,
+            "--history",
+        ]
+        .into_iter()
+        .map(std::ffi::OsStr::new)
+        .chain([file.path().as_os_str(), "--stop".as_ref(), stop.as_os_str()])
+        .collect();
+        let child = crate::kafka::spawn_workload("chaos.py", &args, dir.path());
         ConfluentWorkload {
             child,
             history: file,
             stop,
-            _dir: dir,
+            dir,
         }
     }
 
@@ -144,13 +146,8 @@ impl ConfluentWorkload {
     /// its history.
     fn finish(self, history: &History) {
         std::fs::write(&self.stop, b"").unwrap();
-        let out = self.child.wait_with_output().unwrap();
-        assert!(
-            out.status.success(),
-            "chaos.py failed\n{}\n{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let (status, stdout, stderr) = crate::kafka::finish_workload(self.child, self.dir.path());
+        assert!(status.success(), "chaos.py failed\n{stdout}\n{stderr}");
         history.merge(&std::fs::read_to_string(self.history.path()).unwrap());
     }
 }

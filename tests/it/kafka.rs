@@ -7,8 +7,8 @@
 //! (`$CAIRN_PYTHON`, default `~/.cache/cairn-venv/bin/python`); kcat comes from Debian
 //! (installed by `scripts/test.sh` when it runs as root).
 
-use std::path::PathBuf;
-use std::process::Command;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
@@ -45,6 +45,29 @@ pub fn python() -> PathBuf {
 
 pub fn script(name: &str) -> PathBuf {
     manifest_dir().join("kafka").join(name)
+}
+
+/// A long-running Python workload (`script` with `args`) whose stdout and stderr go to files in
+/// `dir`, never to pipes: librdkafka logs from its own threads (a broker disconnect, a failed
+/// connection), and a pipe nobody reads until the end fills after some 64 KiB of such lines and
+/// blocks the thread that logs, holding its locks: a producer stalled until the run ended and
+/// its output was read (chaos kill-all, every record acknowledged at once at the stop).
+pub fn spawn_workload(script_name: &str, args: &[&std::ffi::OsStr], dir: &Path) -> Child {
+    let file = |name: &str| std::fs::File::create(dir.join(name)).unwrap();
+    Command::new(python())
+        .arg(script(script_name))
+        .args(args)
+        .stdout(file("stdout"))
+        .stderr(file("stderr"))
+        .spawn()
+        .unwrap()
+}
+
+/// Waits for a workload from [`spawn_workload`]: (exit status, stdout, stderr).
+pub fn finish_workload(mut child: Child, dir: &Path) -> (std::process::ExitStatus, String, String) {
+    let status = child.wait().unwrap();
+    let read = |name: &str| std::fs::read_to_string(dir.join(name)).unwrap_or_default();
+    (status, read("stdout"), read("stderr"))
 }
 
 fn free_port() -> u16 {

@@ -1024,15 +1024,12 @@ fn an_idempotent_kafka_producer_writes_each_record_once_across_leader_follower_a
         .join(",");
     let dir = tempfile::tempdir().unwrap();
     let stop = dir.path().join("stop");
-    let producer = std::process::Command::new(crate::kafka::python())
-        .arg(crate::kafka::script("failover.py"))
-        .args(["--bootstrap", &kafka_bootstrap, "--topic", TOPIC])
-        .arg("--stop")
-        .arg(&stop)
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let args: Vec<&std::ffi::OsStr> = ["--bootstrap", &kafka_bootstrap, "--topic", TOPIC, "--stop"]
+        .into_iter()
+        .map(std::ffi::OsStr::new)
+        .chain([stop.as_os_str()])
+        .collect();
+    let producer = crate::kafka::spawn_workload("failover.py", &args, dir.path());
     std::thread::sleep(Duration::from_secs(2));
     for round in 0..5 {
         let deadline = Instant::now() + Duration::from_secs(60);
@@ -1074,14 +1071,9 @@ fn an_idempotent_kafka_producer_writes_each_record_once_across_leader_follower_a
     wait_isr(&cluster.bootstrap_except(None), &rt, TOPIC, 3);
     std::thread::sleep(Duration::from_secs(2));
     std::fs::write(&stop, b"").unwrap();
-    let out = producer.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let result: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let (status, stdout, stderr) = crate::kafka::finish_workload(producer, dir.path());
+    assert!(status.success(), "{stdout}\n{stderr}");
+    let result: serde_json::Value = serde_json::from_str(&stdout).unwrap();
     let failed = result["failed"].as_array().unwrap();
     assert!(failed.is_empty(), "{failed:?}");
     let acked: Vec<(u64, u64, (), ())> = result["acked"]
