@@ -672,10 +672,10 @@ impl Coordinator {
     }
 
     /// A stored membership's outcome. If the group still waits for it (same generation, no
-    /// rebalance since), its members get their assignments; if the write failed because this
-    /// broker cannot coordinate the group, they get NOT_COORDINATOR or
-    /// COORDINATOR_NOT_AVAILABLE and the group rebalances (Kafka does the same). Other failures (a membership too large for a record) are logged and the
-    /// group goes on in memory.
+    /// rebalance since), its members get their assignments. If this broker no longer leads the
+    /// group's offsets partition, they get NOT_COORDINATOR and the group rebalances (as Kafka);
+    /// any other failure (too few in-sync replicas, a timeout, a record too large) is logged and
+    /// the group goes on from memory.
     pub fn stored(
         &self,
         group_id: &str,
@@ -697,14 +697,12 @@ impl Coordinator {
             Ok(()) => None,
             Err((code, message)) => {
                 tracing::warn!(group = %group_id, generation, error = %message, "storing the group's membership failed");
-                match code {
-                    ErrorCode::NOT_COORDINATOR => Some(ErrorCode::NOT_COORDINATOR),
-                    ErrorCode::MESSAGE_TOO_LARGE
-                    | ErrorCode::RECORD_LIST_TOO_LARGE
-                    | ErrorCode::INVALID_RECORD
-                    | ErrorCode::CORRUPT_MESSAGE => None,
-                    _ => Some(ErrorCode::COORDINATOR_NOT_AVAILABLE),
-                }
+                // Only a broker that no longer leads the offsets partition refuses the group;
+                // otherwise (too few in-sync replicas, a replication timeout, a record too
+                // large) the group goes on from memory, as it did before memberships were
+                // stored, rather than rebalancing until the offsets partition heals: a
+                // coordinator move meanwhile makes its members rejoin.
+                (code == ErrorCode::NOT_COORDINATOR).then_some(code)
             }
         };
         match error {
@@ -1629,15 +1627,16 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_membership_that_cannot_be_stored_fails_its_syncs_and_the_group_rebalances() {
+    async fn a_coordinator_that_lost_its_partition_fails_the_syncs_and_other_store_failures_go_on_in_memory()
+     {
         let (c, ticker) = ticking();
         c.enable_store();
         let lost = || fail_join(ErrorCode::UNKNOWN_MEMBER_ID, String::new());
         let a = join(&c, "").get(lost).await;
         let ja = join(&c, &a.member_id).get(lost).await;
-        let too_few = Err((ErrorCode::NOT_ENOUGH_REPLICAS, "too few replicas".into()));
-        let answer = sync_stored_as(&c, &ja, too_few).await;
-        assert_eq!(answer.error, ErrorCode::COORDINATOR_NOT_AVAILABLE);
+        let moved = Err((ErrorCode::NOT_COORDINATOR, "no longer the leader".into()));
+        let answer = sync_stored_as(&c, &ja, moved).await;
+        assert_eq!(answer.error, ErrorCode::NOT_COORDINATOR);
         assert_eq!(
             c.heartbeat("g", ja.generation, (&ja.member_id, None)),
             ErrorCode::REBALANCE_IN_PROGRESS
@@ -1645,10 +1644,10 @@ mod tests {
         // A late outcome for a generation the group left behind changes nothing.
         c.stored("g", ja.generation, Ok(()));
         assert_eq!(c.describe("g").unwrap().state, "PreparingRebalance");
-        // A membership too large for a record: the group goes on in memory.
+        // Too few in-sync replicas for the write: the group goes on in memory.
         let again = join(&c, &ja.member_id).get(lost).await;
-        let too_large = Err((ErrorCode::MESSAGE_TOO_LARGE, "too large".into()));
-        let answer = sync_stored_as(&c, &again, too_large).await;
+        let too_few = Err((ErrorCode::NOT_ENOUGH_REPLICAS, "too few replicas".into()));
+        let answer = sync_stored_as(&c, &again, too_few).await;
         assert_eq!(
             (answer.error, &answer.assignment[..]),
             (ErrorCode::NONE, &b"L"[..])
