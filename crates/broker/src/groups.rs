@@ -229,6 +229,44 @@ impl Member {
         self.assignment = assignment;
         self.recount();
     }
+
+    /// A member with no subscriptions or assignment yet, seen `now`, charged to `held`.
+    fn new(
+        (client_id, instance_id): (String, Option<String>),
+        (session, rebalance): (Duration, Duration),
+        fixed: usize,
+        now: Instant,
+        held: &Arc<AtomicUsize>,
+    ) -> Member {
+        Member {
+            instance_id,
+            client_id,
+            session,
+            rebalance,
+            protocols: Vec::new(),
+            last_seen: now,
+            join: None,
+            sync: None,
+            assignment: Bytes::new(),
+            fixed,
+            charge: Charge::new(held, 0),
+        }
+    }
+
+    /// Its subscription metadata for `protocol` (empty if it does not support it).
+    fn subscription(&self, protocol: &str) -> Bytes {
+        self.protocols
+            .iter()
+            .find(|(n, _)| n == protocol)
+            .map(|(_, b)| b.clone())
+            .unwrap_or_default()
+    }
+}
+
+/// What a group costs in the coordinator's total: its overhead and its name, held twice (the
+/// map's key and the group's own copy).
+fn group_cost(name: &str) -> usize {
+    GROUP_OVERHEAD + 2 * name.len()
 }
 
 /// Group records waiting to be written to `__consumer_offsets`: per group, the membership to
@@ -398,12 +436,7 @@ impl Group {
                     client_id: m.client_id.clone(),
                     session_ms: m.session.as_millis().try_into().unwrap_or(u32::MAX),
                     rebalance_ms: m.rebalance.as_millis().try_into().unwrap_or(u32::MAX),
-                    subscription: m
-                        .protocols
-                        .iter()
-                        .find(|(n, _)| *n == protocol)
-                        .map(|(_, b)| b.clone())
-                        .unwrap_or_default(),
+                    subscription: m.subscription(&protocol),
                     assignment: m.assignment.clone(),
                 })
                 .collect(),
@@ -540,15 +573,7 @@ impl Group {
     fn roster(&self, protocol: &str) -> Vec<(String, Option<String>, Bytes)> {
         self.members
             .iter()
-            .map(|(id, m)| {
-                let metadata = m
-                    .protocols
-                    .iter()
-                    .find(|(n, _)| n == protocol)
-                    .map(|(_, b)| b.clone())
-                    .unwrap_or_default();
-                (id.clone(), m.instance_id.clone(), metadata)
-            })
+            .map(|(id, m)| (id.clone(), m.instance_id.clone(), m.subscription(protocol)))
             .collect()
     }
 
@@ -732,7 +757,7 @@ impl Coordinator {
                 &name,
                 now,
                 (Arc::clone(&self.completed), Arc::clone(&self.outbox)),
-                Charge::new(&self.held, GROUP_OVERHEAD + 2 * name.len()),
+                Charge::new(&self.held, group_cost(&name)),
             );
             group.state = GroupState::Stable;
             group.generation = record.generation;
@@ -749,20 +774,18 @@ impl Coordinator {
                     m.instance_id.as_deref(),
                     &record.protocol_type,
                 );
-                let mut member = Member {
-                    instance_id: m.instance_id,
-                    client_id: m.client_id,
-                    session: Duration::from_millis(u64::from(m.session_ms)),
-                    rebalance: Duration::from_millis(u64::from(m.rebalance_ms)),
-                    protocols: vec![(record.protocol.clone(), m.subscription)],
-                    last_seen: now,
-                    join: None,
-                    sync: None,
-                    assignment: m.assignment,
+                let mut member = Member::new(
+                    (m.client_id, m.instance_id),
+                    (
+                        Duration::from_millis(u64::from(m.session_ms)),
+                        Duration::from_millis(u64::from(m.rebalance_ms)),
+                    ),
                     fixed,
-                    charge: Charge::new(&self.held, 0),
-                };
-                member.recount();
+                    now,
+                    &self.held,
+                );
+                member.protocols = vec![(record.protocol.clone(), m.subscription)];
+                member.set_assignment(m.assignment);
                 group.members.insert(m.id, member);
             }
             tracing::info!(group = %name, generation = group.generation, members = group.members.len(), "group taken over from its stored membership");
@@ -795,12 +818,11 @@ impl Coordinator {
 
     /// A JoinGroup: an immediate answer (an error, or MEMBER_ID_REQUIRED with a new id), or a
     /// channel answered when the rebalance completes. `committed`: the group has committed
-    /// offsets here. If this
-    /// coordinator holds no members for it, the group is not forming for the first time: its
-    /// coordinator moved here (group membership is not persisted) or every member restarted, and
-    /// it rebalances without the initial delay (Kafka loads such a group from its log and does
-    /// not rebalance at all; waiting 3 s after each coordinator move kept a group from ever
-    /// settling while its coordinator was killed every few seconds).
+    /// offsets here. If this coordinator holds no members for it, the group is not forming for
+    /// the first time (every member restarted, or its coordinator moved here while its
+    /// membership could not be stored) and it rebalances without the initial delay: waiting 3 s
+    /// after each coordinator move kept a group from ever settling while its coordinator was
+    /// killed every few seconds.
     pub fn join_group(&self, request: Join, committed: bool) -> Answer<JoinResult> {
         let Join {
             group_id,
@@ -830,7 +852,7 @@ impl Coordinator {
         }
         let now = self.clock.now();
         let mut groups = self.lock();
-        let group_cost = GROUP_OVERHEAD + 2 * group_id.len();
+        let group_cost = group_cost(group_id);
         if !groups.contains_key(group_id)
             && (groups.len() >= self.groups_max || !self.affordable(0, group_cost))
         {
@@ -929,18 +951,14 @@ impl Coordinator {
         let (tx, rx) = oneshot::channel();
         let session = Duration::from_millis(session_ms as u64);
         let rebalance = Duration::from_millis(rebalance_ms.max(session_ms) as u64);
-        let member = group.members.entry(member_id).or_insert_with(|| Member {
-            instance_id: None,
-            client_id: client_id.to_string(),
-            session,
-            rebalance,
-            protocols: Vec::new(),
-            last_seen: now,
-            join: None,
-            sync: None,
-            assignment: Bytes::new(),
-            fixed,
-            charge: Charge::new(&self.held, 0),
+        let member = group.members.entry(member_id).or_insert_with(|| {
+            Member::new(
+                (client_id.to_string(), None),
+                (session, rebalance),
+                fixed,
+                now,
+                &self.held,
+            )
         });
         member.instance_id = instance_id;
         member.fixed = fixed;
@@ -1305,17 +1323,11 @@ impl Coordinator {
                 .members
                 .iter()
                 .map(|(id, m)| {
-                    let metadata = m
-                        .protocols
-                        .iter()
-                        .find(|(n, _)| *n == protocol)
-                        .map(|(_, b)| b.clone())
-                        .unwrap_or_default();
                     (
                         id.clone(),
                         m.instance_id.clone(),
                         m.client_id.clone(),
-                        metadata,
+                        m.subscription(&protocol),
                         m.assignment.clone(),
                     )
                 })

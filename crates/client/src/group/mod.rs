@@ -364,10 +364,13 @@ impl GroupConsumer {
         self.heartbeat.abort();
         if !self.member_id.is_empty() {
             let left: LeaveGroupResponse = self
-                .call_coordinator(&Request::LeaveGroup(LeaveGroupRequest {
-                    group_id: self.config.group_id.clone(),
-                    member_id: self.member_id.clone(),
-                }))
+                .call_coordinator(
+                    &Request::LeaveGroup(LeaveGroupRequest {
+                        group_id: self.config.group_id.clone(),
+                        member_id: self.member_id.clone(),
+                    }),
+                    |r: &LeaveGroupResponse| r.error_code,
+                )
                 .await?;
             if left.error_code != 0 && result.is_ok() {
                 result = Err(ClientError::broker(
@@ -412,12 +415,16 @@ impl GroupConsumer {
             return Ok(());
         }
         let response: OffsetCommitResponse = self
-            .call_coordinator(&Request::OffsetCommit(OffsetCommitRequest {
-                group_id: self.config.group_id.clone(),
-                generation: self.generation,
-                member_id: self.member_id.clone(),
-                topics,
-            }))
+            .call_coordinator(
+                &Request::OffsetCommit(OffsetCommitRequest {
+                    group_id: self.config.group_id.clone(),
+                    generation: self.generation,
+                    member_id: self.member_id.clone(),
+                    topics,
+                }),
+                // Per-partition codes are handled below.
+                |_: &OffsetCommitResponse| 0,
+            )
             .await?;
         let mut first_error = None;
         for topic in response.topics {
@@ -731,29 +738,21 @@ impl GroupConsumer {
                 })
                 .collect(),
         });
-        let mut attempts = 1;
-        let committed: BTreeMap<TopicPartition, u64> = loop {
-            let fetched: OffsetFetchResponse = self.call_coordinator(&request).await?;
+        let fetched: OffsetFetchResponse = self
+            .call_coordinator(&request, |r: &OffsetFetchResponse| r.error_code)
+            .await?;
+        let committed: BTreeMap<TopicPartition, u64> =
             match fetched_offsets(&self.config.group_id, fetched) {
-                Ok(committed) => {
-                    break committed.into_iter().map(|(t, p, o)| ((t, p), o)).collect();
-                }
-                // The coordinator moved, or just took the group over and loads it.
-                Err(err) if err.is_retriable() && attempts < COORDINATOR_ATTEMPTS => {
-                    attempts += 1;
-                    tokio::time::sleep(RETRY_BACKOFF).await;
-                    if coordinator_moved(&err) {
-                        self.reconnect_coordinator().await;
-                    }
-                }
+                Ok(committed) => committed.into_iter().map(|(t, p, o)| ((t, p), o)).collect(),
                 Err(err) => {
+                    // Still moving or loading after the retries: the rebalance is tried again
+                    // at the next poll, at the coordinator found again.
                     if coordinator_moved(&err) {
                         self.reconnect_coordinator().await;
                     }
                     return Err(err);
                 }
-            }
-        };
+            };
         for (topic, p) in added {
             let key = (topic.clone(), *p);
             let from = committed
@@ -803,22 +802,46 @@ impl GroupConsumer {
         Ok(())
     }
 
-    /// A call to the group's coordinator that finds it again and retries (a few times, backing
-    /// off) when its connection broke, as Kafka's clients do; the caller handles error codes in
-    /// the response.
+    /// A call to the group's coordinator, tried again (a few times, after [`Self::retry_after`])
+    /// when its connection broke or the response's `code_of` says the coordinator moved or is
+    /// still loading the group, as Kafka's clients do; other error codes are the caller's.
     async fn call_coordinator<T: cairn_protocol::native::Wire + Send + 'static>(
         &mut self,
         request: &Request,
+        code_of: impl Fn(&T) -> i16,
     ) -> Result<T, ClientError> {
         let mut attempts = 1;
         loop {
-            match self.coordinator.call(request).await {
-                Err(err) if coordinator_moved(&err) && attempts < COORDINATOR_ATTEMPTS => {
-                    attempts += 1;
-                    tokio::time::sleep(RETRY_BACKOFF).await;
-                    self.reconnect_coordinator().await;
+            let result = self.coordinator.call::<T>(request).await;
+            let failed = match &result {
+                Ok(response) => {
+                    let code = ErrorCode(code_of(response));
+                    [
+                        ErrorCode::NOT_COORDINATOR,
+                        ErrorCode::COORDINATOR_NOT_AVAILABLE,
+                        ErrorCode::COORDINATOR_LOAD_IN_PROGRESS,
+                    ]
+                    .contains(&code)
+                    .then(|| {
+                        ClientError::broker(
+                            format!(
+                                "{} of group {}",
+                                request.api_key().name(),
+                                self.config.group_id
+                            ),
+                            code.0,
+                            String::new(),
+                        )
+                    })
                 }
-                other => return other,
+                Err(err) => Some(err.clone()).filter(coordinator_moved),
+            };
+            match failed {
+                Some(err) if attempts < COORDINATOR_ATTEMPTS => {
+                    attempts += 1;
+                    self.retry_after(&err).await?;
+                }
+                _ => return result,
             }
         }
     }
