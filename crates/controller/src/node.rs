@@ -110,6 +110,9 @@ pub enum StartError {
 struct Liveness {
     /// The term whose leadership the table belongs to (reset at every new term).
     term: u64,
+    /// When this controller took up that term's duties: a broker not heard from since is
+    /// counted as heard then (every broker gets a full session from a new leadership).
+    term_started: Option<Instant>,
     /// Per broker: (broker epoch, last heartbeat).
     seen: HashMap<NodeId, (u64, Instant)>,
     /// Per broker: the controller connection its last heartbeat came on.
@@ -149,6 +152,9 @@ struct Inner {
     liveness: Mutex<Liveness>,
     /// Numbers the controller wire's connections.
     next_connection: std::sync::atomic::AtomicU64,
+    /// The last term in which this node, leading, had applied every entry of its log (see
+    /// [`ControllerNode::caught_up`]).
+    caught_up_term: std::sync::atomic::AtomicU64,
     stopped: watch::Sender<bool>,
 }
 
@@ -242,6 +248,7 @@ impl ControllerNode {
                 machine,
                 liveness: Mutex::new(Liveness::default()),
                 next_connection: std::sync::atomic::AtomicU64::new(0),
+                caught_up_term: std::sync::atomic::AtomicU64::new(u64::MAX),
                 stopped,
             }),
         };
@@ -367,6 +374,9 @@ impl ControllerNode {
                 leader: self.leader_hint(),
             });
         }
+        // A leader new to its term answers on its image once that holds everything committed
+        // before.
+        self.until_caught_up().await?;
         match command {
             Command::Register(info) => self.register(info).await,
             Command::Heartbeat {
@@ -620,6 +630,52 @@ impl ControllerNode {
                 Ok(Reply::Heartbeat { fenced })
             }
         }
+    }
+
+    /// Whether this node, leading, has an image that holds every record committed before its
+    /// leadership: once in its term it applied every entry of its log (a leader's log holds every
+    /// committed entry). Until then its image may lack brokers, topics and leaders committed
+    /// before: a newly elected leader has not committed its blank entry yet, and one restarted
+    /// straight back into its own term (openraft restores it as leader, appending nothing) applies
+    /// its log only as a quorum confirms it again.
+    fn caught_up(&self) -> bool {
+        use std::sync::atomic::Ordering;
+        let metrics = self.inner.raft.metrics();
+        let metrics = metrics.borrow();
+        let term = metrics.current_term;
+        if self.inner.caught_up_term.load(Ordering::Acquire) == term {
+            return true;
+        }
+        let applied = metrics.last_applied.map(|id| id.index);
+        let leading = metrics.current_leader == Some(u64::from(self.node_id()));
+        if leading && applied >= metrics.last_log_index {
+            self.inner.caught_up_term.store(term, Ordering::Release);
+            return true;
+        }
+        false
+    }
+
+    /// Waits until [`ControllerNode::caught_up`] (at most the commit timeout).
+    async fn until_caught_up(&self) -> Result<(), CommandError> {
+        let deadline = tokio::time::Instant::now() + self.inner.config.commit_timeout;
+        let mut metrics = self.inner.raft.metrics();
+        while !self.caught_up() {
+            if !self.is_active() {
+                return Err(CommandError::NotController {
+                    leader: self.leader_hint(),
+                });
+            }
+            match tokio::time::timeout_at(deadline, metrics.changed()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) => return Err(CommandError::Unavailable("controller stopped".into())),
+                Err(_) => {
+                    return Err(CommandError::Unavailable(
+                        "the new active controller has not applied its log yet".into(),
+                    ));
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Checks with a quorum of voters that this node is still the leader.
@@ -971,7 +1027,10 @@ impl ControllerNode {
                     tracing::info!(voter, "controller voter caught up");
                 }
             }
-            if !self.is_active() {
+            // A new leader decides nothing before its image holds everything committed before
+            // its term (seen: a controller restarted straight back into leadership fenced a
+            // broker its image did not list yet, 250 ms after taking over).
+            if !self.is_active() || !self.caught_up() {
                 continue;
             }
             let term = self.inner.raft.metrics().borrow().current_term;
@@ -979,20 +1038,16 @@ impl ControllerNode {
             let expired = {
                 let mut liveness = self.liveness();
                 if liveness.term != term {
-                    // A new leadership knows no heartbeat yet: every broker gets a full session.
+                    // A new leadership knows no heartbeat from before it: every broker gets a
+                    // full session from now. Heartbeats and closes this term already saw (before
+                    // this first tick) count.
                     liveness.term = term;
-                    // Closes seen while leading an earlier term are stale; those of this term
-                    // (seen before this first tick) count.
+                    liveness.term_started = Some(Instant::now());
                     liveness.disconnected.retain(|_, t| *t == term);
                     liveness.heard.clear();
-                    let now = Instant::now();
-                    liveness.seen = image
-                        .brokers
-                        .values()
-                        .map(|b| (b.info.node_id, (b.epoch, now)))
-                        .collect();
                 }
                 let session = self.inner.config.broker_session_timeout;
+                let term_started = liveness.term_started.unwrap_or_else(Instant::now);
                 // A voter this controller cannot reach, whose broker has not spoken to it in
                 // this term: the whole node is down (it may have been the previous controller,
                 // so no closed connection told anyone).
@@ -1013,7 +1068,9 @@ impl ControllerNode {
                                 .seen
                                 .get(&b.info.node_id)
                                 .filter(|(epoch, _)| *epoch == b.epoch)
-                                .is_none_or(|(_, at)| at.elapsed() >= session)
+                                .map_or(term_started, |(_, at)| (*at).max(term_started))
+                                .elapsed()
+                                >= session
                     })
                     .map(|b| (b.info.node_id, b.epoch))
                     .collect::<Vec<_>>()

@@ -48,6 +48,23 @@ async fn until(what: &str, deadline: Duration, mut check: impl FnMut() -> bool) 
     }
 }
 
+/// One heartbeat of broker `node` at `broker_epoch`, with the metadata offset `client` applied.
+async fn heartbeat(
+    client: &ControllerClient,
+    node: NodeId,
+    broker_epoch: u64,
+) -> Result<Reply, cairn_controller::CommandError> {
+    client
+        .execute(Command::Heartbeat {
+            node_id: node,
+            broker_epoch,
+            metadata_offset: client.image().offset,
+            shutting_down: false,
+            want_fence: false,
+        })
+        .await
+}
+
 /// Registers `node` and heartbeats until it is unfenced; returns its broker epoch.
 async fn join(client: &ControllerClient, node: NodeId) -> u64 {
     let Reply::Registered { broker_epoch } = client
@@ -61,16 +78,7 @@ async fn join(client: &ControllerClient, node: NodeId) -> u64 {
     feed.wait_for(|image| image.offset > broker_epoch)
         .await
         .unwrap();
-    let reply = client
-        .execute(Command::Heartbeat {
-            node_id: node,
-            broker_epoch,
-            metadata_offset: client.image().offset,
-            shutting_down: false,
-            want_fence: false,
-        })
-        .await
-        .unwrap();
+    let reply = heartbeat(client, node, broker_epoch).await.unwrap();
     assert_eq!(reply, Reply::Heartbeat { fenced: false });
     broker_epoch
 }
@@ -206,6 +214,22 @@ impl Quorum {
         quorum
     }
 
+    /// `n` voters, once they have a leader, and brokers 1..=n joined through a broker-only
+    /// client: that client, and each broker's epoch.
+    async fn with_brokers(n: u32) -> (Quorum, ControllerClient, BTreeMap<NodeId, u64>) {
+        let quorum = Quorum::start(n).await;
+        until("a leader", Duration::from_secs(10), || {
+            quorum.leader().is_some()
+        })
+        .await;
+        let client = ControllerClient::remote(&quorum.voters, 1 << 20);
+        let mut epochs = BTreeMap::new();
+        for node in 1..=n {
+            epochs.insert(node, join(&client, node).await);
+        }
+        (quorum, client, epochs)
+    }
+
     /// The active controller, once every running voter agrees on it.
     fn leader(&self) -> Option<NodeId> {
         let mut views = self.nodes.values().map(|n| n.leader());
@@ -287,16 +311,7 @@ async fn a_quorum_of_three_elects_a_new_active_controller_when_the_active_one_st
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_silent_broker_is_fenced_and_its_leaderships_move() {
-    let quorum = Quorum::start(3).await;
-    until("a leader", Duration::from_secs(10), || {
-        quorum.leader().is_some()
-    })
-    .await;
-    let client = ControllerClient::remote(&quorum.voters, 1 << 20);
-    let mut epochs = BTreeMap::new();
-    for node in 1..=3 {
-        epochs.insert(node, join(&client, node).await);
-    }
+    let (quorum, client, epochs) = Quorum::with_brokers(3).await;
     client.execute(topic("t", 3, Some(1))).await.unwrap();
     // Brokers 2 and 3 keep heartbeating; broker 1 goes silent.
     let beats = {
@@ -305,15 +320,7 @@ async fn a_silent_broker_is_fenced_and_its_leaderships_move() {
         tokio::spawn(async move {
             loop {
                 for node in [2, 3] {
-                    let _ = client
-                        .execute(Command::Heartbeat {
-                            node_id: node,
-                            broker_epoch: epochs[&node],
-                            metadata_offset: client.image().offset,
-                            shutting_down: false,
-                            want_fence: false,
-                        })
-                        .await;
+                    let _ = heartbeat(&client, node, epochs[&node]).await;
                 }
                 tokio::time::sleep(Duration::from_millis(300)).await;
             }
@@ -344,16 +351,7 @@ async fn a_silent_broker_is_fenced_and_its_leaderships_move() {
         silent.elapsed()
     );
     // It comes back: heartbeats again, is unfenced, and leads its partition again.
-    client
-        .execute(Command::Heartbeat {
-            node_id: 1,
-            broker_epoch: epochs[&1],
-            metadata_offset: client.image().offset,
-            shutting_down: false,
-            want_fence: false,
-        })
-        .await
-        .unwrap();
+    heartbeat(&client, 1, epochs[&1]).await.unwrap();
     println!("t={:?} broker 1 heartbeats again", silent.elapsed());
     tokio::time::timeout(
         Duration::from_secs(10),
@@ -364,6 +362,90 @@ async fn a_silent_broker_is_fenced_and_its_leaderships_move() {
     .unwrap();
     println!("t={:?} every partition led", silent.elapsed());
     beats.abort();
+    for node in quorum.nodes.values() {
+        node.shutdown().await;
+    }
+}
+
+/// A controller that comes straight back into its own leadership (killed and restarted before
+/// another voter took over; seen in the fault campaign) decides nothing on an image that has not
+/// replayed its log yet: brokers that reach it only after a while are not fenced, they keep a
+/// full session from the restart. (Before: the restarted leader's first duty ticks saw an image
+/// without the brokers, and a live broker was fenced 250 ms after the restart; librdkafka then
+/// dropped the broker missing from Metadata and a consumer stopped fetching for the run's rest.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_controller_restarted_straight_into_leadership_gives_every_broker_a_full_session() {
+    let (mut quorum, client, epochs) = Quorum::with_brokers(3).await;
+    // Some log to replay.
+    for i in 0..20 {
+        client
+            .execute(topic(&format!("t{i}"), 3, None))
+            .await
+            .unwrap();
+    }
+    // Restart the active controller at once, until it comes back as the leader of its own term
+    // (the others' election timeout is 300-600 ms; an in-process restart takes milliseconds).
+    let mut resumed = None;
+    for _ in 0..5 {
+        let leader = quorum.leader().unwrap();
+        let term = quorum.nodes[&leader].status().term;
+        quorum.nodes.remove(&leader).unwrap().shutdown().await;
+        quorum.restart(leader).await;
+        let restarted = Instant::now();
+        until("a leader again", Duration::from_secs(10), || {
+            quorum.leader().is_some()
+        })
+        .await;
+        let node = &quorum.nodes[&leader];
+        if quorum.leader() == Some(leader) && node.status().term == term {
+            resumed = Some((leader, restarted));
+            break;
+        }
+        println!("node {leader} did not resume its leadership; again");
+        for broker in 1..=3 {
+            heartbeat(&client, broker, epochs[&broker]).await.unwrap();
+        }
+    }
+    let (leader, restarted) = resumed.expect("a restarted controller resumed its leadership");
+    let session = Duration::from_secs(2);
+    let node = quorum.nodes[&leader].clone();
+    let local = ControllerClient::local(node.clone(), 1 << 20);
+    let mut feed = local.subscribe();
+    let watch = tokio::spawn(async move {
+        let mut fenced = Vec::new();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(4);
+        while let Ok(Ok(())) = tokio::time::timeout_at(deadline, feed.changed()).await {
+            let image = feed.borrow_and_update().clone();
+            fenced.extend(
+                image
+                    .brokers
+                    .values()
+                    .filter(|b| b.fenced)
+                    .map(|b| (b.info.node_id, image.offset)),
+            );
+        }
+        fenced
+    });
+    // Every broker reaches the restarted controller only after half a session (reconnecting,
+    // backing off); none may be fenced meanwhile, nor when they heartbeat.
+    tokio::time::sleep(session / 2).await;
+    while restarted.elapsed() < Duration::from_secs(4) {
+        for broker in 1..=3 {
+            let reply = heartbeat(&local, broker, epochs[&broker]).await.unwrap();
+            assert_eq!(
+                reply,
+                Reply::Heartbeat { fenced: false },
+                "broker {broker}, {:?} after the controller restarted",
+                restarted.elapsed()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let fenced = watch.await.unwrap();
+    assert!(
+        fenced.is_empty(),
+        "fenced (broker, metadata offset): {fenced:?}"
+    );
     for node in quorum.nodes.values() {
         node.shutdown().await;
     }
