@@ -13,8 +13,11 @@ the checker (crates/check, docs/reliability.md) while the nemesis breaks the clu
   with the group), each new assignment or revocation (`assign`), and commit what they processed
   after each batch, synchronously, logging the commit per partition (`invoke`, then `ok`, or
   `fail` for a refusal that surely did not apply, or `info`).
-- When FILE exists everything stops; the producer flushes what it still holds, the consumers
-  leave, and a fresh consumer of the group reads its committed offsets (`committed`).
+- When FILE exists the producer stops and flushes what it still holds; the consumers go on until
+  they have received every acknowledged value (at most CATCH_UP_S seconds more: librdkafka's
+  fetcher sometimes loses a partition for a few seconds when its leader moves, and recovers at
+  a metadata refresh), printing how long that took; then they leave, and a fresh consumer of
+  the group reads its committed offsets (`committed`).
 
 With CAIRN_CHAOS_RDKAFKA_DEBUG set (librdkafka's `debug` contexts, e.g. `cgrp,protocol`) the
 producer and the consumers log librdkafka's debug lines to CAIRN_CHAOS_RDKAFKA_LOG (default
@@ -43,6 +46,31 @@ REFUSED = {
 }
 
 
+# How long the consumers may take to receive every acknowledged value once the producer stopped.
+CATCH_UP_S = 20
+
+
+class Progress:
+    """Values acknowledged to the producer and received by the consumers."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.acknowledged = set()
+        self.received = set()
+
+    def ack(self, value):
+        with self.lock:
+            self.acknowledged.add(value)
+
+    def receive(self, value):
+        with self.lock:
+            self.received.add(value)
+
+    def missing(self):
+        with self.lock:
+            return len(self.acknowledged - self.received)
+
+
 class History:
     def __init__(self, path, origin_ns):
         self.file = open(path, "a", buffering=1 << 20)
@@ -59,7 +87,7 @@ class History:
             self.file.close()
 
 
-def produce(args, history, stop):
+def produce(args, history, stop, progress):
     producer = Producer(debugged(
         {
             "bootstrap.servers": args.bootstrap,
@@ -78,6 +106,7 @@ def produce(args, history, stop):
         if err is None:
             history.log(type="ok", f="send", process="confluent-producer", value=value,
                         topic=args.topic, partition=msg.partition(), offset=msg.offset())
+            progress.ack(value)
         else:
             # librdkafka gave up on it (a timeout, a fatal error): it may have been written.
             history.log(type="info", f="send", process="confluent-producer", value=value,
@@ -117,7 +146,7 @@ def debugged(config, name):
     return dict(config, debug=contexts, logger=logger)
 
 
-def consume(args, name, history, stop):
+def consume(args, name, history, stop, progress):
     consumer = Consumer(debugged(
         {
             "bootstrap.servers": args.bootstrap,
@@ -149,9 +178,11 @@ def consume(args, name, history, stop):
         for m in messages:
             if m.error():
                 continue
+            value = m.value().decode()
             history.log(type="ok", f="poll", process=name, group=args.group,
-                        value=m.value().decode(), topic=m.topic(), partition=m.partition(),
+                        value=value, topic=m.topic(), partition=m.partition(),
                         offset=m.offset())
+            progress.receive(value)
             positions[m.partition()] = m.offset() + 1
         if positions:
             commit(consumer, args, name, history, positions)
@@ -218,17 +249,34 @@ def main():
     parser.add_argument("--stop", required=True)
     args = parser.parse_args()
     history = History(args.history, args.origin_ns)
-    stop = threading.Event()
-    threads = [threading.Thread(target=produce, args=(args, history, stop))]
-    for n in (1, 2):
-        threads.append(threading.Thread(
-            target=consume, args=(args, f"confluent-consumer-{n}", history, stop)))
-    for t in threads:
+    progress = Progress()
+    stop_producing = threading.Event()
+    stop_consuming = threading.Event()
+    producer = threading.Thread(target=produce, args=(args, history, stop_producing, progress))
+    consumers = [
+        threading.Thread(target=consume,
+                         args=(args, f"confluent-consumer-{n}", history, stop_consuming, progress))
+        for n in (1, 2)
+    ]
+    for t in [producer] + consumers:
         t.start()
     while not os.path.exists(args.stop):
         time.sleep(0.1)
-    stop.set()
-    for t in threads:
+    stop_producing.set()
+    producer.join()
+    stopped = time.monotonic()
+    while progress.missing() and time.monotonic() - stopped < CATCH_UP_S:
+        time.sleep(0.05)
+    missing = progress.missing()
+    waited = time.monotonic() - stopped
+    if missing:
+        print(f"the consumers still miss {missing} acknowledged values {waited:.1f} s after the "
+              "producer stopped", flush=True)
+    else:
+        print(f"the consumers received every acknowledged value {waited * 1000:.0f} ms after "
+              "the producer stopped", flush=True)
+    stop_consuming.set()
+    for t in consumers:
         t.join()
     read_committed(args, history)
     history.close()

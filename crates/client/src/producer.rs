@@ -1181,7 +1181,20 @@ impl Sender {
     /// When to wake without news: the first open batch's linger, or a retry's backoff.
     fn next_wake(&self, linger_until: Option<Instant>) -> Instant {
         let now = Instant::now();
-        let far = now + Duration::from_secs(3600);
+        // Batches waiting with nothing under way that would wake the sender (no request, no
+        // routing answer, no producer id asked): a missed wake-up must not strand them, so look
+        // again after a backoff.
+        let nothing_pending = self.in_flight.is_empty()
+            && self.routing.is_empty()
+            && self
+                .idempotence
+                .as_ref()
+                .is_none_or(|idem| idem.asking.is_none());
+        let far = if nothing_pending && !self.ready.is_empty() {
+            now + self.shared.config.retry_backoff
+        } else {
+            now + Duration::from_secs(3600)
+        };
         // Only retries still backing off: a batch already due was offered to `dispatch` just
         // now and waits for something with its own wake-up (a routing answer, a request
         // completing, the producer id); waking for it would spin.
@@ -1315,7 +1328,11 @@ impl Sender {
                 return;
             };
             let Some(conn) = self.cluster.cached(node) else {
-                // Opened in the background (leader_of asked for it); the runs wait.
+                // Dropped since leader_of saw it open (a metadata refresh on another task that
+                // no longer lists the broker, or a failure): opened again in the background, and
+                // the runs wait for it. (Before, nothing woke them: with no other send coming,
+                // a producer kept 32 sends unresolved for 77 s until it was closed.)
+                self.open_connection(node);
                 for (_, run) in runs.into_iter().rev() {
                     for ready in run.into_iter().rev() {
                         self.ready.push_front(ready);
@@ -1457,6 +1474,24 @@ impl Sender {
     /// The leader of a partition if it is known and its connection open; otherwise starts
     /// finding out (a metadata refresh, or opening the connection) and answers `None`.
     /// `usable` remembers, within one dispatch pass, what each leader's connection was.
+    /// Opens the connection to `node` in the background (once), waking the sender when done.
+    fn open_connection(&mut self, node: u32) {
+        let key = RoutingKey::Connect(node);
+        if self.routing_for.insert(key.clone()) {
+            let cluster = self.cluster.clone();
+            let backoff = self.shared.config.retry_backoff;
+            self.routing.push(Box::pin(async move {
+                if let Err(err) = cluster.connection(node).await {
+                    tracing::debug!(node, error = %err, "cannot connect to a leader");
+                    // A broker that just died: its metadata will change; look again.
+                    cluster.forget(node);
+                    tokio::time::sleep(backoff).await;
+                }
+                key
+            }));
+        }
+    }
+
     fn leader_of(
         &mut self,
         topic: &str,
@@ -1484,20 +1519,7 @@ impl Sender {
         match (leader, state) {
             (Some(node), Some(Usable::Open)) => Some(node),
             (Some(node), Some(Usable::Closed)) => {
-                let key = RoutingKey::Connect(node);
-                if self.routing_for.insert(key.clone()) {
-                    let cluster = self.cluster.clone();
-                    let backoff = self.shared.config.retry_backoff;
-                    self.routing.push(Box::pin(async move {
-                        if let Err(err) = cluster.connection(node).await {
-                            tracing::debug!(node, error = %err, "cannot connect to a leader");
-                            // A broker that just died: its metadata will change; look again.
-                            cluster.forget(node);
-                            tokio::time::sleep(backoff).await;
-                        }
-                        key
-                    }));
-                }
+                self.open_connection(node);
                 None
             }
             _ => {
