@@ -1,7 +1,8 @@
 //! `cairn bench`: produce, consume and end-to-end workloads against a broker, each reported beside
 //! the physical baseline of this machine measured in the same run, without a broker:
 //! - produce: one task sends the same bytes over loopback TCP, another receives and writes them to
-//!   a file;
+//!   a file (with acks=all: one receiver per replica of the topic, each writing its own file, and
+//!   syncing it where replication is durable);
 //! - consume: one task reads a page-cached file and sends it over loopback TCP to a receiver.
 
 use std::io::Write as _;
@@ -161,27 +162,46 @@ pub async fn run(bootstrap: &str, output: Output, args: BenchArgs) -> anyhow::Re
         ProtocolChoice::Both => vec![native.clone(), kafka.clone(), kafka, native],
     };
     let mut results = Vec::with_capacity(targets.len());
+    let mut copies = Copies {
+        replicas: 1,
+        synced: true,
+    };
     for target in &targets {
         settle();
-        let result = run_workload(target, output, &args, acks, compression).await?;
+        let (result, topic_copies) = run_workload(target, output, &args, acks, compression).await?;
+        copies = topic_copies;
         results.push((target.name, result));
     }
     let total_bytes = args.records * args.record_bytes as u64;
+    // acks=all waits for every in-sync replica: the baseline makes as many copies (and syncs
+    // them where the topic's replication is durable).
+    let replicas = copies.replicas.max(1);
+    let copies_text = if replicas > 1 {
+        format!(", {replicas} copies at once")
+    } else {
+        String::new()
+    };
+    // Not into the runs' writeback (or a broker deleting the run's topic).
+    settle();
     let (baseline, baseline_name) = match args.workload {
-        _ if args.no_baseline => (None, ""),
+        _ if args.no_baseline => (None, String::new()),
+        Workload::Produce if acks == Acks::All && copies.synced => (
+            Some(produce_baseline(total_bytes, true, replicas).await?),
+            format!("loopback TCP + file write + fdatasync{copies_text}"),
+        ),
         Workload::Produce if acks == Acks::All => (
-            Some(produce_baseline(total_bytes, true).await?),
-            "loopback TCP + file write + fdatasync",
+            Some(produce_baseline(total_bytes, false, replicas).await?),
+            format!("loopback TCP + file write{copies_text}"),
         ),
         Workload::Produce => (
-            Some(produce_baseline(total_bytes, false).await?),
-            "loopback TCP + file write",
+            Some(produce_baseline(total_bytes, false, 1).await?),
+            "loopback TCP + file write".to_string(),
         ),
         Workload::Consume => (
             Some(consume_baseline(total_bytes).await?),
-            "page-cached file over loopback TCP",
+            "page-cached file over loopback TCP".to_string(),
         ),
-        Workload::E2e => (None, ""),
+        Workload::E2e => (None, String::new()),
     };
     // Written, not printed: a closed pipe is an error to return, not a panic.
     let stdout = std::io::stdout();
@@ -191,7 +211,7 @@ pub async fn run(bootstrap: &str, output: Output, args: BenchArgs) -> anyhow::Re
             result,
             protocol,
             baseline,
-            baseline_name,
+            baseline_name: &baseline_name,
         }
         .print(&mut out, output, &args, args.workload)?;
     }
@@ -221,6 +241,35 @@ fn settle() {
     let _ = std::process::Command::new("sync").status();
 }
 
+/// How many copies of each byte the topic's replication makes, and whether they are synced
+/// before acks=all is answered (durable replication) or only written.
+#[derive(Debug, Clone, Copy)]
+struct Copies {
+    replicas: usize,
+    synced: bool,
+}
+
+impl Copies {
+    /// The topic's, as the cluster describes it (one synced copy if it cannot say: another
+    /// Kafka-compatible broker, say).
+    async fn of(admin: &Admin, topic: &str) -> Copies {
+        let described = admin.describe_topics(&[topic.to_string()]).await.ok();
+        let Some(topic) = described.as_ref().and_then(|t| t.first()) else {
+            return Copies {
+                replicas: 1,
+                synced: true,
+            };
+        };
+        Copies {
+            replicas: topic.partitions.first().map_or(1, |p| p.replicas.len()),
+            synced: !topic
+                .configs
+                .iter()
+                .any(|c| c.key == "replication.durability" && c.value == "memory"),
+        }
+    }
+}
+
 /// Runs the workload over one protocol, on a fresh topic unless one was named.
 async fn run_workload(
     target: &Target,
@@ -228,7 +277,7 @@ async fn run_workload(
     args: &BenchArgs,
     acks: Acks,
     compression: Compression,
-) -> anyhow::Result<Measured> {
+) -> anyhow::Result<(Measured, Copies)> {
     let topic = args
         .topic
         .clone()
@@ -248,6 +297,7 @@ async fn run_workload(
             .create_topic_replicated(&topic, args.partitions, args.replication_factor, &configs)
             .await?;
     }
+    let copies = Copies::of(&admin, &topic).await;
     let progress = progress_bar(output, args.records);
     progress.set_message(target.name);
     let result = match args.workload {
@@ -279,7 +329,7 @@ async fn run_workload(
     if args.topic.is_none() {
         admin.delete_topic(&topic).await?;
     }
-    Ok(result)
+    Ok((result, copies))
 }
 
 fn now_ms() -> i64 {
@@ -342,7 +392,7 @@ struct Report<'a> {
     result: &'a Measured,
     protocol: &'a str,
     baseline: Option<Baseline>,
-    baseline_name: &'static str,
+    baseline_name: &'a str,
 }
 
 impl Report<'_> {
@@ -732,48 +782,95 @@ fn thread_cpu() -> Option<(Duration, Duration)> {
 /// Buffer size of the baselines: large, so system calls cost little.
 const BASELINE_CHUNK: usize = 1 << 20;
 
-/// MB/s of sending `total` bytes over loopback TCP to a receiver that writes them to a file
-/// (and, with `sync`, makes them durable with one fdatasync at the end): the fastest simple
-/// program for what a broker does with produced bytes, blocking I/O on two threads with 1 MiB
-/// buffers.
-async fn produce_baseline(total: u64, sync: bool) -> anyhow::Result<Baseline> {
+/// Writes `total` filler bytes to `out` in [`BASELINE_CHUNK`] pieces.
+fn write_filler(out: &mut impl std::io::Write, total: u64) -> std::io::Result<()> {
+    let chunk = vec![7u8; BASELINE_CHUNK];
+    let mut written = 0u64;
+    while written < total {
+        let n = (total - written).min(chunk.len() as u64) as usize;
+        out.write_all(chunk.get(..n).unwrap_or_default())?;
+        written += n as u64;
+    }
+    Ok(())
+}
+
+/// How often a durable baseline's receiver syncs what it wrote. Measured on the 2-core VM with
+/// three writers at once (`fdatasync` every 0/8/16/32/64 MiB, 1 GiB each, alternating runs):
+/// every 8-16 MiB was the fastest (381-633 MB/s per copy at 16 MiB, 255-618 syncing only at the
+/// end, when the whole file is dirty and writers stall on dirty-page throttling); a broker's group
+/// commit syncs as it goes too.
+const BASELINE_SYNC_EVERY: u64 = 16 << 20;
+
+/// MB/s of sending `total` bytes over loopback TCP to `copies` receivers that each write them
+/// to a file of their own (and, with `sync`, make them durable: an fdatasync every
+/// [`BASELINE_SYNC_EVERY`] and at the end):
+/// the fastest simple program for what a broker, or a partition's replicas, do with produced
+/// bytes; blocking I/O on a thread each, 1 MiB buffers. The MB/s counts `total` once.
+async fn produce_baseline(total: u64, sync: bool, copies: usize) -> anyhow::Result<Baseline> {
     tokio::task::spawn_blocking(move || {
         use std::io::{Read, Write};
-        let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
-        let addr = listener.local_addr()?;
         let dir = tempfile::tempdir()?;
-        let path = dir.path().join("baseline");
-        let receiver = std::thread::spawn(move || {
-            let (mut socket, _) = listener.accept()?;
-            let mut file = std::fs::File::create(&path)?;
-            let mut buf = vec![0u8; BASELINE_CHUNK];
-            loop {
-                let n = socket.read(&mut buf)?;
-                if n == 0 {
-                    break;
+        let mut addrs = Vec::with_capacity(copies);
+        let mut receivers = Vec::with_capacity(copies);
+        for copy in 0..copies {
+            let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+            addrs.push(listener.local_addr()?);
+            let path = dir.path().join(format!("baseline-{copy}"));
+            receivers.push(std::thread::spawn(move || {
+                let (mut socket, _) = listener.accept()?;
+                let mut file = std::fs::File::create(&path)?;
+                let mut buf = vec![0u8; BASELINE_CHUNK];
+                let mut unsynced = 0u64;
+                loop {
+                    let n = socket.read(&mut buf)?;
+                    if n == 0 {
+                        break;
+                    }
+                    file.write_all(buf.get(..n).unwrap_or_default())?;
+                    unsynced += n as u64;
+                    if sync && unsynced >= BASELINE_SYNC_EVERY {
+                        file.sync_data()?;
+                        unsynced = 0;
+                    }
                 }
-                file.write_all(buf.get(..n).unwrap_or_default())?;
-            }
-            if sync {
-                file.sync_data()?;
-            }
+                if sync {
+                    file.sync_data()?;
+                }
+                anyhow::Ok(())
+            }));
+        }
+        let send = move |addr: std::net::SocketAddr| {
+            let mut socket = std::net::TcpStream::connect(addr)?;
+            write_filler(&mut socket, total)?;
+            socket.shutdown(std::net::Shutdown::Write)?;
             anyhow::Ok(())
-        });
+        };
         let cpu_before = thread_cpu();
         let started = Instant::now();
-        let mut socket = std::net::TcpStream::connect(addr)?;
-        let chunk = vec![7u8; BASELINE_CHUNK];
-        let mut sent = 0u64;
-        while sent < total {
-            let n = (total - sent).min(chunk.len() as u64) as usize;
-            socket.write_all(chunk.get(..n).unwrap_or_default())?;
-            sent += n as u64;
+        // Each copy its own sender, as a leader serves each follower on its own: a copy whose
+        // receiver is syncing does not hold up the others.
+        let (first, others) = addrs.split_first().context("no copies")?;
+        let senders = others
+            .iter()
+            .map(|addr| {
+                let addr = *addr;
+                std::thread::spawn(move || send(addr))
+            })
+            .collect::<Vec<_>>();
+        send(*first)?;
+        // The sender's CPU is a client's floor only with one copy (a client sends once; the
+        // replicas copy among themselves).
+        let client_cpu = cpu_delta(cpu_before, thread_cpu()).filter(|_| copies == 1);
+        for sender in senders {
+            sender
+                .join()
+                .map_err(|_| anyhow::anyhow!("baseline sender panicked"))??;
         }
-        socket.shutdown(std::net::Shutdown::Write)?;
-        let client_cpu = cpu_delta(cpu_before, thread_cpu());
-        receiver
-            .join()
-            .map_err(|_| anyhow::anyhow!("baseline receiver panicked"))??;
+        for receiver in receivers {
+            receiver
+                .join()
+                .map_err(|_| anyhow::anyhow!("baseline receiver panicked"))??;
+        }
         Ok(Baseline {
             mb_per_sec: total as f64 / started.elapsed().as_secs_f64() / 1e6,
             client_cpu,
@@ -791,13 +888,7 @@ async fn consume_baseline(total: u64) -> anyhow::Result<Baseline> {
         let path = dir.path().join("baseline");
         {
             let mut file = std::fs::File::create(&path)?;
-            let chunk = vec![7u8; BASELINE_CHUNK];
-            let mut written = 0u64;
-            while written < total {
-                let n = (total - written).min(chunk.len() as u64) as usize;
-                file.write_all(chunk.get(..n).unwrap_or_default())?;
-                written += n as u64;
-            }
+            write_filler(&mut file, total)?;
         }
         // Warm the page cache, as a broker's recently written segments are.
         let _ = std::fs::read(&path)?;
