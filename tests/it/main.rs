@@ -20,4 +20,5 @@ mod power_loss;
 mod proxy;
 mod recovery_fixtures;
 mod replication;
+mod security;
 mod support;

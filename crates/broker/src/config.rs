@@ -67,6 +67,14 @@ pub struct BrokerConfig {
     pub controller_listen: Option<SocketAddr>,
     /// This broker's rack, for rack-aware replica placement.
     pub rack: Option<String>,
+    /// PEM certificate chain: with `tls_key`, the native and Kafka listeners speak TLS (1.2 or
+    /// 1.3) only. Not yet with a controller quorum of more than one node (brokers do not speak
+    /// TLS to each other yet).
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of `tls_cert`.
+    pub tls_key: Option<PathBuf>,
+    /// PEM CA certificates: with it, clients must present a certificate it signed (mTLS).
+    pub tls_client_ca: Option<PathBuf>,
     /// A broker whose heartbeats stop for this long is fenced and its leaderships move; one that
     /// hears nothing from the controller for this long stops leading (Kafka
     /// `broker.session.timeout.ms`), in milliseconds.
@@ -171,6 +179,9 @@ impl Default for BrokerConfig {
             roles: Vec::new(),
             controller_listen: None,
             rack: None,
+            tls_cert: None,
+            tls_key: None,
+            tls_client_ca: None,
             broker_session_timeout_ms: 6_000,
             broker_heartbeat_interval_ms: 1_000,
             replica_lag_time_max_ms: 10_000,
@@ -385,6 +396,35 @@ impl BrokerConfig {
             field: "controller_quorum",
             why,
         })?;
+        match (&self.tls_cert, &self.tls_key) {
+            (Some(_), None) => {
+                return Err(ConfigError::Invalid {
+                    field: "tls_key",
+                    why: "tls_cert needs its key".into(),
+                });
+            }
+            (None, Some(_)) => {
+                return Err(ConfigError::Invalid {
+                    field: "tls_cert",
+                    why: "tls_key needs its certificate".into(),
+                });
+            }
+            (None, None) if self.tls_client_ca.is_some() => {
+                return Err(ConfigError::Invalid {
+                    field: "tls_client_ca",
+                    why: "client certificates need TLS: set tls_cert and tls_key".into(),
+                });
+            }
+            (Some(_), Some(_)) if voters.len() > 1 => {
+                return Err(ConfigError::Invalid {
+                    field: "tls_cert",
+                    why: "TLS with a controller quorum of more than one node is not supported \
+                          yet: brokers do not speak TLS to each other"
+                        .into(),
+                });
+            }
+            _ => {}
+        }
         let voter = voters.contains_key(&self.node_id);
         let says_controller = self.roles.contains(&NodeRole::Controller);
         if !self.roles.is_empty() && voter != says_controller {

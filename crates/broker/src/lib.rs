@@ -46,6 +46,7 @@ pub mod producers;
 mod replica;
 use producers::ProducerIds;
 mod server;
+mod tls;
 mod topic;
 
 use std::net::SocketAddr;
@@ -194,6 +195,13 @@ impl BrokerBuilder {
     pub async fn start(self) -> Result<RunningBroker, StartError> {
         let config = self.config;
         config.validate()?;
+        let tls = tls::acceptor(&config)?;
+        if tls.is_none() {
+            tracing::warn!(
+                "no TLS and no authentication: anyone who can reach the listeners can read, write \
+                 and delete everything (docs/security.md)"
+            );
+        }
         let fs = self.fs.unwrap_or_else(|| Arc::new(StdFs));
         let clock = self.clock.unwrap_or_else(|| Arc::new(SystemClock));
         let started = Instant::now();
@@ -390,6 +398,7 @@ impl BrokerBuilder {
         tracker.spawn(server::serve(
             listener,
             server::Protocol::Native,
+            tls.clone(),
             Arc::clone(&handler),
             Arc::clone(&limits),
             tracker.clone(),
@@ -399,6 +408,7 @@ impl BrokerBuilder {
             tracker.spawn(server::serve(
                 listener,
                 server::Protocol::Kafka,
+                tls,
                 Arc::clone(&handler),
                 limits,
                 tracker.clone(),

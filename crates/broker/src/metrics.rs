@@ -23,6 +23,8 @@ pub struct Metrics {
     pub request_seconds: HistogramVec,
     pub connections: IntGauge,
     pub connections_rejected: IntCounter,
+    /// TLS handshakes that failed or timed out.
+    pub tls_handshakes_failed: IntCounter,
     pub duplicate_batches: IntCounter,
     /// Record bytes sent to followers.
     pub replica_fetch_bytes: IntCounter,
@@ -137,6 +139,11 @@ impl Metrics {
             "Connections closed at once because connections_max was reached.",
         )?;
         registry.register(Box::new(connections_rejected.clone()))?;
+        let tls_handshakes_failed = IntCounter::new(
+            "cairn_tls_handshakes_failed_total",
+            "TLS handshakes on the native and Kafka listeners that failed or timed out.",
+        )?;
+        registry.register(Box::new(tls_handshakes_failed.clone()))?;
         let duplicate_batches = IntCounter::new(
             "cairn_producer_duplicate_batches_total",
             "Idempotent producers' retried batches answered with their original offsets, not written again.",
@@ -262,6 +269,7 @@ impl Metrics {
             request_seconds,
             connections,
             connections_rejected,
+            tls_handshakes_failed,
             duplicate_batches,
             replica_fetch_bytes,
             compaction_bytes_removed,

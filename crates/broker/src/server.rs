@@ -13,9 +13,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use tokio::io::{AsyncReadExt, AsyncWriteExt, BufWriter};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter};
+use tokio::net::TcpListener;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
+use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -53,6 +54,7 @@ impl SharedLimits {
 pub(crate) async fn serve(
     listener: TcpListener,
     protocol: Protocol,
+    tls: Option<TlsAcceptor>,
     handler: Arc<Handler>,
     limits: Arc<SharedLimits>,
     tracker: TaskTracker,
@@ -85,19 +87,39 @@ pub(crate) async fn serve(
         let budget = Arc::clone(&limits.budget);
         let shutdown = shutdown.clone();
         let tasks = tracker.clone();
+        let tls = tls.clone();
         tracker.spawn(async move {
             handler.metrics.connections.inc();
-            tracing::debug!(%peer, ?protocol, "connection opened");
-            if let Err(reason) = connection(
-                stream,
-                protocol,
-                Arc::clone(&handler),
-                budget,
-                tasks,
-                shutdown,
-            )
-            .await
-            {
+            tracing::debug!(%peer, ?protocol, tls = tls.is_some(), "connection opened");
+            let served = match tls {
+                None => {
+                    let (reader, writer) = stream.into_split();
+                    let handler = Arc::clone(&handler);
+                    connection(reader, writer, protocol, handler, budget, tasks, shutdown).await
+                }
+                Some(tls) => {
+                    // The handshake is bounded like a frame: a silent client holds only its own
+                    // connection slot, and not for long.
+                    let timeout = Duration::from_millis(handler.config.frame_read_timeout_ms);
+                    match tokio::time::timeout(timeout, tls.accept(stream)).await {
+                        Ok(Ok(stream)) => {
+                            let (reader, writer) = tokio::io::split(stream);
+                            let handler = Arc::clone(&handler);
+                            connection(reader, writer, protocol, handler, budget, tasks, shutdown)
+                                .await
+                        }
+                        Ok(Err(err)) => {
+                            handler.metrics.tls_handshakes_failed.inc();
+                            Err(format!("TLS handshake: {err}"))
+                        }
+                        Err(_) => {
+                            handler.metrics.tls_handshakes_failed.inc();
+                            Err("TLS handshake timed out".into())
+                        }
+                    }
+                }
+            };
+            if let Err(reason) = served {
                 tracing::debug!(%peer, %reason, "connection closed");
             }
             handler.metrics.connections.dec();
@@ -108,15 +130,20 @@ pub(crate) async fn serve(
 
 type Pending = tokio::task::JoinHandle<(Outcome, OwnedSemaphorePermit)>;
 
-async fn connection(
-    stream: TcpStream,
+/// Serves one connection, plain TCP or TLS, from its two halves.
+async fn connection<R, W>(
+    mut reader: R,
+    writer: W,
     protocol: Protocol,
     handler: Arc<Handler>,
     budget: Arc<Semaphore>,
     tasks: TaskTracker,
     shutdown: CancellationToken,
-) -> Result<(), String> {
-    let (mut reader, writer) = stream.into_split();
+) -> Result<(), String>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
     let (queue, mut pending) =
         mpsc::channel::<Pending>(handler.config.inflight_requests_per_connection_max as usize);
     let closed = Arc::new(AtomicBool::new(false));

@@ -60,6 +60,15 @@ pub struct BrokerArgs {
     /// This broker's rack, for rack-aware replica placement.
     #[arg(long, env = "CAIRN_RACK")]
     rack: Option<String>,
+    /// PEM certificate chain: with --tls-key, the native and Kafka listeners speak TLS only.
+    #[arg(long, env = "CAIRN_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long, env = "CAIRN_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// PEM CA certificates: clients must present a certificate signed by one (mTLS).
+    #[arg(long, env = "CAIRN_TLS_CLIENT_CA")]
+    tls_client_ca: Option<PathBuf>,
     /// TOML config file; flags and CAIRN_* variables override it.
     #[arg(long, env = "CAIRN_CONFIG")]
     config: Option<PathBuf>,
@@ -112,6 +121,15 @@ pub async fn run(args: BrokerArgs) -> anyhow::Result<()> {
     }
     if let Some(rack) = args.rack {
         config.rack = Some(rack);
+    }
+    if let Some(cert) = args.tls_cert {
+        config.tls_cert = Some(cert);
+    }
+    if let Some(key) = args.tls_key {
+        config.tls_key = Some(key);
+    }
+    if let Some(ca) = args.tls_client_ca {
+        config.tls_client_ca = Some(ca);
     }
     if let Some(listen) = args.listen {
         config.listen = listen;

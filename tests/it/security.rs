@@ -1,0 +1,192 @@
+//! TLS on the listeners (docs/security.md): confluent-kafka over TLS and mutual TLS; a client
+//! that does not trust the broker's certificate, one without a certificate where one is
+//! required, and a plaintext client are all refused, and the broker goes on serving the others.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use crate::broker_process::BrokerProcess;
+use crate::cluster::metric;
+use crate::kafka::{python, script};
+
+/// A CA, a broker certificate it signed (for 127.0.0.1 and localhost), a client certificate it
+/// signed, and another CA that signed nothing here, as PEM files in `dir`.
+struct Pki {
+    ca: PathBuf,
+    cert: PathBuf,
+    key: PathBuf,
+    client_cert: PathBuf,
+    client_key: PathBuf,
+    other_ca: PathBuf,
+}
+
+fn pki(dir: &Path) -> Pki {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
+    let write = |name: &str, pem: String| {
+        let path = dir.join(name);
+        std::fs::write(&path, pem).unwrap();
+        path
+    };
+    let authority = |name: &str| {
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.distinguished_name.push(DnType::CommonName, name);
+        let key = KeyPair::generate().unwrap();
+        let cert = params.self_signed(&key).unwrap();
+        (cert, key)
+    };
+    let (ca, ca_key) = authority("cairn test CA");
+    let (other_ca, _) = authority("someone else's CA");
+    let signed = |names: Vec<String>, common_name: &str| {
+        let mut params = CertificateParams::new(names).unwrap();
+        params
+            .distinguished_name
+            .push(DnType::CommonName, common_name);
+        let key = KeyPair::generate().unwrap();
+        let cert = params.signed_by(&key, &ca, &ca_key).unwrap();
+        (cert.pem(), key.serialize_pem())
+    };
+    let (cert, key) = signed(
+        vec!["127.0.0.1".to_string(), "localhost".to_string()],
+        "broker",
+    );
+    let (client_cert, client_key) = signed(Vec::new(), "alice");
+    Pki {
+        ca: write("ca.pem", ca.pem()),
+        cert: write("broker.pem", cert),
+        key: write("broker.key", key),
+        client_cert: write("alice.pem", client_cert),
+        client_key: write("alice.key", client_key),
+        other_ca: write("other-ca.pem", other_ca.pem()),
+    }
+}
+
+/// What tests/kafka/tls.py reported: records produced and consumed, and the first error.
+#[derive(Debug)]
+struct Outcome {
+    produced: u64,
+    consumed: u64,
+    error: Option<String>,
+}
+
+fn confluent(broker: &str, ca: &Path, client: Option<(&Path, &Path)>, topic: &str) -> Outcome {
+    let mut command = Command::new(python());
+    command
+        .arg(script("tls.py"))
+        .args(["--broker", broker, "--topic", topic, "--ca"])
+        .arg(ca);
+    if let Some((cert, key)) = client {
+        command.arg("--cert").arg(cert).arg("--key").arg(key);
+    }
+    let out = command.output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "tls.py failed\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    Outcome {
+        produced: report["produced"].as_u64().unwrap(),
+        consumed: report["consumed"].as_u64().unwrap(),
+        error: report["error"].as_str().map(str::to_string),
+    }
+}
+
+fn handshakes_failed(broker: &BrokerProcess) -> u64 {
+    let (_, body) = broker.http_get("/metrics");
+    metric(&body, "cairn_tls_handshakes_failed_total")
+}
+
+#[test]
+fn kafka_clients_speak_tls_and_mutual_tls_and_everyone_else_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = pki(dir.path());
+    let toml = |client_ca: Option<&Path>| {
+        let mut toml = format!(
+            "tls_cert = {:?}\ntls_key = {:?}\n",
+            pki.cert.display().to_string(),
+            pki.key.display().to_string()
+        );
+        if let Some(ca) = client_ca {
+            toml.push_str(&format!("tls_client_ca = {:?}\n", ca.display().to_string()));
+        }
+        toml
+    };
+
+    // TLS: a client that trusts the CA produces and consumes.
+    let broker = BrokerProcess::start_with_config(&dir.path().join("tls"), &toml(None));
+    let ok = confluent(&broker.kafka, &pki.ca, None, "over-tls");
+    assert_eq!((ok.produced, ok.consumed), (100, 100), "{ok:?}");
+    // One that trusts another CA gets nothing through and says why.
+    let untrusted = confluent(&broker.kafka, &pki.other_ca, None, "untrusted");
+    assert_eq!(untrusted.produced, 0, "{untrusted:?}");
+    let why = untrusted.error.unwrap_or_default();
+    assert!(why.contains("SSL") || why.contains("certificate"), "{why}");
+    // A plaintext client (Cairn's native client, no TLS) is refused at the handshake.
+    let before = handshakes_failed(&broker);
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let plaintext = runtime.block_on(async {
+        tokio::time::timeout(std::time::Duration::from_secs(10), async {
+            cairn_client::Admin::connect(&broker.addr)
+                .await?
+                .list_topics()
+                .await
+        })
+        .await
+    });
+    assert!(
+        matches!(plaintext, Ok(Err(_))),
+        "a plaintext client got through or hung: {plaintext:?}"
+    );
+    assert!(handshakes_failed(&broker) > before);
+    // And the broker goes on serving TLS clients.
+    let again = confluent(&broker.kafka, &pki.ca, None, "over-tls");
+    assert_eq!(again.produced, 100, "{again:?}");
+    drop(broker);
+
+    // Mutual TLS: without a client certificate the handshake fails; with one the CA signed, all
+    // goes through.
+    let broker = BrokerProcess::start_with_config(&dir.path().join("mtls"), &toml(Some(&pki.ca)));
+    let anonymous = confluent(&broker.kafka, &pki.ca, None, "mtls");
+    assert_eq!(anonymous.produced, 0, "{anonymous:?}");
+    let alice = confluent(
+        &broker.kafka,
+        &pki.ca,
+        Some((&pki.client_cert, &pki.client_key)),
+        "mtls",
+    );
+    assert_eq!((alice.produced, alice.consumed), (100, 100), "{alice:?}");
+}
+
+#[test]
+fn a_broker_refuses_incomplete_or_unreadable_tls_settings_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = pki(dir.path());
+    let cairn = env!("CARGO_BIN_EXE_cairn-under-test");
+    let start = |args: &[&str]| {
+        let out = Command::new(cairn)
+            .arg("broker")
+            .args(["--data-dir"])
+            .arg(dir.path().join("data"))
+            .args(["--listen", "127.0.0.1:0", "--kafka-listen", "127.0.0.1:0"])
+            .args(["--http-listen", "off"])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "started with {args:?}");
+        String::from_utf8_lossy(&out.stderr).to_string()
+    };
+    let cert = pki.cert.to_str().unwrap();
+    let key = pki.key.to_str().unwrap();
+    let ca = pki.ca.to_str().unwrap();
+    // A certificate without its key (clap says so), a key file that holds a certificate, a
+    // client CA without TLS: each a clear error, no broker.
+    assert!(start(&["--tls-cert", cert]).contains("--tls-key"));
+    let wrong_key = start(&["--tls-cert", cert, "--tls-key", cert]);
+    assert!(wrong_key.contains("tls_key"), "{wrong_key}");
+    let no_tls = start(&["--tls-client-ca", ca]);
+    assert!(no_tls.contains("tls_client_ca"), "{no_tls}");
+    let missing = start(&["--tls-cert", "/nonexistent.pem", "--tls-key", key]);
+    assert!(missing.contains("/nonexistent.pem"), "{missing}");
+}
