@@ -190,3 +190,99 @@ fn a_broker_refuses_incomplete_or_unreadable_tls_settings_at_start() {
     let missing = start(&["--tls-cert", "/nonexistent.pem", "--tls-key", key]);
     assert!(missing.contains("/nonexistent.pem"), "{missing}");
 }
+
+#[test]
+fn cairns_cli_and_client_speak_tls_and_mutual_tls() {
+    use crate::broker_process::{cairn, cairn_ok};
+    let dir = tempfile::tempdir().unwrap();
+    let pki = pki(dir.path());
+    let path = |p: &Path| p.to_str().unwrap().to_string();
+    let (ca, cert, key) = (path(&pki.ca), path(&pki.client_cert), path(&pki.client_key));
+    let toml = format!(
+        "tls_cert = {:?}\ntls_key = {:?}\ntls_client_ca = {:?}\n",
+        path(&pki.cert),
+        path(&pki.key),
+        ca
+    );
+    let broker = BrokerProcess::start_with_config(&dir.path().join("data"), &toml);
+    let b = &broker.addr;
+    let mtls = ["--tls-ca", &ca, "--tls-cert", &cert, "--tls-key", &key];
+    // The CLI with the CA and a client certificate: create, produce, consume.
+    let with = |args: &[&str]| -> Vec<String> {
+        mtls.iter()
+            .chain(args)
+            .map(|s| s.to_string())
+            .collect::<Vec<_>>()
+    };
+    let args = with(&["topic", "create", "secure", "--partitions", "1"]);
+    cairn_ok(b, &args.iter().map(String::as_str).collect::<Vec<_>>(), "");
+    let args = with(&["produce", "secure"]);
+    cairn_ok(
+        b,
+        &args.iter().map(String::as_str).collect::<Vec<_>>(),
+        "one\ntwo\n",
+    );
+    let args = with(&["consume", "secure", "--from", "earliest", "--count", "2"]);
+    let out = cairn_ok(b, &args.iter().map(String::as_str).collect::<Vec<_>>(), "");
+    assert!(out.contains("one") && out.contains("two"), "{out}");
+    // Without a client certificate, without TLS, or trusting the wrong CA: refused, with a reason.
+    for (args, why) in [
+        (
+            vec!["--tls-ca", ca.as_str(), "topic", "list"],
+            "CertificateRequired",
+        ),
+        (vec!["topic", "list"], "onnect"),
+        (
+            vec!["--tls-ca", pki.other_ca.to_str().unwrap(), "topic", "list"],
+            "TLS",
+        ),
+    ] {
+        let out = cairn(b, &args, "");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?} got through: {stderr}");
+        assert!(stderr.contains(why), "{args:?}: {stderr}");
+    }
+    // The library: a producer and a consumer configured with the same files.
+    let tls =
+        cairn_client::ClientTls::from_pem_files(&pki.ca, Some((&pki.client_cert, &pki.client_key)))
+            .unwrap();
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let producer = cairn_client::Producer::connect(
+            b,
+            cairn_client::ProducerConfig {
+                tls: Some(tls.clone()),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+        producer
+            .send(cairn_client::ProducerRecord::new("secure", "three").partition(0))
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+        producer.close().await.unwrap();
+        let mut consumer = cairn_client::Consumer::connect(
+            b,
+            cairn_client::ConsumerConfig {
+                tls: Some(tls),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+        consumer
+            .assign("secure", None, cairn_client::Position::Earliest)
+            .await
+            .unwrap();
+        let mut values = Vec::new();
+        while values.len() < 3 {
+            for record in consumer.poll().await.unwrap() {
+                values.push(String::from_utf8_lossy(&record.value.unwrap_or_default()).to_string());
+            }
+        }
+        assert_eq!(values, ["one", "two", "three"]);
+    });
+}

@@ -117,6 +117,8 @@ struct Target {
     name: &'static str,
     addr: String,
     kafka: bool,
+    /// TLS for the native protocol's connections.
+    tls: Option<cairn_client::ClientTls>,
 }
 
 impl Target {
@@ -130,13 +132,13 @@ impl Target {
             )
             .await
         } else {
-            cairn_client::Cluster::connect(&self.addr, client_id).await
+            cairn_client::Cluster::connect_tls(&self.addr, client_id, self.tls.clone()).await
         };
         cluster.with_context(|| format!("connecting to {} ({})", self.addr, self.name))
     }
 }
 
-pub async fn run(bootstrap: &str, output: Output, args: BenchArgs) -> anyhow::Result<()> {
+pub async fn run(brokers: &crate::Brokers, output: Output, args: BenchArgs) -> anyhow::Result<()> {
     let acks = crate::parse_acks(&args.acks)?;
     let compression = crate::parse_compression(&args.compression)?;
     if args.records == 0 || args.record_bytes < 8 || args.producers == 0 || args.partitions == 0 {
@@ -146,13 +148,15 @@ pub async fn run(bootstrap: &str, output: Output, args: BenchArgs) -> anyhow::Re
     }
     let native = Target {
         name: "native",
-        addr: bootstrap.to_string(),
+        addr: brokers.bootstrap.clone(),
         kafka: false,
+        tls: brokers.tls.clone(),
     };
     let kafka = Target {
         name: "kafka",
         addr: args.kafka_bootstrap.clone(),
         kafka: true,
+        tls: None,
     };
     let targets = match args.protocol {
         ProtocolChoice::Native => vec![native],

@@ -60,13 +60,8 @@ pub struct BrokerArgs {
     /// This broker's rack, for rack-aware replica placement.
     #[arg(long, env = "CAIRN_RACK")]
     rack: Option<String>,
-    /// PEM certificate chain: with --tls-key, the native and Kafka listeners speak TLS only.
-    #[arg(long, env = "CAIRN_TLS_CERT", requires = "tls_key")]
-    tls_cert: Option<PathBuf>,
-    /// PEM private key of --tls-cert.
-    #[arg(long, env = "CAIRN_TLS_KEY", requires = "tls_cert")]
-    tls_key: Option<PathBuf>,
-    /// PEM CA certificates: clients must present a certificate signed by one (mTLS).
+    /// PEM CA certificates: clients must present a certificate signed by one (mutual TLS;
+    /// needs the global --tls-cert and --tls-key, this broker's own).
     #[arg(long, env = "CAIRN_TLS_CLIENT_CA")]
     tls_client_ca: Option<PathBuf>,
     /// TOML config file; flags and CAIRN_* variables override it.
@@ -91,7 +86,12 @@ fn raise_open_files_limit() -> Option<u64> {
     getrlimit(Resource::Nofile).current
 }
 
-pub async fn run(args: BrokerArgs) -> anyhow::Result<()> {
+/// Runs a broker; `tls_cert` and `tls_key` (the global flags) are its listeners' certificate.
+pub async fn run(
+    args: BrokerArgs,
+    tls_cert: Option<PathBuf>,
+    tls_key: Option<PathBuf>,
+) -> anyhow::Result<()> {
     if let Some(limit) = raise_open_files_limit() {
         tracing::debug!(limit, "open-file limit");
     }
@@ -122,10 +122,10 @@ pub async fn run(args: BrokerArgs) -> anyhow::Result<()> {
     if let Some(rack) = args.rack {
         config.rack = Some(rack);
     }
-    if let Some(cert) = args.tls_cert {
+    if let Some(cert) = tls_cert {
         config.tls_cert = Some(cert);
     }
-    if let Some(key) = args.tls_key {
+    if let Some(key) = tls_key {
         config.tls_key = Some(key);
     }
     if let Some(ca) = args.tls_client_ca {

@@ -7,7 +7,6 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use cairn_broker::{Broker, BrokerConfig, RunningBroker};
-use cairn_client::Admin;
 use clap::{Args, Subcommand};
 use serde_json::json;
 
@@ -46,8 +45,12 @@ pub struct ElectArgs {
 }
 
 /// `cairn leader elect`.
-pub async fn elect(bootstrap: &str, output: Output, args: ElectArgs) -> anyhow::Result<()> {
-    let admin = Admin::connect(bootstrap).await?;
+pub async fn elect(
+    brokers: &crate::Brokers,
+    output: Output,
+    args: ElectArgs,
+) -> anyhow::Result<()> {
+    let admin = brokers.admin().await?;
     let partitions: Option<Vec<(String, u32)>> = match (&args.topic, args.partition) {
         (None, _) => None,
         (Some(topic), Some(p)) => Some(vec![(topic.clone(), p)]),
@@ -89,10 +92,8 @@ pub struct DevClusterArgs {
     dir: PathBuf,
 }
 
-pub async fn status(bootstrap: &str, output: Output) -> anyhow::Result<()> {
-    let admin = Admin::connect(bootstrap)
-        .await
-        .with_context(|| format!("connecting to {bootstrap}"))?;
+pub async fn status(brokers: &crate::Brokers, output: Output) -> anyhow::Result<()> {
+    let admin = brokers.admin().await?;
     let cluster = admin.describe_cluster().await?;
     let metadata = admin.metadata(&[]).await?;
     let mut led: BTreeMap<u32, u32> = BTreeMap::new();

@@ -56,20 +56,25 @@ fn parse_from(from: &str) -> anyhow::Result<Position> {
     })
 }
 
-pub async fn run(bootstrap: &str, output: Output, args: ConsumeArgs) -> anyhow::Result<()> {
+pub async fn run(
+    brokers: &crate::Brokers,
+    output: Output,
+    args: ConsumeArgs,
+) -> anyhow::Result<()> {
     let from = parse_from(&args.from)?;
     if let Some(group) = &args.group {
-        return run_group(bootstrap, output, group, from, &args).await;
+        return run_group(brokers, output, group, from, &args).await;
     }
     let mut consumer = Consumer::connect(
-        bootstrap,
+        &brokers.bootstrap,
         ConsumerConfig {
             client_id: "cairn-cli".into(),
+            tls: brokers.tls.clone(),
             ..ConsumerConfig::default()
         },
     )
     .await
-    .with_context(|| format!("connecting to {bootstrap}"))?;
+    .with_context(|| format!("connecting to {}", brokers.bootstrap))?;
     let partitions = consumer
         .assign(&args.topic, args.partition.map(|p| vec![p]), from)
         .await
@@ -112,7 +117,7 @@ pub async fn run(bootstrap: &str, output: Output, args: ConsumeArgs) -> anyhow::
 }
 
 async fn run_group(
-    bootstrap: &str,
+    brokers: &crate::Brokers,
     output: Output,
     group: &str,
     from: Position,
@@ -126,9 +131,10 @@ async fn run_group(
     let mut config = GroupConfig::new(group, &[args.topic.as_str()]);
     config.reset = from;
     config.consumer.client_id = "cairn-cli".into();
-    let mut consumer = GroupConsumer::connect(bootstrap, config)
+    config.consumer.tls = brokers.tls.clone();
+    let mut consumer = GroupConsumer::connect(&brokers.bootstrap, config)
         .await
-        .with_context(|| format!("joining group {group} at {bootstrap}"))?;
+        .with_context(|| format!("joining group {group} at {}", brokers.bootstrap))?;
     let format = args.record_format();
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::new(stdout.lock());

@@ -43,10 +43,12 @@ pub enum GroupCommand {
     },
 }
 
-pub async fn run(bootstrap: &str, output: Output, command: GroupCommand) -> anyhow::Result<()> {
-    let admin = Admin::connect(bootstrap)
-        .await
-        .with_context(|| format!("connecting to {bootstrap}"))?;
+pub async fn run(
+    brokers: &crate::Brokers,
+    output: Output,
+    command: GroupCommand,
+) -> anyhow::Result<()> {
+    let admin = brokers.admin().await?;
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
     match command {

@@ -11,8 +11,10 @@ mod partition;
 mod produce;
 mod topic;
 
+use std::path::PathBuf;
 use std::process::ExitCode;
 
+use anyhow::Context as _;
 use clap::{Parser, Subcommand, ValueEnum};
 
 /// Cairn: a partitioned event log broker.
@@ -30,8 +32,54 @@ struct Cli {
     /// Output format.
     #[arg(long, global = true, value_enum, default_value_t = Output::Table)]
     output: Output,
+    /// PEM CA certificates to trust: client commands connect over TLS (docs/security.md).
+    #[arg(long, global = true, env = "CAIRN_TLS_CA")]
+    tls_ca: Option<PathBuf>,
+    /// PEM certificate chain: a client's for mutual TLS (with --tls-ca), the broker's own for
+    /// `cairn broker` (its listeners then speak TLS only).
+    #[arg(long, global = true, env = "CAIRN_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long, global = true, env = "CAIRN_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
+}
+
+/// How the client commands reach the cluster: its bootstrap addresses, and TLS.
+#[derive(Debug, Clone)]
+pub(crate) struct Brokers {
+    pub(crate) bootstrap: String,
+    pub(crate) tls: Option<cairn_client::ClientTls>,
+}
+
+impl Brokers {
+    /// From the global flags: TLS when --tls-ca is given (with --tls-cert and --tls-key, mutual).
+    fn from_cli(cli: &Cli) -> anyhow::Result<Brokers> {
+        let tls = match (&cli.tls_ca, &cli.tls_cert, &cli.tls_key) {
+            (None, None, _) => None,
+            (None, Some(_), _) => {
+                anyhow::bail!(
+                    "--tls-cert needs --tls-ca: the CA that signed the broker's certificate"
+                )
+            }
+            (Some(ca), cert, key) => Some(
+                cairn_client::ClientTls::from_pem_files(ca, cert.as_deref().zip(key.as_deref()))
+                    .context("--tls-ca, --tls-cert, --tls-key")?,
+            ),
+        };
+        Ok(Brokers {
+            bootstrap: cli.bootstrap.clone(),
+            tls,
+        })
+    }
+
+    /// An admin client of the cluster.
+    pub(crate) async fn admin(&self) -> anyhow::Result<cairn_client::Admin> {
+        cairn_client::Admin::connect_tls(&self.bootstrap, self.tls.clone())
+            .await
+            .with_context(|| format!("connecting to {}", self.bootstrap))
+    }
 }
 
 /// How results are printed.
@@ -102,26 +150,35 @@ pub fn main() -> ExitCode {
         }
     };
     let result = runtime.block_on(async move {
+        // The broker's own certificate is its listeners' (`cairn broker` reads it itself).
+        let brokers = match &cli.command {
+            Command::Broker(args) if args.action.is_none() => None,
+            Command::Dev(_) => None,
+            _ => Some(Brokers::from_cli(&cli)?),
+        };
+        let brokers = || {
+            brokers
+                .clone()
+                .ok_or_else(|| anyhow::anyhow!("no broker to connect to"))
+        };
         match cli.command {
             Command::Broker(args) => match args.action {
                 Some(broker::BrokerAction::Decommission { node }) => {
-                    partition::decommission(&cli.bootstrap, cli.output, node).await
+                    partition::decommission(&brokers()?, cli.output, node).await
                 }
-                None => broker::run(args).await,
+                None => broker::run(args, cli.tls_cert, cli.tls_key).await,
             },
-            Command::Partition(command) => {
-                partition::run(&cli.bootstrap, cli.output, command).await
-            }
-            Command::Topic(command) => topic::run(&cli.bootstrap, cli.output, command).await,
-            Command::Produce(args) => produce::run(&cli.bootstrap, cli.output, args).await,
-            Command::Consume(args) => consume::run(&cli.bootstrap, cli.output, args).await,
-            Command::Group(command) => group::run(&cli.bootstrap, cli.output, command).await,
-            Command::Bench(args) => bench::run(&cli.bootstrap, cli.output, args).await,
+            Command::Partition(command) => partition::run(&brokers()?, cli.output, command).await,
+            Command::Topic(command) => topic::run(&brokers()?, cli.output, command).await,
+            Command::Produce(args) => produce::run(&brokers()?, cli.output, args).await,
+            Command::Consume(args) => consume::run(&brokers()?, cli.output, args).await,
+            Command::Group(command) => group::run(&brokers()?, cli.output, command).await,
+            Command::Bench(args) => bench::run(&brokers()?, cli.output, args).await,
             Command::Cluster(cluster::ClusterCommand::Status) => {
-                cluster::status(&cli.bootstrap, cli.output).await
+                cluster::status(&brokers()?, cli.output).await
             }
             Command::Leader(cluster::LeaderCommand::Elect(args)) => {
-                cluster::elect(&cli.bootstrap, cli.output, args).await
+                cluster::elect(&brokers()?, cli.output, args).await
             }
             Command::Dev(cluster::DevCommand::Cluster(args)) => cluster::dev_cluster(args).await,
         }

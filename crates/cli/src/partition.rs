@@ -5,7 +5,6 @@ use std::collections::BTreeMap;
 use std::io::Write;
 
 use anyhow::{Context, bail};
-use cairn_client::Admin;
 use clap::{Args, Subcommand};
 use serde_json::json;
 
@@ -47,8 +46,12 @@ pub struct ReassignArgs {
 }
 
 /// Runs `cairn partition ...`.
-pub async fn run(bootstrap: &str, output: Output, command: PartitionCommand) -> anyhow::Result<()> {
-    let admin = Admin::connect(bootstrap).await?;
+pub async fn run(
+    brokers: &crate::Brokers,
+    output: Output,
+    command: PartitionCommand,
+) -> anyhow::Result<()> {
+    let admin = brokers.admin().await?;
     match command {
         PartitionCommand::Reassign(args) => {
             let asked: Vec<Move> = match (&args.plan, &args.topic) {
@@ -199,8 +202,12 @@ const REASSIGNED: Outcomes<'static> = Outcomes {
 /// `cairn broker decommission N`: moves every replica off broker N (each to the live broker
 /// holding the fewest replicas among those the partition does not use yet), so that it can be
 /// stopped. Prints the reassignments started.
-pub async fn decommission(bootstrap: &str, output: Output, node: u32) -> anyhow::Result<()> {
-    let admin = Admin::connect(bootstrap).await?;
+pub async fn decommission(
+    brokers: &crate::Brokers,
+    output: Output,
+    node: u32,
+) -> anyhow::Result<()> {
+    let admin = brokers.admin().await?;
     let metadata = admin.metadata(&[]).await?;
     let live: Vec<u32> = metadata
         .brokers

@@ -33,18 +33,23 @@ pub struct ProduceArgs {
 /// Deliveries awaited in order; past this many pending, reading stdin waits.
 const PENDING_MAX: usize = 100_000;
 
-pub async fn run(bootstrap: &str, output: Output, args: ProduceArgs) -> anyhow::Result<()> {
+pub async fn run(
+    brokers: &crate::Brokers,
+    output: Output,
+    args: ProduceArgs,
+) -> anyhow::Result<()> {
     let acks = crate::parse_acks(&args.acks)?;
     let compression = crate::parse_compression(&args.compression)?;
     let config = ProducerConfig {
         acks,
         compression,
         client_id: "cairn-cli".into(),
+        tls: brokers.tls.clone(),
         ..ProducerConfig::default()
     };
-    let producer = Producer::connect(bootstrap, config)
+    let producer = Producer::connect(&brokers.bootstrap, config)
         .await
-        .with_context(|| format!("connecting to {bootstrap}"))?;
+        .with_context(|| format!("connecting to {}", brokers.bootstrap))?;
     let mut lines = BufReader::new(tokio::io::stdin()).lines();
     let mut pending: VecDeque<DeliveryFuture> = VecDeque::new();
     let stdout = std::io::stdout();

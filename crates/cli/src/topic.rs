@@ -2,8 +2,7 @@
 
 use std::io::Write;
 
-use anyhow::{Context, bail};
-use cairn_client::Admin;
+use anyhow::bail;
 use clap::Subcommand;
 use serde_json::json;
 
@@ -47,10 +46,12 @@ pub enum TopicCommand {
     },
 }
 
-pub async fn run(bootstrap: &str, output: Output, command: TopicCommand) -> anyhow::Result<()> {
-    let admin = Admin::connect(bootstrap)
-        .await
-        .with_context(|| format!("connecting to {bootstrap}"))?;
+pub async fn run(
+    brokers: &crate::Brokers,
+    output: Output,
+    command: TopicCommand,
+) -> anyhow::Result<()> {
+    let admin = brokers.admin().await?;
     // Written, not printed: a closed pipe (`| head`) is an error to return, not a panic.
     let stdout = std::io::stdout();
     let mut out = stdout.lock();

@@ -27,8 +27,16 @@ const ROUTE_RETRIES: u32 = 5;
 impl Admin {
     /// Connects to a cluster through `bootstrap` (one or more `host:port`, comma-separated).
     pub async fn connect(bootstrap: &str) -> Result<Admin, ClientError> {
+        Admin::connect_tls(bootstrap, None).await
+    }
+
+    /// As [`Admin::connect`], over TLS when `tls` is given.
+    pub async fn connect_tls(
+        bootstrap: &str,
+        tls: Option<crate::ClientTls>,
+    ) -> Result<Admin, ClientError> {
         Ok(Admin {
-            cluster: Cluster::connect(bootstrap, "cairn-admin").await?,
+            cluster: Cluster::connect_tls(bootstrap, "cairn-admin", tls).await?,
         })
     }
 

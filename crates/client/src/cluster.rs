@@ -16,6 +16,7 @@ use futures::future::BoxFuture;
 
 use crate::connection::{Connection, Dialect};
 use crate::error::ClientError;
+use crate::tls::ClientTls;
 
 /// Makes a new connection (an embedded broker gives in-process ones).
 pub type Connector =
@@ -45,6 +46,7 @@ enum Mode {
     Routed {
         bootstrap: Vec<String>,
         dialect: Option<Arc<dyn Dialect>>,
+        tls: Option<ClientTls>,
     },
     /// Every request through connections from one connector: one broker, nothing to route.
     Fixed(Connector),
@@ -108,7 +110,16 @@ impl Cluster {
     /// A cluster reached through `bootstrap`: one or more `host:port`, comma-separated (any
     /// one that answers will do).
     pub async fn connect(bootstrap: &str, client_id: &str) -> Result<Cluster, ClientError> {
-        Cluster::connect_routed(bootstrap, client_id, None).await
+        Cluster::connect_routed(bootstrap, client_id, None, None).await
+    }
+
+    /// As [`Cluster::connect`], every connection over TLS when `tls` is given.
+    pub async fn connect_tls(
+        bootstrap: &str,
+        client_id: &str,
+        tls: Option<ClientTls>,
+    ) -> Result<Cluster, ClientError> {
+        Cluster::connect_routed(bootstrap, client_id, None, tls).await
     }
 
     /// As [`Cluster::connect`], speaking `dialect` instead of the native protocol.
@@ -117,13 +128,14 @@ impl Cluster {
         client_id: &str,
         dialect: Arc<dyn Dialect>,
     ) -> Result<Cluster, ClientError> {
-        Cluster::connect_routed(bootstrap, client_id, Some(dialect)).await
+        Cluster::connect_routed(bootstrap, client_id, Some(dialect), None).await
     }
 
     async fn connect_routed(
         bootstrap: &str,
         client_id: &str,
         dialect: Option<Arc<dyn Dialect>>,
+        tls: Option<ClientTls>,
     ) -> Result<Cluster, ClientError> {
         let bootstrap: Vec<String> = bootstrap
             .split(',')
@@ -134,7 +146,14 @@ impl Cluster {
         if bootstrap.is_empty() {
             return Err(ClientError::InvalidArgument("no bootstrap address".into()));
         }
-        let cluster = Cluster::new(client_id, Mode::Routed { bootstrap, dialect });
+        let cluster = Cluster::new(
+            client_id,
+            Mode::Routed {
+                bootstrap,
+                dialect,
+                tls,
+            },
+        );
         // Fail now, with the reason, if no bootstrap broker answers.
         cluster.any().await?;
         Ok(cluster)
@@ -188,17 +207,10 @@ impl Cluster {
     /// A new connection to `addr` (a fixed cluster ignores the address).
     pub async fn dial(&self, addr: &str) -> Result<Connection, ClientError> {
         match &self.inner.mode {
-            Mode::Routed { dialect, .. } => match dialect {
-                Some(dialect) => {
-                    Connection::connect_with_dialect(
-                        addr,
-                        &self.inner.client_id,
-                        Arc::clone(dialect),
-                    )
+            Mode::Routed { dialect, tls, .. } => {
+                Connection::connect_with(addr, &self.inner.client_id, dialect.clone(), tls.as_ref())
                     .await
-                }
-                None => Connection::connect(addr, &self.inner.client_id).await,
-            },
+            }
             Mode::Fixed(connector) => connector().await,
         }
     }

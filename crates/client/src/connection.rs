@@ -10,11 +10,12 @@ use std::sync::{Arc, Mutex};
 use bytes::{Bytes, BytesMut};
 use cairn_protocol::limits::FRAME_BYTES_MAX;
 use cairn_protocol::native::{self, ApiKey, Request, ResponseHeader, Wire};
-use tokio::io::{AsyncReadExt, AsyncWriteExt, BufWriter};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::error::ClientError;
+use crate::tls::ClientTls;
 
 /// The response to one submitted request frame.
 pub type Reply = oneshot::Receiver<Result<Bytes, ClientError>>;
@@ -69,8 +70,21 @@ pub struct Connection {
 impl Connection {
     /// Connects to `addr` (`host:port`) over TCP.
     pub async fn connect(addr: &str, client_id: &str) -> Result<Connection, ClientError> {
-        let transport = TcpTransport::connect(addr).await?;
-        Ok(Connection::from_transport(Arc::new(transport), client_id))
+        Connection::connect_with(addr, client_id, None, None).await
+    }
+
+    /// Connects to `addr` over TCP, with TLS when `tls` is given, speaking `dialect` (or the
+    /// native protocol).
+    pub async fn connect_with(
+        addr: &str,
+        client_id: &str,
+        dialect: Option<Arc<dyn Dialect>>,
+        tls: Option<&ClientTls>,
+    ) -> Result<Connection, ClientError> {
+        let transport = TcpTransport::connect(addr, tls).await?;
+        let mut conn = Connection::from_transport(Arc::new(transport), client_id);
+        conn.dialect = dialect;
+        Ok(conn)
     }
 
     /// A connection over any transport (an embedded broker provides an in-process one).
@@ -89,9 +103,7 @@ impl Connection {
         client_id: &str,
         dialect: Arc<dyn Dialect>,
     ) -> Result<Connection, ClientError> {
-        let mut conn = Connection::connect(addr, client_id).await?;
-        conn.dialect = Some(dialect);
-        Ok(conn)
+        Connection::connect_with(addr, client_id, Some(dialect), None).await
     }
 
     fn encode(&self, correlation_id: u32, request: &Request) -> Result<Vec<Bytes>, ClientError> {
@@ -221,7 +233,7 @@ struct TcpTransport {
 }
 
 impl TcpTransport {
-    async fn connect(addr: &str) -> Result<TcpTransport, ClientError> {
+    async fn connect(addr: &str, tls: Option<&ClientTls>) -> Result<TcpTransport, ClientError> {
         let connection_error = |err: std::io::Error| ClientError::Connection {
             addr: addr.to_string(),
             message: err.to_string(),
@@ -229,7 +241,25 @@ impl TcpTransport {
         let stream = TcpStream::connect(addr).await.map_err(connection_error)?;
         // Nagle would hold small requests back for a peer's delayed ACK (44 ms p50 measured).
         stream.set_nodelay(true).map_err(connection_error)?;
-        let (mut reader, writer) = stream.into_split();
+        Ok(match tls {
+            None => {
+                let (reader, writer) = stream.into_split();
+                TcpTransport::start(addr, reader, writer)
+            }
+            Some(tls) => {
+                let stream = tls.handshake(addr, stream).await?;
+                let (reader, writer) = tokio::io::split(stream);
+                TcpTransport::start(addr, reader, writer)
+            }
+        })
+    }
+
+    /// Runs the writer and reader tasks over a connection's two halves (plain TCP or TLS).
+    fn start<R, W>(addr: &str, mut reader: R, writer: W) -> TcpTransport
+    where
+        R: AsyncRead + Unpin + Send + 'static,
+        W: AsyncWrite + Unpin + Send + 'static,
+    {
         let (frames, mut queue) = mpsc::unbounded_channel::<(
             Vec<Bytes>,
             oneshot::Sender<Result<Bytes, ClientError>>,
@@ -332,10 +362,10 @@ impl TcpTransport {
                 fail_all(message);
             }
         });
-        Ok(TcpTransport {
+        TcpTransport {
             frames,
             addr: addr.to_string(),
-        })
+        }
     }
 }
 

@@ -43,6 +43,8 @@ pub struct ConsumerConfig {
     pub fetch_max_bytes: u32,
     /// Most bytes per partition per fetch.
     pub partition_max_bytes: u32,
+    /// TLS for every connection (`None`: plain TCP).
+    pub tls: Option<crate::ClientTls>,
 }
 
 impl Default for ConsumerConfig {
@@ -53,6 +55,7 @@ impl Default for ConsumerConfig {
             fetch_min_bytes: 1,
             fetch_max_bytes: 50 * 1024 * 1024,
             partition_max_bytes: 1024 * 1024,
+            tls: None,
         }
     }
 }
@@ -115,7 +118,8 @@ impl Consumer {
     /// Connects to a cluster through `bootstrap` (one or more `host:port`, comma-separated):
     /// each partition is read from its leader.
     pub async fn connect(bootstrap: &str, config: ConsumerConfig) -> Result<Consumer, ClientError> {
-        let cluster = Cluster::connect(bootstrap, &config.client_id).await?;
+        let cluster =
+            Cluster::connect_tls(bootstrap, &config.client_id, config.tls.clone()).await?;
         Ok(Consumer::with_cluster(cluster, config))
     }
 

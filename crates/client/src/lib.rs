@@ -35,6 +35,7 @@ mod error;
 mod group;
 mod partitioner;
 mod producer;
+mod tls;
 
 pub use admin::{
     Admin, CommittedOffset, GroupInfo, PartitionInfo, TopicInfo, TopicPartitionReplicas,
@@ -52,3 +53,4 @@ pub use producer::{
     Acks, BatchFuture, BatchMetadata, BatchRecord, DeliveryFuture, IntoTopic, Producer,
     ProducerConfig, ProducerRecord, RecordMetadata,
 };
+pub use tls::ClientTls;

@@ -97,6 +97,8 @@ pub struct ProducerConfig {
     /// acks); needs `max_in_flight <= IN_FLIGHT_MAX` (16), the batches a broker remembers per
     /// producer and partition.
     pub idempotent: bool,
+    /// TLS for every connection (`None`: plain TCP).
+    pub tls: Option<crate::ClientTls>,
 }
 
 impl Default for ProducerConfig {
@@ -116,6 +118,7 @@ impl Default for ProducerConfig {
             buffer_records_max: 65_536,
             request_bytes_max: 1024 * 1024,
             idempotent: true,
+            tls: None,
         }
     }
 }
@@ -762,7 +765,8 @@ impl Producer {
     /// Connects to a cluster through `bootstrap` (one or more `host:port`, comma-separated):
     /// each partition's batches go to its leader.
     pub async fn connect(bootstrap: &str, config: ProducerConfig) -> Result<Producer, ClientError> {
-        let cluster = Cluster::connect(bootstrap, &config.client_id).await?;
+        let cluster =
+            Cluster::connect_tls(bootstrap, &config.client_id, config.tls.clone()).await?;
         Producer::with_cluster(cluster, config)
     }
 

@@ -165,7 +165,12 @@ impl GroupConsumer {
         bootstrap: &str,
         config: GroupConfig,
     ) -> Result<GroupConsumer, ClientError> {
-        let cluster = Cluster::connect(bootstrap, &config.consumer.client_id).await?;
+        let cluster = Cluster::connect_tls(
+            bootstrap,
+            &config.consumer.client_id,
+            config.consumer.tls.clone(),
+        )
+        .await?;
         GroupConsumer::with_cluster(cluster, config).await
     }
 
