@@ -189,6 +189,20 @@ fn a_broker_refuses_incomplete_or_unreadable_tls_settings_at_start() {
     assert!(no_tls.contains("tls_client_ca"), "{no_tls}");
     let missing = start(&["--tls-cert", "/nonexistent.pem", "--tls-key", key]);
     assert!(missing.contains("/nonexistent.pem"), "{missing}");
+    // TLS listeners in a cluster without the CA brokers check each other with.
+    let cluster = start(&[
+        "--tls-cert",
+        cert,
+        "--tls-key",
+        key,
+        "--node-id",
+        "1",
+        "--controller-quorum",
+        "1@127.0.0.1:1,2@127.0.0.1:2",
+        "--controller-listen",
+        "127.0.0.1:1",
+    ]);
+    assert!(cluster.contains("tls_ca"), "{cluster}");
 }
 
 #[test]
@@ -285,4 +299,74 @@ fn cairns_cli_and_client_speak_tls_and_mutual_tls() {
         }
         assert_eq!(values, ["one", "two", "three"]);
     });
+}
+
+#[test]
+fn a_cluster_with_tls_listeners_replicates_over_tls() {
+    use crate::cluster::TestCluster;
+    let dir = tempfile::tempdir().unwrap();
+    let pki = pki(dir.path());
+    let path = |p: &Path| p.to_str().unwrap().to_string();
+    // Mutual TLS everywhere: followers present their broker certificate to the leader.
+    let toml = format!(
+        "tls_cert = {:?}\ntls_key = {:?}\ntls_client_ca = {:?}\ntls_ca = {:?}\n",
+        path(&pki.cert),
+        path(&pki.key),
+        path(&pki.ca),
+        path(&pki.ca)
+    );
+    let cluster = TestCluster::start(3, &toml);
+    let bootstrap = cluster.bootstrap_except(None);
+    let tls =
+        cairn_client::ClientTls::from_pem_files(&pki.ca, Some((&pki.client_cert, &pki.client_key)))
+            .unwrap();
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let admin = cairn_client::Admin::connect_tls(&bootstrap, Some(tls.clone()))
+            .await
+            .unwrap();
+        admin
+            .create_topic_replicated("replicated", 3, Some(3), &[])
+            .await
+            .unwrap();
+        // acks=all needs min.insync.replicas (2) in sync: followers fetching over TLS.
+        let producer = cairn_client::Producer::connect(
+            &bootstrap,
+            cairn_client::ProducerConfig {
+                tls: Some(tls.clone()),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+        let mut deliveries = Vec::new();
+        for i in 0..300u32 {
+            let record =
+                cairn_client::ProducerRecord::new("replicated", format!("r{i}")).partition(i % 3);
+            deliveries.push(producer.send(record).await.unwrap());
+        }
+        for delivery in deliveries {
+            delivery.await.unwrap();
+        }
+        producer.close().await.unwrap();
+        // Every replica caught up: each partition's ISR is all three, its high watermark 100.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        loop {
+            let topics = admin.describe_topics(&["replicated".into()]).await.unwrap();
+            let partitions = &topics[0].partitions;
+            if partitions
+                .iter()
+                .all(|p| p.isr.len() == 3 && p.high_watermark == 100)
+            {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "replicas not in sync over TLS: {partitions:?}"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+    });
+    let (_, metrics) = cluster.process(2).http_get("/metrics");
+    assert_eq!(metric(&metrics, "cairn_tls_handshakes_failed_total"), 0);
 }

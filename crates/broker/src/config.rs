@@ -68,13 +68,15 @@ pub struct BrokerConfig {
     /// This broker's rack, for rack-aware replica placement.
     pub rack: Option<String>,
     /// PEM certificate chain: with `tls_key`, the native and Kafka listeners speak TLS (1.2 or
-    /// 1.3) only. Not yet with a controller quorum of more than one node (brokers do not speak
-    /// TLS to each other yet).
+    /// 1.3) only. In a cluster, brokers fetch from each other over TLS too (`tls_ca`).
     pub tls_cert: Option<PathBuf>,
     /// PEM private key of `tls_cert`.
     pub tls_key: Option<PathBuf>,
     /// PEM CA certificates: with it, clients must present a certificate it signed (mTLS).
     pub tls_client_ca: Option<PathBuf>,
+    /// PEM CA certificates this broker trusts when it connects to other brokers' TLS listeners
+    /// (replica fetches); required with TLS in a cluster of more than one node.
+    pub tls_ca: Option<PathBuf>,
     /// A broker whose heartbeats stop for this long is fenced and its leaderships move; one that
     /// hears nothing from the controller for this long stops leading (Kafka
     /// `broker.session.timeout.ms`), in milliseconds.
@@ -182,6 +184,7 @@ impl Default for BrokerConfig {
             tls_cert: None,
             tls_key: None,
             tls_client_ca: None,
+            tls_ca: None,
             broker_session_timeout_ms: 6_000,
             broker_heartbeat_interval_ms: 1_000,
             replica_lag_time_max_ms: 10_000,
@@ -415,11 +418,11 @@ impl BrokerConfig {
                     why: "client certificates need TLS: set tls_cert and tls_key".into(),
                 });
             }
-            (Some(_), Some(_)) if voters.len() > 1 => {
+            (Some(_), Some(_)) if voters.len() > 1 && self.tls_ca.is_none() => {
                 return Err(ConfigError::Invalid {
-                    field: "tls_cert",
-                    why: "TLS with a controller quorum of more than one node is not supported \
-                          yet: brokers do not speak TLS to each other"
+                    field: "tls_ca",
+                    why: "in a cluster with TLS listeners, brokers fetch from each other over \
+                          TLS: set tls_ca to the CA that signed their certificates"
                         .into(),
                 });
             }

@@ -196,6 +196,7 @@ impl BrokerBuilder {
         let config = self.config;
         config.validate()?;
         let tls = tls::acceptor(&config)?;
+        let peer_tls = tls::to_peers(&config)?;
         if tls.is_none() {
             tracing::warn!(
                 "no TLS and no authentication: anyone who can reach the listeners can read, write \
@@ -350,6 +351,7 @@ impl BrokerBuilder {
                 wait_max: std::time::Duration::from_millis(config.replica_fetch_wait_max_ms),
                 partition_max_bytes: config.replica_fetch_max_bytes,
                 response_max_bytes: config.replica_fetch_response_max_bytes,
+                tls: peer_tls.clone(),
             },
             shutdown.clone(),
         ));

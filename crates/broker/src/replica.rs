@@ -243,12 +243,14 @@ fn answer_follower(
 }
 
 /// Settings of the follower fetchers.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub(crate) struct FetcherConfig {
     pub(crate) node_id: u32,
     pub(crate) wait_max: Duration,
     pub(crate) partition_max_bytes: u32,
     pub(crate) response_max_bytes: u32,
+    /// TLS to the leaders' listeners (when this cluster's listeners speak TLS).
+    pub(crate) tls: Option<cairn_client::ClientTls>,
 }
 
 /// Runs one fetcher task per leader this broker follows partitions of, starting and stopping
@@ -279,7 +281,7 @@ pub(crate) async fn run_fetchers(
                     Arc::clone(&manager),
                     Arc::clone(&cluster),
                     metrics.clone(),
-                    config,
+                    config.clone(),
                     stop.clone(),
                 ));
                 stop
@@ -346,8 +348,10 @@ async fn fetch_from(
                 let client_id = format!("replica-{}", config.node_id);
                 // Bounded: a leader behind a network cut drops the SYNs, and the kernel would
                 // retry them for minutes.
-                let connect =
-                    tokio::time::timeout(CONNECT_TIMEOUT, Connection::connect(&addr, &client_id));
+                let connect = tokio::time::timeout(
+                    CONNECT_TIMEOUT,
+                    Connection::connect_with(&addr, &client_id, None, config.tls.as_ref()),
+                );
                 let connected = tokio::select! {
                     connected = connect => connected.unwrap_or_else(|_| {
                         Err(cairn_client::ClientError::Timeout(format!("connecting to {addr}")))
@@ -364,7 +368,7 @@ async fn fetch_from(
                 }
             }
         };
-        let request = fetch_request(&parts, &cluster, config);
+        let request = fetch_request(&parts, &cluster, &config);
         let call = conn.call::<ReplicaFetchResponse>(&Request::ReplicaFetch(request));
         let response = tokio::select! {
             response = tokio::time::timeout(config.wait_max + Duration::from_secs(10), call) => response,
@@ -411,7 +415,7 @@ async fn sleep_or_stop(backoff: &mut Duration, stop: &CancellationToken) {
 fn fetch_request(
     parts: &[(Arc<Partition>, u32, FetchPosition)],
     cluster: &Cluster,
-    config: FetcherConfig,
+    config: &FetcherConfig,
 ) -> ReplicaFetchRequest {
     let mut topics: BTreeMap<&str, Vec<ReplicaFetchPartition>> = BTreeMap::new();
     for (partition, epoch, position) in parts {

@@ -1,6 +1,9 @@
 //! TLS on the native and Kafka listeners: rustls (no OpenSSL), certificates and keys from PEM
 //! files, TLS 1.2 and 1.3, optionally requiring client certificates signed by a given CA (mTLS).
 //!
+//! Brokers fetch from each other over TLS too, trusting `tls_ca` and presenting their own
+//! certificate. The controller listener (Raft, registrations, heartbeats) is not covered yet.
+//!
 //! The handshake runs in the connection's own task, bounded by `frame_read_timeout_ms`, so a
 //! client that connects and says nothing holds only its own connection slot.
 
@@ -47,6 +50,21 @@ pub(crate) fn acceptor(config: &BrokerConfig) -> Result<Option<TlsAcceptor>, Con
         .with_single_cert(chain, key)
         .map_err(|e| invalid("tls_key", e))?;
     Ok(Some(TlsAcceptor::from(Arc::new(server))))
+}
+
+/// How this broker connects to the others' listeners (replica fetches) when they speak TLS:
+/// trusting `tls_ca`, presenting its own certificate (for clusters that also require client
+/// certificates). `None` without TLS.
+pub(crate) fn to_peers(
+    config: &BrokerConfig,
+) -> Result<Option<cairn_client::ClientTls>, ConfigError> {
+    let (Some(cert), Some(key), Some(ca)) = (&config.tls_cert, &config.tls_key, &config.tls_ca)
+    else {
+        return Ok(None);
+    };
+    cairn_client::ClientTls::from_pem_files(ca, Some((cert, key)))
+        .map(Some)
+        .map_err(|e| invalid("tls_ca", e))
 }
 
 /// The certificates of a PEM file (at least one).

@@ -86,9 +86,11 @@ fn raise_open_files_limit() -> Option<u64> {
     getrlimit(Resource::Nofile).current
 }
 
-/// Runs a broker; `tls_cert` and `tls_key` (the global flags) are its listeners' certificate.
+/// Runs a broker; `tls_cert` and `tls_key` (the global flags) are its listeners' certificate,
+/// `tls_ca` the CAs it trusts when it connects to other brokers.
 pub async fn run(
     args: BrokerArgs,
+    tls_ca: Option<PathBuf>,
     tls_cert: Option<PathBuf>,
     tls_key: Option<PathBuf>,
 ) -> anyhow::Result<()> {
@@ -121,6 +123,9 @@ pub async fn run(
     }
     if let Some(rack) = args.rack {
         config.rack = Some(rack);
+    }
+    if let Some(ca) = tls_ca {
+        config.tls_ca = Some(ca);
     }
     if let Some(cert) = tls_cert {
         config.tls_cert = Some(cert);

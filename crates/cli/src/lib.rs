@@ -32,7 +32,8 @@ struct Cli {
     /// Output format.
     #[arg(long, global = true, value_enum, default_value_t = Output::Table)]
     output: Output,
-    /// PEM CA certificates to trust: client commands connect over TLS (docs/security.md).
+    /// PEM CA certificates to trust: client commands connect over TLS (docs/security.md); for
+    /// `cairn broker`, the CAs of the other brokers it fetches from.
     #[arg(long, global = true, env = "CAIRN_TLS_CA")]
     tls_ca: Option<PathBuf>,
     /// PEM certificate chain: a client's for mutual TLS (with --tls-ca), the broker's own for
@@ -166,7 +167,7 @@ pub fn main() -> ExitCode {
                 Some(broker::BrokerAction::Decommission { node }) => {
                     partition::decommission(&brokers()?, cli.output, node).await
                 }
-                None => broker::run(args, cli.tls_cert, cli.tls_key).await,
+                None => broker::run(args, cli.tls_ca, cli.tls_cert, cli.tls_key).await,
             },
             Command::Partition(command) => partition::run(&brokers()?, cli.output, command).await,
             Command::Topic(command) => topic::run(&brokers()?, cli.output, command).await,
