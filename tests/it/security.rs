@@ -18,6 +18,9 @@ struct Pki {
     client_cert: PathBuf,
     client_key: PathBuf,
     other_ca: PathBuf,
+    /// A broker certificate and key the other CA signed.
+    other_cert: String,
+    other_key: String,
 }
 
 fn pki(dir: &Path) -> Pki {
@@ -36,21 +39,20 @@ fn pki(dir: &Path) -> Pki {
         (cert, key)
     };
     let (ca, ca_key) = authority("cairn test CA");
-    let (other_ca, _) = authority("someone else's CA");
-    let signed = |names: Vec<String>, common_name: &str| {
+    let (other_ca, other_ca_key) = authority("someone else's CA");
+    let signed = |names: Vec<String>, common_name: &str, by: (&rcgen::Certificate, &KeyPair)| {
         let mut params = CertificateParams::new(names).unwrap();
         params
             .distinguished_name
             .push(DnType::CommonName, common_name);
         let key = KeyPair::generate().unwrap();
-        let cert = params.signed_by(&key, &ca, &ca_key).unwrap();
+        let cert = params.signed_by(&key, by.0, by.1).unwrap();
         (cert.pem(), key.serialize_pem())
     };
-    let (cert, key) = signed(
-        vec!["127.0.0.1".to_string(), "localhost".to_string()],
-        "broker",
-    );
-    let (client_cert, client_key) = signed(Vec::new(), "alice");
+    let broker_names = || vec!["127.0.0.1".to_string(), "localhost".to_string()];
+    let (cert, key) = signed(broker_names(), "broker", (&ca, &ca_key));
+    let (other_cert, other_key) = signed(broker_names(), "broker", (&other_ca, &other_ca_key));
+    let (client_cert, client_key) = signed(Vec::new(), "alice", (&ca, &ca_key));
     Pki {
         ca: write("ca.pem", ca.pem()),
         cert: write("broker.pem", cert),
@@ -58,6 +60,8 @@ fn pki(dir: &Path) -> Pki {
         client_cert: write("alice.pem", client_cert),
         client_key: write("alice.key", client_key),
         other_ca: write("other-ca.pem", other_ca.pem()),
+        other_cert,
+        other_key,
     }
 }
 
@@ -91,6 +95,29 @@ fn confluent(broker: &str, ca: &Path, client: Option<(&Path, &Path)>, topic: &st
         consumed: report["consumed"].as_u64().unwrap(),
         error: report["error"].as_str().map(str::to_string),
     }
+}
+
+/// A producer connected over TLS.
+async fn tls_producer(bootstrap: &str, tls: cairn_client::ClientTls) -> cairn_client::Producer {
+    cairn_client::Producer::connect(
+        bootstrap,
+        cairn_client::ProducerConfig {
+            tls: Some(tls),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap()
+}
+
+/// Sends `value` to partition 0 of `topic` and waits for its acknowledgement.
+async fn send(producer: &cairn_client::Producer, topic: &str, value: &str) {
+    producer
+        .send(cairn_client::ProducerRecord::new(topic, value.to_string()).partition(0))
+        .await
+        .unwrap()
+        .await
+        .unwrap();
 }
 
 fn handshakes_failed(broker: &BrokerProcess) -> u64 {
@@ -262,21 +289,8 @@ fn cairns_cli_and_client_speak_tls_and_mutual_tls() {
             .unwrap();
     let runtime = tokio::runtime::Runtime::new().unwrap();
     runtime.block_on(async {
-        let producer = cairn_client::Producer::connect(
-            b,
-            cairn_client::ProducerConfig {
-                tls: Some(tls.clone()),
-                ..Default::default()
-            },
-        )
-        .await
-        .unwrap();
-        producer
-            .send(cairn_client::ProducerRecord::new("secure", "three").partition(0))
-            .await
-            .unwrap()
-            .await
-            .unwrap();
+        let producer = tls_producer(b, tls.clone()).await;
+        send(&producer, "secure", "three").await;
         producer.close().await.unwrap();
         let mut consumer = cairn_client::Consumer::connect(
             b,
@@ -369,4 +383,65 @@ fn a_cluster_with_tls_listeners_replicates_over_tls() {
     });
     let (_, metrics) = cluster.process(2).http_get("/metrics");
     assert_eq!(metric(&metrics, "cairn_tls_handshakes_failed_total"), 0);
+}
+
+#[test]
+fn sighup_reloads_the_certificate_for_new_connections_and_keeps_open_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = pki(dir.path());
+    // The broker's own copies of its certificate and key, replaced in place below.
+    let (cert, key) = (dir.path().join("live.pem"), dir.path().join("live.key"));
+    std::fs::copy(&pki.cert, &cert).unwrap();
+    std::fs::copy(&pki.key, &key).unwrap();
+    let toml = format!(
+        "tls_cert = {:?}\ntls_key = {:?}\n",
+        cert.to_str().unwrap(),
+        key.to_str().unwrap()
+    );
+    let broker = BrokerProcess::start_with_config(&dir.path().join("data"), &toml);
+    let b = broker.addr.clone();
+    let trusting = |ca: &Path| cairn_client::ClientTls::from_pem_files(ca, None).unwrap();
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let lists = |ca: &Path| {
+        let tls = trusting(ca);
+        runtime.block_on(async {
+            cairn_client::Admin::connect_tls(&b, Some(tls))
+                .await?
+                .list_topics()
+                .await
+        })
+    };
+    // A producer connected under the first certificate.
+    let producer = runtime.block_on(async {
+        let producer = tls_producer(&b, trusting(&pki.ca)).await;
+        send(&producer, "reload", "before").await;
+        producer
+    });
+    assert!(lists(&pki.other_ca).is_err());
+
+    // Renewed by another CA: written in place, then SIGHUP.
+    std::fs::write(&cert, &pki.other_cert).unwrap();
+    std::fs::write(&key, &pki.other_key).unwrap();
+    broker.signal("HUP");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while lists(&pki.other_ca).is_err() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the new certificate was not taken"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let refused = lists(&pki.ca).unwrap_err().to_string();
+    assert!(refused.contains("UnknownIssuer"), "{refused}");
+    // The connection opened before goes on.
+    runtime.block_on(send(&producer, "reload", "after"));
+
+    // A broken renewal (a key that is not the certificate's) is refused; the current one stays.
+    std::fs::write(&key, std::fs::read_to_string(&pki.key).unwrap()).unwrap();
+    broker.signal("HUP");
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    assert!(lists(&pki.other_ca).is_ok());
+    let log = std::fs::read_to_string(&broker.log).unwrap();
+    assert!(log.contains("TLS certificate not reloaded"), "{log}");
+    runtime.block_on(producer.close()).unwrap();
 }

@@ -195,7 +195,10 @@ impl BrokerBuilder {
     pub async fn start(self) -> Result<RunningBroker, StartError> {
         let config = self.config;
         config.validate()?;
-        let tls = tls::acceptor(&config)?;
+        let (tls, server_cert) = match tls::acceptor(&config)? {
+            Some((acceptor, cert)) => (Some(acceptor), Some(cert)),
+            None => (None, None),
+        };
         let peer_tls = tls::to_peers(&config)?;
         if tls.is_none() {
             tracing::warn!(
@@ -457,6 +460,7 @@ impl BrokerBuilder {
             ready,
             background,
             compaction,
+            server_cert,
             _dir_lock: dir_lock,
         })
     }
@@ -819,10 +823,22 @@ pub struct RunningBroker {
     ready: Arc<AtomicBool>,
     background: tokio::task::JoinHandle<()>,
     compaction: tokio::task::JoinHandle<()>,
+    /// The listeners' certificate, with TLS.
+    server_cert: Option<Arc<tls::ServerCert>>,
     _dir_lock: Box<dyn std::any::Any + Send + Sync>,
 }
 
 impl RunningBroker {
+    /// Reads the listeners' TLS certificate and key files again (`cairn broker` on SIGHUP): new
+    /// connections get the new certificate, open ones keep theirs. Without TLS, nothing to do.
+    /// On error (an unreadable file, a key that is not the certificate's) the current ones stay.
+    pub fn reload_tls(&self) -> Result<(), ConfigError> {
+        match &self.server_cert {
+            Some(cert) => cert.reload(),
+            None => Ok(()),
+        }
+    }
+
     /// The native listener's bound address.
     pub fn native_addr(&self) -> SocketAddr {
         self.native_addr

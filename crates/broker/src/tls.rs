@@ -7,26 +7,87 @@
 //! The handshake runs in the connection's own task, bounded by `frame_read_timeout_ms`, so a
 //! client that connects and says nothing holds only its own connection slot.
 
-use std::path::Path;
-use std::sync::Arc;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
 
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::sign::CertifiedKey;
 use tokio_rustls::TlsAcceptor;
 
 use crate::config::{BrokerConfig, ConfigError};
 
-/// The acceptor of `config`'s listeners: `None` without `tls_cert`.
-pub(crate) fn acceptor(config: &BrokerConfig) -> Result<Option<TlsAcceptor>, ConfigError> {
+/// The listeners' certificate and key, read again from their files on [`ServerCert::reload`]
+/// (SIGHUP for `cairn broker`): new handshakes use the new ones, connections already open keep
+/// theirs.
+#[derive(Debug)]
+pub(crate) struct ServerCert {
+    cert: PathBuf,
+    key: PathBuf,
+    provider: Arc<rustls::crypto::CryptoProvider>,
+    current: RwLock<Arc<CertifiedKey>>,
+}
+
+impl ServerCert {
+    fn load(
+        cert: &Path,
+        key: &Path,
+        provider: &rustls::crypto::CryptoProvider,
+    ) -> Result<CertifiedKey, ConfigError> {
+        let chain = certificates("tls_cert", cert)?;
+        let key = PrivateKeyDer::from_pem_file(key).map_err(|e| ConfigError::Invalid {
+            field: "tls_key",
+            why: format!("{}: {e}", key.display()),
+        })?;
+        let signing = provider
+            .key_provider
+            .load_private_key(key)
+            .map_err(|e| invalid("tls_key", e))?;
+        let certified = CertifiedKey::new(chain, signing);
+        // The key must be the certificate's: a mismatch is refused here, not at a handshake.
+        certified
+            .keys_match()
+            .map_err(|e| invalid("tls_key", format!("does not match tls_cert: {e}")))?;
+        Ok(certified)
+    }
+
+    /// Reads the certificate and key files again; on error the current ones stay.
+    pub(crate) fn reload(&self) -> Result<(), ConfigError> {
+        let loaded = ServerCert::load(&self.cert, &self.key, &self.provider)?;
+        *self
+            .current
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(loaded);
+        Ok(())
+    }
+}
+
+impl rustls::server::ResolvesServerCert for ServerCert {
+    fn resolve(&self, _hello: rustls::server::ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(Arc::clone(
+            &self
+                .current
+                .read()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        ))
+    }
+}
+
+/// The acceptor of `config`'s listeners and its reloadable certificate: `None` without
+/// `tls_cert`.
+pub(crate) fn acceptor(
+    config: &BrokerConfig,
+) -> Result<Option<(TlsAcceptor, Arc<ServerCert>)>, ConfigError> {
     let (Some(cert), Some(key)) = (&config.tls_cert, &config.tls_key) else {
         return Ok(None);
     };
-    let chain = certificates("tls_cert", cert)?;
-    let key = PrivateKeyDer::from_pem_file(key).map_err(|e| ConfigError::Invalid {
-        field: "tls_key",
-        why: format!("{}: {e}", key.display()),
-    })?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let server_cert = Arc::new(ServerCert {
+        current: RwLock::new(Arc::new(ServerCert::load(cert, key, &provider)?)),
+        cert: cert.clone(),
+        key: key.clone(),
+        provider: Arc::clone(&provider),
+    });
     let builder = rustls::ServerConfig::builder_with_provider(Arc::clone(&provider))
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
         .map_err(|e| invalid("tls_cert", e))?;
@@ -46,10 +107,8 @@ pub(crate) fn acceptor(config: &BrokerConfig) -> Result<Option<TlsAcceptor>, Con
             builder.with_client_cert_verifier(verifier)
         }
     };
-    let server = builder
-        .with_single_cert(chain, key)
-        .map_err(|e| invalid("tls_key", e))?;
-    Ok(Some(TlsAcceptor::from(Arc::new(server))))
+    let server = builder.with_cert_resolver(Arc::clone(&server_cert) as _);
+    Ok(Some((TlsAcceptor::from(Arc::new(server)), server_cert)))
 }
 
 /// How this broker connects to the others' listeners (replica fetches) when they speak TLS:

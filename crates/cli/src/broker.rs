@@ -186,7 +186,23 @@ pub async fn run(
             .map(|a| format!(", http://{a}/metrics"))
             .unwrap_or_default()
     );
-    wait_for_signal().await?;
+    // SIGHUP reloads the TLS certificate and key; SIGTERM or SIGINT stops.
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut hangup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
+    let stop = wait_for_signal();
+    tokio::pin!(stop);
+    loop {
+        tokio::select! {
+            stopped = &mut stop => {
+                stopped?;
+                break;
+            }
+            _ = hangup.recv() => match broker.reload_tls() {
+                Ok(()) => tracing::info!("SIGHUP: TLS certificate and key reloaded"),
+                Err(err) => tracing::error!(error = %err, "SIGHUP: TLS certificate not reloaded; the current one stays"),
+            },
+        }
+    }
     broker.shutdown().await;
     Ok(())
 }
