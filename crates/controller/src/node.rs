@@ -121,8 +121,8 @@ struct Liveness {
     /// heartbeated since, with the term it closed in: fenced at the next duty tick instead of
     /// after their session.
     disconnected: HashMap<(NodeId, u64), u64>,
-    /// Brokers heard from (a heartbeat or registration) since this term began.
-    heard: std::collections::HashSet<NodeId>,
+    /// Brokers heard from (a heartbeat or registration), with the term they were heard in.
+    heard: HashMap<NodeId, u64>,
 }
 
 /// How long a voter the active controller cannot replicate to, whose broker it has not heard from
@@ -517,9 +517,10 @@ impl ControllerNode {
     }
 
     fn saw(&self, node: NodeId, epoch: u64) {
+        let term = self.inner.raft.metrics().borrow().current_term;
         let mut liveness = self.liveness();
         liveness.seen.insert(node, (epoch, Instant::now()));
-        liveness.heard.insert(node);
+        liveness.heard.insert(node, term);
         liveness.disconnected.retain(|(n, _), _| *n != node);
     }
 
@@ -1040,11 +1041,11 @@ impl ControllerNode {
                 if liveness.term != term {
                     // A new leadership knows no heartbeat from before it: every broker gets a
                     // full session from now. Heartbeats and closes this term already saw (before
-                    // this first tick) count.
+                    // this first tick, while it caught up) count.
                     liveness.term = term;
                     liveness.term_started = Some(Instant::now());
                     liveness.disconnected.retain(|_, t| *t == term);
-                    liveness.heard.clear();
+                    liveness.heard.retain(|_, t| *t == term);
                 }
                 let session = self.inner.config.broker_session_timeout;
                 let term_started = liveness.term_started.unwrap_or_else(Instant::now);
@@ -1052,7 +1053,7 @@ impl ControllerNode {
                 // this term: the whole node is down (it may have been the previous controller,
                 // so no closed connection told anyone).
                 let node_down = |node: NodeId| {
-                    !liveness.heard.contains(&node)
+                    !liveness.heard.contains_key(&node)
                         && unreachable_since
                             .get(&u64::from(node))
                             .is_some_and(|since| since.elapsed() >= DEAD_VOTER_FENCE)
