@@ -1475,9 +1475,6 @@ impl Sender {
         }
     }
 
-    /// The leader of a partition if it is known and its connection open; otherwise starts
-    /// finding out (a metadata refresh, or opening the connection) and answers `None`.
-    /// `usable` remembers, within one dispatch pass, what each leader's connection was.
     /// Opens the connection to `node` in the background (once), waking the sender when done.
     fn open_connection(&mut self, node: u32) {
         let key = RoutingKey::Connect(node);
@@ -1496,6 +1493,9 @@ impl Sender {
         }
     }
 
+    /// The leader of a partition if it is known and its connection open; otherwise starts
+    /// finding out (a metadata refresh, or opening the connection) and answers `None`.
+    /// `usable` remembers, within one dispatch pass, what each leader's connection was.
     fn leader_of(
         &mut self,
         topic: &str,
