@@ -91,22 +91,24 @@ pub(crate) async fn serve(
         tracker.spawn(async move {
             handler.metrics.connections.inc();
             tracing::debug!(%peer, ?protocol, tls = tls.is_some(), "connection opened");
+            let conn = (protocol, Arc::clone(&handler), budget, tasks, shutdown.clone());
             let served = match tls {
                 None => {
                     let (reader, writer) = stream.into_split();
-                    let handler = Arc::clone(&handler);
-                    connection(reader, writer, protocol, handler, budget, tasks, shutdown).await
+                    connection(reader, writer, conn).await
                 }
                 Some(tls) => {
-                    // The handshake is bounded like a frame: a silent client holds only its own
-                    // connection slot, and not for long.
+                    // The handshake is bounded like a frame (a silent client holds only its own
+                    // connection slot, and not for long), and ends with the broker.
                     let timeout = Duration::from_millis(handler.config.frame_read_timeout_ms);
-                    match tokio::time::timeout(timeout, tls.accept(stream)).await {
+                    let handshake = tokio::select! {
+                        done = tokio::time::timeout(timeout, tls.accept(stream)) => done,
+                        () = shutdown.cancelled() => Ok(Err(std::io::Error::other("shutting down"))),
+                    };
+                    match handshake {
                         Ok(Ok(stream)) => {
                             let (reader, writer) = tokio::io::split(stream);
-                            let handler = Arc::clone(&handler);
-                            connection(reader, writer, protocol, handler, budget, tasks, shutdown)
-                                .await
+                            connection(reader, writer, conn).await
                         }
                         Ok(Err(err)) => {
                             handler.metrics.tls_handshakes_failed.inc();
@@ -134,11 +136,13 @@ type Pending = tokio::task::JoinHandle<(Outcome, OwnedSemaphorePermit)>;
 async fn connection<R, W>(
     mut reader: R,
     writer: W,
-    protocol: Protocol,
-    handler: Arc<Handler>,
-    budget: Arc<Semaphore>,
-    tasks: TaskTracker,
-    shutdown: CancellationToken,
+    (protocol, handler, budget, tasks, shutdown): (
+        Protocol,
+        Arc<Handler>,
+        Arc<Semaphore>,
+        TaskTracker,
+        CancellationToken,
+    ),
 ) -> Result<(), String>
 where
     R: AsyncRead + Unpin,

@@ -10,8 +10,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use cairn_client::pem;
 use rustls::sign::CertifiedKey;
 use tokio_rustls::TlsAcceptor;
 
@@ -34,11 +33,8 @@ impl ServerCert {
         key: &Path,
         provider: &rustls::crypto::CryptoProvider,
     ) -> Result<CertifiedKey, ConfigError> {
-        let chain = certificates("tls_cert", cert)?;
-        let key = PrivateKeyDer::from_pem_file(key).map_err(|e| ConfigError::Invalid {
-            field: "tls_key",
-            why: format!("{}: {e}", key.display()),
-        })?;
+        let chain = pem::certificates(cert).map_err(|e| invalid("tls_cert", e))?;
+        let key = pem::private_key(key).map_err(|e| invalid("tls_key", e))?;
         let signing = provider
             .key_provider
             .load_private_key(key)
@@ -94,10 +90,7 @@ pub(crate) fn acceptor(
     let builder = match &config.tls_client_ca {
         None => builder.with_no_client_auth(),
         Some(ca) => {
-            let mut roots = rustls::RootCertStore::empty();
-            for cert in certificates("tls_client_ca", ca)? {
-                roots.add(cert).map_err(|e| invalid("tls_client_ca", e))?;
-            }
+            let roots = pem::roots(ca).map_err(|e| invalid("tls_client_ca", e))?;
             let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
                 Arc::new(roots),
                 provider,
@@ -124,26 +117,6 @@ pub(crate) fn to_peers(
     cairn_client::ClientTls::from_pem_files(ca, Some((cert, key)))
         .map(Some)
         .map_err(|e| invalid("tls_ca", e))
-}
-
-/// The certificates of a PEM file (at least one).
-fn certificates(
-    field: &'static str,
-    path: &Path,
-) -> Result<Vec<CertificateDer<'static>>, ConfigError> {
-    let certs = CertificateDer::pem_file_iter(path)
-        .and_then(Iterator::collect::<Result<Vec<_>, _>>)
-        .map_err(|e| ConfigError::Invalid {
-            field,
-            why: format!("{}: {e}", path.display()),
-        })?;
-    if certs.is_empty() {
-        return Err(ConfigError::Invalid {
-            field,
-            why: format!("{}: no certificate in it", path.display()),
-        });
-    }
-    Ok(certs)
 }
 
 fn invalid(field: &'static str, err: impl std::fmt::Display) -> ConfigError {

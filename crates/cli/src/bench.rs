@@ -189,13 +189,12 @@ pub async fn run(brokers: &crate::Brokers, output: Output, args: BenchArgs) -> a
     settle();
     let (baseline, baseline_name) = match args.workload {
         _ if args.no_baseline => (None, String::new()),
-        Workload::Produce if acks == Acks::All && copies.synced => (
-            Some(produce_baseline(total_bytes, true, replicas).await?),
-            format!("loopback TCP + file write + fdatasync{copies_text}"),
-        ),
         Workload::Produce if acks == Acks::All => (
-            Some(produce_baseline(total_bytes, false, replicas).await?),
-            format!("loopback TCP + file write{copies_text}"),
+            Some(produce_baseline(total_bytes, copies.synced, replicas).await?),
+            format!(
+                "loopback TCP + file write{}{copies_text}",
+                if copies.synced { " + fdatasync" } else { "" }
+            ),
         ),
         Workload::Produce => (
             Some(produce_baseline(total_bytes, false, 1).await?),

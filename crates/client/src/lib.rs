@@ -53,4 +53,4 @@ pub use producer::{
     Acks, BatchFuture, BatchMetadata, BatchRecord, DeliveryFuture, IntoTopic, Producer,
     ProducerConfig, ProducerRecord, RecordMetadata,
 };
-pub use tls::ClientTls;
+pub use tls::{ClientTls, pem};

@@ -4,13 +4,15 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls::pki_types::ServerName;
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
 
 use crate::error::ClientError;
+
+/// How long a client waits for a broker to complete the TLS handshake.
+const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// How a client speaks TLS: set on a [`crate::Cluster`] (and so on producers, consumers and
 /// admin clients), every connection it opens is TLS. Cheap to clone.
@@ -32,12 +34,7 @@ impl ClientTls {
         ca: &Path,
         identity: Option<(&Path, &Path)>,
     ) -> Result<ClientTls, ClientError> {
-        let mut roots = rustls::RootCertStore::empty();
-        for cert in certificates(ca)? {
-            roots
-                .add(cert)
-                .map_err(|e| invalid(format!("{}: {e}", ca.display())))?;
-        }
+        let roots = pem::roots(ca).map_err(invalid)?;
         let builder = rustls::ClientConfig::builder_with_provider(Arc::new(
             rustls::crypto::ring::default_provider(),
         ))
@@ -47,9 +44,8 @@ impl ClientTls {
         let config = match identity {
             None => builder.with_no_client_auth(),
             Some((cert, key)) => {
-                let chain = certificates(cert)?;
-                let key = PrivateKeyDer::from_pem_file(key)
-                    .map_err(|e| invalid(format!("{}: {e}", key.display())))?;
+                let chain = pem::certificates(cert).map_err(invalid)?;
+                let key = pem::private_key(key).map_err(invalid)?;
                 builder
                     .with_client_auth_cert(chain, key)
                     .map_err(|e| invalid(e.to_string()))?
@@ -67,34 +63,63 @@ impl ClientTls {
         addr: &str,
         stream: TcpStream,
     ) -> Result<TlsStream<TcpStream>, ClientError> {
+        let failed = |message: String| ClientError::Connection {
+            addr: addr.to_string(),
+            message,
+        };
         let host = addr
             .rsplit_once(':')
             .map_or(addr, |(host, _)| host)
             .trim_start_matches('[')
             .trim_end_matches(']');
-        let name = ServerName::try_from(host.to_string()).map_err(|e| ClientError::Connection {
-            addr: addr.to_string(),
-            message: format!("{host:?} is not a TLS server name: {e}"),
-        })?;
-        self.connector
-            .connect(name, stream)
-            .await
-            .map_err(|e| ClientError::Connection {
-                addr: addr.to_string(),
-                message: format!("TLS handshake: {e}"),
-            })
+        let name = ServerName::try_from(host.to_string())
+            .map_err(|e| failed(format!("{host:?} is not a TLS server name: {e}")))?;
+        // Bounded: a paused broker completes the TCP handshake (the kernel does) but never the
+        // TLS one, and nothing above bounds opening a connection.
+        match tokio::time::timeout(HANDSHAKE_TIMEOUT, self.connector.connect(name, stream)).await {
+            Ok(Ok(stream)) => Ok(stream),
+            Ok(Err(e)) => Err(failed(format!("TLS handshake: {e}"))),
+            Err(_) => Err(failed(format!(
+                "TLS handshake not done within {HANDSHAKE_TIMEOUT:?}"
+            ))),
+        }
     }
 }
 
-/// The certificates of a PEM file (at least one).
-fn certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, ClientError> {
-    let certs = CertificateDer::pem_file_iter(path)
-        .and_then(Iterator::collect::<Result<Vec<_>, _>>)
-        .map_err(|e| invalid(format!("{}: {e}", path.display())))?;
-    if certs.is_empty() {
-        return Err(invalid(format!("{}: no certificate in it", path.display())));
+/// Reading PEM files: certificates, private keys and CA sets, with errors that name the file
+/// (the broker maps them to its config errors).
+pub mod pem {
+    use std::path::Path;
+
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+
+    /// The certificates of a PEM file (at least one).
+    pub fn certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
+        let certs = CertificateDer::pem_file_iter(path)
+            .and_then(Iterator::collect::<Result<Vec<_>, _>>)
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+        if certs.is_empty() {
+            return Err(format!("{}: no certificate in it", path.display()));
+        }
+        Ok(certs)
     }
-    Ok(certs)
+
+    /// The private key of a PEM file (PKCS#8, PKCS#1 or SEC1).
+    pub fn private_key(path: &Path) -> Result<PrivateKeyDer<'static>, String> {
+        PrivateKeyDer::from_pem_file(path).map_err(|e| format!("{}: {e}", path.display()))
+    }
+
+    /// The CA certificates of a PEM file, as a trust store.
+    pub fn roots(path: &Path) -> Result<rustls::RootCertStore, String> {
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in certificates(path)? {
+            roots
+                .add(cert)
+                .map_err(|e| format!("{}: {e}", path.display()))?;
+        }
+        Ok(roots)
+    }
 }
 
 fn invalid(message: String) -> ClientError {
